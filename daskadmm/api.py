@@ -1,0 +1,112 @@
+"""The Python API: ``load_data(cfg)`` and ``fit(cfg) -> Result``.
+
+``fit`` builds the network from the data set's shape, initialises the weights from
+``run.seed``, and runs the configured algorithm on the configured engine (the serial reference,
+or Dask). Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .config import ADMM_ALGORITHMS, Config, validate
+from .data import Dataset, load_dataset
+from .model import Architecture, init_weights, metrics
+from .monitor import Monitor
+from .result import Result
+from .schedules import PenaltySchedule
+from .splitting import Options
+
+__all__ = ["build_architecture", "evaluator", "fit", "load_data"]
+
+
+def load_data(cfg: Config) -> Dataset:
+    """Load the configured data set (raises :class:`daskadmm.data.DataError` on bad input)."""
+    return load_dataset(cfg.data, seed=cfg.run.seed)
+
+
+def build_architecture(cfg: Config, ds: Dataset) -> Architecture:
+    m = cfg.model
+    loss = m.loss
+    if loss == "auto":
+        loss = "cross_entropy" if ds.task == "classification" else "mse"
+    return Architecture(kind=m.kind, depth=m.depth, d_in=ds.d_in, width=m.width,
+                        d_out=ds.d_out, activation=m.activation, leaky_slope=m.leaky_slope,
+                        bias=m.bias, loss=loss)
+
+
+def metric_name(ds: Dataset) -> str:
+    return "accuracy" if ds.task == "classification" else "mse"
+
+
+def evaluator(arch: Architecture, ds: Dataset) -> Callable[[list[np.ndarray]], dict[str, float]]:
+    """Metrics of the true forward pass on the train and test splits."""
+    key = metric_name(ds)
+
+    def evaluate(weights: list[np.ndarray]) -> dict[str, float]:
+        with np.errstate(all="ignore"):
+            tr = metrics(arch, weights, ds.X_train, ds.Y_train, ds.task)
+            te = metrics(arch, weights, ds.X_test, ds.Y_test, ds.task)
+        return {"train_loss": tr["loss"], "test_loss": te["loss"],
+                "train_metric": tr[key], "test_metric": te[key]}
+
+    return evaluate
+
+
+def fit(cfg: Config, *, run_dir: Path | None = None,
+        callback: Callable[[dict], None] | None = None,
+        dataset: Dataset | None = None) -> Result:
+    """Train the configured network; return a :class:`~daskadmm.result.Result`."""
+    validate(cfg)
+    # numpy and scipy each bundle an OpenBLAS whose idle threads spin; on a small machine two
+    # spinning pools slow small factorizations ~100x. One BLAS thread per process unless asked.
+    with threadpool_limits(limits=cfg.cluster.blas_threads, user_api="blas"):
+        return _fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+
+
+def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,
+         dataset: Dataset | None) -> Result:
+    ds = dataset if dataset is not None else load_data(cfg)
+    arch = build_architecture(cfg, ds)
+    rng = np.random.default_rng(cfg.run.seed)
+    weights0 = init_weights(arch, rng, cfg.model.residual_scale)
+    monitor = Monitor(
+        iterations=cfg.run.iterations,
+        eval_every=cfg.run.eval_every,
+        evaluate=evaluator(arch, ds),
+        tol_primal=cfg.run.tol_primal,
+        tol_dual=cfg.run.tol_dual,
+        diverge_factor=cfg.run.diverge_factor,
+        callback=callback,
+    )
+    name = cfg.algorithm.name
+    if name not in ADMM_ALGORITHMS:
+        from . import baseline  # optional extra (PyTorch)
+
+        result = baseline.fit(cfg, arch, ds, weights0, monitor)
+    else:
+        from .splitting import get_splitting
+
+        splitting = get_splitting(name)
+        options = Options(step=cfg.algorithm.step, backtrack_max=cfg.algorithm.backtrack_max,
+                          newton_max_iter=cfg.algorithm.newton_max_iter)
+        schedule = PenaltySchedule(cfg.algorithm)
+        if cfg.cluster.kind == "reference":
+            from .reference import solve
+
+            result = solve(splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
+                           monitor, options)
+        else:
+            from .runner import run_dask
+
+            result = run_dask(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
+                              run_dir=run_dir)
+    result.metric = metric_name(ds)
+    result.info.setdefault("data", {"name": ds.name, "source": ds.source,
+                                    "n_train": ds.n_train, "n_test": ds.n_test,
+                                    "d_in": ds.d_in, "d_out": ds.d_out, "task": ds.task})
+    return result

@@ -1,0 +1,248 @@
+"""Fully connected residual networks and MLPs: activations, forward pass, losses, metrics.
+
+Conventions (see ``docs/ALGORITHMS.md`` in the README): samples are **columns**. ``X`` is
+``d0 x n``, targets ``Y`` are ``dy x n`` (one-hot for classification). With a bias, every layer's
+input gets a constant-1 row appended, ``V~ = [V; 1^T]``, and ``W_i`` has one extra column.
+
+FCResNet with N weight layers::
+
+    V_0 = X
+    V_1 = sigma(W_1 V~_0)                          (s_1 = 0)
+    V_i = V_{i-1} + sigma(W_i V~_{i-1}),  i=2..N-1  (s_i = 1)
+    Y^  = W_N V~_{N-1}
+
+An MLP is the same with every ``s_i = 0``.
+
+Loss: ``mse``: ``l = (1/2n) ||Y^ - Y||^2`` (the *reported* MSE is ``(1/n) sum_j ||y^_j - y_j||^2
+= 2 l``); ``cross_entropy``: mean softmax cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Activation",
+    "Architecture",
+    "augment",
+    "forward",
+    "get_activation",
+    "init_weights",
+    "loss_grad_n",
+    "loss_value",
+    "metrics",
+    "predict",
+    "softmax",
+]
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation and the constants the solvers need.
+
+    ``slope`` is the negative-side slope for piecewise-linear activations (relu 0, leaky_relu
+    alpha, identity 1) and ``None`` for smooth ones. ``sup_df2 = sup sigma'^2``,
+    ``sup_d2f = sup |sigma''|``, ``sup_abs = sup |sigma|`` (inf where unbounded).
+    """
+
+    name: str
+    f: Callable[[Array], Array]
+    df: Callable[[Array], Array]
+    d2f: Callable[[Array], Array]
+    slope: float | None
+    sup_df2: float
+    sup_d2f: float
+    sup_abs: float
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.slope is not None
+
+    def __reduce__(self):  # pickle by name: lambdas do not pickle
+        return (get_activation, (self.name, self.slope if self.name == "leaky_relu" else 0.01))
+
+
+def _sigmoid(u: Array) -> Array:
+    # numerically stable logistic function
+    out = np.empty_like(u, dtype=np.float64)
+    pos = u >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-u[pos]))
+    e = np.exp(u[~pos])
+    out[~pos] = e / (1.0 + e)
+    return out
+
+
+def _piecewise(name: str, alpha: float) -> Activation:
+    if alpha == 1.0:
+        return Activation(name, lambda u: u.copy(), np.ones_like, np.zeros_like, 1.0,
+                          1.0, 0.0, math.inf)
+    return Activation(
+        name,
+        lambda u: np.where(u > 0, u, alpha * u),
+        lambda u: np.where(u > 0, 1.0, alpha),
+        np.zeros_like,
+        alpha,
+        1.0,
+        0.0,
+        math.inf,
+    )
+
+
+def get_activation(name: str, leaky_slope: float = 0.01) -> Activation:
+    """Return the activation called ``name`` (relu, leaky_relu, tanh, sigmoid, identity)."""
+    if name == "relu":
+        return _piecewise("relu", 0.0)
+    if name == "leaky_relu":
+        return _piecewise("leaky_relu", float(leaky_slope))
+    if name == "identity":
+        return _piecewise("identity", 1.0)
+    if name == "tanh":
+        def d2(u: Array) -> Array:
+            t = np.tanh(u)
+            return -2.0 * t * (1.0 - t * t)
+
+        return Activation("tanh", np.tanh, lambda u: 1.0 - np.tanh(u) ** 2, d2, None,
+                          1.0, 4.0 / (3.0 * math.sqrt(3.0)), 1.0)
+    if name == "sigmoid":
+        def d1(u: Array) -> Array:
+            s = _sigmoid(u)
+            return s * (1.0 - s)
+
+        def d2s(u: Array) -> Array:
+            s = _sigmoid(u)
+            return s * (1.0 - s) * (1.0 - 2.0 * s)
+
+        return Activation("sigmoid", _sigmoid, d1, d2s, None,
+                          1.0 / 16.0, 1.0 / (6.0 * math.sqrt(3.0)), 1.0)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape of the network. Blocks are numbered ``1..depth`` as in the math."""
+
+    kind: str  # "resnet" | "mlp"
+    depth: int  # N >= 2 weight layers
+    d_in: int
+    width: int
+    d_out: int
+    activation: str = "relu"
+    leaky_slope: float = 0.01
+    bias: bool = True
+    loss: str = "mse"  # "mse" | "cross_entropy"
+
+    def __post_init__(self) -> None:
+        if self.depth < 2:
+            raise ValueError(f"depth must be >= 2, got {self.depth}")
+        if self.kind not in ("resnet", "mlp"):
+            raise ValueError(f"kind must be resnet or mlp, got {self.kind!r}")
+        if self.loss not in ("mse", "cross_entropy"):
+            raise ValueError(f"loss must be mse or cross_entropy, got {self.loss!r}")
+
+    @property
+    def act(self) -> Activation:
+        return get_activation(self.activation, self.leaky_slope)
+
+    def skip(self, i: int) -> int:
+        """``s_i``: 1 for the residual blocks 2..N-1 of a resnet, else 0 (also 0 for i = N)."""
+        return int(self.kind == "resnet" and 2 <= i <= self.depth - 1)
+
+    def in_dim(self, i: int) -> int:
+        """Rows of ``V_{i-1}`` (without the bias row)."""
+        return self.d_in if i == 1 else self.width
+
+    def out_dim(self, i: int) -> int:
+        return self.d_out if i == self.depth else self.width
+
+    def weight_shape(self, i: int) -> tuple[int, int]:
+        return (self.out_dim(i), self.in_dim(i) + int(self.bias))
+
+
+def augment(V: Array, bias: bool) -> Array:
+    """``V~ = [V; 1^T]`` when ``bias`` else ``V`` itself."""
+    if not bias:
+        return V
+    return np.vstack([V, np.ones((1, V.shape[1]), dtype=V.dtype)])
+
+
+def init_weights(arch: Architecture, rng: np.random.Generator,
+                 residual_scale: float = 0.3) -> list[Array]:
+    """Scaled Gaussian initialisation; residual blocks scaled down by ``residual_scale``.
+
+    He scaling (``2/fan_in``) for relu-like activations, Glorot-like (``1/fan_in``) otherwise;
+    the output layer uses ``1/fan_in``. Bias columns start at zero.
+    """
+    gain = 2.0 if arch.activation in ("relu", "leaky_relu") else 1.0
+    weights = []
+    for i in range(1, arch.depth + 1):
+        rows, cols = arch.weight_shape(i)
+        fan_in = arch.in_dim(i)
+        scale = math.sqrt((gain if i < arch.depth else 1.0) / fan_in)
+        if arch.skip(i):
+            scale *= residual_scale
+        W = rng.standard_normal((rows, cols)) * scale
+        if arch.bias:
+            W[:, -1] = 0.0
+        weights.append(W)
+    return weights
+
+
+def forward(arch: Architecture, weights: list[Array], X: Array) -> tuple[list[Array], list[Array]]:
+    """Forward pass. Returns ``(U, V)`` with ``U[i-1] = W_i V~_{i-1}`` for i = 1..N and
+    ``V[i] = V_i`` for i = 0..N-1 (``V[0] = X``)."""
+    act = arch.act
+    V = [X]
+    U = []
+    for i in range(1, arch.depth + 1):
+        Z = weights[i - 1] @ augment(V[-1], arch.bias)
+        U.append(Z)
+        if i < arch.depth:
+            V.append(V[-1] + act.f(Z) if arch.skip(i) else act.f(Z))
+    return U, V
+
+
+def predict(arch: Architecture, weights: list[Array], X: Array) -> Array:
+    """Network output ``Y^ = W_N V~_{N-1}`` (``dy x n``; logits for cross-entropy)."""
+    return forward(arch, weights, X)[0][-1]
+
+
+def softmax(Z: Array) -> Array:
+    """Column-wise softmax."""
+    E = np.exp(Z - Z.max(axis=0, keepdims=True))
+    return E / E.sum(axis=0, keepdims=True)
+
+
+def loss_value(loss: str, out: Array, Y: Array) -> float:
+    """``l(out; Y)``: ``(1/2n)||out - Y||^2`` or the mean softmax cross-entropy."""
+    n = Y.shape[1]
+    if loss == "mse":
+        return 0.5 * float(np.sum((out - Y) ** 2)) / n
+    zmax = out.max(axis=0, keepdims=True)
+    logz = zmax[0] + np.log(np.exp(out - zmax).sum(axis=0))
+    return float(np.sum(logz - np.sum(Y * out, axis=0))) / n
+
+
+def loss_grad_n(loss: str, out: Array, Y: Array) -> Array:
+    """``n * grad_out l``: ``out - Y`` (mse) or ``softmax(out) - Y`` (cross-entropy)."""
+    if loss == "mse":
+        return out - Y
+    return softmax(out) - Y
+
+
+def metrics(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+            task: str, y_mean: Array | None = None) -> dict[str, float]:
+    """Metrics of the **true forward pass**: ``loss``, and ``mse`` (regression, ``(1/n) sum
+    ||y^ - y||^2``) or ``accuracy`` (classification)."""
+    out = predict(arch, weights, X)
+    result = {"loss": loss_value(arch.loss, out, Y)}
+    if task == "classification":
+        result["accuracy"] = float(np.mean(out.argmax(axis=0) == Y.argmax(axis=0)))
+    else:
+        result["mse"] = float(np.sum((out - Y) ** 2)) / Y.shape[1]
+    return result

@@ -1,0 +1,129 @@
+"""Bookkeeping shared by every execution path: per-iteration residuals, evaluation records,
+stopping rules, and the L-increase log.
+
+Stopping rules, checked at evaluation points (every ``eval_every`` iterations and at the last):
+
+- ``nonfinite``: the objective or a metric is NaN/inf;
+- ``diverged``: the objective exceeds ``diverge_factor * max(1, |L_0|)``;
+- ``converged``: at least one tolerance is positive and every positive tolerance holds
+  (``primal <= tol_primal``, ``dual <= tol_dual``);
+- otherwise the run ends with ``max_iter``.
+
+Residuals: ``primal = sqrt(sum_i ||U_i - W_i V~_{i-1}||^2 / n)`` (RMS per sample) and
+``dual = rho sqrt(sum_i ||V_i^{k+1} - V_i^k||^2 / n)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["IterationStats", "Monitor"]
+
+
+@dataclass
+class IterationStats:
+    """Sums over blocks (in block order, so every execution path adds them identically)."""
+
+    objective: float
+    primal: float
+    dual: float
+    capped: int
+
+    @classmethod
+    def from_blocks(cls, stats: list[dict[str, float]], n: int, rho: float) -> IterationStats:
+        obj = 0.0
+        psq = 0.0
+        dsq = 0.0
+        capped = 0.0
+        for s in stats:
+            obj += s["objective"]
+            psq += s["primal_sq"]
+            dsq += s["dual_sq"]
+            capped += s.get("capped", 0.0)
+        return cls(obj, math.sqrt(psq / n), rho * math.sqrt(dsq / n), int(capped))
+
+
+@dataclass
+class Monitor:
+    iterations: int
+    eval_every: int
+    evaluate: Callable[[list[np.ndarray]], dict[str, float]]
+    tol_primal: float = 0.0
+    tol_dual: float = 0.0
+    diverge_factor: float = 1e8
+    callback: Callable[[dict], None] | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    history: list[dict[str, float]] = field(default_factory=list)
+    increases: list[tuple[int, float]] = field(default_factory=list)
+    capped_total: int = 0
+    objective0: float = math.nan
+    _last_objective: float = math.nan
+    _last_params: tuple[float, float] | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def is_eval(self, k: int) -> bool:
+        return k % self.eval_every == 0 or k == self.iterations
+
+    def start(self, objective0: float, weights: list[np.ndarray], rho: float, beta: float) -> None:
+        self.objective0 = objective0
+        self._last_objective = objective0
+        self._last_params = (rho, beta)
+        self.record(0, IterationStats(objective0, 0.0, 0.0, 0), weights, rho, beta)
+
+    def step(self, k: int, it: IterationStats, rho: float, beta: float) -> None:
+        """Log iteration k's objective; an increase at unchanged penalties is recorded."""
+        self.capped_total += it.capped
+        last = self._last_objective
+        if (self._last_params == (rho, beta) and math.isfinite(it.objective)
+                and it.objective > last + 1e-10 * max(1.0, abs(last))):
+            self.increases.append((k, it.objective - self._last_objective))
+        self._last_objective = it.objective
+        self._last_params = (rho, beta)
+
+    def record(self, k: int, it: IterationStats, weights: list[np.ndarray], rho: float,
+               beta: float) -> dict[str, float]:
+        rec = {
+            "iteration": k,
+            "wall_time": self.elapsed(),
+            "objective": it.objective,
+            "primal_residual": it.primal,
+            "dual_residual": it.dual,
+            "rho": rho,
+            "beta": beta,
+        }
+        rec.update(self.evaluate(weights))
+        self.history.append(rec)
+        if self.callback is not None:
+            self.callback(rec)
+        return rec
+
+    def check(self, rec: dict[str, float]) -> str | None:
+        """Status to stop with after this record, or None to go on."""
+        values = [rec["objective"], rec.get("train_loss", 0.0), rec.get("test_loss", 0.0)]
+        if not all(math.isfinite(v) for v in values):
+            return "nonfinite"
+        if rec["objective"] > self.diverge_factor * max(1.0, abs(self.objective0)):
+            return "diverged"
+        tols = [(self.tol_primal, rec["primal_residual"]), (self.tol_dual, rec["dual_residual"])]
+        active = [(t, v) for t, v in tols if t > 0]
+        if rec["iteration"] > 0 and active and all(v <= t for t, v in active):
+            return "converged"
+        return None
+
+    def message(self, status: str, k: int) -> str:
+        if status == "converged":
+            return (f"residuals below tolerance after {k} iterations "
+                    f"(primal <= {self.tol_primal:g}, dual <= {self.tol_dual:g})")
+        if status == "nonfinite":
+            return f"NaN or inf at iteration {k}: lower rho/beta or raise tau"
+        if status == "diverged":
+            return (f"objective exceeded {self.diverge_factor:g} x its initial value at "
+                    f"iteration {k}")
+        return f"reached run.iterations = {k}"

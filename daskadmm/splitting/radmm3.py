@@ -1,0 +1,245 @@
+"""RADMM-3 (3-splitting proximal ADMM) and RADMM-3L (its proximal-linearized variant).
+
+Variables per block i: weights ``W_i``, pre-activations ``U_i`` (``U_N`` is the network output),
+block outputs ``V_i`` (i < N) and n-scaled multipliers ``Lam_i`` of ``U_i = W_i V~_{i-1}``::
+
+    L = l(U_N; Y) + (lam/2) sum_i ||W_i||^2
+      + (beta/2n) sum_{i<N} ||V_i - s_i V_{i-1} - sigma(U_i)||^2
+      + sum_i [ <Lam_i, U_i - W_i V~_{i-1}>/n + (rho/2n) ||U_i - W_i V~_{i-1}||^2 ]
+
+One iteration sweeps the blocks i = 1..N (Gauss-Seidel); block i updates W_i, U_i, Lam_i, V_i in
+that order, each with a proximal term ``(tau/2n)||x - x^k||^2``. Block i needs ``V_{i-1}`` of
+the current iteration (its left neighbour) and block i+1's state of the previous iteration (its
+right neighbour): :func:`block_update` takes exactly those.
+
+The update functions are split so that the sample-sized work can run per chunk of samples:
+``weight_stats`` (per chunk, summed), ``update_weights`` (d x d), then the per-column updates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg as sla
+
+from ..model import Architecture, forward, loss_grad_n, loss_value
+from .base import (
+    BlockSpec,
+    Penalties,
+    lambda_max,
+    prox_activation,
+    prox_output,
+    spd_solve_right,
+)
+
+__all__ = [
+    "block_objective",
+    "block_update",
+    "init_state",
+    "update_activation",
+    "update_activation_linearized",
+    "update_duals",
+    "update_preactivation",
+    "update_weights",
+    "update_weights_linearized",
+    "weight_stats",
+]
+
+Array = np.ndarray
+State = dict[str, Array]
+
+
+def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float) -> tuple[Array, Array]:
+    """Sufficient statistics of the W subproblem over a set of samples (additive over chunks).
+
+    Returns ``G = V~ V~^T`` and ``B = (rho U + Lam) V~^T``.
+    """
+    return Vt @ Vt.T, (rho * U + Lam) @ Vt.T
+
+
+def update_weights(W: Array, G: Array, B: Array, pen: Penalties, n: int) -> Array:
+    """Exact W step (ridge regression, one SPD solve of size ``d_{i-1}`` (+1 with a bias)).
+
+    Notes
+    -----
+    Solves ``argmin_W (lam/2)||W||^2 + <Lam, U - W V~>/n + (rho/2n)||U - W V~||^2
+    + (tau/2n)||W - W^k||^2``, whose optimality condition is::
+
+        W (rho G + (n lam + tau) I) = B + tau W^k,   G = V~ V~^T,  B = (rho U + Lam) V~^T
+    """
+    M = pen.rho * G
+    M[np.diag_indices_from(M)] += n * pen.lam + pen.tau
+    return spd_solve_right(M, B + pen.tau * W)
+
+
+def update_weights_linearized(W: Array, G: Array, B: Array, pen: Penalties, n: int) -> Array:
+    """Proximal-linearized W step (RADMM-3L): one gradient step with the exact step constant.
+
+    Notes
+    -----
+    ``W+ = W - G_W / (eta_W + tau)`` with the gradient of n L in W::
+
+        G_W = n lam W - (Lam + rho (U - W V~)) V~^T = n lam W - B + rho W G
+        eta_W = rho lambda_max(G) + n lam
+
+    (``eta_W`` is the exact curvature: the Hessian of n L in W is ``(rho G + n lam I) (x) I``).
+    The step minimises the linearization plus ``((eta_W + tau)/2)||W - W^k||^2``.
+    """
+    grad = n * pen.lam * W - B + pen.rho * (W @ G)
+    eta = pen.rho * lambda_max(G) + n * pen.lam
+    return W - grad / (eta + pen.tau)
+
+
+def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, Lam: Array,
+                         c: Array | None, Y: Array | None) -> tuple[Array, int]:
+    """U step: elementwise prox (hidden blocks) or prox of the loss (output block).
+
+    Notes
+    -----
+    With ``Z = W^{k+1} V~_{i-1}``, ``kappa = rho + tau`` and ``m = (rho Z - Lam + tau U^k)/kappa``:
+
+    - i < N: ``argmin_u (beta/2)(c - sigma(u))^2 + (kappa/2)(u - m)^2`` elementwise, with
+      ``c = V_i^k - s_i V_{i-1}^{k+1}`` (see :func:`~daskadmm.splitting.base.prox_activation`);
+    - i = N: ``argmin_U n l(U; Y) + (kappa/2)||U - m||^2``; for MSE
+      ``U_N = (Y + rho Z - Lam + tau U^k) / (1 + rho + tau)``.
+
+    Returns ``(U, n_capped)``.
+    """
+    kappa = pen.rho + pen.tau
+    m = (pen.rho * Z - Lam + pen.tau * U) / kappa
+    if spec.is_output:
+        return prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
+    return prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter)
+
+
+def update_duals(Lam: Array, U: Array, Z: Array, rho: float) -> Array:
+    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n)."""
+    return Lam + rho * (U - Z)
+
+
+def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
+                    right: State) -> tuple[Array, Array]:
+    """Pieces shared by both V steps: ``A_{i+1}`` and the right-hand side without ``tau V^k``."""
+    act, s, s2 = spec.act, spec.s, spec.s_next
+    A, b = spec.split_bias(right["W"])
+    Ur = right["U"] if b is None else right["U"] - b
+    rhs = pen.beta * act.f(Uown)
+    if s:
+        rhs += pen.beta * Vleft
+    if s2:
+        rhs += pen.beta * (right["V"] - act.f(right["U"]))
+    rhs += A.T @ (pen.rho * Ur + right["Lam"])
+    return A, rhs
+
+
+def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Uown: Array,
+                      right: State) -> Array:
+    """Exact V step (i < N): one SPD solve of size d with n right-hand sides.
+
+    Notes
+    -----
+    Minimises the terms of n L that contain ``V_i`` plus ``(tau/2)||V - V^k||^2``; with
+    ``W_{i+1} = [A, b]`` (iteration k), ``s' = s_{i+1}`` (0 for i = N-1)::
+
+        [(beta (1 + s') + tau) I + rho A^T A] V
+            = beta (s_i V_{i-1} + sigma(U_i)) + beta s' (V_{i+1} - sigma(U_{i+1}))
+              + A^T (rho (U_{i+1} - b 1^T) + Lam_{i+1}) + tau V^k
+    """
+    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    M = pen.rho * (A.T @ A)
+    M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
+    rhs += pen.tau * V
+    c = sla.cho_factor(M, lower=True, check_finite=False)
+    return sla.cho_solve(c, rhs, check_finite=False)
+
+
+def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array,
+                                 Uown: Array, right: State) -> Array:
+    """Proximal-linearized V step (RADMM-3L).
+
+    Notes
+    -----
+    ``V+ = V - G_V / (eta_V + tau)`` with ``G_V = n grad_V L`` =
+    ``[beta (1 + s') I + rho A^T A] V - rhs`` (the exact-step right-hand side without
+    ``tau V^k``) and the exact curvature ``eta_V = beta (1 + s') + rho lambda_max(A^T A)``.
+    """
+    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    grad = pen.beta * (1 + spec.s_next) * V + pen.rho * (A.T @ (A @ V)) - rhs
+    small = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
+    eta = pen.beta * (1 + spec.s_next) + pen.rho * lambda_max(small)
+    return V - grad / (eta + pen.tau)
+
+
+def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
+                    Y: Array | None) -> float:
+    """Block i's share of L (in L units, not n-units): ``(lam/2)||W_i||^2``, the constraint
+    terms of ``U_i = W_i V~_{i-1}``, the activation penalty of ``V_i`` (i < N), and the loss
+    (i = N). Summed over blocks this is L."""
+    n = spec.n
+    W, U, Lam = own["W"], own["U"], own["Lam"]
+    r = U - W @ spec.aug(Vleft)
+    total = 0.5 * pen.lam * float(np.sum(W * W))
+    total += (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
+    if spec.is_output:
+        total += loss_value(spec.arch.loss, U, Y)
+    else:
+        p = own["V"] - spec.act.f(U)
+        if spec.s:
+            p -= Vleft
+        total += 0.5 * pen.beta * float(np.sum(p * p)) / n
+    return total
+
+
+def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
+                 right: State | None, Y: Array | None, *, linearized: bool = False
+                 ) -> tuple[State, dict[str, float]]:
+    """One iteration of block i: W, U, Lam, then V (i < N).
+
+    ``own`` is block i's state at iteration k, ``Vleft`` is ``V_{i-1}`` at iteration k+1 (X
+    for i = 1), ``right`` is block i+1's state at iteration k (None for i = N) and ``Y`` the
+    targets (output block only). Returns the new state and statistics: ``objective`` (block
+    share of L at the new point), ``primal_sq`` (``||U_i - W_i V~_{i-1}||^2``), ``dual_sq``
+    (``||V_i^{k+1} - V_i^k||^2``) and ``capped`` (inner solves that hit their cap).
+    """
+    Vt = spec.aug(Vleft)
+    G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho)
+    step_w = update_weights_linearized if linearized else update_weights
+    W = step_w(own["W"], G, B, pen, spec.n)
+    Z = W @ Vt
+    c = None
+    if not spec.is_output:
+        c = own["V"] - Vleft if spec.s else own["V"]
+    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
+    Lam = update_duals(own["Lam"], U, Z, pen.rho)
+    new: State = {"W": W, "U": U, "Lam": Lam}
+    dual_sq = 0.0
+    if not spec.is_output:
+        step_v = update_activation_linearized if linearized else update_activation
+        V = step_v(spec, pen, own["V"], Vleft, U, right)
+        new["V"] = V
+        dual_sq = float(np.sum((V - own["V"]) ** 2))
+    r = U - Z
+    stats = {
+        "objective": block_objective(spec, pen, new, Vleft, Y),
+        "primal_sq": float(np.sum(r * r)),
+        "dual_sq": dual_sq,
+        "capped": float(capped),
+    }
+    return new, stats
+
+
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+    """Forward pass sets U, V; ``Lam_i = 0`` for i < N and ``Lam_N = -n grad l(U_N)``.
+
+    Every constraint then holds, so L equals the forward loss plus the regulariser.
+    """
+    U, V = forward(arch, weights, X)
+    states: list[State] = []
+    for i in range(1, arch.depth + 1):
+        st: State = {"W": weights[i - 1].copy(), "U": U[i - 1]}
+        if i < arch.depth:
+            st["Lam"] = np.zeros_like(U[i - 1])
+            st["V"] = V[i]
+        else:
+            st["Lam"] = -loss_grad_n(arch.loss, U[i - 1], Y)
+        states.append(st)
+    return states
