@@ -1,9 +1,10 @@
 """The serial reference solver: the same per-block updates in a plain loop.
 
-This is the oracle every other execution path is tested against. One iteration k -> k+1 runs
-``block_update`` for blocks 1..N in order, handing block i the left neighbour's output of
-iteration k+1 and the right neighbour's state of iteration k: exactly the dependencies the Dask
-graph encodes, so the Dask execution reproduces these iterates bit for bit.
+This is the oracle every other execution path is tested against. One iteration runs the
+splitting's steps in order, each over the blocks in the step's order, handing every task exactly
+the inputs its :class:`~daskadmm.splitting.Input` s name (for RADMM: block i gets the left
+neighbour's ``V`` of this iteration and the right neighbour's state of the previous one). The
+Dask graph wires the same inputs as dependencies, so it reproduces these iterates bit for bit.
 """
 
 from __future__ import annotations
@@ -16,35 +17,68 @@ from .model import Architecture
 from .monitor import IterationStats, Monitor
 from .result import Result
 from .schedules import PenaltySchedule
-from .splitting import BlockSpec, Options, Splitting
+from .splitting import BlockSpec, Input, Options, Splitting
 
-__all__ = ["initial_objective", "solve", "sweep"]
+__all__ = ["block_states", "initial_objective", "initial_outputs", "solve", "sweep"]
 
 Array = np.ndarray
 State = dict[str, Array]
 
 
-def sweep(splitting: Splitting, specs: list[BlockSpec], pen, states: list[State], X: Array,
-          Y: Array) -> tuple[list[State], list[dict[str, float]]]:
-    """One iteration over all blocks (Gauss-Seidel, blocks 1..N)."""
+def _resolve(inp: Input, i: int, N: int, cur: dict, prev: dict, X: Array):
+    j = i + inp.block
+    if j < 0:
+        return X
+    if j >= N:
+        return None
+    outs = (cur if inp.lag == 0 else prev).get(inp.step)
+    if outs is None or outs[j] is None:
+        raise RuntimeError(f"step input {inp} of block {i + 1} is not computed yet: "
+                           "the splitting's steps are not in a valid order")
+    return outs[j] if inp.key is None else outs[j][inp.key]
+
+
+def sweep(splitting: Splitting, specs: list[BlockSpec], pen, prev: dict[str, list[State]],
+          X: Array, Y: Array) -> tuple[dict[str, list[State]], list[dict[str, float]]]:
+    """One iteration: every step of the splitting, blocks in the step's order.
+
+    ``prev`` maps each step name to the per-block outputs of the previous iteration (at
+    iteration 1, the initial states). Returns this iteration's outputs and the per-block
+    statistics (the last step's, with ``capped`` summed over all steps).
+    """
     N = len(specs)
-    new: list[State] = []
+    cur: dict[str, list[State]] = {}
+    capped = [0.0] * N
     stats: list[dict[str, float]] = []
-    for i in range(N):
-        left = X if i == 0 else new[i - 1][splitting.left_key]
-        right = states[i + 1] if i + 1 < N else None
-        target = Y if i == N - 1 else None
-        st, s = splitting.block_update(specs[i], pen, states[i], left, right, target)
-        new.append(st)
-        stats.append(s)
-    return new, stats
+    for step in splitting.steps:
+        outs: list[State | None] = [None] * N
+        cur[step.name] = outs  # filled in block order: lag-0 inputs of earlier blocks resolve
+        stats = [{}] * N
+        order = range(N) if step.order == "ascending" else range(N - 1, -1, -1)
+        for i in order:
+            args = [_resolve(inp, i, N, cur, prev, X) for inp in step.inputs]
+            st, s = step.fn(specs[i], pen, *args, Y=Y if i == N - 1 else None)
+            outs[i] = st
+            stats[i] = s
+            capped[i] += s.get("capped", 0.0)
+    stats = [dict(s, capped=c) for s, c in zip(stats, capped, strict=True)]
+    return cur, stats
+
+
+def block_states(splitting: Splitting, outputs: dict[str, list[State]]) -> list[State]:
+    """The blocks' states of an iteration: the outputs of its last step."""
+    return outputs[splitting.steps[-1].name]
+
+
+def initial_outputs(splitting: Splitting, states: list[State]) -> dict[str, list[State]]:
+    return {step.name: states for step in splitting.steps}
 
 
 def initial_objective(splitting: Splitting, specs: list[BlockSpec], pen, states: list[State],
                       X: Array, Y: Array) -> float:
     total = 0.0
     for i, spec in enumerate(specs):
-        left = X if i == 0 else states[i - 1][splitting.left_key]
+        left = X if i == 0 else states[i - 1][splitting.objective_left]
         total += splitting.block_objective(spec, pen, states[i], left,
                                            Y if i == len(specs) - 1 else None)
     return total
@@ -62,13 +96,15 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
     n = X.shape[1]
     specs = [BlockSpec(arch, i, n, options) for i in range(1, arch.depth + 1)]
     states = splitting.init_state(arch, weights0, X, Y)
+    outputs = initial_outputs(splitting, states)
     pen = schedule.at(1)
     monitor.start(initial_objective(splitting, specs, pen, states, X, Y),
                   [s["W"] for s in states], pen.rho, pen.beta)
     status, k = "max_iter", 0
     for k in range(1, monitor.iterations + 1):
         pen = schedule.at(k)
-        states, stats = sweep(splitting, specs, pen, states, X, Y)
+        outputs, stats = sweep(splitting, specs, pen, outputs, X, Y)
+        states = block_states(splitting, outputs)
         it = IterationStats.from_blocks(stats, n, pen.rho)
         monitor.step(k, it, pen.rho, pen.beta)
         schedule.observe(k, it.primal)

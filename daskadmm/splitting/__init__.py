@@ -1,10 +1,24 @@
 """The ADMM formulations, each as pure NumPy per-block update functions.
 
-A :class:`Splitting` bundles what the serial reference and the Dask graph need to run one:
-``init_state`` (initial per-block state from weights and a forward pass), ``block_update`` (one
-iteration of one block, given its left neighbour's current output and its right neighbour's
-previous state), ``block_objective`` (the block's share of the augmented Lagrangian) and the
-neighbour contract. Nothing here imports dask, zarr or hydra.
+A :class:`Splitting` describes one iteration as an ordered tuple of :class:`Step` s. Each step
+runs one task per block; a task's inputs are named by :class:`Input` s: which block (self, left or
+right neighbour), which step produced the value, and from which iteration (``lag`` 0: the
+current one, 1: the previous one). The serial reference (:mod:`daskadmm.reference`) executes the
+steps in order, blocks ascending or descending; the Dask graph (:mod:`daskadmm.graph`) wires the
+very same inputs as task dependencies, so both compute bit-identical iterates.
+
+Every task function has the signature ``fn(spec, pen, *inputs, Y=None) -> (state, stats)``:
+
+- ``inputs`` in the order of ``Step.inputs``; an input that points left of block 1 is the data
+  ``X``, one that points right of block N is ``None``;
+- ``Y`` is the targets for the last block and ``None`` elsewhere;
+- ``state`` is the block's whole new state (a dict of arrays); after the last step of an
+  iteration it is the block's state of that iteration;
+- ``stats`` has ``objective`` (the block's share of L after the update), ``primal_sq``,
+  ``dual_sq`` and ``capped`` (inner solves that hit their cap). Only the last step's
+  ``objective``/``primal_sq``/``dual_sq`` count; ``capped`` is summed over all steps.
+
+Nothing here imports dask, zarr or hydra.
 """
 
 from __future__ import annotations
@@ -16,40 +30,101 @@ from functools import partial
 from . import radmm2, radmm3
 from .base import BlockSpec, Options, Penalties
 
-__all__ = ["SPLITTINGS", "BlockSpec", "Options", "Penalties", "Splitting", "get_splitting"]
+__all__ = [
+    "LEFT",
+    "RIGHT",
+    "SELF",
+    "SPLITTINGS",
+    "BlockSpec",
+    "Input",
+    "Options",
+    "Penalties",
+    "Splitting",
+    "Step",
+    "get_splitting",
+]
+
+LEFT, SELF, RIGHT = -1, 0, 1
+
+
+@dataclass(frozen=True)
+class Input:
+    """One argument of a step's task: the output of step ``step`` of block ``i + block`` at
+    iteration ``k - lag``; ``key`` picks one entry of that output's state (None: the whole
+    state). At iteration ``k - lag = 0`` the value comes from the initial state."""
+
+    block: int
+    step: str
+    lag: int
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sub-step of an iteration: task ``fn`` for every block, in ``order``."""
+
+    name: str
+    fn: Callable
+    inputs: tuple[Input, ...]
+    order: str = "ascending"  # or "descending"
 
 
 @dataclass(frozen=True)
 class Splitting:
-    """One ADMM formulation.
+    """One ADMM formulation: its initial state, its steps and its objective.
 
-    ``block_update(spec, pen, own, left, right, Y) -> (new_own, stats)``: ``left`` is the left
-    neighbour's output of the *current* iteration (``X`` for block 1), ``right`` the right
-    neighbour's state of the *previous* iteration (None for the last block) and ``Y`` the targets
-    (last block only). ``stats`` has ``objective`` (the block's share of L after the update),
-    ``primal_sq``, ``dual_sq`` and ``capped``. ``left_key`` names the state entry that the right
-    neighbour receives as ``left``.
+    ``init_state(arch, weights, X, Y) -> list[state]`` builds the per-block states of
+    iteration 0 (every step's "output" at iteration 0 is that state);
+    ``block_objective(spec, pen, state, left, Y) -> float`` is block i's share of L, where
+    ``left`` is ``objective_left`` of block i-1 (``X`` for block 1).
     """
 
     name: str
     init_state: Callable
-    block_update: Callable
+    steps: tuple[Step, ...]
     block_objective: Callable
-    left_key: str = "V"
-    order: str = "gauss_seidel"  # gauss_seidel: left neighbour of the same iteration
+    objective_left: str = "V"
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
+    """RADMM's one-step sweep: block i needs ``V_{i-1}`` of this iteration, block i+1's state
+    of the previous one, and its own previous state."""
+    return (Step(name, fn, (Input(SELF, name, 1), Input(LEFT, name, 0, "V"),
+                            Input(RIGHT, name, 1))),)
 
 
 SPLITTINGS: dict[str, Splitting] = {
-    "radmm3": Splitting("radmm3", radmm3.init_state, radmm3.block_update,
+    "radmm3": Splitting("radmm3", radmm3.init_state,
+                        _gauss_seidel("update_block", radmm3.block_update),
                         radmm3.block_objective),
     "radmm3l": Splitting("radmm3l", radmm3.init_state,
-                         partial(radmm3.block_update, linearized=True), radmm3.block_objective),
-    "radmm2": Splitting("radmm2", radmm2.init_state, radmm2.block_update,
+                         _gauss_seidel("update_block",
+                                       partial(radmm3.block_update, linearized=True)),
+                         radmm3.block_objective),
+    "radmm2": Splitting("radmm2", radmm2.init_state,
+                        _gauss_seidel("update_block", radmm2.block_update),
                         radmm2.block_objective),
 }
 
 
+def register(splitting: Splitting) -> Splitting:
+    SPLITTINGS[splitting.name] = splitting
+    return splitting
+
+
 def get_splitting(name: str) -> Splitting:
+    if name not in SPLITTINGS:
+        # formulations that live in optional modules register themselves on import
+        try:
+            __import__(f"{__name__}.{name}")
+        except ImportError:
+            pass
     try:
         return SPLITTINGS[name]
     except KeyError:
