@@ -55,10 +55,10 @@ class AlgorithmConfig:
     """
 
     name: str = "radmm3"
-    rho: float = 1.0
+    rho: float = 2.0
     beta: float = 1.0
     tau: float = 1e-3
-    lam: float = 1e-3
+    lam: float = 1e-2
     # dlADMM's penalty on the relaxed hidden constraints (None: nu = rho, as the authors' code).
     nu: float | None = None
     # Penalty schedule: constant; grow (multiply rho, beta by `growth` per iteration up to
@@ -93,7 +93,7 @@ class ModelConfig:
     kind: str = "resnet"
     depth: int = 4
     width: int = 128
-    activation: str = "relu"
+    activation: str = "tanh"
     leaky_slope: float = 0.01
     bias: bool = True
     loss: str = "auto"  # auto: mse for regression, cross_entropy for classification
@@ -140,12 +140,13 @@ class RunConfig:
 
 @dataclass
 class ClusterConfig:
-    kind: str = "reference"
+    kind: str = "local"
     address: str | None = None
     n_workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str = "auto"
-    dashboard_address: str = "127.0.0.1:0"
+    dashboard_address: str = "127.0.0.1:8787"  # a busy port makes Dask pick another one
+    connect_timeout: float = 10.0  # seconds, for cluster.kind=address
     blas_threads: int = 1
 
 

@@ -88,7 +88,9 @@ class Monitor:
         self._last_params = (rho, beta)
 
     def record(self, k: int, it: IterationStats, weights: list[np.ndarray], rho: float,
-               beta: float) -> dict[str, float]:
+               beta: float, values: dict[str, float] | None = None) -> dict[str, float]:
+        """Append (and report) the record of iteration k; ``values`` are precomputed metrics
+        (the Dask runner evaluates in a task), else ``evaluate(weights)`` computes them."""
         rec = {
             "iteration": k,
             "wall_time": self.elapsed(),
@@ -98,7 +100,7 @@ class Monitor:
             "rho": rho,
             "beta": beta,
         }
-        rec.update(self.evaluate(weights))
+        rec.update(values if values is not None else self.evaluate(weights))
         self.history.append(rec)
         if self.callback is not None:
             self.callback(rec)

@@ -1,0 +1,109 @@
+"""Time per iteration: serial reference vs Dask with 1 and 2 worker processes, same problem.
+
+    python benchmarks/bench_dask.py                       # width 512, 8 blocks, 8192 samples
+    python benchmarks/bench_dask.py --width 128 --n 2048  # a quick look
+
+Writes ``benchmarks/results/dask-<timestamp>.json`` with the per-iteration times and the ratios
+measured in the same run (the machines are shared and noisy: compare ratios, not seconds):
+``dask1_over_reference`` (target <= 1.15) and ``speedup_2_over_1`` (target >= 1.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daskadmm import api
+from daskadmm.config import Config
+from daskadmm.data import Dataset
+
+
+def make_problem(width: int, n: int, d_in: int, d_out: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((d_in, n))
+    T = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)
+    Y = np.tanh(T @ X) + 0.1 * rng.standard_normal((d_out, n))
+    Xt = rng.standard_normal((d_in, 256))
+    Yt = np.tanh(T @ Xt)
+    return Dataset("bench", "regression", X, Y, Xt, Yt)
+
+
+def timed_run(cfg: Config, ds: Dataset) -> dict:
+    t = time.perf_counter()
+    res = api.fit(cfg, dataset=ds)
+    wall = time.perf_counter() - t
+    h = res.history
+    # per-iteration time from the run's own clock, excluding start-up (iteration 0 -> last)
+    per_it = (h[-1]["wall_time"] - h[0]["wall_time"]) / max(1, h[-1]["iteration"])
+    return {"wall": wall, "per_iteration": per_it, "iterations": res.iterations,
+            "objective": h[-1]["objective"], "info": {k: v for k, v in res.info.items()
+                                                      if isinstance(v, int | float | str)},
+            "weights": res.weights}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=10, help="weight layers (8 residual blocks)")
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--algorithm", default="radmm3")
+    ap.add_argument("--activation", default="relu", help="relu: closed-form U prox")
+    ap.add_argument("--window", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    ds = make_problem(args.width, args.n, d_in=64, d_out=4)
+    cfg = Config()
+    cfg.algorithm.name = args.algorithm
+    cfg.model.activation = args.activation
+    cfg.model.width, cfg.model.depth = args.width, args.depth
+    cfg.run.iterations = args.iterations
+    cfg.run.eval_every = args.iterations  # evaluate at the end only: time the iterations
+    cfg.run.window = args.window
+    cfg.cluster.dashboard_address = "127.0.0.1:0"
+
+    runs = {}
+    for name, kind, workers in (("reference", "reference", 0), ("dask1", "local", 1),
+                                ("dask2", "local", 2)):
+        c = dataclasses.replace(cfg, cluster=dataclasses.replace(
+            cfg.cluster, kind=kind, n_workers=max(1, workers)))
+        runs[name] = timed_run(c, ds)
+        print(f"{name:9s} {runs[name]['per_iteration']:.3f} s/iteration "
+              f"(wall {runs[name]['wall']:.1f} s)", flush=True)
+    ref_w = runs["reference"].pop("weights")
+    equal = all(
+        max(float(np.max(np.abs(a - b))) for a, b in zip(ref_w, runs[k].pop("weights"),
+                                                          strict=True)) == 0.0
+        for k in ("dask1", "dask2"))
+    result = {
+        "benchmark": "dask_time_per_iteration",
+        "problem": {"algorithm": args.algorithm, "width": args.width, "depth": args.depth,
+                    "residual_blocks": args.depth - 2, "n": args.n,
+                    "iterations": args.iterations},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "runs": runs,
+        "dask1_over_reference": runs["dask1"]["per_iteration"] / runs["reference"]["per_iteration"],
+        "speedup_2_over_1": runs["dask1"]["per_iteration"] / runs["dask2"]["per_iteration"],
+        "weights_bitwise_equal_to_reference": equal,
+        "targets": {"dask1_over_reference": "<= 1.15", "speedup_2_over_1": ">= 1.6"},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"dask-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("dask1_over_reference", "speedup_2_over_1",
+                                             "weights_bitwise_equal_to_reference")}))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

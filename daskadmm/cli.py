@@ -1,0 +1,402 @@
+"""The ``daskadmm`` command: a Hydra app over the config groups in ``conf/``.
+
+    daskadmm algorithm=radmm3 model.depth=8 data=wine_red run.iterations=100
+    daskadmm -m algorithm=radmm3,pdadmm model.depth=4,8,16
+    daskadmm experiment=digits_radmm3
+
+This is the only module that imports Hydra. The composed config is turned into the typed
+:class:`daskadmm.config.Config` and handed to :func:`daskadmm.api.fit`.
+
+Bad input (a bad value, an unknown key or config, an unreadable data set) must end in ONE line on
+stderr (``daskadmm: error: ...``), exit code 2, no traceback, and nothing written. Hydra creates the
+run directory (``.hydra/``, the job log) *before* it calls the task function, so checking inside
+the task function is too late. Therefore :func:`main` runs a **pre-flight** before it hands control
+to Hydra: it parses the command line with Hydra's own argument parser, composes the config of every
+job with Hydra's public compose API (for ``-m``, the jobs are expanded exactly like the basic
+sweeper does: ``hydra.sweeper.params`` from the config, then the command-line overrides, as a
+cartesian product), validates each with :func:`daskadmm.config.from_mapping` and loads each distinct
+data set with :func:`daskadmm.api.load_data`. Only when all of that succeeded does Hydra run. The
+data sets loaded in the pre-flight are kept (within a memory budget) and reused by the jobs.
+
+The task function validates again (cheap); should it still fail, it removes the run directory if
+it holds nothing but what Hydra created for this run, then exits the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import Config, ConfigError, from_mapping
+
+__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "main"]
+
+PROG = "daskadmm"
+# The configs ship as the package ``daskadmm.conf`` (top-level ``conf/`` mapped by
+# pyproject's package-dir): ``pkg://`` finds them through the import system, the same way for a
+# wheel install and an editable install (verified for both), from any working directory.
+CONFIG_MODULE = "daskadmm.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+CONFIG_NAME = "config"
+
+# Data sets loaded by the pre-flight and reused by the jobs (key: _data_key), within this budget.
+_PRELOAD_BUDGET_BYTES = 512 * 2**20
+_PRELOADED: dict[str, Any] = {}
+
+# Hydra flags that do not run a job and create nothing: no pre-flight for those.
+_NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    text = text.split("Config search path:")[0]  # Hydra's MissingConfigException: a long tail
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out = lines[:1]
+    for line in lines[1:]:
+        # "Available options in 'data':" followed by one option a line: a comma list
+        sep = ", " if out and not out[-1].endswith((":", ".")) and " " not in line else " "
+        out.append(sep + line)
+    return "".join(out)
+
+
+def _job_label(job: list[str]) -> str:
+    task = [o for o in job if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    return f" (job: {' '.join(task) or 'defaults'})"
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+
+    return (DataError, OSError)
+
+
+def _data_key(cfg: Config) -> str:
+    """What the data split depends on: the data section and the split seed."""
+    data = dict(cfg.to_dict()["data"])
+    if data.get("seed") is None:
+        data["seed"] = cfg.run.seed
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def _dataset_bytes(dataset: Any) -> int:
+    total = 0
+    for value in vars(dataset).values() if hasattr(dataset, "__dict__") else ():
+        total += int(getattr(value, "nbytes", 0) or 0)
+    return total
+
+
+# -------------------------------------------------------------------------------------- pre-flight
+
+
+@contextlib.contextmanager
+def _hydra_context(args: Any) -> Iterator[None]:
+    """Initialise Hydra's compose API on the same config source ``hydra.main`` will use."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    GlobalHydra.instance().clear()
+    config_path = args.config_path
+    if config_path is None:
+        ctx = initialize_config_module(CONFIG_MODULE, version_base=None)
+    elif config_path.startswith("pkg://"):
+        ctx = initialize_config_module(config_path[len("pkg://"):], version_base=None)
+    else:  # hydra.main resolves a relative --config-path against the file declaring it
+        base = Path(__file__).resolve().parent
+        ctx = initialize_config_dir(str((base / config_path).resolve()), version_base=None)
+    try:
+        with ctx:
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
+    """The override list of every job Hydra will run (one list for a single run)."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(args.overrides)
+    if args.config_dir is not None:
+        config_dir = Path(args.config_dir).resolve()
+        if not config_dir.is_dir():
+            raise UsageError(f"additional config directory '{config_dir}' not found")
+        overrides = [f"hydra.searchpath=['file://{config_dir}']", *overrides]
+
+    loader = GlobalHydra.instance().config_loader()
+    parser = OverridesParser.create(config_loader=loader)
+    parsed = []
+    for line in overrides:  # one at a time, so that a syntax error names its override
+        try:
+            parsed += parser.parse_overrides([line])
+        except HydraException as exc:
+            raise UsageError(f"cannot parse override '{line}': {_one_line(exc)}") from None
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose(config_name, plain, return_hydra_config=True)
+    mode = OmegaConf.select(base, "hydra.mode")
+    multirun = bool(args.multirun) or str(mode).endswith("MULTIRUN")
+    if not multirun:
+        # A sweep override in a single run is an error that compose reports ("Ambiguous value").
+        return [overrides]
+
+    hydra_plain = [o.input_line for o in parsed if o.is_hydra_override()
+                   and not o.is_sweep_override()]
+    task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    sweeper = OmegaConf.select(base, "hydra.sweeper._target_") or ""
+    if not sweeper.endswith("BasicSweeper"):
+        # Another sweeper (optuna, ...) samples the values itself: check what is fixed.
+        return [hydra_plain + [o.input_line for o in parsed
+                               if not o.is_hydra_override() and not o.is_sweep_override()]]
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + task
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [hydra_plain + list(job) for batch in batches for job in batch]
+
+
+def _compose_config(config_name: str, overrides: list[str]) -> Config:
+    from hydra import compose
+
+    cfg = compose(config_name, overrides)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return from_mapping(container)
+
+
+def _preflight(args: Any) -> list[Config]:
+    """Compose and validate every job's config and load every distinct data set, writing
+    nothing; raise :class:`UsageError` with a one-line message on the first problem. Returns
+    the jobs' configs."""
+    config_name = args.config_name or CONFIG_NAME
+    configs: list[tuple[list[str], Config]] = []
+    try:
+        with warnings.catch_warnings(), _hydra_context(args):
+            warnings.simplefilter("ignore")
+            jobs = _job_overrides(args, config_name)
+            for job in jobs:
+                try:
+                    configs.append((job, _compose_config(config_name, job)))
+                except ConfigError as exc:
+                    where = _job_label(job) if len(jobs) > 1 else ""
+                    raise UsageError(_one_line(exc) + where) from None
+    except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UsageError(_one_line(exc)) from None
+
+    from . import api
+
+    _PRELOADED.clear()
+    budget = _PRELOAD_BUDGET_BYTES
+    seen: set[str] = set()
+    for job, cfg in configs:
+        key = _data_key(cfg)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dataset = api.load_data(cfg)
+        except _data_errors() as exc:
+            where = _job_label(job) if len(configs) > 1 else ""
+            raise UsageError(_one_line(exc) + where) from None
+        size = _dataset_bytes(dataset)
+        if size <= budget:
+            _PRELOADED[key] = dataset
+            budget -= size
+    return [cfg for _, cfg in configs]
+
+
+def _shared_cluster(args: Any, configs: list[Config]):
+    """A multirun whose jobs use ``cluster=local`` shares one LocalCluster (started here, once,
+    with the first such job's settings) instead of starting one per job."""
+    from .runner import SharedCluster
+
+    local = [c.cluster for c in configs if c.cluster.kind == "local"]
+    if not getattr(args, "multirun", False) or len(local) < 2:
+        return contextlib.nullcontext()
+    return SharedCluster(local[0])
+
+
+# ------------------------------------------------------------------------------------- the task
+
+
+def _pristine_run_dir(run_dir: Path, started: float) -> bool:
+    """True if ``run_dir`` holds only what Hydra created for this run (``.hydra/``, ``*.log``),
+    all of it modified after ``started``."""
+    if not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.name == ".hydra" and entry.is_dir():
+            files = list(entry.iterdir())
+            if any(not f.is_file() or f.stat().st_mtime < started - 1 for f in files):
+                return False
+        elif entry.is_file() and entry.suffix == ".log":
+            if entry.stat().st_mtime < started - 1:
+                return False
+        else:
+            return False
+    return True
+
+
+def _remove_if_pristine(run_dir: Path, started: float) -> None:
+    if _pristine_run_dir(run_dir, started):
+        logging.shutdown()  # close the job log Hydra opened in there
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_STARTED = time.time()
+
+
+def _format(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{v:.4g}"
+
+
+def _progress(cfg: Config, metric: str) -> tuple[Any, Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.run.iterations,
+        desc=cfg.algorithm.name,
+        unit="it",
+        file=sys.stderr,
+        mininterval=0.5,
+        dynamic_ncols=True,
+        disable=not cfg.run.progress,
+    )
+
+    def update(record: dict[str, Any]) -> None:
+        try:
+            it = int(record.get("iteration", bar.n))
+        except (TypeError, ValueError):
+            it = bar.n
+        if it > bar.n:
+            bar.update(min(it, cfg.run.iterations) - bar.n)
+        bar.set_postfix_str(
+            f"obj={_format(record.get('objective'))}, "
+            f"res={_format(record.get('primal_residual'))}, "
+            f"test_{metric}={_format(record.get('test_metric'))}",
+            refresh=False,
+        )
+
+    return bar, update
+
+
+def _summary_line(cfg: Config, result: Any, run_dir: Path) -> str:
+    final = result.final
+    return (
+        f"{PROG}: {cfg.algorithm.name} {result.status} after {result.iterations} iterations: "
+        f"train {result.metric} {_format(final.get('train_metric'))}, "
+        f"test {result.metric} {_format(final.get('test_metric'))}, "
+        f"{result.wall_time:.1f} s -> {run_dir}"
+    )
+
+
+def _take_dataset(cfg: Config) -> Any:
+    return _PRELOADED.get(_data_key(cfg))
+
+
+def _task(dcfg: DictConfig) -> None:
+    from . import api
+    from .outputs import METRICS_FILE, MetricsWriter, write_run_outputs
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        container = OmegaConf.to_container(dcfg, resolve=True)
+        assert isinstance(container, dict)
+        container.pop("hydra", None)
+        cfg = from_mapping(container)
+        dataset = _take_dataset(cfg)
+        if dataset is None:
+            dataset = api.load_data(cfg)
+    except (ConfigError, OmegaConfBaseException, *_data_errors()) as exc:
+        _remove_if_pristine(run_dir, _STARTED)
+        _fail(_one_line(exc))
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
+    bar, update = _progress(cfg, metric)
+    writer = MetricsWriter(run_dir / METRICS_FILE)
+
+    def callback(record: dict[str, Any]) -> None:
+        writer.write(record)
+        update(record)
+
+    try:
+        result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+    finally:
+        writer.close()
+        bar.close()
+    extra = {
+        "run_dir": str(run_dir),
+        "overrides": list(hc.overrides.task),
+        "job": {"name": hc.job.name, "num": hc.job.get("num")},
+    }
+    write_run_outputs(run_dir, cfg, result, extra=extra)
+    print(_summary_line(cfg, result, run_dir), flush=True)
+
+
+_hydra_main = hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(
+    _task
+)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``daskadmm``)."""
+    from hydra._internal.utils import get_args_parser
+
+    global _STARTED
+    _STARTED = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    args = get_args_parser().parse_args(argv)  # usage errors: argparse's message, exit 2
+    configs: list[Config] = []
+    if not any(getattr(args, flag, None) for flag in _NON_RUN_FLAGS):
+        try:
+            configs = _preflight(args)
+        except UsageError as exc:
+            _fail(str(exc))
+    old_argv = sys.argv
+    sys.argv = [old_argv[0] if old_argv else PROG, *argv]
+    try:
+        with _shared_cluster(args, configs):
+            _hydra_main()
+    finally:
+        sys.argv = old_argv
+        _PRELOADED.clear()
+
+
+if __name__ == "__main__":
+    main()

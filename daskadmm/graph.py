@@ -1,0 +1,232 @@
+"""The Dask task graph of a window of ADMM iterations: wiring only, no arithmetic.
+
+For every iteration k of the window, every step of the splitting and every block b, one task
+``<step>-b<b>-k<k>-<runid>`` runs the step's pure NumPy function (``daskadmm.splitting``) on
+exactly the inputs its :class:`~daskadmm.splitting.Input` s name: for RADMM that is block b-1 of
+iteration k (left neighbour), block b+1 of iteration k-1 (right neighbour) and block b of
+iteration k-1 (itself). Submitting several iterations at once lets the scheduler run a
+wavefront: block 1 starts iteration k+2 while block 3 still works on k+1.
+
+Besides the update tasks, each iteration has N tiny ``block_stats`` tasks (pull the per-block
+statistics out where the data lives) and one ``iteration_stats`` task that sums them in block
+order, and evaluation iterations have one ``evaluate`` task (true forward pass on the train and
+test data, fed the N weight matrices). None of these lie on the update chain.
+
+Task keys put the step first and the run id last: the dashboard groups tasks by the text before
+the first hyphen, and two runs on one scheduler never share a key.
+
+The graph is a list of :class:`Node` s whose arguments may contain :class:`Ref` s to other keys;
+:func:`to_dask_graph` turns it into a plain dict graph (synchronous / threaded schedulers) and the
+runner submits the same nodes as futures on a distributed cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .model import Architecture, metrics
+from .monitor import IterationStats
+from .splitting import BlockSpec, Penalties, Splitting
+
+__all__ = [
+    "Node",
+    "Ref",
+    "WindowGraph",
+    "build_window",
+    "critical_path_length",
+    "evaluate_weights",
+    "run_step",
+    "to_dask_graph",
+]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the output of the task called ``key``."""
+
+    key: str
+
+
+@dataclass
+class Node:
+    key: str
+    fn: Callable
+    args: tuple
+    block: int | None = None  # 1-based block the task belongs to (for worker placement)
+
+    def deps(self) -> list[str]:
+        return [a.key for a in _walk(self.args) if isinstance(a, Ref)]
+
+
+def _walk(args: Iterable) -> Iterable:
+    for a in args:
+        if isinstance(a, list | tuple):
+            yield from _walk(a)
+        else:
+            yield a
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions (module level, so they pickle by reference)
+# ---------------------------------------------------------------------------------------------
+
+def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple, *inputs):
+    """Run one step's function. ``picks[j]``: None (input j is data, pass as is), ``""``
+    (input j is a task output ``(state, stats)``: pass the state) or a state key (pass that
+    entry). Returns ``(state, stats)``."""
+    args = []
+    for pick, value in zip(picks, inputs, strict=True):
+        if pick is None or value is None:
+            args.append(value)
+        elif pick == "":
+            args.append(value[0])
+        else:
+            args.append(value[0][pick])
+    return fn(spec, pen, *args, Y=Y)
+
+
+def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
+    """The last step's statistics, with ``capped`` summed over the iteration's steps."""
+    stats = dict(out[1])
+    stats["capped"] = float(stats.get("capped", 0.0)) + sum(
+        float(o[1].get("capped", 0.0)) for o in capped_before)
+    return stats
+
+
+def iteration_stats(n: int, rho: float, *stats: dict[str, float]) -> IterationStats:
+    return IterationStats.from_blocks(list(stats), n, rho)
+
+
+def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_train, X_test,
+                     Y_test, *outs: tuple) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Metrics of the true forward pass; returns ``(record, weights)``."""
+    weights = [o[0]["W"] for o in outs]
+    with np.errstate(all="ignore"):
+        tr = metrics(arch, weights, X_train, Y_train, task)
+        te = metrics(arch, weights, X_test, Y_test, task)
+    rec = {"train_loss": tr["loss"], "test_loss": te["loss"],
+           "train_metric": tr[metric], "test_metric": te[metric]}
+    return rec, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+# ---------------------------------------------------------------------------------------------
+
+def key(step: str, k: int, run_id: str, block: int | None = None) -> str:
+    if block is None:
+        return f"{step}-k{k}-{run_id}"
+    return f"{step}-b{block}-k{k}-{run_id}"
+
+
+@dataclass
+class WindowGraph:
+    nodes: list[Node]
+    last: dict[str, list[str]]  # step name -> keys of the window's last iteration, per block
+    stats: dict[int, str]  # iteration -> iteration_stats key
+    evals: dict[int, str]  # iteration -> evaluate key
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, Penalties],
+                 k0: int, k1: int, prev: dict[str, list[str]], run_id: str,
+                 data_keys: dict[str, str], eval_iters: Iterable[int] = (),
+                 eval_args: tuple = ()) -> WindowGraph:
+    """Nodes of iterations ``k0+1 .. k1``.
+
+    ``prev`` maps every step name to the keys holding that step's per-block outputs of
+    iteration ``k0`` (at k0 = 0, the initial-state keys). ``data_keys`` has ``X`` and ``Y``
+    (and the evaluation data ``X_train``, ``Y_train``, ``X_test``, ``Y_test`` when
+    ``eval_iters`` is not empty). Only references to keys are placed in the graph, never arrays.
+    """
+    N = len(specs)
+    n = specs[0].n
+    eval_iters = set(eval_iters)
+    nodes: list[Node] = []
+    stats_keys: dict[int, str] = {}
+    eval_keys: dict[int, str] = {}
+    X, Y = Ref(data_keys["X"]), Ref(data_keys["Y"])
+    last_step = splitting.steps[-1].name
+    for k in range(k0 + 1, k1 + 1):
+        pen = pens[k]
+        cur: dict[str, list[str]] = {}
+        for step in splitting.steps:
+            cur[step.name] = [key(step.name, k, run_id, b + 1) for b in range(N)]
+            for b in range(N):
+                refs, picks = [], []
+                for inp in step.inputs:
+                    j = b + inp.block
+                    if j < 0:
+                        refs.append(X)
+                        picks.append(None)
+                    elif j >= N:
+                        refs.append(None)
+                        picks.append(None)
+                    else:
+                        src = cur if inp.lag == 0 else prev
+                        refs.append(Ref(src[inp.step][j]))
+                        picks.append("" if inp.key is None else inp.key)
+                nodes.append(Node(cur[step.name][b], run_step,
+                                  (step.fn, specs[b], pen, Y if b == N - 1 else None,
+                                   tuple(picks), *refs), block=b + 1))
+        earlier = [s.name for s in splitting.steps[:-1]]
+        bstats = []
+        for b in range(N):
+            bk = key("block_stats", k, run_id, b + 1)
+            nodes.append(Node(bk, block_stats,
+                              (Ref(cur[last_step][b]), tuple(Ref(cur[s][b]) for s in earlier)),
+                              block=b + 1))
+            bstats.append(Ref(bk))
+        stats_keys[k] = key("iteration_stats", k, run_id)
+        nodes.append(Node(stats_keys[k], iteration_stats, (n, pen.rho, *bstats)))
+        if k in eval_iters:
+            eval_keys[k] = key("evaluate", k, run_id)
+            nodes.append(Node(eval_keys[k], evaluate_weights,
+                              (*eval_args, Ref(data_keys["X_train"]), Ref(data_keys["Y_train"]),
+                               Ref(data_keys["X_test"]), Ref(data_keys["Y_test"]),
+                               *[Ref(kk) for kk in cur[last_step]])))
+        prev = cur
+    return WindowGraph(nodes, prev, stats_keys, eval_keys)
+
+
+def _materialise(arg: Any) -> Any:
+    if isinstance(arg, Ref):
+        return arg.key
+    if isinstance(arg, tuple):
+        return tuple(_materialise(a) for a in arg)
+    return arg
+
+
+def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]:
+    """A plain Dask dict graph: ``{key: (fn, *args)}`` plus the literal inputs."""
+    dsk: dict[str, Any] = dict(literals)
+    for node in nodes:
+        dsk[node.key] = (node.fn, *(_materialise(a) for a in node.args))
+    return dsk
+
+
+def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
+    """Longest dependency chain (in tasks) among ``nodes``; with ``prefix``, count only tasks
+    whose key starts with it (e.g. ``"update_block-"``) along chains of such tasks."""
+    depth: dict[str, int] = {}
+    keys = {n.key for n in nodes}
+    best = 0
+    for node in nodes:  # nodes are emitted in a topological order
+        if prefix is not None and not node.key.startswith(prefix):
+            continue
+        d = 1 + max((depth.get(dep, 0) for dep in node.deps() if dep in keys), default=0)
+        depth[node.key] = d
+        best = max(best, d)
+    return best
+
+
+def default_window(N: int) -> int:
+    """Iterations in flight: enough for the wavefront to fill (about N/2 blocks run at once)."""
+    return max(2, min(8, math.ceil(N / 2) + 1))

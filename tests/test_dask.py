@@ -1,0 +1,204 @@
+"""The Dask engine: graph wiring, and every scheduler equal to the serial reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from daskadmm import api
+from daskadmm.config import Config
+from daskadmm.data import load_dataset
+from daskadmm.graph import Ref, build_window, critical_path_length
+from daskadmm.model import Architecture
+from daskadmm.splitting import BlockSpec, Penalties, get_splitting
+
+TOL = 1e-10  # float64: every execution path equals the reference to this (in fact bitwise)
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def _window(N: int, K: int, name: str = "radmm3", evals=()):
+    arch = Architecture("resnet", N, 3, 4, 2)
+    specs = [BlockSpec(arch, i, 10) for i in range(1, N + 1)]
+    sp = get_splitting(name)
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
+    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
+    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
+    return build_window(sp, specs, pens, 0, K, init, "run", data, evals, ("a", "t", "m"))
+
+
+@pytest.mark.parametrize(("N", "K"), [(2, 1), (3, 5), (5, 4), (8, 10), (12, 3)])
+def test_task_count_and_longest_chain(N, K):
+    wg = _window(N, K)
+    updates = [n for n in wg.nodes if n.key.startswith("update_block-")]
+    # one update and one block_stats task per block per iteration, one iteration_stats each
+    assert len(updates) == K * N
+    assert len(wg.nodes) == K * (2 * N + 1)
+    # the dependency chain counted on the graph itself: 2K + N - 2 update tasks
+    assert critical_path_length(wg.nodes) <= 2 * K + N
+    assert critical_path_length(wg.nodes, "update_block-") == 2 * K + N - 2
+
+
+def test_each_task_depends_exactly_on_its_neighbours():
+    N, K = 5, 4
+    wg = _window(N, K)
+    for node in wg.nodes:
+        if not node.key.startswith("update_block-"):
+            continue
+        b, k = node.block, int(node.key.split("-k")[1].split("-")[0])
+
+        def name(bb, kk):
+            return f"init-b{bb}" if kk == 0 else f"update_block-b{bb}-k{kk}-run"
+
+        expected = {name(b, k - 1)}  # itself, previous iteration
+        expected.add("X" if b == 1 else name(b - 1, k))  # left, same iteration
+        if b < N:
+            expected.add(name(b + 1, k - 1))  # right, previous iteration
+        if b == N:
+            expected.add("Y")
+        assert set(node.deps()) == expected, node.key
+
+
+def test_keys_read_like_the_algorithm_and_are_unique():
+    wg = _window(4, 3, evals=[3])
+    keys = [n.key for n in wg.nodes]
+    assert len(keys) == len(set(keys))
+    assert "update_block-b3-k2-run" in keys
+    assert "evaluate-k3-run" in keys
+    assert all(k.endswith("-run") for k in keys)
+
+
+def test_graph_holds_no_arrays():
+    # big arrays never travel inside the graph: only references, specs and scalars
+    wg = _window(4, 3, evals=[3])
+    for node in wg.nodes:
+        for a in node.args:
+            items = a if isinstance(a, tuple) else (a,)
+            for x in items:
+                assert not isinstance(x, np.ndarray), node.key
+                assert x is None or isinstance(x, Ref | str | int | float | tuple) or callable(
+                    x) or dataclasses.is_dataclass(x), (node.key, type(x))
+
+
+def test_graph_cost_does_not_grow_with_iteration():
+    arch = Architecture("resnet", 6, 3, 4, 2)
+    specs = [BlockSpec(arch, i, 10) for i in range(1, 7)]
+    sp = get_splitting("radmm3")
+    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
+    sizes = []
+    for k0 in (0, 499):
+        pens = {k0 + 1: Penalties(1.0, 1.0, 1e-3, 1e-3)}
+        prev = {"update_block": [f"update_block-b{b}-k{k0}-r" for b in range(1, 7)]}
+        wg = build_window(sp, specs, pens, k0, k0 + 1, prev, "r", data)
+        sizes.append((len(wg.nodes), sum(len(n.deps()) for n in wg.nodes)))
+    assert sizes[0] == sizes[1]
+
+
+def _problem(activation="tanh", classification=False):
+    cfg = Config()
+    cfg.data.name = "synthetic"
+    cfg.data.n_samples = 160
+    cfg.data.n_classes = 3 if classification else 0
+    cfg.model.width = 6
+    cfg.model.depth = 4
+    cfg.model.activation = activation
+    cfg.run.iterations = 5
+    cfg.run.eval_every = 2
+    cfg.run.progress = False
+    return cfg, load_dataset(cfg.data, seed=0)
+
+
+def _run(cfg, ds, kind, window=0, algorithm="radmm3", address=None):
+    c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind=kind,
+                                                            address=address),
+                            run=dataclasses.replace(cfg.run, window=window),
+                            algorithm=dataclasses.replace(cfg.algorithm, name=algorithm))
+    return api.fit(c, dataset=ds)
+
+
+def _assert_equal(ref, res, tol=TOL):
+    assert res.iterations == ref.iterations
+    assert res.status == ref.status
+    for a, b in zip(ref.weights, res.weights, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=tol)
+    for ra, rb in zip(ref.history, res.history, strict=True):
+        assert ra["iteration"] == rb["iteration"]
+        for col in ("objective", "primal_residual", "dual_residual", "test_metric"):
+            assert abs(ra[col] - rb[col]) <= tol * max(1.0, abs(ra[col])), col
+
+
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l", "radmm2"])
+@pytest.mark.parametrize("kind", ["synchronous", "threads"])
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_local_schedulers_equal_reference(algorithm, kind, window):
+    cfg, ds = _problem("relu" if algorithm == "radmm2" else "tanh")
+    ref = _run(cfg, ds, "reference", algorithm=algorithm)
+    res = _run(cfg, ds, kind, window, algorithm=algorithm)
+    _assert_equal(ref, res)
+    assert res.info["engine"] == "dask"
+
+
+def test_classification_cross_entropy_equal_reference():
+    cfg, ds = _problem("relu", classification=True)
+    _assert_equal(_run(cfg, ds, "reference"), _run(cfg, ds, "threads", 3))
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l", "radmm2"])
+def test_process_cluster_equal_reference_and_bitwise_repeatable(local_cluster, algorithm):
+    cfg, ds = _problem("relu" if algorithm == "radmm2" else "tanh")
+    ref = _run(cfg, ds, "reference", algorithm=algorithm)
+    addr = local_cluster.scheduler_address
+    runs = [_run(cfg, ds, "address", w, algorithm=algorithm, address=addr) for w in (1, 3, 3)]
+    for res in runs:
+        _assert_equal(ref, res)
+    # two runs are bitwise identical
+    for a, b in zip(runs[1].weights, runs[2].weights, strict=True):
+        assert np.array_equal(a, b)
+    assert runs[1].info["tasks_run"] > 0
+    assert runs[1].info["workers"] == 2
+
+
+def test_local_cluster_started_by_runner(tmp_path):
+    cfg, ds = _problem()
+    cfg.cluster.dashboard_address = "127.0.0.1:0"
+    ref = _run(cfg, ds, "reference")
+    c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local"))
+    res = api.fit(c, dataset=ds, run_dir=tmp_path)
+    _assert_equal(ref, res)
+    assert res.info["dashboard"].startswith("http://127.0.0.1:")
+    assert (tmp_path / "dask-report.html").stat().st_size > 0
+    assert (tmp_path / "task-stream.json").stat().st_size > 0
+    assert res.info["compute_seconds"] > 0
+
+
+def test_address_unreachable_is_a_clear_error():
+    cfg, ds = _problem()
+    cfg.cluster.connect_timeout = 1.0
+    with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler"):
+        _run(cfg, ds, "address", address="tcp://127.0.0.1:9")
+
+
+def test_stop_inside_window_matches_reference():
+    cfg, ds = _problem()
+    cfg.run.iterations = 40
+    cfg.run.eval_every = 3
+    cfg.run.tol_primal = 1.0  # met at the first evaluation: speculative iterations discarded
+    ref = _run(cfg, ds, "reference")
+    assert ref.status == "converged" and ref.iterations == 3
+    _assert_equal(ref, _run(cfg, ds, "threads", 8))
