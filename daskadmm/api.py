@@ -100,11 +100,19 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
             result = solve(splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
                            monitor, options)
+        elif cfg.storage.state == "zarr" and name in ("radmm3", "radmm3l"):
+            from .runner import run_zarr
+
+            result = run_zarr(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
+                              run_dir=run_dir)
         else:
             from .runner import run_dask
 
             result = run_dask(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
                               run_dir=run_dir)
+            if cfg.storage.state == "zarr":
+                result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
+                                             "Zarr-resident engine supports radmm3, radmm3l")
     result.metric = metric_name(ds)
     result.info.setdefault("data", {"name": ds.name, "source": ds.source,
                                     "n_train": ds.n_train, "n_test": ds.n_test,

@@ -152,6 +152,11 @@ class ClusterConfig:
 
 @dataclass
 class StorageConfig:
+    """Where the ADMM variables live on Dask clusters. ``state=zarr``: a chunked Zarr store
+    (radmm3, radmm3l; other algorithms keep their state in worker memory); ``state=memory``:
+    in worker memory. ``chunk_size`` samples per chunk (0: one chunk)."""
+
+    state: str = "zarr"
     url: str | None = None  # None: <run dir>/state.zarr
     chunk_size: int = 0  # samples per chunk (0: one chunk)
     compressor: str = "none"
@@ -335,7 +340,14 @@ def validate(cfg: Config) -> Config:
            f"cluster.threads_per_worker must be >= 1, got {c.threads_per_worker}")
     _check(c.blas_threads >= 1, f"cluster.blas_threads must be >= 1, got {c.blas_threads}")
 
+    _check(s.state in ("zarr", "memory"), f"storage.state must be zarr or memory, got {s.state!r}")
     _check(s.chunk_size >= 0, f"storage.chunk_size must be >= 0, got {s.chunk_size}")
+    if r.resume:
+        _check(bool(s.url), "run.resume=true needs storage.url=<the state store to resume>")
+    if r.resume or r.checkpoint_every:
+        ok = c.kind != "reference" and s.state == "zarr" and a.name in ("radmm3", "radmm3l")
+        _check(ok, "checkpoints and resume need the Zarr-resident engine: algorithm radmm3 or "
+               "radmm3l, storage.state=zarr and a Dask cluster (not cluster=reference)")
     _check(s.compressor in ("none", "zstd", "blosc"),
            f"storage.compressor must be none, zstd or blosc, got {s.compressor!r}")
     return cfg

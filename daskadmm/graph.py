@@ -230,3 +230,137 @@ def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
 def default_window(N: int) -> int:
     """Iterations in flight: enough for the wavefront to fill (about N/2 blocks run at once)."""
     return max(2, min(8, math.ceil(N / 2) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Zarr-resident graph: one task per (block, chunk) that reads and writes single chunks
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ChunkedWindow:
+    nodes: list[Node]
+    last: dict[str, str]  # role -> key, for what the next window depends on
+    stats: dict[int, str]
+    evals: dict[int, str]
+    weights: dict[int, list[str]]  # iteration -> update_weights keys (W of that iteration)
+    checkpoints: dict[int, list[str]]  # iteration -> checkpoint task keys
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def _tree(nodes: list[Node], base: str, which: str, gram: Ref | None, refs: list[Ref],
+          block: int, fan_in: int = 4) -> Ref | list[Ref]:
+    """Reduce chunk statistics as a tree of fan-in ``fan_in``: returns the refs (at most
+    ``fan_in``) that the W update sums itself, in a fixed order."""
+    from . import chunked
+
+    level = 0
+    if len(refs) <= fan_in:
+        return refs
+    kind = which
+    while len(refs) > fan_in:
+        nxt = []
+        for j in range(0, len(refs), fan_in):
+            k = f"reduce_stats-{base}-r{level}x{j // fan_in}"
+            nodes.append(Node(k, chunked.pick_partials, (kind, None, *refs[j:j + fan_in]),
+                              block=block))
+            nxt.append(Ref(k))
+        refs, kind, level = nxt, "sum", level + 1
+    return refs
+
+
+def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
+                         prev: dict[str, str], run_id: str, url: str, slices: list[slice],
+                         linearized: bool, eval_iters: Iterable[int] = (),
+                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None
+                         ) -> ChunkedWindow:
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident RADMM-3/3L graph.
+
+    ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (the task after which
+    chunk c of block i holds iteration k0; the same init/restore task for every block at the
+    start), ``W-b<i>`` (W of iteration k0), ``first-c<c>`` (the output carrying ``W_1``'s
+    statistics for iteration k0+1: an ``init_partials`` or block-1 ``update_chunk`` key),
+    ``first_kind`` ("init" or "first"), ``gram_x``, and ``ckpt-b<i>-c<c>-k<k>`` for checkpoint
+    tasks that later writers must wait for. Tasks carry only references, specs, slices and
+    scalars; every array goes through the store or is a ``d x d`` statistic.
+    """
+    from . import chunked
+
+    N, C = len(specs), len(slices)
+    eval_iters = set(eval_iters)
+    ckpt_slots = ckpt_slots or {}
+    nodes: list[Node] = []
+    cur = dict(prev)
+    stats_keys: dict[int, str] = {}
+    eval_keys: dict[int, str] = {}
+    w_keys: dict[int, list[str]] = {}
+    ck_keys: dict[int, list[str]] = {}
+    names = {i: tuple(v for v in ("U", "Lam", "V") if v != "V" or i < N) for i in range(1, N + 1)}
+    for k in range(k0 + 1, k1 + 1):
+        pen = pens[k]
+        new: dict[str, str] = {}
+        w_keys[k] = []
+        for i in range(1, N + 1):
+            spec = specs[i - 1]
+            # W_i of iteration k from the statistics of its left neighbour's chunks
+            if i == 1:
+                kind = cur["first_kind"]
+                refs = [Ref(cur[f"first-c{c}"]) for c in range(C)]
+            else:
+                kind = "next"
+                refs = [Ref(new[f"chunk-b{i - 1}-c{c}"]) for c in range(C)]
+            gram = Ref(cur["gram_x"]) if kind == "first" else None
+            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, gram, refs, i)
+            wk = key("update_weights", k, run_id, i)
+            red = key("reduce_stats", k, run_id, i)
+            nodes.append(Node(red, chunked.pick_partials,
+                              (kind if len(refs) == C else "sum", gram, *refs), block=i))
+            nodes.append(Node(wk, chunked.update_weights,
+                              (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), linearized), block=i))
+            new[f"W-b{i}"] = wk
+            w_keys[k].append(wk)
+            for c, sl in enumerate(slices):
+                order = [Ref(cur[f"chunk-b{i}-c{c}"])]
+                if i < N:
+                    order.append(Ref(cur[f"chunk-b{i + 1}-c{c}"]))
+                if f"ckpt-b{i}-c{c}-k{k - 2}" in cur:
+                    order.append(Ref(cur[f"ckpt-b{i}-c{c}-k{k - 2}"]))
+                ck = f"update_chunk-b{i}-c{c}-k{k}-{run_id}"
+                w_right = Ref(cur[f"W-b{i + 1}"]) if i < N else None
+                nodes.append(Node(ck, chunked.update_chunk,
+                                  (chunked.ChunkTask(url, sl, c), spec, pen, k, Ref(wk), w_right,
+                                   linearized, *order), block=i))
+                new[f"chunk-b{i}-c{c}"] = ck
+        for c in range(C):
+            new[f"first-c{c}"] = new[f"chunk-b1-c{c}"]
+        new["first_kind"] = "first"
+        new["gram_x"] = cur["gram_x"]
+        # statistics: per block on its own worker (no d x d matrices travel), then one sum
+        bstats = []
+        for i in range(1, N + 1):
+            bk = key("block_stats", k, run_id, i)
+            nodes.append(Node(bk, chunked.block_stats,
+                              tuple(Ref(new[f"chunk-b{i}-c{c}"]) for c in range(C)), block=i))
+            bstats.append(Ref(bk))
+        stats_keys[k] = key("iteration_stats", k, run_id)
+        nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *bstats)))
+        if k in eval_iters:
+            eval_keys[k] = key("evaluate", k, run_id)
+            nodes.append(Node(eval_keys[k], chunked.evaluate_chunks,
+                              (url, *eval_args, *[Ref(w) for w in w_keys[k]])))
+        # carry checkpoint keys that iteration k+1 and k+2 writers must wait for
+        for name in [x for x in cur if x.startswith("ckpt-") and x.endswith(f"-k{k - 1}")]:
+            new[name] = cur[name]
+        if k in ckpt_slots:
+            ck_keys[k] = []
+            for i in range(1, N + 1):
+                for c, sl in enumerate(slices):
+                    kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
+                    nodes.append(Node(kk, chunked.checkpoint_chunk,
+                                      (chunked.ChunkTask(url, sl, c), i, names[i], k % 2,
+                                       ckpt_slots[k], Ref(new[f"chunk-b{i}-c{c}"])), block=i))
+                    new[f"ckpt-b{i}-c{c}-k{k}"] = kk
+                    ck_keys[k].append(kk)
+        cur = new
+    return ChunkedWindow(nodes, cur, stats_keys, eval_keys, w_keys, ck_keys)

@@ -36,7 +36,14 @@ import numpy as np
 
 from .config import ClusterConfig, Config
 from .data import Dataset
-from .graph import Node, Ref, build_window, default_window, to_dask_graph
+from .graph import (
+    Node,
+    Ref,
+    build_chunked_window,
+    build_window,
+    default_window,
+    to_dask_graph,
+)
 from .model import Architecture
 from .monitor import Monitor
 from .result import Result
@@ -336,9 +343,10 @@ class _Ctx:
             if stop is not None:
                 status = stop
                 break
-        # cancel speculative iterations past a stop; release everything
-        leftover = [f for _, fs, fe in pending for f in (fs, fe) if f is not None]
-        client.cancel(leftover + list(futures.values()), force=True)
+        # Release everything (speculative iterations past a stop included): the scheduler
+        # forgets tasks nobody wants. (A forced cancel trips an assertion in distributed.)
+        pending.clear()
+        futures.clear()
         return status, k_done
 
     def _submit(self, client, nodes: list[Node], futures: dict[str, Any],
@@ -391,3 +399,343 @@ def _write_task_stream(path: Path, stream: list[dict], run_id: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows))
     os.replace(tmp, path)
+
+
+# =============================================================================================
+# Zarr-resident state: one task per (block, chunk); checkpoints and resume
+# =============================================================================================
+
+ZARR_ALGORITHMS = ("radmm3", "radmm3l")
+
+
+def store_url(cfg: Config, run_dir: Path | None) -> str:
+    if cfg.storage.url:
+        return cfg.storage.url
+    if run_dir is None:
+        return f"memory://daskadmm-{uuid.uuid4().hex}"
+    return str(run_dir / "state.zarr")
+
+
+def _store_meta(cfg: Config, arch: Architecture, n: int, slices) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from .storage import _jsonable
+
+    return {"config": _jsonable(cfg.to_dict()), "algorithm": cfg.algorithm.name,
+            "arch": asdict(arch), "n": n, "chunk_size": cfg.storage.chunk_size,
+            "n_chunks": len(slices)}
+
+
+def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
+             weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
+             options: Options, run_dir: Path | None = None) -> Result:
+    """Run RADMM-3/3L with every variable in a chunked Zarr store (see :mod:`.chunked`)."""
+    from .storage import StateStore, StoreError, chunk_slices
+
+    n = ds.X_train.shape[1]
+    N = arch.depth
+    specs = [BlockSpec(arch, i, n, options) for i in range(1, N + 1)]
+    window = cfg.run.window or default_window(N)
+    run_id = uuid.uuid4().hex[:8]
+    url = store_url(cfg, run_dir)
+    slices = chunk_slices(n, cfg.storage.chunk_size)
+    test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
+    from . import chunked
+
+    lay = chunked.layout(arch)
+    meta = _store_meta(cfg, arch, n, slices)
+    if cfg.run.resume:
+        store = StateStore.open(url, owner=run_id)
+        attrs = store.attrs
+        for keyname in ("algorithm", "arch", "n", "n_chunks"):
+            if attrs.get(keyname) != meta[keyname]:
+                store.release(attrs.get("status", "stopped"))
+                raise StoreError(f"cannot resume {url}: its {keyname} "
+                                 f"({attrs.get(keyname)}) differs from this run's "
+                                 f"({meta[keyname]})")
+    else:
+        store = StateStore.create(url, meta=meta, owner=run_id)
+        store.write_data({"X": ds.X_train, "Y": ds.Y_train, "X_test": ds.X_test,
+                          "Y_test": ds.Y_test}, cfg.storage.chunk_size, cfg.storage.compressor)
+        store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor)
+    metric = "accuracy" if ds.task == "classification" else "mse"
+    ctx = _ZarrCtx(cfg, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
+        test_slices, lay
+    ctx.linearized = splitting.name == "radmm3l"
+    status = "failed"
+    try:
+        if cfg.cluster.kind in ("synchronous", "threads"):
+            result = ctx.run_local(weights0)
+        else:
+            result = ctx.run_distributed_zarr(weights0, run_dir)
+        status = result.status
+        ds_meta = {"x_mean": ds.x_mean, "x_scale": ds.x_scale, "y_mean": ds.y_mean,
+                   "classes": ds.classes}
+        store.save_model(arch, result.weights, task=ds.task, metric=metric, **ds_meta)
+        result.info["store"] = url
+        return result
+    finally:
+        store.release(status)
+
+
+class _ZarrCtx(_Ctx):
+    url: str
+    linearized: bool
+
+    # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
+    def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
+                                                                dict[str, str], int]:
+        """Nodes and literal values that bring the store to iteration k0; returns
+        (nodes, literals, prev roles, k0)."""
+        from . import chunked
+
+        rid, N = self.run_id, self.N
+        nodes: list[Node] = []
+        literals: dict[str, Any] = {}
+        if self.cfg.run.resume:
+            k0, states = self.store.read_checkpoint_states(
+                [{"W": v["W"]} for v in self.layout])
+            weights = [s["W"] for s in states]
+            cp = self.store.checkpoint()
+            self._restore_monitor()
+            slot = k0 % 2
+            for c, sl in enumerate(self.slices):
+                for i in range(1, N + 1):
+                    names = tuple(v for v in ("U", "Lam", "V") if v in self.layout[i - 1])
+                    nodes.append(Node(f"restore_chunk-b{i}-c{c}-{rid}", chunked.restore_chunk,
+                                      (chunked.ChunkTask(self.url, sl, c), i, names, slot,
+                                       cp["slot"]), block=i))
+            start = {(i, c): f"restore_chunk-b{i}-c{c}-{rid}" for i in range(1, N + 1)
+                     for c in range(len(self.slices))}
+        else:
+            k0, weights = 0, weights0
+            for c, sl in enumerate(self.slices):
+                nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
+                                  (chunked.ChunkTask(self.url, sl, c), self.arch, weights0,
+                                   self.n)))
+            start = {(i, c): f"init_chunk-c{c}-{rid}" for i in range(1, N + 1)
+                     for c in range(len(self.slices))}
+        prev: dict[str, str] = {}
+        for i in range(1, N + 1):
+            literals[f"init_weights-b{i}-{rid}"] = weights[i - 1]
+            prev[f"W-b{i}"] = f"init_weights-b{i}-{rid}"
+            for c in range(len(self.slices)):
+                prev[f"chunk-b{i}-c{c}"] = start[(i, c)]
+        for c, sl in enumerate(self.slices):
+            deps = [Ref(start[(i, c)]) for i in (1,)]
+            kk = f"init_partials-c{c}-{rid}"
+            nodes.append(Node(kk, _after, (chunked.init_partials,
+                                           (chunked.ChunkTask(self.url, sl, c), self.arch.bias,
+                                            k0 % 2), *deps), block=1))
+            prev[f"first-c{c}"] = kk
+        nodes.append(Node(f"gram_x-{rid}", chunked.gram_of,
+                          tuple(Ref(prev[f"first-c{c}"]) for c in range(len(self.slices))),
+                          block=1))
+        prev["gram_x"] = f"gram_x-{rid}"
+        prev["first_kind"] = "init"
+        self.k0 = k0
+        self.weights = weights
+        return nodes, literals, prev, k0
+
+    def _restore_monitor(self) -> None:
+        attrs = self.store.attrs
+        hist = attrs.get("history") or []
+        mon = self.monitor
+        mon.history = [dict(r) for r in hist]
+        for r in mon.history:
+            for kk, v in r.items():
+                if v is None:
+                    r[kk] = float("nan")
+        if mon.history:
+            mon.objective0 = mon.history[0]["objective"]
+            mon._last_objective = mon.history[-1]["objective"]
+            mon._last_params = (mon.history[-1]["rho"], mon.history[-1]["beta"])
+        if mon.callback is not None:
+            for r in mon.history:
+                mon.callback(r)
+        sched = attrs.get("schedule") or {}
+        s = self.schedule
+        if sched:
+            s._rho, s._beta = sched["rho"], sched["beta"]
+            s._primal = {int(k): v for k, v in sched.get("primal", {}).items()}
+            s.changes = [tuple(x) for x in sched.get("changes", [])]
+
+    def _schedule_state(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"rho": s._rho, "beta": s._beta,
+                "primal": {str(k): v for k, v in s._primal.items()},
+                "changes": [list(x) for x in s.changes]}
+
+    def ckpt_plan(self, k0: int, k1: int) -> dict[int, str]:
+        every = self.cfg.run.checkpoint_every
+        plan = {}
+        for k in range(k0 + 1, k1 + 1):
+            if every and k % every == 0:
+                plan[k] = self._next_slot
+                self._next_slot = "b" if self._next_slot == "a" else "a"
+        return plan
+
+    def build_z(self, k0: int, k1: int, prev: dict[str, str]):
+        return build_chunked_window(
+            self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.url,
+            self.slices, self.linearized, self.eval_iters(k0, k1),
+            (self.arch, self.ds.task, self.metric, tuple(self.slices),
+             tuple(self.test_slices)), self.ckpt_plan(k0, k1))
+
+    def commit(self, k: int, slot: str, weights: list[np.ndarray]) -> None:
+        for i, W in enumerate(weights, start=1):
+            self.store.write(f"ckpt/{slot}/b{i}/W", W)
+        self.store.commit_checkpoint(k, slot, self.monitor.history, self._schedule_state())
+
+    def initial_record(self, init_outs: list[dict]) -> None:
+        if self.cfg.run.resume:
+            return
+        obj = sum(o["objective"] for o in init_outs)
+        lam = self.schedule.at(1).lam
+        obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
+        pen = self.schedule.at(1)
+        self.monitor.start(obj, self.weights, pen.rho, pen.beta)
+
+    # -- synchronous / threaded ------------------------------------------------------------
+    def run_local(self, weights0) -> Result:
+        import dask
+        import dask.threaded
+
+        scheduler = "sync" if self.cfg.cluster.kind == "synchronous" else "threads"
+        workers = self.cfg.cluster.n_workers * self.cfg.cluster.threads_per_worker
+
+        def get(dsk, keys):
+            if scheduler == "sync":
+                return dask.get(dsk, keys)
+            return dask.threaded.get(dsk, keys, num_workers=workers)
+
+        self._next_slot = self.store.next_checkpoint_slot()
+        nodes, literals, prev, k = self.start_nodes(weights0)
+        init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
+        carry = [v for r, v in prev.items() if r != "first_kind"]
+        vals = get(to_dask_graph(nodes, literals), [*init_keys, *carry])
+        got = dict(zip([*init_keys, *carry], vals, strict=True))
+        self.initial_record([got[x] for x in init_keys])
+        literals = {x: got[x] for x in carry}
+        self.tasks_run += len(nodes)
+        status = "max_iter"
+        while k < self.K:
+            k1 = _window_end(k, self.window, self.K, self.schedule)
+            wg = self.build_z(k, k1, prev)
+            carry = sorted({v for r, v in wg.last.items() if r != "first_kind"})
+            want = [*carry, *wg.stats.values(), *wg.evals.values(),
+                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}]
+            vals = get(to_dask_graph(wg.nodes, literals), want)
+            got = dict(zip(want, vals, strict=True))
+            self.tasks_run += len(wg.nodes)
+            stop = None
+            for kk in range(k + 1, k1 + 1):
+                ev = got[wg.evals[kk]] if kk in wg.evals else None
+                stop = self.process(kk, got[wg.stats[kk]], ev)
+                if kk in wg.checkpoints:
+                    slot = self.ckpt_slot_of(wg, kk)
+                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]])
+                if stop is not None:
+                    k = kk
+                    break
+            if stop is not None:
+                status = stop
+                break
+            k = k1
+            literals = {x: got[x] for x in carry}
+            prev = wg.last
+        return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
+                                       "engine": "dask-zarr", "chunks": len(self.slices),
+                                       "resumed_from": self.k0 if self.cfg.run.resume else None})
+
+    @staticmethod
+    def ckpt_slot_of(wg, k: int) -> str:
+        node = next(n for n in wg.nodes if n.key == wg.checkpoints[k][0])
+        return node.args[4]
+
+    # -- distributed -----------------------------------------------------------------------
+    def run_distributed_zarr(self, weights0, run_dir: Path | None) -> Result:
+        from distributed import get_task_stream, performance_report
+
+        if self.url.startswith("memory://"):
+            from .storage import StoreError
+
+            raise StoreError(f"storage.url={self.url} lives in one process: use a path or a "
+                              "shared fsspec URL with a distributed cluster")
+        ccfg = self.cfg.cluster
+        with connect(ccfg) as client:
+            dashboard = client.dashboard_link
+            print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
+            workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+            report = (run_dir / "dask-report.html") if run_dir is not None else None
+            perf = performance_report(filename=str(report)) if report else \
+                contextlib.nullcontext()
+            t_start = time.time()
+            with perf, get_task_stream(client) as ts:
+                status, k = self._pipeline_z(client, workers, weights0)
+            stream = ts.data
+        info = {"dashboard": dashboard, "workers": len(workers), "engine": "dask-zarr",
+                "chunks": len(self.slices),
+                "resumed_from": self.k0 if self.cfg.run.resume else None,
+                **_stream_summary(stream, self.run_id, t_start)}
+        if run_dir is not None:
+            _write_task_stream(run_dir / "task-stream.json", stream, self.run_id)
+            if report is not None and report.exists():
+                info["performance_report"] = report.name
+        return self.result(status, k, info)
+
+    def _pipeline_z(self, client, workers, weights0):
+        place = self._placement(workers)
+        self._next_slot = self.store.next_checkpoint_slot()
+        nodes, literals, prev, k0 = self.start_nodes(weights0)
+        futures: dict[str, Any] = {}
+        for name, value in literals.items():
+            b = int(name.split("-b")[1].split("-")[0])
+            futures[name] = client.scatter(value, workers=[place[b]], hash=False)
+        self._submit(client, nodes, futures, place)
+        init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
+        self.initial_record(client.gather(init))
+        pending: deque = deque()
+        held: dict[int, tuple[list[Any], list[Any], str]] = {}
+        submitted, k_done, status = k0, k0, "max_iter"
+        while k_done < self.K:
+            while submitted < self.K and submitted - k_done < self.window:
+                if submitted > k_done and self.schedule.is_barrier(submitted):
+                    break
+                wg = self.build_z(submitted, submitted + 1, prev)
+                self._submit(client, wg.nodes, futures, place)
+                submitted += 1
+                kk = submitted
+                if kk in wg.checkpoints:
+                    held[kk] = ([futures[x] for x in wg.checkpoints[kk]],
+                                [futures[x] for x in wg.weights[kk]],
+                                self.ckpt_slot_of(wg, kk))
+                pending.append((kk, futures[wg.stats[kk]],
+                                futures[wg.evals[kk]] if kk in wg.evals else None))
+                keep = {v for r, v in wg.last.items() if r != "first_kind"}
+                for old in [x for x in futures if x not in keep]:
+                    del futures[old]
+                prev = wg.last
+            kk, fstats, fev = pending.popleft()
+            it = fstats.result()
+            ev = fev.result() if fev is not None else None
+            stop = self.process(kk, it, ev)
+            if kk in held:
+                cks, wfs, slot = held.pop(kk)
+                client.gather(cks)
+                self.commit(kk, slot, client.gather(wfs))
+            k_done = kk
+            if stop is not None:
+                status = stop
+                break
+        pending.clear()
+        futures.clear()
+        held.clear()
+        return status, k_done
+
+
+def _after(fn, args: tuple, *order):
+    """Run ``fn(*args)`` once the tasks in ``order`` are done (their values are unused)."""
+    return fn(*args)
+

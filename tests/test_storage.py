@@ -1,0 +1,270 @@
+"""The Zarr-resident engine: chunking equivalence, checkpoints, kill-and-resume, the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+from threadpoolctl import threadpool_limits
+
+from daskadmm import api
+from daskadmm.config import Config, ConfigError, validate
+from daskadmm.data import load_dataset
+from daskadmm.model import predict
+from daskadmm.storage import StateStore, StoreError, chunk_slices, load_model
+
+REL = 1e-8  # chunked partial sums reorder additions: relative agreement with the reference
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def _cfg(n_samples=100, iterations=20, classification=False, activation="tanh"):
+    cfg = Config()
+    cfg.data.name = "synthetic"
+    cfg.data.n_samples = n_samples
+    cfg.data.n_classes = 3 if classification else 0
+    cfg.model.width = 6
+    cfg.model.depth = 4
+    cfg.model.activation = activation
+    cfg.run.iterations = iterations
+    cfg.run.eval_every = 5
+    cfg.run.progress = False
+    cfg.cluster.dashboard_address = "127.0.0.1:0"
+    return cfg
+
+
+def _with(cfg, **sections):
+    out = cfg
+    for sec, kw in sections.items():
+        out = dataclasses.replace(out, **{sec: dataclasses.replace(getattr(out, sec), **kw)})
+    return out
+
+
+def _mem_url() -> str:
+    return f"memory://test-{uuid.uuid4().hex}"
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(1e-300, np.max(np.abs(a))))
+
+
+def test_chunk_slices_cover_samples_with_uneven_last():
+    sl = chunk_slices(100, 15)
+    assert [s.start for s in sl] == list(range(0, 100, 15))
+    assert sl[-1] == slice(90, 100)
+    assert chunk_slices(100, 0) == [slice(0, 100)]
+    assert chunk_slices(100, 500) == [slice(0, 100)]
+
+
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l"])
+@pytest.mark.parametrize("classification", [False, True])
+def test_results_independent_of_chunking(algorithm, classification):
+    cfg = _cfg(classification=classification, activation="relu" if classification else "tanh")
+    cfg = _with(cfg, algorithm={"name": algorithm})
+    ds = load_dataset(cfg.data, seed=0)
+    n = ds.n_train
+    ref = api.fit(_with(cfg, cluster={"kind": "reference"}), dataset=ds)
+    # 1, 2 and 7 chunks (the last one uneven)
+    for chunk_size in (0, (n + 1) // 2, -(-n // 7) + 1):
+        n_chunks = len(chunk_slices(n, chunk_size))
+        res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
+                            storage={"chunk_size": chunk_size, "url": _mem_url()}), dataset=ds)
+        assert res.info["engine"] == "dask-zarr" and res.info["chunks"] == n_chunks
+        assert res.iterations == ref.iterations == 20
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert _rel(a, b) < REL
+        for ra, rb in zip(ref.history, res.history, strict=True):
+            assert abs(ra["objective"] - rb["objective"]) <= REL * abs(ra["objective"])
+            assert abs(ra["test_metric"] - rb["test_metric"]) <= 1e-8
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster):
+    cfg = _cfg(iterations=8)
+    ds = load_dataset(cfg.data, seed=0)
+    chunk = 12  # 7 chunks of the 80 training samples, the last one uneven
+    runs = []
+    for kind in ("synchronous", "threads", "address"):
+        url = str(tmp_path / f"{kind}.zarr")
+        runs.append(api.fit(_with(cfg, cluster={"kind": kind,
+                                                "address": local_cluster.scheduler_address},
+                                  storage={"chunk_size": chunk, "url": url}), dataset=ds))
+    assert runs[0].info["chunks"] == 7
+    for res in runs[1:]:
+        for a, b in zip(runs[0].weights, res.weights, strict=True):
+            assert np.array_equal(a, b)
+        assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
+
+
+def test_store_layout_and_model_readable_with_plain_zarr(tmp_path):
+    cfg = _cfg(iterations=6, classification=True, activation="relu")
+    ds = load_dataset(cfg.data, seed=0)
+    url = str(tmp_path / "state.zarr")
+    res = api.fit(_with(cfg, cluster={"kind": "threads"},
+                        storage={"chunk_size": 40, "url": url}), dataset=ds)
+    g = zarr.open_group(url, mode="r")
+    attrs = dict(g.attrs)
+    assert attrs["schema"] == "daskadmm-state" and attrs["schema_version"] == 1
+    assert attrs["status"] == "max_iter" and attrs["owner"] is None
+    assert attrs["config"]["model"]["width"] == 6
+    U = g["live/b2/U"]
+    assert U.shape == (2, 6, ds.n_train) and U.chunks == (1, 6, 40)
+    assert g["ckpt/a/b1/W"].chunks == g["ckpt/a/b1/W"].shape == res.weights[0].shape
+    assert g["data/X"].chunks == (ds.d_in, 40)
+    # the final model: plain arrays, no pickle
+    for i, W in enumerate(res.weights, start=1):
+        assert np.array_equal(np.asarray(g[f"model/W{i}"][...]), W)
+    model = load_model(url)
+    raw = (ds.X_test.T * model.x_scale) + model.x_mean
+    labels = model.predict(raw)
+    expected = np.asarray(ds.classes)[predict(model.arch, res.weights, ds.X_test).argmax(0)]
+    assert np.array_equal(labels, expected)
+
+
+def test_regression_model_predicts_in_original_units(tmp_path):
+    cfg = _cfg(iterations=4)
+    ds = load_dataset(cfg.data, seed=0)
+    url = str(tmp_path / "s.zarr")
+    res = api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": url}),
+                  dataset=ds)
+    model = load_model(url)
+    out = model.predict(ds.X_test.T * model.x_scale + model.x_mean)
+    expected = predict(model.arch, res.weights, ds.X_test).T + ds.y_mean
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_foreign_and_corrupt_stores_are_clear_errors(tmp_path):
+    foreign = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")
+    foreign.attrs["hello"] = 1
+    with pytest.raises(StoreError, match="not a daskadmm state store"):
+        load_model(str(tmp_path / "foreign.zarr"))
+    bad = tmp_path / "corrupt.zarr"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="cannot open state store"):
+        load_model(str(bad))
+    with pytest.raises(StoreError, match="no state store"):
+        load_model(str(tmp_path / "missing.zarr"))
+    # a real store whose model array is damaged
+    cfg = _cfg(iterations=2)
+    ds = load_dataset(cfg.data, seed=0)
+    url = str(tmp_path / "s.zarr")
+    api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": url}), dataset=ds)
+    g = zarr.open_group(url, mode="r+")
+    g.create_array("model/W2", shape=(3, 3), dtype="f8", overwrite=True)
+    with pytest.raises(StoreError, match="model/W2 has shape"):
+        load_model(url)
+
+
+def test_second_writer_refused_and_existing_store_not_overwritten(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = StateStore.create(url, meta={"algorithm": "radmm3"}, owner="first")
+    with pytest.raises(StoreError, match="in use by run first"):
+        StateStore.open(url, owner="second")
+    with pytest.raises(StoreError, match="already exists"):
+        StateStore.create(url, meta={}, owner="third")
+    store.release("max_iter")
+    StateStore.open(url, owner="second").release("max_iter")
+
+
+def test_checkpoint_config_needs_zarr_engine():
+    cfg = _with(_cfg(), run={"checkpoint_every": 2}, cluster={"kind": "reference"})
+    with pytest.raises(ConfigError, match="Zarr-resident engine"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="needs storage.url"):
+        validate(_with(_cfg(), run={"resume": True}, cluster={"kind": "threads"}))
+
+
+RUN_SCRIPT = """
+import json, sys
+from daskadmm import api
+from daskadmm.config import from_mapping
+cfg = from_mapping(json.loads(sys.argv[1]))
+res = api.fit(cfg)
+print(json.dumps({"status": res.status, "iterations": res.iterations,
+                  "resumed_from": res.info.get("resumed_from")}))
+"""
+
+
+def _mapping(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    d.pop("experiment")
+    return d
+
+
+def _start(cfg: Config):
+    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, json.dumps(_mapping(cfg))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_at_random_moment_and_resume_is_bitwise_equal(tmp_path):
+    cfg = _cfg(n_samples=200, iterations=50)
+    cfg = _with(cfg, cluster={"kind": "threads"}, run={"checkpoint_every": 3},
+                storage={"chunk_size": 60})
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    assert full.status == "max_iter"
+
+    url = str(tmp_path / "killed.zarr")
+    proc = _start(_with(cfg, storage={"url": url}))
+    rng = np.random.default_rng(int(time.time()))
+    target = int(rng.integers(6, 30))  # kill once this many iterations are checkpointed
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            cp = dict(zarr.open_group(url, mode="r").attrs).get("checkpoint")
+        except Exception:
+            cp = None
+        if cp and cp["iteration"] >= target:
+            time.sleep(float(rng.uniform(0, 0.05)))  # somewhere inside a later iteration
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = cp["iteration"]
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    attrs = dict(zarr.open_group(url, mode="r").attrs)
+    assert attrs["status"] == "running"  # it never got to say goodbye
+    assert attrs["checkpoint"]["iteration"] >= killed_at
+
+    res = api.fit(_with(cfg, storage={"url": url}, run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] >= killed_at
+    assert res.iterations == full.iterations
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    # the resumed history continues the saved one
+    assert [r["iteration"] for r in res.history] == [r["iteration"] for r in full.history]
+    assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+def test_resume_refuses_a_different_problem(tmp_path):
+    cfg = _with(_cfg(iterations=4), cluster={"kind": "threads"}, run={"checkpoint_every": 2},
+                storage={"url": str(tmp_path / "s.zarr")})
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(cfg, dataset=ds)
+    other = _with(cfg, model={"width": 7}, run={"resume": True})
+    with pytest.raises(StoreError, match="arch"):
+        api.fit(other, dataset=ds)
