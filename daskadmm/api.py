@@ -114,6 +114,13 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                 result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
                                              "Zarr-resident engine supports radmm3, radmm3l")
     result.metric = metric_name(ds)
+    if run_dir is not None and "store" not in result.info:
+        from .storage import save_model_store
+
+        url = str(Path(run_dir) / "model.zarr")
+        save_model_store(url, arch, result.weights, ds, result.metric,
+                         {"config": cfg.to_dict(), "algorithm": name})
+        result.info["store"] = url
     result.info.setdefault("data", {"name": ds.name, "source": ds.source,
                                     "n_train": ds.n_train, "n_test": ds.n_test,
                                     "d_in": ds.d_in, "d_out": ds.d_out, "task": ds.task})

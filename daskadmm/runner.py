@@ -470,9 +470,9 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         else:
             result = ctx.run_distributed_zarr(weights0, run_dir)
         status = result.status
-        ds_meta = {"x_mean": ds.x_mean, "x_scale": ds.x_scale, "y_mean": ds.y_mean,
-                   "classes": ds.classes}
-        store.save_model(arch, result.weights, task=ds.task, metric=metric, **ds_meta)
+        from .storage import dataset_meta
+
+        store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
         result.info["store"] = url
         return result
     finally:

@@ -106,6 +106,8 @@ class Model:
     x_scale: np.ndarray | None = None
     y_mean: np.ndarray | None = None
     classes: list | None = None
+    feature_names: list[str] | None = None
+    target_names: list[str] | None = None
 
     def predict(self, X_raw: np.ndarray) -> np.ndarray:
         """Predict from raw features, **samples as rows** (``n x d0``): class labels for
@@ -277,7 +279,8 @@ class StateStore:
 
     # -- the final model -------------------------------------------------------------------
     def save_model(self, arch, weights: list[np.ndarray], *, task: str, metric: str,
-                   x_mean=None, x_scale=None, y_mean=None, classes=None) -> None:
+                   x_mean=None, x_scale=None, y_mean=None, classes=None, feature_names=None,
+                   target_names=None) -> None:
         for i, W in enumerate(weights, start=1):
             arr = _array(self.group, f"model/W{i}", W.shape, W.shape)
             arr[...] = W
@@ -290,6 +293,8 @@ class StateStore:
         self.group["model"].attrs.update({
             "arch": asdict(arch), "task": task, "metric": metric,
             "classes": None if classes is None else [_py(c) for c in classes],
+            "feature_names": list(feature_names) if feature_names else None,
+            "target_names": list(target_names) if target_names else None,
             "depth": len(weights), **{f"has_{k}": v for k, v in extra.items()}})
 
 
@@ -332,4 +337,20 @@ def load_model(url: str) -> Model:
         return np.asarray(mg[name][...]) if attrs.get(f"has_{name}") else None
 
     return Model(arch, weights, attrs.get("task", "regression"), opt("x_mean"), opt("x_scale"),
-                 opt("y_mean"), attrs.get("classes"))
+                 opt("y_mean"), attrs.get("classes"), attrs.get("feature_names"),
+                 attrs.get("target_names"))
+
+
+def dataset_meta(ds) -> dict[str, Any]:
+    """What a stored model needs from the data set to predict on raw features."""
+    return {"x_mean": ds.x_mean, "x_scale": ds.x_scale, "y_mean": ds.y_mean,
+            "classes": ds.classes, "feature_names": ds.feature_names or None,
+            "target_names": ds.target_names or None}
+
+
+def save_model_store(url: str, arch, weights: list[np.ndarray], ds, metric: str,
+                     meta: dict[str, Any]) -> None:
+    """A store holding only the final model (for engines that keep their state in memory)."""
+    store = StateStore.create(url, meta=meta, owner="model")
+    store.save_model(arch, weights, task=ds.task, metric=metric, **dataset_meta(ds))
+    store.release("complete")

@@ -268,3 +268,32 @@ def test_resume_refuses_a_different_problem(tmp_path):
     other = _with(cfg, model={"width": 7}, run={"resume": True})
     with pytest.raises(StoreError, match="arch"):
         api.fit(other, dataset=ds)
+
+
+def test_predict_command_on_a_reference_run(tmp_path):
+    from daskadmm.predict import main as predict_main
+
+    csv_path = tmp_path / "d.csv"
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 3))
+    y = X @ [1.0, -2.0, 0.5] + 3.0
+    rows = ["a,b,c,target"] + [f"{a},{b},{c},{t}" for (a, b, c), t in zip(X, y, strict=True)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    cfg = _cfg(iterations=3)
+    cfg = _with(cfg, data={"name": "csv", "path": str(csv_path), "target": "target",
+                           "task": "regression"}, cluster={"kind": "reference"})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    res = api.fit(cfg, run_dir=run_dir)
+    assert res.info["store"].endswith("model.zarr")
+    out = tmp_path / "pred.csv"
+    assert predict_main([str(run_dir / "model.zarr"), str(csv_path), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "target" and len(lines) == 61
+    model = load_model(str(run_dir / "model.zarr"))
+    expected = model.predict(X)[:, 0]
+    np.testing.assert_allclose([float(v) for v in lines[1:]], expected, rtol=1e-12)
+    # bad inputs: one line, exit 2
+    assert predict_main([str(tmp_path / "nope.zarr"), str(csv_path)]) == 2
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert predict_main([str(run_dir / "model.zarr"), str(tmp_path / "bad.csv")]) == 2

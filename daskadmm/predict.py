@@ -1,0 +1,73 @@
+"""``daskadmm-predict``: predict with a trained model from its Zarr store.
+
+    daskadmm-predict outputs/2026-11-23/14-42-02/state.zarr new_wines.csv --out pred.csv
+
+The store is a run's ``state.zarr`` (Zarr-resident engine) or ``model.zarr`` (other engines).
+The CSV needs the training features by name (extra columns, such as the target, are ignored);
+the output has one row per input row: the predicted class, or the predicted value(s) in the
+original units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from .data import DataError, read_csv
+from .storage import StoreError, load_model
+
+__all__ = ["main"]
+
+
+def _features(table, names: list[str]) -> np.ndarray:
+    missing = [f for f in names if f not in table.header]
+    if missing:
+        raise DataError(f"{table.path}: missing feature columns {', '.join(map(repr, missing))}")
+    cols = []
+    for f in names:
+        cells = table.columns[table.header.index(f)]
+        try:
+            cols.append([float(c) for c in cells])
+        except ValueError:
+            raise DataError(f"{table.path}: column {f!r} is not numeric") from None
+    X = np.array(cols, dtype=np.float64).T
+    if not np.all(np.isfinite(X)):
+        raise DataError(f"{table.path}: features contain NaN or inf")
+    return X
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="daskadmm-predict", description=__doc__.splitlines()[0])
+    ap.add_argument("store", help="a run's state.zarr or model.zarr")
+    ap.add_argument("csv", help="CSV file with the feature columns")
+    ap.add_argument("--out", help="output CSV (default: standard output)")
+    args = ap.parse_args(argv)
+    try:
+        model = load_model(args.store)
+        table = read_csv(args.csv)
+        names = model.feature_names or table.header[: model.arch.d_in]
+        pred = model.predict(_features(table, names))
+    except (StoreError, DataError, ValueError) as exc:
+        print(f"daskadmm-predict: error: {exc}", file=sys.stderr)
+        return 2
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        w = csv.writer(out)
+        if model.task == "classification":
+            w.writerow(["prediction"])
+            w.writerows([[p] for p in pred])
+        else:
+            w.writerow(model.target_names or [f"y{j}" for j in range(pred.shape[1])])
+            w.writerows([[repr(float(v)) for v in row] for row in pred])
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
