@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--algorithm", default="radmm3")
     ap.add_argument("--activation", default="relu", help="relu: closed-form U prox")
     ap.add_argument("--window", type=int, default=0)
+    ap.add_argument("--state", default="memory", help="memory (issue 3's path) or zarr")
+    ap.add_argument("--windows", default="1,2,4,8",
+                    help="also time 2 workers with these run.window values ('' to skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> None:
     cfg.run.eval_every = args.iterations  # evaluate at the end only: time the iterations
     cfg.run.window = args.window
     cfg.cluster.dashboard_address = "127.0.0.1:0"
+    cfg.storage.state = args.state
 
     runs = {}
     for name, kind, workers in (("reference", "reference", 0), ("dask1", "local", 1),
@@ -78,6 +82,15 @@ def main() -> None:
         runs[name] = timed_run(c, ds)
         print(f"{name:9s} {runs[name]['per_iteration']:.3f} s/iteration "
               f"(wall {runs[name]['wall']:.1f} s)", flush=True)
+    windows = {}
+    for w in [int(x) for x in args.windows.split(",") if x]:
+        c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local",
+                                                                 n_workers=2),
+                                run=dataclasses.replace(cfg.run, window=w))
+        r = timed_run(c, ds)
+        r.pop("weights")
+        windows[w] = r["per_iteration"]
+        print(f"window {w}: {windows[w]:.3f} s/iteration (2 workers)", flush=True)
     ref_w = runs["reference"].pop("weights")
     equal = all(
         max(float(np.max(np.abs(a - b))) for a, b in zip(ref_w, runs[k].pop("weights"),
@@ -85,7 +98,8 @@ def main() -> None:
         for k in ("dask1", "dask2"))
     result = {
         "benchmark": "dask_time_per_iteration",
-        "problem": {"algorithm": args.algorithm, "width": args.width, "depth": args.depth,
+        "problem": {"algorithm": args.algorithm, "state": args.state, "width": args.width,
+                    "depth": args.depth,
                     "residual_blocks": args.depth - 2, "n": args.n,
                     "iterations": args.iterations},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -94,6 +108,7 @@ def main() -> None:
         "dask1_over_reference": runs["dask1"]["per_iteration"] / runs["reference"]["per_iteration"],
         "speedup_2_over_1": runs["dask1"]["per_iteration"] / runs["dask2"]["per_iteration"],
         "weights_bitwise_equal_to_reference": equal,
+        "window_seconds_per_iteration_2_workers": windows,
         "targets": {"dask1_over_reference": "<= 1.15", "speedup_2_over_1": ">= 1.6"},
     }
     out = Path(args.out)

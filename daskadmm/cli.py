@@ -351,8 +351,18 @@ def _task(dcfg: DictConfig) -> None:
         writer.write(record)
         update(record)
 
+    from .storage import StoreError
+
     try:
         result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+    except (StoreError, ConnectionError, ImportError) as exc:
+        # bad store paths, an unreachable cluster.address, a missing optional extra: input
+        # problems, not bugs. Nothing of a previous run is touched.
+        writer.close()
+        bar.close()
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        _remove_if_pristine(run_dir, _STARTED)
+        _fail(_one_line(exc))
     finally:
         writer.close()
         bar.close()

@@ -464,6 +464,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         test_slices, lay
     ctx.linearized = splitting.name == "radmm3l"
     status = "failed"
+    ok = False
     try:
         if cfg.cluster.kind in ("synchronous", "threads"):
             result = ctx.run_local(weights0)
@@ -474,9 +475,16 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
         result.info["store"] = url
+        ok = True
         return result
     finally:
         store.release(status)
+        if not ok and not cfg.run.resume and not cfg.storage.url and \
+                not (store.checkpoint() or {}).get("iteration"):
+            # a run that failed before its first checkpoint leaves no half-written default store
+            import shutil
+
+            shutil.rmtree(url, ignore_errors=True)
 
 
 class _ZarrCtx(_Ctx):

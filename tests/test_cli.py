@@ -233,3 +233,15 @@ def test_real_multirun_shares_one_local_cluster(tmp_path):
         assert (work / "sweep" / str(job) / "dask-report.html").exists()
         dashboards.add(summary["info"]["dashboard"])
     assert len(dashboards) == 1  # one cluster for the whole sweep
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("cluster=address", "cluster.address=tcp://127.0.0.1:9", "cluster.connect_timeout=1"),
+     "cannot reach the Dask scheduler"),
+    (("cluster=threads", "run.resume=true", "storage.url=/nonexistent/state.zarr"),
+     "no state store"),
+], ids=["unreachable-cluster", "missing-store"])
+def test_runtime_input_errors_are_one_line(tmp_path, args, needle):
+    proc, work = run_cli(tmp_path, "data=synthetic", "data.n_samples=60", "model.width=4",
+                         "run.progress=false", *args)
+    assert_usage_error(proc, work, needle)
