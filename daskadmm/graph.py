@@ -159,7 +159,8 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
         cur: dict[str, list[str]] = {}
         for step in splitting.steps:
             cur[step.name] = [key(step.name, k, run_id, b + 1) for b in range(N)]
-            for b in range(N):
+            order = range(N) if step.order == "ascending" else range(N - 1, -1, -1)
+            for b in order:  # emitted in execution order: the node list is topological
                 refs, picks = [], []
                 for inp in step.inputs:
                     j = b + inp.block
@@ -213,18 +214,30 @@ def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]
 
 
 def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
-    """Longest dependency chain (in tasks) among ``nodes``; with ``prefix``, count only tasks
-    whose key starts with it (e.g. ``"update_block-"``) along chains of such tasks."""
+    """Longest dependency chain (in tasks) among ``nodes``, counted on the graph itself; with
+    ``prefix``, count only tasks whose key starts with it (e.g. ``"update_block-"``) along
+    chains of such tasks."""
+    by_key = {n.key: n for n in nodes}
     depth: dict[str, int] = {}
-    keys = {n.key for n in nodes}
-    best = 0
-    for node in nodes:  # nodes are emitted in a topological order
-        if prefix is not None and not node.key.startswith(prefix):
-            continue
-        d = 1 + max((depth.get(dep, 0) for dep in node.deps() if dep in keys), default=0)
-        depth[node.key] = d
-        best = max(best, d)
-    return best
+
+    def visit(k: str) -> int:
+        if k in depth:
+            return depth[k]
+        stack = [(k, False)]
+        while stack:  # iterative post-order DFS (chains can be thousands of tasks long)
+            cur, ready = stack.pop()
+            if cur in depth:
+                continue
+            deps = [d for d in by_key[cur].deps() if d in by_key]
+            if not ready:
+                stack.append((cur, True))
+                stack.extend((d, False) for d in deps if d not in depth)
+                continue
+            own = 1 if prefix is None or cur.startswith(prefix) else 0
+            depth[cur] = own + max((depth[d] for d in deps), default=0)
+        return depth[k]
+
+    return max((visit(n.key) for n in nodes), default=0)
 
 
 def default_window(N: int) -> int:
