@@ -59,7 +59,8 @@ class AlgorithmConfig:
     beta: float = 1.0
     tau: float = 1e-3
     lam: float = 1e-2
-    # dlADMM's penalty on the relaxed hidden constraints (None: nu = rho, as the authors' code).
+    # dlADMM's / pdADMM's penalty on the relaxed hidden constraints (None: nu = rho, as the
+    # authors' code; beta and tau are not used by those two).
     nu: float | None = None
     # Penalty schedule: constant; grow (multiply rho, beta by `growth` per iteration up to
     # rho_max, beta_max); adaptive (every `adapt_every` iterations, if the primal residual did not

@@ -112,6 +112,7 @@ def _problem(activation="tanh", classification=False):
     cfg.run.iterations = 5
     cfg.run.eval_every = 2
     cfg.run.progress = False
+    cfg.storage.state = "memory"  # the all-in-memory Dask path (test_storage.py: Zarr state)
     return cfg, load_dataset(cfg.data, seed=0)
 
 
@@ -202,3 +203,61 @@ def test_stop_inside_window_matches_reference():
     ref = _run(cfg, ds, "reference")
     assert ref.status == "converged" and ref.iterations == 3
     _assert_equal(ref, _run(cfg, ds, "threads", 8))
+
+
+def _window_for(name: str, N: int, K: int):
+    arch = Architecture("mlp", N, 3, 4, 2)
+    specs = [BlockSpec(arch, i, 10) for i in range(1, N + 1)]
+    sp = get_splitting(name)
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
+    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
+    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
+    return sp, build_window(sp, specs, pens, 0, K, init, "run", data)
+
+
+@pytest.mark.parametrize(("N", "K"), [(3, 4), (8, 10), (19, 5)])
+def test_pdadmm_graph_chain_is_one_layer_task_per_iteration(N, K):
+    sp, wg = _window_for("pdadmm", N, K)
+    step = sp.steps[0].name
+    assert len(sp.steps) == 1
+    assert len([n for n in wg.nodes if n.key.startswith(step + "-")]) == N * K
+    # Jacobi: every layer task needs only previous-iteration values -> the chain is K
+    assert critical_path_length(wg.nodes, step + "-") == K
+    for node in wg.nodes:
+        if node.key.startswith(step + "-") and "-k1-" not in node.key:
+            k = int(node.key.split("-k")[1].split("-")[0])
+            assert all(f"-k{k - 1}-" in d for d in node.deps() if d.startswith(step)), node.key
+
+
+def test_dladmm_graph_is_a_backward_then_forward_chain():
+    N, K = 4, 3
+    sp, wg = _window_for("dladmm", N, K)
+    assert [s.name for s in sp.steps] == ["backward", "forward"]
+    updates = [n for n in wg.nodes if n.key.startswith(("backward-", "forward-"))]
+    assert len(updates) == 2 * N * K
+    # each iteration's backward sweep (N tasks) then forward sweep (N tasks) is a chain
+    assert critical_path_length(updates) == 2 * N * K
+
+
+@pytest.mark.parametrize("algorithm", ["dladmm", "pdadmm"])
+@pytest.mark.parametrize("kind", ["synchronous", "threads"])
+def test_mlp_algorithms_on_dask_equal_reference(algorithm, kind):
+    cfg, ds = _problem("relu", classification=True)
+    cfg.model.kind = "mlp"
+    cfg.model.depth = 5
+    ref = _run(cfg, ds, "reference", algorithm=algorithm)
+    for window in (1, 3):
+        res = _run(cfg, ds, kind, window, algorithm=algorithm)
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert np.array_equal(a, b)
+        assert [r["objective"] for r in res.history] == [r["objective"] for r in ref.history]
+
+
+def test_pdadmm_on_process_cluster_bitwise(local_cluster):
+    cfg, ds = _problem("relu", classification=True)
+    cfg.model.kind = "mlp"
+    cfg.model.depth = 6
+    ref = _run(cfg, ds, "reference", algorithm="pdadmm")
+    res = _run(cfg, ds, "address", 3, algorithm="pdadmm", address=local_cluster.scheduler_address)
+    for a, b in zip(ref.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)

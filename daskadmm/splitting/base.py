@@ -197,10 +197,18 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
 # Prox of the loss (output block)
 # ---------------------------------------------------------------------------------------------
 
-def _ce_column_objective(u: Array, y: Array, m: Array, kappa: float) -> Array:
+def _ce_column_objective(u: Array, y: Array, m: Array, kappa: float,
+                         with_scale: bool = False):
+    """Column objective; with ``with_scale`` also the size of its summands (the rounding
+    error of the objective is about 1e-16 times that, however small the objective is)."""
     zmax = u.max(axis=0)
     lse = zmax + np.log(np.exp(u - zmax).sum(axis=0))
-    return lse - np.sum(y * u, axis=0) + 0.5 * kappa * np.sum((u - m) ** 2, axis=0)
+    yu = np.sum(y * u, axis=0)
+    quad = 0.5 * kappa * np.sum((u - m) ** 2, axis=0)
+    f = lse - yu + quad
+    if with_scale:
+        return f, np.abs(lse) + np.abs(yu) + quad
+    return f
 
 
 def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
@@ -214,7 +222,8 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
     Softmax cross-entropy: per column, Newton on ``CE(u; y) + (kappa/2)||u - m||^2`` from ``u0``
     with gradient ``softmax(u) - y + kappa (u - m)`` and Hessian ``diag(p) - p p^T + kappa I``
     (positive definite), halving the step while the column objective rises (a step whose predicted
-    decrease ``g^T H^-1 g`` is below ``1e-8 |f|`` is taken outright); a column stops when
+    decrease ``g^T H^-1 g`` is below ``1e-8`` times the size of the objective's summands is taken
+    outright); a column stops when
     ``||g||_inf <= 1e-13 (1 + kappa ||u||_inf)`` or after ``max_iter`` iterations.
 
     Returns ``(U, n_capped)``.
@@ -234,10 +243,11 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
         done = np.abs(g).max(axis=0) <= 1e-13 * (1.0 + kappa * np.abs(u).max(axis=0))
         H = (p.T[:, :, None] * eye[None]) - p.T[:, :, None] * p.T[:, None, :] + kappa * eye[None]
         step = np.linalg.solve(H, g.T[:, :, None])[:, :, 0].T
-        f0 = _ce_column_objective(u, y, mm, kappa)
-        # Near the solution the decrease g^T H^-1 g falls below the rounding error of f: take the
-        # full Newton step outright there (H >= kappa I, so it is a descent direction).
-        outright = ~done & (np.sum(g * step, axis=0) <= 1e-8 * np.abs(f0))
+        f0, scale = _ce_column_objective(u, y, mm, kappa, with_scale=True)
+        # Near the solution the decrease g^T H^-1 g falls below the rounding error of f (about
+        # 1e-16 x the size of its summands): take the full Newton step outright there
+        # (H >= kappa I, so it is a descent direction).
+        outright = ~done & (np.sum(g * step, axis=0) <= 1e-8 * scale)
         unew = u.copy()
         unew[:, outright] = u[:, outright] - step[:, outright]
         search = np.flatnonzero(~done & ~outright)
@@ -247,7 +257,7 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
                 break
             cand = u[:, search] - t * step[:, search]
             fc = _ce_column_objective(cand, y[:, search], mm[:, search], kappa)
-            ok = fc <= f0[search] + 1e-15 * np.abs(f0[search])
+            ok = fc <= f0[search] + 1e-15 * scale[search]
             unew[:, search[ok]] = cand[:, ok]
             search = search[~ok]
             t *= 0.5

@@ -1,0 +1,468 @@
+"""dlADMM (Wang, Yu, Chen, Zhao, KDD 2019): relaxed MLP training, backward-then-forward sweeps.
+
+Variables of layer l: weights ``W_l = [A_l, b_l]`` (bias as the last column, so
+:func:`daskadmm.model.forward` evaluates the network), pre-activation ``z_l`` and output ``a_l``
+(l < L); layer L holds the network output ``z_L`` and the n-scaled multiplier ``u`` of the one
+hard constraint ``z_L = W_L a~_{L-1}`` (``a~ = [a; 1^T]``, ``a_0 = X``). The hidden constraints
+are relaxed into penalties of weight ``nu`` (``pen.nu``; None: ``nu = rho``, as the authors'
+code). In this package's scaling convention (``base``)::
+
+    L_rho = l(z_L; Y) + (lam/2) sum_l ||W_l||^2
+          + (nu/2n) sum_{l<L} ( ||z_l - W_l a~_{l-1}||^2 + ||a_l - s_l a_{l-1} - sigma(z_l)||^2 )
+          + <u, z_L - W_L a~_{L-1}>/n + (rho/2n) ||z_L - W_L a~_{L-1}||^2
+
+For an MLP every ``s_l = 0`` (the paper's problem). A residual network (``s_l = 1`` for l =
+2..L-1, ``a_l = a_{l-1} + sigma(z_l)``) only changes the activation penalty; every subproblem
+keeps its form, so both kinds are supported.
+
+One iteration k is two sweeps (Algorithm 1 of the paper):
+
+- **backward** (l = L..1): layer L updates ``z_L``, ``b_L``, ``W_L``; layer l < L updates
+  ``a_l`` (with layer l+1's new backward values), ``z_l``, ``b_l``, ``W_l`` (with ``a_{l-1}``
+  of iteration k-1);
+- **forward** (l = 1..L): layer l < L updates ``W_l``, ``b_l`` (with ``a_{l-1}`` of iteration
+  k), ``z_l``, ``a_l`` (with layer l+1's backward values); layer L updates ``W_L``, ``b_L``,
+  ``z_L`` and then the multiplier ``u <- u + rho (z_L - W_L a~_{L-1})``.
+
+Task inputs (the two :class:`~daskadmm.splitting.Step` s): backward of layer l at iteration k
+reads its own state of k-1, ``a_{l-1}`` of k-1 (left neighbour's forward output) and layer
+l+1's backward output of k; forward of layer l reads its own backward output of k (and its
+state of k-1, only for the dual residual), ``a_{l-1}`` of k (left neighbour's forward output)
+and layer l+1's backward output of k. One iteration is thus a chain of 2L tasks and the next
+backward sweep waits for the last forward task: K iterations are one chain of 2LK tasks.
+State keys: ``W``, ``z``, ``a`` (l < L), ``u`` (l = L), and the last accepted curvatures
+``theta_W``, ``theta_a`` (0-d arrays).
+
+``W`` and ``a`` take one quadratic-approximation step each, with the curvature ``theta`` found by
+capped backtracking (:func:`backtrack`); ``b`` is exact (its objective is a quadratic with a
+known curvature, so its quadratic approximation *is* the objective); ``z_l`` is an elementwise
+prox (closed form for ReLU and leaky ReLU, safeguarded Newton for smooth activations);
+``z_L`` is the prox of the loss.
+
+Deviations from the paper and the authors' code, on purpose: every backtracking loop is capped
+(``options.backtrack_max``; on the cap the old value is kept, so no step raises L_rho); the
+backtracking starts from half of the last accepted ``theta`` of the same variable instead of a
+fixed guess (``options.step="lipschitz"`` starts from the exact curvature instead); the
+regulariser ``(lam/2)||W||^2`` (the paper's ``Omega_l``, absent from the authors' code) is kept
+exact inside the W and b steps; the state starts forward-consistent with the dual-consistent
+``u = -n grad l(z_L)`` (the code starts from ``z_L = +-1`` labels and ``u = 0``), so L_rho at
+iteration 0 equals the forward loss plus the regulariser; the loss is the package's mean loss
+with n-scaled penalties (the code's summed cross-entropy with unscaled penalties is the same
+problem times n, so its rho is this rho).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..model import Activation, Architecture, forward, loss_grad_n, loss_value
+from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
+from .base import BlockSpec, Penalties, lambda_max, prox_activation, prox_output
+
+__all__ = [
+    "backtrack",
+    "backward_update",
+    "block_objective",
+    "forward_update",
+    "init_state",
+    "penalty_nu",
+    "update_W",
+    "update_a",
+    "update_b",
+    "update_u",
+    "update_z",
+    "update_z_output",
+]
+
+Array = np.ndarray
+State = dict[str, Array]
+
+# Relative slack of the sufficient-decrease test: rounding in phi must not make an acceptable
+# step fail (and double theta to the cap) once the decrease is at the rounding level.
+_RTOL = 1e-12
+
+
+def penalty_nu(pen: Penalties) -> float:
+    """The relaxation weight ``nu`` (``rho`` when unset, as in the authors' code)."""
+    return pen.rho if pen.nu is None else pen.nu
+
+
+def backtrack(phi: Callable[[Array], tuple[float, Array | None]], x: Array, f0: float,
+              grad: Array, theta0: float, max_trials: int, shrink: float = 0.0,
+              aux0: Array | None = None) -> tuple[Array, float, int, bool, Array | None]:
+    """Capped backtracking for one quadratic-approximation step.
+
+    Notes
+    -----
+    With ``phi`` the smooth part of the subproblem and ``(shrink/2)||x||^2`` an exact part,
+    the step solves::
+
+        x+ = argmin_x  phi(x^k) + <grad, x - x^k> + (theta/2)||x - x^k||^2 + (shrink/2)||x||^2
+           = (theta x^k - grad) / (theta + shrink)
+
+    for ``theta = theta0, 2 theta0, 4 theta0, ...`` and accepts the first ``x+`` with the
+    sufficient-decrease condition of the paper, ``phi(x+) <= P(x+; theta)``::
+
+        phi(x+) <= phi(x^k) + <grad, x+ - x^k> + (theta/2)||x+ - x^k||^2   (+ 1e-12 |phi(x^k)|)
+
+    Then ``phi(x+) + (shrink/2)||x+||^2 <= phi(x^k) + (shrink/2)||x^k||^2``: the step never
+    raises the subproblem objective. After ``max_trials`` rejected trials ``x^k`` is kept.
+
+    ``phi(x)`` returns ``(value, aux)`` (``aux``: a product worth reusing, e.g. ``A a``).
+    Returns ``(x+, theta, trials, capped, aux(x+))``; when capped ``theta`` is the last tried.
+    """
+    theta = theta0
+    slack = _RTOL * abs(f0)
+    for trial in range(1, max_trials + 1):
+        xn = (theta * x - grad) / (theta + shrink)
+        d = xn - x
+        fn, aux = phi(xn)
+        if fn <= f0 + float(np.sum(grad * d)) + 0.5 * theta * float(np.sum(d * d)) + slack:
+            return xn, theta, trial, False, aux
+        if trial < max_trials:
+            theta *= 2.0
+    return x, theta, max_trials, True, aux0
+
+
+def _theta0(step: str, last: float, estimate: float, exact: Callable[[], float]) -> float:
+    """First trial curvature: the exact one (``step="lipschitz"``), else half the last accepted
+    value of this variable, else ``estimate`` (a cheap lower bound: the mean eigenvalue)."""
+    if step == "lipschitz":
+        return exact()
+    if last > 0:
+        return 0.5 * last
+    return estimate
+
+
+def _gram_max(M: Array) -> float:
+    """``lambda_max(M^T M)`` from the smaller Gram matrix."""
+    return lambda_max(M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M)
+
+
+def _plus_bias(AV: Array, b: Array | None) -> Array:
+    return AV if b is None else AV + b
+
+
+def update_W(A: Array, b: Array | None, V: Array, T: Array, kappa: float, nlam: float,
+             theta0: float | None, max_trials: int, step: str = "backtracking"
+             ) -> tuple[Array, float, int, bool, Array]:
+    """W step (weight matrix ``A``, bias column fixed): quadratic approximation + backtracking.
+
+    Notes
+    -----
+    In n-units the W subproblem is ``min_A phi(A) + (n lam/2)||A||^2`` with::
+
+        phi(A) = (kappa/2) ||T - A V - b 1^T||^2,   grad phi = -kappa (T - A V - b 1^T) V^T
+
+    where, for a hidden layer, ``kappa = nu``, ``T = z_l``, ``V = a_{l-1}``; for the output
+    layer ``kappa = rho``, ``T = z_L + u/rho``, ``V = a_{L-1}`` (``<u, r> + (rho/2)||r||^2 =
+    (rho/2)||r + u/rho||^2 - ||u||^2/(2 rho)``). One step of :func:`backtrack` with
+    ``shrink = n lam``: ``A+ = (theta A^k - grad phi) / (theta + n lam)``. ``theta0`` None
+    starts from the mean eigenvalue ``kappa ||V||_F^2 / rows(V)`` of the curvature
+    ``kappa V V^T`` (``step="lipschitz"``: from its largest eigenvalue).
+
+    Returns ``(A+, theta, trials, capped, A+ V)``.
+    """
+    AV = A @ V
+    R = T - _plus_bias(AV, b)
+    f0 = 0.5 * kappa * float(np.sum(R * R))
+    grad = -kappa * (R @ V.T)
+
+    def phi(Ax: Array) -> tuple[float, Array]:
+        P = Ax @ V
+        Rx = T - _plus_bias(P, b)
+        return 0.5 * kappa * float(np.sum(Rx * Rx)), P
+
+    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
+                 kappa * float(np.sum(V * V)) / V.shape[0], lambda: kappa * _gram_max(V))
+    An, theta, trials, capped, P = backtrack(phi, A, f0, grad, t0, max_trials, nlam, AV)
+    return An, theta, trials, capped, P
+
+
+def update_b(AV: Array, T: Array, kappa: float, lam: float) -> Array:
+    """Exact b step.
+
+    Notes
+    -----
+    ``b = argmin_b (kappa/2)||T - A V - b 1^T||^2 + (n lam/2)||b||^2`` (n-units; ``kappa``, ``T``
+    as in :func:`update_W`)::
+
+        b = kappa sum_j (T - A V)_{:, j} / (n (kappa + lam))
+
+    The objective is a quadratic in b with curvature ``n (kappa + lam)``, so the paper's
+    quadratic approximation with that curvature is exact and needs no backtracking.
+    """
+    n = T.shape[1]
+    return (kappa / (n * (kappa + lam))) * np.sum(T - AV, axis=1, keepdims=True)
+
+
+def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: float,
+             R: Array | None, s_next: int, nu: float, theta0: float | None, max_trials: int,
+             step: str = "backtracking") -> tuple[Array, float, int, bool]:
+    """a step (l < L): quadratic approximation + backtracking.
+
+    Notes
+    -----
+    With layer l+1's values ``W_{l+1} = [A, b]``, the n-units subproblem in ``a = a_l`` is::
+
+        f(a) = (nu/2)||a - c0||^2 + (kappa/2)||T - A a - b 1^T||^2 + (nu/2)||R - s' a||^2
+
+    with ``c0 = s_l a_{l-1} + sigma(z_l)``; ``kappa = nu``, ``T = z_{l+1}`` for a hidden layer
+    l+1, ``kappa = rho``, ``T = z_L + u/rho`` for l+1 = L; the last term is the residual block
+    l+1's skip (``s' = s_{l+1}``, ``R = a_{l+1} - sigma(z_{l+1})``; absent when ``s' = 0``)::
+
+        grad f = nu (a - c0) - kappa A^T (T - A a - b 1^T) - nu s' (R - s' a)
+
+    ``a+ = a^k - grad f / theta`` by :func:`backtrack`. ``theta0`` None starts from the mean
+    eigenvalue ``nu (1 + s'^2) + kappa ||A||_F^2 / cols(A)`` of the curvature ``nu (1 + s'^2) I
+    + kappa A^T A`` (``step="lipschitz"``: from its largest eigenvalue).
+
+    Returns ``(a+, theta, trials, capped)``.
+    """
+    s2 = float(s_next) ** 2
+
+    def phi(x: Array) -> tuple[float, None]:
+        d0 = x - c0
+        r1 = T - _plus_bias(A @ x, b)
+        val = 0.5 * nu * float(np.sum(d0 * d0)) + 0.5 * kappa * float(np.sum(r1 * r1))
+        if s_next:
+            r2 = R - s_next * x
+            val += 0.5 * nu * float(np.sum(r2 * r2))
+        return val, None
+
+    d0 = a - c0
+    r1 = T - _plus_bias(A @ a, b)
+    f0 = 0.5 * nu * float(np.sum(d0 * d0)) + 0.5 * kappa * float(np.sum(r1 * r1))
+    grad = nu * d0 - kappa * (A.T @ r1)
+    if s_next:
+        r2 = R - s_next * a
+        f0 += 0.5 * nu * float(np.sum(r2 * r2))
+        grad -= nu * s_next * r2
+    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
+                 nu * (1.0 + s2) + kappa * float(np.sum(A * A)) / A.shape[1],
+                 lambda: nu * (1.0 + s2) + kappa * _gram_max(A))
+    an, theta, trials, capped, _ = backtrack(phi, a, f0, grad, t0, max_trials)
+    return an, theta, trials, capped
+
+
+def update_z(c: Array, m: Array, nu: float, z0: Array, act: Activation, max_iter: int
+             ) -> tuple[Array, int]:
+    """Hidden z step, elementwise.
+
+    Notes
+    -----
+    ``z_l = argmin_z (nu/2)(z - m)^2 + (nu/2)(c - sigma(z))^2`` per element, with
+    ``m = W_l a~_{l-1}`` and ``c = a_l - s_l a_{l-1}``: :func:`base.prox_activation` with
+    ``beta = kappa = nu``. ReLU (leaky ReLU) is exact: the candidates
+    ``max(0, (c + m)/2)`` and ``min(0, m)`` (``min(0, (alpha c + m)/(alpha^2 + 1))``) are
+    compared, ties go to the nonnegative one. Smooth activations: safeguarded Newton from ``z0``
+    (a stationary point no worse than ``z0``), capped at ``max_iter``.
+
+    Returns ``(z, n_capped)``.
+    """
+    return prox_activation(c, m, nu, nu, z0, act, max_iter)
+
+
+def update_z_output(loss: str, Y: Array, Z: Array, u: Array, rho: float, z0: Array,
+                    max_iter: int) -> tuple[Array, int]:
+    """Output z step: prox of the loss.
+
+    Notes
+    -----
+    ``z_L = argmin_z n l(z; Y) + <u, z - Z> + (rho/2)||z - Z||^2`` with ``Z = W_L a~_{L-1}``,
+    i.e. :func:`base.prox_output` with ``m = Z - u/rho``, ``kappa = rho``. MSE:
+    ``z_L = (Y + rho Z - u) / (1 + rho)``; cross-entropy: per-column Newton from ``z0``.
+
+    Returns ``(z, n_capped)``.
+    """
+    return prox_output(loss, Y, Z - u / rho, rho, z0, max_iter)
+
+
+def update_u(u: Array, z: Array, Z: Array, rho: float) -> Array:
+    """Multiplier step ``u <- u + rho (z_L - W_L a~_{L-1})`` (n-scaled: dual ascent step rho n)."""
+    return u + rho * (z - Z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective and the two task functions
+# ---------------------------------------------------------------------------------------------
+
+def _objective(spec: BlockSpec, pen: Penalties, st: State, left: Array, Y: Array | None,
+               Z: Array | None = None) -> float:
+    n, W = spec.n, st["W"]
+    if Z is None:
+        Z = W @ spec.aug(left)
+    total = 0.5 * pen.lam * float(np.sum(W * W))
+    if spec.is_output:
+        r = st["z"] - Z
+        total += loss_value(spec.arch.loss, st["z"], Y)
+        total += (float(np.sum(st["u"] * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
+    else:
+        r = st["z"] - Z
+        p = st["a"] - spec.act.f(st["z"])
+        if spec.s:
+            p = p - left
+        total += 0.5 * penalty_nu(pen) * (float(np.sum(r * r)) + float(np.sum(p * p))) / n
+    return total
+
+
+def block_objective(spec: BlockSpec, pen: Penalties, state: State, left: Array,
+                    Y: Array | None) -> float:
+    """Layer l's share of L_rho (L units): ``(lam/2)||W_l||^2`` plus, for l < L, the relaxed
+    penalties ``(nu/2n)(||z_l - W_l a~_{l-1}||^2 + ||a_l - s_l a_{l-1} - sigma(z_l)||^2)``, or
+    for l = L the loss and the output constraint terms. ``left`` is ``a_{l-1}`` (``X`` for
+    l = 1). Summed over the layers this is L_rho."""
+    return _objective(spec, pen, state, left, Y)
+
+
+def _right_terms(spec: BlockSpec, pen: Penalties, right: State
+                 ) -> tuple[Array, Array | None, Array, float, Array | None]:
+    """What layer l's a step needs of layer l+1: ``A, b, T, kappa, R`` (see :func:`update_a`)."""
+    A, b = spec.split_bias(right["W"])
+    if spec.i + 1 == spec.N:
+        return A, b, right["z"] + right["u"] / pen.rho, pen.rho, None
+    R = right["a"] - spec.act.f(right["z"]) if spec.s_next else None
+    return A, b, right["z"], penalty_nu(pen), R
+
+
+def _a_step(spec: BlockSpec, pen: Penalties, a: Array, z: Array, left: Array, right: State,
+            theta: float) -> tuple[Array, float, bool]:
+    c0 = spec.act.f(z)
+    if spec.s:
+        c0 = c0 + left
+    A, b, T, kappa, R = _right_terms(spec, pen, right)
+    o = spec.options
+    an, th, _, capped = update_a(a, c0, A, b, T, kappa, R, spec.s_next, penalty_nu(pen),
+                                 theta, o.backtrack_max, o.step)
+    return an, th, capped
+
+
+def _c(spec: BlockSpec, a: Array, left: Array) -> Array:
+    return a - left if spec.s else a
+
+
+def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
+                    right: State | None, Y: Array | None = None
+                    ) -> tuple[State, dict[str, float]]:
+    """Backward sweep of layer l at iteration k.
+
+    ``own``: layer l's state of iteration k-1 (its forward output); ``left``: ``a_{l-1}`` of
+    iteration k-1 (``X`` for l = 1); ``right``: layer l+1's backward output of iteration k
+    (None for l = L). Layer L: ``z_L``, ``b_L``, ``W_L``; layer l < L: ``a_l``, ``z_l``,
+    ``b_l``, ``W_l``. Only ``capped`` of this step counts in the statistics.
+    """
+    o, nu = spec.options, penalty_nu(pen)
+    A, b = spec.split_bias(own["W"])
+    capped = 0
+    new: State = dict(own)
+    if spec.is_output:
+        rho, u = pen.rho, own["u"]
+        AV = A @ left
+        z, nc = update_z_output(spec.arch.loss, Y, _plus_bias(AV, b), u, rho, own["z"],
+                                o.newton_max_iter)
+        T, kappa = z + u / rho, rho
+    else:
+        a, th_a, cap_a = _a_step(spec, pen, own["a"], own["z"], left, right,
+                                 float(own["theta_a"]))
+        AV = A @ left
+        z, nc = update_z(_c(spec, a, left), _plus_bias(AV, b), nu, own["z"], spec.act,
+                         o.newton_max_iter)
+        T, kappa = z, nu
+        new["a"], new["theta_a"] = a, np.float64(th_a)
+        capped += int(cap_a)
+    if b is not None:
+        b = update_b(AV, T, kappa, pen.lam)
+    A, th_w, _, cap_w, _ = update_W(A, b, left, T, kappa, spec.n * pen.lam,
+                                    float(own["theta_W"]), o.backtrack_max, o.step)
+    new["W"] = A if b is None else np.hstack([A, b])
+    new["z"], new["theta_W"] = z, np.float64(th_w)
+    capped += int(cap_w) + nc
+    return new, {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": float(capped)}
+
+
+def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, left: Array,
+                   right: State | None, Y: Array | None = None
+                   ) -> tuple[State, dict[str, float]]:
+    """Forward sweep of layer l at iteration k.
+
+    ``own``: layer l's backward output of iteration k; ``prev``: its state of iteration k-1
+    (only for ``dual_sq``); ``left``: ``a_{l-1}`` of iteration k (``X`` for l = 1);
+    ``right``: layer l+1's backward output of iteration k (None for l = L). Layer l < L:
+    ``W_l``, ``b_l``, ``z_l``, ``a_l``; layer L: ``W_L``, ``b_L``, ``z_L``, then ``u``.
+
+    Statistics: ``objective`` (layer share of L_rho at the new state), ``primal_sq``
+    (``||z_L - W_L a~_{L-1}||^2`` for l = L, else 0: the hidden constraints are penalties),
+    ``dual_sq`` (``||z_l^k - z_l^{k-1}||^2 + ||a_l^k - a_l^{k-1}||^2``), ``capped``.
+    """
+    o, nu = spec.options, penalty_nu(pen)
+    A, b = spec.split_bias(own["W"])
+    new: State = dict(own)
+    if spec.is_output:
+        rho, u = pen.rho, own["u"]
+        T, kappa = own["z"] + u / rho, rho
+    else:
+        T, kappa = own["z"], nu
+    A, th_w, _, cap_w, AV = update_W(A, b, left, T, kappa, spec.n * pen.lam,
+                                     float(own["theta_W"]), o.backtrack_max, o.step)
+    if b is not None:
+        b = update_b(AV, T, kappa, pen.lam)
+    Z = _plus_bias(AV, b)
+    capped = int(cap_w)
+    primal_sq = 0.0
+    if spec.is_output:
+        z, nc = update_z_output(spec.arch.loss, Y, Z, u, rho, own["z"], o.newton_max_iter)
+        new["u"] = update_u(u, z, Z, rho)
+        r = z - Z
+        primal_sq = float(np.sum(r * r))
+        dual_sq = float(np.sum((z - prev["z"]) ** 2))
+    else:
+        z, nc = update_z(_c(spec, own["a"], left), Z, nu, own["z"], spec.act, o.newton_max_iter)
+        a, th_a, cap_a = _a_step(spec, pen, own["a"], z, left, right, float(own["theta_a"]))
+        new["a"], new["theta_a"] = a, np.float64(th_a)
+        capped += int(cap_a)
+        dual_sq = float(np.sum((z - prev["z"]) ** 2)) + float(np.sum((a - prev["a"]) ** 2))
+    new["W"] = A if b is None else np.hstack([A, b])
+    new["z"], new["theta_W"] = z, np.float64(th_w)
+    capped += nc
+    stats = {"objective": _objective(spec, pen, new, left, Y, Z), "primal_sq": primal_sq,
+             "dual_sq": dual_sq, "capped": float(capped)}
+    return new, stats
+
+
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+    """Forward pass sets ``z_l``, ``a_l``; ``u = -n grad l(z_L)`` (dual-consistent: ``z_L`` is
+    then stationary for its subproblem). Every relaxed penalty and the output constraint are 0,
+    so L_rho equals the forward loss plus the regulariser. Both ``kind`` s are supported."""
+    U, V = forward(arch, weights, X)
+    states: list[State] = []
+    for i in range(1, arch.depth + 1):
+        st: State = {"W": weights[i - 1].copy(), "z": U[i - 1], "theta_W": np.float64(0.0)}
+        if i < arch.depth:
+            st["a"] = V[i]
+            st["theta_a"] = np.float64(0.0)
+        else:
+            st["u"] = -loss_grad_n(arch.loss, U[i - 1], Y)
+        states.append(st)
+    return states
+
+
+register(Splitting(
+    "dladmm",
+    init_state,
+    (
+        # layer l at iteration k: its own state of k-1, a_{l-1} of k-1, layer l+1's backward
+        # output of k (so the sweep runs l = L..1)
+        Step("backward", backward_update,
+             (Input(SELF, "forward", 1), Input(LEFT, "forward", 1, "a"),
+              Input(RIGHT, "backward", 0)), order="descending"),
+        # layer l at iteration k: its own backward output of k (and its state of k-1 for the
+        # dual residual), a_{l-1} of k, layer l+1's backward output of k (l = 1..L)
+        Step("forward", forward_update,
+             (Input(SELF, "backward", 0), Input(SELF, "forward", 1),
+              Input(LEFT, "forward", 0, "a"), Input(RIGHT, "backward", 0)), order="ascending"),
+    ),
+    block_objective,
+    objective_left="a",
+))
