@@ -27,6 +27,7 @@ __all__ = [
     "lambda_max",
     "prox_activation",
     "prox_output",
+    "spd_solve",
     "spd_solve_right",
 ]
 
@@ -101,13 +102,29 @@ class BlockSpec:
 def lambda_max(G: Array) -> float:
     """Largest eigenvalue of a symmetric PSD matrix (exact, via LAPACK's ``syevr``)."""
     m = G.shape[0]
+    if not np.all(np.isfinite(G)):
+        return float("nan")  # propagates: the run ends with status nonfinite
     return float(sla.eigvalsh(G, subset_by_index=[m - 1, m - 1], check_finite=False)[0])
 
 
+def spd_solve(M: Array, R: Array) -> Array:
+    """Solve ``M X = R`` for symmetric positive definite ``M`` (Cholesky).
+
+    ``M`` is SPD in exact arithmetic for every system here; if it is not numerically (entries
+    overflowing after an exploding forward pass), the result is NaN, so the run stops with
+    status ``nonfinite`` instead of raising."""
+    if not np.all(np.isfinite(M)):
+        return np.full(R.shape, np.nan)
+    try:
+        c = sla.cho_factor(M, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return np.full(R.shape, np.nan)
+    return sla.cho_solve(c, R, check_finite=False)
+
+
 def spd_solve_right(M: Array, R: Array) -> Array:
-    """Solve ``X M = R`` for symmetric positive definite ``M`` (Cholesky)."""
-    c = sla.cho_factor(M, lower=True, check_finite=False)
-    return sla.cho_solve(c, R.T, check_finite=False).T
+    """Solve ``X M = R`` for symmetric positive definite ``M`` (see :func:`spd_solve`)."""
+    return spd_solve(M, R.T).T
 
 
 # ---------------------------------------------------------------------------------------------

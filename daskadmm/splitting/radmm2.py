@@ -20,10 +20,9 @@ no Lipschitz constant, so every step is checked this way. ``W_N``, ``U_N``, ``La
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg as sla
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
-from .base import BlockSpec, Penalties, lambda_max
+from .base import BlockSpec, Penalties, lambda_max, spd_solve
 from .radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 
 __all__ = [
@@ -159,8 +158,7 @@ def update_activation_last(spec: BlockSpec, pen: Penalties, own: State, W: Array
     rhs += A.T @ (pen.rho * Ur + right["Lam"]) + pen.tau * own["V"]
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta + pen.tau
-    return sla.cho_solve(sla.cho_factor(M, lower=True, check_finite=False), rhs,
-                         check_finite=False)
+    return spd_solve(M, rhs)
 
 
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,

@@ -19,7 +19,6 @@ The update functions are split so that the sample-sized work can run per chunk o
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg as sla
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
 from .base import (
@@ -28,6 +27,7 @@ from .base import (
     lambda_max,
     prox_activation,
     prox_output,
+    spd_solve,
     spd_solve_right,
 )
 
@@ -148,8 +148,7 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
     rhs += pen.tau * V
-    c = sla.cho_factor(M, lower=True, check_finite=False)
-    return sla.cho_solve(c, rhs, check_finite=False)
+    return spd_solve(M, rhs)
 
 
 def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array,

@@ -1,0 +1,310 @@
+"""The benchmark suite's helpers (``benchmarks/suite.py``) and a smoke run of its tiny plan.
+
+The flop count of RADMM-3 is checked against a brute-force count: one real iteration of the
+serial reference runs on arrays that log every matrix product (shapes, and whether NumPy gets
+both operands from one buffer, i.e. a syrk), with the Cholesky factorisations and solves logged
+by wrapping scipy's ``cho_factor``/``cho_solve``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from daskadmm import api
+from daskadmm.model import Architecture, init_weights
+from daskadmm.reference import initial_outputs, sweep
+from daskadmm.splitting import BlockSpec, Penalties, get_splitting
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_suite():
+    name = "daskadmm_benchmark_suite"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = _load_suite()
+
+
+# ------------------------------------------------------------------ brute-force flop counting
+
+
+class _Log:
+    products: list[tuple[int, int, int, bool]] = []  # (m, k, n, same buffer transposed)
+    factors: list[int] = []
+    solves: list[tuple[int, int]] = []
+
+
+def _plain(x):
+    if isinstance(x, _Counted):
+        return x.view(np.ndarray)
+    if isinstance(x, list | tuple):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _wrap(x):
+    if isinstance(x, np.ndarray) and not isinstance(x, _Counted):
+        return x.view(_Counted)
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    return x
+
+
+def _data(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+class _Counted(np.ndarray):
+    """An ndarray that logs the shape of every matrix product it takes part in."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = _plain(inputs)
+        if "out" in kwargs:
+            kwargs["out"] = _plain(kwargs["out"])
+        if ufunc is np.matmul and method == "__call__":
+            a, b = args[0], args[1]
+            assert a.ndim == 2 and b.ndim == 2
+            same = (_data(a) == _data(b) and a.shape == b.shape[::-1]
+                    and a.strides == b.strides[::-1])
+            _Log.products.append((a.shape[0], a.shape[1], b.shape[1], same))
+        return _wrap(getattr(ufunc, method)(*args, **kwargs))
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _wrap(func(*_plain(args), **_plain(kwargs)))
+
+
+def _count(monkeypatch, fn):
+    """Run ``fn()`` with the factorisations and solves logged; return (executed, gemm-equivalent)
+    flops counted from the log."""
+    _Log.products, _Log.factors, _Log.solves = [], [], []
+    cho_factor, cho_solve = scipy.linalg.cho_factor, scipy.linalg.cho_solve
+
+    def factor(a, *args, **kwargs):
+        _Log.factors.append(np.shape(a)[0])
+        return cho_factor(_plain(a), *args, **kwargs)
+
+    def solve(c, b, *args, **kwargs):
+        b = _plain(b)
+        _Log.solves.append((c[0].shape[0], 1 if b.ndim == 1 else b.shape[1]))
+        return _wrap(cho_solve(c, b, *args, **kwargs))
+
+    monkeypatch.setattr(scipy.linalg, "cho_factor", factor)
+    monkeypatch.setattr(scipy.linalg, "cho_solve", solve)
+    fn()
+    monkeypatch.undo()
+    chol = sum(m ** 3 / 3 + m ** 2 / 2 + m / 6 for m in _Log.factors)
+    chol += sum(2 * m * m * r for m, r in _Log.solves)
+    executed = chol + sum(m * (m + 1) * k if same else 2 * m * k * n
+                          for m, k, n, same in _Log.products)
+    gemm = chol + sum(2 * m * k * n for m, k, n, _ in _Log.products)
+    return executed, gemm
+
+
+@pytest.mark.parametrize("kind,bias", [("resnet", True), ("mlp", False), ("resnet", False)])
+def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
+    depth, d_in, width, d_out, n = 5, 3, 6, 2, 11
+    arch = Architecture(kind=kind, depth=depth, d_in=d_in, width=width, d_out=d_out,
+                        activation="relu", bias=bias, loss="mse")
+    rng = np.random.default_rng(1)
+    weights = init_weights(arch, rng)
+    X = rng.standard_normal((d_in, n)).view(_Counted)
+    Y = rng.standard_normal((d_out, n)).view(_Counted)
+    splitting = get_splitting("radmm3")
+    states = splitting.init_state(arch, weights, X, Y)
+    states = [{k: np.asarray(v).view(_Counted) for k, v in s.items()} for s in states]
+    specs = [BlockSpec(arch, i, n) for i in range(1, depth + 1)]
+    pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=1e-2)
+    out = {}
+
+    def one_iteration():
+        out["cur"], _ = sweep(splitting, specs, pen, initial_outputs(splitting, states), X, Y)
+
+    executed, gemm = _count(monkeypatch, one_iteration)
+    assert _Log.products and _Log.factors and _Log.solves
+    assert len(_Log.factors) == 2 * depth - 1  # a W solve per block, a V solve per hidden block
+    # and it really was the solver's iteration: the iterate is finite and W changed
+    assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["update_block"])
+    flops = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias)
+    assert flops["total"] == pytest.approx(executed, rel=1e-12)
+    gemm_eq = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias, syrk=False)
+    assert gemm_eq["total"] == pytest.approx(gemm, rel=1e-12)
+    assert sum(v for k, v in flops.items() if k != "total") == flops["total"]
+
+
+def test_hidden_block_flops_by_hand():
+    d, n = 7, 50
+    potrf = d ** 3 / 3 + d ** 2 / 2 + d / 6
+    # gemm-equivalent: six (d x d)(d x n)-sized products, W and V Grams, two factorisations,
+    # the W solve with d right-hand sides and the V solve with n
+    expected = 6 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d
+    block = suite.radmm3_block_flops(d, d, d, n, bias=False, syrk=False)
+    assert sum(block.values()) == pytest.approx(expected)
+    # syrk halves (plus the diagonal) the two Gram products
+    block = suite.radmm3_block_flops(d, d, d, n, bias=False)
+    expected_syrk = expected - 2 * d * d * n + d * (d + 1) * n - 2 * d ** 3 + d * (d + 1) * d
+    assert sum(block.values()) == pytest.approx(expected_syrk)
+    out_block = suite.radmm3_block_flops(d, 3, None, n, bias=True)
+    assert "v_solve" not in out_block and out_block["gram"] == (d + 1) * (d + 2) * n
+
+
+# ------------------------------------------------------------------ fits and targets
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0, 2.0, 2.7])
+def test_fit_exponent_recovers_known_exponents(exponent):
+    rng = np.random.default_rng(0)
+    x = np.array([64, 128, 256, 512, 1024], dtype=float)
+    t = 3e-6 * x ** exponent * np.exp(0.01 * rng.standard_normal(x.size))
+    assert suite.fit_exponent(x, t) == pytest.approx(exponent, abs=0.03)
+    exact = 0.1 * x ** exponent
+    assert suite.fit_exponent(x, exact) == pytest.approx(exponent, abs=1e-12)
+    assert suite.fit_exponent(x[-2:], exact[-2:]) == pytest.approx(exponent, abs=1e-12)
+
+
+def test_fit_exponent_skips_bad_points():
+    assert math.isnan(suite.fit_exponent([1.0], [2.0]))
+    assert suite.fit_exponent([1, 2, 4, 8], [1, 2, math.nan, 8]) == pytest.approx(1.0)
+    assert math.isnan(suite.fit_exponent([2, 2], [1, 3]))
+
+
+def _history(values, dt=0.5):
+    return [{"iteration": k, "train_time": dt * k, "test_metric": v}
+            for k, v in enumerate(values)]
+
+
+def test_time_to_target():
+    acc = _history([0.1, 0.5, math.nan, 0.9, 0.95, 0.8])
+    assert suite.time_to_target(acc, 0.9, higher=True) == (1.5, 3)
+    assert suite.time_to_target(acc, 0.96, higher=True) == (pytest.approx(math.nan, nan_ok=True),
+                                                            None)
+    mse = _history([1.0, 0.6, 0.4, 0.45, 0.39])
+    assert suite.time_to_target(mse, 0.4, higher=False) == (1.0, 2)
+    assert suite.time_to_target(mse, 0.3, higher=False)[1] is None
+    assert suite.time_to_target(mse, math.nan, higher=False)[1] is None
+    assert suite.best_metric(acc, True) == 0.95
+    assert suite.best_metric(mse, False) == 0.39
+
+
+def test_summarize_run_ratio_and_lower_bound():
+    run = {"algorithm": "radmm3", "status": "time_budget", "iterations": 4, "train_time": 2.0,
+           "history": [{**r, "train_metric": 0.0} for r in _history([0.2, 0.5, 0.7, 0.8, 0.85])]}
+    s = suite.summarize_run(run, target=0.7, higher=True, reference_time=0.5)
+    assert s["reached_target"] and s["time_to_target"] == 1.0 and s["ratio"] == 2.0
+    assert s["iterations_to_target"] == 2 and s["final_test_metric"] == 0.85
+    assert math.isnan(s["ratio_lower_bound"])
+    s = suite.summarize_run(run, target=0.9, higher=True, reference_time=0.5,
+                            reference_relaxed_time=0.25)
+    assert not s["reached_target"] and math.isnan(s["ratio"])
+    assert s["ratio_lower_bound"] == 4.0
+    # relaxed target 0.99 x 0.9 = 0.891: not reached either; 0.8 x 0.99 = 0.792 at 1.5 s
+    assert s["relaxed_target"] == pytest.approx(0.891)
+    assert s["relaxed_iterations_to_target"] is None and s["relaxed_ratio_lower_bound"] == 8.0
+    s = suite.summarize_run(run, target=0.8, higher=True, reference_time=1.0,
+                            reference_relaxed_time=0.5)
+    assert s["relaxed_iterations_to_target"] == 3 and s["relaxed_ratio"] == 3.0
+    assert suite.relaxed_target(0.4, higher=False) == pytest.approx(0.404)
+
+
+# ------------------------------------------------------------------ runs and the driver
+
+
+def test_timed_fit_budget_error_and_evaluator_restored():
+    ds = suite.synthetic_problem(64, d_in=4, d_out=2, n_test=16)
+    original = api.evaluator
+    cfg = suite.make_config("radmm3", depth=3, width=6, activation="relu", iterations=10_000)
+    run = suite.timed_fit(cfg, ds, budget=0.05)
+    assert run["status"] == "time_budget" and 0 < run["iterations"] < 10_000
+    assert run["train_time"] >= 0.05 and run["eval_time"] > 0
+    times = [r["train_time"] for r in run["history"]]
+    assert times == sorted(times) and all(r["train_time"] <= r["wall_time"]
+                                          for r in run["history"])
+    assert suite.iteration_times(run) and min(suite.iteration_times(run)) > 0
+    bad = suite.make_config("radmm3", depth=1, width=6)
+    run = suite.timed_fit(bad, ds)
+    assert run["status"] == "error" and "depth" in run["error"] and run["history"] == []
+    assert api.evaluator is original
+
+
+def test_resolve_data_dir(tmp_path):
+    root = tmp_path / "repo"
+    shared = tmp_path / "shared" / "data"
+    (root / "data").mkdir(parents=True)
+    shared.mkdir(parents=True)
+    assert suite.resolve_data_dir(None, root) == root / "data"  # neither has the files
+    for f in suite.WINE_FILES.values():
+        (shared / f).write_text("x")
+    assert suite.resolve_data_dir(None, root) == shared.resolve()
+    for f in suite.WINE_FILES.values():
+        (root / "data" / f).write_text("x")
+    assert suite.resolve_data_dir(None, root) == root / "data"
+    assert suite.resolve_data_dir(str(tmp_path), root) == tmp_path.resolve()
+
+
+def test_a_failing_run_is_recorded_not_raised():
+    plan = suite.PLANS["tiny"]
+    import dataclasses
+
+    plan = dataclasses.replace(plan, datasets=("no_such_data",))
+    out = suite.section_quality(plan, ROOT / "data", lambda msg: None)
+    assert len(out["configs"]) == 1 and "no_such_data" in out["configs"][0]["error"]
+
+
+def test_tiny_suite_smoke(tmp_path):
+    plan = suite.PLANS["tiny"]
+    results, path = suite.run_suite(plan, suite.SECTIONS, tmp_path,
+                                    suite.resolve_data_dir(None))
+    assert results["errors"] == []
+    data = json.loads(path.read_text())
+    assert json.loads((tmp_path / "suite-latest.json").read_text()) == data
+    assert data["machine"]["cpus"] >= 1 and "numpy" in data["machine"]["versions"]
+    for name in suite.SECTIONS:
+        assert "error" not in data["sections"][name], data["sections"][name]
+    q = data["sections"]["quality"]["configs"][0]
+    for label in ("adam", "sgd", *suite.ADMM_RESNET):
+        assert q["runs"][label]["status"] in ("max_iter", "time_budget"), q["runs"][label]
+        assert q["curves"][label]["test_metric"]
+    assert q["target"] == q["runs"]["adam"]["final_test_metric"]
+    assert q["relaxed_target"] == pytest.approx(0.99 * q["target"])
+    roof = data["sections"]["roofline"]
+    assert roof["profile"]["top_own_time"] and "error" not in roof["profile"]
+    assert [r["width"] for r in roof["rows"]] == list(plan.roofline_widths)
+    assert all(r["fraction_of_matmul"] > 0 for r in roof["rows"])
+    sweeps = data["sections"]["scaling"]["sweeps"]
+    assert set(sweeps) == {"depth", "width", "n"}
+    g = data["sections"]["gradients"]["rows"][0]
+    assert g["init_gradients"]["grad_norm_first"] > 0 and "status" in g["radmm3"]
+    headline = (tmp_path / "headline.md").read_text()
+    assert "| digits | 3 |" in headline and "Roofline" in headline
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+    again = suite.render(path, tmp_path / "rendered")
+    assert [p.name for p in again] == ["headline.md", "quality.png"]
+    assert again[0].read_text() == headline
+
+
+def test_main_cli(tmp_path, capsys):
+    assert suite.main(["--tiny", "--only", "scaling", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "suite-latest.json").read_text())
+    assert list(data["sections"]) == ["scaling"]
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--only", "nope"])
+    args = suite.parse_args(["--quick", "--depths", "4", "--datasets", "digits"])
+    plan = suite.plan_from_args(args)
+    assert plan.mode == "quick" and plan.depths == (4,) and plan.datasets == ("digits",)
