@@ -4,7 +4,8 @@
     python benchmarks/bench_zarr.py --only memory   # one of: memory, outofcore, time
 
 Writes ``benchmarks/results/zarr-<timestamp>.json``. Every measurement comes from the workers
-themselves (peak RSS of each worker process via ``getrusage``; spilled keys and restarts from
+themselves (peak RSS of each worker process, sampled every 5 ms in the worker; spilled keys and
+restarts from
 the workers and the scheduler); each configuration gets a fresh LocalCluster so the peaks are
 its own.
 
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,10 +45,32 @@ def make_problem(n: int, d_in: int = 32, d_out: int = 4, seed: int = 0) -> Datas
     return Dataset("bench", "regression", X, Y, X[:, :512].copy(), Y[:, :512].copy())
 
 
-def _maxrss_mb() -> float:
-    import resource
+def _start_sampler(interval: float = 0.005) -> bool:
+    """Sample this worker's RSS every ``interval`` s in a thread. (``getrusage``'s ru_maxrss is
+    useless here: worker processes are fork+exec'ed from the driver and Linux keeps ru_maxrss
+    across exec, so it starts at the driver's size.)"""
+    import threading
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    import psutil
+
+    proc = psutil.Process()
+    state = {"peak": proc.memory_info().rss, "stop": False}
+
+    def loop():
+        while not state["stop"]:
+            state["peak"] = max(state["peak"], proc.memory_info().rss)
+            time.sleep(interval)
+
+    threading.Thread(target=loop, daemon=True).start()
+    # functions of __main__ reach the workers by value, so keep the state in a real module
+    sys._daskadmm_rss_sampler = state
+    return True
+
+
+def _stop_sampler() -> float:
+    state = sys._daskadmm_rss_sampler
+    state["stop"] = True
+    return state["peak"] / 2**20
 
 
 def _rss_mb() -> float:
@@ -80,6 +104,7 @@ def run_once(ds: Dataset, width: int, depth: int, iterations: int, chunk_size: i
                       dashboard_address=None, memory_limit=memory_limit) as cluster, \
             Client(cluster) as client:
         idle = client.run(_rss_mb)
+        client.run(_start_sampler)
         before = set(client.scheduler_info(n_workers=-1)["workers"])
         c = dataclasses.replace(
             cfg, cluster=dataclasses.replace(cfg.cluster, kind="address",
@@ -89,7 +114,7 @@ def run_once(ds: Dataset, width: int, depth: int, iterations: int, chunk_size: i
         t = time.perf_counter()
         res = api.fit(c, dataset=ds)
         wall = time.perf_counter() - t
-        peak = client.run(_maxrss_mb)
+        peak = client.run(_stop_sampler)
         spilled = client.run(_spilled)
         after = set(client.scheduler_info(n_workers=-1)["workers"])
     shutil.rmtree(url, ignore_errors=True)

@@ -61,6 +61,7 @@ class Monitor:
     history: list[dict[str, float]] = field(default_factory=list)
     increases: list[tuple[int, float]] = field(default_factory=list)
     capped_total: int = 0
+    step_times: list[float] = field(default_factory=list)  # when each iteration was processed
     objective0: float = math.nan
     _last_objective: float = math.nan
     _last_params: tuple[float, float] | None = None
@@ -79,6 +80,7 @@ class Monitor:
 
     def step(self, k: int, it: IterationStats, rho: float, beta: float) -> None:
         """Log iteration k's objective; an increase at unchanged penalties is recorded."""
+        self.step_times.append(self.elapsed())
         self.capped_total += it.capped
         last = self._last_objective
         if (self._last_params == (rho, beta) and math.isfinite(it.objective)
@@ -118,6 +120,15 @@ class Monitor:
         if rec["iteration"] > 0 and active and all(v <= t for t, v in active):
             return "converged"
         return None
+
+    def steady_seconds_per_iteration(self) -> float | None:
+        """Time per iteration over the second half of the run: excludes start-up and the
+        pipelined wavefront's fill (NaN with fewer than 4 iterations)."""
+        t = self.step_times
+        if len(t) < 4:
+            return float("nan")
+        h = len(t) // 2
+        return (t[-1] - t[h - 1]) / (len(t) - h)
 
     def message(self, status: str, k: int) -> str:
         if status == "converged":

@@ -127,6 +127,7 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
         wall_time=monitor.elapsed(),
         info={
             "engine": "reference",
+            "steady_seconds_per_iteration": monitor.steady_seconds_per_iteration(),
             "objective_increases": len(monitor.increases),
             "inner_solver_caps_hit": monitor.capped_total,
             "schedule_changes": schedule.changes,

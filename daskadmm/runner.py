@@ -210,6 +210,7 @@ class _Ctx:
     def result(self, status: str, k: int, info: dict[str, Any]) -> Result:
         info = {"engine": "dask", "cluster": self.cfg.cluster.kind, "window": self.window,
                 "run_id": self.run_id, "objective_increases": len(self.monitor.increases),
+                "steady_seconds_per_iteration": self.monitor.steady_seconds_per_iteration(),
                 "inner_solver_caps_hit": self.monitor.capped_total,
                 "schedule_changes": self.schedule.changes, **info}
         return Result(status=status, message=self.monitor.message(status, k), iterations=k,
