@@ -143,17 +143,20 @@ def _window_end(k: int, window: int, K: int, schedule: PenaltySchedule) -> int:
     return end
 
 
+def _setup(cfg: Config, arch: Architecture, ds: Dataset, options: Options):
+    """What every Dask engine starts from: n, the block specs, the window, a fresh run id."""
+    n = ds.X_train.shape[1]
+    specs = [BlockSpec(arch, i, n, options) for i in range(1, arch.depth + 1)]
+    return n, specs, cfg.run.window or default_window(arch.depth), uuid.uuid4().hex[:8]
+
+
 def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None) -> Result:
     """Run the ADMM iterations on the configured Dask scheduler."""
     from .reference import initial_objective
 
-    n = ds.X_train.shape[1]
-    N = arch.depth
-    specs = [BlockSpec(arch, i, n, options) for i in range(1, N + 1)]
-    window = cfg.run.window or default_window(N)
-    run_id = uuid.uuid4().hex[:8]
+    n, specs, window, run_id = _setup(cfg, arch, ds, options)
     states = splitting.init_state(arch, weights0, ds.X_train, ds.Y_train)
     pen1 = schedule.at(1)
     monitor.start(initial_objective(splitting, specs, pen1, states, ds.X_train, ds.Y_train),
@@ -433,11 +436,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     """Run RADMM-3/3L with every variable in a chunked Zarr store (see :mod:`.chunked`)."""
     from .storage import StateStore, StoreError, chunk_slices
 
-    n = ds.X_train.shape[1]
-    N = arch.depth
-    specs = [BlockSpec(arch, i, n, options) for i in range(1, N + 1)]
-    window = cfg.run.window or default_window(N)
-    run_id = uuid.uuid4().hex[:8]
+    n, specs, window, run_id = _setup(cfg, arch, ds, options)
     url = store_url(cfg, run_dir)
     slices = chunk_slices(n, cfg.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
