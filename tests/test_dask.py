@@ -253,11 +253,13 @@ def test_mlp_algorithms_on_dask_equal_reference(algorithm, kind):
         assert [r["objective"] for r in res.history] == [r["objective"] for r in ref.history]
 
 
-def test_pdadmm_on_process_cluster_bitwise(local_cluster):
+@pytest.mark.parametrize("algorithm", ["dladmm", "pdadmm"])
+def test_mlp_algorithms_on_process_cluster_bitwise(local_cluster, algorithm):
     cfg, ds = _problem("relu", classification=True)
     cfg.model.kind = "mlp"
     cfg.model.depth = 6
-    ref = _run(cfg, ds, "reference", algorithm="pdadmm")
-    res = _run(cfg, ds, "address", 3, algorithm="pdadmm", address=local_cluster.scheduler_address)
+    ref = _run(cfg, ds, "reference", algorithm=algorithm)
+    res = _run(cfg, ds, "address", 3, algorithm=algorithm,
+               address=local_cluster.scheduler_address)
     for a, b in zip(ref.weights, res.weights, strict=True):
         assert np.array_equal(a, b)
