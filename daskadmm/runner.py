@@ -271,10 +271,19 @@ class _Ctx:
 
     # -- distributed -----------------------------------------------------------------------
     def run_distributed(self, states, run_dir: Path | None) -> Result:
-        from distributed import get_task_stream, performance_report, wait
+        from distributed import wait
 
-        ccfg = self.cfg.cluster
-        with connect(ccfg) as client:
+        status, k, info = self.on_cluster(
+            lambda client, workers: self._pipeline(client, workers, states, wait), run_dir)
+        return self.result(status, k, info)
+
+    def on_cluster(self, pipeline, run_dir: Path | None):
+        """Connect, announce the dashboard, run ``pipeline(client, workers) -> (status, k)``
+        under a performance report and a task-stream recorder, and save both into the run
+        directory. Returns ``(status, k, info)``."""
+        from distributed import get_task_stream, performance_report
+
+        with connect(self.cfg.cluster) as client:
             dashboard = client.dashboard_link
             print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -285,7 +294,7 @@ class _Ctx:
                 contextlib.nullcontext()
             t_start = time.time()
             with perf, get_task_stream(client) as ts:
-                status, k = self._pipeline(client, workers, states, wait)
+                status, k = pipeline(client, workers)
             stream = ts.data
         info = {"dashboard": dashboard, "workers": len(workers),
                 **_stream_summary(stream, self.run_id, t_start)}
@@ -293,7 +302,7 @@ class _Ctx:
             _write_task_stream(run_dir / "task-stream.json", stream, self.run_id)
             if report is not None and report.exists():
                 info["performance_report"] = report.name
-        return self.result(status, k, info)
+        return status, k, info
 
     def _placement(self, workers: list[str]) -> dict[int, str]:
         W = len(workers)
@@ -664,33 +673,15 @@ class _ZarrCtx(_Ctx):
 
     # -- distributed -----------------------------------------------------------------------
     def run_distributed_zarr(self, weights0, run_dir: Path | None) -> Result:
-        from distributed import get_task_stream, performance_report
-
         if self.url.startswith("memory://"):
             from .storage import StoreError
 
             raise StoreError(f"storage.url={self.url} lives in one process: use a path or a "
-                              "shared fsspec URL with a distributed cluster")
-        ccfg = self.cfg.cluster
-        with connect(ccfg) as client:
-            dashboard = client.dashboard_link
-            print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
-            workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-            report = (run_dir / "dask-report.html") if run_dir is not None else None
-            perf = performance_report(filename=str(report)) if report else \
-                contextlib.nullcontext()
-            t_start = time.time()
-            with perf, get_task_stream(client) as ts:
-                status, k = self._pipeline_z(client, workers, weights0)
-            stream = ts.data
-        info = {"dashboard": dashboard, "workers": len(workers), "engine": "dask-zarr",
-                "chunks": len(self.slices),
-                "resumed_from": self.k0 if self.cfg.run.resume else None,
-                **_stream_summary(stream, self.run_id, t_start)}
-        if run_dir is not None:
-            _write_task_stream(run_dir / "task-stream.json", stream, self.run_id)
-            if report is not None and report.exists():
-                info["performance_report"] = report.name
+                             "shared fsspec URL with a distributed cluster")
+        status, k, info = self.on_cluster(
+            lambda client, workers: self._pipeline_z(client, workers, weights0), run_dir)
+        info.update({"engine": "dask-zarr", "chunks": len(self.slices),
+                     "resumed_from": self.k0 if self.cfg.run.resume else None})
         return self.result(status, k, info)
 
     def _pipeline_z(self, client, workers, weights0):
