@@ -326,15 +326,13 @@ class _Ctx:
         prev = self.init_keys()
         pending: deque[tuple[int, Any, Any]] = deque()
         submitted, k_done, status = 0, 0, "max_iter"
-        all_futures: list[Any] = []
         while k_done < self.K:
             # keep `window` iterations in flight
             while submitted < self.K and submitted - k_done < self.window:
                 if submitted > k_done and self.schedule.is_barrier(submitted):
                     break  # the next penalties depend on this iteration's outcome
                 wg = self.build(submitted, submitted + 1, prev)
-                new = self._submit(client, wg.nodes, futures, place)
-                all_futures.extend(new)
+                self._submit(client, wg.nodes, futures, place)
                 submitted += 1
                 kk = submitted
                 pending.append((kk, futures[wg.stats[kk]],
@@ -363,16 +361,15 @@ class _Ctx:
         return status, k_done
 
     def _submit(self, client, nodes: list[Node], futures: dict[str, Any],
-                place: dict[int, str]) -> list[Any]:
-        out = []
+                place: dict[int, str]) -> None:
+        """Submit ``nodes``; their futures go into ``futures`` (the caller drops what later
+        iterations no longer need, so the cluster can release old states)."""
         for node in nodes:
             args = tuple(_resolve(a, futures) for a in node.args)
             workers = [place[node.block]] if node.block is not None else None
             fut = client.submit(node.fn, *args, key=node.key, workers=workers, pure=False,
                                 allow_other_workers=False)
             futures[node.key] = fut
-            out.append(fut)
-        return out
 
 
 def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
