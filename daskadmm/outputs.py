@@ -62,15 +62,8 @@ _DISTRIBUTIONS = (
 )
 
 # Final-record keys reported in summary.json.
-_FINAL_KEYS = (
-    "objective",
-    "primal_residual",
-    "dual_residual",
-    "train_loss",
-    "test_loss",
-    "train_metric",
-    "test_metric",
-)
+_FINAL_KEYS = tuple(c for c in HISTORY_COLUMNS
+                    if c not in ("iteration", "wall_time", "rho", "beta"))
 
 
 # ------------------------------------------------------------------------------------ metrics.csv

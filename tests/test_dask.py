@@ -24,8 +24,8 @@ def _one_blas_thread():
         yield
 
 
-def _window(N: int, K: int, name: str = "radmm3", evals=()):
-    arch = Architecture("resnet", N, 3, 4, 2)
+def _window(N: int, K: int, name: str = "radmm3", evals=(), kind: str = "resnet"):
+    arch = Architecture(kind, N, 3, 4, 2)
     specs = [BlockSpec(arch, i, 10) for i in range(1, N + 1)]
     sp = get_splitting(name)
     pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
@@ -206,13 +206,7 @@ def test_stop_inside_window_matches_reference():
 
 
 def _window_for(name: str, N: int, K: int):
-    arch = Architecture("mlp", N, 3, 4, 2)
-    specs = [BlockSpec(arch, i, 10) for i in range(1, N + 1)]
-    sp = get_splitting(name)
-    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
-    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
-    return sp, build_window(sp, specs, pens, 0, K, init, "run", data)
+    return get_splitting(name), _window(N, K, name, kind="mlp")
 
 
 @pytest.mark.parametrize(("N", "K"), [(3, 4), (8, 10), (19, 5)])
