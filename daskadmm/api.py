@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .config import ADMM_ALGORITHMS, Config, validate
+from .config import ADMM_ALGORITHMS, ZARR_ALGORITHMS, Config, validate
 from .data import Dataset, load_dataset
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
@@ -100,7 +100,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
             result = solve(splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
                            monitor, options)
-        elif cfg.storage.state == "zarr" and name in ("radmm3", "radmm3l"):
+        elif cfg.storage.state == "zarr" and name in ZARR_ALGORITHMS:
             from .runner import run_zarr
 
             result = run_zarr(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
@@ -112,7 +112,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                               run_dir=run_dir)
             if cfg.storage.state == "zarr":
                 result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
-                                             "Zarr-resident engine supports radmm3, radmm3l")
+                                             "Zarr-resident engine supports "
+                                             f"{', '.join(ZARR_ALGORITHMS)}")
     result.metric = metric_name(ds)
     if run_dir is not None and "store" not in result.info:
         from .storage import save_model_store

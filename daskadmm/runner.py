@@ -367,9 +367,28 @@ class _Ctx:
         for node in nodes:
             args = tuple(_resolve(a, futures) for a in node.args)
             workers = [place[node.block]] if node.block is not None else None
-            fut = client.submit(node.fn, *args, key=node.key, workers=workers, pure=False,
-                                allow_other_workers=False)
+            fut = client.submit(_call_aligned, node.fn, *args, key=node.key, workers=workers,
+                                pure=False, allow_other_workers=False)
             futures[node.key] = fut
+
+
+def _aligned(x: Any) -> Any:
+    """``x`` with every array in it (through dicts, lists, tuples) memory-aligned."""
+    if isinstance(x, np.ndarray):
+        return x if x.flags.aligned else x.copy()
+    if isinstance(x, dict):
+        return {k: _aligned(v) for k, v in x.items()}
+    if type(x) in (list, tuple):
+        return type(x)(_aligned(v) for v in x)
+    return x
+
+
+def _call_aligned(fn, *args):
+    """Run a task on aligned inputs. A worker deserialises arrays in place in its network
+    frames, at any byte offset; numpy does not hand unaligned arrays to BLAS but multiplies them
+    with its own loop, which rounds differently. Copying those (rare, cheap next to the task)
+    keeps every scheduler bit-for-bit equal to the serial reference."""
+    return fn(*[_aligned(a) for a in args])
 
 
 def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
@@ -415,7 +434,6 @@ def _write_task_stream(path: Path, stream: list[dict], run_id: str) -> None:
 # Zarr-resident state: one task per (block, chunk); checkpoints and resume
 # =============================================================================================
 
-ZARR_ALGORITHMS = ("radmm3", "radmm3l")
 
 
 def store_url(cfg: Config, run_dir: Path | None) -> str:
@@ -439,16 +457,17 @@ def _store_meta(cfg: Config, arch: Architecture, n: int, slices) -> dict[str, An
 def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None) -> Result:
-    """Run RADMM-3/3L with every variable in a chunked Zarr store (see :mod:`.chunked`)."""
+    """Run RADMM-3/3L, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
+    store (see :mod:`.chunked` and :mod:`.chunked_mlp`)."""
+    from . import chunked, chunked_mlp
     from .storage import StateStore, StoreError, chunk_slices
 
     n, specs, window, run_id = _setup(cfg, arch, ds, options)
     url = store_url(cfg, run_dir)
     slices = chunk_slices(n, cfg.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
-    from . import chunked
-
-    lay = chunked.layout(arch)
+    mlp = splitting.name in chunked_mlp.ALGORITHMS
+    lay = chunked_mlp.layout(splitting.name, arch) if mlp else chunked.layout(arch)
     meta = _store_meta(cfg, arch, n, slices)
     if cfg.run.resume:
         store = StateStore.open(url, owner=run_id)
@@ -463,9 +482,11 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         store = StateStore.create(url, meta=meta, owner=run_id)
         store.write_data({"X": ds.X_train, "Y": ds.Y_train, "X_test": ds.X_test,
                           "Y_test": ds.Y_test}, cfg.storage.chunk_size, cfg.storage.compressor)
-        store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor)
+        store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
+                           chunked_mlp.slots(splitting.name) if mlp else 2)
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = _ZarrCtx(cfg, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(cfg, splitting, arch, ds, specs, schedule, monitor,
+                                             window, run_id, metric)
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.linearized = splitting.name == "radmm3l"
@@ -688,7 +709,8 @@ class _ZarrCtx(_Ctx):
         futures: dict[str, Any] = {}
         for name, value in literals.items():
             b = int(name.split("-b")[1].split("-")[0])
-            futures[name] = client.scatter(value, workers=[place[b]], hash=False)
+            # in a list: scatter would split a dict (a small state) into one future per entry
+            futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
         self._submit(client, nodes, futures, place)
         init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
         self.initial_record(client.gather(init))
@@ -729,6 +751,53 @@ class _ZarrCtx(_Ctx):
         futures.clear()
         held.clear()
         return status, k_done
+
+
+class _MlpZarrCtx(_ZarrCtx):
+    """pdADMM and dlADMM on the Zarr-resident engine: the same drivers, their own graph."""
+
+    def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
+                                                                dict[str, str], int]:
+        from . import chunked_mlp
+
+        name, rid = self.splitting.name, self.run_id
+        restore = None
+        if self.cfg.run.resume:
+            k0, states = self.store.read_checkpoint_states(
+                [{"W": v["W"]} for v in self.layout])
+            cp = self.store.checkpoint()
+            small = [{**sc, "W": st["W"]} for sc, st in zip(cp["small"], states, strict=True)]
+            self._restore_monitor()
+            restore = (k0, cp["slot"])
+        else:
+            k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
+        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.url, self.slices, rid,
+                                                 [s["W"] for s in small], self.n, restore)
+        literals: dict[str, Any] = {}
+        for i, sm in enumerate(small, start=1):
+            literals[f"init_small-b{i}-{rid}"] = sm
+            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
+        self.k0 = k0
+        self.weights = [s["W"] for s in small]
+        return nodes, literals, prev, k0
+
+    def build_z(self, k0: int, k1: int, prev: dict[str, str]):
+        from . import chunked_mlp
+
+        return chunked_mlp.build_window(
+            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
+            self.run_id, self.url, self.slices, self.eval_iters(k0, k1),
+            (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
+            self.ckpt_plan(k0, k1))
+
+    def commit(self, k: int, slot: str, smalls: list[dict]) -> None:
+        scalars = []
+        for i, sm in enumerate(smalls, start=1):
+            self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
+            scalars.append({x: float(v) for x, v in sm.items()
+                            if x not in ("W", "step", "capped", "k", "lam")})
+        self.store.commit_checkpoint(k, slot, self.monitor.history, self._schedule_state(),
+                                     small=scalars)
 
 
 def _after(fn, args: tuple, *order):

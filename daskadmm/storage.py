@@ -7,11 +7,13 @@ Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any f
                 history (metrics records up to the checkpoint), schedule (penalty state), status
     data/       X, Y (training data), X_test, Y_test: samples chunked like the state
     live/b<i>/  the working state of block i, double-buffered by iteration parity: the
-                sample-sized variables (U, V, Lam) have shape (2, rows, n), chunked
-                (1, rows, chunk_size). Iteration k reads slot (k-1) % 2 and writes slot k % 2.
-                The small W (d x d) travels through the task graph as a value.
-    ckpt/<s>/b<i>/  two checkpoint slots s in {a, b}: U, V, Lam chunked like live, and W (one
-                chunk)
+                sample-sized variables (RADMM: U, V, Lam; pdADMM: z, q, p, u and the scratch
+                ql; dlADMM: z, a, u) have shape (slots, rows, n), chunked
+                (1, rows, chunk_size). Iteration k reads slot (k-1) % 2 and writes slot k % 2
+                (dlADMM has a third slot for its backward sweep). The small W (d x d) and the
+                scalars travel through the task graph as values.
+    ckpt/<s>/b<i>/  two checkpoint slots s in {a, b}: the state variables chunked like live,
+                and W (one chunk); the scalars go in the checkpoint attribute
     model/      W1..WN of the final model (plain float64 arrays) with the architecture and the
                 data normalisation in its attributes: readable with plain zarr, no pickle.
 
@@ -202,9 +204,9 @@ class StateStore:
             arr[...] = a
 
     def create_state(self, layout: list[dict[str, tuple]], n: int, chunk_size: int,
-                     compressor: str = "none") -> None:
+                     compressor: str = "none", slots: int = 2) -> None:
         """``layout[i-1]`` maps variable name -> row shape for block i; a trailing ``"n"``
-        marks a sample-sized variable (chunked along samples)."""
+        marks a sample-sized variable (chunked along samples; ``slots`` live copies)."""
         cs = n if chunk_size <= 0 else min(chunk_size, n)
         for b, variables in enumerate(layout, start=1):
             for name, shape in variables.items():
@@ -215,7 +217,7 @@ class StateStore:
                 else:
                     full = chunks = tuple(shape)
                 if shape and shape[-1] == "n":  # small ones (W) travel in the graph
-                    _array(self.group, f"live/b{b}/{name}", (2, *full), (1, *chunks),
+                    _array(self.group, f"live/b{b}/{name}", (slots, *full), (1, *chunks),
                            compressor=compressor)
                 for s in ("a", "b"):
                     _array(self.group, f"ckpt/{s}/b{b}/{name}", full, chunks or (1,),
@@ -254,10 +256,12 @@ class StateStore:
                 self.write(f"ckpt/{slot}/b{b}/{name}", np.asarray(value, dtype=np.float64))
 
     def commit_checkpoint(self, iteration: int, slot: str, history: list[dict],
-                          schedule: dict[str, Any]) -> None:
-        """Record "iteration k complete in slot s": the single atomic commit point."""
+                          schedule: dict[str, Any], small: list[dict] | None = None) -> None:
+        """Record "iteration k complete in slot s": the single atomic commit point. ``small``:
+        per-block scalars of the state (curvatures, pending penalties), stored exactly (JSON
+        floats round-trip float64)."""
         self.group.attrs.update({"checkpoint": {"iteration": iteration, "slot": slot,
-                                                "time": time.time()},
+                                                "time": time.time(), "small": small},
                                  "history": _jsonable(history), "schedule": schedule})
 
     def checkpoint(self) -> dict[str, Any] | None:

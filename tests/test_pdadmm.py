@@ -161,7 +161,8 @@ def two_phase(prob, pens, K, options=None, check_descent=False):
         phases.append(L(pen))
         # b phase
         for i in range(N):
-            b = pd.update_b(AP[i], z[i], nu, pen.lam)
+            b = pd.update_b(W[i][:, :-1], p[i].sum(axis=1, keepdims=True),
+                            z[i].sum(axis=1, keepdims=True), n, nu, pen.lam)
             W[i] = np.hstack([W[i][:, :-1], b])
         phases.append(L(pen))
         # z phase
@@ -336,7 +337,8 @@ def test_W_and_b_steps(i):
                                atol=1e-8)
     assert sufficient_decrease(phi, A, An, g, theta, rtol=1e-9)
 
-    bn = pd.update_b(AP, st["z"], nu, PEN.lam)
+    bn = pd.update_b(An, P.sum(axis=1, keepdims=True), st["z"].sum(axis=1, keepdims=True), n,
+                     nu, PEN.lam)
 
     def nL_b(bx):
         return n * lagrangian(prob.arch, replace(states, i, "W", np.hstack([An, bx])), prob.X,
@@ -514,8 +516,9 @@ def test_trains_on_digits():
     assert res.history[-1]["test_metric"] > 0.88  # chance: 0.1 (measured: 0.911)
 
 
+@pytest.mark.parametrize("state", ["memory", "zarr"])
 @pytest.mark.parametrize(("kind", "window"), [("synchronous", 1), ("threads", 3)])
-def test_dask_schedulers_equal_the_reference(kind, window):
+def test_dask_schedulers_equal_the_reference(kind, window, state):
     cfg = Config()
     cfg.algorithm.name = "pdadmm"
     cfg.data.name = "synthetic"
@@ -529,11 +532,12 @@ def test_dask_schedulers_equal_the_reference(kind, window):
     ds = load_dataset(cfg.data, seed=0)
     cfg.cluster.kind = "reference"
     ref = api.fit(cfg, dataset=ds)
-    cfg.cluster.kind, cfg.run.window = kind, window
+    cfg.cluster.kind, cfg.run.window, cfg.storage.state = kind, window, state
     res = api.fit(cfg, dataset=ds)
-    assert res.info["engine"] == "dask" and res.iterations == ref.iterations
+    assert res.info["engine"] == {"memory": "dask", "zarr": "dask-zarr"}[state]
+    assert res.iterations == ref.iterations
     for a, b in zip(ref.weights, res.weights, strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
+        assert np.array_equal(a, b)  # one chunk: the same sums in the same order
     for ra, rb in zip(ref.history, res.history, strict=True):
         for col in ("objective", "primal_residual", "dual_residual", "test_metric"):
-            assert rb[col] == pytest.approx(ra[col], rel=1e-10, abs=1e-10)
+            assert rb[col] == pytest.approx(ra[col], rel=1e-14, abs=1e-300)

@@ -62,68 +62,65 @@ from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
 from .base import BlockSpec, Penalties, lambda_max, prox_activation, prox_output
 
 __all__ = [
-    "backtrack",
+    "a_curv",
+    "a_grad",
     "backward_update",
     "block_objective",
     "forward_update",
     "init_state",
     "penalty_nu",
+    "quad_theta",
     "update_W",
+    "update_W_stats",
     "update_a",
     "update_b",
     "update_u",
     "update_z",
     "update_z_output",
+    "w_stats",
 ]
 
 Array = np.ndarray
 State = dict[str, Array]
-
-# Relative slack of the sufficient-decrease test: rounding in phi must not make an acceptable
-# step fail (and double theta to the cap) once the decrease is at the rounding level.
-_RTOL = 1e-12
-
 
 def penalty_nu(pen: Penalties) -> float:
     """The relaxation weight ``nu`` (``rho`` when unset, as in the authors' code)."""
     return pen.rho if pen.nu is None else pen.nu
 
 
-def backtrack(phi: Callable[[Array], tuple[float, Array | None]], x: Array, f0: float,
-              grad: Array, theta0: float, max_trials: int, shrink: float = 0.0,
-              aux0: Array | None = None) -> tuple[Array, float, int, bool, Array | None]:
-    """Capped backtracking for one quadratic-approximation step.
+def quad_theta(curv: float, sq: float, theta0: float, max_trials: int
+               ) -> tuple[float, int, bool]:
+    """Capped backtracking for a quadratic subproblem, with the test evaluated exactly.
 
     Notes
     -----
-    With ``phi`` the smooth part of the subproblem and ``(shrink/2)||x||^2`` an exact part,
-    the step solves::
+    Every W, a and p subproblem here is ``phi(x) + (shrink/2)||x||^2`` with ``phi`` quadratic
+    (Hessian ``H``). The quadratic-approximation step for curvature ``theta`` is::
 
-        x+ = argmin_x  phi(x^k) + <grad, x - x^k> + (theta/2)||x - x^k||^2 + (shrink/2)||x||^2
-           = (theta x^k - grad) / (theta + shrink)
+        x+ = argmin_x  phi(x^k) + <g, x - x^k> + (theta/2)||x - x^k||^2 + (shrink/2)||x||^2
+           = (theta x^k - g) / (theta + shrink),     d = x+ - x^k = -h / (theta + shrink)
 
-    for ``theta = theta0, 2 theta0, 4 theta0, ...`` and accepts the first ``x+`` with the
-    sufficient-decrease condition of the paper, ``phi(x+) <= P(x+; theta)``::
+    with ``g = grad phi(x^k)`` and ``h = g + shrink x^k``. The paper's sufficient-decrease test
+    ``phi(x+) <= phi(x^k) + <g, d> + (theta/2)||d||^2`` is, because ``phi`` is quadratic,
+    ``d^T H d <= theta ||d||^2``, i.e.::
 
-        phi(x+) <= phi(x^k) + <grad, x+ - x^k> + (theta/2)||x+ - x^k||^2   (+ 1e-12 |phi(x^k)|)
+        curv = h^T H h  <=  theta ||h||^2 = theta sq
 
-    Then ``phi(x+) + (shrink/2)||x+||^2 <= phi(x^k) + (shrink/2)||x^k||^2``: the step never
-    raises the subproblem objective. After ``max_trials`` rejected trials ``x^k`` is kept.
+    This form needs two sums over the samples (so chunks add their shares) and suffers no
+    cancellation, where evaluating ``phi(x+) - phi(x^k)`` loses all digits once the decrease
+    is at the rounding level. ``theta = theta0, 2 theta0, 4 theta0, ...`` for at most
+    ``max_trials`` trials; the first that passes is accepted. When none passes (or the sums are
+    not finite) the caller keeps ``x^k``: then no step raises the subproblem objective.
 
-    ``phi(x)`` returns ``(value, aux)`` (``aux``: a product worth reusing, e.g. ``A a``).
-    Returns ``(x+, theta, trials, capped, aux(x+))``; when capped ``theta`` is the last tried.
+    Returns ``(theta, trials, capped)``; when capped ``theta`` is the last tried.
     """
     theta = theta0
-    slack = _RTOL * abs(f0)
     for trial in range(1, max_trials + 1):
-        xn = (theta * x - grad) / (theta + shrink)
-        d = xn - x
-        fn, aux = phi(xn)
-        if fn <= f0 + float(np.sum(grad * d)) + 0.5 * theta * float(np.sum(d * d)) + slack:
-            return xn, theta, trial, False, aux
+        if curv <= theta * sq:
+            return theta, trial, False
         if trial < max_trials:
             theta *= 2.0
-    return x, theta, max_trials, True, aux0
+    return theta, max_trials, True
 
 
 def _theta0(step: str, last: float, estimate: float, exact: Callable[[], float]) -> float:
@@ -145,6 +142,36 @@ def _plus_bias(AV: Array, b: Array | None) -> Array:
     return AV if b is None else AV + b
 
 
+def w_stats(V: Array, T: Array) -> tuple[Array, Array, Array, Array]:
+    """What the W and b steps need of the samples: ``(V V^T, T V^T, V 1, T 1)``. Sums over the
+    samples, so chunks add their shares."""
+    return V @ V.T, T @ V.T, V.sum(axis=1, keepdims=True), T.sum(axis=1, keepdims=True)
+
+
+def update_W_stats(A: Array, b: Array | None, stats: tuple, kappa: float, nlam: float,
+                   theta0: float | None, max_trials: int, step: str = "backtracking"
+                   ) -> tuple[Array, float, int, bool]:
+    """The W step of :func:`update_W` from :func:`w_stats` (``T 1`` unused here).
+
+    ``grad phi = -kappa (T V^T - A V V^T - b (V 1)^T)``; the Hessian of ``phi`` maps ``D`` to
+    ``kappa D V V^T``, so :func:`quad_theta` gets ``curv = kappa <h V V^T, h>`` with
+    ``h = grad + n lam A``. Returns ``(A+, theta, trials, capped)``."""
+    G, P, sV = stats[0], stats[1], stats[2]
+    M = P - A @ G
+    if b is not None:
+        M -= b @ sV.T
+    grad = -kappa * M
+    h = grad + nlam * A
+    curv = kappa * float(np.sum((h @ G) * h))
+    sq = float(np.sum(h * h))
+    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
+                 kappa * float(np.trace(G)) / G.shape[0], lambda: kappa * lambda_max(G))
+    theta, trials, capped = quad_theta(curv, sq, t0, max_trials)
+    if capped:
+        return A, theta, trials, True
+    return (theta * A - grad) / (theta + nlam), theta, trials, False
+
+
 def update_W(A: Array, b: Array | None, V: Array, T: Array, kappa: float, nlam: float,
              theta0: float | None, max_trials: int, step: str = "backtracking"
              ) -> tuple[Array, float, int, bool, Array]:
@@ -158,44 +185,60 @@ def update_W(A: Array, b: Array | None, V: Array, T: Array, kappa: float, nlam: 
 
     where, for a hidden layer, ``kappa = nu``, ``T = z_l``, ``V = a_{l-1}``; for the output
     layer ``kappa = rho``, ``T = z_L + u/rho``, ``V = a_{L-1}`` (``<u, r> + (rho/2)||r||^2 =
-    (rho/2)||r + u/rho||^2 - ||u||^2/(2 rho)``). One step of :func:`backtrack` with
-    ``shrink = n lam``: ``A+ = (theta A^k - grad phi) / (theta + n lam)``. ``theta0`` None
-    starts from the mean eigenvalue ``kappa ||V||_F^2 / rows(V)`` of the curvature
-    ``kappa V V^T`` (``step="lipschitz"``: from its largest eigenvalue).
+    (rho/2)||r + u/rho||^2 - ||u||^2/(2 rho)``). One step with ``shrink = n lam`` and the
+    curvature from :func:`quad_theta`: ``A+ = (theta A^k - grad phi) / (theta + n lam)``.
+    ``theta0`` None starts from the mean eigenvalue ``kappa ||V||_F^2 / rows(V)`` of the
+    curvature ``kappa V V^T`` (``step="lipschitz"``: from its largest eigenvalue). Computed from
+    :func:`w_stats` by :func:`update_W_stats` (the chunked engine sums those over chunks).
 
     Returns ``(A+, theta, trials, capped, A+ V)``.
     """
-    AV = A @ V
-    R = T - _plus_bias(AV, b)
-    f0 = 0.5 * kappa * float(np.sum(R * R))
-    grad = -kappa * (R @ V.T)
-
-    def phi(Ax: Array) -> tuple[float, Array]:
-        P = Ax @ V
-        Rx = T - _plus_bias(P, b)
-        return 0.5 * kappa * float(np.sum(Rx * Rx)), P
-
-    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
-                 kappa * float(np.sum(V * V)) / V.shape[0], lambda: kappa * _gram_max(V))
-    An, theta, trials, capped, P = backtrack(phi, A, f0, grad, t0, max_trials, nlam, AV)
-    return An, theta, trials, capped, P
+    An, theta, trials, capped = update_W_stats(A, b, w_stats(V, T), kappa, nlam, theta0,
+                                               max_trials, step)
+    return An, theta, trials, capped, An @ V
 
 
-def update_b(AV: Array, T: Array, kappa: float, lam: float) -> Array:
+def update_b(A: Array, sV: Array, sT: Array, n: int, kappa: float, lam: float) -> Array:
     """Exact b step.
 
     Notes
     -----
     ``b = argmin_b (kappa/2)||T - A V - b 1^T||^2 + (n lam/2)||b||^2`` (n-units; ``kappa``, ``T``
-    as in :func:`update_W`)::
+    as in :func:`update_W`; ``sV = V 1``, ``sT = T 1`` from :func:`w_stats`)::
 
-        b = kappa sum_j (T - A V)_{:, j} / (n (kappa + lam))
+        b = kappa (T - A V) 1 / (n (kappa + lam)) = kappa (sT - A sV) / (n (kappa + lam))
 
     The objective is a quadratic in b with curvature ``n (kappa + lam)``, so the paper's
     quadratic approximation with that curvature is exact and needs no backtracking.
     """
-    n = T.shape[1]
-    return (kappa / (n * (kappa + lam))) * np.sum(T - AV, axis=1, keepdims=True)
+    return (kappa / (n * (kappa + lam))) * (sT - A @ sV)
+
+
+def a_grad(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: float,
+           R: Array | None, s_next: int, nu: float) -> Array:
+    """``grad f(a)`` of the a subproblem (see :func:`update_a`); column-separable."""
+    r1 = T - _plus_bias(A @ a, b)
+    grad = nu * (a - c0) - kappa * (A.T @ r1)
+    if s_next:
+        grad -= nu * s_next * (R - s_next * a)
+    return grad
+
+
+def a_curv(grad: Array, A: Array, kappa: float, s_next: int, nu: float) -> tuple[float, float]:
+    """``(g^T H g, ||g||^2)`` for :func:`quad_theta`, ``H = nu (1 + s'^2) I + kappa A^T A``:
+    sums over the samples (chunks add their shares)."""
+    sq = float(np.sum(grad * grad))
+    Ag = A @ grad
+    return nu * (1.0 + float(s_next) ** 2) * sq + kappa * float(np.sum(Ag * Ag)), sq
+
+
+def a_theta0(A: Array, kappa: float, s_next: int, nu: float, last: float | None,
+             step: str) -> float:
+    """First trial curvature of the a step (see :func:`_theta0`)."""
+    c = nu * (1.0 + float(s_next) ** 2)
+    return _theta0(step, 0.0 if last is None else last,
+                   c + kappa * float(np.sum(A * A)) / A.shape[1],
+                   lambda: c + kappa * _gram_max(A))
 
 
 def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: float,
@@ -215,36 +258,19 @@ def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: fl
 
         grad f = nu (a - c0) - kappa A^T (T - A a - b 1^T) - nu s' (R - s' a)
 
-    ``a+ = a^k - grad f / theta`` by :func:`backtrack`. ``theta0`` None starts from the mean
-    eigenvalue ``nu (1 + s'^2) + kappa ||A||_F^2 / cols(A)`` of the curvature ``nu (1 + s'^2) I
-    + kappa A^T A`` (``step="lipschitz"``: from its largest eigenvalue).
+    ``a+ = a^k - grad f / theta`` with ``theta`` from :func:`quad_theta` (Hessian
+    ``nu (1 + s'^2) I + kappa A^T A``). ``theta0`` None starts from its mean eigenvalue
+    ``nu (1 + s'^2) + kappa ||A||_F^2 / cols(A)`` (``step="lipschitz"``: from its largest).
 
     Returns ``(a+, theta, trials, capped)``.
     """
-    s2 = float(s_next) ** 2
-
-    def phi(x: Array) -> tuple[float, None]:
-        d0 = x - c0
-        r1 = T - _plus_bias(A @ x, b)
-        val = 0.5 * nu * float(np.sum(d0 * d0)) + 0.5 * kappa * float(np.sum(r1 * r1))
-        if s_next:
-            r2 = R - s_next * x
-            val += 0.5 * nu * float(np.sum(r2 * r2))
-        return val, None
-
-    d0 = a - c0
-    r1 = T - _plus_bias(A @ a, b)
-    f0 = 0.5 * nu * float(np.sum(d0 * d0)) + 0.5 * kappa * float(np.sum(r1 * r1))
-    grad = nu * d0 - kappa * (A.T @ r1)
-    if s_next:
-        r2 = R - s_next * a
-        f0 += 0.5 * nu * float(np.sum(r2 * r2))
-        grad -= nu * s_next * r2
-    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
-                 nu * (1.0 + s2) + kappa * float(np.sum(A * A)) / A.shape[1],
-                 lambda: nu * (1.0 + s2) + kappa * _gram_max(A))
-    an, theta, trials, capped, _ = backtrack(phi, a, f0, grad, t0, max_trials)
-    return an, theta, trials, capped
+    grad = a_grad(a, c0, A, b, T, kappa, R, s_next, nu)
+    curv, sq = a_curv(grad, A, kappa, s_next, nu)
+    theta, trials, capped = quad_theta(curv, sq, a_theta0(A, kappa, s_next, nu, theta0, step),
+                                       max_trials)
+    if capped:
+        return a, theta, trials, True
+    return a - grad / theta, theta, trials, False
 
 
 def update_z(c: Array, m: Array, nu: float, z0: Array, act: Activation, max_iter: int
@@ -372,10 +398,11 @@ def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
         T, kappa = z, nu
         new["a"], new["theta_a"] = a, np.float64(th_a)
         capped += int(cap_a)
+    ws = w_stats(left, T)
     if b is not None:
-        b = update_b(AV, T, kappa, pen.lam)
-    A, th_w, _, cap_w, _ = update_W(A, b, left, T, kappa, spec.n * pen.lam,
-                                    float(own["theta_W"]), o.backtrack_max, o.step)
+        b = update_b(A, ws[2], ws[3], spec.n, kappa, pen.lam)
+    A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, spec.n * pen.lam,
+                                       float(own["theta_W"]), o.backtrack_max, o.step)
     new["W"] = A if b is None else np.hstack([A, b])
     new["z"], new["theta_W"] = z, np.float64(th_w)
     capped += int(cap_w) + nc
@@ -404,11 +431,12 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
         T, kappa = own["z"] + u / rho, rho
     else:
         T, kappa = own["z"], nu
-    A, th_w, _, cap_w, AV = update_W(A, b, left, T, kappa, spec.n * pen.lam,
-                                     float(own["theta_W"]), o.backtrack_max, o.step)
+    ws = w_stats(left, T)
+    A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, spec.n * pen.lam,
+                                       float(own["theta_W"]), o.backtrack_max, o.step)
     if b is not None:
-        b = update_b(AV, T, kappa, pen.lam)
-    Z = _plus_bias(AV, b)
+        b = update_b(A, ws[2], ws[3], spec.n, kappa, pen.lam)
+    Z = _plus_bias(A @ left, b)
     capped = int(cap_w)
     primal_sq = 0.0
     if spec.is_output:

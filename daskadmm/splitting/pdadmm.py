@@ -56,13 +56,25 @@ import numpy as np
 from ..model import Activation, Architecture, forward, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
 from .base import BlockSpec, Penalties, prox_activation, prox_output
-from .dladmm import _gram_max, _plus_bias, _theta0, backtrack, penalty_nu, update_b, update_W
+from .dladmm import (
+    _gram_max,
+    _plus_bias,
+    _theta0,
+    penalty_nu,
+    quad_theta,
+    update_b,
+    update_W,
+    update_W_stats,
+    w_stats,
+)
 
 __all__ = [
     "block_objective",
     "init_state",
     "layer_update",
     "update_W",
+    "p_curv",
+    "p_grad",
     "update_b",
     "update_p",
     "update_q",
@@ -93,37 +105,46 @@ def update_p(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: 
 
         grad f = -nu A^T (z - A p - b 1^T) - nu s (R - s p) + u + rho (p - q_{l-1})
 
-    ``p+ = p^k - grad f / theta`` by :func:`~daskadmm.splitting.dladmm.backtrack`. ``theta0``
+    ``p+ = p^k - grad f / theta`` with ``theta`` from
+    :func:`~daskadmm.splitting.dladmm.quad_theta` (exact test: ``f`` is quadratic). ``theta0``
     None starts from the mean eigenvalue ``nu ||A||_F^2 / cols(A) + nu s^2 + rho`` of the
     curvature ``nu A^T A + (nu s^2 + rho) I`` (``step="lipschitz"``: its largest eigenvalue).
 
     Returns ``(p+, theta, trials, capped)``.
     """
-    shift = q_left - u / rho  # <u, d> + (rho/2)||d||^2 = (rho/2)||d + u/rho||^2 - const
+    grad = p_grad(p, A, b, z, R, s, u, q_left, nu, rho)
+    curv, sq = p_curv(grad, A, s, nu, rho)
+    theta, trials, capped = quad_theta(curv, sq, p_theta0(A, s, nu, rho, theta0, step),
+                                       max_trials)
+    if capped:
+        return p, theta, trials, True
+    return p - grad / theta, theta, trials, False
 
-    def phi(x: Array) -> tuple[float, None]:
-        r1 = z - _plus_bias(A @ x, b)
-        d = x - shift
-        val = 0.5 * nu * float(np.sum(r1 * r1)) + 0.5 * rho * float(np.sum(d * d))
-        if s:
-            r2 = R - s * x
-            val += 0.5 * nu * float(np.sum(r2 * r2))
-        return val, None
 
+def p_grad(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: int, u: Array,
+           q_left: Array, nu: float, rho: float) -> Array:
+    """``grad f(p)`` of the p subproblem (see :func:`update_p`); column-separable."""
     r1 = z - _plus_bias(A @ p, b)
-    d = p - shift
-    f0 = 0.5 * nu * float(np.sum(r1 * r1)) + 0.5 * rho * float(np.sum(d * d))
-    grad = rho * d - nu * (A.T @ r1)
+    grad = rho * (p - q_left) + u - nu * (A.T @ r1)
     if s:
-        r2 = R - s * p
-        f0 += 0.5 * nu * float(np.sum(r2 * r2))
-        grad -= nu * s * r2
+        grad -= nu * s * (R - s * p)
+    return grad
+
+
+def p_curv(grad: Array, A: Array, s: int, nu: float, rho: float) -> tuple[float, float]:
+    """``(g^T H g, ||g||^2)`` for :func:`~daskadmm.splitting.dladmm.quad_theta`, with the
+    Hessian ``H = nu A^T A + (nu s^2 + rho) I``: sums over the samples."""
+    sq = float(np.sum(grad * grad))
+    Ag = A @ grad
+    return (nu * float(s) ** 2 + rho) * sq + nu * float(np.sum(Ag * Ag)), sq
+
+
+def p_theta0(A: Array, s: int, nu: float, rho: float, last: float | None, step: str) -> float:
+    """First trial curvature of the p step."""
     base = nu * float(s) ** 2 + rho
-    t0 = _theta0(step, 0.0 if theta0 is None else theta0,
-                 base + nu * float(np.sum(A * A)) / A.shape[1],
-                 lambda: base + nu * _gram_max(A))
-    pn, theta, trials, capped, _ = backtrack(phi, p, f0, grad, t0, max_trials)
-    return pn, theta, trials, capped
+    return _theta0(step, 0.0 if last is None else last,
+                   base + nu * float(np.sum(A * A)) / A.shape[1],
+                   lambda: base + nu * _gram_max(A))
 
 
 def update_z(c: Array, m: Array, z_prev: Array, nu: float, act: Activation, max_iter: int
@@ -269,12 +290,13 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
         dual_sq += float(np.sum((p - p_old) ** 2))
     else:
         p = p_old
-    A, th_w, _, cap_w, AP = update_W(A, b, p, own["z"], nu, spec.n * pen.lam,
-                                     float(own["theta_W"]), o.backtrack_max, o.step)
+    ws = w_stats(p, own["z"])
+    A, th_w, _, cap_w = update_W_stats(A, b, ws, nu, spec.n * pen.lam, float(own["theta_W"]),
+                                       o.backtrack_max, o.step)
     capped += int(cap_w)
     if b is not None:
-        b = update_b(AP, own["z"], nu, pen.lam)
-    Z = _plus_bias(AP, b)
+        b = update_b(A, ws[2], ws[3], spec.n, nu, pen.lam)
+    Z = _plus_bias(A @ p, b)
     if spec.is_output:
         z, nc = update_z_output(spec.arch.loss, Y, Z, nu, own["z"], o.newton_max_iter)
     else:

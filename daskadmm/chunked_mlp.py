@@ -1,0 +1,801 @@
+"""Per-(layer, chunk) tasks of the Zarr-resident engine for pdADMM and dlADMM.
+
+Every sample-sized variable lives in the state store, chunked along samples; a task reads and
+writes single chunks, so a worker holds one chunk of each variable it touches plus ``d x d``
+statistics. What does not split along samples is small and travels through the task graph as a
+value, the layer's *small state*: ``W`` and the scalars (last accepted curvatures, pdADMM's
+pending penalties).
+
+**Why the updates split.** The z, q, u steps are elementwise; the p (pdADMM) and a (dlADMM)
+steps take one gradient step whose gradient is column-separable, and their backtracking is
+decided exactly by two sums over the samples (``curv = g^T H g``, ``sq = ||g||^2``, see
+:func:`~daskadmm.splitting.dladmm.quad_theta`); the W and b steps need only
+``(V V^T, T V^T, V 1, T 1)`` (:func:`~daskadmm.splitting.dladmm.w_stats`). So a step that
+needs a backtracked curvature is two passes over the chunks with a scalar reduction between
+them (the second pass recomputes the gradient: the same function on the same inputs, so the
+same bits), and a W step is a reduction of chunk statistics. Chunking only reorders sums: the
+results agree with the unchunked reference to rounding, and with the same chunking every
+scheduler computes the same bits.
+
+**Slots.** pdADMM: iteration k reads slot ``(k-1) % 2`` and writes slot ``k % 2``. dlADMM:
+the backward sweep of iteration k reads slot ``(k-1) % 2`` (the forward output of k-1) and
+writes slot 2, the forward sweep reads slot 2 and writes slot ``k % 2``.
+
+**Dependencies.** Tasks declare which chunks they read and write; :class:`Hazards` turns that
+into task dependencies (read after write, and write after read or write), so no task can
+overwrite a chunk another task still has to read, whatever the scheduler does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks
+from .graph import Node, Ref, iteration_stats, key
+from .model import Architecture
+from .splitting import BlockSpec, Penalties, get_splitting
+from .splitting import dladmm as dl
+from .splitting import pdadmm as pd
+from .splitting.dladmm import (
+    _plus_bias,
+    a_curv,
+    a_grad,
+    a_theta0,
+    penalty_nu,
+    quad_theta,
+    update_b,
+    update_W_stats,
+    w_stats,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "Hazards",
+    "MlpWindow",
+    "build_window",
+    "init_small",
+    "layout",
+    "slots",
+    "start_nodes",
+    "state_vars",
+]
+
+Array = np.ndarray
+Small = dict
+ALGORITHMS = ("pdadmm", "dladmm")
+BWD = 2  # dlADMM: the slot of the backward sweep's output
+
+
+def slots(name: str) -> int:
+    return 3 if name == "dladmm" else 2
+
+
+def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
+    """The sample-sized variables of layer i that make up its state (checkpointed)."""
+    N = arch.depth
+    if name == "pdadmm":
+        return ("z", *(("q",) if i < N else ()), *(("p", "u") if i > 1 else ()))
+    return ("z", "a") if i < N else ("z", "u")
+
+
+def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
+    """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
+    sample-sized ones (pdADMM adds the scratch ``ql``: ``q_{l-1}`` of the pending phase),
+    the weight shape for ``W``."""
+    out = []
+    for i in range(1, arch.depth + 1):
+        v: dict[str, tuple] = {"W": arch.weight_shape(i)}
+        for name_ in state_vars(name, arch, i):
+            rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
+                arch.out_dim(i)
+            v[name_] = (rows, "n")
+        if name == "pdadmm" and i > 1:
+            v["ql"] = (arch.in_dim(i), "n")
+        out.append(v)
+    return out
+
+
+def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
+    """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
+    out = []
+    for i, W in enumerate(weights, start=1):
+        s: Small = {"W": np.array(W, dtype=np.float64), "theta_W": 0.0}
+        if name == "pdadmm":
+            s.update({"rho": 0.0, "nu": 0.0, "pending": 0.0})
+            if i > 1:
+                s["theta_p"] = 0.0
+        elif i < arch.depth:
+            s["theta_a"] = 0.0
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared task functions
+# ---------------------------------------------------------------------------------------------
+
+def _path(i: int, var: str) -> str:
+    return f"live/b{i}/{var}"
+
+
+def _get(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
+    return _read(ct.url, _path(i, var), ct.sl, slot)
+
+
+def _put(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
+    _write(ct.url, _path(i, var), ct.sl, value, slot)
+
+
+def _X(ct: ChunkTask) -> Array:
+    return _read(ct.url, "data/X", ct.sl)
+
+
+def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
+               n: int) -> dict:
+    """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
+    (a forward pass; every initial value is column-separable), written into slot 0. Returns
+    the chunk's share of L^0 without the regulariser."""
+    X, Y = _X(ct), _read(ct.url, "data/Y", ct.sl)
+    states = get_splitting(name).init_state(arch, weights, X, Y)
+    for i, st in enumerate(states, start=1):
+        for var in state_vars(name, arch, i):
+            _put(ct, i, var, 0, st[var])
+    return {"objective": _loss_sum(arch.loss, states[-1]["z"], Y) / n}
+
+
+def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
+    """``(X X^T, X 1)`` of one chunk: the constant statistics of layer 1's W steps."""
+    X = _X(ct)
+    return X @ X.T, X.sum(axis=1, keepdims=True)
+
+
+def sum_in_order(*parts: tuple) -> tuple:
+    """Elementwise sum of equal-structure tuples of arrays (None entries stay None), in the
+    given order: the reduction of chunk statistics."""
+    acc = [None if p is None else np.array(p, dtype=np.float64) for p in parts[0]]
+    for part in parts[1:]:
+        for j, p in enumerate(part):
+            if acc[j] is not None:
+                acc[j] += p
+    return tuple(acc)
+
+
+def _w_stats_of(i: int, outs: Iterable[dict], gram: tuple | None, field_: str = "w") -> tuple:
+    """W statistics from chunk outputs: layer 1's ``V V^T``, ``V 1`` are the constant ``gram``
+    (its chunks carry only ``T V^T``, ``T 1``)."""
+    G, P, sV, sT = sum_in_order(*[o[field_] for o in outs])
+    if i == 1 or G is None:
+        G, sV = gram
+    return G, P, sV, sT
+
+
+def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
+    """The chunk's share of :func:`w_stats` (layer 1: only the parts that change)."""
+    if i == 1:
+        return None, T @ V.T, None, T.sum(axis=1, keepdims=True)
+    return w_stats(V, T)
+
+
+def gram_sum(*parts: tuple) -> tuple[Array, Array]:
+    return sum_in_order(*parts)
+
+
+def layer_stats(small: Small, *outs: dict) -> dict[str, float]:
+    """Layer statistics of one iteration: the chunk shares in a fixed order, the regulariser,
+    and the caps counted by the small tasks."""
+    lam = small["lam"]
+    W = small["W"]
+    total = {"objective": 0.5 * lam * float(np.sum(W * W)), "primal_sq": 0.0, "dual_sq": 0.0,
+             "capped": float(small.get("capped", 0.0))}
+    for o in outs:
+        for k, v in o.get("stats", {}).items():
+            total[k] += v
+    return total
+
+
+def evaluate_small(url: str, arch: Architecture, task: str, metric: str,
+                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small):
+    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
+
+
+def _decide(sums: Iterable[dict], theta0: float, max_trials: int) -> tuple[float, bool]:
+    curv = sq = 0.0
+    for o in sums:
+        curv += o["curv"]
+        sq += o["sq"]
+    theta, _, capped = quad_theta(curv, sq, theta0, max_trials)
+    return theta, capped
+
+
+def _stats(**kw: float) -> dict[str, float]:
+    return {k: float(v) for k, v in kw.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# pdADMM: per iteration and layer, pass A (pending q/u phases, p gradient) -> p curvature ->
+# pass B (p step, W statistics) -> W, b -> pass C (z step)
+# ---------------------------------------------------------------------------------------------
+
+def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
+    """What the p gradient of layer l >= 2 needs (pending phases already written to slot w)."""
+    i, s = spec.i, spec.s
+    A, b = spec.split_bias(small["W"])
+    z = _get(ct, i, "z", o)
+    R = _get(ct, i, "q", w) - spec.act.f(z) if s else None
+    return A, b, z, R, _get(ct, i, "u", w), _get(ct, i, "ql", w)
+
+
+def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+              *order) -> dict:
+    """The q and u phases of iteration k-1 (when pending) and the chunk's share of the p
+    step's curvature sums (l >= 2)."""
+    i, act, N = spec.i, spec.act, spec.N
+    o, w = (k - 1) % 2, k % 2
+    pending = small["pending"] > 0
+    rho0, nu0 = small["rho"], small["nu"]
+    dual = 0.0
+    p_o = _get(ct, i, "p", o) if i > 1 else None
+    if i < N:
+        q_o = _get(ct, i, "q", o)
+        q = q_o
+        if pending:
+            q = pd.update_q(_get(ct, i, "z", o), p_o if spec.s else None,
+                            _get(ct, i + 1, "p", o), _get(ct, i + 1, "u", o), rho0, nu0, act)
+            dual = float(np.sum((q - q_o) ** 2))
+        _put(ct, i, "q", w, q)
+    out: dict = {"stats": _stats(dual_sq=dual)}
+    if i > 1:
+        u = _get(ct, i, "u", o)
+        if pending:
+            p_left = _get(ct, i - 1, "p", o) if spec.arch.skip(i - 1) else None
+            q_left = pd.update_q(_get(ct, i - 1, "z", o), p_left, p_o, u, rho0, nu0, act)
+            u = pd.update_u(u, p_o, q_left, rho0)
+        else:
+            q_left = _get(ct, i - 1, "q", o)
+        _put(ct, i, "u", w, u)
+        _put(ct, i, "ql", w, q_left)
+        # the same inputs pass B reads back from the store (float64, stored bit for bit)
+        nu, rho = penalty_nu(pen), pen.rho
+        A, b = spec.split_bias(small["W"])
+        z = _get(ct, i, "z", o)
+        R = q - act.f(z) if spec.s else None
+        g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
+        out["curv"], out["sq"] = pd.p_curv(g, A, spec.s, nu, rho)
+    return out
+
+
+def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: dict) -> dict:
+    """The p step's curvature from the summed chunk shares (layer l >= 2)."""
+    A, _ = spec.split_bias(small["W"])
+    nu, o = penalty_nu(pen), spec.options
+    t0 = pd.p_theta0(A, spec.s, nu, pen.rho, small["theta_p"], o.step)
+    theta, capped = _decide(outs, t0, o.backtrack_max)
+    return {"theta": theta, "capped": capped}
+
+
+def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+              dec: dict | None, *order) -> dict:
+    """The p step (l >= 2) and the chunk's W statistics; the constraint terms of L."""
+    i, n = spec.i, spec.n
+    o, w = (k - 1) % 2, k % 2
+    if i == 1:
+        z = _get(ct, i, "z", o)
+        return {"w": _chunk_w_stats(1, _X(ct), z)}
+    nu, rho = penalty_nu(pen), pen.rho
+    p_o = _get(ct, i, "p", o)
+    A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
+    if dec["capped"]:
+        p = p_o
+    else:
+        p = p_o - pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho) / dec["theta"]
+    _put(ct, i, "p", w, p)
+    d = p - q_left
+    dd = float(np.sum(d * d))
+    return {"w": _chunk_w_stats(i, p, z),
+            "stats": _stats(objective=(float(np.sum(u * d)) + 0.5 * rho * dd) / n,
+                            primal_sq=dd, dual_sq=float(np.sum((p - p_o) ** 2)))}
+
+
+def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
+                gram: tuple | None, *outs: dict) -> Small:
+    """W then b of layer l from the summed chunk statistics; the layer's new small state."""
+    o, nu, n = spec.options, penalty_nu(pen), spec.n
+    ws = _w_stats_of(spec.i, outs, gram)
+    A, b = spec.split_bias(small["W"])
+    A, th_w, _, cap_w = update_W_stats(A, b, ws, nu, n * pen.lam, small["theta_W"],
+                                       o.backtrack_max, o.step)
+    if b is not None:
+        b = update_b(A, ws[2], ws[3], n, nu, pen.lam)
+    new = dict(small)
+    new.update({"W": A if b is None else np.hstack([A, b]), "theta_W": th_w, "rho": pen.rho,
+                "nu": nu, "pending": 1.0, "lam": pen.lam, "capped": float(cap_w)})
+    if dec is not None:
+        new["theta_p"] = dec["theta"]
+        new["capped"] += float(dec["capped"])
+    return new
+
+
+def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+              *order) -> dict:
+    """The z step of layer l on one chunk; the layer's penalty terms of L."""
+    i, n, act, opt = spec.i, spec.n, spec.act, spec.options
+    o, w = (k - 1) % 2, k % 2
+    nu = penalty_nu(pen)
+    A, b = spec.split_bias(small["W"])
+    p = _X(ct) if i == 1 else _get(ct, i, "p", w)
+    z_o = _get(ct, i, "z", o)
+    Z = _plus_bias(A @ p, b)
+    if spec.is_output:
+        Y = _read(ct.url, "data/Y", ct.sl)
+        z, nc = pd.update_z_output(spec.arch.loss, Y, Z, nu, z_o, opt.newton_max_iter)
+        obj = _loss_sum(spec.arch.loss, z, Y) / n
+    else:
+        q = _get(ct, i, "q", w)
+        c = q - p if spec.s else q
+        z, nc = pd.update_z(c, Z, z_o, nu, act, opt.newton_max_iter)
+        r2 = c - act.f(z)
+        obj = 0.5 * nu * float(np.sum(r2 * r2)) / n
+    _put(ct, i, "z", w, z)
+    r = z - Z
+    obj += 0.5 * nu * float(np.sum(r * r)) / n
+    return {"stats": _stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
+                            capped=nc)}
+
+
+# ---------------------------------------------------------------------------------------------
+# dlADMM: backward sweep (l = L..1) then forward sweep (l = 1..L), each a-step two passes
+# ---------------------------------------------------------------------------------------------
+
+def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int):
+    """Layer l+1's backward values for layer l's a step: ``A, b, T, kappa, R``."""
+    i, N = spec.i, spec.N
+    A, b = spec.split_bias(right["W"])
+    z = _get(ct, i + 1, "z", BWD)
+    if i + 1 == N:
+        return A, b, z + _get(ct, N, "u", o) / pen.rho, pen.rho, None
+    R = _get(ct, i + 1, "a", BWD) - spec.act.f(z) if spec.s_next else None
+    return A, b, z, penalty_nu(pen), R
+
+
+def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int, a: Array,
+             z: Array, left: Array) -> tuple[Array, Array]:
+    c0 = spec.act.f(z)
+    if spec.s:
+        c0 = c0 + left
+    A, b, T, kappa, R = _dl_right(ct, spec, pen, right, o)
+    return a_grad(a, c0, A, b, T, kappa, R, spec.s_next, penalty_nu(pen)), A
+
+
+def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
+    return _X(ct) if spec.i == 1 else _get(ct, spec.i - 1, "a", slot)
+
+
+def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> dict:
+    kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
+    curv, sq = a_curv(g, A, kappa, spec.s_next, penalty_nu(pen))
+    return {"curv": curv, "sq": sq}
+
+
+def _caps(small: Small, k: int) -> float:
+    """Caps hit so far in iteration k (a small state of an earlier iteration counts 0)."""
+    return float(small.get("capped", 0.0)) if small.get("k") == k else 0.0
+
+
+def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small,
+                *outs: dict) -> Small:
+    """The a step's curvature from the summed chunk shares; ``small`` with the new
+    ``theta_a`` and the decision (``step``)."""
+    A, _ = spec.split_bias(right["W"])
+    kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
+    o = spec.options
+    t0 = a_theta0(A, kappa, spec.s_next, penalty_nu(pen), small["theta_a"], o.step)
+    theta, capped = _decide(outs, t0, o.backtrack_max)
+    new = dict(small)
+    new.update({"theta_a": theta, "step": (theta, capped), "k": k,
+                "capped": _caps(small, k) + float(capped)})
+    return new
+
+
+def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Small,
+             *order) -> dict:
+    """Backward sweep, layer l < L, pass 1: the a gradient's curvature sums."""
+    o = (k - 1) % 2
+    left = _dl_left(ct, spec, o)
+    g, A = _dl_grad(ct, spec, pen, right, o, _get(ct, spec.i, "a", o),
+                    _get(ct, spec.i, "z", o), left)
+    return _curv(spec, pen, g, A)
+
+
+def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+              right: Small, *order) -> dict:
+    """Backward sweep, layer l < L, pass 2: the a step, then z (old W); W statistics."""
+    i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
+    left = _dl_left(ct, spec, o)
+    a_o, z_o = _get(ct, i, "a", o), _get(ct, i, "z", o)
+    theta, capped = small["step"]
+    a = a_o
+    if not capped:
+        g, _ = _dl_grad(ct, spec, pen, right, o, a_o, z_o, left)
+        a = a_o - g / theta
+    A, b = spec.split_bias(small["W"])
+    c = a - left if spec.s else a
+    z, nc = dl.update_z(c, _plus_bias(A @ left, b), nu, z_o, spec.act, opt.newton_max_iter)
+    _put(ct, i, "a", BWD, a)
+    _put(ct, i, "z", BWD, z)
+    return {"w": _chunk_w_stats(i, left, z), "stats": _stats(capped=nc)}
+
+
+def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+               *order) -> dict:
+    """Backward sweep, layer L: the output z (old W); W statistics of ``T = z + u/rho``."""
+    i, o, opt = spec.i, (k - 1) % 2, spec.options
+    left = _dl_left(ct, spec, o)
+    A, b = spec.split_bias(small["W"])
+    u = _get(ct, i, "u", o)
+    Y = _read(ct.url, "data/Y", ct.sl)
+    z, nc = dl.update_z_output(spec.arch.loss, Y, _plus_bias(A @ left, b), u, pen.rho,
+                               _get(ct, i, "z", o), opt.newton_max_iter)
+    _put(ct, i, "z", BWD, z)
+    return {"w": _chunk_w_stats(i, left, z + u / pen.rho), "stats": _stats(capped=nc)}
+
+
+def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tuple | None,
+                backward: bool, *outs: dict) -> Small:
+    """W and b of layer l from summed chunk statistics: backward b (old A) then W; forward W
+    then b (new A)."""
+    o, n = spec.options, spec.n
+    kappa = pen.rho if spec.is_output else penalty_nu(pen)
+    ws = _w_stats_of(spec.i, outs, gram)
+    A, b = spec.split_bias(small["W"])
+    if backward and b is not None:
+        b = update_b(A, ws[2], ws[3], n, kappa, pen.lam)
+    A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, n * pen.lam, small["theta_W"],
+                                       o.backtrack_max, o.step)
+    if not backward and b is not None:
+        b = update_b(A, ws[2], ws[3], n, kappa, pen.lam)
+    new = dict(small)
+    new.pop("step", None)
+    new.update({"W": A if b is None else np.hstack([A, b]), "theta_W": th_w, "lam": pen.lam,
+                "k": k, "capped": _caps(small, k) + float(cap_w)})
+    return new
+
+
+def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+             right: Small, *order) -> dict:
+    """Forward sweep, layer l < L, pass 1: z with the new W, then the a gradient's sums."""
+    i, o, w, nu, opt = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen), spec.options
+    left = _dl_left(ct, spec, w)
+    a = _get(ct, i, "a", BWD)
+    A, b = spec.split_bias(small["W"])
+    Z = _plus_bias(A @ left, b)
+    c = a - left if spec.s else a
+    z, nc = dl.update_z(c, Z, nu, _get(ct, i, "z", BWD), spec.act, opt.newton_max_iter)
+    _put(ct, i, "z", w, z)
+    g, Ar = _dl_grad(ct, spec, pen, right, o, a, z, left)
+    r = z - Z
+    out = _curv(spec, pen, g, Ar)
+    out["stats"] = _stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
+                          dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)), capped=nc)
+    return out
+
+
+def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+             right: Small, *order) -> dict:
+    """Forward sweep, layer l < L, pass 2: the a step; statistics of layer l+1's W step."""
+    i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
+    left = _dl_left(ct, spec, w)
+    a_b, z = _get(ct, i, "a", BWD), _get(ct, i, "z", w)
+    theta, capped = small["step"]
+    a = a_b
+    if not capped:
+        g, _ = _dl_grad(ct, spec, pen, right, o, a_b, z, left)
+        a = a_b - g / theta
+    _put(ct, i, "a", w, a)
+    p = a - spec.act.f(z)
+    if spec.s:
+        p = p - left
+    T = _get(ct, i + 1, "z", BWD)
+    if i + 1 == spec.N:
+        T = T + _get(ct, spec.N, "u", o) / pen.rho
+    return {"w": w_stats(a, T),
+            "stats": _stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
+                            dual_sq=float(np.sum((a - _get(ct, i, "a", o)) ** 2)))}
+
+
+def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+               *order) -> dict:
+    """Forward sweep, layer L: the output z with the new W, then the multiplier."""
+    i, o, w, rho, opt = spec.i, (k - 1) % 2, k % 2, pen.rho, spec.options
+    left = _dl_left(ct, spec, w)
+    A, b = spec.split_bias(small["W"])
+    Z = _plus_bias(A @ left, b)
+    u = _get(ct, i, "u", o)
+    Y = _read(ct.url, "data/Y", ct.sl)
+    z, nc = dl.update_z_output(spec.arch.loss, Y, Z, u, rho, _get(ct, i, "z", BWD),
+                               opt.newton_max_iter)
+    u = dl.update_u(u, z, Z, rho)
+    _put(ct, i, "z", w, z)
+    _put(ct, i, "u", w, u)
+    r = z - Z
+    rr = float(np.sum(r * r))
+    obj = _loss_sum(spec.arch.loss, z, Y) / spec.n + \
+        (float(np.sum(u * r)) + 0.5 * rho * rr) / spec.n
+    return {"stats": _stats(objective=obj, primal_sq=rr,
+                            dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)),
+                            capped=nc)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+# ---------------------------------------------------------------------------------------------
+
+class Hazards:
+    """Chunk-level read/write bookkeeping that turns declared accesses into dependencies.
+
+    A location is ``"b<i>/<var>/<slot>/c<c>"``. A task that reads a location runs after its
+    last writer; a task that writes it runs after its last writer and after every task that
+    read the previous value. The state is carried between windows as roles
+    (``w|<loc>`` -> writer key, ``r|<loc>|<j>`` -> reader key)."""
+
+    def __init__(self, roles: dict[str, str]):
+        self.writer: dict[str, str] = {}
+        self.readers: dict[str, list[str]] = {}
+        for role, value in roles.items():
+            if role.startswith("w|"):
+                self.writer[role[2:]] = value
+            elif role.startswith("r|"):
+                self.readers.setdefault(role[2:].rpartition("|")[0], []).append(value)
+
+    def task(self, task_key: str, reads: Iterable[str], writes: Iterable[str]) -> list[Ref]:
+        reads, writes = list(reads), list(writes)
+        deps: list[str] = []
+        for loc in reads:
+            if loc in self.writer:
+                deps.append(self.writer[loc])
+        for loc in writes:
+            if loc in self.writer:
+                deps.append(self.writer[loc])
+            deps.extend(self.readers.get(loc, ()))
+        for loc in reads:
+            self.readers.setdefault(loc, []).append(task_key)
+        for loc in writes:
+            self.writer[loc] = task_key
+            self.readers[loc] = []
+        return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
+
+    def roles(self) -> dict[str, str]:
+        out = {f"w|{loc}": v for loc, v in self.writer.items()}
+        for loc, keys in self.readers.items():
+            for j, v in enumerate(dict.fromkeys(keys)):
+                out[f"r|{loc}|{j}"] = v
+        return out
+
+
+def _locs(c: int, *names: str) -> list[str]:
+    return [f"{x}/c{c}" for x in names]
+
+
+@dataclass
+class MlpWindow:
+    """Like :class:`daskadmm.graph.ChunkedWindow`; ``weights[k]`` are the keys of the layers'
+    small states of iteration k (what a checkpoint stores besides the chunks)."""
+
+    nodes: list[Node]
+    last: dict[str, str]
+    stats: dict[int, str]
+    evals: dict[int, str]
+    weights: dict[int, list[str]]
+    checkpoints: dict[int, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def start_nodes(name: str, arch: Architecture, url: str, slices: list[slice], run_id: str,
+                weights: list[Array], n: int, restore: tuple[int, str] | None
+                ) -> tuple[list[Node], dict[str, str], list[str]]:
+    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh) or a
+    copy of the checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the
+    constant statistics of X. Returns (nodes, roles, init task keys)."""
+    from .chunked import restore_chunk
+
+    N = arch.depth
+    nodes: list[Node] = []
+    hz = Hazards({})
+    init_keys: list[str] = []
+    for c, sl in enumerate(slices):
+        ct = ChunkTask(url, sl, c)
+        if restore is None:
+            kk = f"init_chunk-c{c}-{run_id}"
+            writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
+                      for v in state_vars(name, arch, i)]
+            hz.task(kk, (), writes)
+            nodes.append(Node(kk, init_chunk, (ct, name, arch, weights, n)))
+            init_keys.append(kk)
+        else:
+            k0, ck = restore
+            for i in range(1, N + 1):
+                names = state_vars(name, arch, i)
+                kk = f"restore_chunk-b{i}-c{c}-{run_id}"
+                hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
+                nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
+        nodes.append(Node(f"gram_chunk-c{c}-{run_id}", gram_chunk, (ct,), block=1))
+    gk = f"gram_x-{run_id}"
+    nodes.append(Node(gk, gram_sum, tuple(Ref(f"gram_chunk-c{c}-{run_id}")
+                                          for c in range(len(slices))), block=1))
+    roles = hz.roles()
+    roles["gram"] = gk
+    return nodes, roles, init_keys
+
+
+def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
+                 k1: int, prev: dict[str, str], run_id: str, url: str, slices: list[slice],
+                 eval_iters: Iterable[int] = (), eval_args: tuple = (),
+                 ckpt_slots: dict[int, str] | None = None) -> MlpWindow:
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident pdADMM or dlADMM graph.
+
+    ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
+    (the constant X statistics) and the :class:`Hazards` roles."""
+    from .chunked import checkpoint_chunk
+
+    N = len(specs)
+    arch = specs[0].arch
+    hz = Hazards(prev)
+    nodes: list[Node] = []
+    small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
+    gram = Ref(prev["gram"])
+    eval_iters = set(eval_iters)
+    ckpt_slots = ckpt_slots or {}
+    stats_keys: dict[int, str] = {}
+    eval_keys: dict[int, str] = {}
+    w_keys: dict[int, list[str]] = {}
+    ck_keys: dict[int, list[str]] = {}
+    for k in range(k0 + 1, k1 + 1):
+        pen = pens[k]
+        o, w = (k - 1) % 2, k % 2
+        parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
+        sm_keys: dict[int, str] = {}
+
+        def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes,
+                        _k=k, _parts=parts) -> list[Ref]:
+            refs = []
+            for c, sl in enumerate(slices):
+                kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
+                order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
+                nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *order), block=i))
+                refs.append(Ref(kk))
+            _parts[i].extend(refs)
+            return refs
+
+        def small_task(base: str, i: int, fn, args: tuple, _k=k) -> str:
+            kk = key(base, _k, run_id, i)
+            nodes.append(Node(kk, fn, args, block=i))
+            return kk
+
+        if name == "pdadmm":
+            for i in range(1, N + 1):
+                spec = specs[i - 1]
+                reads = [f"b{i}/z/{o}"]
+                writes = []
+                if i < N:
+                    reads += [f"b{i}/q/{o}", f"b{i + 1}/p/{o}", f"b{i + 1}/u/{o}"]
+                    writes += [f"b{i}/q/{w}"]
+                if i > 1:
+                    reads += [f"b{i}/p/{o}", f"b{i}/u/{o}", f"b{i - 1}/z/{o}", f"b{i - 1}/q/{o}"]
+                    if arch.skip(i - 1):
+                        reads.append(f"b{i - 1}/p/{o}")
+                    writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}"]
+                a_refs = chunk_tasks("pd_a", i, pd_pass_a, (spec, pen, k, Ref(small[i])),
+                                     reads, writes)
+                dec = None
+                if i > 1:
+                    dec = Ref(small_task("pd_decide_p", i, pd_decide_p,
+                                         (spec, pen, Ref(small[i]), *a_refs)))
+                reads = [f"b{i}/z/{o}"]
+                writes = []
+                if i > 1:
+                    reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}"]
+                    if spec.s:
+                        reads.append(f"b{i}/q/{w}")
+                    writes.append(f"b{i}/p/{w}")
+                b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
+                                     reads, writes)
+                sm = small_task("pd_update_w", i, pd_update_w,
+                                (spec, pen, Ref(small[i]), dec, gram if i == 1 else None,
+                                 *b_refs))
+                reads = [f"b{i}/z/{o}"] + ([f"b{i}/p/{w}"] if i > 1 else []) + \
+                    ([f"b{i}/q/{w}"] if i < N else [])
+                chunk_tasks("pd_c", i, pd_pass_c, (spec, pen, k, Ref(sm)), reads,
+                            [f"b{i}/z/{w}"])
+                sm_keys[i] = sm
+        else:
+            bwd: dict[int, str] = {}
+            b_outs: dict[int, list[Ref]] = {}
+            for i in range(N, 0, -1):
+                spec = specs[i - 1]
+                left = [f"b{i - 1}/a/{o}"] if i > 1 else []
+                if i == N:
+                    outs = chunk_tasks("dl_bwd_out", i, dl_bwd_out,
+                                       (spec, pen, k, Ref(small[i])),
+                                       [*left, f"b{i}/z/{o}", f"b{i}/u/{o}"], [f"b{i}/z/{BWD}"])
+                    sm_a = small[i]
+                else:
+                    right = [f"b{i + 1}/z/{BWD}"]
+                    if i + 1 == N:
+                        right.append(f"b{N}/u/{o}")
+                    elif spec.s_next:
+                        right.append(f"b{i + 1}/a/{BWD}")
+                    own = [f"b{i}/a/{o}", f"b{i}/z/{o}"]
+                    a_refs = chunk_tasks("dl_bwd_a", i, dl_bwd_a,
+                                         (spec, pen, k, Ref(bwd[i + 1])), [*left, *own, *right],
+                                         ())
+                    sm_a = small_task("dl_decide_bwd", i, dl_decide_a,
+                                      (spec, pen, k, Ref(small[i]), Ref(bwd[i + 1]), *a_refs))
+                    outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az,
+                                       (spec, pen, k, Ref(sm_a), Ref(bwd[i + 1])),
+                                       [*left, *own, *right], [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
+                b_outs[i] = outs
+                bwd[i] = small_task("dl_update_w_bwd", i, dl_update_w,
+                                    (spec, pen, k, Ref(sm_a), gram if i == 1 else None, True,
+                                     *outs))
+            stats_in = b_outs[1]
+            for i in range(1, N + 1):
+                spec = specs[i - 1]
+                fw = small_task("dl_update_w_fwd", i, dl_update_w,
+                                (spec, pen, k, Ref(bwd[i]), gram if i == 1 else None, False,
+                                 *stats_in))
+                left = [f"b{i - 1}/a/{w}"] if i > 1 else []
+                if i == N:
+                    chunk_tasks("dl_fwd_out", i, dl_fwd_out, (spec, pen, k, Ref(fw)),
+                                [*left, f"b{i}/z/{BWD}", f"b{i}/z/{o}", f"b{i}/u/{o}"],
+                                [f"b{i}/z/{w}", f"b{i}/u/{w}"])
+                    sm_keys[i] = fw
+                    continue
+                right = [f"b{i + 1}/z/{BWD}"]
+                if i + 1 == N:
+                    right.append(f"b{N}/u/{o}")
+                elif spec.s_next:
+                    right.append(f"b{i + 1}/a/{BWD}")
+                z_refs = chunk_tasks("dl_fwd_z", i, dl_fwd_z,
+                                     (spec, pen, k, Ref(fw), Ref(bwd[i + 1])),
+                                     [*left, f"b{i}/a/{BWD}", f"b{i}/z/{BWD}", f"b{i}/z/{o}",
+                                      *right], [f"b{i}/z/{w}"])
+                fin = small_task("dl_decide_fwd", i, dl_decide_a,
+                                 (spec, pen, k, Ref(fw), Ref(bwd[i + 1]), *z_refs))
+                reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", *right]
+                stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a,
+                                       (spec, pen, k, Ref(fin), Ref(bwd[i + 1])), reads,
+                                       [f"b{i}/a/{w}"])
+                sm_keys[i] = fin
+        # statistics: per layer, then one sum
+        lstats = []
+        for i in range(1, N + 1):
+            lk = key("layer_stats", k, run_id, i)
+            nodes.append(Node(lk, layer_stats, (Ref(sm_keys[i]), *parts[i]), block=i))
+            lstats.append(Ref(lk))
+        stats_keys[k] = key("iteration_stats", k, run_id)
+        nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *lstats)))
+        w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
+        if k in eval_iters:
+            eval_keys[k] = key("evaluate", k, run_id)
+            nodes.append(Node(eval_keys[k], evaluate_small,
+                              (url, *eval_args, *[Ref(x) for x in w_keys[k]])))
+        if k in ckpt_slots:
+            ck_keys[k] = []
+            for i in range(1, N + 1):
+                names = state_vars(name, arch, i)
+                for c, sl in enumerate(slices):
+                    kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
+                    order = hz.task(kk, [f"b{i}/{v}/{w}/c{c}" for v in names], ())
+                    nodes.append(Node(kk, checkpoint_chunk,
+                                      (ChunkTask(url, sl, c), i, names, w, ckpt_slots[k],
+                                       *order), block=i))
+                    ck_keys[k].append(kk)
+        small = sm_keys
+    last = hz.roles()
+    last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
+    last["gram"] = prev["gram"]
+    return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)

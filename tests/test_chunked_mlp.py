@@ -1,0 +1,165 @@
+"""pdADMM and dlADMM on the Zarr-resident engine: chunked, checkpointed, on every scheduler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_storage import REL, _cfg, _mem_url, _rel, _with
+from threadpoolctl import threadpool_limits
+
+from daskadmm import api, chunked_mlp
+from daskadmm.config import ConfigError, validate
+from daskadmm.data import load_dataset
+from daskadmm.graph import critical_path_length
+from daskadmm.model import Architecture
+from daskadmm.splitting import BlockSpec, Options, Penalties
+from daskadmm.storage import chunk_slices
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def _mlp_cfg(algorithm: str, kind: str = "mlp", classification: bool = False, **run):
+    cfg = _cfg(classification=classification, activation="relu" if classification else "tanh",
+               iterations=run.pop("iterations", 12))
+    return _with(cfg, algorithm={"name": algorithm, "rho": 0.5}, model={"kind": kind},
+                 run=run)
+
+
+CASES = [("pdadmm", "mlp", False), ("pdadmm", "resnet", False), ("pdadmm", "mlp", True),
+         ("dladmm", "mlp", False), ("dladmm", "resnet", False), ("dladmm", "mlp", True)]
+
+
+@pytest.mark.parametrize(("algorithm", "kind", "classification"), CASES)
+def test_results_independent_of_chunking(algorithm, kind, classification):
+    cfg = _mlp_cfg(algorithm, kind, classification)
+    ds = load_dataset(cfg.data, seed=0)
+    n = ds.n_train
+    ref = api.fit(_with(cfg, cluster={"kind": "reference"}), dataset=ds)
+    assert ref.history[-1]["objective"] < ref.history[0]["objective"]
+    # 1, 2 and 5 chunks (the last one uneven)
+    for chunk_size in (0, (n + 1) // 2, 17):
+        n_chunks = len(chunk_slices(n, chunk_size))
+        res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
+                            storage={"chunk_size": chunk_size, "url": _mem_url()}), dataset=ds)
+        assert res.info["engine"] == "dask-zarr" and res.info["chunks"] == n_chunks
+        assert res.iterations == ref.iterations == 12
+        assert res.info["inner_solver_caps_hit"] == ref.info["inner_solver_caps_hit"]
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            if n_chunks == 1:
+                assert np.array_equal(a, b)  # the same sums in the same order
+            assert _rel(a, b) < REL
+        for ra, rb in zip(ref.history, res.history, strict=True):
+            for col in ("objective", "primal_residual", "dual_residual"):
+                assert rb[col] == pytest.approx(ra[col], rel=REL, abs=1e-300)
+            assert abs(ra["test_metric"] - rb["test_metric"]) <= 1e-8
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm"])
+def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algorithm):
+    cfg = _mlp_cfg(algorithm, iterations=6)
+    ds = load_dataset(cfg.data, seed=0)
+    runs = []
+    for kind in ("synchronous", "threads", "address"):
+        url = str(tmp_path / f"{kind}.zarr")
+        runs.append(api.fit(_with(cfg, cluster={"kind": kind,
+                                                "address": local_cluster.scheduler_address},
+                                  storage={"chunk_size": 23, "url": url}), dataset=ds))
+    assert runs[0].info["chunks"] == 4
+    for res in runs[1:]:
+        for a, b in zip(runs[0].weights, res.weights, strict=True):
+            assert np.array_equal(a, b)
+        assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
+
+
+@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm"])
+def test_resume_from_checkpoint_continues_bitwise(tmp_path, algorithm):
+    # pdADMM's checkpoint must carry its pending q/u phase and penalties, dlADMM's its
+    # curvatures: a run stopped after 6 iterations and resumed to 12 equals a 12-iteration run
+    cfg = _with(_mlp_cfg(algorithm, eval_every=3, checkpoint_every=3),
+                cluster={"kind": "threads"}, storage={"chunk_size": 30})
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    url = str(tmp_path / "part.zarr")
+    part = api.fit(_with(cfg, storage={"url": url}, run={"iterations": 6}), dataset=ds)
+    assert part.iterations == 6
+    res = api.fit(_with(cfg, storage={"url": url}, run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] == 6 and res.iterations == 12
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+def test_checkpoints_validate_for_chunked_algorithms_only():
+    for name in ("pdadmm", "dladmm", "radmm3"):
+        validate(_with(_cfg(), algorithm={"name": name}, run={"checkpoint_every": 2},
+                       cluster={"kind": "threads"}))
+    with pytest.raises(ConfigError, match="Zarr-resident engine"):
+        validate(_with(_cfg(), algorithm={"name": "radmm2"}, run={"checkpoint_every": 2},
+                       cluster={"kind": "threads"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+# ---------------------------------------------------------------------------------------------
+
+def test_hazards_order_reads_and_writes():
+    hz = chunked_mlp.Hazards({})
+    assert hz.task("w1", (), ["x"]) == []
+    assert [r.key for r in hz.task("r1", ["x"], ())] == ["w1"]
+    assert [r.key for r in hz.task("r2", ["x"], ["y"])] == ["w1"]
+    # a new write waits for the last writer and every reader of the old value
+    assert sorted(r.key for r in hz.task("w2", (), ["x"])) == ["r1", "r2", "w1"]
+    assert [r.key for r in hz.task("r3", ["x"], ())] == ["w2"]
+    # the state survives a window boundary
+    again = chunked_mlp.Hazards(hz.roles())
+    assert sorted(r.key for r in again.task("w3", ["y"], ["x"])) == ["r2", "r3", "w2"]
+
+
+def _window(name: str, N: int, K: int, C: int = 3):
+    arch = Architecture(kind="mlp", depth=N, d_in=5, width=4, d_out=2)
+    n = 30
+    specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
+    slices = chunk_slices(n, -(-n // C))
+    _, prev, _ = chunked_mlp.start_nodes(name, arch, "memory://x", slices, "r",
+                                         [np.zeros(arch.weight_shape(i))
+                                          for i in range(1, N + 1)], n, None)
+    prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
+    pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 1)}
+    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_pdadmm_chunked_chain_does_not_grow_with_depth(K):
+    # layer-parallel: per iteration a chain of five stages (pass A, p curvature, pass B, W, pass
+    # C) whatever the depth; the next iteration needs only the neighbours' last values
+    for N in (2, 4, 9):
+        assert critical_path_length(_window("pdadmm", N, K).nodes, "pd_") == 5 * K
+
+
+def test_dladmm_chunked_chain_is_a_sweep():
+    short = critical_path_length(_window("dladmm", 3, 2).nodes, "dl_")
+    long = critical_path_length(_window("dladmm", 6, 2).nodes, "dl_")
+    assert long > short
+    # per iteration and layer l < L: backward a-pass, a-curvature, az-pass, W; forward W,
+    # z-pass, a-curvature, a-pass
+    assert long - short == 2 * 3 * 8
+
+
+def test_chunk_tasks_carry_no_sample_arrays():
+    wg = _window("pdadmm", 4, 2)
+    for node in wg.nodes:
+        for a in node.args:
+            assert not (isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[1] >= 10), node.key
