@@ -1,18 +1,27 @@
 """Zarr-resident state: worker memory against chunks, out-of-core, time against in-memory Dask.
 
     python benchmarks/bench_zarr.py                 # all three, default sizes (~5 min, 2 cores)
-    python benchmarks/bench_zarr.py --only memory   # one of: memory, outofcore, time
+    python benchmarks/bench_zarr.py --only memory   # any of: memory, outofcore, time
+    python benchmarks/bench_zarr.py --algorithm pdadmm   # radmm3 (default), radmm3l, pdadmm, dladmm
+    python benchmarks/bench_zarr.py --quick --algorithm dladmm   # smoke run, small sizes (< 1 min)
 
-Writes ``benchmarks/results/zarr-<timestamp>.json``. Every measurement comes from the workers
-themselves (peak RSS of each worker process, sampled every 5 ms in the worker; spilled keys and
-restarts from
-the workers and the scheduler); each configuration gets a fresh LocalCluster so the peaks are
-its own.
+Writes ``benchmarks/results/zarr-<timestamp>.json`` for radmm3 (the name it always had) and
+``zarr-<algorithm>-<timestamp>.json`` for the others. The algorithm takes its penalties from
+``conf/algorithm/<algorithm>.yaml`` (the defaults the CLI composes); radmm3/radmm3l train the
+residual network (``model.kind=resnet``), pdadmm/dladmm an MLP (``model.kind=mlp``), all with
+relu. Every measurement comes from the workers themselves (peak RSS of each worker process,
+sampled every 5 ms in the worker; spilled keys and restarts from the workers and the
+scheduler); each configuration gets a fresh LocalCluster so the peaks are its own.
+
+"State" is one copy of every sample-sized variable of the engine's store layout (radmm3: U, Lam
+and V per block; pdADMM: z, q, p, u and the scratch ql per layer; dlADMM: z, a, or z, u for the
+output layer); the store keeps 2 live slots of each (dlADMM 3), recorded as ``live_state_mb``.
 
 1. memory: peak RSS per worker against the number of chunks for a fixed problem; the state part
    (peak minus an idle worker's RSS) should fall roughly as 1/chunks down to the d x d floor.
-2. outofcore: total state >= 3x one worker's ``memory_limit`` completes with no spilled keys
-   and no worker restarted.
+2. outofcore: total state >= 3x one worker's ``memory_limit`` (limit = state / 3.2, at least
+   ``--min-limit-mb``) completes with no spilled keys and no worker restarted. With ``--quick``
+   the floor wins (state is a few MB), so that run only checks that the path works.
 3. time: time per iteration of the Zarr-resident engine against the all-in-memory Dask path on
    the same problem and cluster (target: within 1.3x).
 """
@@ -33,8 +42,15 @@ from pathlib import Path
 import numpy as np
 
 from daskadmm import api
-from daskadmm.config import Config
+from daskadmm.config import Config, from_mapping
 from daskadmm.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("radmm3", "radmm3l", "pdadmm", "dladmm")
+MLP_ALGORITHMS = ("pdadmm", "dladmm")  # MLP trainers (daskadmm.chunked_mlp)
+# --quick: a smoke run of all three measurements in well under a minute on 2 cores
+QUICK = {"width": 32, "depth": 3, "n": 4096, "iterations": 2, "chunks": "1,4",
+         "outofcore_chunks": 4, "min_limit_mb": 256}
 
 
 def make_problem(n: int, d_in: int = 32, d_out: int = 4, seed: int = 0) -> Dataset:
@@ -85,19 +101,51 @@ def _spilled(dask_worker) -> int:
     return len(slow) if slow is not None else 0
 
 
-def state_bytes(width: int, depth: int, n: int, d_out: int) -> int:
-    """U, Lam (and V) of every block, float64."""
-    per = [3 * width * n] * (depth - 1) + [2 * d_out * n]
-    return 8 * sum(per)
+def make_config(algorithm: str, width: int, depth: int, iterations: int) -> Config:
+    """The benchmark's config: ``conf/algorithm/<algorithm>.yaml`` (for radmm3 these are the
+    schema defaults), ``model.kind`` resnet or mlp by algorithm, relu."""
+    import yaml
+
+    alg = yaml.safe_load((ROOT / "conf" / "algorithm" / f"{algorithm}.yaml").read_text())
+    alg["name"] = algorithm
+    kind = "mlp" if algorithm in MLP_ALGORITHMS else "resnet"
+    return from_mapping({
+        "algorithm": alg,
+        "model": {"kind": kind, "width": width, "depth": depth, "activation": "relu"},
+        "run": {"iterations": iterations, "eval_every": iterations, "progress": False},
+    })
 
 
-def run_once(ds: Dataset, width: int, depth: int, iterations: int, chunk_size: int,
-             state: str, memory_limit: str, workdir: Path) -> dict:
+def state_layout(cfg: Config, ds: Dataset) -> tuple[list[dict[str, tuple]], int]:
+    """The engine's own store layout (the sample-sized variables of every block / layer, as
+    :meth:`StateStore.create_state` allocates them) and its number of live slots."""
+    from daskadmm import chunked, chunked_mlp
+
+    arch = api.build_architecture(cfg, ds)
+    name = cfg.algorithm.name
+    if name in chunked_mlp.ALGORITHMS:
+        return chunked_mlp.layout(name, arch), chunked_mlp.slots(name)
+    return chunked.layout(arch), 2
+
+
+def state_bytes(cfg: Config, ds: Dataset) -> dict:
+    """Bytes (float64) of one copy of every sample-sized state variable of the store: radmm3
+    U, Lam (and V) per block; pdADMM z, q, p, u and the scratch ql per layer; dlADMM z, a
+    (z, u for the output layer). ``live`` counts the slots the store keeps of each (2; dlADMM
+    3), ``data`` the training X and Y the store also holds."""
+    lay, slots = state_layout(cfg, ds)
+    n = ds.X_train.shape[1]
+    rows = {f"b{b}/{v}": shape[0] for b, vs in enumerate(lay, start=1)
+            for v, shape in vs.items() if shape and shape[-1] == "n"}
+    one = 8 * n * sum(rows.values())
+    return {"state": one, "live": slots * one, "slots": slots, "variables": rows,
+            "data": 8 * n * (ds.X_train.shape[0] + ds.Y_train.shape[0])}
+
+
+def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit: str,
+             workdir: Path) -> dict:
     from distributed import Client, LocalCluster
 
-    cfg = Config()
-    cfg.model.width, cfg.model.depth, cfg.model.activation = width, depth, "relu"
-    cfg.run.iterations, cfg.run.eval_every, cfg.run.progress = iterations, iterations, False
     url = workdir / f"state-{chunk_size}-{state}.zarr"
     shutil.rmtree(url, ignore_errors=True)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -131,54 +179,90 @@ def run_once(ds: Dataset, width: int, depth: int, iterations: int, chunk_size: i
     }
 
 
-def main() -> None:
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="memory,outofcore,time")
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--n", type=int, default=65536)
-    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--only", default="memory,outofcore,time",
+                    help="comma-separated: memory, outofcore, time")
+    ap.add_argument("--algorithm", default="radmm3", choices=ALGORITHMS)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                    + " (explicit flags still win)")
+    ap.add_argument("--width", type=int, default=None, help="default 128")
+    ap.add_argument("--depth", type=int, default=None, help="default 6")
+    ap.add_argument("--n", type=int, default=None, help="training samples, default 65536")
+    ap.add_argument("--iterations", type=int, default=None, help="default 3")
+    ap.add_argument("--chunks", default=None,
+                    help="chunk counts of the memory sweep, default 1,2,4,8,16")
+    ap.add_argument("--outofcore-chunks", type=int, default=None,
+                    help="chunks of the out-of-core run, default 32")
+    ap.add_argument("--min-limit-mb", type=int, default=None,
+                    help="floor of the out-of-core memory_limit, default 64")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    defaults = {"width": 128, "depth": 6, "n": 65536, "iterations": 3, "chunks": "1,2,4,8,16",
+                "outofcore_chunks": 32, "min_limit_mb": 64}
+    for k, v in (QUICK if args.quick else defaults).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.chunks = _ints(args.chunks)
+    bad = set(args.only.split(",")) - {"memory", "outofcore", "time"}
+    if bad:
+        ap.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     only = set(args.only.split(","))
     ds = make_problem(args.n)
-    total = state_bytes(args.width, args.depth, args.n, ds.d_out)
+    cfg = make_config(args.algorithm, args.width, args.depth, args.iterations)
+    sizes = state_bytes(cfg, ds)
+    total = sizes["state"]
     work = Path(tempfile.mkdtemp(prefix="daskadmm-bench-"))
     result: dict = {
         "benchmark": "zarr_state",
-        "problem": {"width": args.width, "depth": args.depth, "n": args.n,
-                    "iterations": args.iterations, "state_mb": total / 2**20},
+        "algorithm": args.algorithm,
+        "problem": {"algorithm": args.algorithm, "model_kind": cfg.model.kind,
+                    "activation": cfg.model.activation, "rho": cfg.algorithm.rho,
+                    "width": args.width, "depth": args.depth, "n": args.n,
+                    "iterations": args.iterations, "state_mb": total / 2**20,
+                    "state_slots": sizes["slots"], "live_state_mb": sizes["live"] / 2**20,
+                    "data_mb": sizes["data"] / 2**20,
+                    "state_rows": sizes["variables"], "quick": args.quick},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
+    print(f"{args.algorithm} ({cfg.model.kind}, width {args.width}, depth {args.depth}, "
+          f"n {args.n}): state {total / 2**20:.1f} MB per copy, {sizes['slots']} live slots "
+          f"= {sizes['live'] / 2**20:.1f} MB", flush=True)
     try:
         if "memory" in only:
             rows = []
-            for chunks in (1, 2, 4, 8, 16):
+            for chunks in args.chunks:
                 cs = 0 if chunks == 1 else -(-args.n // chunks)
-                r = run_once(ds, args.width, args.depth, args.iterations, cs, "zarr", "auto",
-                             work)
+                r = run_once(cfg, ds, cs, "zarr", "auto", work)
                 rows.append(r)
                 print(f"memory: {r['chunks']:3d} chunks, peak state per worker "
                       f"{max(r['peak_state_mb']):8.1f} MB", flush=True)
             result["memory"] = rows
         if "outofcore" in only:
-            limit_mb = max(64, int(total / 2**20 / 3.2))
-            cs = -(-args.n // 32)
-            r = run_once(ds, args.width, args.depth, args.iterations, cs, "zarr",
-                         f"{limit_mb}MiB", work)
+            limit_mb = max(args.min_limit_mb, int(total / 2**20 / 3.2))
+            cs = -(-args.n // args.outofcore_chunks)
+            r = run_once(cfg, ds, cs, "zarr", f"{limit_mb}MiB", work)
             r["memory_limit_mb"] = limit_mb
             r["state_over_limit"] = total / 2**20 / limit_mb
+            r["live_state_over_limit"] = sizes["live"] / 2**20 / limit_mb
             result["outofcore"] = r
             print(f"out-of-core: state {total / 2**20:.0f} MB = {r['state_over_limit']:.1f}x "
                   f"limit {limit_mb} MB: status {r['status']}, spilled {r['spilled_keys']}, "
                   f"restarted {r['workers_restarted']}", flush=True)
         if "time" in only:
-            mem = run_once(ds, args.width, args.depth, args.iterations, 0, "memory", "auto",
-                           work)
-            zar = run_once(ds, args.width, args.depth, args.iterations, 0, "zarr", "auto",
-                           work)
-            zar8 = run_once(ds, args.width, args.depth, args.iterations, -(-args.n // 8),
-                            "zarr", "auto", work)
+            mem = run_once(cfg, ds, 0, "memory", "auto", work)
+            zar = run_once(cfg, ds, 0, "zarr", "auto", work)
+            zar8 = run_once(cfg, ds, -(-args.n // 8), "zarr", "auto", work)
             result["time"] = {"memory": mem, "zarr_1chunk": zar, "zarr_8chunks": zar8,
                               "zarr_over_memory": zar["per_iteration"] / mem["per_iteration"],
                               "zarr8_over_memory": zar8["per_iteration"] / mem["per_iteration"],
@@ -189,9 +273,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"zarr-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    tag = "" if args.algorithm == "radmm3" else f"{args.algorithm}-"
+    path = out / f"zarr-{tag}{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

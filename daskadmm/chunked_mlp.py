@@ -653,6 +653,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     eval_keys: dict[int, str] = {}
     w_keys: dict[int, list[str]] = {}
     ck_keys: dict[int, list[str]] = {}
+    done: dict[str, str] = {}  # chunk task -> its layer's statistics task (runs after it)
     for k in range(k0 + 1, k1 + 1):
         pen = pens[k]
         o, w = (k - 1) % 2, k % 2
@@ -776,6 +777,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             lk = key("layer_stats", k, run_id, i)
             nodes.append(Node(lk, layer_stats, (Ref(sm_keys[i]), *parts[i]), block=i))
             lstats.append(Ref(lk))
+            done.update({r.key: lk for r in parts[i]})
         stats_keys[k] = key("iteration_stats", k, run_id)
         nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *lstats)))
         w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
@@ -795,7 +797,11 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                                        *order), block=i))
                     ck_keys[k].append(kk)
         small = sm_keys
-    last = hz.roles()
+    # Carry completion markers, not chunk tasks: a chunk task's output holds d x d statistics,
+    # and a future kept for a dependency keeps its output in cluster memory. The layer's
+    # statistics task runs after all of that layer's chunk tasks of its iteration (and its
+    # output is a few floats), so a later task may wait for it instead.
+    last = {role: done.get(v, v) for role, v in hz.roles().items()}
     last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
     last["gram"] = prev["gram"]
     return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)

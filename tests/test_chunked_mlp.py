@@ -8,6 +8,7 @@ from test_storage import REL, _cfg, _mem_url, _rel, _with
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api, chunked_mlp
+from daskadmm.chunked import ChunkTask
 from daskadmm.config import ConfigError, validate
 from daskadmm.data import load_dataset
 from daskadmm.graph import critical_path_length
@@ -163,3 +164,14 @@ def test_chunk_tasks_carry_no_sample_arrays():
     for node in wg.nodes:
         for a in node.args:
             assert not (isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[1] >= 10), node.key
+
+
+@pytest.mark.parametrize("name", ["pdadmm", "dladmm"])
+def test_carried_dependencies_are_small_completion_markers(name):
+    # what the next window depends on must not pin chunk outputs (d x d statistics) in memory
+    wg = _window(name, 4, 2)
+    chunk_tasks = {n.key for n in wg.nodes if n.args and isinstance(n.args[0], ChunkTask)
+                   and not n.key.startswith("checkpoint")}
+    assert chunk_tasks
+    assert not chunk_tasks & set(wg.last.values())
+    assert any(v.startswith("layer_stats-") for v in wg.last.values())
