@@ -31,7 +31,7 @@ import numpy as np
 
 from .model import Architecture, metrics
 from .monitor import IterationStats
-from .splitting import BlockSpec, Penalties, Splitting
+from .splitting import BlockSpec, Penalties, Splitting, select
 
 __all__ = [
     "Node",
@@ -88,6 +88,11 @@ def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple
         else:
             args.append(value[0][pick])
     return fn(spec, pen, *args, Y=Y)
+
+
+def select_output(out: tuple, keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """A step output ``(state, stats)`` cut down to the state entries ``keys``."""
+    return select(out[0], keys), {}
 
 
 def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
@@ -154,6 +159,7 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
     eval_keys: dict[int, str] = {}
     X, Y = Ref(data_keys["X"]), Ref(data_keys["Y"])
     last_step = splitting.steps[-1].name
+    selected: set[str] = set()
     for k in range(k0 + 1, k1 + 1):
         pen = pens[k]
         cur: dict[str, list[str]] = {}
@@ -172,7 +178,17 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
                         picks.append(None)
                     else:
                         src = cur if inp.lag == 0 else prev
-                        refs.append(Ref(src[inp.step][j]))
+                        ref = Ref(src[inp.step][j])
+                        if inp.keys is not None:
+                            # on the producer's worker: only the entries read travel
+                            sk = f"select-{inp.step}-{'-'.join(inp.keys)}-b{j + 1}-" \
+                                 f"k{k - inp.lag}-{run_id}"
+                            if sk not in selected:
+                                selected.add(sk)
+                                nodes.append(Node(sk, select_output, (ref, inp.keys),
+                                                  block=j + 1))
+                            ref = Ref(sk)
+                        refs.append(ref)
                         picks.append("" if inp.key is None else inp.key)
                 nodes.append(Node(cur[step.name][b], run_step,
                                   (step.fn, specs[b], pen, Y if b == N - 1 else None,

@@ -17,7 +17,7 @@ from .model import Architecture
 from .monitor import IterationStats, Monitor
 from .result import Result
 from .schedules import PenaltySchedule
-from .splitting import BlockSpec, Input, Options, Splitting
+from .splitting import BlockSpec, Input, Options, Splitting, select
 
 __all__ = ["block_states", "initial_objective", "initial_outputs", "solve", "sweep"]
 
@@ -35,7 +35,9 @@ def _resolve(inp: Input, i: int, N: int, cur: dict, prev: dict, X: Array):
     if outs is None or outs[j] is None:
         raise RuntimeError(f"step input {inp} of block {i + 1} is not computed yet: "
                            "the splitting's steps are not in a valid order")
-    return outs[j] if inp.key is None else outs[j][inp.key]
+    if inp.key is not None:
+        return outs[j][inp.key]
+    return outs[j] if inp.keys is None else select(outs[j], inp.keys)
 
 
 def sweep(splitting: Splitting, specs: list[BlockSpec], pen, prev: dict[str, list[State]],

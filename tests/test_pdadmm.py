@@ -220,8 +220,10 @@ def pipelined(prob, pens, K, options=None):
 def test_registered_as_one_step_with_only_previous_iteration_inputs():
     sp = get_splitting("pdadmm")
     assert len(sp.steps) == 1
-    assert sp.steps[0].inputs == (Input(SELF, "update_layer", 1), Input(LEFT, "update_layer", 1),
-                                  Input(RIGHT, "update_layer", 1))
+    # only what the task reads of its neighbours travels (the reference passes the same subsets)
+    assert sp.steps[0].inputs == (Input(SELF, "update_layer", 1),
+                                  Input(LEFT, "update_layer", 1, keys=("z", "q", "p")),
+                                  Input(RIGHT, "update_layer", 1, keys=("p", "u")))
     assert sp.objective_left == "q"
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Splitting",
     "Step",
     "get_splitting",
+    "select",
 ]
 
 LEFT, SELF, RIGHT = -1, 0, 1
@@ -51,12 +52,20 @@ LEFT, SELF, RIGHT = -1, 0, 1
 class Input:
     """One argument of a step's task: the output of step ``step`` of block ``i + block`` at
     iteration ``k - lag``; ``key`` picks one entry of that output's state (None: the whole
-    state). At iteration ``k - lag = 0`` the value comes from the initial state."""
+    state), ``keys`` the entries the task reads (a smaller state; on a cluster only those
+    travel between workers). At iteration ``k - lag = 0`` the value comes from the initial
+    state."""
 
     block: int
     step: str
     lag: int
     key: str | None = None
+    keys: tuple[str, ...] | None = None
+
+
+def select(state: dict, keys: tuple[str, ...]) -> dict:
+    """The entries ``keys`` of a block state (those it has)."""
+    return {k: state[k] for k in keys if k in state}
 
 
 @dataclass(frozen=True)
