@@ -34,7 +34,9 @@ State keys: ``W``, ``z``, ``a`` (l < L), ``u`` (l = L), and the last accepted cu
 ``theta_W``, ``theta_a`` (0-d arrays).
 
 ``W`` and ``a`` take one quadratic-approximation step each, with the curvature ``theta`` found by
-capped backtracking (:func:`backtrack`); ``b`` is exact (its objective is a quadratic with a
+capped backtracking (:func:`quad_theta`: each subproblem is a quadratic, so the paper's
+sufficient-decrease test is evaluated exactly from two sums over the samples, which also lets
+the Zarr engine split it into chunks); ``b`` is exact (its objective is a quadratic with a
 known curvature, so its quadratic approximation *is* the objective); ``z_l`` is an elementwise
 prox (closed form for ReLU and leaky ReLU, safeguarded Newton for smooth activations);
 ``z_L`` is the prox of the loss.
