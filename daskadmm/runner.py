@@ -96,16 +96,19 @@ def _start_local_cluster(ccfg: ClusterConfig):
     # distributed sets MALLOC_TRIM_THRESHOLD_=65536 for its workers, which also pins glibc's
     # mmap threshold at 128 KiB: then every n-sized temporary is a fresh mmap whose pages fault
     # in, and the same block update ran 1.4-1.6x slower in a worker than in the driver
-    # (measured). Unset, glibc adapts its thresholds as in any Python process.
+    # (measured). Unset, glibc adapts its thresholds as in any Python process, at the price of
+    # keeping some freed memory: with an explicit cluster.memory_limit (out-of-core runs) the
+    # workers keep distributed's setting.
     # A nanny also writes its pre-spawn variables into this process's environment, so an
     # earlier cluster in this process leaves distributed's value behind: drop that one too.
     trim = "MALLOC_TRIM_THRESHOLD_"
-    inherited = os.environ.get(trim)
-    default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
-    if inherited is not None and inherited == str(default):
-        del os.environ[trim]
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
-    spawn[f"distributed.nanny.pre-spawn-environ.{trim}"] = None
+    if ccfg.memory_limit in ("auto", None):
+        inherited = os.environ.get(trim)
+        default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
+        if inherited is not None and inherited == str(default):
+            del os.environ[trim]
+        spawn[f"distributed.nanny.pre-spawn-environ.{trim}"] = None
     with dask.config.set(spawn):
         return LocalCluster(
             n_workers=ccfg.n_workers,

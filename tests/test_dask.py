@@ -287,10 +287,15 @@ def test_local_cluster_workers_start_with_default_malloc_and_pinned_blas(monkeyp
     from daskadmm.config import ClusterConfig
     from daskadmm.runner import _start_local_cluster
 
+    def worker_env(**kw):
+        with _start_local_cluster(ClusterConfig(n_workers=1, blas_threads=1,
+                                                dashboard_address="127.0.0.1:0", **kw)) as cl, \
+                Client(cl) as client:
+            return list(client.run(lambda: {k: os.environ.get(k) for k in (
+                "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values())[0]
+
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    with _start_local_cluster(ClusterConfig(n_workers=1, blas_threads=1,
-                                            dashboard_address="127.0.0.1:0")) as cl, \
-            Client(cl) as client:
-        env = list(client.run(lambda: {k: os.environ.get(k) for k in (
-            "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values())[0]
-    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": "1"}
+    assert worker_env() == {"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": "1"}
+    # an explicit memory limit (out-of-core runs): memory before speed, distributed's setting
+    assert worker_env(memory_limit="1GB") == {"MALLOC_TRIM_THRESHOLD_": "65536",
+                                              "OPENBLAS_NUM_THREADS": "1"}
