@@ -351,10 +351,16 @@ def _task(dcfg: DictConfig) -> None:
         writer.write(record)
         update(record)
 
+    from .runner import ClusterError
     from .storage import StoreError
 
     try:
         result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+    except ClusterError as exc:
+        # mid-run: keep what was written (metrics so far, the store and its checkpoints)
+        writer.close()
+        bar.close()
+        _fail(_one_line(exc))
     except (StoreError, ConnectionError, ImportError) as exc:
         # bad store paths, an unreachable cluster.address, a missing optional extra: input
         # problems, not bugs. Nothing of a previous run is touched.

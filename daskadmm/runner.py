@@ -50,7 +50,7 @@ from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
 
-__all__ = ["SharedCluster", "connect", "run_dask"]
+__all__ = ["ClusterError", "SharedCluster", "connect", "run_dask"]
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class _Ctx:
         """Connect, announce the dashboard, run ``pipeline(client, workers) -> (status, k)``
         under a performance report and a task-stream recorder, and save both into the run
         directory. Returns ``(status, k, info)``."""
-        from distributed import get_task_stream, performance_report
+        from distributed import KilledWorker, get_task_stream, performance_report
+        from distributed.client import FutureCancelledError
 
         with connect(self.cfg.cluster) as client:
             dashboard = client.dashboard_link
@@ -313,7 +314,10 @@ class _Ctx:
                 contextlib.nullcontext()
             t_start = time.time()
             with perf, get_task_stream(client) as ts:
-                status, k = pipeline(client, workers)
+                try:
+                    status, k = pipeline(client, workers)
+                except (FutureCancelledError, KilledWorker) as exc:
+                    raise ClusterError(_lost_worker_message(self.cfg, exc)) from exc
             stream = ts.data
         info = {"dashboard": dashboard, "workers": len(workers),
                 **_stream_summary(stream, self.run_id, t_start)}
@@ -408,6 +412,19 @@ def _call_aligned(fn, *args):
     with its own loop, which rounds differently. Copying those (rare, cheap next to the task)
     keeps every scheduler bit-for-bit equal to the serial reference."""
     return fn(*[_aligned(a) for a in args])
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster lost work mid-run (a worker died). One line, names what to do."""
+
+
+def _lost_worker_message(cfg: Config, exc: BaseException) -> str:
+    hint = "raise cluster.memory_limit or lower storage.chunk_size"
+    if cfg.run.checkpoint_every and cfg.storage.url:
+        hint += f"; continue from the last checkpoint with run.resume=true " \
+                f"storage.url={cfg.storage.url}"
+    return (f"a Dask worker was lost mid-run (killed for memory or crashed; "
+            f"{type(exc).__name__}): {hint}")
 
 
 def _resolve(arg: Any, futures: dict[str, Any]) -> Any:

@@ -299,3 +299,34 @@ def test_local_cluster_workers_start_with_default_malloc_and_pinned_blas(monkeyp
     # an explicit memory limit (out-of-core runs): memory before speed, distributed's setting
     assert worker_env(memory_limit="1GB") == {"MALLOC_TRIM_THRESHOLD_": "65536",
                                               "OPENBLAS_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("state", ["memory", "zarr"])
+def test_a_lost_worker_is_a_clear_error(tmp_path, state):
+    # a worker that dies mid-run (here: SIGKILL, as the nanny's memory monitor would) takes
+    # scattered inputs with it; the run ends with one line saying what to do, not a hang
+    import signal
+
+    from distributed import LocalCluster
+
+    from daskadmm.runner import ClusterError
+
+    cfg, ds = _problem()
+    cfg.run.iterations, cfg.run.eval_every = 200, 1
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        c = dataclasses.replace(cfg, cluster=dataclasses.replace(
+            cfg.cluster, kind="address", address=cluster.scheduler_address),
+            storage=dataclasses.replace(cfg.storage, state=state,
+                                        url=str(tmp_path / "s.zarr")))
+        killed = []
+
+        def kill_workers(record):
+            if record["iteration"] >= 2 and not killed:
+                killed.extend(n.process.pid for n in cluster.workers.values())
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+
+        with pytest.raises(ClusterError, match="worker was lost mid-run"):
+            api.fit(c, dataset=ds, callback=kill_workers)
+    assert killed
