@@ -127,15 +127,16 @@ def init_partials(ct: ChunkTask, bias: bool, slot: int) -> tuple[Array, Array, A
     return Xt @ Xt.T, U @ Xt.T, Lam @ Xt.T
 
 
-def sum_partials(*parts: tuple) -> tuple[Array, Array, Array]:
-    """Sum chunk statistics in the given (fixed) order: a node of the reduction tree."""
-    G, P, Q = (None if p is None else p.copy() for p in parts[0])
-    for g, p, q in parts[1:]:
-        if G is not None:
-            G += g
-        P += p
-        Q += q
-    return G, P, Q
+def sum_partials(*parts: tuple) -> tuple:
+    """Sum chunk statistics (equal-length tuples of arrays) entry by entry in the given (fixed)
+    order: a node of a reduction tree. A None entry (a statistic the chunks do not carry, e.g.
+    a constant Gram matrix) stays None."""
+    acc = [None if p is None else p.copy() for p in parts[0]]
+    for part in parts[1:]:
+        for j, p in enumerate(part):
+            if acc[j] is not None:
+                acc[j] += p
+    return tuple(acc)
 
 
 def update_weights(spec: BlockSpec, pen: Penalties, W: Array, stats: tuple,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks
+from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks, sum_partials
 from .graph import Node, Ref, iteration_stats, key
 from .model import Architecture
 from .splitting import BlockSpec, Penalties, get_splitting
@@ -41,11 +41,12 @@ from .splitting import dladmm as dl
 from .splitting import pdadmm as pd
 from .splitting.dladmm import (
     _plus_bias,
-    a_curv,
     a_grad,
-    a_theta0,
+    a_hessian,
     penalty_nu,
     quad_theta,
+    shifted_curv,
+    shifted_theta0,
     update_b,
     update_W_stats,
     w_stats,
@@ -152,22 +153,11 @@ def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
     return X @ X.T, X.sum(axis=1, keepdims=True)
 
 
-def sum_in_order(*parts: tuple) -> tuple:
-    """Elementwise sum of equal-structure tuples of arrays (None entries stay None), in the
-    given order: the reduction of chunk statistics."""
-    acc = [None if p is None else np.array(p, dtype=np.float64) for p in parts[0]]
-    for part in parts[1:]:
-        for j, p in enumerate(part):
-            if acc[j] is not None:
-                acc[j] += p
-    return tuple(acc)
-
-
-def _w_stats_of(i: int, outs: Iterable[dict], gram: tuple | None, field_: str = "w") -> tuple:
+def _w_stats_of(i: int, outs: Iterable[dict], gram: tuple | None) -> tuple:
     """W statistics from chunk outputs: layer 1's ``V V^T``, ``V 1`` are the constant ``gram``
     (its chunks carry only ``T V^T``, ``T 1``)."""
-    G, P, sV, sT = sum_in_order(*[o[field_] for o in outs])
-    if i == 1 or G is None:
+    G, P, sV, sT = sum_partials(*[o["w"] for o in outs])
+    if i == 1:
         G, sV = gram
     return G, P, sV, sT
 
@@ -177,10 +167,6 @@ def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
     if i == 1:
         return None, T @ V.T, None, T.sum(axis=1, keepdims=True)
     return w_stats(V, T)
-
-
-def gram_sum(*parts: tuple) -> tuple[Array, Array]:
-    return sum_in_order(*parts)
 
 
 def layer_stats(small: Small, *outs: dict) -> dict[str, float]:
@@ -263,7 +249,7 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         z = _get(ct, i, "z", o)
         R = q - act.f(z) if spec.s else None
         g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
-        out["curv"], out["sq"] = pd.p_curv(g, A, spec.s, nu, rho)
+        out["curv"], out["sq"] = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
     return out
 
 
@@ -271,7 +257,7 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: dict) -> d
     """The p step's curvature from the summed chunk shares (layer l >= 2)."""
     A, _ = spec.split_bias(small["W"])
     nu, o = penalty_nu(pen), spec.options
-    t0 = pd.p_theta0(A, spec.s, nu, pen.rho, small["theta_p"], o.step)
+    t0 = shifted_theta0(A, *pd.p_hessian(spec.s, nu, pen.rho), small["theta_p"], o.step)
     theta, capped = _decide(outs, t0, o.backtrack_max)
     return {"theta": theta, "capped": capped}
 
@@ -373,10 +359,25 @@ def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
     return _X(ct) if spec.i == 1 else _get(ct, spec.i - 1, "a", slot)
 
 
-def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> dict:
+def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
+    """``(c, kappa)`` of layer l's a-step Hessian (``kappa = rho`` next to the output)."""
     kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
-    curv, sq = a_curv(g, A, kappa, spec.s_next, penalty_nu(pen))
+    return a_hessian(kappa, spec.s_next, penalty_nu(pen))
+
+
+def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> dict:
+    curv, sq = shifted_curv(g, A, *_a_hessian(spec, pen))
     return {"curv": curv, "sq": sq}
+
+
+def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int,
+               step: tuple[float, bool], a0: Array, z: Array, left: Array) -> Array:
+    """The decided a step on one chunk: the gradient recomputed (same inputs, same bits)."""
+    theta, capped = step
+    if capped:
+        return a0
+    g, _ = _dl_grad(ct, spec, pen, right, o, a0, z, left)
+    return a0 - g / theta
 
 
 def _caps(small: Small, k: int) -> float:
@@ -389,9 +390,8 @@ def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Sm
     """The a step's curvature from the summed chunk shares; ``small`` with the new
     ``theta_a`` and the decision (``step``)."""
     A, _ = spec.split_bias(right["W"])
-    kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
     o = spec.options
-    t0 = a_theta0(A, kappa, spec.s_next, penalty_nu(pen), small["theta_a"], o.step)
+    t0 = shifted_theta0(A, *_a_hessian(spec, pen), small["theta_a"], o.step)
     theta, capped = _decide(outs, t0, o.backtrack_max)
     new = dict(small)
     new.update({"theta_a": theta, "step": (theta, capped), "k": k,
@@ -414,12 +414,8 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     """Backward sweep, layer l < L, pass 2: the a step, then z (old W); W statistics."""
     i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, o)
-    a_o, z_o = _get(ct, i, "a", o), _get(ct, i, "z", o)
-    theta, capped = small["step"]
-    a = a_o
-    if not capped:
-        g, _ = _dl_grad(ct, spec, pen, right, o, a_o, z_o, left)
-        a = a_o - g / theta
+    z_o = _get(ct, i, "z", o)
+    a = _dl_a_step(ct, spec, pen, right, o, small["step"], _get(ct, i, "a", o), z_o, left)
     A, b = spec.split_bias(small["W"])
     c = a - left if spec.s else a
     z, nc = dl.update_z(c, _plus_bias(A @ left, b), nu, z_o, spec.act, opt.newton_max_iter)
@@ -487,12 +483,8 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     """Forward sweep, layer l < L, pass 2: the a step; statistics of layer l+1's W step."""
     i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
     left = _dl_left(ct, spec, w)
-    a_b, z = _get(ct, i, "a", BWD), _get(ct, i, "z", w)
-    theta, capped = small["step"]
-    a = a_b
-    if not capped:
-        g, _ = _dl_grad(ct, spec, pen, right, o, a_b, z, left)
-        a = a_b - g / theta
+    z = _get(ct, i, "z", w)
+    a = _dl_a_step(ct, spec, pen, right, o, small["step"], _get(ct, i, "a", BWD), z, left)
     _put(ct, i, "a", w, a)
     p = a - spec.act.f(z)
     if spec.s:
@@ -624,7 +616,7 @@ def start_nodes(name: str, arch: Architecture, url: str, slices: list[slice], ru
                 nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
         nodes.append(Node(f"gram_chunk-c{c}-{run_id}", gram_chunk, (ct,), block=1))
     gk = f"gram_x-{run_id}"
-    nodes.append(Node(gk, gram_sum, tuple(Ref(f"gram_chunk-c{c}-{run_id}")
+    nodes.append(Node(gk, sum_partials, tuple(Ref(f"gram_chunk-c{c}-{run_id}")
                                           for c in range(len(slices))), block=1))
     roles = hz.roles()
     roles["gram"] = gk

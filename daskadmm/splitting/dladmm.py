@@ -64,14 +64,17 @@ from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
 from .base import BlockSpec, Penalties, lambda_max, prox_activation, prox_output
 
 __all__ = [
-    "a_curv",
     "a_grad",
+    "a_hessian",
     "backward_update",
     "block_objective",
     "forward_update",
     "init_state",
     "penalty_nu",
     "quad_theta",
+    "shifted_curv",
+    "shifted_step",
+    "shifted_theta0",
     "update_W",
     "update_W_stats",
     "update_a",
@@ -226,21 +229,39 @@ def a_grad(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: floa
     return grad
 
 
-def a_curv(grad: Array, A: Array, kappa: float, s_next: int, nu: float) -> tuple[float, float]:
-    """``(g^T H g, ||g||^2)`` for :func:`quad_theta`, ``H = nu (1 + s'^2) I + kappa A^T A``:
-    sums over the samples (chunks add their shares)."""
+def a_hessian(kappa: float, s_next: int, nu: float) -> tuple[float, float]:
+    """``(c, kappa)`` of the a step's Hessian ``c I + kappa A^T A``, ``c = nu (1 + s'^2)``."""
+    return nu * (1.0 + float(s_next) ** 2), kappa
+
+
+def shifted_curv(grad: Array, A: Array, c: float, kappa: float) -> tuple[float, float]:
+    """``(g^T H g, ||g||^2)`` for :func:`quad_theta` with ``H = c I + kappa A^T A`` (the a and
+    p steps' Hessian): sums over the samples, so chunks add their shares."""
     sq = float(np.sum(grad * grad))
     Ag = A @ grad
-    return nu * (1.0 + float(s_next) ** 2) * sq + kappa * float(np.sum(Ag * Ag)), sq
+    return c * sq + kappa * float(np.sum(Ag * Ag)), sq
 
 
-def a_theta0(A: Array, kappa: float, s_next: int, nu: float, last: float | None,
-             step: str) -> float:
-    """First trial curvature of the a step (see :func:`_theta0`)."""
-    c = nu * (1.0 + float(s_next) ** 2)
+def shifted_theta0(A: Array, c: float, kappa: float, last: float | None, step: str) -> float:
+    """First trial curvature for ``H = c I + kappa A^T A`` (see :func:`_theta0`): its mean
+    eigenvalue ``c + kappa ||A||_F^2 / cols(A)``, or its largest."""
     return _theta0(step, 0.0 if last is None else last,
                    c + kappa * float(np.sum(A * A)) / A.shape[1],
                    lambda: c + kappa * _gram_max(A))
+
+
+def shifted_step(x: Array, grad: Array, A: Array, c: float, kappa: float,
+                 theta0: float | None, max_trials: int, step: str
+                 ) -> tuple[Array, float, int, bool]:
+    """One gradient step ``x - grad / theta`` on a quadratic with Hessian ``c I + kappa A^T A``,
+    ``theta`` from :func:`quad_theta` (on the cap ``x`` is kept). Returns
+    ``(x+, theta, trials, capped)``."""
+    curv, sq = shifted_curv(grad, A, c, kappa)
+    theta, trials, capped = quad_theta(curv, sq, shifted_theta0(A, c, kappa, theta0, step),
+                                       max_trials)
+    if capped:
+        return x, theta, trials, True
+    return x - grad / theta, theta, trials, False
 
 
 def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: float,
@@ -267,12 +288,7 @@ def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: fl
     Returns ``(a+, theta, trials, capped)``.
     """
     grad = a_grad(a, c0, A, b, T, kappa, R, s_next, nu)
-    curv, sq = a_curv(grad, A, kappa, s_next, nu)
-    theta, trials, capped = quad_theta(curv, sq, a_theta0(A, kappa, s_next, nu, theta0, step),
-                                       max_trials)
-    if capped:
-        return a, theta, trials, True
-    return a - grad / theta, theta, trials, False
+    return shifted_step(a, grad, A, *a_hessian(kappa, s_next, nu), theta0, max_trials, step)
 
 
 def update_z(c: Array, m: Array, nu: float, z0: Array, act: Activation, max_iter: int

@@ -57,11 +57,9 @@ from ..model import Activation, Architecture, forward, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
 from .base import BlockSpec, Penalties, prox_activation, prox_output
 from .dladmm import (
-    _gram_max,
     _plus_bias,
-    _theta0,
     penalty_nu,
-    quad_theta,
+    shifted_step,
     update_b,
     update_W,
     update_W_stats,
@@ -73,8 +71,8 @@ __all__ = [
     "init_state",
     "layer_update",
     "update_W",
-    "p_curv",
     "p_grad",
+    "p_hessian",
     "update_b",
     "update_p",
     "update_q",
@@ -105,20 +103,15 @@ def update_p(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: 
 
         grad f = -nu A^T (z - A p - b 1^T) - nu s (R - s p) + u + rho (p - q_{l-1})
 
-    ``p+ = p^k - grad f / theta`` with ``theta`` from
-    :func:`~daskadmm.splitting.dladmm.quad_theta` (exact test: ``f`` is quadratic). ``theta0``
+    ``p+ = p^k - grad f / theta`` by :func:`~daskadmm.splitting.dladmm.shifted_step`
+    (``theta`` from :func:`~daskadmm.splitting.dladmm.quad_theta`; ``f`` is quadratic). ``theta0``
     None starts from the mean eigenvalue ``nu ||A||_F^2 / cols(A) + nu s^2 + rho`` of the
     curvature ``nu A^T A + (nu s^2 + rho) I`` (``step="lipschitz"``: its largest eigenvalue).
 
     Returns ``(p+, theta, trials, capped)``.
     """
     grad = p_grad(p, A, b, z, R, s, u, q_left, nu, rho)
-    curv, sq = p_curv(grad, A, s, nu, rho)
-    theta, trials, capped = quad_theta(curv, sq, p_theta0(A, s, nu, rho, theta0, step),
-                                       max_trials)
-    if capped:
-        return p, theta, trials, True
-    return p - grad / theta, theta, trials, False
+    return shifted_step(p, grad, A, *p_hessian(s, nu, rho), theta0, max_trials, step)
 
 
 def p_grad(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: int, u: Array,
@@ -131,20 +124,9 @@ def p_grad(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: in
     return grad
 
 
-def p_curv(grad: Array, A: Array, s: int, nu: float, rho: float) -> tuple[float, float]:
-    """``(g^T H g, ||g||^2)`` for :func:`~daskadmm.splitting.dladmm.quad_theta`, with the
-    Hessian ``H = nu A^T A + (nu s^2 + rho) I``: sums over the samples."""
-    sq = float(np.sum(grad * grad))
-    Ag = A @ grad
-    return (nu * float(s) ** 2 + rho) * sq + nu * float(np.sum(Ag * Ag)), sq
-
-
-def p_theta0(A: Array, s: int, nu: float, rho: float, last: float | None, step: str) -> float:
-    """First trial curvature of the p step."""
-    base = nu * float(s) ** 2 + rho
-    return _theta0(step, 0.0 if last is None else last,
-                   base + nu * float(np.sum(A * A)) / A.shape[1],
-                   lambda: base + nu * _gram_max(A))
+def p_hessian(s: int, nu: float, rho: float) -> tuple[float, float]:
+    """``(c, kappa)`` of the p step's Hessian ``c I + kappa A^T A``: ``(nu s^2 + rho, nu)``."""
+    return nu * float(s) ** 2 + rho, nu
 
 
 def update_z(c: Array, m: Array, z_prev: Array, nu: float, act: Activation, max_iter: int
