@@ -223,12 +223,13 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     pending = small["pending"] > 0
     rho0, nu0 = small["rho"], small["nu"]
     dual = 0.0
+    z = _get(ct, i, "z", o)
     p_o = _get(ct, i, "p", o) if i > 1 else None
     if i < N:
         q_o = _get(ct, i, "q", o)
         q = q_o
         if pending:
-            q = pd.update_q(_get(ct, i, "z", o), p_o if spec.s else None,
+            q = pd.update_q(z, p_o if spec.s else None,
                             _get(ct, i + 1, "p", o), _get(ct, i + 1, "u", o), rho0, nu0, act)
             dual = float(np.sum((q - q_o) ** 2))
         _put(ct, i, "q", w, q)
@@ -246,7 +247,6 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         # the same inputs pass B reads back from the store (float64, stored bit for bit)
         nu, rho = penalty_nu(pen), pen.rho
         A, b = spec.split_bias(small["W"])
-        z = _get(ct, i, "z", o)
         R = q - act.f(z) if spec.s else None
         g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
         out["curv"], out["sq"] = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
