@@ -71,6 +71,10 @@ def fit(cfg: Config, *, run_dir: Path | None = None,
 def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,
          dataset: Dataset | None) -> Result:
     ds = dataset if dataset is not None else load_data(cfg)
+    from .config import check_resources
+
+    check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
+                    default_store="memory://" if run_dir is None else Path(run_dir) / "state.zarr")
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)
     weights0 = init_weights(arch, rng, cfg.model.residual_scale)

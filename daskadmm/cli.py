@@ -210,24 +210,29 @@ def _preflight(args: Any) -> list[Config]:
         raise UsageError(_one_line(exc)) from None
 
     from . import api
+    from .config import check_resources
 
     _PRELOADED.clear()
     budget = _PRELOAD_BUDGET_BYTES
-    seen: set[str] = set()
+    shapes: dict[str, tuple[int, int, int, int]] = {}
     for job, cfg in configs:
         key = _data_key(cfg)
-        if key in seen:
-            continue
-        seen.add(key)
+        where = _job_label(job) if len(configs) > 1 else ""
+        if key not in shapes:
+            try:
+                dataset = api.load_data(cfg)
+            except _data_errors() as exc:
+                raise UsageError(_one_line(exc) + where) from None
+            shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
+                           dataset.d_out)
+            size = _dataset_bytes(dataset)
+            if size <= budget:
+                _PRELOADED[key] = dataset
+                budget -= size
         try:
-            dataset = api.load_data(cfg)
-        except _data_errors() as exc:
-            where = _job_label(job) if len(configs) > 1 else ""
+            check_resources(cfg, *shapes[key])
+        except ConfigError as exc:
             raise UsageError(_one_line(exc) + where) from None
-        size = _dataset_bytes(dataset)
-        if size <= budget:
-            _PRELOADED[key] = dataset
-            budget -= size
     return [cfg for _, cfg in configs]
 
 

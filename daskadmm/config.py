@@ -10,9 +10,14 @@ Nothing in this module imports Hydra: ``from_mapping`` accepts any nested mappin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "StorageConfig",
+    "check_resources",
     "from_mapping",
     "validate",
 ]
@@ -42,6 +48,17 @@ DATASETS = ("digits", "wine_red", "wine_white", "synthetic", "mnist", "mnist_5k"
             "csv")
 SCHEDULES = ("constant", "grow", "adaptive")
 CLUSTERS = ("reference", "synchronous", "threads", "local", "address")
+# Dask's comm schemes a scheduler address may use (``inproc`` only works inside one process).
+ADDRESS_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and scikit-learn's random_state) take 32 bits
+MAX_WIDTH = 65536
+MAX_DEPTH = 10000
+# check_resources' estimate: copies of the weights counted in memory (an allowance for previous
+# values, updates and optimizer moments), sample-sized ADMM variables per layer, and the
+# iteration slots a Zarr state store keeps.
+WEIGHT_COPIES = 4
+STATE_VARIABLES = 3
+STORE_SLOTS = 2
 
 
 class ConfigError(ValueError):
@@ -159,12 +176,21 @@ class ClusterConfig:
 class StorageConfig:
     """Where the ADMM variables live on Dask clusters. ``state=zarr``: a chunked Zarr store
     (radmm3, radmm3l, pdadmm, dladmm; radmm2 keeps its state in worker memory); ``state=memory``:
-    in worker memory. ``chunk_size`` samples per chunk (0: one chunk)."""
+    in worker memory. ``chunk_size`` samples per chunk (0: one chunk).
+
+    ``overwrite``: replace an existing daskadmm state store at ``storage.url`` (never anything
+    else). ``break_lock``: take over a store whose lock is held by a run that cannot be verified
+    dead (another host, reused pid); says whose lock it broke."""
 
     state: str = "zarr"
     url: str | None = None  # None: <run dir>/state.zarr
     chunk_size: int = 0  # samples per chunk (0: one chunk)
     compressor: str = "none"
+    # replace an existing daskadmm state store at storage.url (never anything else)
+    overwrite: bool = False
+    # take over a store whose lock is held by a run that cannot be verified dead (another host,
+    # reused pid); says whose lock it broke
+    break_lock: bool = False
 
 
 @dataclass
@@ -206,6 +232,11 @@ def _coerce(section: str, key: str, value: Any, default: Any, annotation: str) -
     if "int" in annotation and "float" not in annotation:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value  # exact, however large (float() would round it)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
         try:
             f = float(value)
         except ValueError:
@@ -300,7 +331,9 @@ def validate(cfg: Config) -> Config:
 
     _check(m.kind in ("resnet", "mlp"), f"model.kind must be resnet or mlp, got {m.kind!r}")
     _check(m.depth >= 2, f"model.depth must be >= 2 (input and output layer), got {m.depth}")
+    _check(m.depth <= MAX_DEPTH, f"model.depth must be <= {MAX_DEPTH}, got {m.depth}")
     _check(m.width >= 1, f"model.width must be >= 1, got {m.width}")
+    _check(m.width <= MAX_WIDTH, f"model.width must be <= {MAX_WIDTH}, got {m.width}")
     _check(m.activation in ACTIVATIONS,
            f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
     _check(0 < m.leaky_slope < 1, f"model.leaky_slope must be in (0, 1), got {m.leaky_slope}")
@@ -317,6 +350,8 @@ def validate(cfg: Config) -> Config:
     elif d.task is not None:
         _check(d.task in ("regression", "classification"),
                f"data.task must be regression or classification, got {d.task!r}")
+    _check(d.seed is None or 0 <= d.seed <= MAX_SEED,
+           f"data.seed must be in [0, {MAX_SEED}] (2**32 - 1) or null, got {d.seed}")
     _check(0 < d.test_size < 1, f"data.test_size must be in (0, 1), got {d.test_size}")
     for key in ("n_train", "n_test"):
         v = getattr(d, key)
@@ -329,6 +364,8 @@ def validate(cfg: Config) -> Config:
     _finite_pos("data.noise", d.noise, allow_zero=True)
 
     _check(r.iterations >= 1, f"run.iterations must be >= 1, got {r.iterations}")
+    _check(0 <= r.seed <= MAX_SEED, f"run.seed must be in [0, {MAX_SEED}] (2**32 - 1), "
+           f"got {r.seed}")
     _check(r.eval_every >= 1, f"run.eval_every must be >= 1, got {r.eval_every}")
     _finite_pos("run.tol_primal", r.tol_primal, allow_zero=True)
     _finite_pos("run.tol_dual", r.tol_dual, allow_zero=True)
@@ -340,15 +377,25 @@ def validate(cfg: Config) -> Config:
     if c.kind == "address":
         _check(bool(c.address), "cluster.address is required with cluster=address "
                "(cluster.address=tcp://host:8786)")
+        problem = _address_problem(str(c.address))
+        _check(problem is None, f"cluster.address must be [scheme://]host:port with scheme "
+               f"{', '.join(ADDRESS_SCHEMES)} and port 1..65535, e.g. "
+               f"cluster.address=tcp://host:8786; got {c.address!r} ({problem})")
     _check(c.n_workers >= 1, f"cluster.n_workers must be >= 1, got {c.n_workers}")
     _check(c.threads_per_worker >= 1,
            f"cluster.threads_per_worker must be >= 1, got {c.threads_per_worker}")
     _check(c.blas_threads >= 1, f"cluster.blas_threads must be >= 1, got {c.blas_threads}")
+    _check(_memory_limit_ok(c.memory_limit),
+           "cluster.memory_limit must be auto, a number of bytes, a fraction in (0, 1] of the "
+           f"machine's memory or a size such as 4GB or '512 MiB', got {c.memory_limit!r}")
+    _finite_pos("cluster.connect_timeout", c.connect_timeout)
 
     _check(s.state in ("zarr", "memory"), f"storage.state must be zarr or memory, got {s.state!r}")
     _check(s.chunk_size >= 0, f"storage.chunk_size must be >= 0, got {s.chunk_size}")
     if r.resume:
         _check(bool(s.url), "run.resume=true needs storage.url=<the state store to resume>")
+        _check(not s.overwrite, "storage.overwrite=true contradicts run.resume=true: resume "
+               "continues the store at storage.url, overwrite replaces it (drop one)")
     if r.resume or r.checkpoint_every:
         ok = c.kind != "reference" and s.state == "zarr" and a.name in ZARR_ALGORITHMS
         _check(ok, "checkpoints and resume need the Zarr-resident engine: algorithm "
@@ -357,3 +404,193 @@ def validate(cfg: Config) -> Config:
     _check(s.compressor in ("none", "zstd", "blosc"),
            f"storage.compressor must be none, zstd or blosc, got {s.compressor!r}")
     return cfg
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]")
+
+
+def _address_problem(address: str) -> str | None:
+    """Why ``address`` is not a Dask scheduler address ``[scheme://]host:port`` (None: it is).
+
+    ``inproc://`` addresses (``inproc://ip/pid/n``) name an in-process scheduler and have no
+    port; any non-empty location is accepted for them.
+    """
+    rest = address
+    if "://" in address:
+        scheme, rest = address.split("://", 1)
+        if scheme.lower() not in ADDRESS_SCHEMES:
+            return f"unknown scheme {scheme!r}"
+        if scheme.lower() == "inproc":
+            return None if rest and not any(ch.isspace() for ch in rest) else "no location"
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return "no port"
+    if not host:
+        return "no host"
+    if not (_HOSTNAME.fullmatch(host) or _IPV6.fullmatch(host)):
+        return f"bad host {host!r}" + ("; write an IPv6 host in brackets" if ":" in host else "")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not an integer in 1..65535"
+    return None
+
+
+def _memory_limit_ok(value: Any) -> bool:
+    """``value`` is a worker memory limit Dask accepts: ``auto``, a number (bytes, or a fraction
+    in (0, 1] of the machine's memory) or a size string (``4GB``, ``512 MiB``), and positive."""
+    text = str(value)
+    if text == "auto":
+        return True
+    if not text.strip():
+        return False  # dask.utils.parse_bytes("") is 1
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        return math.isfinite(number) and number > 0
+    try:
+        from dask.utils import parse_bytes
+    except ImportError:  # pragma: no cover - dask is a dependency
+        return True
+    try:
+        return parse_bytes(text) > 0
+    except (ValueError, TypeError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# resources
+
+
+def _gib(nbytes: float) -> str:
+    """``nbytes`` in GiB, short: 0.031, 18.2, 512, 7.3e3."""
+    g = nbytes / 2**30
+    if g >= 1000:
+        mantissa, exponent = f"{g:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if g >= 100:
+        return f"{g:.0f}"
+    if g >= 0.1:
+        return f"{g:.1f}"
+    return f"{g:.2g}"
+
+
+def _weight_count(cfg: Config, d_in: int, d_out: int) -> int:
+    """Entries of the weight matrices (bias columns included) of the configured network."""
+    m = cfg.model
+    b = int(m.bias)
+    first = m.width * (d_in + b)
+    hidden = (m.depth - 2) * m.width * (m.width + b)
+    last = d_out * (m.width + b)
+    return first + hidden + last
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        return None
+    try:
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - an unusual platform: no check
+        return None
+
+
+def _store_location(url: str | None, default_store: str | None) -> tuple[str, Path | None]:
+    """Where the Zarr state store goes: ("memory", None), ("disk", its local path) or
+    ("remote", None) for an fsspec URL this machine cannot measure."""
+    target = url or default_store
+    if target is None:
+        return "disk", Path.cwd() / "state.zarr"
+    if "://" in target:
+        scheme, rest = target.split("://", 1)
+        if scheme == "memory":
+            return "memory", None
+        if scheme != "file":
+            return "remote", None
+        target = rest
+    path = Path(target).expanduser()
+    return "disk", path if path.is_absolute() else Path.cwd() / path
+
+
+def _free_disk(path: Path) -> tuple[Path, int] | None:
+    """The nearest existing directory at or above ``path`` and its free bytes."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return None
+        probe = probe.parent
+    if not probe.is_dir():
+        probe = probe.parent
+    try:
+        return probe, int(shutil.disk_usage(probe).free)
+    except OSError:
+        return None
+
+
+def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: int, *,
+                    default_store: str | os.PathLike | None = None) -> None:
+    """Refuse a run that cannot fit this machine; raise :class:`ConfigError` (one line, with the
+    estimate and what is available in GiB).
+
+    The estimate (float64, no allocation): the weights, rows x cols summed over the layers
+    (bias columns included), counted :data:`WEIGHT_COPIES` times; the sample-sized ADMM state,
+    :data:`STATE_VARIABLES` x depth x width x n_train; the data, (d_in + d_out) x (n_train +
+    n_test). The state is held in memory by the reference engine and by the in-memory Dask
+    engines of this machine (not by the workers of ``cluster=address``); the Zarr-resident
+    engine keeps :data:`STORE_SLOTS` copies of it in its store: in memory for a ``memory://``
+    store, else on disk, checked when the store is a local path (``storage.url``, else
+    ``default_store``, else the current directory; the nearest existing parent directory is
+    measured; an existing store is not checked). Baseline algorithms (adam, sgd) hold no ADMM
+    state.
+    """
+    m, a, c, s = cfg.model, cfg.algorithm, cfg.cluster, cfg.storage
+    key = f"model.width={m.width}, model.depth={m.depth}"
+    weights = WEIGHT_COPIES * 8 * _weight_count(cfg, d_in, d_out)
+    data = 8 * (d_in + d_out) * (n_train + n_test)
+    state = 8 * STATE_VARIABLES * m.depth * m.width * n_train
+    available = _available_memory()
+
+    if available is not None and weights > available:
+        raise ConfigError(f"{key}: the weights alone need {_gib(weights)} GiB, this machine has "
+                          f"{_gib(available)} GiB available")
+
+    in_memory = 0  # state bytes held in this machine's memory
+    on_disk = 0
+    kind, store_path = "none", None
+    if a.name in ADMM_ALGORITHMS:
+        zarr_engine = (c.kind != "reference" and s.state == "zarr"
+                       and a.name in ZARR_ALGORITHMS)
+        if zarr_engine:
+            default = None if default_store is None else str(default_store)
+            kind, store_path = _store_location(s.url, default)
+            if kind == "memory":
+                in_memory = STORE_SLOTS * state
+            elif kind == "disk":
+                on_disk = STORE_SLOTS * state
+        elif c.kind != "address":
+            kind, in_memory = "memory", state
+
+    need = weights + in_memory + data
+    if available is not None and need > available:
+        hint = "lower model.width, model.depth or data.n_train"
+        if a.name in ZARR_ALGORITHMS and kind == "memory":
+            hint += (", or keep the state on disk (a Dask cluster, storage.state=zarr, "
+                     "storage.url=PATH)")
+        raise ConfigError(
+            f"{key}, {n_train} training samples: the run needs {_gib(need)} GiB of memory "
+            f"(weights {_gib(weights)}, ADMM state {_gib(in_memory)}, data {_gib(data)} GiB), "
+            f"this machine has {_gib(available)} GiB available; {hint}"
+        )
+
+    if on_disk and store_path is not None and not store_path.exists():
+        free = _free_disk(store_path)
+        if free is not None and on_disk > free[1]:
+            url = s.url if s.url else "null"
+            raise ConfigError(
+                f"storage.url={url}: the ADMM state store for {key}, {n_train} training "
+                f"samples needs {_gib(on_disk)} GiB on disk, {free[0]} has {_gib(free[1])} GiB "
+                "free; choose another storage.url or lower model.width, model.depth or "
+                "data.n_train"
+            )

@@ -14,7 +14,10 @@
 - ``csv``: a user's CSV file (``data.path``, ``data.target``, ``data.task``).
 
 Every problem with a file is a :class:`DataError` whose one-line message names the file. CSV files
-are read with the standard :mod:`csv` module (comma, semicolon or tab separated; sniffed).
+are read with the standard :mod:`csv` module (comma, semicolon or tab separated; sniffed). Only
+regular files are read: a directory, FIFO, device or socket is refused (checked with
+:func:`os.stat`, without opening it: opening a FIFO blocks, a device like ``/dev/zero`` never
+ends).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import gzip
 import importlib.resources
 import math
 import os
+import stat
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -241,6 +245,33 @@ def _download(url: str, dest: Path, check=None) -> None:
         raise
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(path: Path, key: str | None = None) -> None:
+    """Raise :class:`DataError` unless ``path`` names an existing regular file (symbolic links
+    are followed). Uses :func:`os.stat` only: nothing is opened. ``key`` is the config key the
+    path came from (for the message)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        extra = "" if path.is_absolute() else f" (looked at {path.absolute()})"
+        raise DataError(f"{path}: file not found{extra}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    need = f"{key} must name a CSV file" if key else "a CSV file is needed"
+    raise DataError(f"{path}: not a regular file (it is {kind}; {need})")
+
+
 def _check_wine_payload(payload: bytes) -> None:
     head = payload[:2000].decode("utf-8", errors="replace").splitlines()
     if not head or WINE_TARGET not in head[0]:
@@ -255,6 +286,7 @@ def _load_wine(cfg, seed: int) -> Dataset:
         if not path.exists():
             raise DataError(f"{path}: file not found (data.path={cfg.path}, absolute: "
                             f"{path.absolute()})")
+        _check_regular_file(path, "data.path")
         source = str(path)
     else:
         path = _cache_dir(cfg) / WINE_FILES[name]
@@ -438,6 +470,7 @@ def _load_csv(cfg, seed: int) -> Dataset:
         raise DataError(f"{cfg.path}: data.task must be regression or classification, "
                         f"got {cfg.task!r}")
     path = Path(cfg.path).expanduser()
+    _check_regular_file(path, "data.path")
     table = read_csv(path)
     X, y, feature_names = _features_target(table, cfg.target, cfg.task)
     target_names = [cfg.target]
@@ -484,13 +517,10 @@ def _sniff_delimiter(sample_lines: list[str]) -> str:
 
 def read_csv(path: str | os.PathLike) -> CsvTable:
     """Read a delimited text file with a header row. Raises :class:`DataError` (naming the file)
-    if it is missing, unreadable, empty, unparsable or has rows of the wrong length."""
+    if it is missing, not a regular file (a directory, FIFO, device or socket), unreadable,
+    empty, unparsable or has rows of the wrong length."""
     path = Path(path)
-    if not path.exists():
-        extra = "" if path.is_absolute() else f" (looked at {path.absolute()})"
-        raise DataError(f"{path}: file not found{extra}")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a CSV file")
+    _check_regular_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
