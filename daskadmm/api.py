@@ -119,6 +119,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                                              "Zarr-resident engine supports "
                                              f"{', '.join(ZARR_ALGORITHMS)}")
     result.metric = metric_name(ds)
+    monitor.keep_good(result)
     if run_dir is not None and "store" not in result.info:
         from .storage import save_model_store
 

@@ -204,12 +204,38 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     return out
 
 
+def _committed_slot(url: str) -> str | None:
+    """The slot of the store's committed checkpoint (None: no checkpoint)."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from .storage import MANIFEST
+
+    buf = sync(_group(url).store.get(MANIFEST, prototype=default_buffer_prototype()))
+    return None if buf is None else json.loads(buf.to_bytes()).get("slot")
+
+
 def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
-                     *order) -> None:
-    """Copy one chunk of block ``block``'s live slot into checkpoint slot ``ckpt``."""
+                     *order) -> dict[str, int]:
+    """Copy one chunk of block ``block``'s live slot into checkpoint slot ``ckpt``; return
+    the checksum of each variable's chunk (recorded in the checkpoint's manifest).
+
+    Refuses to write the slot of the committed checkpoint: that can only happen when Dask
+    re-runs a finished checkpoint task after a lost worker, and the committed checkpoint is
+    what the run recovers from."""
+    from .storage import checksum
+
+    if _committed_slot(ct.url) == ckpt:
+        raise RuntimeError(f"checkpoint slot {ckpt} of {ct.url} holds the committed "
+                           "checkpoint: not overwriting it")
+    out = {}
     for name in names:
-        _write(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl,
-               _read(ct.url, f"live/b{block}/{name}", ct.sl, slot))
+        value = _read(ct.url, f"live/b{block}/{name}", ct.sl, slot)
+        _write(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl, value)
+        out[name] = checksum(value)
+    return out
 
 
 def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,

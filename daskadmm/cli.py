@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import Config, ConfigError, from_mapping
+from .monitor import FAILED
 
 __all__ = ["CONFIG_MODULE", "CONFIG_NAME", "main"]
 
@@ -61,6 +62,12 @@ _PRELOADED: dict[str, Any] = {}
 
 # Hydra flags that do not run a job and create nothing: no pre-flight for those.
 _NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
+
+
+# Exit codes: 0 the run finished (converged or max_iter); 2 bad input, an unusable store or a
+# cluster failure (one line on stderr); 3 the run failed (diverged or nonfinite: its outputs
+# are written, and the model kept is that of its last good evaluation).
+EXIT_FAILED_RUN = 3
 
 
 class UsageError(Exception):
@@ -236,6 +243,26 @@ def _preflight(args: Any) -> list[Config]:
     return [cfg for _, cfg in configs]
 
 
+def _check_stores(configs: list[Config]) -> None:
+    """Refuse, before anything is written, a ``storage.url`` a job may not use (see
+    :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
+    from .runner import preflight_store
+    from .storage import StoreError
+
+    seen: dict[str, int] = {}
+    for num, cfg in enumerate(configs):
+        url = cfg.storage.url
+        if url:
+            if url in seen:
+                raise UsageError(f"jobs {seen[url]} and {num} of the sweep both use "
+                                 f"storage.url={url}: give each job its own store")
+            seen[url] = num
+        try:
+            preflight_store(cfg)
+        except StoreError as exc:
+            raise UsageError(_one_line(exc)) from None
+
+
 def _shared_cluster(args: Any, configs: list[Config]):
     """A multirun whose jobs use ``cluster=local`` shares one LocalCluster (started here, once,
     with the first such job's settings) instead of starting one per job."""
@@ -384,6 +411,13 @@ def _task(dcfg: DictConfig) -> None:
     }
     write_run_outputs(run_dir, cfg, result, extra=extra)
     print(_summary_line(cfg, result, run_dir), flush=True)
+    if result.status in FAILED:
+        kept = result.info.get("model_iteration")
+        sys.stderr.write(f"{PROG}: error: the run failed ({result.status}): {result.message}"
+                         + (f"; the model kept is that of iteration {kept}" if kept is not None
+                            else "") + "\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_FAILED_RUN)
 
 
 _hydra_main = hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=CONFIG_NAME)(
@@ -407,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not any(getattr(args, flag, None) for flag in _NON_RUN_FLAGS):
         try:
             configs = _preflight(args)
+            _check_stores(configs)
         except UsageError as exc:
             _fail(str(exc))
     old_argv = sys.argv

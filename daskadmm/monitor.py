@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["IterationStats", "Monitor"]
+__all__ = ["FAILED", "IterationStats", "Monitor"]
+
+FAILED = ("diverged", "nonfinite")  # statuses of a failed run (the CLI exits non-zero)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class Monitor:
     objective0: float = math.nan
     _last_objective: float = math.nan
     _last_params: tuple[float, float] | None = None
+    # the weights of the last evaluation that did not fail (what a failed run keeps)
+    last_good: tuple[int, list[np.ndarray]] | None = None
+    _pending: tuple[int, list[np.ndarray]] | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -77,6 +82,8 @@ class Monitor:
         self._last_objective = objective0
         self._last_params = (rho, beta)
         self.record(0, IterationStats(objective0, 0.0, 0.0, 0), weights, rho, beta)
+        if all(np.all(np.isfinite(W)) for W in weights):
+            self.last_good = self._pending
 
     def step(self, k: int, it: IterationStats, rho: float, beta: float) -> None:
         """Log iteration k's objective; an increase at unchanged penalties is recorded."""
@@ -103,6 +110,7 @@ class Monitor:
             "beta": beta,
         }
         rec.update(values if values is not None else self.evaluate(weights))
+        self._pending = (k, [np.array(W, copy=True) for W in weights])
         self.history.append(rec)
         if self.callback is not None:
             self.callback(rec)
@@ -110,6 +118,31 @@ class Monitor:
 
     def check(self, rec: dict[str, float]) -> str | None:
         """Status to stop with after this record, or None to go on."""
+        stop = self._check(rec)
+        if stop not in FAILED and self._pending is not None and \
+                self._pending[0] == rec["iteration"] and \
+                all(np.all(np.isfinite(W)) for W in self._pending[1]):
+            self.last_good = self._pending
+        return stop
+
+    def final_weights(self, status: str, weights: list[np.ndarray]
+                      ) -> tuple[list[np.ndarray], int | None]:
+        """The weights a run keeps: its final ones, or for a failed run (``diverged``,
+        ``nonfinite``) those of its last evaluation that did not fail, with that
+        iteration (None: the final weights are kept)."""
+        if status in FAILED and self.last_good is not None:
+            return self.last_good[1], self.last_good[0]
+        return weights, None
+
+    def keep_good(self, result) -> None:
+        """Give a failed ``result`` the weights of its last good evaluation (see
+        :meth:`final_weights`); ``info["model_iteration"]`` says which iteration they are."""
+        weights, k = self.final_weights(result.status, result.weights)
+        if k is not None:
+            result.weights = weights
+            result.info["model_iteration"] = k
+
+    def _check(self, rec: dict[str, float]) -> str | None:
         values = [rec["objective"], rec.get("train_loss", 0.0), rec.get("test_loss", 0.0)]
         if not all(math.isfinite(v) for v in values):
             return "nonfinite"

@@ -326,15 +326,20 @@ def write_run_outputs(
     result: Result,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``metrics.csv``, ``summary.json``, ``weights.npz`` and (if ``cfg.run.plot``)
-    ``convergence.png`` into ``run_dir``; return the paths written by name."""
+    """Write ``metrics.csv``, ``weights.npz``, ``summary.json`` and then (if ``cfg.run.plot``)
+    ``convergence.png`` into ``run_dir``; return the paths written by name. A failing plot is
+    a warning on stderr: the results are written first."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "metrics": write_metrics_csv(run_dir / METRICS_FILE, result.history),
         "weights": save_weights(run_dir / WEIGHTS_FILE, result),
     }
-    if cfg.run.plot:
-        paths["plot"] = plot_convergence(run_dir / PLOT_FILE, result.history, result.metric)
     paths["summary"] = write_summary(run_dir / SUMMARY_FILE, cfg, result, extra)
+    if cfg.run.plot:  # optional: written after the results, and its failure costs nothing
+        try:
+            paths["plot"] = plot_convergence(run_dir / PLOT_FILE, result.history, result.metric)
+        except Exception as exc:
+            print(f"daskadmm: warning: the convergence plot failed ({type(exc).__name__}: "
+                  f"{exc}); the results are written", file=sys.stderr, flush=True)
     return paths

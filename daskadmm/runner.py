@@ -131,21 +131,33 @@ def connect(ccfg: ClusterConfig):
     if ccfg.kind == "address":
         try:
             client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
-        except OSError as exc:
+        except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
             raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
-                                  f"{exc}") from None
+                                  f"{type(exc).__name__}: {_first_line(exc)}") from None
     elif _SHARED.get("address"):
         client = Client(_SHARED["address"])
     else:
         cluster = _start_local_cluster(ccfg)
         client = Client(cluster)
     try:
+        try:
+            client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
+        except Exception:
+            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
+                                  "workers (none joined within 60 s)") from None
         client.run(_set_blas_threads, ccfg.blas_threads)
         yield client
     finally:
-        client.close()
+        with contextlib.suppress(Exception):
+            client.close()
         if cluster is not None:
-            cluster.close()
+            with contextlib.suppress(Exception):
+                cluster.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _pens(schedule: PenaltySchedule, k0: int, k1: int):
@@ -290,16 +302,134 @@ class _Ctx:
 
     # -- distributed -----------------------------------------------------------------------
     def run_distributed(self, states, run_dir: Path | None) -> Result:
-        from distributed import wait
-
         status, k, info = self.on_cluster(
-            lambda client, workers: self._pipeline(client, workers, states, wait), run_dir)
+            lambda client, workers: self._recovering(client, workers, states), run_dir)
+        info["recoveries"] = self.recoveries
         return self.result(status, k, info)
+
+    def _recovering(self, client, workers, states):
+        """The in-memory pipeline; when a worker is lost with inputs only it held, start
+        again from iteration 0 (its tasks are pure, so the result is the same bits)."""
+        from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
+
+        self.recoveries = 0
+        self.old_run_ids: list[str] = []
+        start = self.monitor_snapshot()
+        while True:
+            lost = ""
+            self._workers0 = set(workers)
+            try:
+                return self._pipeline(client, workers, states)
+            except _WorkerLost as exc:
+                lost = str(exc)
+            except (KilledWorker, FutureCancelledError) as exc:
+                if _scheduler_lost(client, exc):
+                    raise
+                lost = type(exc).__name__
+            self.recoveries += 1
+            if self.recoveries > MAX_RECOVERIES:
+                raise ClusterError(_lost_worker_message(self.cfg, lost))
+            self._quiesce(client)
+            workers = self._wait_for_workers(client, len(workers))
+            self.old_run_ids.append(self.run_id)
+            self.run_id = uuid.uuid4().hex[:8]
+            self.restore_monitor_snapshot(start)
+            print(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+                  f"iteration 0 on {len(workers)} worker(s)", file=sys.stderr, flush=True)
+
+    def _check_workers(self, client) -> None:
+        """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
+        try:
+            now = set(client.scheduler_info(n_workers=-1)["workers"])
+        except Exception as exc:
+            raise ConnectionError(f"lost the Dask scheduler ({type(exc).__name__})") from None
+        gone = self._workers0 - now
+        if gone:
+            raise _WorkerLost(f"{len(gone)} of {len(self._workers0)} workers gone")
+
+    def _result(self, client, fut):
+        """``fut.result()``, watching for lost workers (distributed would silently recompute
+        lost tasks, and a chunk task re-run after its input slot was overwritten is wrong)."""
+        from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
+
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except TimeoutError:
+                self._check_workers(client)
+            except (KilledWorker, FutureCancelledError) as exc:
+                if _scheduler_lost(client, exc):
+                    raise
+                raise _WorkerLost(type(exc).__name__) from None
+            except Exception:
+                # a task error after a worker loss (e.g. a checkpoint task that refused to
+                # overwrite a committed slot when it was re-run) is the loss, not a bug
+                self._check_workers(client)
+                raise
+
+    def _wait_for_workers(self, client, want: int) -> list[str]:
+        try:
+            return _wait_for_workers(client, want)
+        except ClusterError:
+            raise
+        except Exception as exc:
+            raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+
+    def monitor_snapshot(self) -> dict[str, Any]:
+        import copy
+
+        mon, sch = self.monitor, self.schedule
+        return copy.deepcopy({
+            "history": mon.history, "increases": mon.increases,
+            "capped_total": mon.capped_total, "objective0": mon.objective0,
+            "last_objective": mon._last_objective, "last_params": mon._last_params,
+            "last_good": mon.last_good, "rho": sch._rho, "beta": sch._beta,
+            "primal": sch._primal, "changes": sch.changes})
+
+    def restore_monitor_snapshot(self, snap: dict[str, Any]) -> None:
+        import copy
+
+        snap = copy.deepcopy(snap)
+        mon, sch = self.monitor, self.schedule
+        mon.history, mon.increases = snap["history"], snap["increases"]
+        mon.capped_total, mon.objective0 = snap["capped_total"], snap["objective0"]
+        mon._last_objective, mon._last_params = snap["last_objective"], snap["last_params"]
+        mon.last_good = snap["last_good"]
+        sch._rho, sch._beta, sch._primal, sch.changes = (snap["rho"], snap["beta"],
+                                                         snap["primal"], snap["changes"])
+
+    def _quiesce(self, client, timeout: float = 300.0) -> None:
+        """Cancel what this client still wants of the abandoned attempt and wait until none
+        of its tasks can still run (and write to the store)."""
+        import gc
+
+        from distributed import Future
+
+        gc.collect()  # drop futures still referenced by the abandoned attempt's frames
+        rid = self.run_id
+        deadline = time.time() + timeout
+        while True:
+            try:
+                wanted = client.run_on_scheduler(_tasks_wanted, rid, client.id)
+                if wanted:
+                    client.cancel([Future(key, client) for key in wanted])
+                busy = client.run_on_scheduler(_tasks_alive, rid)
+            except Exception as exc:  # the scheduler went too (or first)
+                raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+            if not busy:
+                return
+            if time.time() > deadline:
+                raise ClusterError(f"{busy} tasks of the abandoned attempt were still running "
+                                   f"after {timeout:.0f} s: giving up")
+            time.sleep(0.2)
 
     def on_cluster(self, pipeline, run_dir: Path | None):
         """Connect, announce the dashboard, run ``pipeline(client, workers) -> (status, k)``
         under a performance report and a task-stream recorder, and save both into the run
-        directory. Returns ``(status, k, info)``."""
+        directory. Returns ``(status, k, info)``. The report and the task stream are optional
+        artefacts: a failure of either is a logged warning, never the run's end."""
         from distributed import KilledWorker, get_task_stream, performance_report
         from distributed.client import FutureCancelledError
 
@@ -307,31 +437,50 @@ class _Ctx:
             dashboard = client.dashboard_link
             print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-            if not workers:
-                raise RuntimeError("the Dask cluster has no workers")
             report = (run_dir / "dask-report.html") if run_dir is not None else None
-            perf = performance_report(filename=str(report)) if report else \
-                contextlib.nullcontext()
+            perf = _optional(performance_report(filename=str(report)), "performance report") \
+                if report else None
+            ts_cm = _optional(get_task_stream(client), "task stream")
             t_start = time.time()
-            with perf, get_task_stream(client) as ts:
-                try:
-                    status, k = pipeline(client, workers)
-                except (FutureCancelledError, KilledWorker) as exc:
-                    raise ClusterError(_lost_worker_message(self.cfg, exc)) from exc
-            stream = ts.data
+            failed = True
+            try:
+                status, k = pipeline(client, workers)
+                failed = False
+            except ClusterError:
+                raise
+            except (FutureCancelledError, KilledWorker) as exc:
+                if _scheduler_lost(client, exc):
+                    raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+                raise ClusterError(_lost_worker_message(self.cfg, exc)) from None
+            except Exception as exc:
+                if _scheduler_lost(client, exc):
+                    raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+                raise
+            finally:
+                if perf is not None:
+                    perf.close(quiet=failed)
+                ts_cm.close(quiet=failed)
+            stream = ts_cm.value.data if ts_cm.value is not None else []
         info = {"dashboard": dashboard, "workers": len(workers),
-                **_stream_summary(stream, self.run_id, t_start)}
+                **_stream_summary(stream, self.run_ids(), t_start)}
         if run_dir is not None:
-            _write_task_stream(run_dir / "task-stream.json", stream, self.run_id)
+            try:
+                _write_task_stream(run_dir / "task-stream.json", stream, self.run_ids())
+            except OSError as exc:
+                log.warning("could not write the task stream: %s", exc)
             if report is not None and report.exists():
                 info["performance_report"] = report.name
         return status, k, info
+
+    def run_ids(self) -> tuple[str, ...]:
+        """Every run id this run's task keys end with (a recovery starts a new one)."""
+        return (self.run_id, *getattr(self, "old_run_ids", ()))
 
     def _placement(self, workers: list[str]) -> dict[int, str]:
         W = len(workers)
         return {b: workers[(b - 1) * W // self.N] for b in range(1, self.N + 1)}
 
-    def _pipeline(self, client, workers, states, wait):
+    def _pipeline(self, client, workers, states):
         place = self._placement(workers)
         dk = self.data_keys()
         ds = self.ds
@@ -367,8 +516,8 @@ class _Ctx:
                     del futures[old]
                 prev = wg.last
             kk, fstats, fev = pending.popleft()
-            it = fstats.result()
-            ev = fev.result() if fev is not None else None
+            it = self._result(client, fstats)
+            ev = self._result(client, fev) if fev is not None else None
             futures.pop(fstats.key, None)
             if fev is not None:
                 futures.pop(fev.key, None)
@@ -415,16 +564,71 @@ def _call_aligned(fn, *args):
 
 
 class ClusterError(RuntimeError):
-    """The Dask cluster lost work mid-run (a worker died). One line, names what to do."""
+    """The Dask cluster failed mid-run (the scheduler went away, or workers kept dying). One
+    line, names what to do."""
 
 
-def _lost_worker_message(cfg: Config, exc: BaseException) -> str:
+class _Optional:
+    """Enter a context manager whose failure must not cost the run (a report, a recorder):
+    errors on entry or exit become logged warnings. ``value`` is what it yielded (None if it
+    failed to start)."""
+
+    def __init__(self, cm, what: str):
+        self.cm, self.what, self.value = cm, what, None
+        try:
+            self.value = cm.__enter__()
+            self.active = True
+        except Exception as exc:
+            self.active = False
+            log.warning("the %s could not start: %s: %s", what, type(exc).__name__,
+                        _first_line(exc))
+
+    def close(self, quiet: bool = False) -> None:
+        """Exit; ``quiet``: the run failed anyway, so only log a failure here."""
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self.cm.__exit__(None, None, None)
+        except Exception as exc:
+            if quiet:
+                log.debug("the %s failed too: %s", self.what, exc)
+                return
+            print(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
+                  f"{_first_line(exc)}); the results are kept", file=sys.stderr, flush=True)
+            log.warning("the %s failed: %s", self.what, exc)
+
+
+def _optional(cm, what: str) -> _Optional:
+    return _Optional(cm, what)
+
+
+def _scheduler_lost(client, exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection to the scheduler is gone."""
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, CommClosedError | OSError | ConnectionError):
+        return True
+    return getattr(client, "status", "running") not in ("running", "connecting")
+
+
+def _lost_scheduler_message(cfg: Config, exc: BaseException) -> str:
+    where = cfg.cluster.address if cfg.cluster.kind == "address" else "the local cluster"
+    hint = ""
+    if cfg.run.checkpoint_every and cfg.storage.url:
+        hint = f": continue from the last checkpoint with run.resume=true " \
+               f"storage.url={cfg.storage.url}"
+    return f"lost the Dask scheduler at {where} mid-run ({type(exc).__name__}){hint}"
+
+
+def _lost_worker_message(cfg: Config, exc: BaseException | str) -> str:
+    what = exc if isinstance(exc, str) else type(exc).__name__
     hint = "raise cluster.memory_limit or lower storage.chunk_size"
     if cfg.run.checkpoint_every and cfg.storage.url:
         hint += f"; continue from the last checkpoint with run.resume=true " \
                 f"storage.url={cfg.storage.url}"
     return (f"a Dask worker was lost mid-run (killed for memory or crashed; "
-            f"{type(exc).__name__}): {hint}")
+            f"{what}): {hint}")
 
 
 def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
@@ -435,12 +639,14 @@ def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
     return arg
 
 
-def _stream_summary(stream: list[dict], run_id: str, t_start: float) -> dict[str, Any]:
+def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...], t_start: float
+                    ) -> dict[str, Any]:
     """Tasks run, and seconds spent computing vs transferring (summed over workers)."""
     compute = transfer = 0.0
     tasks = 0
+    ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
     for rec in stream:
-        if not str(rec.get("key", "")).endswith(run_id):
+        if not str(rec.get("key", "")).endswith(ids):
             continue
         tasks += 1
         for ss in rec.get("startstops", ()):
@@ -452,11 +658,12 @@ def _stream_summary(stream: list[dict], run_id: str, t_start: float) -> dict[str
     return {"tasks_run": tasks, "compute_seconds": compute, "transfer_seconds": transfer}
 
 
-def _write_task_stream(path: Path, stream: list[dict], run_id: str) -> None:
+def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, ...]) -> None:
     rows = []
+    ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
     for rec in stream:
         k = str(rec.get("key", ""))
-        if not k.endswith(run_id):
+        if not k.endswith(ids):
             continue
         for ss in rec.get("startstops", ()):
             rows.append({"key": k, "worker": rec.get("worker"), "action": ss["action"],
@@ -480,14 +687,74 @@ def store_url(cfg: Config, run_dir: Path | None) -> str:
     return str(run_dir / "state.zarr")
 
 
-def _store_meta(cfg: Config, arch: Architecture, n: int, slices) -> dict[str, Any]:
+def _store_meta(cfg: Config, arch: Architecture, ds: Dataset, n: int, slices
+                ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .storage import _jsonable
+    from .storage import _jsonable, data_digest, determinants
 
-    return {"config": _jsonable(cfg.to_dict()), "algorithm": cfg.algorithm.name,
+    cfg_dict = cfg.to_dict()
+    return {"config": _jsonable(cfg_dict), "determinants": determinants(cfg_dict),
+            "data_sha256": data_digest(_data_arrays(ds)), "algorithm": cfg.algorithm.name,
             "arch": asdict(arch), "n": n, "chunk_size": cfg.storage.chunk_size,
             "n_chunks": len(slices)}
+
+
+def _data_arrays(ds: Dataset) -> dict[str, np.ndarray]:
+    return {"X": ds.X_train, "Y": ds.Y_train, "X_test": ds.X_test, "Y_test": ds.Y_test}
+
+
+def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
+                     layout: list[dict[str, tuple]]):
+    """Open the store to resume and verify it before any cluster starts: the same problem
+    (every setting that determines the iterates, the same data), an intact checkpoint (every
+    chunk against the manifest's checksums) and intact stored data. Returns
+    ``(store, manifest or None)``; a store with no complete checkpoint resumes from 0."""
+    from .storage import StateStore, StoreError, changed_determinants
+
+    # everything is checked on a read-only view first: a refused resume changes nothing
+    probe = StateStore.open(url, mode="check")
+    probe.check_lock(cfg.storage.break_lock)
+    attrs = probe.attrs
+    changed = changed_determinants(attrs.get("determinants") or {}, meta["determinants"])
+    if changed:
+        raise StoreError(f"cannot resume {url}: settings that determine the iterates differ "
+                         f"from the stored run's: {'; '.join(changed)}")
+    for keyname in ("algorithm", "arch", "n", "n_chunks"):
+        if attrs.get(keyname) != meta[keyname]:
+            raise StoreError(f"cannot resume {url}: its {keyname} ({attrs.get(keyname)}) "
+                             f"differs from this run's ({meta[keyname]})")
+    if attrs.get("data_sha256") != meta["data_sha256"]:
+        raise StoreError(f"cannot resume {url}: the data set differs from the one the store "
+                         "was made with (its digest does not match)")
+    cp = probe.checkpoint()
+    if cp is not None:
+        probe.verify_checkpoint(layout)
+    if attrs.get("ready"):
+        probe.verify_data()
+    store = StateStore.open(url, owner=run_id, break_lock=cfg.storage.break_lock)
+    if store.broken_lock is not None:
+        bl = store.broken_lock
+        print(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
+              f"{bl.get('pid')} on {bl.get('host')}) on {url}", file=sys.stderr, flush=True)
+    return store, cp
+
+
+def preflight_store(cfg: Config) -> None:
+    """The checks of the state store that need no data and write nothing (the CLI runs them
+    before Hydra creates a run directory): a fresh run's ``storage.url`` must be new, empty
+    or (``storage.overwrite``) a daskadmm store; a resumed one must be a usable store."""
+    from .config import ZARR_ALGORITHMS
+    from .storage import StateStore
+
+    url = cfg.storage.url
+    if not url or cfg.cluster.kind == "reference" or cfg.storage.state != "zarr" or \
+            cfg.algorithm.name not in ZARR_ALGORITHMS:
+        return
+    if cfg.run.resume:
+        StateStore.open(url, mode="check").check_lock(cfg.storage.break_lock)
+    else:
+        StateStore.check_new(url, overwrite=cfg.storage.overwrite)
 
 
 def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
@@ -496,7 +763,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     """Run RADMM-3/3L, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
     store (see :mod:`.chunked` and :mod:`.chunked_mlp`)."""
     from . import chunked, chunked_mlp
-    from .storage import StateStore, StoreError, chunk_slices
+    from .storage import StateStore, StoreError, chunk_slices, dataset_meta
 
     n, specs, window, run_id = _setup(cfg, arch, ds, options)
     url = store_url(cfg, run_dir)
@@ -504,28 +771,37 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
     mlp = splitting.name in chunked_mlp.ALGORITHMS
     lay = chunked_mlp.layout(splitting.name, arch) if mlp else chunked.layout(arch)
-    meta = _store_meta(cfg, arch, n, slices)
+    # what a checkpoint holds: W and the state (not pdADMM's scratch)
+    ck_lay = [{v: shape for v, shape in block.items()
+               if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
+              for i, block in enumerate(lay, start=1)]
+    meta = _store_meta(cfg, arch, ds, n, slices)
+    if cfg.cluster.kind in ("local", "address") and url.startswith("memory://"):
+        raise StoreError(f"storage.url={url} lives in one process: use a path or a shared "
+                         "fsspec URL with a distributed cluster")
+    created = False
     if cfg.run.resume:
-        store = StateStore.open(url, owner=run_id)
-        attrs = store.attrs
-        for keyname in ("algorithm", "arch", "n", "n_chunks"):
-            if attrs.get(keyname) != meta[keyname]:
-                store.release(attrs.get("status", "stopped"))
-                raise StoreError(f"cannot resume {url}: its {keyname} "
-                                 f"({attrs.get(keyname)}) differs from this run's "
-                                 f"({meta[keyname]})")
+        store, cp = _open_for_resume(cfg, url, run_id, meta, ck_lay)
     else:
-        store = StateStore.create(url, meta=meta, owner=run_id)
-        store.write_data({"X": ds.X_train, "Y": ds.Y_train, "X_test": ds.X_test,
-                          "Y_test": ds.Y_test}, cfg.storage.chunk_size, cfg.storage.compressor)
+        store = StateStore.create(url, meta=meta, owner=run_id,
+                                  overwrite=cfg.storage.overwrite)
+        cp, created = None, True
+    if not store.attrs.get("ready"):
+        # a new store, or one whose run was killed while it was being made
+        store.write_data(_data_arrays(ds), cfg.storage.chunk_size, cfg.storage.compressor)
         store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
                            chunked_mlp.slots(splitting.name) if mlp else 2)
+        store.set_attrs({"ready": True})
     metric = "accuracy" if ds.task == "classification" else "mse"
     ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(cfg, splitting, arch, ds, specs, schedule, monitor,
                                              window, run_id, metric)
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.linearized = splitting.name == "radmm3l"
+    ctx.manifest = cp
+    ctx.ck_layout = ck_lay
+    ctx.resumed_from = ((cp["iteration"] if cp else 0) if cfg.run.resume else None)
+    ctx.recoveries = 0
     status = "failed"
     ok = False
     try:
@@ -534,17 +810,17 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         else:
             result = ctx.run_distributed_zarr(weights0, run_dir)
         status = result.status
-        from .storage import dataset_meta
-
+        monitor.keep_good(result)
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
         result.info["store"] = url
         ok = True
         return result
     finally:
-        store.release(status)
-        if not ok and not cfg.run.resume and not cfg.storage.url and \
-                not (store.checkpoint() or {}).get("iteration"):
-            # a run that failed before its first checkpoint leaves no half-written default store
+        with contextlib.suppress(Exception):
+            store.release(status)
+        if not ok and created and not cfg.storage.url and not store.holds_results():
+            # a run that failed before its first checkpoint leaves no half-made store in its
+            # own run directory (it made it; nothing in it can be resumed beyond iteration 0)
             import shutil
 
             shutil.rmtree(url, ignore_errors=True)
@@ -564,12 +840,13 @@ class _ZarrCtx(_Ctx):
         rid, N = self.run_id, self.N
         nodes: list[Node] = []
         literals: dict[str, Any] = {}
-        if self.cfg.run.resume:
+        cp = self.manifest
+        if cp is not None:
             k0, states = self.store.read_checkpoint_states(
                 [{"W": v["W"]} for v in self.layout])
             weights = [s["W"] for s in states]
-            cp = self.store.checkpoint()
             self._restore_monitor()
+            self._restore_last_good(k0, weights)
             slot = k0 % 2
             for c, sl in enumerate(self.slices):
                 for i in range(1, N + 1):
@@ -610,8 +887,9 @@ class _ZarrCtx(_Ctx):
         return nodes, literals, prev, k0
 
     def _restore_monitor(self) -> None:
-        attrs = self.store.attrs
-        hist = attrs.get("history") or []
+        """Monitor and penalty schedule as they were at the manifest's checkpoint."""
+        cp = self.manifest
+        hist = cp.get("history") or []
         mon = self.monitor
         mon.history = [dict(r) for r in hist]
         for r in mon.history:
@@ -622,21 +900,56 @@ class _ZarrCtx(_Ctx):
             mon.objective0 = mon.history[0]["objective"]
             mon._last_objective = mon.history[-1]["objective"]
             mon._last_params = (mon.history[-1]["rho"], mon.history[-1]["beta"])
+        mon.increases = [tuple(x) for x in cp.get("increases", [])]
+        mon.capped_total = int(cp.get("capped_total", 0))
         if mon.callback is not None:
             for r in mon.history:
                 mon.callback(r)
-        sched = attrs.get("schedule") or {}
+        sched = cp.get("schedule") or {}
         s = self.schedule
         if sched:
             s._rho, s._beta = sched["rho"], sched["beta"]
             s._primal = {int(k): v for k, v in sched.get("primal", {}).items()}
             s.changes = [tuple(x) for x in sched.get("changes", [])]
 
+    def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
+        if all(np.all(np.isfinite(W)) for W in weights):
+            self.monitor.last_good = (k0, [np.array(W, copy=True) for W in weights])
+
     def _schedule_state(self) -> dict[str, Any]:
         s = self.schedule
         return {"rho": s._rho, "beta": s._beta,
                 "primal": {str(k): v for k, v in s._primal.items()},
                 "changes": [list(x) for x in s.changes]}
+
+    def _manifest(self, k: int, slot: str, small: list[dict] | None,
+                  checksums: dict[str, list[int]]) -> dict[str, Any]:
+        mon = self.monitor
+        return {"iteration": k, "slot": slot, "history": mon.history,
+                "schedule": self._schedule_state(), "small": small,
+                "increases": [list(x) for x in mon.increases],
+                "capped_total": mon.capped_total,
+                "determinants": self.store.attrs.get("determinants"),
+                "checksums": checksums}
+
+    def _chunk_checksums(self, keys: list[str], values: list[dict[str, int]],
+                         weights: list[np.ndarray]) -> dict[str, list[int]]:
+        """Per ``b<i>/<name>``: the checkpoint tasks' chunk checksums in chunk order, and the
+        W written by the driver."""
+        from .storage import checksum
+
+        out: dict[str, list[int]] = {}
+        by_chunk: dict[tuple[int, int], dict[str, int]] = {}
+        for key, val in zip(keys, values, strict=True):
+            i = int(key.split("-b", 1)[1].split("-", 1)[0])
+            c = int(key.split("-c", 1)[1].split("-", 1)[0])
+            by_chunk[(i, c)] = val
+        for i in range(1, self.N + 1):
+            for c in range(len(self.slices)):
+                for name, crc in by_chunk[(i, c)].items():
+                    out.setdefault(f"b{i}/{name}", []).append(crc)
+            out[f"b{i}/W"] = [checksum(weights[i - 1])]
+        return out
 
     def ckpt_plan(self, k0: int, k1: int) -> dict[int, str]:
         every = self.cfg.run.checkpoint_every
@@ -654,13 +967,16 @@ class _ZarrCtx(_Ctx):
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
              tuple(self.test_slices)), self.ckpt_plan(k0, k1))
 
-    def commit(self, k: int, slot: str, weights: list[np.ndarray]) -> None:
+    def commit(self, k: int, slot: str, weights: list[np.ndarray], keys: list[str],
+               values: list[dict[str, int]]) -> None:
+        """Commit checkpoint k: W into the slot, then the manifest (the atomic commit)."""
         for i, W in enumerate(weights, start=1):
             self.store.write(f"ckpt/{slot}/b{i}/W", W)
-        self.store.commit_checkpoint(k, slot, self.monitor.history, self._schedule_state())
+        self.store.commit_checkpoint(self._manifest(
+            k, slot, None, self._chunk_checksums(keys, values, weights)))
 
     def initial_record(self, init_outs: list[dict]) -> None:
-        if self.cfg.run.resume:
+        if self.manifest is not None:
             return
         obj = sum(o["objective"] for o in init_outs)
         lam = self.schedule.at(1).lam
@@ -692,11 +1008,14 @@ class _ZarrCtx(_Ctx):
         self.tasks_run += len(nodes)
         status = "max_iter"
         while k < self.K:
-            k1 = _window_end(k, self.window, self.K, self.schedule)
+            # a window holds at most one checkpoint, at its end: the slot of the committed
+            # checkpoint is never written before the next manifest is committed
+            k1 = self._ckpt_end(k, _window_end(k, self.window, self.K, self.schedule))
             wg = self.build_z(k, k1, prev)
             carry = sorted({v for r, v in wg.last.items() if r != "first_kind"})
+            ckeys = [x for kk in wg.checkpoints for x in wg.checkpoints[kk]]
             want = [*carry, *wg.stats.values(), *wg.evals.values(),
-                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}]
+                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
             vals = get(to_dask_graph(wg.nodes, literals), want)
             got = dict(zip(want, vals, strict=True))
             self.tasks_run += len(wg.nodes)
@@ -706,7 +1025,9 @@ class _ZarrCtx(_Ctx):
                 stop = self.process(kk, got[wg.stats[kk]], ev)
                 if kk in wg.checkpoints:
                     slot = self.ckpt_slot_of(wg, kk)
-                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]])
+                    keys = wg.checkpoints[kk]
+                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]], keys,
+                                [got[x] for x in keys])
                 if stop is not None:
                     k = kk
                     break
@@ -718,7 +1039,18 @@ class _ZarrCtx(_Ctx):
             prev = wg.last
         return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
                                        "engine": "dask-zarr", "chunks": len(self.slices),
-                                       "resumed_from": self.k0 if self.cfg.run.resume else None})
+                                       "resumed_from": self.resumed_from})
+
+    def _is_ckpt(self, k: int) -> bool:
+        every = self.cfg.run.checkpoint_every
+        return bool(every) and k % every == 0
+
+    def _ckpt_end(self, k: int, end: int) -> int:
+        """``end``, or the first checkpoint iteration after k if that comes earlier."""
+        for j in range(k + 1, end):
+            if self._is_ckpt(j):
+                return j
+        return end
 
     @staticmethod
     def ckpt_slot_of(wg, k: int) -> str:
@@ -727,66 +1059,116 @@ class _ZarrCtx(_Ctx):
 
     # -- distributed -----------------------------------------------------------------------
     def run_distributed_zarr(self, weights0, run_dir: Path | None) -> Result:
-        if self.url.startswith("memory://"):
-            from .storage import StoreError
-
-            raise StoreError(f"storage.url={self.url} lives in one process: use a path or a "
-                             "shared fsspec URL with a distributed cluster")
         status, k, info = self.on_cluster(
             lambda client, workers: self._pipeline_z(client, workers, weights0), run_dir)
         info.update({"engine": "dask-zarr", "chunks": len(self.slices),
-                     "resumed_from": self.k0 if self.cfg.run.resume else None})
+                     "resumed_from": self.resumed_from, "recoveries": self.recoveries})
         return self.result(status, k, info)
 
     def _pipeline_z(self, client, workers, weights0):
+        """Run the pipeline; when a worker is lost, abandon the attempt, wait for its tasks
+        to stop, and start again from the last committed checkpoint (iteration 0 when there
+        is none). The iterates do not depend on placement, so the run ends bit-for-bit as an
+        uninterrupted one would."""
+        self.recoveries = 0
+        self.old_run_ids: list[str] = []
+        while True:
+            self._workers0 = set(workers)
+            lost = ""
+            try:
+                return self._attempt_z(client, workers, weights0)
+            except _WorkerLost as exc:
+                lost = str(exc)  # not the exception: its frames hold the attempt's futures
+            self.recoveries += 1
+            if self.recoveries > MAX_RECOVERIES:
+                raise ClusterError(f"Dask workers were lost {self.recoveries} times in this "
+                                   f"run ({lost}): giving up; "
+                                   + _lost_worker_message(self.cfg, lost).split(": ", 1)[1])
+            self._quiesce(client)
+            workers = self._wait_for_workers(client, len(self._workers0))
+            self._rewind()
+            k0 = self.manifest["iteration"] if self.manifest is not None else 0
+            print(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+                  f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
+                  "worker(s)", file=sys.stderr, flush=True)
+
+    def _attempt_z(self, client, workers, weights0):
         place = self._placement(workers)
         self._next_slot = self.store.next_checkpoint_slot()
         nodes, literals, prev, k0 = self.start_nodes(weights0)
         futures: dict[str, Any] = {}
-        for name, value in literals.items():
-            b = int(name.split("-b")[1].split("-")[0])
-            # in a list: scatter would split a dict (a small state) into one future per entry
-            futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
-        self._submit(client, nodes, futures, place)
-        init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
-        self.initial_record(client.gather(init))
         pending: deque = deque()
-        held: dict[int, tuple[list[Any], list[Any], str]] = {}
-        submitted, k_done, status = k0, k0, "max_iter"
-        while k_done < self.K:
-            while submitted < self.K and submitted - k_done < self.window:
-                if submitted > k_done and self.schedule.is_barrier(submitted):
+        held: dict[int, tuple[list[str], list[Any], list[Any], str]] = {}
+        try:
+            for name, value in literals.items():
+                b = int(name.split("-b")[1].split("-")[0])
+                # in a list: scatter would split a dict (a small state) into one future per
+                # entry
+                futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
+            self._submit(client, nodes, futures, place)
+            init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
+            self.initial_record([self._result(client, f) for f in init])
+            submitted, k_done, status = k0, k0, "max_iter"
+            while k_done < self.K:
+                while submitted < self.K and submitted - k_done < self.window:
+                    if submitted > k_done and self.schedule.is_barrier(submitted):
+                        break
+                    if held and self._is_ckpt(submitted + 1):
+                        break  # one checkpoint in flight: the committed slot stays intact
+                    wg = self.build_z(submitted, submitted + 1, prev)
+                    self._submit(client, wg.nodes, futures, place)
+                    submitted += 1
+                    kk = submitted
+                    if kk in wg.checkpoints:
+                        held[kk] = (list(wg.checkpoints[kk]),
+                                    [futures[x] for x in wg.checkpoints[kk]],
+                                    [futures[x] for x in wg.weights[kk]],
+                                    self.ckpt_slot_of(wg, kk))
+                    pending.append((kk, futures[wg.stats[kk]],
+                                    futures[wg.evals[kk]] if kk in wg.evals else None))
+                    keep = {v for r, v in wg.last.items() if r != "first_kind"}
+                    for old in [x for x in futures if x not in keep]:
+                        del futures[old]
+                    prev = wg.last
+                kk, fstats, fev = pending.popleft()
+                it = self._result(client, fstats)
+                ev = self._result(client, fev) if fev is not None else None
+                stop = self.process(kk, it, ev)
+                if kk in held:
+                    keys, cks, wfs, slot = held.pop(kk)
+                    values = [self._result(client, f) for f in cks]
+                    weights = [self._result(client, f) for f in wfs]
+                    self._check_workers(client)  # nothing was recomputed behind our back
+                    self.commit(kk, slot, weights, keys, values)
+                k_done = kk
+                if stop is not None:
+                    status = stop
                     break
-                wg = self.build_z(submitted, submitted + 1, prev)
-                self._submit(client, wg.nodes, futures, place)
-                submitted += 1
-                kk = submitted
-                if kk in wg.checkpoints:
-                    held[kk] = ([futures[x] for x in wg.checkpoints[kk]],
-                                [futures[x] for x in wg.weights[kk]],
-                                self.ckpt_slot_of(wg, kk))
-                pending.append((kk, futures[wg.stats[kk]],
-                                futures[wg.evals[kk]] if kk in wg.evals else None))
-                keep = {v for r, v in wg.last.items() if r != "first_kind"}
-                for old in [x for x in futures if x not in keep]:
-                    del futures[old]
-                prev = wg.last
-            kk, fstats, fev = pending.popleft()
-            it = fstats.result()
-            ev = fev.result() if fev is not None else None
-            stop = self.process(kk, it, ev)
-            if kk in held:
-                cks, wfs, slot = held.pop(kk)
-                client.gather(cks)
-                self.commit(kk, slot, client.gather(wfs))
-            k_done = kk
-            if stop is not None:
-                status = stop
-                break
-        pending.clear()
-        futures.clear()
-        held.clear()
-        return status, k_done
+            self._check_workers(client)
+            return status, k_done
+        finally:
+            pending.clear()
+            futures.clear()
+            held.clear()
+
+    def _rewind(self) -> None:
+        """Back to the last committed checkpoint (verified), or to iteration 0."""
+        self.old_run_ids.append(self.run_id)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.manifest = self.store.checkpoint()
+        mon, sch = self.monitor, self.schedule
+        if self.manifest is not None:
+            self.store.verify_checkpoint(self.ck_layout)
+            callback, mon.callback = mon.callback, None  # those rows were reported already
+            try:
+                self._restore_monitor()
+            finally:
+                mon.callback = callback
+        else:
+            mon.history, mon.increases, mon.capped_total = [], [], 0
+            mon.last_good = None
+            sch._rho, sch._beta = sch.cfg.rho, sch.cfg.beta
+            sch._primal, sch.changes = {}, []
 
 
 class _MlpZarrCtx(_ZarrCtx):
@@ -798,12 +1180,13 @@ class _MlpZarrCtx(_ZarrCtx):
 
         name, rid = self.splitting.name, self.run_id
         restore = None
-        if self.cfg.run.resume:
+        cp = self.manifest
+        if cp is not None:
             k0, states = self.store.read_checkpoint_states(
                 [{"W": v["W"]} for v in self.layout])
-            cp = self.store.checkpoint()
             small = [{**sc, "W": st["W"]} for sc, st in zip(cp["small"], states, strict=True)]
             self._restore_monitor()
+            self._restore_last_good(k0, [st["W"] for st in states])
             restore = (k0, cp["slot"])
         else:
             k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
@@ -826,14 +1209,48 @@ class _MlpZarrCtx(_ZarrCtx):
             (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
             self.ckpt_plan(k0, k1))
 
-    def commit(self, k: int, slot: str, smalls: list[dict]) -> None:
+    def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
+               values: list[dict[str, int]]) -> None:
         scalars = []
         for i, sm in enumerate(smalls, start=1):
             self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
             scalars.append({x: float(v) for x, v in sm.items()
                             if x not in ("W", "step", "capped", "k", "lam")})
-        self.store.commit_checkpoint(k, slot, self.monitor.history, self._schedule_state(),
-                                     small=scalars)
+        sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
+        self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
+
+
+MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
+
+
+class _WorkerLost(Exception):
+    """A worker of the running attempt is gone (internal: triggers a recovery)."""
+
+
+def _tasks_alive(run_id: str, dask_scheduler=None) -> int:
+    """On the scheduler: tasks of ``run_id`` that are running or may still run."""
+    states = ("processing", "waiting", "queued", "no-worker")
+    return sum(1 for key, ts in dask_scheduler.tasks.items()
+               if str(key).endswith(run_id) and ts.state in states)
+
+
+def _tasks_wanted(run_id: str, client_id: str, dask_scheduler=None) -> list:
+    """On the scheduler: keys of ``run_id`` that client ``client_id`` still wants."""
+    return [key for key, ts in dask_scheduler.tasks.items() if str(key).endswith(run_id)
+            and any(c.client_key == client_id for c in ts.who_wants)]
+
+
+def _wait_for_workers(client, want: int, timeout: float = 60.0) -> list[str]:
+    """The cluster's workers once ``want`` are back (a nanny restarts a killed worker), or
+    whatever is there after ``timeout`` (at least one)."""
+    deadline = time.time() + timeout
+    while True:
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        if len(workers) >= want or (workers and time.time() > deadline):
+            return workers
+        if time.time() > deadline + timeout:
+            raise ClusterError("no Dask worker came back after a worker was lost")
+        time.sleep(0.2)
 
 
 def _after(fn, args: tuple, *order):

@@ -2,9 +2,14 @@
 
 Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any fsspec URL)::
 
-    attrs       schema, schema_version, config, algorithm, arch, n, chunk_size, n_chunks,
-                owner (the run writing it), checkpoint {iteration, slot} (the last complete one),
-                history (metrics records up to the checkpoint), schedule (penalty state), status
+    attrs       schema, schema_version, config (of the run that created the store),
+                determinants (every setting that determines the iterates), data_sha256 and
+                data_checksums (identity and integrity of the stored data), algorithm, arch, n,
+                chunk_size, n_chunks, ready (data and state arrays complete), owner (the run
+                writing it: run id, pid, process start time, host), status
+    checkpoint.json  the manifest of the last complete checkpoint: iteration, slot, metrics
+                history, penalty-schedule state, per-block scalars, the determinants and one
+                checksum per checkpoint chunk; replaced atomically (write, then rename)
     data/       X, Y (training data), X_test, Y_test: samples chunked like the state
     live/b<i>/  the working state of block i, double-buffered by iteration parity: the
                 sample-sized variables (RADMM: U, V, Lam; pdADMM: z, q, p, u and the scratch
@@ -13,39 +18,60 @@ Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any f
                 (dlADMM has a third slot for its backward sweep). The small W (d x d) and the
                 scalars travel through the task graph as values.
     ckpt/<s>/b<i>/  two checkpoint slots s in {a, b}: the state variables chunked like live,
-                and W (one chunk); the scalars go in the checkpoint attribute
+                and W (one chunk)
     model/      W1..WN of the final model (plain float64 arrays) with the architecture and the
                 data normalisation in its attributes: readable with plain zarr, no pickle.
 
-Only the driver writes attributes; tasks write whole, chunk-aligned pieces (one writer per
-chunk), which Zarr's local store commits atomically (write + rename). A checkpoint is committed
-by one attribute write after every array of its slot is complete, alternating between the two
-slots, so a process killed at any moment leaves the previous checkpoint readable.
+Safety rules:
+
+- A new store is only created at a path that does not exist or is an empty directory. An
+  existing daskadmm store is replaced only on request (``overwrite``), and anything else is
+  never touched.
+- A checkpoint is one atomic commit: the manifest is the only thing that says which slot holds
+  which iteration, and it carries a checksum of every chunk of that slot. The runner never
+  writes the slot a committed manifest points to (at most one checkpoint is in flight, and it
+  goes into the other slot). Resume verifies every checksum and refuses a damaged or missing
+  chunk instead of reading zeros.
+- Symbolic links inside a local store are refused (a store made by someone else must not make
+  a run write outside it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
 import socket
+import stat
 import time
+import warnings
+import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "MANIFEST",
     "SCHEMA",
     "SCHEMA_VERSION",
     "Model",
     "StateStore",
     "StoreError",
+    "checksum",
     "chunk_slices",
+    "data_digest",
     "load_model",
 ]
 
 SCHEMA = "daskadmm-state"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MANIFEST = "checkpoint.json"
+# what a daskadmm store directory may hold (anything else: not ours to delete)
+STORE_ENTRIES = frozenset({"zarr.json", "data", "live", "ckpt", "model", MANIFEST})
 
 
 class StoreError(RuntimeError):
@@ -59,28 +85,106 @@ def chunk_slices(n: int, chunk_size: int) -> list[slice]:
     return [slice(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
+def checksum(a: np.ndarray) -> int:
+    """CRC-32 of an array's float64 values (C order): what checkpoints record per chunk."""
+    return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).view(np.uint8))
+
+
+def data_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, shapes and float64 values of the training and test data: the
+    identity of a data set (a resumed run must train on the same one)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype=np.float64)
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.view(np.uint8))
+    return h.hexdigest()
+
+
+def local_path(url: str) -> Path | None:
+    """The directory of a local store URL (a plain path or ``file://``), else None."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if "://" in url:
+        return None
+    return Path(url)
+
+
 def _open_group(url: str, mode: str):
     import zarr
 
     try:
-        return zarr.open_group(url, mode=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "checkpoint.json is not a Zarr component"
+            return zarr.open_group(url, mode=mode)
     except FileNotFoundError:
         raise StoreError(f"no state store at {url}") from None
+    except PermissionError:
+        raise StoreError(f"state store {url} is not writable (permission denied)") from None
     except Exception as exc:  # zarr raises several types for foreign/corrupt stores
         raise StoreError(f"cannot open state store {url}: {type(exc).__name__}: {exc}") \
             from None
 
 
-def _pid_alive(owner: dict[str, Any]) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # cannot tell: assume alive
+def _process_start(pid: int) -> float | None:
     try:
-        os.kill(int(owner["pid"]), 0)
-    except (ProcessLookupError, ValueError, KeyError):
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return None
+
+
+def lock_holder_alive(owner: dict[str, Any]) -> bool | None:
+    """Whether the run recorded in ``owner`` still runs: True / False, or None when this
+    host cannot tell (another host)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    start = owner.get("pid_start")
+    now = _process_start(pid)
+    if start is not None and now is not None and abs(now - float(start)) > 1.0:
+        return False  # the pid was reused by another process
     return True
+
+
+def _is_store_dir(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("attributes") or {}).get("schema") == SCHEMA
+
+
+def _check_no_links(root: Path, url: str) -> None:
+    """Refuse symbolic links (and anything but files and directories) inside a local store."""
+    if root.is_symlink():
+        raise StoreError(f"state store {url} is a symbolic link: give its real path")
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            p = Path(dirpath) / name
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise StoreError(f"state store {url} contains a symbolic link "
+                                 f"({p.relative_to(root)}): refusing to use it")
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise StoreError(f"state store {url} contains {p.relative_to(root)}, which is "
+                                 "not a regular file: refusing to use it")
+
+
+def _check_writable(root: Path, url: str) -> None:
+    for dirpath, _dirnames, _filenames in os.walk(root, followlinks=False):
+        if not os.access(dirpath, os.W_OK | os.X_OK):
+            raise StoreError(f"state store {url} is read-only ({dirpath} is not writable)")
 
 
 def _array(group, path: str, shape, chunks, dtype="f8", compressor: str = "none"):
@@ -136,72 +240,194 @@ class StateStore:
     def __init__(self, url: str, group):
         self.url = url
         self.group = group
+        self.broken_lock: dict[str, Any] | None = None  # the owner whose lock this run broke
 
     # -- creation and locking ----------------------------------------------------------------
     @classmethod
-    def create(cls, url: str, *, meta: dict[str, Any], owner: str) -> StateStore:
-        """Create a new store (refuses to touch an existing one)."""
-        import zarr
+    def check_new(cls, url: str, *, overwrite: bool = False) -> bool:
+        """Check, without writing anything, that a new store may be created at ``url``: a
+        path that does not exist or an empty directory, or (``overwrite``) an existing
+        daskadmm store that no live run holds. Returns whether an existing store will be
+        replaced. Raises :class:`StoreError` for anything else."""
+        path = local_path(url)
+        if path is not None:
+            if path.is_symlink():
+                raise StoreError(f"storage.url={url} is a symbolic link: give a real path")
+            if not path.exists():
+                parent = next((p for p in path.absolute().parents if p.exists()), None)
+                if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+                    raise StoreError(f"cannot create state store {url}: {parent} is not "
+                                     "writable")
+                return False
+            if not path.is_dir():
+                raise StoreError(f"storage.url={url} is a file, not a state store directory: "
+                                 "nothing was changed")
+            entries = sorted(e.name for e in path.iterdir())
+            if not entries:
+                return False
+            if not _is_store_dir(path):
+                raise StoreError(f"storage.url={url} is a directory that is not empty and not "
+                                 "a daskadmm state store: give a new or empty directory "
+                                 "(nothing was changed)")
+            existing_attrs = json.loads((path / "zarr.json").read_text()).get("attributes")
+        else:
+            import zarr
 
-        try:
-            existing = zarr.open_group(url, mode="r")
-        except Exception:
-            existing = None
-        if existing is not None:
-            attrs = dict(existing.attrs)
-            if attrs.get("schema") == SCHEMA:
-                raise StoreError(f"state store {url} already exists: resume it with "
-                                 "run.resume=true or choose another storage.url")
-            if len(list(existing.keys())) or attrs:
-                raise StoreError(f"{url} holds something that is not a daskadmm state store")
-        group = _open_group(url, "w")
-        group.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **meta,
-                            "checkpoint": None, "history": [], "status": "running",
-                            "owner": cls._owner_record(owner)})
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    existing_attrs = dict(zarr.open_group(url, mode="r").attrs)
+            except Exception:
+                return False  # nothing readable there: "w-" below refuses anything else
+            if existing_attrs.get("schema") != SCHEMA:
+                raise StoreError(f"storage.url={url} holds something that is not a daskadmm "
+                                 "state store (nothing was changed)")
+        if not overwrite:
+            raise StoreError(f"state store {url} already exists: continue it with "
+                             "run.resume=true, replace it with storage.overwrite=true, or "
+                             "choose another storage.url")
+        owner = existing_attrs.get("owner")
+        if owner and existing_attrs.get("status") == "running" and \
+                lock_holder_alive(owner) is not False:
+            raise StoreError(f"state store {url} is in use by run {owner.get('run_id')} "
+                             f"(pid {owner.get('pid')} on {owner.get('host')}): not replacing "
+                             "it")
+        if path is not None:
+            foreign = [e for e in entries if e not in STORE_ENTRIES]
+            if foreign:
+                raise StoreError(f"state store {url} also holds {', '.join(foreign)}, which "
+                                 "daskadmm did not write: not replacing it")
+            _check_no_links(path, url)
+        return True
+
+    @classmethod
+    def create(cls, url: str, *, meta: dict[str, Any], owner: str,
+               overwrite: bool = False) -> StateStore:
+        """Create a new store at ``url`` (see :meth:`check_new` for what is refused)."""
+        if cls.check_new(url, overwrite=overwrite):
+            path = local_path(url)
+            if path is not None:
+                shutil.rmtree(path)
+                group = _open_group(url, "w-")
+            else:
+                group = _open_group(url, "w")
+        else:
+            try:
+                group = _open_group(url, "w-")
+            except StoreError as exc:
+                raise StoreError(f"cannot create state store {url}: it holds something "
+                                 f"already ({exc})") from None
+        group.update_attributes({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **meta,
+                                 "ready": False, "status": "running",
+                                 "owner": cls._owner_record(owner)})
         return cls(url, group)
 
     @classmethod
-    def open(cls, url: str, *, owner: str | None = None, mode: str = "r+") -> StateStore:
+    def open(cls, url: str, *, owner: str | None = None, mode: str = "r+",
+             break_lock: bool = False, versions: tuple[int, ...] = (SCHEMA_VERSION,)
+             ) -> StateStore:
         """Open an existing store; with ``owner``, take it over (refuses while another live
-        run holds it)."""
-        group = _open_group(url, "r" if owner is None and mode == "r" else "r+")
+        run holds it; ``break_lock`` takes over a lock whose holder cannot be checked from
+        here, and records whose lock it broke in :attr:`broken_lock`)."""
+        path = local_path(url)
+        writing = not (owner is None and mode == "r")
+        if path is not None:
+            if not path.exists():
+                raise StoreError(f"no state store at {url}")
+            if not path.is_dir():
+                raise StoreError(f"{url} is a file, not a state store")
+            if writing or mode == "check":
+                _check_no_links(path, url)
+                _check_writable(path, url)
+        group = _open_group(url, "r+" if writing and mode != "check" else "r")
         attrs = dict(group.attrs)
         if attrs.get("schema") != SCHEMA:
             raise StoreError(f"{url} is not a daskadmm state store (no '{SCHEMA}' schema "
                              "attribute)")
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in versions:
             raise StoreError(f"{url} has state schema version {attrs.get('schema_version')}, "
                              f"this daskadmm reads version {SCHEMA_VERSION}")
         store = cls(url, group)
         if owner is not None:
-            cur = attrs.get("owner")
-            if cur and attrs.get("status") == "running" and _pid_alive(cur):
-                raise StoreError(f"state store {url} is in use by run {cur.get('run_id')} "
-                                 f"(pid {cur.get('pid')} on {cur.get('host')}): a second run "
-                                 "may not write to it")
-            group.attrs.update({"owner": cls._owner_record(owner), "status": "running"})
+            store.broken_lock = store.check_lock(break_lock)
+            store.set_attrs({"owner": cls._owner_record(owner), "status": "running"})
         return store
+
+    def check_lock(self, break_lock: bool = False) -> dict[str, Any] | None:
+        """Refuse (StoreError) if another run holds the store; writes nothing. Returns the
+        lock that taking the store over would break (``break_lock``), else None."""
+        attrs = self.attrs
+        cur = attrs.get("owner")
+        if not cur or attrs.get("status") != "running":
+            return None
+        alive = lock_holder_alive(cur)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cur.get("since") or 0)))
+        who = (f"run {cur.get('run_id')} (pid {cur.get('pid')} on {cur.get('host')}, "
+               f"since {since})")
+        if alive is True:
+            raise StoreError(f"state store {self.url} is in use by {who}: a second run may not "
+                             "write to it")
+        if alive is None and not break_lock:
+            raise StoreError(f"state store {self.url} is locked by {who}, which this host "
+                             "cannot check: if that run is gone, pass storage.break_lock=true")
+        return dict(cur) if alive is None else None
 
     @staticmethod
     def _owner_record(run_id: str) -> dict[str, Any]:
         return {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.time()}
+                "pid_start": _process_start(os.getpid()), "since": time.time()}
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        """Update attributes in one write of the group's metadata."""
+        try:
+            self.group.update_attributes(values)
+        except PermissionError:
+            raise StoreError(f"state store {self.url} is not writable (permission denied)") \
+                from None
+
     def release(self, status: str) -> None:
-        self.group.attrs.update({"status": status, "owner": None})
+        self.set_attrs({"status": status, "owner": None})
+
+    def holds_results(self) -> bool:
+        """Whether the store holds a final model or a complete checkpoint (never deleted)."""
+        return "model" in self.group or self.checkpoint() is not None
 
     # -- arrays ----------------------------------------------------------------------------
     def write_data(self, arrays: dict[str, np.ndarray], chunk_size: int,
                    compressor: str = "none") -> None:
+        """Write the data arrays, chunked along samples, and record one checksum per chunk
+        (verified on resume)."""
+        sums: dict[str, list[int]] = {}
         for name, a in arrays.items():
             cs = a.shape[1] if chunk_size <= 0 else min(chunk_size, a.shape[1])
             arr = _array(self.group, f"data/{name}", a.shape, (a.shape[0], max(1, cs)),
                          compressor=compressor)
             arr[...] = a
+            sums[name] = [checksum(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
+        self.set_attrs({"data_checksums": sums})
+
+    def verify_data(self) -> None:
+        """Read every stored data chunk back and compare it with its recorded checksum."""
+        sums = self.attrs.get("data_checksums") or {}
+        if not sums:
+            raise StoreError(f"state store {self.url} records no data checksums")
+        for name, expected in sums.items():
+            arr = self._array_or_fail(f"data/{name}")
+            n = arr.shape[1]
+            cs = arr.chunks[1]
+            slices = chunk_slices(n, cs if cs < n else 0)
+            if len(slices) != len(expected):
+                raise StoreError(f"state store {self.url}: data/{name} has {len(slices)} "
+                                 f"chunks, its record {len(expected)}")
+            for c, (sl, want) in enumerate(zip(slices, expected, strict=True)):
+                got = self._read_chunk(arr, f"data/{name}", c, sl)
+                if checksum(got) != want:
+                    raise StoreError(f"state store {self.url}: data chunk data/{name} #{c} "
+                                     "is damaged (checksum mismatch)")
 
     def create_state(self, layout: list[dict[str, tuple]], n: int, chunk_size: int,
                      compressor: str = "none", slots: int = 2) -> None:
@@ -244,28 +470,100 @@ class StateStore:
         else:
             arr[...] = value
 
+    def _array_or_fail(self, path: str):
+        try:
+            return self.group[path]
+        except Exception as exc:
+            raise StoreError(f"state store {self.url} is missing {path} "
+                             f"({type(exc).__name__})") from None
+
+    def _read_chunk(self, arr, path: str, c: int, sl: slice | None) -> np.ndarray:
+        """One chunk, refusing a chunk file that is not there (Zarr would read zeros)."""
+        from zarr.core.sync import sync
+
+        if sl is None:
+            coords = (0,) * arr.ndim
+        else:
+            coords = (*((0,) * (arr.ndim - 1)), c)
+        key = arr.metadata.encode_chunk_key(coords)
+        try:
+            present = sync(self.group.store.exists(f"{path}/{key}"))
+        except Exception:
+            present = True  # a store that cannot say: the checksum still decides
+        if not present:
+            raise StoreError(f"state store {self.url}: chunk {path}/{key} is missing")
+        try:
+            return np.asarray(arr[...] if sl is None else arr[..., sl])
+        except Exception as exc:
+            raise StoreError(f"state store {self.url}: chunk {path}/{key} cannot be read "
+                             f"({type(exc).__name__})") from None
+
     # -- checkpoints -----------------------------------------------------------------------
-    def next_checkpoint_slot(self) -> str:
-        cp = self.attrs.get("checkpoint")
-        return "b" if cp and cp.get("slot") == "a" else "a"
+    def commit_checkpoint(self, manifest: dict[str, Any]) -> None:
+        """Commit a checkpoint: write its manifest in one atomic replace. ``manifest`` holds
+        ``iteration``, ``slot``, ``checksums`` (``"b<i>/<name>"`` -> one CRC per chunk) and
+        whatever the runner needs to continue (history, schedule, per-block scalars)."""
+        from zarr.core.buffer import cpu
+        from zarr.core.sync import sync
 
-    def write_checkpoint_states(self, slot: str, states: list[dict[str, np.ndarray]]) -> None:
-        """Write whole block states into checkpoint slot ``slot`` (driver side)."""
-        for b, st in enumerate(states, start=1):
-            for name, value in st.items():
-                self.write(f"ckpt/{slot}/b{b}/{name}", np.asarray(value, dtype=np.float64))
-
-    def commit_checkpoint(self, iteration: int, slot: str, history: list[dict],
-                          schedule: dict[str, Any], small: list[dict] | None = None) -> None:
-        """Record "iteration k complete in slot s": the single atomic commit point. ``small``:
-        per-block scalars of the state (curvatures, pending penalties), stored exactly (JSON
-        floats round-trip float64)."""
-        self.group.attrs.update({"checkpoint": {"iteration": iteration, "slot": slot,
-                                                "time": time.time(), "small": small},
-                                 "history": _jsonable(history), "schedule": schedule})
+        body = json.dumps(_jsonable({**manifest, "time": time.time()}), allow_nan=False)
+        try:
+            sync(self.group.store.set(MANIFEST, cpu.Buffer.from_bytes(body.encode())))
+        except PermissionError:
+            raise StoreError(f"state store {self.url} is not writable (permission denied)") \
+                from None
 
     def checkpoint(self) -> dict[str, Any] | None:
-        return self.attrs.get("checkpoint")
+        """The committed manifest, or None when no checkpoint is complete."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buf = sync(self.group.store.get(MANIFEST, prototype=default_buffer_prototype()))
+        if buf is None:
+            return None
+        try:
+            cp = json.loads(buf.to_bytes())
+            int(cp["iteration"])
+            assert cp["slot"] in ("a", "b") and isinstance(cp["checksums"], dict)
+        except Exception:
+            raise StoreError(f"state store {self.url}: its checkpoint manifest {MANIFEST} is "
+                             "damaged") from None
+        return cp
+
+    def next_checkpoint_slot(self) -> str:
+        """The slot the next checkpoint goes into: never the committed one."""
+        cp = self.checkpoint()
+        return "b" if cp and cp.get("slot") == "a" else "a"
+
+    def verify_checkpoint(self, layout: list[dict[str, tuple]]) -> dict[str, Any]:
+        """Read every chunk of the committed checkpoint and compare it with the manifest's
+        checksums; return the manifest. A missing or damaged chunk is a StoreError naming it."""
+        cp = self.checkpoint()
+        if cp is None:
+            raise StoreError(f"state store {self.url} has no complete checkpoint")
+        sums = cp["checksums"]
+        for b, variables in enumerate(layout, start=1):
+            for name, shape in variables.items():
+                path = f"ckpt/{cp['slot']}/b{b}/{name}"
+                want = sums.get(f"b{b}/{name}")
+                if want is None:
+                    raise StoreError(f"state store {self.url}: the checkpoint manifest has no "
+                                     f"checksum for {path}")
+                arr = self._array_or_fail(path)
+                if shape and shape[-1] == "n":
+                    n, cs = arr.shape[-1], arr.chunks[-1]
+                    slices = chunk_slices(n, cs if cs < n else 0)
+                else:
+                    slices = [None]
+                if len(slices) != len(want):
+                    raise StoreError(f"state store {self.url}: {path} has {len(slices)} chunks, "
+                                     f"the manifest {len(want)}")
+                for c, (sl, w) in enumerate(zip(slices, want, strict=True)):
+                    if checksum(self._read_chunk(arr, path, c, sl)) != w:
+                        raise StoreError(f"state store {self.url}: checkpoint chunk {path} #{c} "
+                                         "is damaged (checksum mismatch); it cannot be resumed "
+                                         "exactly")
+        return cp
 
     def read_checkpoint_states(self, layout: list[dict[str, tuple]]) -> tuple[int, list[dict]]:
         cp = self.checkpoint()
@@ -302,6 +600,42 @@ class StateStore:
             "depth": len(weights), **{f"has_{k}": v for k, v in extra.items()}})
 
 
+# Settings that do not change the iterates (and so may differ on resume) are left out:
+# run.iterations, eval cadence, tolerances, divergence factor, window, checkpoint cadence,
+# cluster, compressor, progress, plot. Data paths are left out too: the data's own digest
+# stands for the data.
+_BASELINE_KEYS = ("lr", "momentum", "batch_size", "weight_decay")
+_DATA_LOCATION_KEYS = ("path", "cache_dir", "download")
+
+
+def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The settings that determine a run's iterates, flattened to ``section.key``: what a
+    resumed run must share with the run that made the store."""
+    out: dict[str, Any] = {}
+    for key, v in cfg_dict["algorithm"].items():
+        if key not in _BASELINE_KEYS:
+            out[f"algorithm.{key}"] = v
+    for key, v in cfg_dict["model"].items():
+        out[f"model.{key}"] = v
+    data = cfg_dict["data"]
+    for key, v in data.items():
+        if key not in _DATA_LOCATION_KEYS:
+            out[f"data.{key}"] = v
+    out["run.seed"] = cfg_dict["run"]["seed"]
+    out["storage.chunk_size"] = cfg_dict["storage"]["chunk_size"]
+    return _jsonable(out)
+
+
+def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key (stored -> now)`` for every determining setting that differs."""
+    out = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key, "<unset>"), now.get(key, "<unset>")
+        if a != b:
+            out.append(f"{key} ({a} -> {b})")
+    return out
+
+
 def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
@@ -322,7 +656,7 @@ def load_model(url: str) -> Model:
     """Load the final model of a run from its state store (plain zarr arrays, no pickle)."""
     from .model import Architecture
 
-    store = StateStore.open(url, mode="r")
+    store = StateStore.open(url, mode="r", versions=(1, SCHEMA_VERSION))
     if "model" not in store.group:
         raise StoreError(f"state store {url} holds no final model (the run did not finish)")
     mg = store.group["model"]
@@ -336,6 +670,9 @@ def load_model(url: str) -> Model:
         if W.shape != arch.weight_shape(i):
             raise StoreError(f"state store {url}: model/W{i} has shape {W.shape}, expected "
                              f"{arch.weight_shape(i)}")
+        if not np.all(np.isfinite(W)):
+            raise StoreError(f"state store {url}: model/W{i} holds NaN or inf (the run "
+                             "failed): refusing to predict with it")
 
     def opt(name):
         return np.asarray(mg[name][...]) if attrs.get(f"has_{name}") else None

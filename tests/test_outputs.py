@@ -166,3 +166,18 @@ def test_write_run_outputs(tmp_path, plot):
     expected |= {"convergence.png"} if plot else set()
     assert names == expected
     assert set(paths) == {"metrics", "summary", "weights"} | ({"plot"} if plot else set())
+
+
+def test_a_failing_plot_costs_no_result(tmp_path, monkeypatch, capsys):
+    from daskadmm import outputs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(outputs, "plot_convergence", broken)
+    cfg = Config()
+    run_dir = tmp_path / "run"
+    paths = write_run_outputs(run_dir, cfg, make_result())
+    assert set(paths) == {"metrics", "summary", "weights"}
+    assert {p.name for p in run_dir.iterdir()} == {"metrics.csv", "summary.json", "weights.npz"}
+    assert "convergence plot failed (RuntimeError: no fonts)" in capsys.readouterr().err

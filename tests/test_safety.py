@@ -1,0 +1,577 @@
+"""Nothing is lost, nothing resumes wrong: store creation, checkpoint manifests, verified
+resume, damaged stores, locks, lost workers, failed runs, optional artefacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from threadpoolctl import threadpool_limits
+
+from daskadmm import api
+from daskadmm.config import Config
+from daskadmm.data import load_dataset
+from daskadmm.storage import MANIFEST, StateStore, StoreError, load_model
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+def _cfg(iterations=8, **storage) -> Config:
+    cfg = Config()
+    cfg.data.name = "synthetic"
+    cfg.data.n_samples = 100
+    cfg.model.width = 6
+    cfg.model.depth = 3
+    cfg.run.iterations = iterations
+    cfg.run.eval_every = 2
+    cfg.run.progress = False
+    cfg.run.checkpoint_every = 2
+    cfg.cluster.kind = "threads"
+    cfg.cluster.dashboard_address = "127.0.0.1:0"
+    cfg.storage.chunk_size = 30
+    for k, v in storage.items():
+        setattr(cfg.storage, k, v)
+    return cfg
+
+
+def _with(cfg, **sections):
+    out = cfg
+    for sec, kw in sections.items():
+        out = dataclasses.replace(out, **{sec: dataclasses.replace(getattr(out, sec), **kw)})
+    return out
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True)) and \
+        [r["objective"] for r in a.history] == [r["objective"] for r in b.history]
+
+
+# -- 1. a fresh run never deletes what it did not create -------------------------------------------
+
+def test_fresh_run_refuses_a_directory_that_is_not_a_store(tmp_path):
+    user = tmp_path / "mine"
+    (user / "outputs" / "old-run").mkdir(parents=True)
+    (user / "notes.txt").write_text("precious")
+    (user / "outputs" / "old-run" / "summary.json").write_text("{}")
+    before = _tree(user)
+    ds = load_dataset(_cfg().data, seed=0)
+    for url, overwrite in ((user, False), (user, True), (user / "outputs", False),
+                           (user / "notes.txt", False), (user / "notes.txt", True)):
+        with pytest.raises(StoreError, match="not empty|is a file|not a daskadmm"):
+            api.fit(_cfg(url=str(url), overwrite=overwrite), dataset=ds)
+    assert _tree(user) == before
+
+
+def test_existing_store_needs_resume_or_overwrite(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    ds = load_dataset(_cfg().data, seed=0)
+    first = api.fit(_cfg(url=url), dataset=ds)
+    with pytest.raises(StoreError, match="already exists.*storage.overwrite=true"):
+        api.fit(_cfg(url=url), dataset=ds)
+    # a file daskadmm did not write inside the store: overwrite refuses too
+    (tmp_path / "s.zarr" / "mine.txt").write_text("x")
+    with pytest.raises(StoreError, match="mine.txt"):
+        api.fit(_cfg(url=url, overwrite=True), dataset=ds)
+    (tmp_path / "s.zarr" / "mine.txt").unlink()
+    again = api.fit(_cfg(url=url, overwrite=True), dataset=ds)
+    assert _same(first, again)
+    # an empty directory is a fine place for a new store
+    (tmp_path / "empty").mkdir()
+    api.fit(_cfg(url=str(tmp_path / "empty")), dataset=ds)
+
+
+def test_cli_refuses_a_non_store_directory_before_writing_anything(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    before = _tree(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", "cluster=synchronous", "run.iterations=2",
+         "model.width=8", "storage.url=.", "run.progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("daskadmm: error:") and "not empty" in lines[0]
+    assert _tree(tmp_path) == before and not (tmp_path / "outputs").exists()
+
+
+# -- 2, 3. a checkpoint is one atomic manifest; the committed slot is never written ----------------
+
+def test_checkpoint_commit_is_one_atomic_write(tmp_path, monkeypatch):
+    url = str(tmp_path / "s.zarr")
+    ds = load_dataset(_cfg().data, seed=0)
+    writes: list[str] = []
+    real = StateStore.commit_checkpoint
+
+    def spy(self, manifest):
+        n0 = len(writes)
+        store = self.group.store
+        orig = store.set
+
+        async def counting_set(key, value):
+            writes.append(key)
+            return await orig(key, value)
+
+        monkeypatch.setattr(store, "set", counting_set)
+        try:
+            real(self, manifest)
+        finally:
+            monkeypatch.setattr(store, "set", orig)
+        assert writes[n0:] == [MANIFEST]
+
+    monkeypatch.setattr(StateStore, "commit_checkpoint", spy)
+    api.fit(_cfg(url=url), dataset=ds)
+    assert writes == [MANIFEST] * 4
+    cp = json.loads((tmp_path / "s.zarr" / MANIFEST).read_text())
+    assert cp["iteration"] == 8 and len(cp["history"]) == 5
+    assert set(cp) >= {"slot", "schedule", "checksums", "determinants"}
+    assert "checkpoint" not in dict(zarr.open_group(url, mode="r").attrs)
+
+
+def test_checkpoint_task_refuses_the_committed_slot(tmp_path):
+    from daskadmm import chunked
+
+    url = str(tmp_path / "s.zarr")
+    api.fit(_cfg(url=url), dataset=load_dataset(_cfg().data, seed=0))
+    slot = json.loads((tmp_path / "s.zarr" / MANIFEST).read_text())["slot"]
+    chunked._group.cache_clear()
+    chunked._handle.cache_clear()
+    ct = chunked.ChunkTask(url, slice(0, 30), 0)
+    with pytest.raises(RuntimeError, match="committed checkpoint"):
+        chunked.checkpoint_chunk(ct, 1, ("U",), 0, slot)
+    other = "a" if slot == "b" else "b"
+    assert set(chunked.checkpoint_chunk(ct, 1, ("U",), 0, other)) == {"U"}
+
+
+@pytest.mark.parametrize("algorithm", ["radmm3", "pdadmm"])
+def test_every_checkpoint_resumes_exactly_with_many_iterations_in_flight(tmp_path, algorithm,
+                                                                        local_cluster):
+    """checkpoint_every=1 with 6 iterations in flight: each committed checkpoint, copied away
+    at its commit, resumes to the uninterrupted run's result."""
+    cfg = _with(_cfg(iterations=8), algorithm={"name": algorithm},
+                model={"kind": "mlp" if algorithm == "pdadmm" else "resnet"},
+                run={"checkpoint_every": 1, "window": 6},
+                cluster={"kind": "address", "address": local_cluster.scheduler_address})
+    ds = load_dataset(cfg.data, seed=0)
+    url = tmp_path / "s.zarr"
+    snaps: list[Path] = []
+    real = StateStore.commit_checkpoint
+
+    def snapshot(self, manifest):
+        real(self, manifest)
+        if manifest["iteration"] in (3, 6):
+            import shutil
+
+            dst = tmp_path / f"snap{manifest['iteration']}"
+            shutil.copytree(url, dst)
+            # the copy carries this live run's lock: as if that run had been killed there
+            zarr.open_group(str(dst), mode="r+").update_attributes(
+                {"owner": None, "status": "stopped"})
+            snaps.append(dst)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(StateStore, "commit_checkpoint", snapshot)
+    try:
+        full = api.fit(_with(cfg, storage={"url": str(url)}), dataset=ds)
+    finally:
+        mp.undo()
+    assert len(snaps) == 2
+    for snap in snaps:
+        # the snapshot was taken while later iterations ran: it must still be intact
+        res = api.fit(_with(cfg, storage={"url": str(snap)}, run={"resume": True}), dataset=ds)
+        assert _same(full, res)
+
+
+# -- 4. resume is verified -------------------------------------------------------------------------
+
+def test_resume_refuses_changed_settings_and_data(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    cfg = _cfg(url=url)
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 4}), dataset=ds)
+    files = _tree(tmp_path / "s.zarr")
+    resume = {"resume": True}
+    for change, key in (({"algorithm": {"rho": 5.0}}, "algorithm.rho"),
+                        ({"algorithm": {"lam": 0.5}}, "algorithm.lam"),
+                        ({"run": {"seed": 3, **resume}}, "run.seed"),
+                        ({"model": {"activation": "relu"}}, "model.activation")):
+        changed = _with(cfg, **change)
+        changed = _with(changed, run={**resume})
+        with pytest.raises(StoreError, match=key.replace(".", r"\.")):
+            api.fit(changed, dataset=load_dataset(changed.data, seed=changed.run.seed))
+    other = _with(cfg, data={"noise": 0.2}, run=resume)  # same shape, other data
+    with pytest.raises(StoreError, match="data"):
+        api.fit(other, dataset=load_dataset(other.data, seed=0))
+    # the same data under another data.noise setting is still refused by its settings; the
+    # digest alone catches another data set with identical settings
+    ds2 = dataclasses.replace(ds, X_train=ds.X_train + 1e-12)
+    with pytest.raises(StoreError, match="data set differs"):
+        api.fit(_with(cfg, run=resume), dataset=ds2)
+    assert _tree(tmp_path / "s.zarr") == files  # refused resumes change nothing
+    # settings that do not change the iterates may change
+    res = api.fit(_with(cfg, run={**resume, "iterations": 8, "eval_every": 4},
+                        cluster={"kind": "synchronous"}), dataset=ds)
+    full = api.fit(_cfg(url=str(tmp_path / "full.zarr")), dataset=ds)
+    assert all(np.array_equal(a, b) for a, b in zip(res.weights, full.weights, strict=True))
+
+
+# -- 5. damaged checkpoints are refused ------------------------------------------------------------
+
+def _chunk_files(store: Path, slot: str) -> list[Path]:
+    return sorted(p for p in (store / "ckpt" / slot).rglob("*") if p.is_file()
+                  and "/c/" in str(p))
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip", "truncate"])
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path, damage):
+    url = tmp_path / "s.zarr"
+    cfg = _cfg(url=str(url))
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 4}), dataset=ds)
+    slot = json.loads((url / MANIFEST).read_text())["slot"]
+    victim = _chunk_files(url, slot)[3]
+    data = victim.read_bytes()
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "flip":
+        victim.write_bytes(data[:17] + bytes([data[17] ^ 0x01]) + data[18:])
+    else:
+        victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError) as err:
+        api.fit(_with(cfg, run={"resume": True}), dataset=ds)
+    msg = str(err.value)
+    assert "\n" not in msg and ("missing" in msg or "damaged" in msg or "cannot be read" in msg)
+
+
+def test_damaged_stored_data_is_refused(tmp_path):
+    url = tmp_path / "s.zarr"
+    cfg = _cfg(url=str(url))
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 2}), dataset=ds)
+    victim = sorted(p for p in (url / "data" / "X" / "c").rglob("*") if p.is_file())[0]
+    data = victim.read_bytes()
+    j = len(data) // 3
+    victim.write_bytes(data[:j] + bytes([data[j] ^ 0x10]) + data[j + 1:])
+    with pytest.raises(StoreError, match="data chunk data/X .* damaged"):
+        api.fit(_with(cfg, run={"resume": True}), dataset=ds)
+
+
+# -- 6. a store with no checkpoint resumes from iteration 0 ----------------------------------------
+
+@pytest.mark.parametrize("ready", [False, True])
+def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
+    cfg = _cfg()
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    url = str(tmp_path / "s.zarr")
+    # what a run killed before its first checkpoint leaves: created (maybe not even "ready")
+    from daskadmm import chunked
+    from daskadmm.runner import _data_arrays, _store_meta
+    from daskadmm.storage import chunk_slices
+
+    arch = api.build_architecture(cfg, ds)
+    meta = _store_meta(_with(cfg, storage={"url": url}), arch, ds, ds.n_train,
+                       chunk_slices(ds.n_train, 30))
+    store = StateStore.create(url, meta=meta, owner="killed")
+    if ready:
+        store.write_data(_data_arrays(ds), 30)
+        store.create_state(chunked.layout(arch), ds.n_train, 30)
+        store.set_attrs({"ready": True})
+    store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
+                               "host": socket.gethostname(), "since": 0}})
+    res = api.fit(_with(cfg, storage={"url": url}, run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] == 0
+    assert _same(full, res)
+
+
+# -- 9, 10. symlinks and locks ---------------------------------------------------------------------
+
+def test_symlink_inside_a_store_is_refused(tmp_path):
+    url = tmp_path / "s.zarr"
+    cfg = _cfg(url=str(url))
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 2}), dataset=ds)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"victim")
+    target = sorted((url / "model").rglob("zarr.json"))[-1]
+    target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(StoreError, match="symbolic link"):
+        api.fit(_with(cfg, run={"resume": True}), dataset=ds)
+    with pytest.raises(StoreError, match="symbolic link"):
+        api.fit(_with(cfg, storage={"overwrite": True}), dataset=ds)
+    assert outside.read_bytes() == b"victim"
+
+
+def test_locks_other_host_reused_pid_and_break_lock(tmp_path, capsys):
+    url = str(tmp_path / "s.zarr")
+    cfg = _cfg(url=url)
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 2}), dataset=ds)
+    g = zarr.open_group(url, mode="r+")
+
+    def lock(owner):
+        g.update_attributes({"status": "running", "owner": owner})
+
+    resume = _with(cfg, run={"resume": True, "iterations": 4})
+    lock({"run_id": "far", "pid": 1, "host": "elsewhere.example", "since": 0})
+    with pytest.raises(StoreError, match="locked by run far .*storage.break_lock=true"):
+        api.fit(resume, dataset=ds)
+    api.fit(_with(resume, storage={"break_lock": True}), dataset=ds)
+    assert "broke the lock of run far" in capsys.readouterr().err
+    # this very process, but recorded with another start time: the pid was reused
+    lock({"run_id": "old", "pid": os.getpid(), "host": socket.gethostname(),
+          "pid_start": 12.0, "since": 0})
+    api.fit(_with(resume, run={"iterations": 6}), dataset=ds)
+    # a live holder is never broken
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        lock({"run_id": "live", "pid": proc.pid, "host": socket.gethostname(),
+              "pid_start": psutil.Process(proc.pid).create_time(), "since": 0})
+        with pytest.raises(StoreError, match="in use by run live"):
+            api.fit(_with(resume, storage={"break_lock": True}, run={"iterations": 8}),
+                    dataset=ds)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_read_only_store_on_resume_is_one_line(tmp_path, monkeypatch):
+    url = tmp_path / "s.zarr"
+    cfg = _cfg(url=str(url))
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 2}), dataset=ds)
+    # permission bits do not stop root (CI runs as root): ask os.access what a user would get
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(
+        str(url)) and mode & os.W_OK else real(p, mode, **kw))
+    with pytest.raises(StoreError, match="read-only"):
+        api.fit(_with(cfg, run={"resume": True}), dataset=ds)
+
+
+# -- 7. a lost worker costs time, not the run ------------------------------------------------------
+
+def _worker_pids(client) -> dict[str, int]:
+    return client.run(os.getpid)
+
+
+@pytest.mark.parametrize("algorithm", ["radmm3", "pdadmm"])
+def test_lost_worker_is_recomputed_bitwise(tmp_path, algorithm):
+    from distributed import Client, LocalCluster
+
+    cfg = _with(_cfg(iterations=30), algorithm={"name": algorithm},
+                model={"kind": "mlp" if algorithm == "pdadmm" else "resnet"},
+                run={"checkpoint_every": 4})
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, \
+            Client(cluster) as client:
+        pids = list(_worker_pids(client).values())
+        url = tmp_path / "s.zarr"
+        killed = []
+
+        def killer():
+            deadline = time.time() + 60
+            while time.time() < deadline and not (url / MANIFEST).exists():
+                time.sleep(0.01)
+            time.sleep(0.05)
+            os.kill(pids[1], signal.SIGKILL)
+            killed.append(True)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        res = api.fit(_with(cfg, storage={"url": str(url)},
+                            cluster={"kind": "address", "address": cluster.scheduler_address}),
+                      dataset=ds)
+        t.join()
+    assert killed and res.info["recoveries"] >= 1
+    assert res.status == full.status
+    assert _same(full, res)
+
+
+# -- 11. failed runs fail --------------------------------------------------------------------------
+
+def test_diverged_run_exits_3_and_keeps_the_last_good_model(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", "data=synthetic", "data.n_samples=60",
+         "model.width=6", "model.depth=3", "cluster=threads", "run.iterations=6",
+         "run.eval_every=1", "run.diverge_factor=1e-9", "run.progress=false",
+         "run.plot=false", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 3, proc.stderr
+    assert "the run failed (diverged)" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    model = load_model(str(run_dir / "state.zarr"))
+    assert all(np.all(np.isfinite(W)) for W in model.weights)
+
+
+def test_predict_refuses_non_finite_weights(tmp_path):
+    from daskadmm.predict import main as predict_main
+
+    url = tmp_path / "s.zarr"
+    cfg = _cfg(url=str(url))
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(_with(cfg, run={"iterations": 2}), dataset=ds)
+    g = zarr.open_group(str(url), mode="r+")
+    W = np.asarray(g["model/W1"][...])
+    W[0, 0] = np.nan
+    g["model/W1"][...] = W
+    with pytest.raises(StoreError, match="NaN or inf"):
+        load_model(str(url))
+    csv = tmp_path / "x.csv"
+    csv.write_text(",".join(f"x{j}" for j in range(10)) + "\n" + ",".join("0" * 10) + "\n")
+    assert predict_main([str(url), str(csv)]) == 2
+
+
+# -- 12. an optional artefact never costs the results ----------------------------------------------
+
+def test_failing_performance_report_keeps_the_results(tmp_path, monkeypatch, local_cluster,
+                                                      capsys):
+    import distributed
+
+    class Broken:
+        def __init__(self, filename):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("bokeh exploded")
+
+    monkeypatch.setattr(distributed, "performance_report", Broken)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = _with(_cfg(), storage={"url": None},
+                run={"checkpoint_every": 0},
+                cluster={"kind": "address", "address": local_cluster.scheduler_address})
+    res = api.fit(cfg, run_dir=run_dir, dataset=load_dataset(cfg.data, seed=0))
+    assert res.status == "max_iter"
+    assert "performance report failed" in capsys.readouterr().err
+    assert load_model(str(run_dir / "state.zarr")).weights[0].shape == res.weights[0].shape
+
+
+# -- 8. cluster failures are one line -------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("daskadmm: error:")]
+
+
+def test_address_of_something_that_is_not_a_dask_scheduler(tmp_path):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def serve():  # answers every connection with garbage, as an unrelated server would
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.sendall(b"\xff" * 64 + b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    time.sleep(0.3)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "daskadmm.cli", "cluster=address",
+             f"cluster.address=tcp://127.0.0.1:{port}", "cluster.connect_timeout=3",
+             "run.iterations=2", "model.width=8", "run.progress=false",
+             f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Dask scheduler" in lines[0], proc.stderr
+
+
+def test_scheduler_killed_mid_run_is_one_line_and_resumable(tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                              "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                               "--nthreads", "1", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = tmp_path / "s.zarr"
+    args = ["data=synthetic", "data.n_samples=200", "model.width=8", "model.depth=3",
+            "run.iterations=400", "run.checkpoint_every=2", "run.progress=false",
+            "run.plot=false", "storage.chunk_size=50", f"storage.url={url}"]
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "daskadmm.cli", "cluster=address",
+             f"cluster.address={address}", f"hydra.run.dir={tmp_path / 'run'}", *args],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (url / MANIFEST).exists() and run.poll() is None:
+            time.sleep(0.05)
+        sched.kill()
+        out, err = run.communicate(timeout=120)
+    finally:
+        for p in (sched, worker):
+            p.kill()
+            p.wait()
+    assert run.returncode == 2, err
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "lost the Dask scheduler" in errors[0], err
+    assert "Traceback" not in err and "run.resume=true" in errors[0]
+    # the store is intact and resumes (here on threads)
+    k = json.loads((url / MANIFEST).read_text())["iteration"]
+    args = [a for a in args if not a.startswith("run.iterations")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", "cluster=threads", "run.resume=true",
+         f"run.iterations={k + 4}", f"hydra.run.dir={tmp_path / 'run2'}", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["iterations"] == k + 4
