@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -952,12 +953,14 @@ class _ZarrCtx(_Ctx):
         return out
 
     def ckpt_plan(self, k0: int, k1: int) -> dict[int, str]:
-        every = self.cfg.run.checkpoint_every
+        """The checkpoint of iterations k0+1..k1 (at most one: the drivers never build past
+        an uncommitted checkpoint) and its slot: the one the committed manifest does not
+        name."""
         plan = {}
         for k in range(k0 + 1, k1 + 1):
-            if every and k % every == 0:
-                plan[k] = self._next_slot
-                self._next_slot = "b" if self._next_slot == "a" else "a"
+            if self._is_ckpt(k):
+                assert not plan, "two checkpoints in one window"
+                plan[k] = self.store.next_checkpoint_slot()
         return plan
 
     def build_z(self, k0: int, k1: int, prev: dict[str, str]):
@@ -997,7 +1000,6 @@ class _ZarrCtx(_Ctx):
                 return dask.get(dsk, keys)
             return dask.threaded.get(dsk, keys, num_workers=workers)
 
-        self._next_slot = self.store.next_checkpoint_slot()
         nodes, literals, prev, k = self.start_nodes(weights0)
         init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
         carry = [v for r, v in prev.items() if r != "first_kind"]
@@ -1023,7 +1025,8 @@ class _ZarrCtx(_Ctx):
             for kk in range(k + 1, k1 + 1):
                 ev = got[wg.evals[kk]] if kk in wg.evals else None
                 stop = self.process(kk, got[wg.stats[kk]], ev)
-                if kk in wg.checkpoints:
+                if kk in wg.checkpoints and self._committable(stop, got[wg.stats[kk]],
+                                                               [got[w] for w in wg.weights[kk]]):
                     slot = self.ckpt_slot_of(wg, kk)
                     keys = wg.checkpoints[kk]
                     self.commit(kk, slot, [got[w] for w in wg.weights[kk]], keys,
@@ -1040,6 +1043,16 @@ class _ZarrCtx(_Ctx):
         return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
                                        "engine": "dask-zarr", "chunks": len(self.slices),
                                        "resumed_from": self.resumed_from})
+
+    @staticmethod
+    def _committable(stop: str | None, it, weights) -> bool:
+        """A failed or non-finite iteration is never checkpointed: the last committed
+        checkpoint stays the last good one."""
+        from .monitor import FAILED
+
+        small = [w["W"] if isinstance(w, dict) else w for w in weights]
+        return stop not in FAILED and math.isfinite(it.objective) and \
+            all(np.all(np.isfinite(W)) for W in small)
 
     def _is_ckpt(self, k: int) -> bool:
         every = self.cfg.run.checkpoint_every
@@ -1094,7 +1107,6 @@ class _ZarrCtx(_Ctx):
 
     def _attempt_z(self, client, workers, weights0):
         place = self._placement(workers)
-        self._next_slot = self.store.next_checkpoint_slot()
         nodes, literals, prev, k0 = self.start_nodes(weights0)
         futures: dict[str, Any] = {}
         pending: deque = deque()
@@ -1139,7 +1151,8 @@ class _ZarrCtx(_Ctx):
                     values = [self._result(client, f) for f in cks]
                     weights = [self._result(client, f) for f in wfs]
                     self._check_workers(client)  # nothing was recomputed behind our back
-                    self.commit(kk, slot, weights, keys, values)
+                    if self._committable(stop, it, weights):
+                        self.commit(kk, slot, weights, keys, values)
                 k_done = kk
                 if stop is not None:
                     status = stop

@@ -122,6 +122,17 @@ def test_cli_refuses_a_non_store_directory_before_writing_anything(tmp_path):
     assert _tree(tmp_path) == before and not (tmp_path / "outputs").exists()
 
 
+def test_cli_refuses_a_sweep_whose_jobs_share_one_store(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", "-m", "cluster=synchronous", "run.iterations=2",
+         "model.width=4,8", f"storage.url={tmp_path / 's.zarr'}", "run.progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "both use storage.url" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- 2, 3. a checkpoint is one atomic manifest; the committed slot is never written ----------------
 
 def test_checkpoint_commit_is_one_atomic_write(tmp_path, monkeypatch):
@@ -435,6 +446,17 @@ def test_diverged_run_exits_3_and_keeps_the_last_good_model(tmp_path):
     assert summary["status"] == "diverged"
     model = load_model(str(run_dir / "state.zarr"))
     assert all(np.all(np.isfinite(W)) for W in model.weights)
+
+
+def test_failed_iteration_is_never_checkpointed(tmp_path):
+    url = tmp_path / "s.zarr"
+    cfg = _with(_cfg(url=str(url)), run={"eval_every": 4, "diverge_factor": 1e-9})
+    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    assert res.status == "diverged" and res.iterations == 4
+    assert json.loads((url / MANIFEST).read_text())["iteration"] == 2
+    assert res.info["model_iteration"] == 0  # the initial weights: the last good evaluation
+    assert all(np.array_equal(a, b) for a, b in zip(
+        load_model(str(url)).weights, res.weights, strict=True))
 
 
 def test_predict_refuses_non_finite_weights(tmp_path):
