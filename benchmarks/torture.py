@@ -148,7 +148,8 @@ def pick_kill_plan(rng: np.random.Generator, mode: str, *, startup: float, expec
 
     - ``"time"``: at ``at`` seconds after the start, uniform in [startup, expected_end];
     - ``"checkpoint"``: ``delay`` seconds, uniform in [0, after_checkpoint], after the j-th
-      change of the checkpoint manifest, j uniform in 1..checkpoints;
+      change of the checkpoint manifest, j uniform in 1..checkpoints-2 (so that at least two
+      more commits follow, and the kill lands before the run's end rather than after it);
     - ``"worker"``: one worker, ``delay`` seconds (uniform in [0, 0.5]) after the run has
       written row ``after_row`` of its metrics (the history streams as the run goes, so this is
       mid-run whatever the machine's load), uniform in 15%..50% of the ``rows`` an
@@ -159,7 +160,7 @@ def pick_kill_plan(rng: np.random.Generator, mode: str, *, startup: float, expec
     if mode == "time":
         return {"mode": "time", "at": float(rng.uniform(lo, hi))}
     if mode == "checkpoint":
-        return {"mode": "checkpoint", "j": int(rng.integers(1, max(1, checkpoints) + 1)),
+        return {"mode": "checkpoint", "j": int(rng.integers(1, max(1, checkpoints - 2) + 1)),
                 "delay": float(rng.uniform(0.0, after_checkpoint))}
     if mode == "worker":
         first = max(1, math.ceil(0.15 * rows))

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -66,8 +67,37 @@ _NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "expe
 
 # Exit codes: 0 the run finished (converged or max_iter); 2 bad input, an unusable store or a
 # cluster failure (one line on stderr); 3 the run failed (diverged or nonfinite: its outputs
-# are written, and the model kept is that of its last good evaluation).
+# are written, and the model kept is that of its last good evaluation); 130 interrupted
+# (Ctrl-C: the run stopped at its next evaluation and wrote its outputs).
 EXIT_FAILED_RUN = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C: the run stopped at its next evaluation and wrote its outputs
+
+
+@contextlib.contextmanager
+def _graceful_interrupt() -> Iterator[None]:
+    """The first Ctrl-C asks the run to stop at its next evaluation (it then writes its
+    outputs, status ``interrupted``); a second one aborts at once."""
+    import signal
+
+    from .monitor import clear_stop, request_stop
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.write(2, f"\n{PROG}: stopping at the next evaluation (Ctrl-C again to abort)\n"
+                 .encode())
+
+    previous = signal.signal(signal.SIGINT, handler)
+    clear_stop()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        clear_stop()
 
 
 class UsageError(Exception):
@@ -387,20 +417,27 @@ def _task(dcfg: DictConfig) -> None:
     from .storage import StoreError
 
     try:
-        result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+        with _graceful_interrupt():
+            result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
     except ClusterError as exc:
         # mid-run: keep what was written (metrics so far, the store and its checkpoints)
         writer.close()
         bar.close()
         _fail(_one_line(exc))
-    except (StoreError, ConnectionError, ImportError) as exc:
-        # bad store paths, an unreachable cluster.address, a missing optional extra: input
-        # problems, not bugs. Nothing of a previous run is touched.
+    except (StoreError, ConnectionError, ImportError, OSError) as exc:
+        # bad store paths, an unreachable cluster.address, a missing optional extra, a full
+        # or read-only disk. Nothing of a previous run is touched; the metrics of a run that
+        # got going are kept.
+        ran = writer.rows > 0
         writer.close()
         bar.close()
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        _remove_if_pristine(run_dir, _STARTED)
-        _fail(_one_line(exc))
+        if not ran:
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            _remove_if_pristine(run_dir, _STARTED)
+        message = _one_line(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+            message = f"{type(exc).__name__}: {message}"
+        _fail(message)
     finally:
         writer.close()
         bar.close()
@@ -411,6 +448,13 @@ def _task(dcfg: DictConfig) -> None:
     }
     write_run_outputs(run_dir, cfg, result, extra=extra)
     print(_summary_line(cfg, result, run_dir), flush=True)
+    if result.status == "interrupted":
+        hint = (f": continue with run.resume=true storage.url={result.info.get('store')}"
+                if cfg.run.checkpoint_every and result.info.get("store") else "")
+        sys.stderr.write(f"{PROG}: interrupted after {result.iterations} iterations; the "
+                         f"results so far are in {run_dir}{hint}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_INTERRUPTED)
     if result.status in FAILED:
         kept = result.info.get("model_iteration")
         sys.stderr.write(f"{PROG}: error: the run failed ({result.status}): {result.message}"
@@ -435,6 +479,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     global _STARTED
     _STARTED = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # daskadmm's own version, not Hydra's
+        from importlib.metadata import version
+
+        print(f"{PROG} {version('daskadmm')}")
+        return
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = get_args_parser().parse_args(argv)  # usage errors: argparse's message, exit 2
     configs: list[Config] = []

@@ -7,6 +7,7 @@ Stopping rules, checked at evaluation points (every ``eval_every`` iterations an
 - ``diverged``: the objective exceeds ``diverge_factor * max(1, |L_0|)``;
 - ``converged``: at least one tolerance is positive and every positive tolerance holds
   (``primal <= tol_primal``, ``dual <= tol_dual``);
+- ``interrupted``: :func:`request_stop` was called (the CLI's Ctrl-C);
 - otherwise the run ends with ``max_iter``.
 
 Residuals: ``primal = sqrt(sum_i ||U_i - W_i V~_{i-1}||^2 / n)`` (RMS per sample) and
@@ -16,15 +17,29 @@ Residuals: ``primal = sqrt(sum_i ||U_i - W_i V~_{i-1}||^2 / n)`` (RMS per sample
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FAILED", "IterationStats", "Monitor"]
+__all__ = ["FAILED", "IterationStats", "Monitor", "clear_stop", "request_stop"]
 
 FAILED = ("diverged", "nonfinite")  # statuses of a failed run (the CLI exits non-zero)
+
+# Set by request_stop() (the CLI's Ctrl-C handler): every engine stops at its next evaluation
+# with status "interrupted", keeping what it has (results, the last checkpoint).
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running fit to stop at its next evaluation (status ``interrupted``)."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
 
 
 @dataclass
@@ -148,6 +163,8 @@ class Monitor:
             return "nonfinite"
         if rec["objective"] > self.diverge_factor * max(1.0, abs(self.objective0)):
             return "diverged"
+        if _STOP.is_set() and rec["iteration"] > 0:
+            return "interrupted"
         tols = [(self.tol_primal, rec["primal_residual"]), (self.tol_dual, rec["dual_residual"])]
         active = [(t, v) for t, v in tols if t > 0]
         if rec["iteration"] > 0 and active and all(v <= t for t, v in active):
@@ -167,6 +184,8 @@ class Monitor:
         if status == "converged":
             return (f"residuals below tolerance after {k} iterations "
                     f"(primal <= {self.tol_primal:g}, dual <= {self.tol_dual:g})")
+        if status == "interrupted":
+            return f"interrupted after {k} iterations"
         if status == "nonfinite":
             return f"NaN or inf at iteration {k}: lower rho/beta or raise tau"
         if status == "diverged":

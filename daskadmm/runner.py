@@ -147,6 +147,10 @@ def connect(ccfg: ClusterConfig):
             raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
                                   "workers (none joined within 60 s)") from None
         client.run(_set_blas_threads, ccfg.blas_threads)
+        if ccfg.kind != "address":
+            # our own worker processes share the terminal's process group: Ctrl-C is for the
+            # driver (it stops the run at the next evaluation), not a way to kill workers
+            client.register_plugin(_IgnoreSigint(), name="daskadmm-ignore-sigint")
         yield client
     finally:
         with contextlib.suppress(Exception):
@@ -154,6 +158,27 @@ def connect(ccfg: ClusterConfig):
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def _ignore_sigint() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPlugin = object  # type: ignore[misc,assignment]
+
+
+class _IgnoreSigint(_WorkerPlugin):
+    """Worker plugin: the worker process ignores SIGINT (also after a nanny restart)."""
+
+    def setup(self, worker) -> None:
+        _ignore_sigint()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -212,6 +237,8 @@ class _Ctx:
         self.N = arch.depth
         self.n = ds.X_train.shape[1]
         self.tasks_run = 0
+        self.recoveries = 0
+        self._replayed = False  # the restored history was reported to the callback
 
     # -- helpers ---------------------------------------------------------------------------
     def data_keys(self) -> dict[str, str]:
@@ -319,7 +346,7 @@ class _Ctx:
         start = self.monitor_snapshot()
         while True:
             lost = ""
-            self._workers0 = set(workers)
+            self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
             try:
                 return self._pipeline(client, workers, states)
             except _WorkerLost as exc:
@@ -342,7 +369,7 @@ class _Ctx:
     def _check_workers(self, client) -> None:
         """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
         try:
-            now = set(client.scheduler_info(n_workers=-1)["workers"])
+            now = set(client.run_on_scheduler(_worker_ids).items())
         except Exception as exc:
             raise ConnectionError(f"lost the Dask scheduler ({type(exc).__name__})") from None
         gone = self._workers0 - now
@@ -417,6 +444,11 @@ class _Ctx:
                 if wanted:
                     client.cancel([Future(key, client) for key in wanted])
                 busy = client.run_on_scheduler(_tasks_alive, rid)
+                # a cancelled task that a worker thread is executing runs to its end (threads
+                # cannot be stopped) and may still write: wait for those too
+                busy += _executing_on_workers(client, rid)
+            except ClusterError:
+                raise
             except Exception as exc:  # the scheduler went too (or first)
                 raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
             if not busy:
@@ -439,8 +471,9 @@ class _Ctx:
             print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
             report = (run_dir / "dask-report.html") if run_dir is not None else None
-            perf = _optional(performance_report(filename=str(report)), "performance report") \
-                if report else None
+            # inline: the report embeds Bokeh's JavaScript, so it renders with no network
+            perf = _optional(performance_report(filename=str(report), mode="inline"),
+                             "performance report") if report else None
             ts_cm = _optional(get_task_stream(client), "task stream")
             t_start = time.time()
             failed = True
@@ -608,9 +641,16 @@ def _scheduler_lost(client, exc: BaseException) -> bool:
     """Whether ``exc`` means the connection to the scheduler is gone."""
     from distributed.comm.core import CommClosedError
 
-    if isinstance(exc, CommClosedError | OSError | ConnectionError):
+    if isinstance(exc, CommClosedError):
         return True
-    return getattr(client, "status", "running") not in ("running", "connecting")
+    if getattr(client, "status", "running") not in ("running", "connecting"):
+        return True
+    if isinstance(exc, OSError | TimeoutError):  # a disk error is not a lost scheduler
+        try:
+            client.run_on_scheduler(_worker_ids)
+        except Exception:
+            return True
+    return False
 
 
 def _lost_scheduler_message(cfg: Config, exc: BaseException) -> str:
@@ -901,11 +941,16 @@ class _ZarrCtx(_Ctx):
             mon.objective0 = mon.history[0]["objective"]
             mon._last_objective = mon.history[-1]["objective"]
             mon._last_params = (mon.history[-1]["rho"], mon.history[-1]["beta"])
+        if "last_params" in cp:  # the objective of the checkpoint iteration itself
+            last = cp.get("last_objective")
+            mon._last_objective = float("nan") if last is None else float(last)
+            mon._last_params = tuple(cp["last_params"]) if cp["last_params"] else None
         mon.increases = [tuple(x) for x in cp.get("increases", [])]
         mon.capped_total = int(cp.get("capped_total", 0))
-        if mon.callback is not None:
-            for r in mon.history:
+        if mon.callback is not None and not self._replayed:
+            for r in mon.history:  # the rows a resumed run's outputs start with
                 mon.callback(r)
+        self._replayed = True
         sched = cp.get("schedule") or {}
         s = self.schedule
         if sched:
@@ -914,8 +959,21 @@ class _ZarrCtx(_Ctx):
             s.changes = [tuple(x) for x in sched.get("changes", [])]
 
     def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
-        if all(np.all(np.isfinite(W)) for W in weights):
-            self.monitor.last_good = (k0, [np.array(W, copy=True) for W in weights])
+        """The monitor's last good evaluation, as recorded in the manifest: its weights are
+        the checkpoint's when it is the checkpoint iteration, else stored in the manifest."""
+        good = self.manifest.get("last_good", "absent")
+        if good == "absent":  # a manifest without the record: the checkpoint, if finite
+            if all(np.all(np.isfinite(W)) for W in weights):
+                self.monitor.last_good = (k0, [np.array(W, copy=True) for W in weights])
+            return
+        if good is None:
+            self.monitor.last_good = None
+        elif good["weights"] is None:
+            self.monitor.last_good = (int(good["iteration"]),
+                                      [np.array(W, copy=True) for W in weights])
+        else:
+            self.monitor.last_good = (int(good["iteration"]),
+                                      [_decode_array(w) for w in good["weights"]])
 
     def _schedule_state(self) -> dict[str, Any]:
         s = self.schedule
@@ -926,10 +984,18 @@ class _ZarrCtx(_Ctx):
     def _manifest(self, k: int, slot: str, small: list[dict] | None,
                   checksums: dict[str, list[int]]) -> dict[str, Any]:
         mon = self.monitor
+        good = None
+        if mon.last_good is not None:
+            kg, wg = mon.last_good
+            good = {"iteration": kg,
+                    "weights": None if kg == k else [_encode_array(W) for W in wg]}
         return {"iteration": k, "slot": slot, "history": mon.history,
                 "schedule": self._schedule_state(), "small": small,
                 "increases": [list(x) for x in mon.increases],
                 "capped_total": mon.capped_total,
+                "last_objective": mon._last_objective,
+                "last_params": list(mon._last_params) if mon._last_params else None,
+                "last_good": good,
                 "determinants": self.store.attrs.get("determinants"),
                 "checksums": checksums}
 
@@ -985,7 +1051,13 @@ class _ZarrCtx(_Ctx):
         lam = self.schedule.at(1).lam
         obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
         pen = self.schedule.at(1)
-        self.monitor.start(obj, self.weights, pen.rho, pen.beta)
+        mon = self.monitor
+        # after a recovery from iteration 0 the row was reported already
+        callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)
+        try:
+            mon.start(obj, self.weights, pen.rho, pen.beta)
+        finally:
+            mon.callback = callback
 
     # -- synchronous / threaded ------------------------------------------------------------
     def run_local(self, weights0) -> Result:
@@ -1086,7 +1158,7 @@ class _ZarrCtx(_Ctx):
         self.recoveries = 0
         self.old_run_ids: list[str] = []
         while True:
-            self._workers0 = set(workers)
+            self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
             lost = ""
             try:
                 return self._attempt_z(client, workers, weights0)
@@ -1171,12 +1243,7 @@ class _ZarrCtx(_Ctx):
         self.manifest = self.store.checkpoint()
         mon, sch = self.monitor, self.schedule
         if self.manifest is not None:
-            self.store.verify_checkpoint(self.ck_layout)
-            callback, mon.callback = mon.callback, None  # those rows were reported already
-            try:
-                self._restore_monitor()
-            finally:
-                mon.callback = callback
+            self.store.verify_checkpoint(self.ck_layout)  # start_nodes restores from it
         else:
             mon.history, mon.increases, mon.capped_total = [], [], 0
             mon.last_good = None
@@ -1236,6 +1303,20 @@ class _MlpZarrCtx(_ZarrCtx):
 MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
 
 
+def _encode_array(a: np.ndarray) -> dict[str, Any]:
+    """A float64 array as JSON: shape and base64 of its bytes (exact)."""
+    import base64
+
+    a = np.ascontiguousarray(a, dtype="<f8")
+    return {"shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _decode_array(d: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(d["b64"]), dtype="<f8").reshape(d["shape"]).copy()
+
+
 class _WorkerLost(Exception):
     """A worker of the running attempt is gone (internal: triggers a recovery)."""
 
@@ -1245,6 +1326,27 @@ def _tasks_alive(run_id: str, dask_scheduler=None) -> int:
     states = ("processing", "waiting", "queued", "no-worker")
     return sum(1 for key, ts in dask_scheduler.tasks.items()
                if str(key).endswith(run_id) and ts.state in states)
+
+
+def _tasks_executing(run_id: str, dask_worker=None) -> int:
+    """On a worker: tasks of ``run_id`` a thread is still executing (cancelled ones too)."""
+    states = ("executing", "cancelled", "resumed", "long-running")
+    return sum(1 for key, ts in list(dask_worker.state.tasks.items())
+               if str(key).endswith(run_id) and ts.state in states)
+
+
+def _executing_on_workers(client, run_id: str) -> int:
+    total = 0
+    for value in client.run(_tasks_executing, run_id, on_error="return").values():
+        if isinstance(value, int):
+            total += value  # a worker that cannot answer is gone: it writes nothing more
+    return total
+
+
+def _worker_ids(dask_scheduler=None) -> dict[str, str]:
+    """On the scheduler: address -> server id of every worker (a restarted worker on the
+    same address has a new id)."""
+    return {addr: ws.server_id for addr, ws in dask_scheduler.workers.items()}
 
 
 def _tasks_wanted(run_id: str, client_id: str, dask_scheduler=None) -> list:
@@ -1258,7 +1360,7 @@ def _wait_for_workers(client, want: int, timeout: float = 60.0) -> list[str]:
     whatever is there after ``timeout`` (at least one)."""
     deadline = time.time() + timeout
     while True:
-        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(client.nthreads())
         if len(workers) >= want or (workers and time.time() > deadline):
             return workers
         if time.time() > deadline + timeout:

@@ -38,6 +38,7 @@ Safety rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -71,7 +72,8 @@ SCHEMA = "daskadmm-state"
 SCHEMA_VERSION = 2
 MANIFEST = "checkpoint.json"
 # what a daskadmm store directory may hold (anything else: not ours to delete)
-STORE_ENTRIES = frozenset({"zarr.json", "data", "live", "ckpt", "model", MANIFEST})
+LOCK_FILE = ".lock"  # a local store's lock: flock()ed by the run writing it
+STORE_ENTRIES = frozenset({"zarr.json", "data", "live", "ckpt", "model", MANIFEST, LOCK_FILE})
 
 
 class StoreError(RuntimeError):
@@ -157,12 +159,55 @@ def lock_holder_alive(owner: dict[str, Any]) -> bool | None:
     return True
 
 
+def _flock(root: Path, create: bool) -> int | None:
+    """Take the store's lock file (an exclusive ``flock``, released by the kernel when the
+    holder dies, so no lock outlives its run on this machine). Returns the open descriptor,
+    None if another live process holds it; -1 when there is no lock file and ``create`` is
+    False (nobody on this machine holds it)."""
+    import fcntl
+
+    lock = root / LOCK_FILE
+    if not create and not lock.exists():
+        return -1
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unflock(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closing releases the flock
+
+
 def _is_store_dir(path: Path) -> bool:
     try:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and (meta.get("attributes") or {}).get("schema") == SCHEMA
+
+
+def _foreign_files(root: Path) -> str | None:
+    """The first file under a store directory that is not part of a daskadmm store: Zarr
+    metadata (``zarr.json``), chunks (under a ``c/`` directory), the manifest, the lock file
+    and Zarr's unfinished atomic writes (``*.partial``)."""
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            rel = rel_dir / name
+            if name == "zarr.json" or name.endswith(".partial"):
+                continue
+            if rel_dir == Path(".") and name in (MANIFEST, LOCK_FILE):
+                continue
+            if rel_dir.parts and rel_dir.parts[0] in STORE_ENTRIES and "c" in rel_dir.parts:
+                continue
+            return str(rel)
+    return None
 
 
 def _check_no_links(root: Path, url: str) -> None:
@@ -241,6 +286,7 @@ class StateStore:
         self.url = url
         self.group = group
         self.broken_lock: dict[str, Any] | None = None  # the owner whose lock this run broke
+        self._lock_fd: int | None = None
 
     # -- creation and locking ----------------------------------------------------------------
     @classmethod
@@ -287,17 +333,28 @@ class StateStore:
                              "run.resume=true, replace it with storage.overwrite=true, or "
                              "choose another storage.url")
         owner = existing_attrs.get("owner")
-        if owner and existing_attrs.get("status") == "running" and \
-                lock_holder_alive(owner) is not False:
-            raise StoreError(f"state store {url} is in use by run {owner.get('run_id')} "
-                             f"(pid {owner.get('pid')} on {owner.get('host')}): not replacing "
-                             "it")
         if path is not None:
-            foreign = [e for e in entries if e not in STORE_ENTRIES]
-            if foreign:
-                raise StoreError(f"state store {url} also holds {', '.join(foreign)}, which "
-                                 "daskadmm did not write: not replacing it")
-            _check_no_links(path, url)
+            fd = _flock(path, create=False)
+            held = fd is None
+            _unflock(fd)
+        else:
+            held = bool(owner) and lock_holder_alive(owner) is not False
+        if owner and existing_attrs.get("status") == "running" and \
+                owner.get("host") != socket.gethostname():
+            held = True  # another host's run: this host cannot tell
+        if held:
+            who = f"run {owner.get('run_id')} (pid {owner.get('pid')} on {owner.get('host')})" \
+                if owner else "another run"
+            raise StoreError(f"state store {url} is in use by {who}: not replacing it")
+        if path is None:
+            raise StoreError(f"storage.overwrite=true replaces local stores only: remove "
+                             f"{url} yourself, or choose another storage.url")
+        _check_no_links(path, url)
+        foreign = _foreign_files(path)
+        if foreign:
+            raise StoreError(f"state store {url} also holds {foreign}, which daskadmm did not "
+                             "write: not replacing it")
+        _check_writable(path, url)
         return True
 
     @classmethod
@@ -317,10 +374,17 @@ class StateStore:
             except StoreError as exc:
                 raise StoreError(f"cannot create state store {url}: it holds something "
                                  f"already ({exc})") from None
+        store = cls(url, group)
+        path = local_path(url)
+        if path is not None:
+            store._lock_fd = _flock(path, create=True)
+            if store._lock_fd is None:
+                raise StoreError(f"state store {url} was taken by another run while this one "
+                                 "created it")
         group.update_attributes({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **meta,
                                  "ready": False, "status": "running",
                                  "owner": cls._owner_record(owner)})
-        return cls(url, group)
+        return store
 
     @classmethod
     def open(cls, url: str, *, owner: str | None = None, mode: str = "r+",
@@ -349,17 +413,46 @@ class StateStore:
                              f"this daskadmm reads version {SCHEMA_VERSION}")
         store = cls(url, group)
         if owner is not None:
-            store.broken_lock = store.check_lock(break_lock)
+            if path is not None:
+                store._lock_fd = _flock(path, create=True)
+                if store._lock_fd is None:
+                    raise StoreError(f"state store {url} is in use by {store._holder()}: a "
+                                     "second run may not write to it")
+            try:
+                store.broken_lock = store.check_lock(break_lock, locked=path is not None)
+            except BaseException:
+                store.close()
+                raise
             store.set_attrs({"owner": cls._owner_record(owner), "status": "running"})
         return store
 
-    def check_lock(self, break_lock: bool = False) -> dict[str, Any] | None:
+    def _holder(self) -> str:
+        cur = self.attrs.get("owner") or {}
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cur.get("since") or 0)))
+        return (f"run {cur.get('run_id')} (pid {cur.get('pid')} on {cur.get('host')}, "
+                f"since {since})")
+
+    def check_lock(self, break_lock: bool = False, locked: bool = False
+                   ) -> dict[str, Any] | None:
         """Refuse (StoreError) if another run holds the store; writes nothing. Returns the
-        lock that taking the store over would break (``break_lock``), else None."""
+        lock that taking the store over would break (``break_lock``), else None.
+
+        A local store's lock is its lock file's ``flock`` (``locked``: this process holds it;
+        otherwise it is tested and let go): a run on this machine that died left no lock. A
+        run recorded from another host cannot be checked from here: ``break_lock``."""
         attrs = self.attrs
         cur = attrs.get("owner")
+        path = local_path(self.url)
+        if path is not None and not locked:
+            fd = _flock(path, create=False)
+            _unflock(fd)
+            if fd is None:
+                raise StoreError(f"state store {self.url} is in use by {self._holder()}: a "
+                                 "second run may not write to it")
         if not cur or attrs.get("status") != "running":
             return None
+        if path is not None and cur.get("host") == socket.gethostname():
+            return None  # its flock is free: that run is gone
         alive = lock_holder_alive(cur)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cur.get("since") or 0)))
         who = (f"run {cur.get('run_id')} (pid {cur.get('pid')} on {cur.get('host')}, "
@@ -390,7 +483,15 @@ class StateStore:
                 from None
 
     def release(self, status: str) -> None:
-        self.set_attrs({"status": status, "owner": None})
+        """Record the run's end and let go of the lock."""
+        try:
+            self.set_attrs({"status": status, "owner": None})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        _unflock(getattr(self, "_lock_fd", None))
+        self._lock_fd = None
 
     def holds_results(self) -> bool:
         """Whether the store holds a final model or a complete checkpoint (never deleted)."""
@@ -424,10 +525,7 @@ class StateStore:
                 raise StoreError(f"state store {self.url}: data/{name} has {len(slices)} "
                                  f"chunks, its record {len(expected)}")
             for c, (sl, want) in enumerate(zip(slices, expected, strict=True)):
-                got = self._read_chunk(arr, f"data/{name}", c, sl)
-                if checksum(got) != want:
-                    raise StoreError(f"state store {self.url}: data chunk data/{name} #{c} "
-                                     "is damaged (checksum mismatch)")
+                self._verify_chunk(arr, f"data/{name}", c, sl, want, "data chunk")
 
     def create_state(self, layout: list[dict[str, tuple]], n: int, chunk_size: int,
                      compressor: str = "none", slots: int = 2) -> None:
@@ -477,26 +575,29 @@ class StateStore:
             raise StoreError(f"state store {self.url} is missing {path} "
                              f"({type(exc).__name__})") from None
 
-    def _read_chunk(self, arr, path: str, c: int, sl: slice | None) -> np.ndarray:
-        """One chunk, refusing a chunk file that is not there (Zarr would read zeros)."""
+    def _verify_chunk(self, arr, path: str, c: int, sl: slice | None, want: int,
+                      what: str) -> None:
+        """Compare one chunk's values with its recorded checksum. Zarr does not store a chunk
+        that equals the fill value (0) and reads a missing chunk as zeros, so a missing chunk
+        passes exactly when the recorded values were all zeros; otherwise it is refused."""
         from zarr.core.sync import sync
 
-        if sl is None:
-            coords = (0,) * arr.ndim
-        else:
-            coords = (*((0,) * (arr.ndim - 1)), c)
+        coords = (0,) * arr.ndim if sl is None else (*((0,) * (arr.ndim - 1)), c)
         key = arr.metadata.encode_chunk_key(coords)
+        try:
+            values = np.asarray(arr[...] if sl is None else arr[..., sl])
+        except Exception as exc:
+            raise StoreError(f"state store {self.url}: {what} {path}/{key} cannot be read "
+                             f"({type(exc).__name__})") from None
+        if checksum(values) == want:
+            return
         try:
             present = sync(self.group.store.exists(f"{path}/{key}"))
         except Exception:
-            present = True  # a store that cannot say: the checksum still decides
-        if not present:
-            raise StoreError(f"state store {self.url}: chunk {path}/{key} is missing")
-        try:
-            return np.asarray(arr[...] if sl is None else arr[..., sl])
-        except Exception as exc:
-            raise StoreError(f"state store {self.url}: chunk {path}/{key} cannot be read "
-                             f"({type(exc).__name__})") from None
+            present = True
+        state = "damaged (checksum mismatch)" if present else "missing"
+        raise StoreError(f"state store {self.url}: {what} {path}/{key} is {state}; it cannot "
+                         "be used exactly")
 
     # -- checkpoints -----------------------------------------------------------------------
     def commit_checkpoint(self, manifest: dict[str, Any]) -> None:
@@ -559,10 +660,7 @@ class StateStore:
                     raise StoreError(f"state store {self.url}: {path} has {len(slices)} chunks, "
                                      f"the manifest {len(want)}")
                 for c, (sl, w) in enumerate(zip(slices, want, strict=True)):
-                    if checksum(self._read_chunk(arr, path, c, sl)) != w:
-                        raise StoreError(f"state store {self.url}: checkpoint chunk {path} #{c} "
-                                         "is damaged (checksum mismatch); it cannot be resumed "
-                                         "exactly")
+                    self._verify_chunk(arr, path, c, sl, w, "checkpoint chunk")
         return cp
 
     def read_checkpoint_states(self, layout: list[dict[str, tuple]]) -> tuple[int, list[dict]]:

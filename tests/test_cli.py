@@ -245,3 +245,12 @@ def test_runtime_input_errors_are_one_line(tmp_path, args, needle):
     proc, work = run_cli(tmp_path, "data=synthetic", "data.n_samples=60", "model.width=4",
                          "run.progress=false", *args)
     assert_usage_error(proc, work, needle)
+
+
+def test_version_is_daskadmm_s(capsys):
+    from importlib.metadata import version
+
+    from daskadmm.cli import main
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"daskadmm {version('daskadmm')}"

@@ -102,6 +102,12 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     with pytest.raises(StoreError, match="mine.txt"):
         api.fit(_cfg(url=url, overwrite=True), dataset=ds)
     (tmp_path / "s.zarr" / "mine.txt").unlink()
+    (tmp_path / "s.zarr" / "model" / "notes.md").write_text("x")  # deeper down too
+    with pytest.raises(StoreError, match="model/notes.md"):
+        api.fit(_cfg(url=url, overwrite=True), dataset=ds)
+    (tmp_path / "s.zarr" / "model" / "notes.md").unlink()
+    # what a commit killed mid-write leaves is the store's own
+    (tmp_path / "s.zarr" / "checkpoint.json.1a2b.partial").write_text("{")
     again = api.fit(_cfg(url=url, overwrite=True), dataset=ds)
     assert _same(first, again)
     # an empty directory is a fine place for a new store
@@ -218,6 +224,9 @@ def test_every_checkpoint_resumes_exactly_with_many_iterations_in_flight(tmp_pat
         # the snapshot was taken while later iterations ran: it must still be intact
         res = api.fit(_with(cfg, storage={"url": str(snap)}, run={"resume": True}), dataset=ds)
         assert _same(full, res)
+        # the monitor continues exactly (checkpoint 3 is not an evaluation point)
+        assert res.info["objective_increases"] == full.info["objective_increases"]
+        assert [r["wall_time"] > 0 for r in res.history] == [True] * len(full.history)
 
 
 # -- 4. resume is verified -------------------------------------------------------------------------
@@ -290,7 +299,7 @@ def test_damaged_stored_data_is_refused(tmp_path):
     data = victim.read_bytes()
     j = len(data) // 3
     victim.write_bytes(data[:j] + bytes([data[j] ^ 0x10]) + data[j + 1:])
-    with pytest.raises(StoreError, match="data chunk data/X .* damaged"):
+    with pytest.raises(StoreError, match="data chunk data/X/c/0/0 is damaged"):
         api.fit(_with(cfg, run={"resume": True}), dataset=ds)
 
 
@@ -317,8 +326,24 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
         store.set_attrs({"ready": True})
     store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
                                "host": socket.gethostname(), "since": 0}})
+    store.close()  # as the kernel does for a killed run: its lock is gone
     res = api.fit(_with(cfg, storage={"url": url}, run={"resume": True}), dataset=ds)
     assert res.info["resumed_from"] == 0
+    assert _same(full, res)
+
+
+def test_an_all_zero_checkpoint_chunk_resumes(tmp_path):
+    """Zarr stores no chunk that equals the fill value: pdADMM's u is still zero after one
+    iteration, so its checkpoint chunks are absent, and that is no damage."""
+    cfg = _with(_cfg(iterations=1), algorithm={"name": "pdadmm"}, model={"kind": "mlp"},
+                run={"checkpoint_every": 1, "eval_every": 1}, cluster={"kind": "synchronous"})
+    ds = load_dataset(cfg.data, seed=0)
+    url = tmp_path / "s.zarr"
+    api.fit(_with(cfg, storage={"url": str(url)}), dataset=ds)
+    res = api.fit(_with(cfg, storage={"url": str(url)}, run={"resume": True, "iterations": 3}),
+                  dataset=ds)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")},
+                         run={"iterations": 3}), dataset=ds)
     assert _same(full, res)
 
 
@@ -361,19 +386,25 @@ def test_locks_other_host_reused_pid_and_break_lock(tmp_path, capsys):
     lock({"run_id": "old", "pid": os.getpid(), "host": socket.gethostname(),
           "pid_start": 12.0, "since": 0})
     api.fit(_with(resume, run={"iterations": 6}), dataset=ds)
-    # a live holder is never broken
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a live holder (it holds the store's lock file) is never broken, nor is its store
+    # replaced
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "s.zarr" / ".lock")],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        import psutil
-
-        lock({"run_id": "live", "pid": proc.pid, "host": socket.gethostname(),
-              "pid_start": psutil.Process(proc.pid).create_time(), "since": 0})
+        assert proc.stdout.readline().strip() == "locked"
+        lock({"run_id": "live", "pid": proc.pid, "host": socket.gethostname(), "since": 0})
         with pytest.raises(StoreError, match="in use by run live"):
             api.fit(_with(resume, storage={"break_lock": True}, run={"iterations": 8}),
                     dataset=ds)
+        with pytest.raises(StoreError, match="in use by run live"):
+            api.fit(_with(cfg, storage={"overwrite": True}), dataset=ds)
     finally:
         proc.kill()
         proc.wait()
+    # once it is gone, its lock is gone with it
+    api.fit(_with(resume, run={"iterations": 8}), dataset=ds)
 
 
 def test_read_only_store_on_resume_is_one_line(tmp_path, monkeypatch):
@@ -484,7 +515,7 @@ def test_failing_performance_report_keeps_the_results(tmp_path, monkeypatch, loc
     import distributed
 
     class Broken:
-        def __init__(self, filename):
+        def __init__(self, filename, **kwargs):
             pass
 
         def __enter__(self):
@@ -597,3 +628,59 @@ def test_scheduler_killed_mid_run_is_one_line_and_resumable(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["iterations"] == k + 4
+
+
+def test_ctrl_c_stops_at_the_next_evaluation_keeps_everything_and_resumes(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the worker processes ignore
+    it, the run stops at its next evaluation, writes its outputs and exits 130."""
+    url = tmp_path / "s.zarr"
+    run_dir = tmp_path / "run"
+    args = ["data=synthetic", "data.n_samples=200", "model.width=8", "model.depth=3",
+            "run.checkpoint_every=3", "run.progress=false", "run.plot=false",
+            f"storage.url={url}", "cluster.dashboard_address=127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskadmm.cli", "run.iterations=2000", f"hydra.run.dir={run_dir}",
+         *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len((run_dir / "metrics.csv").read_text().splitlines()) > 6 and \
+                    (url / MANIFEST).exists():
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after" in _last_line(err) and "run.resume=true" in _last_line(err)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["iterations"] < 2000
+    assert (run_dir / "weights.npz").exists()
+    k = json.loads((url / MANIFEST).read_text())["iteration"]
+    done = subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", "cluster=threads", "run.resume=true",
+         f"run.iterations={k + 3}", f"hydra.run.dir={tmp_path / 'run2'}", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("kind", ["reference", "threads"])
+def test_a_requested_stop_ends_every_engine_at_its_next_evaluation(kind):
+    from daskadmm.monitor import clear_stop, request_stop
+
+    cfg = _with(_cfg(iterations=20), cluster={"kind": kind},
+                run={"checkpoint_every": 0, "eval_every": 3})
+    request_stop()
+    try:
+        res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    finally:
+        clear_stop()
+    assert res.status == "interrupted" and res.iterations == 3
+    assert res.history[-1]["iteration"] == 3

@@ -130,12 +130,14 @@ def test_pick_kill_plan_bounds_and_seed():
         assert t["mode"] == "time" and 2.0 <= t["at"] <= 10.0
         c = torture.pick_kill_plan(rng, "checkpoint", startup=2.0, expected_end=10.0,
                                    checkpoints=5, after_checkpoint=3.0)
-        assert 1 <= c["j"] <= 5 and 0.0 <= c["delay"] <= 3.0
+        assert 1 <= c["j"] <= 3 and 0.0 <= c["delay"] <= 3.0
         w = torture.pick_kill_plan(rng, "worker", startup=2.0, expected_end=12.0, rows=21)
         assert 4 <= w["after_row"] <= 10 and 0.0 <= w["delay"] <= 0.5
     js = {torture.pick_kill_plan(rng, "checkpoint", startup=0, expected_end=1,
-                                 checkpoints=3)["j"] for _ in range(100)}
+                                 checkpoints=5)["j"] for _ in range(100)}
     assert js == {1, 2, 3}
+    assert torture.pick_kill_plan(rng, "checkpoint", startup=0, expected_end=1,
+                                  checkpoints=2)["j"] == 1
     assert torture.pick_kill_plan(rng, "worker", startup=0, expected_end=1,
                                   rows=1)["after_row"] == 1
     p1 = torture.pick_kill_plan(np.random.default_rng(7), "time", startup=1, expected_end=5)
