@@ -613,7 +613,9 @@ def _run_record(res: ProcResult, resume: bool, plan: Mapping[str, Any] | None = 
             "kill_at": res.kill_at, "timed_out": res.timed_out, "plan": plan,
             "manifest_changes": res.manifest_changes, "rows_seen": res.rows_seen,
             "worker": res.worker,
-            "notes": res.notes, "last_line": _last_line(res.log)}
+            "notes": res.notes, "last_line": _last_line(res.log),
+            # the whole tail of a run that did not end as planned (exit 0 or killed)
+            "log_tail": res.log if (res.rc not in (0, None) and not res.killed) else None}
 
 
 def _last_line(text: str) -> str:

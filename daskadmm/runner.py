@@ -378,24 +378,32 @@ class _Ctx:
 
     def _result(self, client, fut):
         """``fut.result()``, watching for lost workers (distributed would silently recompute
-        lost tasks, and a chunk task re-run after its input slot was overwritten is wrong)."""
+        lost tasks, and a chunk task re-run after its input slot was overwritten is wrong).
+
+        The wait is a done-callback and a thread event, not ``result(timeout=...)``: an
+        asyncio timeout racing the result can surface as ``CancelledError``."""
+        import asyncio
+        import threading
+
         from distributed import KilledWorker
         from distributed.client import FutureCancelledError
 
-        while True:
-            try:
-                return fut.result(timeout=0.5)
-            except TimeoutError:
-                self._check_workers(client)
-            except (KilledWorker, FutureCancelledError) as exc:
-                if _scheduler_lost(client, exc):
-                    raise
-                raise _WorkerLost(type(exc).__name__) from None
-            except Exception:
-                # a task error after a worker loss (e.g. a checkpoint task that refused to
-                # overwrite a committed slot when it was re-run) is the loss, not a bug
-                self._check_workers(client)
-                raise
+        done = threading.Event()
+        fut.add_done_callback(lambda _f: done.set())
+        while not done.wait(0.5):
+            self._check_workers(client)
+        try:
+            return fut.result()
+        except (KilledWorker, FutureCancelledError, asyncio.CancelledError) as exc:
+            if _scheduler_lost(client, exc):
+                raise ConnectionError(f"lost the Dask scheduler ({type(exc).__name__})") \
+                    from None
+            raise _WorkerLost(type(exc).__name__) from None
+        except Exception:
+            # a task error after a worker loss (e.g. a checkpoint task that refused to
+            # overwrite a committed slot when it was re-run) is the loss, not a bug
+            self._check_workers(client)
+            raise
 
     def _wait_for_workers(self, client, want: int) -> list[str]:
         try:
