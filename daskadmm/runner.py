@@ -825,22 +825,40 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
                if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
               for i, block in enumerate(lay, start=1)]
     meta = _store_meta(cfg, arch, ds, n, slices)
+    scratch = None
+    if cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None:
+        # the Python API with no run directory: the worker processes of this machine share a
+        # scratch directory, removed at the end (the result carries the weights)
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="daskadmm-")
+        url = str(Path(scratch) / "state.zarr")
     if cfg.cluster.kind in ("local", "address") and url.startswith("memory://"):
-        raise StoreError(f"storage.url={url} lives in one process: use a path or a shared "
-                         "fsspec URL with a distributed cluster")
-    created = False
-    if cfg.run.resume:
-        store, cp = _open_for_resume(cfg, url, run_id, meta, ck_lay)
-    else:
-        store = StateStore.create(url, meta=meta, owner=run_id,
-                                  overwrite=cfg.storage.overwrite)
-        cp, created = None, True
-    if not store.attrs.get("ready"):
-        # a new store, or one whose run was killed while it was being made
-        store.write_data(_data_arrays(ds), cfg.storage.chunk_size, cfg.storage.compressor)
-        store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
-                           chunked_mlp.slots(splitting.name) if mlp else 2)
-        store.set_attrs({"ready": True})
+        where = "storage.url" if cfg.storage.url else "run_dir or storage.url"
+        raise StoreError(f"the state store {url} would live in this process only: pass "
+                         f"{where} (a path every Dask worker can reach)")
+    try:
+        created = False
+        if cfg.run.resume:
+            store, cp = _open_for_resume(cfg, url, run_id, meta, ck_lay)
+        else:
+            store = StateStore.create(url, meta=meta, owner=run_id,
+                                      overwrite=cfg.storage.overwrite)
+            cp, created = None, True
+        if not store.attrs.get("ready"):
+            # a new store, or one whose run was killed while it was being made
+            store.write_data(_data_arrays(ds), cfg.storage.chunk_size, cfg.storage.compressor)
+            store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
+                               chunked_mlp.slots(splitting.name) if mlp else 2)
+            store.set_attrs({"ready": True})
+    except BaseException:
+        if "store" in locals():
+            store.close()
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     metric = "accuracy" if ds.task == "classification" else "mse"
     ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(cfg, splitting, arch, ds, specs, schedule, monitor,
                                              window, run_id, metric)
@@ -861,12 +879,16 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         status = result.status
         monitor.keep_good(result)
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
-        result.info["store"] = url
+        result.info["store"] = None if scratch else url
         ok = True
         return result
     finally:
         with contextlib.suppress(Exception):
             store.release(status)
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)  # made by this run, for this run
         if not ok and created and not cfg.storage.url and not store.holds_results():
             # a run that failed before its first checkpoint leaves no half-made store in its
             # own run directory (it made it; nothing in it can be resumed beyond iteration 0)

@@ -684,3 +684,20 @@ def test_a_requested_stop_ends_every_engine_at_its_next_evaluation(kind):
         clear_stop()
     assert res.status == "interrupted" and res.iterations == 3
     assert res.history[-1]["iteration"] == 3
+
+
+def test_python_api_on_a_local_cluster_needs_no_run_dir(tmp_path, monkeypatch):
+    """fit(cfg) with the default cluster and no run directory keeps its state in a scratch
+    directory of its own and removes it; the result carries the weights."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = _with(_cfg(iterations=3), cluster={"kind": "local"},
+                run={"checkpoint_every": 0}, storage={"url": None})
+    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    assert res.status == "max_iter" and res.info["store"] is None
+    # (Dask's own dask-scratch-space lands in the temp dir too)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("daskadmm-")] == []
+    ref = api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": str(
+        tmp_path / "ref.zarr")}), dataset=load_dataset(cfg.data, seed=0))
+    assert all(np.array_equal(a, b) for a, b in zip(ref.weights, res.weights, strict=True))
