@@ -1,0 +1,24 @@
+"""daskadmm: train residual networks and MLPs with ADMM on Dask, state in chunked Zarr stores.
+
+    from daskadmm import Config, fit, load_model
+
+    cfg = Config()
+    cfg.run.iterations = 30
+    result = fit(cfg)               # a Result: weights, history, status
+    model = load_model("outputs/2026-11-29/12-00-00/state.zarr")   # a run's saved model
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import fit, load_data
+from .config import Config, ConfigError
+from .result import Result
+from .storage import Model, StoreError, load_model
+
+try:
+    __version__ = version("daskadmm")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = ["Config", "ConfigError", "Model", "Result", "StoreError", "__version__", "fit",
+           "load_data", "load_model"]

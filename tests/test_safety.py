@@ -701,3 +701,12 @@ def test_python_api_on_a_local_cluster_needs_no_run_dir(tmp_path, monkeypatch):
     ref = api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": str(
         tmp_path / "ref.zarr")}), dataset=load_dataset(cfg.data, seed=0))
     assert all(np.array_equal(a, b) for a, b in zip(ref.weights, res.weights, strict=True))
+
+
+def test_public_namespace():
+    import daskadmm
+    from daskadmm import api, storage
+
+    assert daskadmm.fit is api.fit and daskadmm.load_model is storage.load_model
+    assert set(daskadmm.__all__) >= {"Config", "Result", "fit", "load_data", "load_model"}
+    assert daskadmm.__version__[0].isdigit()
