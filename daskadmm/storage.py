@@ -87,6 +87,12 @@ def chunk_slices(n: int, chunk_size: int) -> list[slice]:
     return [slice(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
+def _sample_chunks(arr) -> list[slice]:
+    """The sample ranges of a stored array's chunks (its last axis)."""
+    n, cs = arr.shape[-1], arr.chunks[-1]
+    return chunk_slices(n, cs if cs < n else 0)
+
+
 def checksum(a: np.ndarray) -> int:
     """CRC-32 of an array's float64 values (C order): what checkpoints record per chunk."""
     return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).view(np.uint8))
@@ -518,9 +524,7 @@ class StateStore:
             raise StoreError(f"state store {self.url} records no data checksums")
         for name, expected in sums.items():
             arr = self._array_or_fail(f"data/{name}")
-            n = arr.shape[1]
-            cs = arr.chunks[1]
-            slices = chunk_slices(n, cs if cs < n else 0)
+            slices = _sample_chunks(arr)
             if len(slices) != len(expected):
                 raise StoreError(f"state store {self.url}: data/{name} has {len(slices)} "
                                  f"chunks, its record {len(expected)}")
@@ -652,8 +656,7 @@ class StateStore:
                                      f"checksum for {path}")
                 arr = self._array_or_fail(path)
                 if shape and shape[-1] == "n":
-                    n, cs = arr.shape[-1], arr.chunks[-1]
-                    slices = chunk_slices(n, cs if cs < n else 0)
+                    slices = _sample_chunks(arr)
                 else:
                     slices = [None]
                 if len(slices) != len(want):

@@ -8,15 +8,14 @@ by wrapping scipy's ``cho_factor``/``cho_solve``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
+from support import load_benchmark
 
 from daskadmm import api
 from daskadmm.model import Architecture, init_weights
@@ -26,18 +25,7 @@ from daskadmm.splitting import BlockSpec, Penalties, get_splitting
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_suite():
-    name = "daskadmm_benchmark_suite"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "suite.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _load_suite()
+suite = load_benchmark("suite")
 
 
 # ------------------------------------------------------------------ brute-force flop counting

@@ -8,14 +8,13 @@ script) so that they check the CLI, not the solvers; the smoke test runs the rea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import support
+from support import assert_usage_error
 
 from daskadmm.result import HISTORY_COLUMNS, STATUSES
 
@@ -90,31 +89,8 @@ BAD = {
 
 
 def run_cli(tmp_path: Path, *args: str, fake: bool = False, timeout: float = 120):
-    """Run the CLI with cwd ``tmp_path/work``; return (completed process, work dir)."""
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    if fake:
-        script = tmp_path / "fake_cli.py"
-        script.write_text(FAKE_API)
-        cmd = [sys.executable, str(script)]
-    else:
-        cmd = [sys.executable, "-m", "daskadmm.cli"]
-    cmd += [*args, f"hydra.run.dir={work / 'run'}", f"hydra.sweep.dir={work / 'sweep'}"]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout,
-                          env=env)
-    return proc, work
-
-
-def assert_usage_error(proc, work: Path, needle: str) -> None:
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("daskadmm: error: "), lines[0]
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (work / "run").exists()
-    assert list(work.iterdir()) == [], "something was written"
+    """Run the CLI (``fake``: over a stand-in API) with cwd ``tmp_path/work``."""
+    return support.run_cli(tmp_path, *args, script=FAKE_API if fake else None, timeout=timeout)
 
 
 @pytest.mark.parametrize(("args", "needle"), BAD.values(), ids=BAD.keys())

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from support import assert_usage_error, run_cli
 
 from daskadmm import config as config_mod
 from daskadmm import data as data_mod
@@ -51,29 +50,6 @@ def deadline(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def run_cli(tmp_path: Path, *args: str, timeout: float = 60):
-    """Run ``daskadmm`` in a subprocess with cwd ``tmp_path/work``; return (process, work dir)."""
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "daskadmm.cli", *args, f"hydra.run.dir={work / 'run'}",
-           f"hydra.sweep.dir={work / 'sweep'}"]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout,
-                          env=env)
-    return proc, work
-
-
-def assert_usage_error(proc, work: Path, needle: str) -> None:
-    """One line ``daskadmm: error: ...`` on stderr, exit code 2, nothing written."""
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("daskadmm: error: "), lines[0]
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert list(work.iterdir()) == [], "something was written"
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from support import replace_sections
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
@@ -58,11 +59,7 @@ def _cfg(iterations=8, **storage) -> Config:
     return cfg
 
 
-def _with(cfg, **sections):
-    out = cfg
-    for sec, kw in sections.items():
-        out = dataclasses.replace(out, **{sec: dataclasses.replace(getattr(out, sec), **kw)})
-    return out
+_with = replace_sections
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import uuid
 import numpy as np
 import pytest
 import zarr
+from support import replace_sections
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
@@ -46,11 +46,7 @@ def _cfg(n_samples=100, iterations=20, classification=False, activation="tanh"):
     return cfg
 
 
-def _with(cfg, **sections):
-    out = cfg
-    for sec, kw in sections.items():
-        out = dataclasses.replace(out, **{sec: dataclasses.replace(getattr(out, sec), **kw)})
-    return out
+_with = replace_sections
 
 
 def _mem_url() -> str:

@@ -4,29 +4,17 @@ Synthetic inputs only: nothing here starts a run."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_torture():
-    name = "daskadmm_benchmark_torture"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "torture.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-torture = _load_torture()
+torture = load_benchmark("torture")
 
 COLUMNS = ["iteration", "wall_time", "objective", "primal_residual", "test_metric", "rho"]
 
