@@ -1,6 +1,8 @@
 """daskadmm: train residual networks and MLPs with ADMM on Dask, state in chunked Zarr stores.
 
-    from daskadmm import Config, fit, load_model
+    from daskadmm import ADMMClassifier, Config, fit, load_model
+
+    clf = ADMMClassifier(depth=4, width=64).fit(X, y)   # scikit-learn estimator, rows = samples
 
     cfg = Config()
     cfg.run.iterations = 30
@@ -12,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import fit, load_data
 from .config import Config, ConfigError
+from .estimator import ADMMClassifier, ADMMRegressor
 from .result import Result
 from .storage import Model, StoreError, load_model
 
@@ -20,5 +23,5 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["Config", "ConfigError", "Model", "Result", "StoreError", "__version__", "fit",
-           "load_data", "load_model"]
+__all__ = ["ADMMClassifier", "ADMMRegressor", "Config", "ConfigError", "Model", "Result",
+           "StoreError", "__version__", "fit", "load_data", "load_model"]

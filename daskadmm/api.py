@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -59,17 +60,25 @@ def evaluator(arch: Architecture, ds: Dataset) -> Callable[[list[np.ndarray]], d
 
 def fit(cfg: Config, *, run_dir: Path | None = None,
         callback: Callable[[dict], None] | None = None,
-        dataset: Dataset | None = None) -> Result:
-    """Train the configured network; return a :class:`~daskadmm.result.Result`."""
+        dataset: Dataset | None = None, client: Any = None) -> Result:
+    """Train the configured network; return a :class:`~daskadmm.result.Result`.
+
+    ``run_dir``: where the run keeps its state store and model (None: a scratch directory,
+    removed at the end; the result carries the weights). ``callback(record)`` is called with
+    every evaluation record. ``dataset`` replaces the configured data set. ``client``: a
+    ``distributed.Client`` to run on; with ``cluster.kind=local`` an active client of this
+    process (``Client.current()``) is used the same way, instead of starting a cluster. Such a
+    client is never closed by the run.
+    """
     validate(cfg)
     # numpy and scipy each bundle an OpenBLAS whose idle threads spin; on a small machine two
     # spinning pools slow small factorizations ~100x. One BLAS thread per process unless asked.
     with threadpool_limits(limits=cfg.cluster.blas_threads, user_api="blas"):
-        return _fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
+        return _fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset, client=client)
 
 
 def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,
-         dataset: Dataset | None) -> Result:
+         dataset: Dataset | None, client: Any) -> Result:
     ds = dataset if dataset is not None else load_data(cfg)
     from .config import check_resources
 
@@ -108,12 +117,12 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
             from .runner import run_zarr
 
             result = run_zarr(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
-                              run_dir=run_dir)
+                              run_dir=run_dir, client=client)
         else:
             from .runner import run_dask
 
             result = run_dask(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
-                              run_dir=run_dir)
+                              run_dir=run_dir, client=client)
             if cfg.storage.state == "zarr":
                 result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
                                              "Zarr-resident engine supports "

@@ -29,6 +29,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "algorithm_defaults",
     "DataConfig",
     "ModelConfig",
     "RunConfig",
@@ -105,6 +106,21 @@ class AlgorithmConfig:
     momentum: float = 0.9
     batch_size: int = 0  # 0: full batch
     weight_decay: float = 0.0
+
+
+# Each algorithm's defaults where they differ from AlgorithmConfig's (conf/algorithm/<name>.yaml
+# holds the same values; a test checks that they agree).
+ALGORITHM_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dladmm": {"rho": 0.1},
+    "pdadmm": {"rho": 0.1},
+    "adam": {"rho": 1.0, "lam": 1e-3},
+    "sgd": {"rho": 1.0, "lam": 1e-3},
+}
+
+
+def algorithm_defaults(name: str) -> AlgorithmConfig:
+    """The ``algorithm`` section of ``algorithm=<name>`` with every default in force."""
+    return AlgorithmConfig(name=name, **ALGORITHM_OVERRIDES.get(name, {}))
 
 
 @dataclass

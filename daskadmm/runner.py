@@ -123,11 +123,74 @@ def _start_local_cluster(ccfg: ClusterConfig):
         )
 
 
+def current_client():
+    """The active ``distributed.Client`` of this process (``Client.current()``), or None."""
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        client = Client.current(allow_global=True)
+    except ValueError:
+        return None
+    return client if client.status == "running" else None
+
+
+def resolve_client(ccfg: ClusterConfig, client=None):
+    """The client a run uses without starting a cluster: ``client`` if given, else, for
+    ``cluster.kind=local``, the active client of this process (a notebook's ``Client()``);
+    None: the run starts its own cluster (or connects to ``cluster.address``)."""
+    if client is not None:
+        if getattr(client, "status", None) != "running":
+            raise ConnectionError(f"the Dask client passed to fit is not running (status "
+                                  f"{getattr(client, 'status', '?')!r})")
+        return client
+    if ccfg.kind == "local" and not _SHARED.get("address"):
+        return current_client()
+    return None
+
+
+def client_is_local(client) -> bool:
+    """Whether every worker of ``client`` runs on this machine (so they share its disk)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        here.add(socket.gethostbyname(socket.gethostname()))
+    with contextlib.suppress(Exception):
+        from distributed.utils import get_ip
+
+        here.add(get_ip())
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    for address in workers:
+        if address.startswith("inproc://"):
+            continue
+        host = urlsplit(address).hostname
+        if host not in here:
+            return False
+    return True
+
+
 @contextlib.contextmanager
-def connect(ccfg: ClusterConfig):
-    """Yield a distributed ``Client`` for ``cluster.kind`` local or address."""
+def connect(ccfg: ClusterConfig, client=None):
+    """Yield a distributed ``Client`` for ``cluster.kind`` local or address.
+
+    With ``client`` (the caller's own, see :func:`resolve_client`) no cluster is started and
+    the client is left open at the end: it belongs to the caller."""
     from distributed import Client
 
+    if client is not None:
+        try:
+            client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
+        except Exception:
+            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
+                                  "workers (none joined within 60 s)") from None
+        # one BLAS thread per worker (spinning BLAS pools slow small solves ~100x); the
+        # caller's workers keep this setting after the run
+        client.run(_set_blas_threads, ccfg.blas_threads)
+        yield client
+        return
     cluster = None
     if ccfg.kind == "address":
         try:
@@ -209,8 +272,9 @@ def _setup(cfg: Config, arch: Architecture, ds: Dataset, options: Options):
 
 def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
-             options: Options, run_dir: Path | None = None) -> Result:
-    """Run the ADMM iterations on the configured Dask scheduler."""
+             options: Options, run_dir: Path | None = None, client=None) -> Result:
+    """Run the ADMM iterations on the configured Dask scheduler (``client``: an existing
+    distributed client to run on instead of starting a cluster)."""
     from .reference import initial_objective
 
     n, specs, window, run_id = _setup(cfg, arch, ds, options)
@@ -220,7 +284,8 @@ def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
                   [s["W"] for s in states], pen1.rho, pen1.beta)
     metric = "accuracy" if ds.task == "classification" else "mse"
     ctx = _Ctx(cfg, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
-    if cfg.cluster.kind in ("synchronous", "threads"):
+    ctx.client = resolve_client(cfg.cluster, client)
+    if ctx.client is None and cfg.cluster.kind in ("synchronous", "threads"):
         result = ctx.run_local_scheduler(states)
     else:
         result = ctx.run_distributed(states, run_dir)
@@ -238,6 +303,7 @@ class _Ctx:
         self.n = ds.X_train.shape[1]
         self.tasks_run = 0
         self.recoveries = 0
+        self.client = None  # the caller's distributed client, if the run uses one
         self._replayed = False  # the restored history was reported to the callback
 
     # -- helpers ---------------------------------------------------------------------------
@@ -474,7 +540,7 @@ class _Ctx:
         from distributed import KilledWorker, get_task_stream, performance_report
         from distributed.client import FutureCancelledError
 
-        with connect(self.cfg.cluster) as client:
+        with connect(self.cfg.cluster, self.client) as client:
             dashboard = client.dashboard_link
             print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -808,9 +874,9 @@ def preflight_store(cfg: Config) -> None:
 
 def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
-             options: Options, run_dir: Path | None = None) -> Result:
+             options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run RADMM-3/3L, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
-    store (see :mod:`.chunked` and :mod:`.chunked_mlp`)."""
+    store (see :mod:`.chunked` and :mod:`.chunked_mlp`); ``client`` as for :func:`run_dask`."""
     from . import chunked, chunked_mlp
     from .storage import StateStore, StoreError, chunk_slices, dataset_meta
 
@@ -826,14 +892,20 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
               for i, block in enumerate(lay, start=1)]
     meta = _store_meta(cfg, arch, ds, n, slices)
     scratch = None
-    if cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None:
+    client = resolve_client(cfg.cluster, client)
+    if client is not None:
+        local = client_is_local(client)
+    else:
+        local = cfg.cluster.kind in ("local", "synchronous", "threads")
+    if local and cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None:
         # the Python API with no run directory: the worker processes of this machine share a
         # scratch directory, removed at the end (the result carries the weights)
         import tempfile
 
         scratch = tempfile.mkdtemp(prefix="daskadmm-")
         url = str(Path(scratch) / "state.zarr")
-    if cfg.cluster.kind in ("local", "address") and url.startswith("memory://"):
+    if (client is not None or cfg.cluster.kind in ("local", "address")) and \
+            url.startswith("memory://"):
         where = "storage.url" if cfg.storage.url else "run_dir or storage.url"
         raise StoreError(f"the state store {url} would live in this process only: pass "
                          f"{where} (a path every Dask worker can reach)")
@@ -869,10 +941,11 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     ctx.ck_layout = ck_lay
     ctx.resumed_from = ((cp["iteration"] if cp else 0) if cfg.run.resume else None)
     ctx.recoveries = 0
+    ctx.client = client
     status = "failed"
     ok = False
     try:
-        if cfg.cluster.kind in ("synchronous", "threads"):
+        if client is None and cfg.cluster.kind in ("synchronous", "threads"):
             result = ctx.run_local(weights0)
         else:
             result = ctx.run_distributed_zarr(weights0, run_dir)

@@ -1,0 +1,364 @@
+"""scikit-learn estimators: :class:`ADMMClassifier` and :class:`ADMMRegressor`.
+
+    from daskadmm import ADMMClassifier
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    clf = ADMMClassifier(depth=4, width=64, iterations=60).fit(X, y)
+    clf.predict(X[:5]), clf.score(X, y)
+
+Rows are samples, as everywhere in scikit-learn. Every hyper-parameter is an ``__init__``
+argument (``get_params`` / ``set_params``, ``clone``, ``Pipeline``, ``GridSearchCV`` work as
+usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``lr`` means the algorithm's own default
+(the values of ``conf/algorithm/<name>.yaml``). Features are standardised with the training
+mean and standard deviation (regression targets centred), as the command line does.
+
+Where it runs (``cluster``):
+
+- ``"auto"`` (default): on ``client`` if one is given, else on the active
+  ``distributed.Client`` of this process (``Client.current()``), else in this process with the
+  serial reference engine (no cluster is started: right for small data);
+- ``"reference"``, ``"synchronous"``, ``"threads"``, ``"local"`` (a LocalCluster started for
+  the fit, ``n_workers`` processes): as ``cluster.kind`` on the command line;
+- a scheduler address such as ``"tcp://10.0.0.5:8786"``.
+
+A client given or found is used as it is and never closed. Input arrays may be NumPy arrays,
+Dask arrays or Zarr arrays; they are read into memory on the client before the fit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .config import (
+    ADMM_ALGORITHMS,
+    CLUSTERS,
+    AlgorithmConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    StorageConfig,
+    algorithm_defaults,
+    validate,
+)
+from .data import Dataset
+from .model import Architecture, predict, softmax
+
+__all__ = ["ADMMClassifier", "ADMMRegressor"]
+
+_A, _M, _R, _S = AlgorithmConfig(), ModelConfig(), RunConfig(), StorageConfig()
+# hyper-parameters that default to the algorithm's own value when None
+_PER_ALGORITHM = ("rho", "beta", "tau", "lam", "lr")
+
+
+class _ADMMEstimator(BaseEstimator):
+    """Common parameters and fitting; see :class:`ADMMClassifier` for the parameters."""
+
+    _task = ""
+
+    def __init__(
+        self,
+        algorithm: str = _A.name,
+        *,
+        network: str = _M.kind,
+        depth: int = _M.depth,
+        width: int = _M.width,
+        activation: str = _M.activation,
+        loss: str = _M.loss,
+        bias: bool = _M.bias,
+        residual_scale: float = _M.residual_scale,
+        rho: float | None = None,
+        beta: float | None = None,
+        tau: float | None = None,
+        lam: float | None = None,
+        nu: float | None = _A.nu,
+        schedule: str = _A.schedule,
+        growth: float = _A.growth,
+        step: str = _A.step,
+        lr: float | None = None,
+        batch_size: int = _A.batch_size,
+        iterations: int = _R.iterations,
+        eval_every: int = _R.eval_every,
+        tol_primal: float = _R.tol_primal,
+        tol_dual: float = _R.tol_dual,
+        validation_fraction: float | None = None,
+        cluster: str = "auto",
+        client: Any = None,
+        n_workers: int = 2,
+        state: str = _S.state,
+        chunk_size: int = _S.chunk_size,
+        random_state: Any = 0,
+    ):
+        self.algorithm = algorithm
+        self.network = network
+        self.depth = depth
+        self.width = width
+        self.activation = activation
+        self.loss = loss
+        self.bias = bias
+        self.residual_scale = residual_scale
+        self.rho = rho
+        self.beta = beta
+        self.tau = tau
+        self.lam = lam
+        self.nu = nu
+        self.schedule = schedule
+        self.growth = growth
+        self.step = step
+        self.lr = lr
+        self.batch_size = batch_size
+        self.iterations = iterations
+        self.eval_every = eval_every
+        self.tol_primal = tol_primal
+        self.tol_dual = tol_dual
+        self.validation_fraction = validation_fraction
+        self.cluster = cluster
+        self.client = client
+        self.n_workers = n_workers
+        self.state = state
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+
+    # -- configuration -------------------------------------------------------------------------
+    def _seed(self) -> int:
+        rs = self.random_state
+        if rs is None or isinstance(rs, np.random.RandomState):
+            gen = np.random.mtrand._rand if rs is None else rs
+            return int(gen.randint(0, 2**31 - 1))
+        if isinstance(rs, bool) or not isinstance(rs, int | np.integer):
+            raise ValueError(f"random_state must be an int, a numpy RandomState or None, "
+                             f"got {rs!r}")
+        return int(rs)
+
+    def _config(self) -> tuple[Config, Any]:
+        """The run's :class:`Config` and the client to run on (or None)."""
+        if self.algorithm not in ADMM_ALGORITHMS + ("adam", "sgd"):
+            raise ValueError(f"algorithm must be one of {', '.join(ADMM_ALGORITHMS)}, adam, "
+                             f"sgd; got {self.algorithm!r}")
+        cfg = Config()
+        cfg.algorithm = algorithm_defaults(self.algorithm)
+        a = cfg.algorithm
+        for key in _PER_ALGORITHM:
+            value = getattr(self, key)
+            if value is not None:
+                setattr(a, key, value)
+        a.rho_max = max(a.rho_max, a.rho)
+        a.beta_max = max(a.beta_max, a.beta)
+        a.nu, a.schedule, a.growth, a.step = self.nu, self.schedule, self.growth, self.step
+        a.batch_size = self.batch_size
+        m = cfg.model
+        m.kind, m.depth, m.width, m.activation = self.network, self.depth, self.width, \
+            self.activation
+        m.loss, m.bias, m.residual_scale = self.loss, self.bias, self.residual_scale
+        r = cfg.run
+        r.iterations, r.eval_every = self.iterations, self.eval_every
+        r.tol_primal, r.tol_dual = self.tol_primal, self.tol_dual
+        r.seed, r.progress, r.plot = self._seed(), False, False
+        s = cfg.storage
+        s.state, s.chunk_size = self.state, self.chunk_size
+        c = cfg.cluster
+        c.n_workers = self.n_workers
+        client = self.client
+        where = self.cluster
+        if not isinstance(where, str):
+            raise ValueError(f"cluster must be a string, got {where!r}")
+        if where == "auto":
+            if client is None:
+                from .runner import current_client
+
+                client = current_client()
+            c.kind = "local" if client is not None else "reference"
+        elif where in CLUSTERS and where != "address":
+            c.kind = where
+        elif "://" in where or ":" in where:
+            c.kind, c.address = "address", where
+        else:
+            kinds = ", ".join(k for k in CLUSTERS if k != "address")
+            raise ValueError(f"cluster must be auto, {kinds} or a scheduler address, "
+                             f"got {where!r}")
+        if client is not None and c.kind == "reference":
+            raise ValueError("cluster='reference' runs in this process; drop client= or use "
+                             "cluster='auto'")
+        vf = self.validation_fraction
+        if vf is not None and not (isinstance(vf, float | int) and 0 < vf < 1):
+            raise ValueError(f"validation_fraction must be None or in (0, 1), got {vf!r}")
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return cfg, client
+
+    # -- data ----------------------------------------------------------------------------------
+    def _encode(self, y: np.ndarray) -> np.ndarray:
+        """Targets as the math's ``dy x n`` matrix (one-hot or centred values)."""
+        raise NotImplementedError
+
+    def _dataset(self, X: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
+        self.x_mean_ = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale <= 1e-12 * np.maximum(1.0, np.abs(self.x_mean_))] = 1.0
+        self.x_scale_ = scale
+        Xs = (X - self.x_mean_) / scale
+        Y = self._encode(y)
+        n = X.shape[0]
+        train = np.arange(n)
+        test = train
+        if self.validation_fraction is not None:
+            from sklearn.model_selection import train_test_split
+
+            strat = y if self._task == "classification" else None
+            try:
+                train, test = train_test_split(train, test_size=self.validation_fraction,
+                                               random_state=seed, stratify=strat)
+            except ValueError as exc:
+                raise ValueError(f"validation_fraction={self.validation_fraction}: {exc}") \
+                    from None
+        return Dataset(
+            name="arrays", task=self._task,
+            X_train=np.ascontiguousarray(Xs[train].T), Y_train=np.ascontiguousarray(Y[:, train]),
+            X_test=np.ascontiguousarray(Xs[test].T), Y_test=np.ascontiguousarray(Y[:, test]),
+            feature_names=[str(f) for f in getattr(self, "feature_names_in_", [])],
+            classes=None, y_mean=getattr(self, "_y_mean", None), x_mean=self.x_mean_,
+            x_scale=self.x_scale_, source="arrays",
+        )
+
+    # -- fit -----------------------------------------------------------------------------------
+    def _fit(self, X, y):
+        from .api import fit
+
+        cfg, client = self._config()
+        ds = self._dataset(X, y, cfg.run.seed)
+        result = fit(cfg, dataset=ds, client=client)
+        if result.status in ("diverged", "nonfinite"):
+            warnings.warn(f"{self.algorithm}: {result.message}", UserWarning, stacklevel=3)
+        self.coefs_ = [w.copy() for w in result.weights]
+        self.arch_: Architecture = result.arch
+        self.n_iter_ = int(result.iterations)
+        self.status_ = result.status
+        keep = None if self.validation_fraction is not None else ("test_loss", "test_metric")
+        self.history_ = [{k: v for k, v in rec.items() if keep is None or k not in keep}
+                         for rec in result.history]
+        self.result_ = result
+        return self
+
+    def _output(self, X) -> np.ndarray:
+        """The network's output for rows ``X`` (``n x dy``: logits or centred values)."""
+        check_is_fitted(self, "coefs_")
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        Xs = (X - self.x_mean_) / self.x_scale_
+        return predict(self.arch_, self.coefs_, np.ascontiguousarray(Xs.T)).T
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+
+class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
+    """A residual network (or MLP) classifier trained with ADMM (or the backprop baseline).
+
+    Parameters
+    ----------
+    algorithm : ``radmm3`` (default), ``radmm3l``, ``radmm2``, ``dladmm``, ``pdadmm``, or the
+        backprop baselines ``adam``, ``sgd``.
+    network : ``resnet`` (input layer, residual blocks, linear output) or ``mlp``.
+    depth, width : weight layers N (>= 2) and hidden width.
+    activation : ``tanh``, ``relu``, ``leaky_relu``, ``sigmoid`` or ``identity``.
+    loss : ``auto`` (softmax cross-entropy), ``cross_entropy`` or ``mse`` (on one-hot labels).
+    bias, residual_scale : bias columns; initial scale of the residual branches.
+    rho, beta, tau, lam, nu : the ADMM penalties (None: the algorithm's default). ``rho``
+        weights the linear constraints, ``beta`` the activation penalties, ``tau`` the proximal
+        terms, ``lam`` the weight decay; ``nu`` dlADMM's/pdADMM's relaxed hidden constraints.
+    schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
+    step : linearized steps, ``backtracking`` or ``lipschitz``.
+    lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).
+    iterations : ADMM iterations (epochs for the baselines).
+    eval_every : evaluate the true forward pass every this many iterations (``history_``).
+    tol_primal, tol_dual : stop when both residuals are below these (0: off).
+    validation_fraction : None (all rows train; ``history_`` has training metrics) or a
+        fraction held out (stratified) whose metrics ``history_`` records as ``test_*``.
+    cluster, client, n_workers : where to run (see the module docstring).
+    state, chunk_size : where a Dask run keeps its ADMM variables (``zarr``: a chunked Zarr
+        store in a scratch directory removed after the fit; ``memory``: worker memory) and the
+        samples per chunk (0: one chunk).
+    random_state : seed of the initial weights (and of the validation split).
+
+    Attributes
+    ----------
+    classes_ : the class labels. coefs_ : the weight matrices ``W_1..W_N`` (``out x in``, bias
+    in the last column; they act on standardised features ``(X - x_mean_) / x_scale_``).
+    n_iter_ : iterations run. status_ : ``max_iter``, ``converged``, ``diverged``,
+    ``nonfinite`` or ``interrupted``. history_ : one record per evaluation (objective,
+    residuals, train loss and accuracy, rho, beta, wall time). n_features_in_, x_mean_,
+    x_scale_, result_ (the :class:`~daskadmm.result.Result`).
+    """
+
+    _task = "classification"
+
+    def fit(self, X, y):
+        """Fit on ``X`` (``n_samples x n_features``) and labels ``y`` (``n_samples``)."""
+        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if self.classes_.size < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got "
+                             f"1 class ({self.classes_[0]!r})")
+        self._y_mean = None
+        return self._fit(X, y)
+
+    def _encode(self, y):
+        index = np.searchsorted(self.classes_, y)
+        return np.eye(self.classes_.size)[index].T
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (softmax of the network's output), ``n x n_classes``."""
+        return softmax(self._output(X).T).T
+
+    def predict(self, X) -> np.ndarray:
+        """The most likely class of each row."""
+        out = self._output(X)
+        return self.classes_[np.argmax(out, axis=1)]
+
+
+class ADMMRegressor(RegressorMixin, _ADMMEstimator):
+    """A residual network (or MLP) regressor trained with ADMM (or the backprop baseline).
+
+    The parameters are :class:`ADMMClassifier`'s (``loss``: ``auto`` is the squared error).
+    ``y`` may have one column or several (multi-output); targets are centred with their
+    training mean (``y_mean_``) and predicted in their original units.
+    """
+
+    _task = "regression"
+
+    def fit(self, X, y):
+        """Fit on ``X`` (``n_samples x n_features``) and targets ``y`` (``n_samples`` or
+        ``n_samples x n_outputs``)."""
+        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True,
+                             ensure_min_samples=2)
+        y = np.asarray(y, dtype=np.float64)
+        self._y_1d = y.ndim == 1
+        Y = y[:, None] if self._y_1d else y
+        self.y_mean_ = Y.mean(axis=0)
+        self._y_mean = self.y_mean_
+        return self._fit(X, Y)
+
+    def _encode(self, y):
+        return (y - self.y_mean_).T
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted targets in their original units (1-d when ``y`` was)."""
+        out = self._output(X) + self.y_mean_
+        return out[:, 0] if self._y_1d else out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags

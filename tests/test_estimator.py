@@ -1,0 +1,218 @@
+"""The scikit-learn estimators: scikit-learn's own estimator checks are the judge; they also work
+in Pipeline / GridSearchCV / cross_val_score, on Dask and Zarr arrays, and on a client the user
+already has (no second cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits, make_regression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import estimator_checks_generator
+
+import daskadmm
+from daskadmm import ADMMClassifier, ADMMRegressor
+from daskadmm.config import ALGORITHM_OVERRIDES, AlgorithmConfig, algorithm_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small networks and few iterations keep the ~110 checks at a few seconds. Left out: only
+# scikit-learn's array-API check (it needs SCIPY_ARRAY_API=1 and array-api-compat, and the
+# estimators compute in NumPy: they convert any input with validate_data).
+SMALL = {"depth": 3, "width": 16, "iterations": 20}
+NOT_APPLICABLE = ("check_array_api_input",)
+
+
+def _checks():
+    for est in (ADMMClassifier(**SMALL), ADMMRegressor(**SMALL)):
+        for estimator, check in estimator_checks_generator(est, legacy=True):
+            name = getattr(check, "func", check).__name__
+            if name not in NOT_APPLICABLE:
+                args = ",".join(f"{k}={v}" for k, v in getattr(check, "keywords", {}).items())
+                yield pytest.param(estimator, check,
+                                   id=f"{type(est).__name__}-{name}" + (f"({args})" if args
+                                                                        else ""))
+
+
+@pytest.mark.parametrize(("estimator", "check"), list(_checks()))
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _digits(n=600):
+    X, y = load_digits(return_X_y=True)
+    return X[:n], y[:n]
+
+
+def test_public_namespace():
+    assert daskadmm.ADMMClassifier is ADMMClassifier
+    assert daskadmm.ADMMRegressor is ADMMRegressor
+
+
+def test_classifier_learns_and_reports():
+    X, y = _digits()
+    clf = ADMMClassifier(depth=3, width=32, iterations=15).fit(X[:500], y[:500])
+    assert clf.score(X[500:], y[500:]) > 0.5  # chance is 0.1
+    P = clf.predict_proba(X[500:])
+    assert P.shape == (100, 10)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0)
+    assert np.array_equal(clf.predict(X[500:]), clf.classes_[P.argmax(axis=1)])
+    assert clf.n_iter_ == 15 and clf.status_ == "max_iter"
+    assert [r["iteration"] for r in clf.history_] == list(range(16))  # 0: the initial weights
+    assert "train_metric" in clf.history_[-1] and "test_metric" not in clf.history_[-1]
+    assert len(clf.coefs_) == 3 and clf.n_features_in_ == 64
+
+
+def test_validation_fraction_records_held_out_metrics():
+    X, y = _digits(400)
+    clf = ADMMClassifier(depth=3, width=16, iterations=3, validation_fraction=0.25).fit(X, y)
+    rec = clf.history_[-1]
+    assert {"train_metric", "test_metric"} <= set(rec)
+    assert rec["train_metric"] != rec["test_metric"]
+
+
+def test_string_labels_and_multioutput_regression():
+    X, y = _digits(300)
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])[y]
+    clf = ADMMClassifier(depth=2, width=16, iterations=5).fit(X, names)
+    assert set(clf.predict(X)) <= set(names)
+    Xr, Yr = make_regression(n_samples=120, n_features=5, n_targets=2, random_state=0)
+    reg = ADMMRegressor(depth=2, width=16, iterations=5).fit(Xr, Yr)
+    assert reg.predict(Xr).shape == (120, 2)
+    reg1 = ADMMRegressor(depth=2, width=16, iterations=5).fit(Xr, Yr[:, 0])
+    assert reg1.predict(Xr).shape == (120,)
+
+
+def test_bad_hyperparameters_fail_at_fit_with_one_line():
+    X, y = _digits(100)
+    for est, key in ((ADMMClassifier(algorithm="nope"), "algorithm"),
+                     (ADMMClassifier(rho=-1.0), "rho"),
+                     (ADMMClassifier(cluster="mars"), "cluster"),
+                     (ADMMClassifier(validation_fraction=1.5), "validation_fraction")):
+        with pytest.raises(ValueError, match=key) as info:
+            est.fit(X, y)
+        assert "\n" not in str(info.value)
+
+
+def test_per_algorithm_defaults_match_their_yaml():
+    omegaconf = pytest.importorskip("omegaconf")
+    names = sorted(p.stem for p in (ROOT / "conf" / "algorithm").glob("*.yaml"))
+    assert set(ALGORITHM_OVERRIDES) <= set(names)
+    fields = AlgorithmConfig.__dataclass_fields__
+    for name in names:
+        on_disk = omegaconf.OmegaConf.to_container(
+            omegaconf.OmegaConf.load(ROOT / "conf" / "algorithm" / f"{name}.yaml"))
+        expected = algorithm_defaults(name)
+        for key in fields:
+            assert on_disk.get(key) == getattr(expected, key), (name, key)
+
+
+def test_none_penalties_take_the_algorithms_defaults():
+    X, y = _digits(100)
+    clf = ADMMClassifier(algorithm="pdadmm", network="mlp", depth=3, width=8, iterations=2)
+    cfg, _ = clf.fit(X, y)._config()
+    assert cfg.algorithm.rho == algorithm_defaults("pdadmm").rho == 0.1
+    cfg, _ = ADMMClassifier(algorithm="pdadmm", rho=0.7)._config()
+    assert cfg.algorithm.rho == 0.7
+
+
+def test_engines_agree_through_the_estimator():
+    """In-memory Dask state equals the reference bit for bit; the Zarr-resident engine (its
+    per-chunk reductions sum in another order) to relative 1e-8."""
+    X, y = _digits(300)
+    ref = ADMMClassifier(depth=3, width=16, iterations=4, cluster="reference").fit(X, y)
+    mem = ADMMClassifier(depth=3, width=16, iterations=4, cluster="synchronous",
+                         state="memory").fit(X, y)
+    zar = ADMMClassifier(depth=3, width=16, iterations=4, cluster="synchronous",
+                         state="zarr").fit(X, y)
+    assert mem.result_.info["engine"] == "dask" and zar.result_.info["engine"] == "dask-zarr"
+    for a, b, c in zip(ref.coefs_, mem.coefs_, zar.coefs_, strict=True):
+        assert np.array_equal(a, b)
+        assert np.max(np.abs(a - c)) <= 1e-8 * np.max(np.abs(a))
+
+
+def test_pipeline_grid_search_and_cross_validation():
+    X, y = _digits(300)
+    pipe = make_pipeline(StandardScaler(), ADMMClassifier(depth=2, width=16, iterations=5))
+    scores = cross_val_score(pipe, X, y, cv=3)
+    assert scores.shape == (3,) and np.all(scores > 0.3)  # chance is 0.1
+    grid = GridSearchCV(ADMMClassifier(depth=2, width=16, iterations=5),
+                        {"rho": [0.5, 2.0], "width": [8, 16]}, cv=2).fit(X, y)
+    assert grid.best_params_["rho"] in (0.5, 2.0)
+    assert grid.best_estimator_.coefs_[0].shape[0] == grid.best_params_["width"]
+
+
+def test_backprop_baseline_through_the_estimator():
+    pytest.importorskip("torch")
+    X, y = _digits(300)
+    clf = ADMMClassifier(algorithm="adam", depth=3, width=16, iterations=20).fit(X, y)
+    assert clf.score(X, y) > 0.5
+
+
+@pytest.fixture(scope="module")
+def user_client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", host="127.0.0.1")
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def _no_new_cluster(monkeypatch):
+    from daskadmm import runner
+
+    def refuse(*a, **k):
+        raise AssertionError("a second cluster was started")
+
+    monkeypatch.setattr(runner, "_start_local_cluster", refuse)
+
+
+@pytest.mark.slow
+def test_dask_and_zarr_inputs_on_the_users_client(user_client, monkeypatch, tmp_path):
+    """A Dask array (and a Zarr array) fit on the active client: no second cluster, the client
+    stays open, and the weights equal the same engine's synchronous run bit for bit."""
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    _no_new_cluster(monkeypatch)
+    X, y = _digits(400)
+    ref = ADMMClassifier(depth=3, width=16, iterations=4, cluster="reference").fit(X, y)
+    syn = ADMMClassifier(depth=3, width=16, iterations=4, cluster="synchronous").fit(X, y)
+    Xd = da.from_array(X, chunks=(100, 64))
+    est = ADMMClassifier(depth=3, width=16, iterations=4)  # cluster="auto": Client.current()
+    est.fit(Xd, y)
+    assert est.result_.info.get("engine") == "dask-zarr"
+    assert est.result_.info.get("workers") == 2
+    for a, b in zip(syn.coefs_, est.coefs_, strict=True):
+        assert np.array_equal(a, b)
+    assert user_client.status == "running"
+    Xz = zarr.open_array(str(tmp_path / "X.zarr"), mode="w", shape=X.shape, chunks=(100, 64),
+                         dtype="f8")
+    Xz[:] = X
+    est2 = ADMMClassifier(depth=3, width=16, iterations=4, client=user_client,
+                          state="memory").fit(Xz, y)
+    for a, b in zip(ref.coefs_, est2.coefs_, strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(est2.predict(Xz), ref.predict(X))
+    assert user_client.status == "running"
+    assert not list(tmp_path.glob("daskadmm-*"))
+
+
+@pytest.mark.slow
+def test_api_fit_uses_the_active_client(user_client, monkeypatch):
+    from daskadmm import Config, fit
+
+    _no_new_cluster(monkeypatch)
+    cfg = Config()
+    cfg.run.iterations, cfg.model.depth, cfg.model.width = 2, 3, 8
+    cfg.run.progress = cfg.run.plot = False
+    cfg.data.n_train = 200
+    result = fit(cfg)
+    assert result.iterations == 2 and result.info.get("workers") == 2
+    assert user_client.status == "running"
