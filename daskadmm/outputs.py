@@ -1,5 +1,6 @@
-"""What a run leaves in its run directory: ``metrics.csv``, ``summary.json``, ``weights.npz`` and
-``convergence.png``.
+"""What a run leaves in its run directory: ``metrics.csv``, ``summary.json``, ``weights.npz``,
+``convergence.png`` and, for a run on a Dask cluster, ``wavefront.png`` (drawn from the
+``task-stream.json`` the engine wrote).
 
 No Hydra here: the CLI and the Python API both call :func:`write_run_outputs` with a typed
 :class:`~daskadmm.config.Config` and a :class:`~daskadmm.result.Result`.
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import sys
 from collections.abc import Iterable, Mapping
@@ -34,6 +36,7 @@ __all__ = [
     "library_versions",
     "load_weights",
     "plot_convergence",
+    "plot_wavefront",
     "save_weights",
     "to_json_safe",
     "write_metrics_csv",
@@ -45,6 +48,8 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "weights.npz"
 PLOT_FILE = "convergence.png"
+WAVEFRONT_FILE = "wavefront.png"
+STREAM_FILE = "task-stream.json"
 
 # Distributions whose versions go into summary.json (missing ones are recorded as null).
 _DISTRIBUTIONS = (
@@ -317,6 +322,68 @@ def plot_convergence(
     return path
 
 
+# ---------------------------------------------------------------------------------- wavefront.png
+
+_BLOCK = re.compile(r"-b(\d+)(?:-|$)")
+_CHUNK = re.compile(r"-c(\d+)(?:-|$)")
+_ITER = re.compile(r"-k(\d+)(?:-|$)")
+
+
+def wavefront_boxes(rows: Iterable[Mapping[str, Any]]) -> list[tuple[int, int, int, float, float]]:
+    """``(block, chunk, iteration, start, stop)`` of every block update computed in a task
+    stream (rows of ``task-stream.json``: key, worker, action, start, stop). Tasks whose key
+    names no block and iteration (data, evaluation, reductions of all blocks) are left out."""
+    boxes = []
+    for row in rows:
+        if row.get("action") != "compute":
+            continue
+        key = str(row.get("key", ""))
+        b, k = _BLOCK.search(key), _ITER.search(key)
+        if b is None or k is None or key.startswith(("checkpoint", "evaluate")):
+            continue
+        c = _CHUNK.search(key)
+        boxes.append((int(b.group(1)), int(c.group(1)) if c else 0, int(k.group(1)),
+                      float(row["start"]), float(row["stop"])))
+    return boxes
+
+
+def plot_wavefront(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write the pipeline's picture: one row per block, one box per block update from its start
+    to its end (wall time since the first update), coloured by iteration. Where iteration k+1
+    of the first blocks starts before iteration k of the last ones ends, the colours overlap in
+    time: the wavefront."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    boxes = wavefront_boxes(rows)
+    if not boxes:
+        raise ValueError("the task stream holds no block update")
+    t0 = min(b[3] for b in boxes)
+    blocks = sorted({b[0] for b in boxes})
+    chunks = max(b[1] for b in boxes) + 1
+    k_min, k_max = min(b[2] for b in boxes), max(b[2] for b in boxes)
+    norm = Normalize(vmin=k_min, vmax=max(k_max, k_min + 1))
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(12, 1.2 + 0.35 * len(blocks)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / chunks
+    y = np.array([b[0] - 0.4 + height * b[1] for b in boxes])
+    ax.barh(y, [b[4] - b[3] for b in boxes], left=[b[3] - t0 for b in boxes], height=height,
+            align="edge", color=[cmap(norm(b[2])) for b in boxes], linewidth=0)
+    ax.set_yticks(blocks)
+    ax.set_ylim(max(blocks) + 0.6, min(blocks) - 0.6)  # block 1 on top
+    ax.set_ylabel("block")
+    ax.set_xlabel("wall time since the first block update [s]")
+    ax.set_title(f"wavefront: {len(boxes)} block updates, iterations {k_min}..{k_max}"
+                 + (f", {chunks} chunks per block" if chunks > 1 else ""))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="iteration")
+    path = Path(path)
+    fig.savefig(path, dpi=100, format="png")
+    return path
+
+
 # ----------------------------------------------------------------------------------------- all
 
 
@@ -327,8 +394,9 @@ def write_run_outputs(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.csv``, ``weights.npz``, ``summary.json`` and then (if ``cfg.run.plot``)
-    ``convergence.png`` into ``run_dir``; return the paths written by name. A failing plot is
-    a warning on stderr: the results are written first."""
+    ``convergence.png`` and, where the run left a task stream, ``wavefront.png`` into
+    ``run_dir``; return the paths written by name. A failing plot is a warning on stderr: the
+    results are written first."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -342,4 +410,12 @@ def write_run_outputs(
         except Exception as exc:
             print(f"daskadmm: warning: the convergence plot failed ({type(exc).__name__}: "
                   f"{exc}); the results are written", file=sys.stderr, flush=True)
+        stream = run_dir / STREAM_FILE
+        if stream.exists():
+            try:
+                rows = json.loads(stream.read_text())
+                paths["wavefront"] = plot_wavefront(run_dir / WAVEFRONT_FILE, rows)
+            except Exception as exc:
+                print(f"daskadmm: warning: the wavefront plot failed ({type(exc).__name__}: "
+                      f"{exc}); the results are written", file=sys.stderr, flush=True)
     return paths

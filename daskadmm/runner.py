@@ -84,6 +84,24 @@ def _set_blas_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n, user_api="blas")
+    _quiet_sizeof_probe()
+
+
+class _SizeofProbeFilter(logging.Filter):
+    """Drops distributed's warning that it could not measure a message before sending it
+    ("Sizeof calculation ... failed. Defaulting to -1 B"): the comm layer probes each message's
+    size to decide whether to serialise it off the event loop, and the deeply nested profile
+    trees the performance report collects from the workers exceed dask.sizeof's recursion
+    limit. The message is sent all the same (serialised off the loop); nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Defaulting to -1 B" not in record.getMessage()
+
+
+def _quiet_sizeof_probe() -> None:
+    logger = logging.getLogger("distributed.sizeof")
+    if not any(isinstance(f, _SizeofProbeFilter) for f in logger.filters):
+        logger.addFilter(_SizeofProbeFilter())
 
 
 def _start_local_cluster(ccfg: ClusterConfig):
@@ -180,6 +198,7 @@ def connect(ccfg: ClusterConfig, client=None):
     the client is left open at the end: it belongs to the caller."""
     from distributed import Client
 
+    _quiet_sizeof_probe()
     if client is not None:
         try:
             client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))

@@ -207,8 +207,11 @@ def test_real_multirun_shares_one_local_cluster(tmp_path):
         summary = json.loads((work / "sweep" / str(job) / "summary.json").read_text())
         assert summary["info"]["engine"].startswith("dask")
         assert (work / "sweep" / str(job) / "dask-report.html").exists()
+        assert (work / "sweep" / str(job) / "wavefront.png").stat().st_size > 0
         dashboards.add(summary["info"]["dashboard"])
     assert len(dashboards) == 1  # one cluster for the whole sweep
+    # distributed's size probe of the report's profile trees is not the user's business
+    assert "Sizeof calculation" not in proc.stderr
 
 
 @pytest.mark.parametrize("args, needle", [

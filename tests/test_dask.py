@@ -339,3 +339,21 @@ def test_lost_workers_are_recomputed_to_the_same_bits(tmp_path, state):
         assert np.array_equal(a, b)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in ref.history]
     assert killed
+
+
+def test_the_size_probe_warning_is_dropped_and_nothing_else():
+    import logging
+
+    from daskadmm.runner import _quiet_sizeof_probe
+
+    _quiet_sizeof_probe()
+    _quiet_sizeof_probe()  # idempotent
+    logger = logging.getLogger("distributed.sizeof")
+    probe = logging.LogRecord("distributed.sizeof", logging.WARNING, __file__, 1,
+                              "Sizeof calculation for object of type 'dict' failed. "
+                              "Defaulting to -1 B", None, None)
+    other = logging.LogRecord("distributed.sizeof", logging.WARNING, __file__, 1,
+                              "Sizeof calculation for object of type 'X' failed. "
+                              "Defaulting to 0.95 MiB", None, None)
+    assert len(logger.filters) == 1
+    assert not logger.filter(probe) and logger.filter(other)

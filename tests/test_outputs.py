@@ -15,8 +15,10 @@ from daskadmm.outputs import (
     MetricsWriter,
     load_weights,
     plot_convergence,
+    plot_wavefront,
     save_weights,
     to_json_safe,
+    wavefront_boxes,
     write_metrics_csv,
     write_run_outputs,
     write_summary,
@@ -181,3 +183,60 @@ def test_a_failing_plot_costs_no_result(tmp_path, monkeypatch, capsys):
     assert set(paths) == {"metrics", "summary", "weights"}
     assert {p.name for p in run_dir.iterdir()} == {"metrics.csv", "summary.json", "weights.npz"}
     assert "convergence plot failed (RuntimeError: no fonts)" in capsys.readouterr().err
+
+
+def _stream(blocks=3, iterations=4, chunks=2, rid="ab12cd34"):
+    """Task-stream rows of a pipelined run: iteration k of block b starts at (k + b) / 10."""
+    rows = [{"key": f"init_chunk-c0-{rid}", "worker": "w1", "action": "compute",
+             "start": 100.0, "stop": 100.05}]
+    for k in range(1, iterations + 1):
+        for b in range(1, blocks + 1):
+            for c in range(chunks):
+                t = 100.0 + (k + b) / 10 + c / 100
+                rows.append({"key": f"update_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w1",
+                             "action": "compute", "start": t, "stop": t + 0.05})
+                rows.append({"key": f"update_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w2",
+                             "action": "transfer", "start": t - 0.01, "stop": t})
+        rows.append({"key": f"evaluate-k{k}-{rid}", "worker": "w1", "action": "compute",
+                     "start": 101.0, "stop": 101.1})
+        rows.append({"key": f"checkpoint-b1-c0-k{k}-{rid}", "worker": "w1",
+                     "action": "compute", "start": 101.0, "stop": 101.1})
+    return rows
+
+
+def test_wavefront_boxes_are_the_block_updates():
+    boxes = wavefront_boxes(_stream())
+    assert len(boxes) == 3 * 4 * 2  # compute of each (block, chunk, iteration) only
+    assert {(b, c, k) for b, c, k, _, _ in boxes} == {
+        (b, c, k) for b in (1, 2, 3) for c in (0, 1) for k in (1, 2, 3, 4)}
+    # in-memory engine keys (no chunk)
+    (box,) = wavefront_boxes([{"key": "update_block-b7-k12-ff00ff00", "action": "compute",
+                               "start": 1.0, "stop": 2.0}])
+    assert box == (7, 0, 12, 1.0, 2.0)
+
+
+def test_plot_wavefront(tmp_path):
+    path = plot_wavefront(tmp_path / "wavefront.png", _stream())
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="no block update"):
+        plot_wavefront(tmp_path / "none.png", _stream()[:1])
+
+
+def test_run_outputs_draw_the_wavefront_from_the_task_stream(tmp_path, monkeypatch, capsys):
+    from daskadmm import outputs
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "task-stream.json").write_text(json.dumps(_stream()))
+    paths = write_run_outputs(run_dir, Config(), make_result())
+    assert paths["wavefront"].name == "wavefront.png"
+    assert (run_dir / "wavefront.png").read_bytes()[:8] == PNG_MAGIC
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(outputs, "plot_wavefront", broken)
+    (run_dir / "wavefront.png").unlink()
+    paths = write_run_outputs(run_dir, Config(), make_result())
+    assert "wavefront" not in paths and {"metrics", "summary", "weights"} <= set(paths)
+    assert "wavefront plot failed (RuntimeError: no fonts)" in capsys.readouterr().err
