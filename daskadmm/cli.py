@@ -360,16 +360,42 @@ def _progress(cfg: Config, metric: str) -> tuple[Any, Any]:
             it = int(record.get("iteration", bar.n))
         except (TypeError, ValueError):
             it = bar.n
-        if it > bar.n:
-            bar.update(min(it, cfg.run.iterations) - bar.n)
+        # the record's metrics first, then the count: the redraw shows this iteration's values
         bar.set_postfix_str(
             f"obj={_format(record.get('objective'))}, "
             f"res={_format(record.get('primal_residual'))}, "
             f"test_{metric}={_format(record.get('test_metric'))}",
             refresh=False,
         )
+        if it > bar.n:
+            bar.update(min(it, cfg.run.iterations) - bar.n)
 
     return bar, update
+
+
+# Libraries whose log records (and Python warnings) belong in the job log, not the terminal:
+# distributed's cluster chatter (a busy dashboard port, slow event loops), the dashboard's
+# tracebacks (Bokeh, Tornado), dask's own.
+_LIBRARY_LOGGERS = ("distributed", "dask", "bokeh", "tornado", "py.warnings")
+
+
+def _library_logs_to_job_log() -> None:
+    """Send library log records and Python warnings of this process to the job log
+    (``<run dir>/daskadmm.log``, the file Hydra opened) instead of the terminal. daskadmm's own
+    messages still reach the terminal. Worker processes keep their own stderr."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return  # no job log (hydra.job_logging disabled): leave the terminal as it is
+    logging.captureWarnings(True)
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        for handler in files:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _summary_line(cfg: Config, result: Any, run_dir: Path) -> str:
@@ -405,6 +431,9 @@ def _task(dcfg: DictConfig) -> None:
         _fail(_one_line(exc))
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if cfg.cluster.kind in ("local", "address"):
+        import distributed  # noqa: F401  (sets up its loggers, which are redirected next)
+    _library_logs_to_job_log()
     metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
     bar, update = _progress(cfg, metric)
     writer = MetricsWriter(run_dir / METRICS_FILE)

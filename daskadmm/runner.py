@@ -80,6 +80,15 @@ class SharedCluster:
             self.cluster = None
 
 
+def _say(message: str) -> None:
+    """One line for the user on stderr, written around a progress bar (tqdm's write), not
+    into it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _set_blas_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
@@ -448,8 +457,8 @@ class _Ctx:
             self.old_run_ids.append(self.run_id)
             self.run_id = uuid.uuid4().hex[:8]
             self.restore_monitor_snapshot(start)
-            print(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
-                  f"iteration 0 on {len(workers)} worker(s)", file=sys.stderr, flush=True)
+            _say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+                  f"iteration 0 on {len(workers)} worker(s)")
 
     def _check_workers(self, client) -> None:
         """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
@@ -561,7 +570,7 @@ class _Ctx:
 
         with connect(self.cfg.cluster, self.client) as client:
             dashboard = client.dashboard_link
-            print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
+            _say(f"Dask dashboard: {dashboard}")
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
             report = (run_dir / "dask-report.html") if run_dir is not None else None
             # inline: the report embeds Bokeh's JavaScript, so it renders with no network
@@ -721,8 +730,8 @@ class _Optional:
             if quiet:
                 log.debug("the %s failed too: %s", self.what, exc)
                 return
-            print(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
-                  f"{_first_line(exc)}); the results are kept", file=sys.stderr, flush=True)
+            _say(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
+                  f"{_first_line(exc)}); the results are kept")
             log.warning("the %s failed: %s", self.what, exc)
 
 
@@ -869,8 +878,8 @@ def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
     store = StateStore.open(url, owner=run_id, break_lock=cfg.storage.break_lock)
     if store.broken_lock is not None:
         bl = store.broken_lock
-        print(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
-              f"{bl.get('pid')} on {bl.get('host')}) on {url}", file=sys.stderr, flush=True)
+        _say(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
+              f"{bl.get('pid')} on {bl.get('host')}) on {url}")
     return store, cp
 
 
@@ -1295,9 +1304,9 @@ class _ZarrCtx(_Ctx):
             workers = self._wait_for_workers(client, len(self._workers0))
             self._rewind()
             k0 = self.manifest["iteration"] if self.manifest is not None else 0
-            print(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+            _say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
                   f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
-                  "worker(s)", file=sys.stderr, flush=True)
+                  "worker(s)")
 
     def _attempt_z(self, client, workers, weights0):
         place = self._placement(workers)

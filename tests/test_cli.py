@@ -233,3 +233,23 @@ def test_version_is_daskadmm_s(capsys):
 
     main(["--version"])
     assert capsys.readouterr().out.strip() == f"daskadmm {version('daskadmm')}"
+
+
+def test_library_warnings_go_to_the_job_log_not_the_terminal(tmp_path):
+    """A busy dashboard port makes distributed warn; the warning lands in daskadmm.log. The
+    progress bar is on, and the dashboard line is written around it, not into it."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, work = run_cli(tmp_path, "data=synthetic", "data.n_samples=120", "model.width=6",
+                             "run.iterations=2", "cluster=local",
+                             f"cluster.dashboard_address=127.0.0.1:{port}", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "already in use" not in proc.stderr + proc.stdout
+    log = (work / "run" / "daskadmm.log").read_text()
+    assert f"Port {port} is already in use" in log
+    dash = [line for line in proc.stderr.splitlines() if "Dask dashboard:" in line]
+    assert len(dash) == 1 and dash[0].startswith("Dask dashboard:"), proc.stderr
