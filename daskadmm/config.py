@@ -195,8 +195,10 @@ class StorageConfig:
     in worker memory. ``chunk_size`` samples per chunk (0: one chunk).
 
     ``overwrite``: replace an existing daskadmm state store at ``storage.url`` (never anything
-    else). ``break_lock``: take over a store whose lock is held by a run that cannot be verified
-    dead (another host, reused pid); says whose lock it broke."""
+    else). ``keep_state``: keep the data and solver state in the store after the run (None:
+    only with checkpoints or resume; otherwise only the final model is kept). ``break_lock``:
+    take over a store whose lock is held by a run that cannot be verified dead (another host,
+    reused pid); says whose lock it broke."""
 
     state: str = "zarr"
     url: str | None = None  # None: <run dir>/state.zarr
@@ -207,6 +209,10 @@ class StorageConfig:
     # take over a store whose lock is held by a run that cannot be verified dead (another host,
     # reused pid); says whose lock it broke
     break_lock: bool = False
+    # keep the solver state (data and ADMM variables) in the store after a finished run; null:
+    # only when checkpoints are on (run.checkpoint_every > 0) or the run resumed one. Without
+    # it the store keeps only the final model (what daskadmm-predict and load_model read).
+    keep_state: bool | None = None
 
 
 @dataclass

@@ -859,6 +859,10 @@ def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
     probe = StateStore.open(url, mode="check")
     probe.check_lock(cfg.storage.break_lock)
     attrs = probe.attrs
+    if attrs.get("state_dropped"):
+        raise StoreError(f"cannot resume {url}: it holds only the final model of a finished run "
+                         "(its state was not kept: run with run.checkpoint_every or "
+                         "storage.keep_state=true to keep it)")
     changed = changed_determinants(attrs.get("determinants") or {}, meta["determinants"])
     if changed:
         raise StoreError(f"cannot resume {url}: settings that determine the iterates differ "
@@ -980,6 +984,12 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         status = result.status
         monitor.keep_good(result)
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
+        keep = cfg.storage.keep_state
+        if keep is None:
+            keep = bool(cfg.run.checkpoint_every or cfg.run.resume)
+        if not keep and scratch is None and result.status in ("max_iter", "converged"):
+            store.drop_state()  # a finished run nobody will resume: keep only the model
+            result.info["state_kept"] = False
         result.info["store"] = None if scratch else url
         ok = True
         return result

@@ -499,6 +499,18 @@ class StateStore:
         _unflock(getattr(self, "_lock_fd", None))
         self._lock_fd = None
 
+    def drop_state(self) -> None:
+        """Delete the data and the solver state (``data/``, ``live/``, ``ckpt/`` and the
+        manifest), keeping the final model: what a finished run with no checkpoints needs.
+        The store can no longer be resumed (``state_dropped`` in its attributes)."""
+        from zarr.core.sync import sync
+
+        self.set_attrs({"state_dropped": True, "ready": False})
+        for name in ("data", "live", "ckpt"):
+            if name in self.group:
+                del self.group[name]
+        sync(self.group.store.delete(MANIFEST))
+
     def holds_results(self) -> bool:
         """Whether the store holds a final model or a complete checkpoint (never deleted)."""
         return "model" in self.group or self.checkpoint() is not None

@@ -118,7 +118,7 @@ def test_store_layout_and_model_readable_with_plain_zarr(tmp_path):
     ds = load_dataset(cfg.data, seed=0)
     url = str(tmp_path / "state.zarr")
     res = api.fit(_with(cfg, cluster={"kind": "threads"},
-                        storage={"chunk_size": 40, "url": url}), dataset=ds)
+                        storage={"chunk_size": 40, "url": url, "keep_state": True}), dataset=ds)
     g = zarr.open_group(url, mode="r")
     attrs = dict(g.attrs)
     assert attrs["schema"] == "daskadmm-state" and attrs["schema_version"] == 2
@@ -136,6 +136,33 @@ def test_store_layout_and_model_readable_with_plain_zarr(tmp_path):
     labels = model.predict(raw)
     expected = np.asarray(ds.classes)[predict(model.arch, res.weights, ds.X_test).argmax(0)]
     assert np.array_equal(labels, expected)
+
+
+def test_a_finished_run_without_checkpoints_keeps_only_its_model(tmp_path):
+    """storage.keep_state=null: the state of a run nobody can resume is dropped (the model
+    stays, the store says so, and a resume is refused with the reason); with checkpoints it
+    is kept."""
+    cfg = _cfg(iterations=3)
+    ds = load_dataset(cfg.data, seed=0)
+    url = str(tmp_path / "s.zarr")
+    res = api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": url}),
+                  dataset=ds)
+    g = zarr.open_group(url, mode="r")
+    assert sorted(p.name for p in (tmp_path / "s.zarr").iterdir()) == [".lock", "model",
+                                                                       "zarr.json"]
+    assert g.attrs["state_dropped"] is True and res.info["state_kept"] is False
+    assert not (tmp_path / "s.zarr" / "checkpoint.json").exists()
+    model = load_model(url)
+    for a, b in zip(model.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(StoreError, match="holds only the final model"):
+        api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": url},
+                      run={"resume": True}), dataset=ds)
+    url2 = str(tmp_path / "c.zarr")
+    api.fit(_with(cfg, cluster={"kind": "synchronous"}, storage={"url": url2},
+                  run={"checkpoint_every": 2}), dataset=ds)
+    assert {"data", "live", "ckpt", "model", "checkpoint.json"} <= {
+        p.name for p in (tmp_path / "c.zarr").iterdir()}
 
 
 def test_regression_model_predicts_in_original_units(tmp_path):
