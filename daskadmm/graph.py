@@ -231,7 +231,7 @@ def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]
 
 def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
     """Longest dependency chain (in tasks) among ``nodes``, counted on the graph itself; with
-    ``prefix``, count only tasks whose key starts with it (e.g. ``"update_block-"``) along
+    ``prefix``, count only tasks whose key starts with it (e.g. ``"radmm3_block-"``) along
     chains of such tasks."""
     by_key = {n.key: n for n in nodes}
     depth: dict[str, int] = {}
@@ -302,14 +302,14 @@ def _tree(nodes: list[Node], base: str, which: str, gram: Ref | None, refs: list
 def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
                          prev: dict[str, str], run_id: str, url: str, slices: list[slice],
                          linearized: bool, eval_iters: Iterable[int] = (),
-                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None
-                         ) -> ChunkedWindow:
+                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None,
+                         name: str = "radmm3") -> ChunkedWindow:
     """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident RADMM-3/3L graph.
 
     ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (the task after which
     chunk c of block i holds iteration k0; the same init/restore task for every block at the
     start), ``W-b<i>`` (W of iteration k0), ``first-c<c>`` (the output carrying ``W_1``'s
-    statistics for iteration k0+1: an ``init_partials`` or block-1 ``update_chunk`` key),
+    statistics for iteration k0+1: an ``init_partials`` or block-1 ``<name>_chunk`` key),
     ``first_kind`` ("init" or "first"), ``gram_x``, and ``ckpt-b<i>-c<c>-k<k>`` for checkpoint
     tasks that later writers must wait for. Tasks carry only references, specs, slices and
     scalars; every array goes through the store or is a ``d x d`` statistic.
@@ -355,7 +355,7 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
                     order.append(Ref(cur[f"chunk-b{i + 1}-c{c}"]))
                 if f"ckpt-b{i}-c{c}-k{k - 2}" in cur:
                     order.append(Ref(cur[f"ckpt-b{i}-c{c}-k{k - 2}"]))
-                ck = f"update_chunk-b{i}-c{c}-k{k}-{run_id}"
+                ck = f"{name}_chunk-b{i}-c{c}-k{k}-{run_id}"
                 w_right = Ref(cur[f"W-b{i + 1}"]) if i < N else None
                 nodes.append(Node(ck, chunked.update_chunk,
                                   (chunked.ChunkTask(url, sl, c), spec, pen, k, Ref(wk), w_right,

@@ -1175,7 +1175,7 @@ class _ZarrCtx(_Ctx):
             self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.url,
             self.slices, self.linearized, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
-             tuple(self.test_slices)), self.ckpt_plan(k0, k1))
+             tuple(self.test_slices)), self.ckpt_plan(k0, k1), name=self.splitting.name)
 
     def commit(self, k: int, slot: str, weights: list[np.ndarray], keys: list[str],
                values: list[dict[str, int]]) -> None:

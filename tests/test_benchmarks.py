@@ -128,7 +128,7 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
     assert _Log.products and _Log.factors and _Log.solves
     assert len(_Log.factors) == 2 * depth - 1  # a W solve per block, a V solve per hidden block
     # and it really was the solver's iteration: the iterate is finite and W changed
-    assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["update_block"])
+    assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["radmm3_block"])
     flops = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias)
     assert flops["total"] == pytest.approx(executed, rel=1e-12)
     gemm_eq = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias, syrk=False)

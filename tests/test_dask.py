@@ -39,25 +39,25 @@ def _window(N: int, K: int, name: str = "radmm3", evals=(), kind: str = "resnet"
 @pytest.mark.parametrize(("N", "K"), [(2, 1), (3, 5), (5, 4), (8, 10), (12, 3)])
 def test_task_count_and_longest_chain(N, K):
     wg = _window(N, K)
-    updates = [n for n in wg.nodes if n.key.startswith("update_block-")]
+    updates = [n for n in wg.nodes if n.key.startswith("radmm3_block-")]
     # one update and one block_stats task per block per iteration, one iteration_stats each
     assert len(updates) == K * N
     assert len(wg.nodes) == K * (2 * N + 1)
     # the dependency chain counted on the graph itself: 2K + N - 2 update tasks
     assert critical_path_length(wg.nodes) <= 2 * K + N
-    assert critical_path_length(wg.nodes, "update_block-") == 2 * K + N - 2
+    assert critical_path_length(wg.nodes, "radmm3_block-") == 2 * K + N - 2
 
 
 def test_each_task_depends_exactly_on_its_neighbours():
     N, K = 5, 4
     wg = _window(N, K)
     for node in wg.nodes:
-        if not node.key.startswith("update_block-"):
+        if not node.key.startswith("radmm3_block-"):
             continue
         b, k = node.block, int(node.key.split("-k")[1].split("-")[0])
 
         def name(bb, kk):
-            return f"init-b{bb}" if kk == 0 else f"update_block-b{bb}-k{kk}-run"
+            return f"init-b{bb}" if kk == 0 else f"radmm3_block-b{bb}-k{kk}-run"
 
         expected = {name(b, k - 1)}  # itself, previous iteration
         expected.add("X" if b == 1 else name(b - 1, k))  # left, same iteration
@@ -72,7 +72,7 @@ def test_keys_read_like_the_algorithm_and_are_unique():
     wg = _window(4, 3, evals=[3])
     keys = [n.key for n in wg.nodes]
     assert len(keys) == len(set(keys))
-    assert "update_block-b3-k2-run" in keys
+    assert "radmm3_block-b3-k2-run" in keys
     assert "evaluate-k3-run" in keys
     assert all(k.endswith("-run") for k in keys)
 
@@ -97,7 +97,7 @@ def test_graph_cost_does_not_grow_with_iteration():
     sizes = []
     for k0 in (0, 499):
         pens = {k0 + 1: Penalties(1.0, 1.0, 1e-3, 1e-3)}
-        prev = {"update_block": [f"update_block-b{b}-k{k0}-r" for b in range(1, 7)]}
+        prev = {"radmm3_block": [f"radmm3_block-b{b}-k{k0}-r" for b in range(1, 7)]}
         wg = build_window(sp, specs, pens, k0, k0 + 1, prev, "r", data)
         sizes.append((len(wg.nodes), sum(len(n.deps()) for n in wg.nodes)))
     assert sizes[0] == sizes[1]
@@ -231,8 +231,8 @@ def test_pdadmm_graph_chain_is_one_layer_task_per_iteration(N, K):
 def test_dladmm_graph_is_a_backward_then_forward_chain():
     N, K = 4, 3
     sp, wg = _window_for("dladmm", N, K)
-    assert [s.name for s in sp.steps] == ["backward", "forward"]
-    updates = [n for n in wg.nodes if n.key.startswith(("backward-", "forward-"))]
+    assert [s.name for s in sp.steps] == ["dladmm_backward", "dladmm_forward"]
+    updates = [n for n in wg.nodes if n.key.startswith(("dladmm_backward-", "dladmm_forward-"))]
     assert len(updates) == 2 * N * K
     # each iteration's backward sweep (N tasks) then forward sweep (N tasks) is a chain
     assert critical_path_length(updates) == 2 * N * K

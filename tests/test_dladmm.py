@@ -103,13 +103,13 @@ def sufficient_decrease(f, x0, x1, grad, theta, rtol=1e-12) -> bool:
 
 def test_registered_with_a_backward_and_a_forward_step():
     sp = get_splitting("dladmm")
-    assert [s.name for s in sp.steps] == ["backward", "forward"]
+    assert [s.name for s in sp.steps] == ["dladmm_backward", "dladmm_forward"]
     bwd, fwd = sp.steps
     assert bwd.order == "descending" and fwd.order == "ascending"
-    assert bwd.inputs == (Input(SELF, "forward", 1), Input(LEFT, "forward", 1, "a"),
-                          Input(RIGHT, "backward", 0))
-    assert fwd.inputs == (Input(SELF, "backward", 0), Input(SELF, "forward", 1),
-                          Input(LEFT, "forward", 0, "a"), Input(RIGHT, "backward", 0))
+    assert bwd.inputs == (Input(SELF, "dladmm_forward", 1), Input(LEFT, "dladmm_forward", 1, "a"),
+                          Input(RIGHT, "dladmm_backward", 0))
+    assert fwd.inputs == (Input(SELF, "dladmm_backward", 0), Input(SELF, "dladmm_forward", 1),
+                          Input(LEFT, "dladmm_forward", 0, "a"), Input(RIGHT, "dladmm_backward", 0))
     assert sp.objective_left == "a"
 
 
@@ -122,7 +122,8 @@ def test_graph_is_one_chain_of_2NK_tasks(N, K):
     init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
     data = {x: x for x in ("X", "Y")}
     wg = build_window(sp, specs_of(prob), pens, 0, K, init, "run", data)
-    updates = [nd for nd in wg.nodes if nd.key.startswith(("backward-", "forward-"))]
+    updates = [nd for nd in wg.nodes
+               if nd.key.startswith(("dladmm_backward-", "dladmm_forward-"))]
     assert len(updates) == 2 * N * K
     assert longest_chain(updates) == 2 * N * K
 

@@ -193,9 +193,9 @@ def _stream(blocks=3, iterations=4, chunks=2, rid="ab12cd34"):
         for b in range(1, blocks + 1):
             for c in range(chunks):
                 t = 100.0 + (k + b) / 10 + c / 100
-                rows.append({"key": f"update_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w1",
+                rows.append({"key": f"radmm3_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w1",
                              "action": "compute", "start": t, "stop": t + 0.05})
-                rows.append({"key": f"update_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w2",
+                rows.append({"key": f"radmm3_chunk-b{b}-c{c}-k{k}-{rid}", "worker": "w2",
                              "action": "transfer", "start": t - 0.01, "stop": t})
         rows.append({"key": f"evaluate-k{k}-{rid}", "worker": "w1", "action": "compute",
                      "start": 101.0, "stop": 101.1})
@@ -210,7 +210,7 @@ def test_wavefront_boxes_are_the_block_updates():
     assert {(b, c, k) for b, c, k, _, _ in boxes} == {
         (b, c, k) for b in (1, 2, 3) for c in (0, 1) for k in (1, 2, 3, 4)}
     # in-memory engine keys (no chunk)
-    (box,) = wavefront_boxes([{"key": "update_block-b7-k12-ff00ff00", "action": "compute",
+    (box,) = wavefront_boxes([{"key": "radmm3_block-b7-k12-ff00ff00", "action": "compute",
                                "start": 1.0, "stop": 2.0}])
     assert box == (7, 0, 12, 1.0, 2.0)
 

@@ -219,9 +219,9 @@ def test_registered_as_one_step_with_only_previous_iteration_inputs():
     sp = get_splitting("pdadmm")
     assert len(sp.steps) == 1
     # only what the task reads of its neighbours travels (the reference passes the same subsets)
-    assert sp.steps[0].inputs == (Input(SELF, "update_layer", 1),
-                                  Input(LEFT, "update_layer", 1, keys=("z", "q", "p")),
-                                  Input(RIGHT, "update_layer", 1, keys=("p", "u")))
+    assert sp.steps[0].inputs == (Input(SELF, "pdadmm_layer", 1),
+                                  Input(LEFT, "pdadmm_layer", 1, keys=("z", "q", "p")),
+                                  Input(RIGHT, "pdadmm_layer", 1, keys=("p", "u")))
     assert sp.objective_left == "q"
 
 
@@ -232,7 +232,7 @@ def test_longest_chain_of_K_iterations_is_K(N, K):
     pens = {k: PEN for k in range(1, K + 1)}
     init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
     wg = build_window(sp, specs_of(prob), pens, 0, K, init, "run", {"X": "X", "Y": "Y"})
-    updates = [nd for nd in wg.nodes if nd.key.startswith("update_layer-")]
+    updates = [nd for nd in wg.nodes if nd.key.startswith("pdadmm_layer-")]
     assert len(updates) == N * K
     assert critical_path_length(updates) == K
 

@@ -110,14 +110,14 @@ def _gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
 
 SPLITTINGS: dict[str, Splitting] = {
     "radmm3": Splitting("radmm3", radmm3.init_state,
-                        _gauss_seidel("update_block", radmm3.block_update),
+                        _gauss_seidel("radmm3_block", radmm3.block_update),
                         radmm3.block_objective),
     "radmm3l": Splitting("radmm3l", radmm3.init_state,
-                         _gauss_seidel("update_block",
+                         _gauss_seidel("radmm3l_block",
                                        partial(radmm3.block_update, linearized=True)),
                          radmm3.block_objective),
     "radmm2": Splitting("radmm2", radmm2.init_state,
-                        _gauss_seidel("update_block", radmm2.block_update),
+                        _gauss_seidel("radmm2_block", radmm2.block_update),
                         radmm2.block_objective),
 }
 

@@ -500,14 +500,15 @@ register(Splitting(
     (
         # layer l at iteration k: its own state of k-1, a_{l-1} of k-1, layer l+1's backward
         # output of k (so the sweep runs l = L..1)
-        Step("backward", backward_update,
-             (Input(SELF, "forward", 1), Input(LEFT, "forward", 1, "a"),
-              Input(RIGHT, "backward", 0)), order="descending"),
+        Step("dladmm_backward", backward_update,
+             (Input(SELF, "dladmm_forward", 1), Input(LEFT, "dladmm_forward", 1, "a"),
+              Input(RIGHT, "dladmm_backward", 0)), order="descending"),
         # layer l at iteration k: its own backward output of k (and its state of k-1 for the
         # dual residual), a_{l-1} of k, layer l+1's backward output of k (l = 1..L)
-        Step("forward", forward_update,
-             (Input(SELF, "backward", 0), Input(SELF, "forward", 1),
-              Input(LEFT, "forward", 0, "a"), Input(RIGHT, "backward", 0)), order="ascending"),
+        Step("dladmm_forward", forward_update,
+             (Input(SELF, "dladmm_backward", 0), Input(SELF, "dladmm_forward", 1),
+              Input(LEFT, "dladmm_forward", 0, "a"), Input(RIGHT, "dladmm_backward", 0)),
+             order="ascending"),
     ),
     block_objective,
     objective_left="a",

@@ -323,10 +323,10 @@ register(Splitting(
     "pdadmm",
     init_state,
     # one task per layer and iteration; every input is of the previous iteration
-    (Step("update_layer", layer_update,
-          (Input(SELF, "update_layer", 1),
-           Input(LEFT, "update_layer", 1, keys=("z", "q", "p")),
-           Input(RIGHT, "update_layer", 1, keys=("p", "u")))),),
+    (Step("pdadmm_layer", layer_update,
+          (Input(SELF, "pdadmm_layer", 1),
+           Input(LEFT, "pdadmm_layer", 1, keys=("z", "q", "p")),
+           Input(RIGHT, "pdadmm_layer", 1, keys=("p", "u")))),),
     block_objective,
     objective_left="q",
 ))
