@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 Array = np.ndarray
-SAMPLE_VARS = ("U", "Lam", "V")
 
 
 def layout(arch: Architecture) -> list[dict[str, tuple]]:

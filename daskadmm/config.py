@@ -217,7 +217,7 @@ _SECTIONS = {
 }
 
 
-def _coerce(section: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
     name = f"{section}.{key}"
     if value is None:
         if "None" in annotation:
@@ -282,7 +282,7 @@ def from_mapping(mapping: dict[str, Any]) -> Config:
                     f"unknown key {section}.{key} (known: {', '.join(sorted(fields))})"
                 )
             f = fields[key]
-            setattr(obj, key, _coerce(section, key, v, f.default, str(f.type)))
+            setattr(obj, key, _coerce(section, key, v, str(f.type)))
     validate(cfg)
     return cfg
 

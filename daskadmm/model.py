@@ -239,7 +239,7 @@ def loss_grad_n(loss: str, out: Array, Y: Array) -> Array:
 
 
 def metrics(arch: Architecture, weights: list[Array], X: Array, Y: Array,
-            task: str, y_mean: Array | None = None) -> dict[str, float]:
+            task: str) -> dict[str, float]:
     """Metrics of the **true forward pass**: ``loss``, and ``mse`` (regression, ``(1/n) sum
     ||y^ - y||^2``) or ``accuracy`` (classification)."""
     out = predict(arch, weights, X)

@@ -70,7 +70,6 @@ class SharedCluster:
     def __enter__(self) -> SharedCluster:
         self.cluster = _start_local_cluster(self.ccfg)
         _SHARED["address"] = self.cluster.scheduler_address
-        _SHARED["dashboard"] = self.cluster.dashboard_link
         return self
 
     def __exit__(self, *exc) -> None:
@@ -483,7 +482,6 @@ class _Ctx:
             perf = _optional(performance_report(filename=str(report), mode="inline"),
                              "performance report") if report else None
             ts_cm = _optional(get_task_stream(client), "task stream")
-            t_start = time.time()
             failed = True
             try:
                 status, k = pipeline(client, workers)
@@ -504,7 +502,7 @@ class _Ctx:
                 ts_cm.close(quiet=failed)
             stream = ts_cm.value.data if ts_cm.value is not None else []
         info = {"dashboard": dashboard, "workers": len(workers),
-                **_stream_summary(stream, self.run_ids(), t_start)}
+                **_stream_summary(stream, self.run_ids())}
         if run_dir is not None:
             try:
                 _write_task_stream(run_dir / "task-stream.json", stream, self.run_ids())
@@ -688,8 +686,7 @@ def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
     return arg
 
 
-def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...], t_start: float
-                    ) -> dict[str, Any]:
+def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...]) -> dict[str, Any]:
     """Tasks run, and seconds spent computing vs transferring (summed over workers)."""
     compute = transfer = 0.0
     tasks = 0

@@ -94,12 +94,6 @@ class Splitting:
     block_objective: Callable
     objective_left: str = "V"
 
-    def step(self, name: str) -> Step:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
 
 def _gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
     """RADMM's one-step sweep: block i needs ``V_{i-1}`` of this iteration, block i+1's state
