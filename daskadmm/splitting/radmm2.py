@@ -7,14 +7,14 @@ Variables: ``W_i`` (all blocks), ``V_i`` (i < N), the output ``U_N`` and its n-s
       + (beta/2n) sum_{i<N} ||V_i - s_i V_{i-1} - sigma(W_i V~_{i-1})||^2
       + <Lam_N, U_N - W_N V~_{N-1}>/n + (rho/2n) ||U_N - W_N V~_{N-1}||^2
 
-Hidden ``W_i`` and ``V_i`` (i < N-1) are nonlinear least squares: one proximal-linearized step
-each, ``x+ = x^k - G/(eta + tau)``, with ``eta`` from backtracking (SPEC_REVIEW section 3): start
-from the Lipschitz / Gauss-Newton value (``step=lipschitz``) or from a quarter of it, later half
-the last accepted eta (``step=backtracking``); accept when
-``f(x+) <= f(x^k) + <G, x+ - x^k> + (eta/2)||x+ - x^k||^2``, else double eta; at most
-``backtrack_max`` trials, after which ``x^k`` is kept (so L never increases). For relu there is
-no Lipschitz constant, so every step is checked this way. ``W_N``, ``U_N``, ``Lam_N`` and
-``V_{N-1}`` are exact, as in RADMM-3.
+Hidden ``W_i`` and ``V_i`` (i < N-1) are nonlinear least squares: one proximal-linearized step each,
+``x+ = x^k - G/(eta + tau)``, with ``eta`` from backtracking (the subproblem has no closed form, and
+its Lipschitz bound is loose for smooth sigma and does not exist for relu, so the step is checked,
+not trusted): start from the Lipschitz / Gauss-Newton value (``step=lipschitz``) or from a quarter
+of it, later half the last accepted eta (``step=backtracking``); accept when ``f(x+) <= f(x^k) + <G,
+x+ - x^k> + (eta/2)||x+ - x^k||^2``, else double eta; at most ``backtrack_max`` trials, after which
+``x^k`` is kept (so L never increases). For relu there is no Lipschitz constant, so every step is
+checked this way. ``W_N``, ``U_N``, ``Lam_N`` and ``V_{N-1}`` are exact, as in RADMM-3.
 """
 
 from __future__ import annotations
