@@ -44,7 +44,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, from_mapping
+from .config import Config, from_mapping
+from .errors import ClusterError, ConfigError, DataError, StoreError, UsageError, one_line
 from .monitor import FAILED
 
 __all__ = ["CONFIG_MODULE", "CONFIG_NAME", "main"]
@@ -100,22 +101,6 @@ def _graceful_interrupt() -> Iterator[None]:
         clear_stop()
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    text = text.split("Config search path:")[0]  # Hydra's MissingConfigException: a long tail
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    out = lines[:1]
-    for line in lines[1:]:
-        # "Available options in 'data':" followed by one option a line: a comma list
-        sep = ", " if out and not out[-1].endswith((":", ".")) and " " not in line else " "
-        out.append(sep + line)
-    return "".join(out)
-
-
 def _job_label(job: list[str]) -> str:
     task = [o for o in job if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     return f" (job: {' '.join(task) or 'defaults'})"
@@ -128,8 +113,6 @@ def _fail(message: str) -> NoReturn:
 
 
 def _data_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-
     return (DataError, OSError)
 
 
@@ -191,7 +174,7 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
         try:
             parsed += parser.parse_overrides([line])
         except HydraException as exc:
-            raise UsageError(f"cannot parse override '{line}': {_one_line(exc)}") from None
+            raise UsageError(f"cannot parse override '{line}': {one_line(exc)}") from None
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose(config_name, plain, return_hydra_config=True)
     mode = OmegaConf.select(base, "hydra.mode")
@@ -242,9 +225,9 @@ def _preflight(args: Any) -> list[Config]:
                     configs.append((job, _compose_config(config_name, job)))
                 except ConfigError as exc:
                     where = _job_label(job) if len(jobs) > 1 else ""
-                    raise UsageError(_one_line(exc) + where) from None
+                    raise UsageError(one_line(exc) + where) from None
     except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
 
     from . import api
     from .config import check_resources
@@ -259,7 +242,7 @@ def _preflight(args: Any) -> list[Config]:
             try:
                 dataset = api.load_data(cfg)
             except _data_errors() as exc:
-                raise UsageError(_one_line(exc) + where) from None
+                raise UsageError(one_line(exc) + where) from None
             shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
                            dataset.d_out)
             size = _dataset_bytes(dataset)
@@ -269,7 +252,7 @@ def _preflight(args: Any) -> list[Config]:
         try:
             check_resources(cfg, *shapes[key])
         except ConfigError as exc:
-            raise UsageError(_one_line(exc) + where) from None
+            raise UsageError(one_line(exc) + where) from None
     return [cfg for _, cfg in configs]
 
 
@@ -277,7 +260,6 @@ def _check_stores(configs: list[Config]) -> None:
     """Refuse, before anything is written, a ``storage.url`` a job may not use (see
     :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
     from .runner import preflight_store
-    from .storage import StoreError
 
     seen: dict[str, int] = {}
     for num, cfg in enumerate(configs):
@@ -290,7 +272,7 @@ def _check_stores(configs: list[Config]) -> None:
         try:
             preflight_store(cfg)
         except StoreError as exc:
-            raise UsageError(_one_line(exc)) from None
+            raise UsageError(one_line(exc)) from None
 
 
 def _shared_cluster(args: Any, configs: list[Config]):
@@ -402,7 +384,7 @@ def _task(dcfg: DictConfig) -> None:
             dataset = api.load_data(cfg)
     except (ConfigError, OmegaConfBaseException, *_data_errors()) as exc:
         _remove_if_pristine(run_dir, _STARTED)
-        _fail(_one_line(exc))
+        _fail(one_line(exc))
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
@@ -413,9 +395,6 @@ def _task(dcfg: DictConfig) -> None:
         writer.write(record)
         update(record)
 
-    from .runner import ClusterError
-    from .storage import StoreError
-
     try:
         with _graceful_interrupt():
             result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
@@ -423,7 +402,7 @@ def _task(dcfg: DictConfig) -> None:
         # mid-run: keep what was written (metrics so far, the store and its checkpoints)
         writer.close()
         bar.close()
-        _fail(_one_line(exc))
+        _fail(one_line(exc))
     except (StoreError, ConnectionError, ImportError, OSError) as exc:
         # bad store paths, an unreachable cluster.address, a missing optional extra, a full
         # or read-only disk. Nothing of a previous run is touched; the metrics of a run that
@@ -434,10 +413,8 @@ def _task(dcfg: DictConfig) -> None:
         if not ran:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
             _remove_if_pristine(run_dir, _STARTED)
-        message = _one_line(exc)
-        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-            message = f"{type(exc).__name__}: {message}"
-        _fail(message)
+        _fail(one_line(exc, with_type=isinstance(exc, OSError)
+                       and not isinstance(exc, ConnectionError)))
     finally:
         writer.close()
         bar.close()

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = [
     "ADMM_ALGORITHMS",
     "ACTIVATIONS",
@@ -59,10 +61,6 @@ MAX_DEPTH = 10000
 WEIGHT_COPIES = 4
 STATE_VARIABLES = 3
 STORE_SLOTS = 2
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message is one line and names the key."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import ClusterConfig, Config
 from .data import Dataset
+from .errors import ClusterError
 from .graph import (
     Node,
     Ref,
@@ -601,11 +602,6 @@ def _call_aligned(fn, *args):
     with its own loop, which rounds differently. Copying those (rare, cheap next to the task)
     keeps every scheduler bit-for-bit equal to the serial reference."""
     return fn(*[_aligned(a) for a in args])
-
-
-class ClusterError(RuntimeError):
-    """The Dask cluster failed mid-run (the scheduler went away, or workers kept dying). One
-    line, names what to do."""
 
 
 class _Optional:

@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import StoreError
+
 __all__ = [
     "MANIFEST",
     "SCHEMA",
@@ -74,10 +76,6 @@ MANIFEST = "checkpoint.json"
 # what a daskadmm store directory may hold (anything else: not ours to delete)
 LOCK_FILE = ".lock"  # a local store's lock: flock()ed by the run writing it
 STORE_ENTRIES = frozenset({"zarr.json", "data", "live", "ckpt", "model", MANIFEST, LOCK_FILE})
-
-
-class StoreError(RuntimeError):
-    """The state store cannot be used. The message is one line and names the store."""
 
 
 def chunk_slices(n: int, chunk_size: int) -> list[slice]:

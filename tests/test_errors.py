@@ -1,0 +1,60 @@
+"""The error hierarchy (``daskadmm.errors``) and its one-line formatter."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from daskadmm import errors
+from daskadmm.errors import DaskadmmError, one_line
+
+# (class name, the module that raises it and still exports it, its builtin base)
+WHERE = [
+    ("ConfigError", "daskadmm.config", ValueError),
+    ("DataError", "daskadmm.data", ValueError),
+    ("StoreError", "daskadmm.storage", RuntimeError),
+    ("ClusterError", "daskadmm.runner", RuntimeError),
+    ("TorchMissingError", "daskadmm.baseline", ImportError),
+    ("UsageError", "daskadmm.cli", Exception),
+    ("ReportError", "daskadmm.report", Exception),
+]
+
+
+@pytest.mark.parametrize(("name", "module", "base"), WHERE)
+def test_every_error_is_a_daskadmm_error_importable_where_it_was(name, module, base):
+    import importlib
+
+    cls = getattr(errors, name)
+    assert issubclass(cls, DaskadmmError) and issubclass(cls, base)
+    assert getattr(importlib.import_module(module), name) is cls
+    exc = cls("x: bad")
+    again = pickle.loads(pickle.dumps(exc))  # raised on Dask workers, so it must travel
+    assert type(again) is cls and str(again) == "x: bad"
+
+
+def test_public_namespace_exports_the_base():
+    import daskadmm
+
+    assert daskadmm.DaskadmmError is DaskadmmError
+    assert daskadmm.ConfigError is errors.ConfigError
+
+
+def test_one_line_collapses_whitespace_and_lines():
+    assert one_line(ValueError("  a   b\n\n  c  d.\n")) == "a b c d."
+    assert one_line("x\ty") == "x y"
+
+
+def test_one_line_joins_a_one_item_a_line_list_with_commas():
+    exc = RuntimeError("Could not find 'data/nope'\nAvailable options in 'data':\n\tcsv\n\tdigits"
+                       "\n\tmnist\nConfig search path:\n\tprovider=hydra, path=pkg://hydra.conf")
+    assert one_line(exc) == ("Could not find 'data/nope' Available options in 'data': csv, "
+                             "digits, mnist")
+
+
+def test_one_line_names_the_type_when_asked_or_when_the_message_is_empty():
+    assert one_line(OSError()) == "OSError"
+    assert one_line(FileNotFoundError(2, "No such file"), with_type=True) == \
+        "FileNotFoundError: [Errno 2] No such file"
+    assert one_line(ValueError("bad"), with_type=False) == "bad"
+
