@@ -88,3 +88,40 @@ def test_an_unknown_algorithm_is_a_value_error(name):
     with pytest.raises(ValueError, match="unknown ADMM algorithm .*known: radmm3, "):
         get_splitting(name)
 
+
+# ------------------------------------------------------------------------- PyTorch missing
+
+
+def test_missing_torch_message(monkeypatch):
+    """Runs with or without PyTorch installed (moved here from test_baseline.py, which is
+    skipped without it); the helpers that built its inputs there are written out."""
+    import sys
+
+    import numpy as np
+
+    from daskadmm import baseline
+    from daskadmm.api import evaluator
+    from daskadmm.config import Config
+    from daskadmm.data import Dataset
+    from daskadmm.model import Architecture, init_weights
+    from daskadmm.monitor import Monitor
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(ImportError) as info:
+        baseline.require_torch("adam")
+    assert isinstance(info.value, baseline.TorchMissingError)
+    assert str(info.value) == "algorithm=adam needs PyTorch: pip install 'daskadmm[torch]'"
+    arch = Architecture(kind="resnet", depth=4, d_in=3, width=5, d_out=2, activation="relu",
+                        leaky_slope=0.1, bias=True, loss="mse")
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3, 18))
+    Y = np.tanh(rng.standard_normal((2, 3)) @ X)
+    ds = Dataset(name="tiny", task="regression", X_train=X[:, :12], Y_train=Y[:, :12],
+                 X_test=X[:, 12:], Y_test=Y[:, 12:])
+    cfg = Config()
+    cfg.algorithm.name = "sgd"
+    cfg.run.iterations = 1
+    cfg.run.eval_every = 1
+    monitor = Monitor(iterations=1, eval_every=1, evaluate=evaluator(arch, ds))
+    with pytest.raises(baseline.TorchMissingError, match="algorithm=sgd needs PyTorch"):
+        baseline.fit(cfg, arch, ds, init_weights(arch, np.random.default_rng(0)), monitor)
