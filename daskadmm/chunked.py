@@ -181,8 +181,10 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     _write(url, f"live/b{i}/U", sl, U, new)
     _write(url, f"live/b{i}/Lam", sl, Lam, new)
     if spec.is_output:
+        assert Y is not None
         objective += _loss_sum(spec.arch.loss, U, Y) / spec.n
     else:
+        assert V0 is not None and W_right is not None  # a hidden block has both
         right = {"W": W_right,
                  "U": _read(url, f"live/b{i + 1}/U", sl, old),
                  "Lam": _read(url, f"live/b{i + 1}/Lam", sl, old)}

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -112,10 +112,6 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _data_errors() -> tuple[type[BaseException], ...]:
-    return (DataError, OSError)
-
-
 def _data_key(cfg: Config) -> str:
     """What the data split depends on: the data section and the split seed."""
     data = dict(cfg.to_dict()["data"])
@@ -142,7 +138,8 @@ def _hydra_context(args: Any) -> Iterator[None]:
     GlobalHydra.instance().clear()
     config_path = args.config_path
     if config_path is None:
-        ctx = initialize_config_module(CONFIG_MODULE, version_base=None)
+        ctx: contextlib.AbstractContextManager[Any] = initialize_config_module(
+            CONFIG_MODULE, version_base=None)
     elif config_path.startswith("pkg://"):
         ctx = initialize_config_module(config_path[len("pkg://"):], version_base=None)
     else:  # hydra.main resolves a relative --config-path against the file declaring it
@@ -175,7 +172,7 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
             parsed += parser.parse_overrides([line])
         except HydraException as exc:
             raise UsageError(f"cannot parse override '{line}': {one_line(exc)}") from None
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    plain = [_text(o) for o in parsed if not o.is_sweep_override()]
     base = compose(config_name, plain, return_hydra_config=True)
     mode = OmegaConf.select(base, "hydra.mode")
     multirun = bool(args.multirun) or str(mode).endswith("MULTIRUN")
@@ -183,13 +180,13 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
         # A sweep override in a single run is an error that compose reports ("Ambiguous value").
         return [overrides]
 
-    hydra_plain = [o.input_line for o in parsed if o.is_hydra_override()
+    hydra_plain = [_text(o) for o in parsed if o.is_hydra_override()
                    and not o.is_sweep_override()]
-    task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    task = [_text(o) for o in parsed if not o.is_hydra_override()]
     sweeper = OmegaConf.select(base, "hydra.sweeper._target_") or ""
     if not sweeper.endswith("BasicSweeper"):
         # Another sweeper (optuna, ...) samples the values itself: check what is fixed.
-        return [hydra_plain + [o.input_line for o in parsed
+        return [hydra_plain + [_text(o) for o in parsed
                                if not o.is_hydra_override() and not o.is_sweep_override()]]
 
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -200,14 +197,25 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
     return [hydra_plain + list(job) for batch in batches for job in batch]
 
 
+def _text(override: Any) -> str:
+    """The command-line text of a parsed override (set for every override parsed from text)."""
+    line = override.input_line
+    assert line is not None
+    return line
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config as plain Python values, without Hydra's own section."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items() if k != "hydra"}
+
+
 def _compose_config(config_name: str, overrides: list[str]) -> Config:
     from hydra import compose
 
     cfg = compose(config_name, overrides)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    return from_mapping(container)
+    return from_mapping(_plain(cfg))
 
 
 def _preflight(args: Any) -> list[Config]:
@@ -241,7 +249,7 @@ def _preflight(args: Any) -> list[Config]:
         if key not in shapes:
             try:
                 dataset = api.load_data(cfg)
-            except _data_errors() as exc:
+            except (DataError, OSError) as exc:
                 raise UsageError(one_line(exc) + where) from None
             shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
                            dataset.d_out)
@@ -375,14 +383,11 @@ def _task(dcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        container = OmegaConf.to_container(dcfg, resolve=True)
-        assert isinstance(container, dict)
-        container.pop("hydra", None)
-        cfg = from_mapping(container)
+        cfg = from_mapping(_plain(dcfg))
         dataset = _take_dataset(cfg)
         if dataset is None:
             dataset = api.load_data(cfg)
-    except (ConfigError, OmegaConfBaseException, *_data_errors()) as exc:
+    except (ConfigError, OmegaConfBaseException, DataError, OSError) as exc:
         _remove_if_pristine(run_dir, _STARTED)
         _fail(one_line(exc))
 
@@ -421,7 +426,8 @@ def _task(dcfg: DictConfig) -> None:
     extra = {
         "run_dir": str(run_dir),
         "overrides": list(hc.overrides.task),
-        "job": {"name": hc.job.name, "num": hc.job.get("num")},
+        # a single run has no job number (MISSING): select gives None
+        "job": {"name": hc.job.name, "num": OmegaConf.select(cast(DictConfig, hc.job), "num")},
     }
     write_run_outputs(run_dir, cfg, result, extra=extra)
     print(_summary_line(cfg, result, run_dir), flush=True)

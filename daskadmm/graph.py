@@ -167,7 +167,8 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
             cur[step.name] = [key(step.name, k, run_id, b + 1) for b in range(N)]
             order = range(N) if step.order == "ascending" else range(N - 1, -1, -1)
             for b in order:  # emitted in execution order: the node list is topological
-                refs, picks = [], []
+                refs: list[Ref | None] = []
+                picks: list[str | None] = []
                 for inp in step.inputs:
                     j = b + inp.block
                     if j < 0:

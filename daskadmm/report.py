@@ -254,7 +254,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     curves = _read_metrics(metrics_path) if metrics_path.is_file() else {}
     cfg = summary.get("config")
     arch = summary.get("architecture")
-    final = summary.get("final") if isinstance(summary.get("final"), Mapping) else {}
+    raw_final = summary.get("final")
+    final: Mapping[str, Any] = raw_final if isinstance(raw_final, Mapping) else {}
 
     def final_value(key: str) -> float:
         # summary.json writes a NaN as null: present-but-null stays NaN

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
 
+if TYPE_CHECKING:
+    from .storage import StateStore
+
 __all__ = ["ClusterError", "SharedCluster", "connect", "run_dask"]
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ class SharedCluster:
 
     def __init__(self, ccfg: ClusterConfig):
         self.ccfg = ccfg
-        self.cluster = None
+        self.cluster: Any = None  # a distributed.LocalCluster while entered
 
     def __enter__(self) -> SharedCluster:
         self.cluster = _start_local_cluster(self.ccfg)
@@ -103,7 +106,8 @@ def _start_local_cluster(ccfg: ClusterConfig):
     # A nanny also writes its pre-spawn variables into this process's environment, so an
     # earlier cluster in this process leaves distributed's value behind: drop that one too.
     trim = "MALLOC_TRIM_THRESHOLD_"
-    spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
+    spawn: dict[str, str | None] = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                                    for k, v in env.items()}
     if ccfg.memory_limit in ("auto", None):
         inherited = os.environ.get(trim)
         default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
@@ -891,8 +895,15 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 
 
 class _ZarrCtx(_Ctx):
+    # set by run_dask after construction (the store is opened after the context's inputs)
     url: str
     linearized: bool
+    store: StateStore
+    slices: list[slice]
+    test_slices: list[slice]
+    layout: list[dict[str, tuple]]
+    ck_layout: list[dict[str, tuple]]
+    resumed_from: int | None
 
     # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
     def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
@@ -953,6 +964,7 @@ class _ZarrCtx(_Ctx):
     def _restore_monitor(self) -> None:
         """Monitor and penalty schedule as they were at the manifest's checkpoint."""
         cp = self.manifest
+        assert cp is not None  # only called when resuming from a committed checkpoint
         hist = cp.get("history") or []
         mon = self.monitor
         mon.history = [dict(r) for r in hist]
@@ -984,6 +996,7 @@ class _ZarrCtx(_Ctx):
     def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
         """The monitor's last good evaluation, as recorded in the manifest: its weights are
         the checkpoint's when it is the checkpoint iteration, else stored in the manifest."""
+        assert self.manifest is not None  # only called when resuming from a checkpoint
         good = self.manifest.get("last_good", "absent")
         if good == "absent":  # a manifest without the record: the checkpoint, if finite
             if all(np.all(np.isfinite(W)) for W in weights):
@@ -1045,7 +1058,7 @@ class _ZarrCtx(_Ctx):
         """The checkpoint of iterations k0+1..k1 (at most one: the drivers never build past
         an uncommitted checkpoint) and its slot: the one the committed manifest does not
         name."""
-        plan = {}
+        plan: dict[int, str] = {}
         for k in range(k0 + 1, k1 + 1):
             if self._is_ckpt(k):
                 assert not plan, "two checkpoints in one window"
@@ -1059,7 +1072,7 @@ class _ZarrCtx(_Ctx):
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
              tuple(self.test_slices)), self.ckpt_plan(k0, k1))
 
-    def commit(self, k: int, slot: str, weights: list[np.ndarray], keys: list[str],
+    def commit(self, k: int, slot: str, weights: list[Any], keys: list[str],
                values: list[dict[str, int]]) -> None:
         """Commit checkpoint k: W into the slot, then the manifest (the atomic commit)."""
         for i, W in enumerate(weights, start=1):

@@ -51,7 +51,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -93,7 +93,7 @@ def _sample_chunks(arr) -> list[slice]:
 
 def checksum(a: np.ndarray) -> int:
     """CRC-32 of an array's float64 values (C order): what checkpoints record per chunk."""
-    return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).view(np.uint8))
+    return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).data)
 
 
 def data_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -103,7 +103,7 @@ def data_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name], dtype=np.float64)
         h.update(f"{name}{a.shape}".encode())
-        h.update(a.view(np.uint8))
+        h.update(a.data)
     return h.hexdigest()
 
 
@@ -116,7 +116,7 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def _open_group(url: str, mode: str):
+def _open_group(url: str, mode: Literal["r", "r+", "w", "w-"]):
     import zarr
 
     try:
@@ -237,7 +237,7 @@ def _check_writable(root: Path, url: str) -> None:
 
 
 def _array(group, path: str, shape, chunks, dtype="f8", compressor: str = "none"):
-    compressors = None
+    compressors: list[Any] | None = None
     if compressor == "zstd":
         from zarr.codecs import ZstdCodec
 
@@ -654,7 +654,7 @@ class StateStore:
                                      f"checksum for {path}")
                 arr = self._array_or_fail(path)
                 if shape and shape[-1] == "n":
-                    slices = _sample_chunks(arr)
+                    slices: list[slice | None] = [*_sample_chunks(arr)]
                 else:
                     slices = [None]
                 if len(slices) != len(want):

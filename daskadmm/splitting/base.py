@@ -167,6 +167,7 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     """
     if act.piecewise_linear:
         a = act.slope
+        assert a is not None  # every piecewise-linear activation has a slope
         up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
         um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
         pp = _phi(act, up, c, m, beta, kappa)

@@ -19,6 +19,8 @@ checked this way. ``W_N``, ``U_N``, ``Lam_N`` and ``V_{N-1}`` are exact, as in R
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
@@ -35,7 +37,8 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+# arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
+State = dict[str, Any]
 
 
 def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: int
@@ -170,6 +173,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     Z = W @ spec.aug(Vleft)
     if spec.is_output:
         r = own["U"] - Z
+        assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, own["U"], Y)
         total += (float(np.sum(own["Lam"] * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
     else:
@@ -194,6 +198,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         r = U - Z
         stats = {"primal_sq": float(np.sum(r * r)), "dual_sq": 0.0, "capped": float(capped)}
     else:
+        assert right is not None  # every block but the output one has a right neighbour
         W, eta_w, _, cap_w = update_weights_hidden(spec, pen, own, Vleft)
         capped = int(cap_w)
         if spec.i == spec.N - 1:
