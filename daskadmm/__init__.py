@@ -13,15 +13,17 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import fit, load_data
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError, DaskadmmError, DataError, StoreError
 from .estimator import ADMMClassifier, ADMMRegressor
 from .result import Result
-from .storage import Model, StoreError, load_model
+from .storage import Model, load_model
 
 try:
     __version__ = version("daskadmm")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["ADMMClassifier", "ADMMRegressor", "Config", "ConfigError", "Model", "Result",
-           "StoreError", "__version__", "fit", "load_data", "load_model"]
+__all__ = ["ADMMClassifier", "ADMMRegressor", "Config", "ConfigError", "DaskadmmError",
+           "DataError", "Model", "Result", "StoreError", "__version__", "fit", "load_data",
+           "load_model"]

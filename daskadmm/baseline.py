@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import TorchMissingError
 from .model import Architecture
 from .monitor import IterationStats, Monitor
 from .result import Result
@@ -52,10 +53,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd")
-
-
-class TorchMissingError(ImportError):
-    """PyTorch is not installed; the message is one line and says how to install it."""
 
 
 def require_torch(algorithm: str = "adam"):

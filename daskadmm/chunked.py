@@ -1,9 +1,11 @@
 """Per-(block, chunk) tasks of the Zarr-resident engine (RADMM-3 and RADMM-3L).
 
 Each task reads single chunks from the state store, calls the pure update functions of
-:mod:`daskadmm.splitting.radmm3` on them, and writes single chunks back, so a worker holds one
-chunk of each n-sized array plus a few ``d x d`` matrices (ALGORITHMS.md, "Splitting along
-samples"). Iteration k reads parity slot ``(k-1) % 2`` and writes slot ``k % 2``.
+:mod:`daskadmm.splitting.radmm3` on them, and writes single chunks back, so a worker holds one chunk
+of each n-sized array plus a few ``d x d`` matrices: every update except W's acts on each sample
+(column) on its own, and W's needs only sums over the samples of ``d x d`` products, which chunks
+compute in parts and a reduction adds. Iteration k reads parity slot ``(k-1) % 2`` and writes slot
+``k % 2``.
 
 ``update_chunk`` of block i, chunk c, iteration k computes ``U_i``, ``Lam_i``, ``V_i`` of the
 chunk and, while it has them in hand, the chunk's share of the statistics the next W updates
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 Array = np.ndarray
-SAMPLE_VARS = ("U", "Lam", "V")
 
 
 def layout(arch: Architecture) -> list[dict[str, tuple]]:
@@ -180,8 +181,10 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     _write(url, f"live/b{i}/U", sl, U, new)
     _write(url, f"live/b{i}/Lam", sl, Lam, new)
     if spec.is_output:
+        assert Y is not None
         objective += _loss_sum(spec.arch.loss, U, Y) / spec.n
     else:
+        assert V0 is not None and W_right is not None  # a hidden block has both
         right = {"W": W_right,
                  "U": _read(url, f"live/b{i + 1}/U", sl, old),
                  "Lam": _read(url, f"live/b{i + 1}/Lam", sl, old)}

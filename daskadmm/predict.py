@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .data import DataError, read_csv
+from .errors import one_line
 from .storage import StoreError, load_model
 
 __all__ = ["main"]
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = model.feature_names or table.header[: model.arch.d_in]
         pred = model.predict(_features(table, names))
     except (StoreError, DataError, ValueError) as exc:
-        print(f"daskadmm-predict: error: {exc}", file=sys.stderr)
+        print(f"daskadmm-predict: error: {one_line(exc)}", file=sys.stderr)
         return 2
     out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
     try:

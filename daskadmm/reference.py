@@ -10,6 +10,7 @@ Dask graph wires the same inputs as dependencies, so it reproduces these iterate
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def sweep(splitting: Splitting, specs: list[BlockSpec], pen, prev: dict[str, lis
     statistics (the last step's, with ``capped`` summed over all steps).
     """
     N = len(specs)
-    cur: dict[str, list[State]] = {}
+    cur: dict[str, list[State | None]] = {}
     capped = [0.0] * N
     stats: list[dict[str, float]] = []
     for step in splitting.steps:
@@ -64,7 +65,7 @@ def sweep(splitting: Splitting, specs: list[BlockSpec], pen, prev: dict[str, lis
             stats[i] = s
             capped[i] += s.get("capped", 0.0)
     stats = [dict(s, capped=c) for s, c in zip(stats, capped, strict=True)]
-    return cur, stats
+    return cast(dict[str, list[State]], cur), stats  # every block's output is filled in
 
 
 def block_states(splitting: Splitting, outputs: dict[str, list[State]]) -> list[State]:

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ReportError, one_line
+
 __all__ = [
     "REPORT_COLUMNS",
     "ReportError",
@@ -107,14 +109,6 @@ _MD_HEADERS = (
 )
 
 _CURVE_COLUMNS = ("iteration", "wall_time", "test_metric", "train_metric")
-
-
-class ReportError(Exception):
-    """Bad input; the message is one line and names the file or directory."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -185,7 +179,7 @@ def _read_summary(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+        raise ReportError(f"{path}: cannot read the file ({one_line(exc)})") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -234,7 +228,7 @@ def _read_metrics(path: Path) -> dict[str, np.ndarray]:
     except ReportError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ReportError(f"{path}: cannot read the file ({_one_line(exc)})") from exc
+        raise ReportError(f"{path}: cannot read the file ({one_line(exc)})") from exc
     return {c: np.asarray(v, dtype=np.float64) for c, v in values.items()}
 
 
@@ -260,7 +254,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     curves = _read_metrics(metrics_path) if metrics_path.is_file() else {}
     cfg = summary.get("config")
     arch = summary.get("architecture")
-    final = summary.get("final") if isinstance(summary.get("final"), Mapping) else {}
+    raw_final = summary.get("final")
+    final: Mapping[str, Any] = raw_final if isinstance(raw_final, Mapping) else {}
 
     def final_value(key: str) -> float:
         # summary.json writes a NaN as null: present-but-null stays NaN
@@ -552,7 +547,7 @@ def write_report(runs: Sequence[Run], out: Path, target: float | None = None) ->
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportError(f"{out}: cannot create the output directory ({_one_line(exc)})") from exc
+        raise ReportError(f"{out}: cannot create the output directory ({one_line(exc)})") from exc
     rows = build_report(runs, target)
     goal = targets(runs, target)
     paths = {
@@ -574,7 +569,7 @@ def write_report(runs: Sequence[Run], out: Path, target: float | None = None) ->
         current = paths["curves_iteration"]
         plot_curves(current, ordered, "iteration", "iteration", goal)
     except OSError as exc:
-        raise ReportError(f"{current}: cannot write the file ({_one_line(exc)})") from exc
+        raise ReportError(f"{current}: cannot write the file ({one_line(exc)})") from exc
     return paths
 
 
@@ -617,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out is not None else Path(args.dirs[0])
         paths = write_report(runs, out, args.target)
     except ReportError as exc:
-        print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"{PROG}: {len(runs)} runs -> {paths['markdown']}, {paths['csv']}, "
           f"{paths['curves_time'].name}, {paths['curves_iteration'].name}")

@@ -53,7 +53,3 @@ class Result:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-    @property
-    def converged(self) -> bool:
-        return self.status == "converged"

@@ -31,12 +31,13 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import ClusterConfig, Config
 from .data import Dataset
+from .errors import ClusterError
 from .graph import (
     Node,
     Ref,
@@ -50,6 +51,9 @@ from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
+
+if TYPE_CHECKING:
+    from .storage import StateStore
 
 __all__ = ["ClusterError", "SharedCluster", "connect", "run_dask"]
 
@@ -65,12 +69,11 @@ class SharedCluster:
 
     def __init__(self, ccfg: ClusterConfig):
         self.ccfg = ccfg
-        self.cluster = None
+        self.cluster: Any = None  # a distributed.LocalCluster while entered
 
     def __enter__(self) -> SharedCluster:
         self.cluster = _start_local_cluster(self.ccfg)
         _SHARED["address"] = self.cluster.scheduler_address
-        _SHARED["dashboard"] = self.cluster.dashboard_link
         return self
 
     def __exit__(self, *exc) -> None:
@@ -130,7 +133,8 @@ def _start_local_cluster(ccfg: ClusterConfig):
     # A nanny also writes its pre-spawn variables into this process's environment, so an
     # earlier cluster in this process leaves distributed's value behind: drop that one too.
     trim = "MALLOC_TRIM_THRESHOLD_"
-    spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
+    spawn: dict[str, str | None] = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                                    for k, v in env.items()}
     if ccfg.memory_limit in ("auto", None):
         inherited = os.environ.get(trim)
         default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
@@ -577,7 +581,6 @@ class _Ctx:
             perf = _optional(performance_report(filename=str(report), mode="inline"),
                              "performance report") if report else None
             ts_cm = _optional(get_task_stream(client), "task stream")
-            t_start = time.time()
             failed = True
             try:
                 status, k = pipeline(client, workers)
@@ -598,7 +601,7 @@ class _Ctx:
                 ts_cm.close(quiet=failed)
             stream = ts_cm.value.data if ts_cm.value is not None else []
         info = {"dashboard": dashboard, "workers": len(workers),
-                **_stream_summary(stream, self.run_ids(), t_start)}
+                **_stream_summary(stream, self.run_ids())}
         if run_dir is not None:
             try:
                 _write_task_stream(run_dir / "task-stream.json", stream, self.run_ids())
@@ -699,11 +702,6 @@ def _call_aligned(fn, *args):
     return fn(*[_aligned(a) for a in args])
 
 
-class ClusterError(RuntimeError):
-    """The Dask cluster failed mid-run (the scheduler went away, or workers kept dying). One
-    line, names what to do."""
-
-
 class _Optional:
     """Enter a context manager whose failure must not cost the run (a report, a recorder):
     errors on entry or exit become logged warnings. ``value`` is what it yielded (None if it
@@ -782,8 +780,7 @@ def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
     return arg
 
 
-def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...], t_start: float
-                    ) -> dict[str, Any]:
+def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...]) -> dict[str, Any]:
     """Tasks run, and seconds spent computing vs transferring (summed over workers)."""
     compute = transfer = 0.0
     tasks = 0
@@ -1009,8 +1006,15 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 
 
 class _ZarrCtx(_Ctx):
+    # set by run_dask after construction (the store is opened after the context's inputs)
     url: str
     linearized: bool
+    store: StateStore
+    slices: list[slice]
+    test_slices: list[slice]
+    layout: list[dict[str, tuple]]
+    ck_layout: list[dict[str, tuple]]
+    resumed_from: int | None
 
     # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
     def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
@@ -1071,6 +1075,7 @@ class _ZarrCtx(_Ctx):
     def _restore_monitor(self) -> None:
         """Monitor and penalty schedule as they were at the manifest's checkpoint."""
         cp = self.manifest
+        assert cp is not None  # only called when resuming from a committed checkpoint
         hist = cp.get("history") or []
         mon = self.monitor
         mon.history = [dict(r) for r in hist]
@@ -1102,6 +1107,7 @@ class _ZarrCtx(_Ctx):
     def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
         """The monitor's last good evaluation, as recorded in the manifest: its weights are
         the checkpoint's when it is the checkpoint iteration, else stored in the manifest."""
+        assert self.manifest is not None  # only called when resuming from a checkpoint
         good = self.manifest.get("last_good", "absent")
         if good == "absent":  # a manifest without the record: the checkpoint, if finite
             if all(np.all(np.isfinite(W)) for W in weights):
@@ -1163,7 +1169,7 @@ class _ZarrCtx(_Ctx):
         """The checkpoint of iterations k0+1..k1 (at most one: the drivers never build past
         an uncommitted checkpoint) and its slot: the one the committed manifest does not
         name."""
-        plan = {}
+        plan: dict[int, str] = {}
         for k in range(k0 + 1, k1 + 1):
             if self._is_ckpt(k):
                 assert not plan, "two checkpoints in one window"
@@ -1177,7 +1183,7 @@ class _ZarrCtx(_Ctx):
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
              tuple(self.test_slices)), self.ckpt_plan(k0, k1), name=self.splitting.name)
 
-    def commit(self, k: int, slot: str, weights: list[np.ndarray], keys: list[str],
+    def commit(self, k: int, slot: str, weights: list[Any], keys: list[str],
                values: list[dict[str, int]]) -> None:
         """Commit checkpoint k: W into the slot, then the manifest (the atomic commit)."""
         for i, W in enumerate(weights, start=1):

@@ -51,9 +51,11 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from .errors import StoreError
 
 __all__ = [
     "MANIFEST",
@@ -76,10 +78,6 @@ LOCK_FILE = ".lock"  # a local store's lock: flock()ed by the run writing it
 STORE_ENTRIES = frozenset({"zarr.json", "data", "live", "ckpt", "model", MANIFEST, LOCK_FILE})
 
 
-class StoreError(RuntimeError):
-    """The state store cannot be used. The message is one line and names the store."""
-
-
 def chunk_slices(n: int, chunk_size: int) -> list[slice]:
     """Sample ranges of the chunks: ``chunk_size`` samples each (0: one chunk), last uneven."""
     if chunk_size <= 0 or chunk_size >= n:
@@ -95,7 +93,7 @@ def _sample_chunks(arr) -> list[slice]:
 
 def checksum(a: np.ndarray) -> int:
     """CRC-32 of an array's float64 values (C order): what checkpoints record per chunk."""
-    return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).view(np.uint8))
+    return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).data)
 
 
 def data_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -105,7 +103,7 @@ def data_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name], dtype=np.float64)
         h.update(f"{name}{a.shape}".encode())
-        h.update(a.view(np.uint8))
+        h.update(a.data)
     return h.hexdigest()
 
 
@@ -118,7 +116,7 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def _open_group(url: str, mode: str):
+def _open_group(url: str, mode: Literal["r", "r+", "w", "w-"]):
     import zarr
 
     try:
@@ -239,7 +237,7 @@ def _check_writable(root: Path, url: str) -> None:
 
 
 def _array(group, path: str, shape, chunks, dtype="f8", compressor: str = "none"):
-    compressors = None
+    compressors: list[Any] | None = None
     if compressor == "zstd":
         from zarr.codecs import ZstdCodec
 
@@ -668,7 +666,7 @@ class StateStore:
                                      f"checksum for {path}")
                 arr = self._array_or_fail(path)
                 if shape and shape[-1] == "n":
-                    slices = _sample_chunks(arr)
+                    slices: list[slice | None] = [*_sample_chunks(arr)]
                 else:
                     slices = [None]
                 if len(slices) != len(want):

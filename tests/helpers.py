@@ -1,8 +1,9 @@
 """Shared builders and *independent* reference formulas for the math tests.
 
-Everything in this module is written from the formulas of ALGORITHMS.md as corrected by
-SPEC_REVIEW.md, not from daskadmm's update code: the activations, the losses, the forward pass and
-the augmented Lagrangians are coded term by term here. The library is only used to build
+Everything in this module is written from the formulas stated in its docstrings (the augmented
+Lagrangians of RADMM-3/3L and RADMM-2 with penalties and proximal terms divided by the sample count
+n, the regulariser not), not from daskadmm's update code: the activations, the losses, the forward
+pass and the augmented Lagrangians are coded term by term here. The library is only used to build
 architectures and initial weights, which the formulas do not depend on.
 
 Conventions (as in the library): samples are columns, blocks are numbered 1..N, a bias is a

@@ -1,13 +1,14 @@
-"""The PyTorch backprop baseline (algorithm=adam|sgd): same network, same loss, same monitor."""
+"""The PyTorch backprop baseline (algorithm=adam|sgd): same network, same loss, same monitor.
+
+Skipped without PyTorch (the ``torch`` extra); what happens then is tested in
+``test_errors.py`` (``test_missing_torch_message``)."""
 
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
-import torch
 
 from daskadmm import baseline
 from daskadmm.api import evaluator, fit
@@ -16,6 +17,8 @@ from daskadmm.data import Dataset
 from daskadmm.model import Architecture, forward, init_weights, loss_value
 from daskadmm.monitor import Monitor
 from daskadmm.result import HISTORY_COLUMNS, Result
+
+torch = pytest.importorskip("torch", reason="needs PyTorch: pip install 'daskadmm[torch]'")
 
 
 def t64(a: np.ndarray) -> torch.Tensor:
@@ -284,15 +287,3 @@ def test_threads_restored():
     run_baseline(make_cfg("adam", iterations=1), arch, make_dataset(arch), random_weights(arch))
     assert torch.get_num_threads() == before
 
-
-def test_missing_torch_message(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(ImportError) as info:
-        baseline.require_torch("adam")
-    assert isinstance(info.value, baseline.TorchMissingError)
-    assert str(info.value) == "algorithm=adam needs PyTorch: pip install 'daskadmm[torch]'"
-    arch = make_arch()
-    ds = make_dataset(arch)
-    monitor = Monitor(iterations=1, eval_every=1, evaluate=evaluator(arch, ds))
-    with pytest.raises(baseline.TorchMissingError, match="algorithm=sgd needs PyTorch"):
-        baseline.fit(make_cfg("sgd"), arch, ds, random_weights(arch), monitor)

@@ -223,6 +223,7 @@ def test_tolerant_of_missing_files_and_keys(tmp_path):
 
 def test_with_real_run_outputs(tmp_path):
     """The files daskadmm.outputs writes for a real (tiny) baseline run are read correctly."""
+    pytest.importorskip("torch", reason="the adam baseline needs PyTorch")
     from daskadmm.api import fit
     from daskadmm.config import Config, DataConfig
     from daskadmm.outputs import write_run_outputs

@@ -1,12 +1,13 @@
 """Every RADMM-3 / RADMM-3L / RADMM-2 update function against its own definition.
 
 The subproblem of a block variable x is ``F(x) = L(..., x, ...) + (tau/2n)||x - x^k||^2`` with L
-written term by term in ``helpers.lagrangian3`` / ``helpers.lagrangian2`` (ALGORITHMS.md with the
-SPEC_REVIEW.md corrections). Exact steps must make the central-difference gradient of ``n F``
-vanish (and agree with scipy's L-BFGS on the same objective); the elementwise prox is checked
-against a grid (relu, leaky relu) or for stationarity and descent (tanh, sigmoid); linearized and
-backtracking steps are checked against finite differences of ``n L``, the true curvature and the
-sufficient-decrease rule. Nothing is compared with a stored output of the library.
+written term by term in ``helpers.lagrangian3`` / ``helpers.lagrangian2`` (their docstrings state L;
+penalties and proximal terms divided by n, the regulariser not). Exact steps must make the
+central-difference gradient of ``n F`` vanish (and agree with scipy's L-BFGS on the same objective);
+the elementwise prox is checked against a grid (relu, leaky relu) or for stationarity and descent
+(tanh, sigmoid); linearized and backtracking steps are checked against finite differences of ``n
+L``, the true curvature and the sufficient-decrease rule. Nothing is compared with a stored output
+of the library.
 """
 
 from __future__ import annotations
@@ -438,8 +439,10 @@ def test_radmm2_update_weights_hidden(act, bias, kind, step):
                                         prob.Y, PEN)
         check_backtracking_step(nL, st["W"], W, eta, trials, capped, PEN.tau)
         if step == "lipschitz" and act in ("tanh", "sigmoid"):
-            # eta_W = beta h ||V~||_2^2 + n lam is a global Lipschitz constant (SPEC_REVIEW 3):
-            # the first trial is accepted.
+            # eta_W = beta h ||V~||_2^2 + n lam is a global Lipschitz constant of the gradient
+            # of n L in W_i (h = sup sigma'^2 + sup |sigma''| (|c| + sup |sigma|) bounds the
+            # curvature of each penalty term; sup |sigma| = 1 for tanh and sigmoid): the first
+            # trial is accepted.
             Vt = aug(prob.arch, left_value(prob, states, i))
             c = st["V"] - skip_term(prob.arch, i, left_value(prob, states, i))
             sup_df2, sup_d2f = (1.0, 4 / (3 * np.sqrt(3))) if act == "tanh" else (

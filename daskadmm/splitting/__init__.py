@@ -23,6 +23,7 @@ Nothing here imports dask, zarr or hydra.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -94,12 +95,6 @@ class Splitting:
     block_objective: Callable
     objective_left: str = "V"
 
-    def step(self, name: str) -> Step:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
 
 def _gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
     """RADMM's one-step sweep: block i needs ``V_{i-1}`` of this iteration, block i+1's state
@@ -128,12 +123,16 @@ def register(splitting: Splitting) -> Splitting:
 
 
 def get_splitting(name: str) -> Splitting:
-    if name not in SPLITTINGS:
-        # formulations that live in optional modules register themselves on import
+    if name not in SPLITTINGS and name.isidentifier():
+        # formulations in modules of their own register themselves on import. Only a module
+        # that does not exist means "unknown algorithm"; a module that exists but fails to
+        # import (a broken import inside it, a missing dependency) raises its own error.
+        module = f"{__name__}.{name}"
         try:
-            __import__(f"{__name__}.{name}")
-        except ImportError:
-            pass
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
     try:
         return SPLITTINGS[name]
     except KeyError:

@@ -1,11 +1,13 @@
 """What every splitting shares: block specs, penalties, and the elementwise / small solvers.
 
-Scaling convention (ALGORITHMS.md with SPEC_REVIEW.md section 7): the penalty terms (beta, rho,
-multiplier terms) and the proximal terms ``(tau/2n)||x - x^k||^2`` are divided by the sample
-count ``n``; the loss is a mean; the regulariser ``(lam/2) sum ||W_i||^2`` is **not** divided by
-n and includes the bias column. The multipliers ``Lam`` are stored n-scaled (the multiplier of the
-unscaled problem is ``Lam/n``). All update functions below work in **n-units**: they minimise
-``n * F`` where F is the subproblem objective, so the 1/n factors cancel.
+Scaling convention: the penalty terms (beta, rho, multiplier terms) and the proximal terms
+``(tau/2n)||x - x^k||^2`` are divided by the sample count ``n``; the loss is a mean; the regulariser
+``(lam/2) sum ||W_i||^2`` is **not** divided by n and includes the bias column. The multipliers
+``Lam`` are stored n-scaled (the multiplier of the unscaled problem is ``Lam/n``). All update
+functions below work in **n-units**: they minimise ``n * F`` where F is the subproblem objective, so
+the 1/n factors cancel. With this scaling beta, rho and tau weigh a per-sample mean like the loss
+does, so their useful values do not change with the data set's size, while lam keeps its usual
+meaning as the weight decay of the mean loss.
 
 Every decision of an iterative inner solver is made per element (or per column), so results do
 not depend on how the samples are chunked.
@@ -151,19 +153,21 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
 
     and the one with the smaller phi is taken; ties go to ``u+`` (deterministic).
 
-    Smooth sigma (tanh, sigmoid): phi may be nonconvex, so a safeguarded Newton runs **per
-    element from u0** (SPEC_REVIEW section 1): a Newton step where ``phi'' >= 1e-6 kappa``, else
-    a gradient step ``phi'/L_phi`` with ``L_phi = kappa + beta (sup sigma'^2 + sup|sigma''|
-    (|c| + sup|sigma|))``; the step is halved while phi rises (tolerance ``1e-15|phi|``); a Newton
-    step whose predicted decrease ``g^2/h`` is below ``1e-8 |phi|`` is accepted outright; an
-    element stops when ``|phi'| <= 1e-14 (beta (|c| + 1) + kappa (|u| + |m|))`` or after
-    ``max_iter`` iterations. The result is stationary with ``phi(u) <= phi(u0)``, not necessarily
-    the global minimiser.
+    Smooth sigma (tanh, sigmoid): phi may be nonconvex, so a safeguarded Newton runs **per element
+    from u0** (started from the current iterate, every accepted step lowers phi, so the result never
+    raises L even where phi is nonconvex): a Newton step where ``phi'' >= 1e-6 kappa``, else a
+    gradient step ``phi'/L_phi`` with ``L_phi = kappa + beta (sup sigma'^2 + sup|sigma''| (|c| +
+    sup|sigma|))``; the step is halved while phi rises (tolerance ``1e-15|phi|``); a Newton step
+    whose predicted decrease ``g^2/h`` is below ``1e-8 |phi|`` is accepted outright; an element
+    stops when ``|phi'| <= 1e-14 (beta (|c| + 1) + kappa (|u| + |m|))`` or after ``max_iter``
+    iterations. The result is stationary with ``phi(u) <= phi(u0)``, not necessarily the global
+    minimiser.
 
     Returns ``(u, n_capped)``: the solution and how many elements hit the iteration cap.
     """
     if act.piecewise_linear:
         a = act.slope
+        assert a is not None  # every piecewise-linear activation has a slope
         up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
         um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
         pp = _phi(act, up, c, m, beta, kappa)

@@ -56,6 +56,7 @@ problem times n, so its rho is this rho).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,8 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+# arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
+State = dict[str, Any]
 
 def penalty_nu(pen: Penalties) -> float:
     """The relaxation weight ``nu`` (``rho`` when unset, as in the authors' code)."""
@@ -341,6 +343,7 @@ def _objective(spec: BlockSpec, pen: Penalties, st: State, left: Array, Y: Array
     total = 0.5 * pen.lam * float(np.sum(W * W))
     if spec.is_output:
         r = st["z"] - Z
+        assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, st["z"], Y)
         total += (float(np.sum(st["u"] * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
     else:
@@ -404,10 +407,12 @@ def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
     if spec.is_output:
         rho, u = pen.rho, own["u"]
         AV = A @ left
+        assert Y is not None  # the output block is given the targets
         z, nc = update_z_output(spec.arch.loss, Y, _plus_bias(AV, b), u, rho, own["z"],
                                 o.newton_max_iter)
         T, kappa = z + u / rho, rho
     else:
+        assert right is not None  # every block but the output one has a right neighbour
         a, th_a, cap_a = _a_step(spec, pen, own["a"], own["z"], left, right,
                                  float(own["theta_a"]))
         AV = A @ left
@@ -458,12 +463,14 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
     capped = int(cap_w)
     primal_sq = 0.0
     if spec.is_output:
+        assert Y is not None  # the output block is given the targets
         z, nc = update_z_output(spec.arch.loss, Y, Z, u, rho, own["z"], o.newton_max_iter)
         new["u"] = update_u(u, z, Z, rho)
         r = z - Z
         primal_sq = float(np.sum(r * r))
         dual_sq = float(np.sum((z - prev["z"]) ** 2))
     else:
+        assert right is not None  # every block but the output one has a right neighbour
         z, nc = update_z(_c(spec, own["a"], left), Z, nu, own["z"], spec.act, o.newton_max_iter)
         a, th_a, cap_a = _a_step(spec, pen, own["a"], z, left, right, float(own["theta_a"]))
         new["a"], new["theta_a"] = a, np.float64(th_a)

@@ -51,6 +51,8 @@ n-scaled), which is the code's summed loss divided by n.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_value
@@ -82,7 +84,8 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+# arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
+State = dict[str, Any]
 
 
 def update_p(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: int,
@@ -185,12 +188,12 @@ def update_u(u: Array, p: Array, q_left: Array, rho: float) -> Array:
 # Objective and the task function
 # ---------------------------------------------------------------------------------------------
 
-def _input(spec: BlockSpec, st: State, left: Array) -> Array:
+def _input(spec: BlockSpec, st: State, left: Any) -> Array:
     """``p_l`` (``X`` for layer 1)."""
     return left if spec.i == 1 else st["p"]
 
 
-def _objective(spec: BlockSpec, pen: Penalties, st: State, left: Array, Y: Array | None,
+def _objective(spec: BlockSpec, pen: Penalties, st: State, left: Any, Y: Array | None,
                Z: Array | None = None) -> float:
     n, W, nu = spec.n, st["W"], penalty_nu(pen)
     p = _input(spec, st, left)
@@ -199,6 +202,7 @@ def _objective(spec: BlockSpec, pen: Penalties, st: State, left: Array, Y: Array
     r = st["z"] - Z
     total = 0.5 * pen.lam * float(np.sum(W * W)) + 0.5 * nu * float(np.sum(r * r)) / n
     if spec.is_output:
+        assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, st["z"], Y)
     else:
         c = st["q"] - spec.act.f(st["z"])
@@ -249,12 +253,14 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
 
     # q/u phases of iteration k-1
     if not spec.is_output:
+        assert right is not None  # every block but the output one has a right neighbour
         q = own["q"]
         if pending:
             q = update_q(own["z"], p_old if s else None, right["p"], right["u"], rho0, nu0, act)
             dual_sq += float(np.sum((q - own["q"]) ** 2))
         new["q"] = q
     if i > 1:
+        assert isinstance(left, dict)  # layer l-1's state (X only for layer 1)
         q_left, u = left["q"], own["u"]
         if pending:
             q_left = _left_q(spec, left, own["p"], own["u"], rho0, nu0)
@@ -280,6 +286,7 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
         b = update_b(A, ws[2], ws[3], spec.n, nu, pen.lam)
     Z = _plus_bias(A @ p, b)
     if spec.is_output:
+        assert Y is not None  # the output block is given the targets
         z, nc = update_z_output(spec.arch.loss, Y, Z, nu, own["z"], o.newton_max_iter)
     else:
         c = new["q"] - p if s else new["q"]

@@ -7,17 +7,19 @@ Variables: ``W_i`` (all blocks), ``V_i`` (i < N), the output ``U_N`` and its n-s
       + (beta/2n) sum_{i<N} ||V_i - s_i V_{i-1} - sigma(W_i V~_{i-1})||^2
       + <Lam_N, U_N - W_N V~_{N-1}>/n + (rho/2n) ||U_N - W_N V~_{N-1}||^2
 
-Hidden ``W_i`` and ``V_i`` (i < N-1) are nonlinear least squares: one proximal-linearized step
-each, ``x+ = x^k - G/(eta + tau)``, with ``eta`` from backtracking (SPEC_REVIEW section 3): start
-from the Lipschitz / Gauss-Newton value (``step=lipschitz``) or from a quarter of it, later half
-the last accepted eta (``step=backtracking``); accept when
-``f(x+) <= f(x^k) + <G, x+ - x^k> + (eta/2)||x+ - x^k||^2``, else double eta; at most
-``backtrack_max`` trials, after which ``x^k`` is kept (so L never increases). For relu there is
-no Lipschitz constant, so every step is checked this way. ``W_N``, ``U_N``, ``Lam_N`` and
-``V_{N-1}`` are exact, as in RADMM-3.
+Hidden ``W_i`` and ``V_i`` (i < N-1) are nonlinear least squares: one proximal-linearized step each,
+``x+ = x^k - G/(eta + tau)``, with ``eta`` from backtracking (the subproblem has no closed form, and
+its Lipschitz bound is loose for smooth sigma and does not exist for relu, so the step is checked,
+not trusted): start from the Lipschitz / Gauss-Newton value (``step=lipschitz``) or from a quarter
+of it, later half the last accepted eta (``step=backtracking``); accept when ``f(x+) <= f(x^k) + <G,
+x+ - x^k> + (eta/2)||x+ - x^k||^2``, else double eta; at most ``backtrack_max`` trials, after which
+``x^k`` is kept (so L never increases). For relu there is no Lipschitz constant, so every step is
+checked this way. ``W_N``, ``U_N``, ``Lam_N`` and ``V_{N-1}`` are exact, as in RADMM-3.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,8 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+# arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
+State = dict[str, Any]
 
 
 def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: int
@@ -170,6 +173,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     Z = W @ spec.aug(Vleft)
     if spec.is_output:
         r = own["U"] - Z
+        assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, own["U"], Y)
         total += (float(np.sum(own["Lam"] * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
     else:
@@ -194,6 +198,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         r = U - Z
         stats = {"primal_sq": float(np.sum(r * r)), "dual_sq": 0.0, "capped": float(capped)}
     else:
+        assert right is not None  # every block but the output one has a right neighbour
         W, eta_w, _, cap_w = update_weights_hidden(spec, pen, own, Vleft)
         capped = int(cap_w)
         if spec.i == spec.N - 1:

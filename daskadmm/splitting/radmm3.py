@@ -107,7 +107,9 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     kappa = pen.rho + pen.tau
     m = (pen.rho * Z - Lam + pen.tau * U) / kappa
     if spec.is_output:
+        assert Y is not None  # the output block is given the targets
         return prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
+    assert c is not None  # a hidden block is given c
     return prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter)
 
 
@@ -179,6 +181,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     total = 0.5 * pen.lam * float(np.sum(W * W))
     total += (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
     if spec.is_output:
+        assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, U, Y)
     else:
         p = own["V"] - spec.act.f(U)
@@ -212,6 +215,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
+        assert right is not None  # every block but the output one has a right neighbour
         step_v = update_activation_linearized if linearized else update_activation
         V = step_v(spec, pen, own["V"], Vleft, U, right)
         new["V"] = V
