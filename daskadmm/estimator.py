@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -130,8 +131,8 @@ class _ADMMEstimator(BaseEstimator):
     def _seed(self) -> int:
         rs = self.random_state
         if rs is None or isinstance(rs, np.random.RandomState):
-            gen = np.random.mtrand._rand if rs is None else rs
-            return int(gen.randint(0, 2**31 - 1))
+            # scikit-learn's convention: None is numpy's global random state
+            return int(check_random_state(rs).randint(0, 2**31 - 1))
         if isinstance(rs, bool) or not isinstance(rs, int | np.integer):
             raise ValueError(f"random_state must be an int, a numpy RandomState or None, "
                              f"got {rs!r}")
