@@ -79,6 +79,9 @@ class Monitor:
     increases: list[tuple[int, float]] = field(default_factory=list)
     capped_total: int = 0
     step_times: list[float] = field(default_factory=list)  # when each iteration was processed
+    # (k, seconds): when the results of iterations up to k arrived, for engines that deliver a
+    # whole window at once (dask's synchronous and threaded schedulers)
+    arrivals: list[tuple[int, float]] = field(default_factory=list)
     objective0: float = math.nan
     _last_objective: float = math.nan
     _last_params: tuple[float, float] | None = None
@@ -171,9 +174,22 @@ class Monitor:
             return "converged"
         return None
 
+    def arrived(self, k: int) -> None:
+        """The results of every iteration up to ``k`` are in hand (see ``arrivals``)."""
+        self.arrivals.append((k, self.elapsed()))
+
     def steady_seconds_per_iteration(self) -> float | None:
         """Time per iteration over the second half of the run: excludes start-up and the
-        pipelined wavefront's fill (NaN with fewer than 4 iterations)."""
+        pipelined wavefront's fill (NaN with fewer than 4 iterations). Where results arrive a
+        window at a time, measured between window ends (from the last one in the first half to
+        the last one; NaN if the run was one window)."""
+        if self.arrivals:
+            k_last, t_last = self.arrivals[-1]
+            first = [(k, t) for k, t in self.arrivals if k <= k_last / 2]
+            if not first or k_last - first[-1][0] < 2:
+                return float("nan")
+            k0, t0 = first[-1]
+            return (t_last - t0) / (k_last - k0)
         t = self.step_times
         if len(t) < 4:
             return float("nan")

@@ -408,6 +408,7 @@ class _Ctx:
             else:
                 values = dask.threaded.get(dsk, want, num_workers=workers)
             got = dict(zip(want, values, strict=True))
+            self.monitor.arrived(k1)  # the whole window's results arrive together
             self.tasks_run += len(wg.nodes)
             stop = None
             for kk in range(k + 1, k1 + 1):
@@ -1239,6 +1240,7 @@ class _ZarrCtx(_Ctx):
                     *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
             vals = get(to_dask_graph(wg.nodes, literals), want)
             got = dict(zip(want, vals, strict=True))
+            self.monitor.arrived(k1)  # the whole window's results arrive together
             self.tasks_run += len(wg.nodes)
             stop = None
             for kk in range(k + 1, k1 + 1):

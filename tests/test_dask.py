@@ -357,3 +357,30 @@ def test_the_size_probe_warning_is_dropped_and_nothing_else():
                               "Defaulting to 0.95 MiB", None, None)
     assert len(logger.filters) == 1
     assert not logger.filter(probe) and logger.filter(other)
+
+
+def test_steady_time_per_iteration_counts_whole_windows(monkeypatch):
+    """Engines that deliver a window of iterations at once: the steady time per iteration is
+    measured between window ends, not over the processing of records that arrived together."""
+    from daskadmm.monitor import Monitor
+
+    clock = iter([0.0, 4.0, 8.0, 12.0])  # three windows of 4 iterations, 4 s each
+    mon = Monitor(iterations=12, eval_every=1, evaluate=lambda w: {})
+    monkeypatch.setattr(mon, "elapsed", lambda: next(clock))
+    for k1 in (4, 8, 12):
+        mon.arrived(k1)
+    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
+    one = Monitor(iterations=4, eval_every=1, evaluate=lambda w: {})
+    monkeypatch.setattr(one, "elapsed", lambda: 1.0)
+    one.arrived(4)
+    assert np.isnan(one.steady_seconds_per_iteration())  # a single window: not measurable
+
+
+@pytest.mark.parametrize("state", ["memory", "zarr"])
+def test_local_schedulers_record_window_arrivals(state):
+    cfg, ds = _problem()
+    cfg.storage.state = state
+    cfg.run.window = 2
+    res = _run(cfg, ds, "synchronous", 2)
+    steady = res.info["steady_seconds_per_iteration"]
+    assert steady > 0 and np.isfinite(steady)
