@@ -95,6 +95,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         tol_dual=cfg.run.tol_dual,
         diverge_factor=cfg.run.diverge_factor,
         callback=callback,
+        stall_iterations=cfg.run.stall_iterations,
+        chance=(float(ds.Y_train.mean(axis=1).max()) if ds.task == "classification" and
+                ds.n_train else None),
     )
     name = cfg.algorithm.name
     if name not in ADMM_ALGORITHMS:

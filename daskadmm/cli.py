@@ -67,8 +67,9 @@ _NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "expe
 
 
 # Exit codes: 0 the run finished (converged or max_iter); 2 bad input, an unusable store or a
-# cluster failure (one line on stderr); 3 the run failed (diverged or nonfinite: its outputs
-# are written, and the model kept is that of its last good evaluation); 130 interrupted
+# cluster failure (one line on stderr); 3 the run failed (diverged or nonfinite: its outputs are
+# written, and the model kept is that of its last good evaluation; stalled: it did not learn,
+# its outputs and final model are written); 130 interrupted
 # (Ctrl-C: the run stopped at its next evaluation and wrote its outputs).
 EXIT_FAILED_RUN = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C: the run stopped at its next evaluation and wrote its outputs
@@ -467,6 +468,10 @@ def _task(dcfg: DictConfig) -> None:
                          f"results so far are in {run_dir}{hint}\n")
         sys.stderr.flush()
         raise SystemExit(EXIT_INTERRUPTED)
+    if result.status == "stalled":
+        sys.stderr.write(f"{PROG}: error: the run did not learn: {result.message}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_FAILED_RUN)
     if result.status in FAILED:
         kept = result.info.get("model_iteration")
         sys.stderr.write(f"{PROG}: error: the run failed ({result.status}): {result.message}"

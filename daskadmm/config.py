@@ -171,6 +171,9 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     diverge_factor: float = 1e8  # diverged when objective > factor * max(1, initial objective)
+    # stop with status "stalled" when after this many iterations the forward training loss has
+    # not fallen, or the training accuracy stayed at chance over the last this many (0: off)
+    stall_iterations: int = 25
     plot: bool = True
 
 
@@ -392,6 +395,8 @@ def validate(cfg: Config) -> Config:
     _check(r.window >= 0, f"run.window must be >= 0, got {r.window}")
     _check(r.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {r.checkpoint_every}")
     _finite_pos("run.diverge_factor", r.diverge_factor)
+    _check(r.stall_iterations >= 0,
+           f"run.stall_iterations must be >= 0 (0: off), got {r.stall_iterations}")
 
     _check(c.kind in CLUSTERS, f"cluster.kind must be one of {', '.join(CLUSTERS)}, got {c.kind!r}")
     if c.kind == "address":

@@ -8,6 +8,10 @@ Stopping rules, checked at evaluation points (every ``eval_every`` iterations an
 - ``converged``: at least one tolerance is positive and every positive tolerance holds
   (``primal <= tol_primal``, ``dual <= tol_dual``);
 - ``interrupted``: :func:`request_stop` was called (the CLI's Ctrl-C);
+- ``stalled``: after ``stall_iterations`` iterations the network is not learning: its true
+  forward training loss never fell below ``(1 - STALL_DROP)`` times its initial value, or (for
+  classification, ``chance`` given) its training accuracy stayed within ``STALL_MARGIN`` of
+  chance (the majority class's share) at every evaluation of the last ``stall_iterations``;
 - otherwise the run ends with ``max_iter``.
 
 Residuals: ``primal = sqrt(sum_i ||U_i - W_i V~_{i-1}||^2 / n)`` (RMS per sample) and
@@ -27,6 +31,11 @@ import numpy as np
 __all__ = ["FAILED", "IterationStats", "Monitor", "clear_stop", "request_stop"]
 
 FAILED = ("diverged", "nonfinite")  # statuses of a failed run (the CLI exits non-zero)
+STALL_DROP = 1e-3  # a forward loss that fell by less than this fraction has not fallen
+STALL_MARGIN = 0.01  # an accuracy within this of chance is at chance
+# what to try when a run stalls (the message and the CLI say it)
+STALL_HINT = ("try model.activation=tanh, a smaller algorithm.rho (e.g. 0.5) with a larger "
+              "algorithm.beta (e.g. 5), or a smaller model.depth")
 
 # Set by request_stop() (the CLI's Ctrl-C handler): every engine stops at its next evaluation
 # with status "interrupted", keeping what it has (results, the last checkpoint).
@@ -74,6 +83,8 @@ class Monitor:
     tol_dual: float = 0.0
     diverge_factor: float = 1e8
     callback: Callable[[dict], None] | None = None
+    stall_iterations: int = 0  # 0: never report a stall
+    chance: float | None = None  # classification: the majority class's share of the training set
     t0: float = field(default_factory=time.perf_counter)
     history: list[dict[str, float]] = field(default_factory=list)
     increases: list[tuple[int, float]] = field(default_factory=list)
@@ -172,6 +183,28 @@ class Monitor:
         active = [(t, v) for t, v in tols if t > 0]
         if rec["iteration"] > 0 and active and all(v <= t for t, v in active):
             return "converged"
+        if self.stall_reason(int(rec["iteration"])) is not None:
+            return "stalled"
+        return None
+
+    def stall_reason(self, k: int) -> str | None:
+        """Why the run counts as stalled at iteration ``k`` (None: it does not). Derived from
+        the history alone, so a resumed run judges exactly as an uninterrupted one."""
+        S = self.stall_iterations
+        if S <= 0 or k < S or not self.history:
+            return None
+        loss0 = self.history[0].get("train_loss", math.nan)
+        losses = [r.get("train_loss", math.nan) for r in self.history[1:]]
+        if math.isfinite(loss0) and losses and all(math.isfinite(v) for v in losses) and \
+                min(losses) > (1.0 - STALL_DROP) * loss0:
+            return (f"the network's forward training loss has not fallen below its initial "
+                    f"value ({loss0:.4g}) in {k} iterations")
+        if self.chance is not None:
+            recent = [r.get("train_metric", math.nan) for r in self.history
+                      if r["iteration"] >= k - S]
+            if len(recent) >= 2 and all(v <= self.chance + STALL_MARGIN for v in recent):
+                return (f"the training accuracy has stayed at chance ({self.chance:.3g}, the "
+                        f"majority class's share) for {S} iterations")
         return None
 
     def arrived(self, k: int) -> None:
@@ -202,6 +235,9 @@ class Monitor:
                     f"(primal <= {self.tol_primal:g}, dual <= {self.tol_dual:g})")
         if status == "interrupted":
             return f"interrupted after {k} iterations"
+        if status == "stalled":
+            reason = self.stall_reason(k) or "the network stopped learning"
+            return f"stalled at iteration {k}: {reason}; {STALL_HINT}"
         if status == "nonfinite":
             return f"NaN or inf at iteration {k}: lower rho/beta or raise tau"
         if status == "diverged":

@@ -11,7 +11,7 @@ from .model import Architecture
 
 __all__ = ["STATUSES", "Result"]
 
-STATUSES = ("converged", "max_iter", "diverged", "nonfinite", "interrupted")
+STATUSES = ("converged", "max_iter", "diverged", "nonfinite", "interrupted", "stalled")
 
 # Columns of metrics.csv, in order. Every trainer (ADMM or backprop) fills the same record.
 HISTORY_COLUMNS = (
@@ -34,10 +34,12 @@ class Result:
     """What :func:`daskadmm.fit` returns.
 
     ``status`` is one of ``converged`` (residual tolerances met), ``max_iter``, ``diverged``
-    (objective blew up), ``nonfinite`` (NaN/inf in the state) or ``interrupted`` (stopped on
-    request, e.g. Ctrl-C). ``history`` holds one record per
-    evaluation with the keys of ``HISTORY_COLUMNS``; ``metric`` names the train/test metric
-    (``accuracy`` or ``mse``). ``weights`` are the final ``W_1..W_N`` (bias in the last column).
+    (objective blew up), ``nonfinite`` (NaN/inf in the state), ``interrupted`` (stopped on
+    request, e.g. Ctrl-C) or ``stalled`` (the network's forward loss did not fall, or its
+    accuracy stayed at chance, for ``run.stall_iterations``; the message says what to try).
+    ``history`` holds one record per evaluation with the keys of ``HISTORY_COLUMNS``;
+    ``metric`` names the train/test metric (``accuracy`` or ``mse``). ``weights`` are the final
+    ``W_1..W_N`` (bias in the last column).
     """
 
     status: str
