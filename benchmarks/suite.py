@@ -673,7 +673,7 @@ def profile_iteration(depth: int, width: int, n: int, top: int = 12) -> dict[str
     specs = [BlockSpec(arch, i, n) for i in range(1, depth + 1)]
     from daskadmm.schedules import PenaltySchedule
 
-    pen = PenaltySchedule(cfg.algorithm).at(1)
+    pen = PenaltySchedule(api.schedule_options(cfg.algorithm)).at(1)
     prof = cProfile.Profile()
     with threadpool_limits(limits=1, user_api="blas"):
         outputs, _ = sweep(splitting, specs, pen, initial_outputs(splitting, states),

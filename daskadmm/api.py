@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .config import ADMM_ALGORITHMS, ZARR_ALGORITHMS, Config, validate
+from .config import ADMM_ALGORITHMS, ZARR_ALGORITHMS, AlgorithmConfig, Config, validate
 from .data import Dataset, load_dataset
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
 from .result import Result
-from .schedules import PenaltySchedule
+from .schedules import PenaltySchedule, ScheduleOptions
 from .splitting import Options
 
-__all__ = ["build_architecture", "evaluator", "fit", "load_data"]
+__all__ = ["build_architecture", "evaluator", "fit", "load_data", "schedule_options"]
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -38,6 +38,14 @@ def build_architecture(cfg: Config, ds: Dataset) -> Architecture:
     return Architecture(kind=m.kind, depth=m.depth, d_in=ds.d_in, width=m.width,
                         d_out=ds.d_out, activation=m.activation, leaky_slope=m.leaky_slope,
                         bias=m.bias, loss=loss)
+
+
+def schedule_options(a: AlgorithmConfig) -> ScheduleOptions:
+    """The penalty schedule's options from the ``algorithm`` section."""
+    return ScheduleOptions(kind=a.schedule, rho=a.rho, beta=a.beta, tau=a.tau, lam=a.lam,
+                           nu=a.nu, growth=a.growth, rho_max=a.rho_max, beta_max=a.beta_max,
+                           adapt_every=a.adapt_every, adapt_factor=a.adapt_factor,
+                           adapt_tol=a.adapt_tol)
 
 
 def metric_name(ds: Dataset) -> str:
@@ -110,7 +118,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         splitting = get_splitting(name)
         options = Options(step=cfg.algorithm.step, backtrack_max=cfg.algorithm.backtrack_max,
                           newton_max_iter=cfg.algorithm.newton_max_iter)
-        schedule = PenaltySchedule(cfg.algorithm)
+        schedule = PenaltySchedule(schedule_options(cfg.algorithm))
         if cfg.cluster.kind == "reference":
             from .reference import solve
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -48,7 +49,7 @@ from .config import Config, from_mapping
 from .errors import ClusterError, ConfigError, DataError, StoreError, UsageError, one_line
 from .monitor import FAILED
 
-__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "main"]
+__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "SCHEMA_NAME", "main", "register_schema"]
 
 PROG = "daskadmm"
 # The configs ship as the package ``daskadmm.conf`` (top-level ``conf/`` mapped by
@@ -57,6 +58,9 @@ PROG = "daskadmm"
 CONFIG_MODULE = "daskadmm.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 CONFIG_NAME = "config"
+# The schema node first in conf/config.yaml's defaults list: every key with its default, taken
+# from the dataclasses of daskadmm/config.py (the one place a default is written down).
+SCHEMA_NAME = "base_config"
 
 # Data sets loaded by the pre-flight and reused by the jobs (key: _data_key), within this budget.
 _PRELOAD_BUDGET_BYTES = 512 * 2**20
@@ -126,6 +130,27 @@ def _dataset_bytes(dataset: Any) -> int:
     for value in vars(dataset).values() if hasattr(dataset, "__dict__") else ():
         total += int(getattr(value, "nbytes", 0) or 0)
     return total
+
+
+# ---------------------------------------------------------------------------------------- schema
+
+
+def register_schema() -> None:
+    """Store the schema in Hydra's ConfigStore as ``base_config``: the whole :class:`Config`
+    with every default, which conf/config.yaml composes first, so the group files
+    (conf/algorithm/*.yaml, ...) list only what differs from it.
+
+    The node is a plain mapping, not the dataclass: a structured (typed) node would have
+    OmegaConf refuse ``model.depth=abc`` with its own multi-line message before
+    :func:`daskadmm.config.from_mapping` gives its one-line one naming the key. Unknown keys are
+    still refused at composition (Hydra puts the config in struct mode). Importing
+    ``daskadmm.conf`` (which Hydra does to read the configs) calls this, so the config
+    package composes through Hydra's compose API too, without the CLI.
+    """
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config().to_dict())
+
+
+register_schema()
 
 
 # -------------------------------------------------------------------------------------- pre-flight

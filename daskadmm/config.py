@@ -1,8 +1,11 @@
 """Typed run configuration and its validation.
 
-The dataclasses here are the structured-config schema that Hydra composes into (``cli.py``), and
-the only configuration objects the layers below the CLI ever see. :func:`validate` turns every
-bad value into a :class:`ConfigError` with a one-line message naming the key.
+The dataclasses here are the schema and the one place every default is written: the CLI
+registers them in Hydra's ConfigStore (``cli.register_schema``) as the base that
+``conf/config.yaml`` composes first, so the group files in ``conf/`` list only what their option
+changes (``ALGORITHM_OVERRIDES``, ``ALGORITHM_KEYS``: what each algorithm changes and reads). They
+are also the only configuration objects the layers below the CLI ever see. :func:`validate`
+turns every bad value into a :class:`ConfigError` with a one-line message naming the key.
 
 Nothing in this module imports Hydra: ``from_mapping`` accepts any nested mapping (an OmegaConf
 ``DictConfig`` converted with ``OmegaConf.to_container`` or a plain dict).
@@ -24,6 +27,8 @@ from .errors import ConfigError
 
 __all__ = [
     "ADMM_ALGORITHMS",
+    "ALGORITHM_KEYS",
+    "ALGORITHM_OVERRIDES",
     "ACTIVATIONS",
     "BASELINE_ALGORITHMS",
     "DATASETS",
@@ -106,13 +111,32 @@ class AlgorithmConfig:
     weight_decay: float = 0.0
 
 
-# Each algorithm's defaults where they differ from AlgorithmConfig's (conf/algorithm/<name>.yaml
-# holds the same values; a test checks that they agree).
+# Each algorithm's defaults where they differ from AlgorithmConfig's. conf/algorithm/<name>.yaml
+# holds exactly these (besides ``name``), and a test checks that they agree.
 ALGORITHM_OVERRIDES: dict[str, dict[str, Any]] = {
     "dladmm": {"rho": 0.1},
     "pdadmm": {"rho": 0.1},
-    "adam": {"rho": 1.0, "lam": 1e-3},
-    "sgd": {"rho": 1.0, "lam": 1e-3},
+}
+
+# The schedule keys (every ADMM algorithm goes through the penalty schedule).
+_SCHEDULE_KEYS = ("schedule", "growth", "rho_max", "beta_max", "adapt_every", "adapt_factor",
+                  "adapt_tol")
+# dlADMM / pdADMM have no beta: their schedule scales rho (and nu = rho) only.
+_NU_SCHEDULE_KEYS = tuple(k for k in _SCHEDULE_KEYS if k != "beta_max")
+
+# The algorithm keys each algorithm reads (besides ``name``); the others are accepted and
+# ignored. conf/algorithm/<name>.yaml lists them in its ``# reads:`` comment (tested).
+ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
+    "radmm3": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter"),
+    "radmm3l": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter"),
+    "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
+               "newton_max_iter"),
+    "dladmm": ("rho", "nu", "lam", *_NU_SCHEDULE_KEYS, "step", "backtrack_max",
+               "newton_max_iter"),
+    "pdadmm": ("rho", "nu", "lam", *_NU_SCHEDULE_KEYS, "step", "backtrack_max",
+               "newton_max_iter"),
+    "adam": ("lr", "batch_size", "weight_decay"),
+    "sgd": ("lr", "momentum", "batch_size", "weight_decay"),
 }
 
 

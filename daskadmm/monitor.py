@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,38 @@ class Monitor:
                 all(np.all(np.isfinite(W)) for W in self._pending[1]):
             self.last_good = self._pending
         return stop
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's progress, as a checkpoint manifest stores it (plain lists and
+        numbers; NaN stays NaN, the store's JSON writer turns it into null): the records so
+        far (``history``), the L increases at unchanged penalties (``increases``), the capped
+        inner solves (``capped_total``) and the last objective with the penalties it was
+        computed at (``last_objective``, ``last_params``). ``last_good`` holds weights and is
+        the caller's to store."""
+        return {"history": [dict(r) for r in self.history],
+                "increases": [list(x) for x in self.increases],
+                "capped_total": self.capped_total,
+                "last_objective": self._last_objective,
+                "last_params": list(self._last_params) if self._last_params else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: a :meth:`state_dict`, or a manifest that holds its keys
+        (read back from JSON: null record values become NaN; a manifest without
+        ``last_params`` takes the last objective and penalties from its last record).
+        ``objective0`` is that of the first record."""
+        self.history = [{k: math.nan if v is None else v for k, v in r.items()}
+                        for r in state.get("history") or []]
+        if self.history:
+            self.objective0 = self.history[0]["objective"]
+            self._last_objective = self.history[-1]["objective"]
+            self._last_params = (self.history[-1]["rho"], self.history[-1]["beta"])
+        if "last_params" in state:  # the objective of the checkpoint iteration itself
+            last = state.get("last_objective")
+            self._last_objective = math.nan if last is None else float(last)
+            params = state["last_params"]
+            self._last_params = (params[0], params[1]) if params else None
+        self.increases = [(k, d) for k, d in state.get("increases", [])]
+        self.capped_total = int(state.get("capped_total", 0))
 
     def final_weights(self, status: str, weights: list[np.ndarray]
                       ) -> tuple[list[np.ndarray], int | None]:

@@ -515,25 +515,19 @@ class _Ctx:
     def monitor_snapshot(self) -> dict[str, Any]:
         import copy
 
-        mon, sch = self.monitor, self.schedule
-        return copy.deepcopy({
-            "history": mon.history, "increases": mon.increases,
-            "capped_total": mon.capped_total, "objective0": mon.objective0,
-            "last_objective": mon._last_objective, "last_params": mon._last_params,
-            "last_good": mon.last_good, "rho": sch._rho, "beta": sch._beta,
-            "primal": sch._primal, "changes": sch.changes})
+        mon = self.monitor
+        return copy.deepcopy({"monitor": mon.state_dict(), "objective0": mon.objective0,
+                              "last_good": mon.last_good,
+                              "schedule": self.schedule.state_dict()})
 
     def restore_monitor_snapshot(self, snap: dict[str, Any]) -> None:
         import copy
 
         snap = copy.deepcopy(snap)
-        mon, sch = self.monitor, self.schedule
-        mon.history, mon.increases = snap["history"], snap["increases"]
-        mon.capped_total, mon.objective0 = snap["capped_total"], snap["objective0"]
-        mon._last_objective, mon._last_params = snap["last_objective"], snap["last_params"]
-        mon.last_good = snap["last_good"]
-        sch._rho, sch._beta, sch._primal, sch.changes = (snap["rho"], snap["beta"],
-                                                         snap["primal"], snap["changes"])
+        mon = self.monitor
+        mon.load_state_dict(snap["monitor"])
+        mon.objective0, mon.last_good = snap["objective0"], snap["last_good"]
+        self.schedule.load_state_dict(snap["schedule"])
 
     def _quiesce(self, client, timeout: float = 300.0) -> None:
         """Cancel what this client still wants of the abandoned attempt and wait until none
@@ -1077,33 +1071,13 @@ class _ZarrCtx(_Ctx):
         """Monitor and penalty schedule as they were at the manifest's checkpoint."""
         cp = self.manifest
         assert cp is not None  # only called when resuming from a committed checkpoint
-        hist = cp.get("history") or []
         mon = self.monitor
-        mon.history = [dict(r) for r in hist]
-        for r in mon.history:
-            for kk, v in r.items():
-                if v is None:
-                    r[kk] = float("nan")
-        if mon.history:
-            mon.objective0 = mon.history[0]["objective"]
-            mon._last_objective = mon.history[-1]["objective"]
-            mon._last_params = (mon.history[-1]["rho"], mon.history[-1]["beta"])
-        if "last_params" in cp:  # the objective of the checkpoint iteration itself
-            last = cp.get("last_objective")
-            mon._last_objective = float("nan") if last is None else float(last)
-            mon._last_params = tuple(cp["last_params"]) if cp["last_params"] else None
-        mon.increases = [tuple(x) for x in cp.get("increases", [])]
-        mon.capped_total = int(cp.get("capped_total", 0))
+        mon.load_state_dict(cp)  # the manifest holds the monitor's state_dict keys
         if mon.callback is not None and not self._replayed:
             for r in mon.history:  # the rows a resumed run's outputs start with
                 mon.callback(r)
         self._replayed = True
-        sched = cp.get("schedule") or {}
-        s = self.schedule
-        if sched:
-            s._rho, s._beta = sched["rho"], sched["beta"]
-            s._primal = {int(k): v for k, v in sched.get("primal", {}).items()}
-            s.changes = [tuple(x) for x in sched.get("changes", [])]
+        self.schedule.load_state_dict(cp.get("schedule") or {})
 
     def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
         """The monitor's last good evaluation, as recorded in the manifest: its weights are
@@ -1123,12 +1097,6 @@ class _ZarrCtx(_Ctx):
             self.monitor.last_good = (int(good["iteration"]),
                                       [_decode_array(w) for w in good["weights"]])
 
-    def _schedule_state(self) -> dict[str, Any]:
-        s = self.schedule
-        return {"rho": s._rho, "beta": s._beta,
-                "primal": {str(k): v for k, v in s._primal.items()},
-                "changes": [list(x) for x in s.changes]}
-
     def _manifest(self, k: int, slot: str, small: list[dict] | None,
                   checksums: dict[str, list[int]]) -> dict[str, Any]:
         mon = self.monitor
@@ -1137,12 +1105,10 @@ class _ZarrCtx(_Ctx):
             kg, wg = mon.last_good
             good = {"iteration": kg,
                     "weights": None if kg == k else [_encode_array(W) for W in wg]}
-        return {"iteration": k, "slot": slot, "history": mon.history,
-                "schedule": self._schedule_state(), "small": small,
-                "increases": [list(x) for x in mon.increases],
-                "capped_total": mon.capped_total,
-                "last_objective": mon._last_objective,
-                "last_params": list(mon._last_params) if mon._last_params else None,
+        # the monitor's state_dict keys (history, increases, capped_total, last_objective,
+        # last_params) at the top level, as manifests have always held them
+        return {"iteration": k, "slot": slot, **mon.state_dict(),
+                "schedule": self.schedule.state_dict(), "small": small,
                 "last_good": good,
                 "determinants": self.store.attrs.get("determinants"),
                 "checksums": checksums}
@@ -1396,8 +1362,7 @@ class _ZarrCtx(_Ctx):
         else:
             mon.history, mon.increases, mon.capped_total = [], [], 0
             mon.last_good = None
-            sch._rho, sch._beta = sch.cfg.rho, sch.cfg.beta
-            sch._primal, sch.changes = {}, []
+            sch.reset()
 
 
 class _MlpZarrCtx(_ZarrCtx):

@@ -14,14 +14,18 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from daskadmm.config import (
+    ADMM_ALGORITHMS,
+    ALGORITHM_KEYS,
+    ALGORITHM_OVERRIDES,
+    BASELINE_ALGORITHMS,
     AlgorithmConfig,
     ClusterConfig,
     Config,
     ConfigError,
     DataConfig,
     ModelConfig,
-    RunConfig,
     StorageConfig,
+    algorithm_defaults,
     from_mapping,
 )
 
@@ -86,10 +90,17 @@ def test_default_config():
     assert cfg.cluster.kind == "local"  # the embedded default: a LocalCluster of processes
     assert cfg.storage.url is None
     assert cfg.experiment is None
-    # the run section is complete and typed
-    assert set(yaml.safe_load((CONF_DIR / "config.yaml").read_text())["run"]) == {
-        f.name for f in dataclasses.fields(RunConfig)
-    }
+    # every default comes from the schema (the dataclasses), and the YAML repeats none of it
+    assert cfg == Config()
+    assert "run" not in yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+
+
+def test_composed_config_has_every_key():
+    """``daskadmm --cfg job`` shows the whole schema: every section, every key, in order."""
+    raw = OmegaConf.to_container(compose("config", []), resolve=True)
+    raw.pop("hydra", None)
+    assert raw == Config().to_dict()
+    assert list(raw["algorithm"]) == [f.name for f in dataclasses.fields(AlgorithmConfig)]
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_FILES, ids=[f"{g}/{o}" for g, o in GROUP_FILES])
@@ -99,9 +110,53 @@ def test_group_option_composes_and_validates(group, option):
     name_key = {"algorithm": "name", "data": "name", "model": "kind", "cluster": "kind"}.get(group)
     if name_key is not None:
         assert getattr(section, name_key) == option
-    # each option file is a full section: every schema key, nothing else
-    raw = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())
-    assert set(raw) == {f.name for f in dataclasses.fields(GROUP_SCHEMA[group])}
+    # each option file lists only what it changes: schema keys whose value differs from the
+    # schema's default (the option's own name excepted), nothing else
+    raw = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+    schema = dataclasses.asdict(GROUP_SCHEMA[group]())
+    assert set(raw) <= set(schema)
+    repeated = {k for k, v in raw.items() if k != name_key and v == schema[k]}
+    assert not repeated, f"{group}/{option}.yaml repeats the schema's defaults of {repeated}"
+    if name_key is not None:
+        assert raw[name_key] == option
+    for key, value in raw.items():
+        assert getattr(section, key) == value
+
+
+@pytest.mark.parametrize("name", ADMM_ALGORITHMS + BASELINE_ALGORITHMS)
+def test_algorithm_option_is_its_defaults(name):
+    """``algorithm=<name>`` composes to :func:`algorithm_defaults` (what the estimators use),
+    and its file holds exactly ``name`` plus :data:`ALGORITHM_OVERRIDES`."""
+    assert build(f"algorithm={name}").algorithm == algorithm_defaults(name)
+    raw = yaml.safe_load((CONF_DIR / "algorithm" / f"{name}.yaml").read_text())
+    assert raw == {"name": name, **ALGORITHM_OVERRIDES.get(name, {})}
+
+
+def _reads_comment(text: str) -> list[str]:
+    """The keys of the ``# reads: a, b,`` comment (continued on ``#   c, d`` lines)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# reads:"))
+    words = lines[start][len("# reads:"):]
+    for line in lines[start + 1:]:
+        if not line.startswith("#   "):
+            break
+        words += " " + line[1:]
+    return [w.strip() for w in words.split(",")]
+
+
+@pytest.mark.parametrize("name", ADMM_ALGORITHMS + BASELINE_ALGORITHMS)
+def test_algorithm_file_documents_what_it_reads(name):
+    fields = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    assert set(ALGORITHM_KEYS[name]) <= fields - {"name"}
+    assert set(ALGORITHM_OVERRIDES.get(name, {})) <= set(ALGORITHM_KEYS[name])
+    text = (CONF_DIR / "algorithm" / f"{name}.yaml").read_text()
+    assert _reads_comment(text) == list(ALGORITHM_KEYS[name])
+
+
+def test_every_algorithm_key_is_read_by_some_algorithm():
+    assert set(ALGORITHM_KEYS) == set(ADMM_ALGORITHMS + BASELINE_ALGORITHMS)
+    read = {k for keys in ALGORITHM_KEYS.values() for k in keys}
+    assert read == {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -18,6 +18,7 @@ import pytest
 from helpers import aug, fd_grad, forward_objective, loss, make_problem, sigma, skip_term
 from threadpoolctl import threadpool_limits
 
+from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
 from daskadmm.graph import build_window
 from daskadmm.model import get_activation
@@ -425,7 +426,7 @@ def _solve(prob, iterations, rho=4.0, nu=1.0, lam=1e-3):
     traces = []
     monitor = Monitor(iterations=iterations, eval_every=1, evaluate=lambda w: {})
     res = solve(get_splitting("dladmm"), prob.arch, prob.X, prob.Y, prob.weights,
-                PenaltySchedule(cfg), monitor, Options(),
+                PenaltySchedule(schedule_options(cfg)), monitor, Options(),
                 state_callback=lambda k, s: traces.append(s))
     return res, traces
 

@@ -107,9 +107,12 @@ def test_per_algorithm_defaults_match_their_yaml():
     for name in names:
         on_disk = omegaconf.OmegaConf.to_container(
             omegaconf.OmegaConf.load(ROOT / "conf" / "algorithm" / f"{name}.yaml"))
+        # the file lists what differs from the schema; the schema fills in the rest
+        assert on_disk == {"name": name, **ALGORITHM_OVERRIDES.get(name, {})}
         expected = algorithm_defaults(name)
+        composed = AlgorithmConfig(**on_disk)
         for key in fields:
-            assert on_disk.get(key) == getattr(expected, key), (name, key)
+            assert getattr(composed, key) == getattr(expected, key), (name, key)
 
 
 def test_none_penalties_take_the_algorithms_defaults():

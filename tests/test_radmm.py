@@ -34,6 +34,7 @@ from helpers import (
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
+from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
 from daskadmm.model import Architecture, init_weights
 from daskadmm.monitor import IterationStats, Monitor
@@ -63,7 +64,7 @@ def no_metrics(weights):
 
 def solve(name, prob, iterations, *, options=None, eval_every=1, callback=None, weights=None,
           monitor_kw=None, **cfg):
-    schedule = PenaltySchedule(AlgorithmConfig(name=name, **cfg))
+    schedule = PenaltySchedule(schedule_options(AlgorithmConfig(name=name, **cfg)))
     monitor = Monitor(iterations=iterations, eval_every=eval_every, evaluate=no_metrics,
                       **(monitor_kw or {}))
     result = reference.solve(get_splitting(name), prob.arch, prob.X, prob.Y,
@@ -405,7 +406,7 @@ def test_linear_network_converges_to_least_squares():
 def test_grow_schedule_caps():
     cfg = AlgorithmConfig(schedule="grow", rho=1.0, beta=0.5, growth=1.5, rho_max=4.0,
                           beta_max=3.0, tau=0.01, lam=0.1)
-    s = PenaltySchedule(cfg)
+    s = PenaltySchedule(schedule_options(cfg))
     for k in range(1, 30):
         p = s.at(k)
         assert p.rho == pytest.approx(min(1.5 ** (k - 1), 4.0), rel=TOL.rounding)
@@ -420,7 +421,7 @@ def test_adaptive_schedule_changes_only_at_multiples():
     a = 4
     cfg = AlgorithmConfig(schedule="adaptive", rho=1.0, beta=1.0, adapt_every=a,
                           adapt_factor=2.0, adapt_tol=0.9, rho_max=16.0, beta_max=8.0)
-    s = PenaltySchedule(cfg)
+    s = PenaltySchedule(schedule_options(cfg))
     rhos = []
     for k in range(1, 41):
         rhos.append(s.at(k).rho)
@@ -432,11 +433,63 @@ def test_adaptive_schedule_changes_only_at_multiples():
     assert [c[0] for c in s.changes] == changed
     assert all(s.is_barrier(k) == (k % a == 0) for k in range(1, 41))
     # a residual that keeps falling fast enough never triggers a change
-    s2 = PenaltySchedule(cfg)
+    s2 = PenaltySchedule(schedule_options(cfg))
     for k in range(1, 41):
         s2.observe(k, 0.5**k)
         assert s2.at(k + 1).rho == 1.0
     assert s2.changes == []
+
+
+def test_schedule_state_dict_round_trips_through_json():
+    """A schedule restored from its JSON'd state_dict (a checkpoint) continues exactly as the
+    original would; reset() is iteration 0."""
+    import json
+
+    cfg = AlgorithmConfig(schedule="adaptive", rho=1.0, beta=1.0, adapt_every=3,
+                          adapt_factor=2.0, adapt_tol=0.9, rho_max=64.0, beta_max=64.0)
+    s = PenaltySchedule(schedule_options(cfg))
+    for k in range(1, 14):
+        s.observe(k, 1.0)
+    assert s.changes
+    t = PenaltySchedule(schedule_options(cfg))
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.state_dict() == s.state_dict() and t.changes == s.changes
+    for k in range(14, 30):
+        assert t.at(k) == s.at(k)
+        s.observe(k, 1.0)
+        t.observe(k, 1.0)
+    assert t.changes == s.changes
+    t.reset()
+    fresh = PenaltySchedule(schedule_options(cfg))
+    assert t.state_dict() == fresh.state_dict() and t.at(1) == fresh.at(1)
+
+
+def test_monitor_state_dict_round_trips_through_json():
+    import json
+
+    m = Monitor(iterations=10, eval_every=1, evaluate=no_metrics)
+    w = [np.ones((2, 2))]
+    m.start(5.0, w, 1.0, 1.0)
+    for k, obj in ((1, 4.0), (2, 4.5), (3, float("nan"))):
+        it = IterationStats(obj, 0.1, 0.1, 1)
+        m.step(k, it, 1.0, 1.0)
+        m.record(k, it, w, 1.0, 1.0)
+    state = m.state_dict()
+    assert set(state) == {"history", "increases", "capped_total", "last_objective",
+                          "last_params"}
+    # as a manifest stores it: NaN becomes null
+    text = json.dumps(state).replace("NaN", "null")
+    n = Monitor(iterations=10, eval_every=1, evaluate=no_metrics)
+    n.load_state_dict(json.loads(text))
+    assert n.objective0 == 5.0 and n.capped_total == m.capped_total == 3
+    assert n.increases == m.increases == [(2, 0.5)]
+    assert n._last_params == (1.0, 1.0) and math.isnan(n._last_objective)
+    assert len(n.history) == 4 and math.isnan(n.history[-1]["objective"])
+    # a manifest from before last_objective / last_params were stored: from the last record
+    old = json.loads(text)
+    del old["last_objective"], old["last_params"]
+    n.load_state_dict(old)
+    assert n._last_params == (1.0, 1.0) and math.isnan(n._last_objective)
 
 
 def test_adaptive_schedule_in_the_reference_solver():
@@ -462,7 +515,7 @@ def test_grow_schedule_monotone_at_equal_parameters():
     prob = make_problem("tanh", "resnet", True, depth=3, width=5, n=30, seed=4)
     cfg = dict(schedule="grow", rho=2.0, beta=1.0, growth=1.05, rho_max=6.0, beta_max=3.0,
                tau=1e-3, lam=1e-2)
-    schedule = PenaltySchedule(AlgorithmConfig(**cfg))
+    schedule = PenaltySchedule(schedule_options(AlgorithmConfig(**cfg)))
     states = radmm3.init_state(prob.arch, prob.weights, prob.X, prob.Y)
     raised_by_schedule = 0
     for k in range(1, 41):
@@ -540,7 +593,7 @@ def test_solver_stops_with_status():
         calls.append(1)
         return dict(no_metrics(weights), train_loss=math.nan if len(calls) > 4 else 0.0)
 
-    schedule = PenaltySchedule(AlgorithmConfig(**kw))
+    schedule = PenaltySchedule(schedule_options(AlgorithmConfig(**kw)))
     monitor = Monitor(iterations=50, eval_every=1, evaluate=nan_from_iteration_4)
     res = reference.solve(get_splitting("radmm3"), prob.arch, prob.X, prob.Y, prob.weights,
                           schedule, monitor)
