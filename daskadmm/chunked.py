@@ -21,12 +21,12 @@ chunking every scheduler is bitwise equal).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from .model import Architecture, augment, forward, loss_grad_n
 from .splitting import BlockSpec, Penalties, radmm3
+from .storage import StoreRef, array_handle, committed_slot
 
 __all__ = [
     "ChunkTask",
@@ -59,25 +59,17 @@ def layout(arch: Architecture) -> list[dict[str, tuple]]:
     return out
 
 
-@lru_cache(maxsize=8)
-def _group(url: str):
-    import zarr
-
-    return zarr.open_group(url, mode="r+")
+def _handle(url: StoreRef, path: str):
+    """The store's array at ``path`` (cached per process; see :func:`.storage.array_handle`)."""
+    return array_handle(url, path)
 
 
-@lru_cache(maxsize=4096)
-def _handle(url: str, path: str):
-    """Array handles are cached per process: opening one reads its metadata (~0.4 ms)."""
-    return _group(url)[path]
-
-
-def _read(url: str, path: str, sl: slice, slot: int | None = None) -> Array:
+def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
     arr = _handle(url, path)
     return np.asarray(arr[(slot, slice(None), sl)] if slot is not None else arr[:, sl])
 
 
-def _write(url: str, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
+def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
     arr = _handle(url, path)
     if slot is not None:
         arr[(slot, slice(None), sl)] = value
@@ -89,7 +81,7 @@ def _write(url: str, path: str, sl: slice, value: Array, slot: int | None = None
 class ChunkTask:
     """Where a task's chunk lives: store URL, sample range, chunk index."""
 
-    url: str
+    url: StoreRef  # the store (its URL and creation id)
     sl: slice
     c: int
 
@@ -207,19 +199,6 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     return out
 
 
-def _committed_slot(url: str) -> str | None:
-    """The slot of the store's committed checkpoint (None: no checkpoint)."""
-    import json
-
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    from .storage import MANIFEST
-
-    buf = sync(_group(url).store.get(MANIFEST, prototype=default_buffer_prototype()))
-    return None if buf is None else json.loads(buf.to_bytes()).get("slot")
-
-
 def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
                      *order) -> dict[str, int]:
     """Copy one chunk of block ``block``'s live slot into checkpoint slot ``ckpt``; return
@@ -230,7 +209,7 @@ def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: in
     what the run recovers from."""
     from .storage import checksum
 
-    if _committed_slot(ct.url) == ckpt:
+    if committed_slot(ct.url) == ckpt:
         raise RuntimeError(f"checkpoint slot {ckpt} of {ct.url} holds the committed "
                            "checkpoint: not overwriting it")
     out = {}
@@ -249,7 +228,7 @@ def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
                _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
 
 
-def evaluate_chunks(url: str, arch: Architecture, task: str, metric: str,
+def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
                     train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
                     ) -> tuple[dict[str, float], list[Array]]:
     """True forward pass on the stored train and test data, one chunk at a time."""

@@ -51,6 +51,7 @@ from .splitting.dladmm import (
     update_W_stats,
     w_stats,
 )
+from .storage import StoreRef
 
 __all__ = [
     "ALGORITHMS",
@@ -183,7 +184,7 @@ def layer_stats(small: Small, *outs: dict) -> dict[str, float]:
     return total
 
 
-def evaluate_small(url: str, arch: Architecture, task: str, metric: str,
+def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
                    train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small):
     return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
 
@@ -589,7 +590,7 @@ class MlpWindow:
         return len(self.nodes)
 
 
-def start_nodes(name: str, arch: Architecture, url: str, slices: list[slice], run_id: str,
+def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
                 weights: list[Array], n: int, restore: tuple[int, str] | None
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh) or a
@@ -627,7 +628,7 @@ def start_nodes(name: str, arch: Architecture, url: str, slices: list[slice], ru
 
 
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
-                 k1: int, prev: dict[str, str], run_id: str, url: str, slices: list[slice],
+                 k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
                  eval_iters: Iterable[int] = (), eval_args: tuple = (),
                  ckpt_slots: dict[int, str] | None = None) -> MlpWindow:
     """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident pdADMM or dlADMM graph.

@@ -32,6 +32,7 @@ import numpy as np
 from .model import Architecture, metrics
 from .monitor import IterationStats
 from .splitting import BlockSpec, Penalties, Splitting, select
+from .storage import StoreRef
 
 __all__ = [
     "Node",
@@ -301,7 +302,7 @@ def _tree(nodes: list[Node], base: str, which: str, refs: list[Ref], block: int,
 
 
 def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
-                         prev: dict[str, str], run_id: str, url: str, slices: list[slice],
+                         prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
                          linearized: bool, eval_iters: Iterable[int] = (),
                          eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None,
                          name: str = "radmm3") -> ChunkedWindow:

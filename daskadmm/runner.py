@@ -51,6 +51,7 @@ from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
+from .storage import StoreRef
 
 if TYPE_CHECKING:
     from .storage import StateStore
@@ -960,6 +961,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
                                              window, run_id, metric)
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
+    ctx.task_url = store.ref
     ctx.linearized = splitting.name == "radmm3l"
     ctx.manifest = cp
     ctx.ck_layout = ck_lay
@@ -1003,6 +1005,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 class _ZarrCtx(_Ctx):
     # set by run_dask after construction (the store is opened after the context's inputs)
     url: str
+    task_url: StoreRef  # what the tasks name the store by
     linearized: bool
     store: StateStore
     slices: list[slice]
@@ -1033,7 +1036,7 @@ class _ZarrCtx(_Ctx):
                 for i in range(1, N + 1):
                     names = tuple(v for v in ("U", "Lam", "V") if v in self.layout[i - 1])
                     nodes.append(Node(f"restore_chunk-b{i}-c{c}-{rid}", chunked.restore_chunk,
-                                      (chunked.ChunkTask(self.url, sl, c), i, names, slot,
+                                      (chunked.ChunkTask(self.task_url, sl, c), i, names, slot,
                                        cp["slot"]), block=i))
             start = {(i, c): f"restore_chunk-b{i}-c{c}-{rid}" for i in range(1, N + 1)
                      for c in range(len(self.slices))}
@@ -1041,7 +1044,7 @@ class _ZarrCtx(_Ctx):
             k0, weights = 0, weights0
             for c, sl in enumerate(self.slices):
                 nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
-                                  (chunked.ChunkTask(self.url, sl, c), self.arch, weights0,
+                                  (chunked.ChunkTask(self.task_url, sl, c), self.arch, weights0,
                                    self.n)))
             start = {(i, c): f"init_chunk-c{c}-{rid}" for i in range(1, N + 1)
                      for c in range(len(self.slices))}
@@ -1055,7 +1058,7 @@ class _ZarrCtx(_Ctx):
             deps = [Ref(start[(i, c)]) for i in (1,)]
             kk = f"init_partials-c{c}-{rid}"
             nodes.append(Node(kk, _after, (chunked.init_partials,
-                                           (chunked.ChunkTask(self.url, sl, c), self.arch.bias,
+                                           (chunked.ChunkTask(self.task_url, sl, c), self.arch.bias,
                                             k0 % 2), *deps), block=1))
             prev[f"first-c{c}"] = kk
         nodes.append(Node(f"gram_x-{rid}", chunked.gram_of,
@@ -1145,7 +1148,7 @@ class _ZarrCtx(_Ctx):
 
     def build_z(self, k0: int, k1: int, prev: dict[str, str]):
         return build_chunked_window(
-            self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.url,
+            self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.task_url,
             self.slices, self.linearized, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
              tuple(self.test_slices)), self.ckpt_plan(k0, k1), name=self.splitting.name)
@@ -1384,7 +1387,7 @@ class _MlpZarrCtx(_ZarrCtx):
             restore = (k0, cp["slot"])
         else:
             k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
-        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.url, self.slices, rid,
+        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.task_url, self.slices, rid,
                                                  [s["W"] for s in small], self.n, restore)
         literals: dict[str, Any] = {}
         for i, sm in enumerate(small, start=1):
@@ -1399,7 +1402,7 @@ class _MlpZarrCtx(_ZarrCtx):
 
         return chunked_mlp.build_window(
             self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
-            self.run_id, self.url, self.slices, self.eval_iters(k0, k1),
+            self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
             self.ckpt_plan(k0, k1))
 

@@ -175,8 +175,9 @@ def test_checkpoint_task_refuses_the_committed_slot(tmp_path):
     url = str(tmp_path / "s.zarr")
     api.fit(_cfg(url=url), dataset=load_dataset(_cfg().data, seed=0))
     slot = json.loads((tmp_path / "s.zarr" / MANIFEST).read_text())["slot"]
-    chunked._group.cache_clear()
-    chunked._handle.cache_clear()
+    from daskadmm import storage
+
+    storage.clear_handles()
     ct = chunked.ChunkTask(url, slice(0, 30), 0)
     with pytest.raises(RuntimeError, match="committed checkpoint"):
         chunked.checkpoint_chunk(ct, 1, ("U",), 0, slot)

@@ -321,3 +321,21 @@ def test_predict_command_on_a_reference_run(tmp_path):
     assert predict_main([str(tmp_path / "nope.zarr"), str(csv_path)]) == 2
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     assert predict_main([str(run_dir / "model.zarr"), str(tmp_path / "bad.csv")]) == 2
+
+
+def test_a_store_replaced_at_the_same_url_is_not_written_through_stale_handles(tmp_path):
+    """Processes cache open array handles; a store overwritten at the same URL with another
+    chunking (in the same process: a notebook, a multirun, a reused cluster) must be written
+    through fresh ones: each creation has its own id, part of what tasks name the store by."""
+    cfg = _cfg(iterations=4)
+    ds = load_dataset(cfg.data, seed=0)
+    url = str(tmp_path / "s.zarr")
+    api.fit(_with(cfg, cluster={"kind": "synchronous"},
+                  storage={"url": url, "chunk_size": 40}), dataset=ds)
+    again = api.fit(_with(cfg, cluster={"kind": "synchronous"},
+                          storage={"url": url, "chunk_size": 25, "overwrite": True}), dataset=ds)
+    fresh = api.fit(_with(cfg, cluster={"kind": "synchronous"},
+                          storage={"url": str(tmp_path / "t.zarr"), "chunk_size": 25}),
+                    dataset=ds)
+    for a, b in zip(again.weights, fresh.weights, strict=True):
+        assert np.array_equal(a, b)
