@@ -120,6 +120,9 @@ class ModelConfig:
     bias: bool = True
     loss: str = "auto"  # auto: mse for regression, cross_entropy for classification
     residual_scale: float = 0.3  # init scale of residual blocks relative to He
+    # divide residual_scale by sqrt(number of residual blocks), so the forward signal does not
+    # grow with depth (every method, Adam included, starts from these weights)
+    depth_scaling: bool = True
 
 
 @dataclass
