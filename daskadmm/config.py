@@ -38,7 +38,9 @@ __all__ = [
     "validate",
 ]
 
-ADMM_ALGORITHMS = ("radmm3", "radmm3l", "radmm2", "dladmm", "pdadmm")
+ADMM_ALGORITHMS = ("radmm3", "radmm3a", "radmm3l", "radmm2", "dladmm", "pdadmm")
+# algorithms whose state the Dask engines do not carry yet (cluster=reference only)
+REFERENCE_ONLY = ("radmm3a",)
 # the algorithms whose state can live in a chunked Zarr store (radmm2's global backtracking
 # reductions do not fit the per-chunk graph yet)
 ZARR_ALGORITHMS = ("radmm3", "radmm3l", "pdadmm", "dladmm")
@@ -305,6 +307,9 @@ def validate(cfg: Config) -> Config:
     a, m, d, r, c, s = cfg.algorithm, cfg.model, cfg.data, cfg.run, cfg.cluster, cfg.storage
     known = ADMM_ALGORITHMS + BASELINE_ALGORITHMS
     _check(a.name in known, f"algorithm.name must be one of {', '.join(known)}, got {a.name!r}")
+    _check(a.name not in REFERENCE_ONLY or c.kind == "reference",
+           f"algorithm={a.name} runs on cluster=reference only for now (the Dask engines do not "
+           f"carry its activation multipliers yet), got cluster={c.kind}")
     _finite_pos("algorithm.rho", a.rho)
     _finite_pos("algorithm.beta", a.beta)
     _finite_pos("algorithm.tau", a.tau)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from . import radmm2, radmm3
+from . import radmm2, radmm3, radmm3a
 from .base import BlockSpec, Options, Penalties
 
 __all__ = [
@@ -116,6 +116,9 @@ SPLITTINGS: dict[str, Splitting] = {
                          _gauss_seidel("update_block",
                                        partial(radmm3.block_update, linearized=True)),
                          radmm3.block_objective),
+    "radmm3a": Splitting("radmm3a", radmm3a.init_state,
+                         _gauss_seidel("update_block", radmm3a.block_update),
+                         radmm3a.block_objective),
     "radmm2": Splitting("radmm2", radmm2.init_state,
                         _gauss_seidel("update_block", radmm2.block_update),
                         radmm2.block_objective),
