@@ -94,7 +94,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                     default_store="memory://" if run_dir is None else Path(run_dir) / "state.zarr")
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)
-    weights0 = init_weights(arch, rng, cfg.model.residual_scale)
+    weights0 = init_weights(arch, rng, cfg.model.residual_scale, cfg.model.depth_scaling)
     monitor = Monitor(
         iterations=cfg.run.iterations,
         eval_every=cfg.run.eval_every,

@@ -46,7 +46,7 @@ __all__ = [
     "validate",
 ]
 
-ADMM_ALGORITHMS = ("radmm3", "radmm3l", "radmm2", "dladmm", "pdadmm")
+ADMM_ALGORITHMS = ("radmm3", "radmm3a", "radmm3l", "radmm2", "dladmm", "pdadmm")
 # the algorithms whose state can live in a chunked Zarr store (radmm2's global backtracking
 # reductions do not fit the per-chunk graph yet)
 ZARR_ALGORITHMS = ("radmm3", "radmm3l", "pdadmm", "dladmm")
@@ -128,6 +128,7 @@ _NU_SCHEDULE_KEYS = tuple(k for k in _SCHEDULE_KEYS if k != "beta_max")
 # ignored. conf/algorithm/<name>.yaml lists them in its ``# reads:`` comment (tested).
 ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
     "radmm3": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter"),
+    "radmm3a": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter"),
     "radmm3l": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter"),
     "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
                "newton_max_iter"),
@@ -158,6 +159,9 @@ class ModelConfig:
     bias: bool = True
     loss: str = "auto"  # auto: mse for regression, cross_entropy for classification
     residual_scale: float = 0.3  # init scale of residual blocks relative to He
+    # divide residual_scale by sqrt(number of residual blocks), so the forward signal does not
+    # grow with depth (every method, Adam included, starts from these weights)
+    depth_scaling: bool = True
 
 
 @dataclass

@@ -297,3 +297,16 @@ def test_main_cli(tmp_path, capsys):
     args = suite.parse_args(["--quick", "--depths", "4", "--datasets", "digits"])
     plan = suite.plan_from_args(args)
     assert plan.mode == "quick" and plan.depths == (4,) and plan.datasets == ("digits",)
+
+
+def test_quality_benchmark_quick_plan(tmp_path, capsys):
+    """benchmarks/quality.py runs its grid and summarises mean ± std per method."""
+    quality = load_benchmark("quality")
+    out = tmp_path / "q.json"
+    assert quality.main(["--quick", "--methods", "radmm3a,radmm3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["activation"]) for r in rows} == {
+        ("radmm3", "tanh"), ("radmm3", "relu"), ("radmm3a", "relu")}
+    assert all(r["iterations"] == 3 and 0 <= r["test"] <= 1 for r in rows)
+    table = capsys.readouterr().out
+    assert "| digits | 4 |" in table and "radmm3a (relu)" in table

@@ -137,7 +137,7 @@ def _assert_equal(ref, res, tol=TOL):
             assert abs(ra[col] - rb[col]) <= tol * max(1.0, abs(ra[col])), col
 
 
-@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l", "radmm2"])
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3a", "radmm3l", "radmm2"])
 @pytest.mark.parametrize("kind", ["synchronous", "threads"])
 @pytest.mark.parametrize("window", [1, 2, 5])
 def test_local_schedulers_equal_reference(algorithm, kind, window):
@@ -162,7 +162,7 @@ def local_cluster():
         yield cluster
 
 
-@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l", "radmm2"])
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3a", "radmm3l", "radmm2"])
 def test_process_cluster_equal_reference_and_bitwise_repeatable(local_cluster, algorithm):
     cfg, ds = _problem("relu" if algorithm == "radmm2" else "tanh")
     ref = _run(cfg, ds, "reference", algorithm=algorithm)

@@ -612,6 +612,7 @@ def test_solver_stops_with_status():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "act"), [("radmm3", "tanh"), ("radmm3", "relu"),
+                                           ("radmm3a", "relu"), ("radmm3a", "tanh"),
                                            ("radmm3l", "sigmoid"), ("radmm2", "relu")])
 def test_reference_runs_are_bitwise_identical(name, act):
     prob = make_problem(act, "resnet", True, loss="cross_entropy", d_out=3, seed=5)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from . import radmm2, radmm3
+from . import radmm2, radmm3, radmm3a
 from .base import BlockSpec, Options, Penalties
 
 __all__ = [
@@ -111,6 +111,9 @@ SPLITTINGS: dict[str, Splitting] = {
                          _gauss_seidel("radmm3l_block",
                                        partial(radmm3.block_update, linearized=True)),
                          radmm3.block_objective),
+    "radmm3a": Splitting("radmm3a", radmm3a.init_state,
+                         _gauss_seidel("radmm3a_block", radmm3a.block_update),
+                         radmm3a.block_objective),
     "radmm2": Splitting("radmm2", radmm2.init_state,
                         _gauss_seidel("radmm2_block", radmm2.block_update),
                         radmm2.block_objective),

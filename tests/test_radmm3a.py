@@ -1,0 +1,226 @@
+"""RADMM-3A (activation multipliers, backward-pass start) and the depth-scaled initialisation.
+
+The mechanisms, not accuracy numbers: the start is the true network's backward pass (multipliers
+equal -n times the loss gradients, by finite differences), L at the start is the forward loss, the
+primal steps are stationary for the augmented Lagrangian with the activation multipliers, the
+multiplier step is the stated one, block 1's weights move in the first iteration (and move
+downhill for the true loss) where RADMM-3's do not, and depth scaling keeps the forward signal
+from growing with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import (
+    aug,
+    fd_grad,
+    forward,
+    forward_objective,
+    lagrangian3,
+    left_value,
+    loss,
+    make_problem,
+    random_state3,
+    sigma,
+    skip,
+    skip_term,
+    tol,
+)
+from threadpoolctl import threadpool_limits
+
+from daskadmm import reference
+from daskadmm.config import from_mapping
+from daskadmm.model import Architecture, init_weights
+from daskadmm.splitting import get_splitting, radmm3a
+from daskadmm.splitting.base import BlockSpec, Options, Penalties
+
+TOL = tol(np.float64)
+PEN = Penalties(rho=1.3, beta=0.7, tau=0.2, lam=0.01)
+VARIANTS = [("resnet", True, "mse"), ("mlp", False, "cross_entropy")]
+VARIANT_IDS = ["resnet-bias-mse", "mlp-nobias-ce"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    with threadpool_limits(limits=1):
+        yield
+
+
+def lagrangian3a(arch, states, X, Y, pen) -> float:
+    """RADMM-3's L plus sum_{i<N} <Gam_i, V_i - s_i V_{i-1} - sigma(U_i)>/n, term by term."""
+    n, N = X.shape[1], arch.depth
+    total = lagrangian3(arch, states, X, Y, pen)
+    V = [X] + [states[i]["V"] for i in range(N - 1)]
+    for i in range(1, N):
+        p = V[i] - skip_term(arch, i, V[i - 1]) - sigma(arch.activation, states[i - 1]["U"])
+        total += float(np.sum(states[i - 1]["Gam"] * p)) / n
+    return total
+
+
+def loss_from(arch, weights, Y, i, value):
+    """The forward loss as a function of V_i."""
+    V = value
+    for j in range(i + 1, arch.depth + 1):
+        Z = weights[j - 1] @ aug(arch, V)
+        if j == arch.depth:
+            return loss(arch.loss, Z, Y)
+        V = skip_term(arch, j, V) + sigma(arch.activation, Z)
+    raise AssertionError
+
+
+def random_gam(prob, states, seed=5):
+    rng = np.random.default_rng(seed)
+    for st in states[:-1]:
+        st["Gam"] = 0.5 * rng.standard_normal(st["V"].shape)
+    return states
+
+
+@pytest.mark.parametrize(("kind", "bias", "loss_name"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_start_is_the_backward_pass(act, kind, bias, loss_name):
+    prob = make_problem(act, kind, bias, loss_name, depth=4, n=12)
+    arch, X, Y = prob.arch, prob.X, prob.Y
+    states = radmm3a.init_state(arch, prob.weights, X, Y)
+    # every constraint holds: L at the start is the forward loss plus the regulariser
+    L0 = lagrangian3a(arch, states, X, Y, PEN)
+    F0 = forward_objective(arch, prob.weights, X, Y, PEN.lam)
+    assert abs(L0 - F0) <= TOL.exact * max(1.0, abs(F0))
+    # Gam_i = -n dl/dV_i and Lam_i = -n dl/dU_i = Gam_i * sigma'(U_i)
+    n = prob.n
+    U, V = forward(arch, prob.weights, X)
+    for i in range(1, arch.depth):
+        # relu: samples that meet a kink downstream (e.g. a whole layer at 0 without a bias)
+        # have no derivative, and finite differences see one side of it
+        smooth = np.all([np.all(np.abs(U[j - 1]) > 1e-4, axis=0) for j in range(i, arch.depth)],
+                        axis=0)
+        g = fd_grad(lambda v, i=i: loss_from(arch, prob.weights, Y, i, v), V[i], h=1e-6)
+        scale = max(1.0, float(np.abs(g).max()) * n)
+        assert np.abs((states[i - 1]["Gam"] + n * g)[:, smooth]).max() <= 1e-6 * scale
+        h = 1e-6
+
+        def of_u(u, i=i):
+            return loss_from(arch, prob.weights, Y, i, skip_term(arch, i, V[i - 1]) + sigma(act, u))
+
+        gu = fd_grad(of_u, U[i - 1], h=h)
+        assert np.abs((states[i - 1]["Lam"] + n * gu)[:, smooth]).max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize(("kind", "bias", "loss_name"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("i", [1, 2, 3])
+def test_block_update_steps(act, kind, bias, loss_name, i):
+    """U (smooth sigma) and V are stationary for n L_A plus the proximal term, and the
+    multiplier step is Gam += GAMMA_STEP beta (V - s V_{i-1} - sigma(U))."""
+    prob = make_problem(act, kind, bias, loss_name, depth=4, n=10)
+    arch, X, Y = prob.arch, prob.X, prob.Y
+    states = random_gam(prob, random_state3(prob))
+    spec = BlockSpec(arch, i, prob.n, Options())
+    own, right = states[i - 1], states[i]
+    Vleft = left_value(prob, states, i)
+    new, _ = radmm3a.block_update(spec, PEN, own, Vleft, right, None)
+    n = prob.n
+
+    # V: quadratic subproblem, so the FD gradient at the update is rounding only
+    def f_v(v):
+        st = [dict(s) for s in states]
+        st[i - 1] = {"W": new["W"], "U": new["U"], "Lam": new["Lam"], "V": v, "Gam": own["Gam"]}
+        return n * lagrangian3a(arch, st, X, Y, PEN) + 0.5 * PEN.tau * float(
+            np.sum((v - own["V"]) ** 2))
+
+    g_new = fd_grad(f_v, new["V"])
+    g_old = fd_grad(f_v, own["V"])
+    assert np.abs(g_new).max() <= TOL.fd_grad * 10 * np.abs(g_old).max()
+
+    # U (tanh: smooth, so a stationary point has a zero FD gradient)
+    if act == "tanh":
+        def f_u(u):
+            st = [dict(s) for s in states]
+            st[i - 1] = {"W": new["W"], "U": u, "Lam": own["Lam"], "V": own["V"],
+                         "Gam": own["Gam"]}
+            return n * lagrangian3a(arch, st, X, Y, PEN) + 0.5 * PEN.tau * float(
+                np.sum((u - own["U"]) ** 2))
+
+        gu_new = fd_grad(f_u, new["U"], h=1e-6)
+        gu_old = fd_grad(f_u, own["U"], h=1e-6)
+        assert np.abs(gu_new).max() <= 1e-5 * np.abs(gu_old).max()
+
+    # the multiplier step
+    p = new["V"] - skip_term(arch, i, Vleft) - sigma(act, new["U"])
+    expected = own["Gam"] + radmm3a.GAMMA_STEP * PEN.beta * p
+    assert np.abs(new["Gam"] - expected).max() <= TOL.closed_form * max(
+        1.0, float(np.abs(expected).max()))
+
+
+def _one_iteration(name, prob, pen):
+    split = get_splitting(name)
+    specs = [BlockSpec(prob.arch, i, prob.n, Options()) for i in range(1, prob.arch.depth + 1)]
+    states = split.init_state(prob.arch, prob.weights, prob.X, prob.Y)
+    outs, _ = reference.sweep(split, specs, pen, reference.initial_outputs(split, states),
+                              prob.X, prob.Y)
+    return reference.block_states(split, outs)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_first_iteration_moves_block_1_downhill(act):
+    """From the forward-pass start RADMM-3's first block cannot move in iteration 1 (lam = 0:
+    its W step is a fixed point), because the loss reaches it only after N iterations. From the
+    backward-pass start RADMM-3A's does, in a descent direction of the true loss."""
+    prob = make_problem(act, "resnet", True, "mse", depth=6, width=6, n=30)
+    pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.0)
+    W1 = prob.weights[0]
+    plain = _one_iteration("radmm3", prob, pen)[0]["W"]
+    assert np.abs(plain - W1).max() <= 1e-12 * np.abs(W1).max()
+    moved = _one_iteration("radmm3a", prob, pen)[0]["W"]
+    step = moved - W1
+    assert np.abs(step).max() >= 1e-3 * np.abs(W1).max()
+
+    def loss_w1(w):
+        return forward_objective(prob.arch, [w] + prob.weights[1:], prob.X, prob.Y, 0.0)
+
+    grad = fd_grad(loss_w1, W1, h=1e-6)
+    assert float(np.sum(grad * step)) < 0.0
+
+
+def test_zarr_state_keeps_it_in_worker_memory_and_says_so():
+    """The Zarr-resident engine does not carry Gam yet: storage.state=zarr runs the in-memory
+    Dask engine (equal to the reference, tests/test_dask.py) and records why."""
+    from daskadmm import api
+    from daskadmm.data import load_dataset
+
+    cfg = from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "synchronous"},
+                        "data": {"name": "synthetic", "n_samples": 60},
+                        "model": {"width": 4, "depth": 4},
+                        "run": {"iterations": 2, "progress": False}})
+    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    assert res.info["engine"] == "dask" and "radmm3a keeps its state" in res.info["state_note"]
+
+
+@pytest.mark.parametrize("depth", [3, 8, 64])
+def test_depth_scaling_divides_residual_blocks_by_sqrt_count(depth):
+    arch = Architecture("resnet", depth, 5, 16, 3, "relu")
+    plain = init_weights(arch, np.random.default_rng(1), 0.3)
+    scaled = init_weights(arch, np.random.default_rng(1), 0.3, depth_scaling=True)
+    R = depth - 2
+    for i, (a, b) in enumerate(zip(plain, scaled, strict=True), start=1):
+        factor = 1.0 / math.sqrt(R) if skip(arch, i) and R > 1 else 1.0
+        np.testing.assert_allclose(b, a * factor, rtol=1e-15, atol=0)
+
+
+def test_depth_scaling_bounds_forward_growth():
+    """RMS of the last block output over the first: slow growth with depth scaling (only the
+    drift of the positive relu means), geometric without (relu, He, residual_scale 0.3)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 200))
+
+    def growth(depth, scaled):
+        arch = Architecture("resnet", depth, 8, 64, 2, "relu")
+        W = init_weights(arch, np.random.default_rng(1), 0.3, depth_scaling=scaled)
+        V = forward(arch, W, X)[1]
+        return float(np.sqrt(np.mean(V[-1] ** 2) / np.mean(V[1] ** 2)))
+
+    assert growth(64, True) < 4.0
+    assert growth(64, True) < 3.0 * growth(8, True)
+    assert growth(64, False) > 100.0 * growth(64, True)
