@@ -61,10 +61,12 @@ def test_stall_iterations_zero_turns_it_off():
 
 @pytest.mark.slow
 def test_a_deep_relu_net_at_chance_is_reported_stalled():
-    """The case that motivated it: relu, depth 32, the defaults: accuracy at chance."""
+    """The case that motivated it: relu at depth 32 without the depth-scaled initialisation
+    (the forward signal grows with depth): RADMM-3's accuracy stays at chance."""
     cfg = Config()
     cfg.cluster.kind = "reference"
     cfg.model.depth, cfg.model.width, cfg.model.activation = 32, 16, "relu"
+    cfg.model.depth_scaling = False
     cfg.run.iterations, cfg.run.stall_iterations = 40, 10
     cfg.data.n_train = 400
     result = fit(cfg)
@@ -77,7 +79,8 @@ def test_a_deep_relu_net_at_chance_is_reported_stalled():
 @pytest.mark.slow
 def test_cli_exits_3_with_one_line_and_keeps_the_outputs(tmp_path):
     proc, work = run_cli(tmp_path, "cluster=reference", "model.depth=32", "model.width=16",
-                         "model.activation=relu", "data.n_train=400", "run.iterations=40",
+                         "model.activation=relu", "model.depth_scaling=false",
+                         "data.n_train=400", "run.iterations=40",
                          "run.stall_iterations=10", "run.progress=false", timeout=300)
     assert proc.returncode == 3, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("daskadmm: error")]
