@@ -49,6 +49,12 @@ class Activation:
     ``slope`` is the negative-side slope for piecewise-linear activations (relu 0, leaky_relu
     alpha, identity 1) and ``None`` for smooth ones. ``sup_df2 = sup sigma'^2``,
     ``sup_d2f = sup |sigma''|``, ``sup_abs = sup |sigma|`` (inf where unbounded).
+
+    The solvers' fast paths use two optional kernels that work in caller-owned buffers and give
+    bit for bit what ``f``, ``df`` and ``d2f`` give: ``f_into(u, out)`` writes ``sigma(u)`` into
+    ``out``, and ``derivs_from_value(s, ds, d2)`` writes ``sigma'`` and ``sigma''`` into ``ds``
+    and ``d2`` from ``s = sigma(u)`` alone (tanh and sigmoid are functions of their value), so
+    a Newton step evaluates sigma once.
     """
 
     name: str
@@ -59,6 +65,8 @@ class Activation:
     sup_df2: float
     sup_d2f: float
     sup_abs: float
+    f_into: Callable[[Array, Array], Array] | None = None
+    derivs_from_value: Callable[[Array, Array, Array], None] | None = None
 
     @property
     def piecewise_linear(self) -> bool:
@@ -76,6 +84,35 @@ def _sigmoid(u: Array) -> Array:
     e = np.exp(u[~pos])
     out[~pos] = e / (1.0 + e)
     return out
+
+
+def _sigmoid_into(u: Array, out: Array) -> Array:
+    """:func:`_sigmoid` into ``out`` (same bits): ``e = exp(-|u|)`` is ``exp(-u)`` for u >= 0
+    and ``exp(u)`` below, so ``sigma = 1/(1+e)`` or ``e/(1+e)``."""
+    np.abs(u, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    den = out + 1.0
+    np.copyto(out, 1.0, where=u >= 0)
+    np.divide(out, den, out=out)
+    return out
+
+
+def _tanh_derivs(s: Array, ds: Array, d2: Array) -> None:
+    # the same operations as df = 1 - tanh^2 and d2f = -2 tanh (1 - tanh^2) below
+    np.multiply(s, s, out=ds)
+    np.subtract(1.0, ds, out=ds)
+    np.multiply(s, -2.0, out=d2)
+    d2 *= ds
+
+
+def _sigmoid_derivs(s: Array, ds: Array, d2: Array) -> None:
+    # df = s (1 - s), d2f = s (1 - s) (1 - 2 s), operation for operation
+    np.subtract(1.0, s, out=ds)
+    ds *= s
+    np.multiply(s, 2.0, out=d2)
+    np.subtract(1.0, d2, out=d2)
+    d2 *= ds
 
 
 def _piecewise(name: str, alpha: float) -> Activation:
@@ -111,7 +148,8 @@ def get_activation(name: str, leaky_slope: float = 0.01) -> Activation:
             return -2.0 * t * (1.0 - t * t)
 
         return Activation("tanh", np.tanh, lambda u: 1.0 - np.tanh(u) ** 2, d2, None,
-                          1.0, 4.0 / (3.0 * math.sqrt(3.0)), 1.0)
+                          1.0, 4.0 / (3.0 * math.sqrt(3.0)), 1.0,
+                          lambda u, out: np.tanh(u, out=out), _tanh_derivs)
     if name == "sigmoid":
         def d1(u: Array) -> Array:
             s = _sigmoid(u)
@@ -122,7 +160,8 @@ def get_activation(name: str, leaky_slope: float = 0.01) -> Activation:
             return s * (1.0 - s) * (1.0 - 2.0 * s)
 
         return Activation("sigmoid", _sigmoid, d1, d2s, None,
-                          1.0 / 16.0, 1.0 / (6.0 * math.sqrt(3.0)), 1.0)
+                          1.0 / 16.0, 1.0 / (6.0 * math.sqrt(3.0)), 1.0,
+                          _sigmoid_into, _sigmoid_derivs)
     raise ValueError(f"unknown activation {name!r}")
 
 
