@@ -115,22 +115,39 @@ def _sigmoid_derivs(s: Array, ds: Array, d2: Array) -> None:
     d2 *= ds
 
 
+def _leaky_into(alpha: float):
+    """``where(u > 0, u, alpha u)`` into ``out``; for ``0 < alpha < 1`` that is
+    ``max(u, alpha u)``, bit for bit (signed zeros, infinities and NaN included)."""
+    if 0.0 < alpha < 1.0:
+        def f_into(u: Array, out: Array) -> Array:
+            np.multiply(u, alpha, out=out)
+            return np.maximum(u, out, out=out)
+    else:
+        def f_into(u: Array, out: Array) -> Array:
+            np.multiply(u, alpha, out=out)
+            return np.copyto(out, u, where=u > 0) or out
+    return f_into
+
+
 def _piecewise(name: str, alpha: float) -> Activation:
     if alpha == 1.0:
         return Activation(name, lambda u: u.copy(), np.ones_like, np.zeros_like, 1.0,
-                          1.0, 0.0, math.inf)
+                          1.0, 0.0, math.inf, lambda u, out: np.copyto(out, u) or out)
     if alpha == 0.0:  # np.maximum is ~10x faster than np.where here
         return Activation(name, lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(float),
-                          np.zeros_like, 0.0, 1.0, 0.0, math.inf)
+                          np.zeros_like, 0.0, 1.0, 0.0, math.inf,
+                          lambda u, out: np.maximum(u, 0.0, out=out))
+    f_into = _leaky_into(alpha)
     return Activation(
         name,
-        lambda u: np.where(u > 0, u, alpha * u),
+        lambda u: f_into(u, np.empty_like(u, dtype=np.float64)),
         lambda u: np.where(u > 0, 1.0, alpha),
         np.zeros_like,
         alpha,
         1.0,
         0.0,
         math.inf,
+        f_into,
     )
 
 

@@ -107,18 +107,32 @@ def lambda_max(G: Array) -> float:
     return float(sla.eigvalsh(G, subset_by_index=[m - 1, m - 1], check_finite=False)[0])
 
 
-def spd_solve(M: Array, R: Array) -> Array:
+def spd_solve(M: Array, R: Array, *, overwrite_r: bool = False) -> Array:
     """Solve ``M X = R`` for symmetric positive definite ``M`` (Cholesky).
 
     ``M`` is SPD in exact arithmetic for every system here; if it is not numerically (entries
     overflowing after an exploding forward pass), the result is NaN, so the run stops with
-    status ``nonfinite`` instead of raising."""
+    status ``nonfinite`` instead of raising.
+
+    A C-ordered ``R`` (the ``d x n`` right-hand sides of the V steps) is solved as
+    ``X^T M = R^T``, two right-side triangular solves (BLAS ``trsm``) on ``R^T``, which is
+    Fortran-ordered in the same memory: no transposing copies in or out, and ``X`` comes back
+    C-ordered like ``R`` (LAPACK's ``potrs`` would copy ``R`` to Fortran order and return a
+    Fortran-ordered ``X``, which makes every later elementwise operation that mixes it with
+    C-ordered arrays several times slower). Each column of ``X`` depends only on its column
+    of ``R``. ``overwrite_r``: ``R`` may be overwritten (it then holds ``X``)."""
     if not np.all(np.isfinite(M)):
         return np.full(R.shape, np.nan)
     try:
         c = sla.cho_factor(M, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return np.full(R.shape, np.nan)
+    if (R.ndim == 2 and R.dtype == np.float64 and R.flags.c_contiguous
+            and not R.flags.f_contiguous):
+        B = (R if overwrite_r else R.copy()).T  # n x d, Fortran-ordered
+        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=1, overwrite_b=1)
+        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=0, overwrite_b=1)
+        return B.T
     return sla.cho_solve(c, R, check_finite=False)
 
 
@@ -177,7 +191,10 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     if act.piecewise_linear:
         u = _prox_piecewise(c, m, beta, kappa, act)
         if sigma_out is not None:
-            sigma_out[...] = act.f(u)
+            if act.f_into is not None and sigma_out.flags.c_contiguous:
+                act.f_into(u, sigma_out)
+            else:
+                sigma_out[...] = act.f(u)
         return u, 0
 
     shape = c.shape
@@ -205,12 +222,53 @@ _BLOCK = 16384
 
 
 def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activation) -> Array:
+    """The two branch candidates and the one with the smaller phi, on cache-sized blocks in
+    preallocated buffers (operation for operation the formulas of :func:`prox_activation`)."""
     a = act.slope
-    up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
-    um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
-    pp = _phi(act, up, c, m, beta, kappa)
-    pm = _phi(act, um, c, m, beta, kappa)
-    return np.where(pp <= pm, up, um)
+    shape = c.shape
+    c = np.ascontiguousarray(c, dtype=np.float64).ravel()
+    m = np.ascontiguousarray(m, dtype=np.float64).ravel()
+    f_into = act.f_into
+    if f_into is None:
+        def f_into(x, out):
+            out[...] = act.f(x)
+            return out
+    out = np.empty_like(c)
+    size = min(c.size, _BLOCK)
+    up, um, km, t1, t2, pp = (np.empty(size) for _ in range(6))
+    mask = np.empty(size, dtype=bool)
+    hb, hk = 0.5 * beta, 0.5 * kappa
+    ab = a * beta
+    den_p, den_m = beta + kappa, a * a * beta + kappa
+    for lo in range(0, c.size, _BLOCK):
+        hi = min(lo + _BLOCK, c.size)
+        k = hi - lo
+        cb, mb = c[lo:hi], m[lo:hi]
+        upk, umk, kmk, t1k, t2k, ppk = up[:k], um[:k], km[:k], t1[:k], t2[:k], pp[:k]
+        np.multiply(mb, kappa, out=kmk)
+        # u+ = max(0, (beta c + kappa m) / (beta + kappa))
+        np.multiply(cb, beta, out=upk)
+        upk += kmk
+        upk /= den_p
+        np.maximum(0.0, upk, out=upk)
+        # u- = min(0, (alpha beta c + kappa m) / (alpha^2 beta + kappa))
+        np.multiply(cb, ab, out=umk)
+        umk += kmk
+        umk /= den_m
+        np.minimum(0.0, umk, out=umk)
+        for x, ph in ((upk, ppk), (umk, kmk)):  # phi(x) = ((beta/2) r) r + ((kappa/2) d) d
+            f_into(x, t1k)
+            np.subtract(cb, t1k, out=t1k)  # r
+            np.subtract(x, mb, out=t2k)  # d
+            np.multiply(t1k, hb, out=ph)
+            ph *= t1k
+            np.multiply(t2k, hk, out=t1k)
+            t1k *= t2k
+            ph += t1k
+        np.less_equal(ppk, kmk, out=mask[:k])
+        np.copyto(umk, upk, where=mask[:k])
+        out[lo:hi] = umk
+    return out.reshape(shape)
 
 
 class _SmoothBuffers:

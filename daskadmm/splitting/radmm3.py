@@ -53,7 +53,9 @@ def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float) -> tuple[Array, Ar
 
     Returns ``G = V~ V~^T`` and ``B = (rho U + Lam) V~^T``.
     """
-    return Vt @ Vt.T, (rho * U + Lam) @ Vt.T
+    T = np.multiply(U, rho)
+    T += Lam
+    return Vt @ Vt.T, T @ Vt.T
 
 
 def update_weights(W: Array, G: Array, B: Array, pen: Penalties, n: int) -> Array:
@@ -90,7 +92,8 @@ def update_weights_linearized(W: Array, G: Array, B: Array, pen: Penalties, n: i
 
 
 def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, Lam: Array,
-                         c: Array | None, Y: Array | None) -> tuple[Array, int]:
+                         c: Array | None, Y: Array | None, *,
+                         sigma_out: Array | None = None) -> tuple[Array, int]:
     """U step: elementwise prox (hidden blocks) or prox of the loss (output block).
 
     Notes
@@ -102,37 +105,62 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     - i = N: ``argmin_U n l(U; Y) + (kappa/2)||U - m||^2``; for MSE
       ``U_N = (Y + rho Z - Lam + tau U^k) / (1 + rho + tau)``.
 
-    Returns ``(U, n_capped)``.
+    Returns ``(U, n_capped)``; a hidden block writes ``sigma(U)`` into ``sigma_out`` if given.
     """
     kappa = pen.rho + pen.tau
-    m = (pen.rho * Z - Lam + pen.tau * U) / kappa
+    m = np.multiply(Z, pen.rho)  # (rho Z - Lam + tau U^k) / kappa, in place
+    m -= Lam
+    m += np.multiply(U, pen.tau)
+    m /= kappa
     if spec.is_output:
         return prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
-    return prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter)
+    return prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter,
+                           sigma_out=sigma_out)
 
 
-def update_duals(Lam: Array, U: Array, Z: Array, rho: float) -> Array:
-    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n)."""
-    return Lam + rho * (U - Z)
+def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None) -> Array:
+    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n); ``r``:
+    ``U - W V~`` if already computed."""
+    if r is None:
+        out = np.subtract(U, Z)
+        out *= rho
+    else:
+        out = np.multiply(r, rho)
+    out += Lam
+    return out
 
 
 def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
-                    right: State) -> tuple[Array, Array]:
-    """Pieces shared by both V steps: ``A_{i+1}`` and the right-hand side without ``tau V^k``."""
+                    right: State, sigma_own: Array | None = None
+                    ) -> tuple[Array, Array, Array]:
+    """Pieces shared by both V steps: ``A_{i+1}``, the right-hand side without ``tau V^k``
+    and a work array of its shape. ``sigma_own``: ``sigma(U_i)`` if already computed.
+
+    In place, operation for operation the formula
+    ``beta sigma(U_i) + beta s V_{i-1} + beta s' (V_{i+1} - sigma(U_{i+1}))
+    + A^T (rho (U_{i+1} - b) + Lam_{i+1})``."""
     act, s, s2 = spec.act, spec.s, spec.s_next
     A, b = spec.split_bias(right["W"])
-    Ur = right["U"] if b is None else right["U"] - b
-    rhs = pen.beta * act.f(Uown)
+    rhs = np.multiply(act.f(Uown) if sigma_own is None else sigma_own, pen.beta)
+    work = np.empty(rhs.shape)  # C-ordered: the product below goes into it
     if s:
-        rhs += pen.beta * Vleft
+        rhs += np.multiply(Vleft, pen.beta, out=work)
     if s2:
-        rhs += pen.beta * (right["V"] - act.f(right["U"]))
-    rhs += A.T @ (pen.rho * Ur + right["Lam"])
-    return A, rhs
+        np.subtract(right["V"], act.f(right["U"]), out=work)
+        work *= pen.beta
+        rhs += work
+    if b is None:
+        T = np.multiply(right["U"], pen.rho)
+    else:
+        T = np.subtract(right["U"], b)
+        T *= pen.rho
+    T += right["Lam"]
+    rhs += np.matmul(A.T, T, out=work)
+    return A, rhs, work
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Uown: Array,
-                      right: State) -> Array:
+                      right: State, sigma_own: Array | None = None) -> Array:
     """Exact V step (i < N): one SPD solve of size d with n right-hand sides.
 
     Notes
@@ -144,15 +172,16 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
             = beta (s_i V_{i-1} + sigma(U_i)) + beta s' (V_{i+1} - sigma(U_{i+1}))
               + A^T (rho (U_{i+1} - b 1^T) + Lam_{i+1}) + tau V^k
     """
-    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    A, rhs, work = _activation_rhs(spec, pen, Vleft, Uown, right, sigma_own)
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-    rhs += pen.tau * V
-    return spd_solve(M, rhs)
+    rhs += np.multiply(V, pen.tau, out=work)
+    return spd_solve(M, rhs, overwrite_r=True)
 
 
 def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array,
-                                 Uown: Array, right: State) -> Array:
+                                 Uown: Array, right: State,
+                                 sigma_own: Array | None = None) -> Array:
     """Proximal-linearized V step (RADMM-3L).
 
     Notes
@@ -161,7 +190,7 @@ def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vlef
     ``[beta (1 + s') I + rho A^T A] V - rhs`` (the exact-step right-hand side without
     ``tau V^k``) and the exact curvature ``eta_V = beta (1 + s') + rho lambda_max(A^T A)``.
     """
-    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    A, rhs, _ = _activation_rhs(spec, pen, Vleft, Uown, right, sigma_own)
     grad = pen.beta * (1 + spec.s_next) * V + pen.rho * (A.T @ (A @ V)) - rhs
     small = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
     eta = pen.beta * (1 + spec.s_next) + pen.rho * lambda_max(small)
@@ -169,22 +198,31 @@ def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vlef
 
 
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
-                    Y: Array | None) -> float:
+                    Y: Array | None, *, r: Array | None = None, r_sq: float | None = None,
+                    sigma_U: Array | None = None) -> float:
     """Block i's share of L (in L units, not n-units): ``(lam/2)||W_i||^2``, the constraint
     terms of ``U_i = W_i V~_{i-1}``, the activation penalty of ``V_i`` (i < N), and the loss
-    (i = N). Summed over blocks this is L."""
+    (i = N). Summed over blocks this is L.
+
+    A caller that has them passes ``r = U_i - W_i V~_{i-1}`` (computed with the same product,
+    so the same numbers), ``r_sq = sum(r * r)`` and ``sigma_U = sigma(U_i)``; they are not
+    recomputed then."""
     n = spec.n
     W, U, Lam = own["W"], own["U"], own["Lam"]
-    r = U - W @ spec.aug(Vleft)
+    if r is None:
+        r = U - W @ spec.aug(Vleft)
+    if r_sq is None:
+        r_sq = float(np.sum(r * r))
     total = 0.5 * pen.lam * float(np.sum(W * W))
-    total += (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
+    total += (float(np.sum(Lam * r)) + 0.5 * pen.rho * r_sq) / n
     if spec.is_output:
         total += loss_value(spec.arch.loss, U, Y)
     else:
-        p = own["V"] - spec.act.f(U)
+        p = np.subtract(own["V"], spec.act.f(U) if sigma_U is None else sigma_U)
         if spec.s:
             p -= Vleft
-        total += 0.5 * pen.beta * float(np.sum(p * p)) / n
+        p *= p
+        total += 0.5 * pen.beta * float(np.sum(p)) / n
     return total
 
 
@@ -204,22 +242,31 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     step_w = update_weights_linearized if linearized else update_weights
     W = step_w(own["W"], G, B, pen, spec.n)
     Z = W @ Vt
+    del Vt
     c = None
+    sigma = None
     if not spec.is_output:
         c = own["V"] - Vleft if spec.s else own["V"]
-    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
-    Lam = update_duals(own["Lam"], U, Z, pen.rho)
+        sigma = np.empty_like(Z)
+    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y, sigma_out=sigma)
+    del c
+    r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
+    Lam = update_duals(own["Lam"], U, Z, pen.rho, r=r)
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
         step_v = update_activation_linearized if linearized else update_activation
-        V = step_v(spec, pen, own["V"], Vleft, U, right)
+        V = step_v(spec, pen, own["V"], Vleft, U, right, sigma_own=sigma)
         new["V"] = V
-        dual_sq = float(np.sum((V - own["V"]) ** 2))
-    r = U - Z
+        dv = np.subtract(V, own["V"])
+        dv *= dv
+        dual_sq = float(np.sum(dv))
+        del dv
+    primal_sq = float(np.sum(r * r))
     stats = {
-        "objective": block_objective(spec, pen, new, Vleft, Y),
-        "primal_sq": float(np.sum(r * r)),
+        "objective": block_objective(spec, pen, new, Vleft, Y, r=r, r_sq=primal_sq,
+                                     sigma_U=sigma),
+        "primal_sq": primal_sq,
         "dual_sq": dual_sq,
         "capped": float(capped),
     }
