@@ -118,6 +118,10 @@ def test_smooth_prox_equals_plain_formulation(act_name, beta, kappa, max_iter):
     with np.errstate(invalid="ignore"):
         np.testing.assert_array_equal(sig, act.f(u))  # sigma of the result, bit for bit
     assert u.ravel()[200] == u0.ravel()[200]  # c = NaN: the line search stalls at u0
+    out = np.empty(shape)
+    u2, capped2 = prox_activation(c, m, beta, kappa, u0, act, max_iter, out=out)
+    assert np.shares_memory(u2, out) and capped2 == capped
+    np.testing.assert_array_equal(u2, u)
 
 
 @pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
@@ -195,6 +199,10 @@ def test_piecewise_prox_equals_plain_formulation(act_name, beta, kappa):
     assert capped == 0
     np.testing.assert_array_equal(u, prox_piecewise_plain(c, m, beta, kappa, act))
     np.testing.assert_array_equal(sig, act.f(u))
+    out = np.empty(shape)
+    u2, _ = prox_activation(c, m, beta, kappa, u0, act, out=out)
+    assert np.shares_memory(u2, out)
+    np.testing.assert_array_equal(u2, u)
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])

@@ -153,7 +153,8 @@ def _phi(act: Activation, u: Array, c: Array, m: Array, beta: float, kappa: floa
 
 def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
                     act: Activation, max_iter: int = 100, *,
-                    sigma_out: Array | None = None) -> tuple[Array, int]:
+                    sigma_out: Array | None = None, out: Array | None = None
+                    ) -> tuple[Array, int]:
     """Elementwise ``argmin_u phi(u) = (beta/2)(c - sigma(u))^2 + (kappa/2)(u - m)^2``.
 
     Notes
@@ -184,12 +185,16 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     the plain formulation (:func:`_prox_smooth_block` documents the operations).
 
     ``sigma_out``, if given (an array of ``c``'s shape), receives ``sigma(u)`` of the result
-    (bit for bit ``act.f(u)``), which the callers need next.
+    (bit for bit ``act.f(u)``), which the callers need next. ``out``: a C-contiguous float64
+    array of ``c``'s shape (not ``u0``, ``c`` or ``m``) for the result; a new one if None.
 
     Returns ``(u, n_capped)``: the solution and how many elements hit the iteration cap.
     """
+    if out is not None and not (out.flags.c_contiguous and out.dtype == np.float64
+                                and out.shape == c.shape):
+        raise ValueError("prox_activation: out must be C-contiguous float64 of c's shape")
     if act.piecewise_linear:
-        u = _prox_piecewise(c, m, beta, kappa, act)
+        u = _prox_piecewise(c, m, beta, kappa, act, out)
         if sigma_out is not None:
             if act.f_into is not None and sigma_out.flags.c_contiguous:
                 act.f_into(u, sigma_out)
@@ -200,7 +205,11 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     shape = c.shape
     c = np.ascontiguousarray(c, dtype=np.float64).ravel()
     m = np.ascontiguousarray(m, dtype=np.float64).ravel()
-    u = np.array(u0, dtype=np.float64).ravel()  # a copy: the result
+    if out is None:
+        u = np.array(u0, dtype=np.float64).ravel()  # a copy: the result
+    else:
+        u = out.reshape(-1)
+        u[...] = np.asarray(u0).reshape(-1)
     s = np.empty_like(u) if sigma_out is None else sigma_out.reshape(-1)
     if act.f_into is None or act.derivs_from_value is None:
         return _prox_smooth_generic(c, m, beta, kappa, u, act, max_iter, shape, s, sigma_out)
@@ -221,7 +230,8 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
 _BLOCK = 16384
 
 
-def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activation) -> Array:
+def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activation,
+                    out: Array | None = None) -> Array:
     """The two branch candidates and the one with the smaller phi, on cache-sized blocks in
     preallocated buffers (operation for operation the formulas of :func:`prox_activation`)."""
     a = act.slope
@@ -233,7 +243,7 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
         def f_into(x, out):
             out[...] = act.f(x)
             return out
-    out = np.empty_like(c)
+    out = np.empty_like(c) if out is None else out.reshape(-1)
     size = min(c.size, _BLOCK)
     up, um, km, t1, t2, pp = (np.empty(size) for _ in range(6))
     mask = np.empty(size, dtype=bool)
@@ -266,8 +276,7 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
             t1k *= t2k
             ph += t1k
         np.less_equal(ppk, kmk, out=mask[:k])
-        np.copyto(umk, upk, where=mask[:k])
-        out[lo:hi] = umk
+        out[lo:hi] = np.where(mask[:k], upk, umk)  # (copyto's where= is 2x slower)
     return out.reshape(shape)
 
 

@@ -160,20 +160,22 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
         out = prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
     else:
         out = prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter,
-                              sigma_out=sigma_out)
+                              sigma_out=sigma_out,
+                              out=None if pool is None else pool.get(U.shape))
     if pool is not None:
         pool.put(m)  # the results are new arrays
     return out
 
 
-def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None) -> Array:
+def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None,
+                 out: Array | None = None) -> Array:
     """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n); ``r``:
-    ``U - W V~`` if already computed."""
+    ``U - W V~`` if already computed; ``out``: an array for the result."""
     if r is None:
-        out = np.subtract(U, Z)
+        out = np.subtract(U, Z, out=out)
         out *= rho
     else:
-        out = np.multiply(r, rho)
+        out = np.multiply(r, rho, out=out)
     out += Lam
     return out
 
@@ -324,7 +326,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     if spec.s:
         pool.put(c)
     r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
-    Lam = update_duals(own["Lam"], U, Z, pen.rho, r=r)
+    Lam = update_duals(own["Lam"], U, Z, pen.rho, r=r, out=pool.get(r.shape))
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
