@@ -217,3 +217,64 @@ def test_activation_kernels_equal_the_plain_functions(name):
     np.testing.assert_array_equal(s, act.f(u))
     np.testing.assert_array_equal(ds, act.df(u))
     np.testing.assert_array_equal(d2, act.d2f(u))
+
+
+# ------------------------------------------------------------------ the RADMM-3 block update
+
+
+def test_spd_solve_of_c_ordered_rhs_is_c_ordered_and_equals_potrs():
+    """The V step's solve works on R^T (no transposing copies) and returns X in R's order."""
+    rng = np.random.default_rng(11)
+    d, n = 37, 501
+    A = rng.standard_normal((d, d))
+    M = A @ A.T + 0.5 * np.eye(d)
+    R = rng.standard_normal((d, n))
+    R0 = R.copy()
+    X = base.spd_solve(M, R)
+    assert X.flags.c_contiguous and np.array_equal(R, R0)  # R kept without overwrite_r
+    ref = np.linalg.solve(M, R0)
+    np.testing.assert_allclose(X, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    # a chunk of the columns gives those columns of the whole, bit for bit
+    np.testing.assert_array_equal(base.spd_solve(M, np.ascontiguousarray(R0[:, 100:300])),
+                                  X[:, 100:300])
+    X2 = base.spd_solve(M, R, overwrite_r=True)
+    assert np.shares_memory(X2, R) and np.array_equal(X2, X)
+    # Fortran-ordered right-hand sides (the W step's) still go through potrs
+    XF = base.spd_solve(M, np.asfortranarray(R0))
+    np.testing.assert_allclose(XF, X, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act_name", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_update_keeps_c_order_and_its_objective_equals_the_recomputed_one(act_name, bias):
+    """The state stays C-ordered (mixing C and Fortran order makes every elementwise operation
+    much slower), and the objective computed from the reused U - Z and sigma(U) is the one
+    block_objective computes from scratch, bit for bit."""
+    from daskadmm.model import Architecture, init_weights
+    from daskadmm.splitting import BlockSpec, Penalties, radmm3
+
+    rng = np.random.default_rng(13)
+    arch = Architecture("resnet", 4, 6, 9, 3, act_name, bias=bias, loss="cross_entropy")
+    n = 257
+    X = rng.standard_normal((6, n))
+    Y = np.eye(3)[rng.integers(0, 3, n)].T.copy()
+    states = radmm3.init_state(arch, init_weights(arch, rng), X, Y)
+    for st in states:  # not forward-consistent: every term is active
+        for key in ("U", "Lam", "V"):
+            if key in st:
+                st[key] = st[key] + 0.3 * rng.standard_normal(st[key].shape)
+    pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.01)
+    left = X
+    for i in range(1, 5):
+        spec = BlockSpec(arch, i, n)
+        right = states[i] if i < 4 else None
+        new, stats = radmm3.block_update(spec, pen, states[i - 1], left, right,
+                                         Y if i == 4 else None)
+        assert all(v.flags.c_contiguous for v in new.values())
+        assert stats["objective"] == radmm3.block_objective(spec, pen, new, left,
+                                                            Y if i == 4 else None)
+        r = new["U"] - new["W"] @ spec.aug(left)
+        assert stats["primal_sq"] == float(np.sum(r * r))
+        if i < 4:
+            assert stats["dual_sq"] == float(np.sum((new["V"] - states[i - 1]["V"]) ** 2))
+            left = new["V"]
