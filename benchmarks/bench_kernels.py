@@ -75,7 +75,7 @@ def old_phi(act, u, c, m, beta, kappa):
     return 0.5 * beta * r * r + 0.5 * kappa * d * d
 
 
-def old_prox_activation(c, m, beta, kappa, u0, act, max_iter=100, **_ignored):
+def old_prox_activation(c, m, beta, kappa, u0, act, max_iter=100):
     """``prox_activation`` before issue 13 (the same iterates, slowly)."""
     if act.piecewise_linear:
         a = act.slope
@@ -191,9 +191,21 @@ def _with_block_update(fn):
                                    fn(spec, pen, own, left, right, Y)),))
 
 
+def _old_prox_compat(c, m, beta, kappa, u0, act, max_iter=100, *, sigma_out=None, out=None):
+    """The old prox with the new one's outputs (``out``, ``sigma_out``) filled, as the library's
+    block update expects."""
+    u, capped = old_prox_activation(c, m, beta, kappa, u0, act, max_iter)
+    if out is not None:
+        out[...] = u
+        u = out
+    if sigma_out is not None:
+        sigma_out[...] = act.f(u)
+    return u, capped
+
+
 def _old_prox_block_update(spec, pen, own, Vleft, right, Y):
     saved = radmm3.prox_activation
-    radmm3.prox_activation = old_prox_activation
+    radmm3.prox_activation = _old_prox_compat
     try:
         return radmm3.block_update(spec, pen, own, Vleft, right, Y)
     finally:
