@@ -278,3 +278,23 @@ def test_block_update_keeps_c_order_and_its_objective_equals_the_recomputed_one(
         if i < 4:
             assert stats["dual_sq"] == float(np.sum((new["V"] - states[i - 1]["V"]) ** 2))
             left = new["V"]
+
+
+def test_bench_kernels_smoke(tmp_path):
+    """The benchmark runs on a tiny plan and writes what the README reads from it."""
+    import json
+
+    from support import load_benchmark
+
+    bench = load_benchmark("bench_kernels")
+    out = tmp_path / "k.json"
+    bench.main(["--widths", "12", "--activations", "tanh", "relu", "--n", "300", "--depth", "3",
+                "--repeats", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["activation"] for r in data["rows"]] == ["tanh", "relu"]
+    for r in data["rows"]:
+        assert r["flops"] > 0 and r["matmul_rate_best"] > 0 and r["loadavg"]
+        assert {"new", "old", "old_prox", "prox"} <= set(r)
+        assert 0 < r["new"]["fraction"] and r["old"]["fraction_executed"] > r["old"]["fraction"]
+        assert r["max_rel_diff_old_vs_new"] < 1e-8  # the same iterates, up to rounding
+        assert r["prox"]["max_rel_diff"] < 1e-12
