@@ -159,10 +159,12 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     Y = _read(url, "data/Y", sl) if spec.is_output else None
     c = None
     V0 = None
+    sigma = None  # sigma(U) from the prox, reused by the V step and the objective
     if not spec.is_output:
         V0 = _read(url, f"live/b{i}/V", sl, old)
         c = V0 - Vleft if spec.s else V0
-    U, capped = radmm3.update_preactivation(spec, pen, U0, Z, Lam0, c, Y)
+        sigma = np.empty(Z.shape)
+    U, capped = radmm3.update_preactivation(spec, pen, U0, Z, Lam0, c, Y, sigma_out=sigma)
     Lam = radmm3.update_duals(Lam0, U, Z, pen.rho)
     r = U - Z
     objective = (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / spec.n
@@ -183,10 +185,10 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
         if spec.s_next:
             right["V"] = _read(url, f"live/b{i + 1}/V", sl, old)
         step = radmm3.update_activation_linearized if linearized else radmm3.update_activation
-        V = step(spec, pen, V0, Vleft, U, right)
+        V = step(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
         _write(url, f"live/b{i}/V", sl, V, new)
         dual_sq = float(np.sum((V - V0) ** 2))
-        p = V - spec.act.f(U)
+        p = V - sigma
         if spec.s:
             p -= Vleft
         objective += 0.5 * pen.beta * float(np.sum(p * p)) / spec.n

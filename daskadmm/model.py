@@ -49,6 +49,12 @@ class Activation:
     ``slope`` is the negative-side slope for piecewise-linear activations (relu 0, leaky_relu
     alpha, identity 1) and ``None`` for smooth ones. ``sup_df2 = sup sigma'^2``,
     ``sup_d2f = sup |sigma''|``, ``sup_abs = sup |sigma|`` (inf where unbounded).
+
+    The solvers' fast paths use two optional kernels that work in caller-owned buffers and give
+    bit for bit what ``f``, ``df`` and ``d2f`` give: ``f_into(u, out)`` writes ``sigma(u)`` into
+    ``out``, and ``derivs_from_value(s, ds, d2)`` writes ``sigma'`` and ``sigma''`` into ``ds``
+    and ``d2`` from ``s = sigma(u)`` alone (tanh and sigmoid are functions of their value), so
+    a Newton step evaluates sigma once.
     """
 
     name: str
@@ -59,6 +65,8 @@ class Activation:
     sup_df2: float
     sup_d2f: float
     sup_abs: float
+    f_into: Callable[[Array, Array], Array] | None = None
+    derivs_from_value: Callable[[Array, Array, Array], None] | None = None
 
     @property
     def piecewise_linear(self) -> bool:
@@ -78,22 +86,74 @@ def _sigmoid(u: Array) -> Array:
     return out
 
 
+def _sigmoid_into(u: Array, out: Array) -> Array:
+    """:func:`_sigmoid` into ``out`` (same bits): ``e = exp(-|u|)`` is ``exp(-u)`` for u >= 0
+    and ``exp(u)`` below, so ``sigma = 1/(1+e)`` or ``e/(1+e)``."""
+    np.abs(u, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    den = out + 1.0
+    np.copyto(out, 1.0, where=u >= 0)
+    np.divide(out, den, out=out)
+    return out
+
+
+def _tanh_derivs(s: Array, ds: Array, d2: Array) -> None:
+    # the same operations as df = 1 - tanh^2 and d2f = -2 tanh (1 - tanh^2) below
+    np.multiply(s, s, out=ds)
+    np.subtract(1.0, ds, out=ds)
+    np.multiply(s, -2.0, out=d2)
+    d2 *= ds
+
+
+def _sigmoid_derivs(s: Array, ds: Array, d2: Array) -> None:
+    # df = s (1 - s), d2f = s (1 - s) (1 - 2 s), operation for operation
+    np.subtract(1.0, s, out=ds)
+    ds *= s
+    np.multiply(s, 2.0, out=d2)
+    np.subtract(1.0, d2, out=d2)
+    d2 *= ds
+
+
+def _leaky_into(alpha: float):
+    """``where(u > 0, u, alpha u)`` into ``out``; for ``0 < alpha < 1`` that is
+    ``max(u, alpha u)``, bit for bit (signed zeros, infinities and NaN included)."""
+    if 0.0 < alpha < 1.0:
+        def f_into(u: Array, out: Array) -> Array:
+            np.multiply(u, alpha, out=out)
+            return np.maximum(u, out, out=out)
+    else:
+        def f_into(u: Array, out: Array) -> Array:
+            np.multiply(u, alpha, out=out)
+            np.copyto(out, u, where=u > 0)
+            return out
+    return f_into
+
+
+def _copy_into(u: Array, out: Array) -> Array:
+    np.copyto(out, u)
+    return out
+
+
 def _piecewise(name: str, alpha: float) -> Activation:
     if alpha == 1.0:
         return Activation(name, lambda u: u.copy(), np.ones_like, np.zeros_like, 1.0,
-                          1.0, 0.0, math.inf)
+                          1.0, 0.0, math.inf, _copy_into)
     if alpha == 0.0:  # np.maximum is ~10x faster than np.where here
         return Activation(name, lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(float),
-                          np.zeros_like, 0.0, 1.0, 0.0, math.inf)
+                          np.zeros_like, 0.0, 1.0, 0.0, math.inf,
+                          lambda u, out: np.maximum(u, 0.0, out=out))
+    f_into = _leaky_into(alpha)
     return Activation(
         name,
-        lambda u: np.where(u > 0, u, alpha * u),
+        lambda u: f_into(u, np.empty_like(u, dtype=np.float64)),
         lambda u: np.where(u > 0, 1.0, alpha),
         np.zeros_like,
         alpha,
         1.0,
         0.0,
         math.inf,
+        f_into,
     )
 
 
@@ -111,7 +171,8 @@ def get_activation(name: str, leaky_slope: float = 0.01) -> Activation:
             return -2.0 * t * (1.0 - t * t)
 
         return Activation("tanh", np.tanh, lambda u: 1.0 - np.tanh(u) ** 2, d2, None,
-                          1.0, 4.0 / (3.0 * math.sqrt(3.0)), 1.0)
+                          1.0, 4.0 / (3.0 * math.sqrt(3.0)), 1.0,
+                          lambda u, out: np.tanh(u, out=out), _tanh_derivs)
     if name == "sigmoid":
         def d1(u: Array) -> Array:
             s = _sigmoid(u)
@@ -122,7 +183,8 @@ def get_activation(name: str, leaky_slope: float = 0.01) -> Activation:
             return s * (1.0 - s) * (1.0 - 2.0 * s)
 
         return Activation("sigmoid", _sigmoid, d1, d2s, None,
-                          1.0 / 16.0, 1.0 / (6.0 * math.sqrt(3.0)), 1.0)
+                          1.0 / 16.0, 1.0 / (6.0 * math.sqrt(3.0)), 1.0,
+                          _sigmoid_into, _sigmoid_derivs)
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -3,7 +3,8 @@
 The flop count of RADMM-3 is checked against a brute-force count: one real iteration of the
 serial reference runs on arrays that log every matrix product (shapes, and whether NumPy gets
 both operands from one buffer, i.e. a syrk), with the Cholesky factorisations and solves logged
-by wrapping scipy's ``cho_factor``/``cho_solve``.
+by wrapping scipy's ``cho_factor``/``cho_solve`` and BLAS ``dtrsm`` (a V step's solve is two
+triangular solves with the factor).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class _Log:
     products: list[tuple[int, int, int, bool]] = []  # (m, k, n, same buffer transposed)
     factors: list[int] = []
     solves: list[tuple[int, int]] = []
+    trsms: list[tuple[int, int]] = []  # (m, right-hand sides): m^2 r flops each
 
 
 def _plain(x):
@@ -81,8 +83,9 @@ class _Counted(np.ndarray):
 def _count(monkeypatch, fn):
     """Run ``fn()`` with the factorisations and solves logged; return (executed, gemm-equivalent)
     flops counted from the log."""
-    _Log.products, _Log.factors, _Log.solves = [], [], []
+    _Log.products, _Log.factors, _Log.solves, _Log.trsms = [], [], [], []
     cho_factor, cho_solve = scipy.linalg.cho_factor, scipy.linalg.cho_solve
+    dtrsm = scipy.linalg.blas.dtrsm
 
     def factor(a, *args, **kwargs):
         _Log.factors.append(np.shape(a)[0])
@@ -93,12 +96,20 @@ def _count(monkeypatch, fn):
         _Log.solves.append((c[0].shape[0], 1 if b.ndim == 1 else b.shape[1]))
         return _wrap(cho_solve(c, b, *args, **kwargs))
 
+    def trsm(alpha, a, b, *args, side=0, **kwargs):
+        b = _plain(b)
+        m = np.shape(a)[0]
+        _Log.trsms.append((m, b.shape[0] if side else b.shape[1]))
+        return _wrap(dtrsm(alpha, _plain(a), b, *args, side=side, **kwargs))
+
     monkeypatch.setattr(scipy.linalg, "cho_factor", factor)
     monkeypatch.setattr(scipy.linalg, "cho_solve", solve)
+    monkeypatch.setattr(scipy.linalg.blas, "dtrsm", trsm)
     fn()
     monkeypatch.undo()
     chol = sum(m ** 3 / 3 + m ** 2 / 2 + m / 6 for m in _Log.factors)
     chol += sum(2 * m * m * r for m, r in _Log.solves)
+    chol += sum(m * m * r for m, r in _Log.trsms)
     executed = chol + sum(m * (m + 1) * k if same else 2 * m * k * n
                           for m, k, n, same in _Log.products)
     gemm = chol + sum(2 * m * k * n for m, k, n, _ in _Log.products)
@@ -125,7 +136,7 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
         out["cur"], _ = sweep(splitting, specs, pen, initial_outputs(splitting, states), X, Y)
 
     executed, gemm = _count(monkeypatch, one_iteration)
-    assert _Log.products and _Log.factors and _Log.solves
+    assert _Log.products and _Log.factors and _Log.solves and _Log.trsms
     assert len(_Log.factors) == 2 * depth - 1  # a W solve per block, a V solve per hidden block
     # and it really was the solver's iteration: the iterate is finite and W changed
     assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["radmm3_block"])
@@ -139,9 +150,9 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
 def test_hidden_block_flops_by_hand():
     d, n = 7, 50
     potrf = d ** 3 / 3 + d ** 2 / 2 + d / 6
-    # gemm-equivalent: six (d x d)(d x n)-sized products, W and V Grams, two factorisations,
+    # gemm-equivalent: five (d x d)(d x n)-sized products, W and V Grams, two factorisations,
     # the W solve with d right-hand sides and the V solve with n
-    expected = 6 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d
+    expected = 5 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d
     block = suite.radmm3_block_flops(d, d, d, n, bias=False, syrk=False)
     assert sum(block.values()) == pytest.approx(expected)
     # syrk halves (plus the diagonal) the two Gram products

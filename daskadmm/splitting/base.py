@@ -109,18 +109,32 @@ def lambda_max(G: Array) -> float:
     return float(sla.eigvalsh(G, subset_by_index=[m - 1, m - 1], check_finite=False)[0])
 
 
-def spd_solve(M: Array, R: Array) -> Array:
+def spd_solve(M: Array, R: Array, *, overwrite_r: bool = False) -> Array:
     """Solve ``M X = R`` for symmetric positive definite ``M`` (Cholesky).
 
     ``M`` is SPD in exact arithmetic for every system here; if it is not numerically (entries
     overflowing after an exploding forward pass), the result is NaN, so the run stops with
-    status ``nonfinite`` instead of raising."""
+    status ``nonfinite`` instead of raising.
+
+    A C-ordered ``R`` (the ``d x n`` right-hand sides of the V steps) is solved as
+    ``X^T M = R^T``, two right-side triangular solves (BLAS ``trsm``) on ``R^T``, which is
+    Fortran-ordered in the same memory: no transposing copies in or out, and ``X`` comes back
+    C-ordered like ``R`` (LAPACK's ``potrs`` would copy ``R`` to Fortran order and return a
+    Fortran-ordered ``X``, which makes every later elementwise operation that mixes it with
+    C-ordered arrays several times slower). Each column of ``X`` depends only on its column
+    of ``R``. ``overwrite_r``: ``R`` may be overwritten (it then holds ``X``)."""
     if not np.all(np.isfinite(M)):
         return np.full(R.shape, np.nan)
     try:
         c = sla.cho_factor(M, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return np.full(R.shape, np.nan)
+    if (R.ndim == 2 and R.dtype == np.float64 and R.flags.c_contiguous
+            and not R.flags.f_contiguous):
+        B = (R if overwrite_r else R.copy()).T  # n x d, Fortran-ordered
+        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=1, overwrite_b=1)
+        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=0, overwrite_b=1)
+        return B.T
     return sla.cho_solve(c, R, check_finite=False)
 
 
@@ -140,7 +154,9 @@ def _phi(act: Activation, u: Array, c: Array, m: Array, beta: float, kappa: floa
 
 
 def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
-                    act: Activation, max_iter: int = 100) -> tuple[Array, int]:
+                    act: Activation, max_iter: int = 100, *,
+                    sigma_out: Array | None = None, out: Array | None = None
+                    ) -> tuple[Array, int]:
     """Elementwise ``argmin_u phi(u) = (beta/2)(c - sigma(u))^2 + (kappa/2)(u - m)^2``.
 
     Notes
@@ -163,28 +179,336 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     iterations. The result is stationary with ``phi(u) <= phi(u0)``, not necessarily the global
     minimiser.
 
+    The smooth solver works on blocks of elements (cache-sized, in preallocated buffers) and
+    iterates only on the elements of a block that are still active. It evaluates sigma once per
+    element and iteration: the full step ``u - step`` is evaluated for every active element
+    (it is the new point of an outright step and the first trial of the line search), and
+    ``sigma'``, ``sigma''`` of the next iteration come from that value. Every decision is per
+    element, so the result does not depend on the blocking, and it is bit for bit the result of
+    the plain formulation (:func:`_prox_smooth_block` documents the operations).
+
+    ``sigma_out``, if given (an array of ``c``'s shape), receives ``sigma(u)`` of the result
+    (bit for bit ``act.f(u)``), which the callers need next. ``out``: a C-contiguous float64
+    array of ``c``'s shape (not ``u0``, ``c`` or ``m``) for the result; a new one if None.
+
     Returns ``(u, n_capped)``: the solution and how many elements hit the iteration cap.
     """
+    if out is not None and not (out.flags.c_contiguous and out.dtype == np.float64
+                                and out.shape == c.shape):
+        raise ValueError("prox_activation: out must be C-contiguous float64 of c's shape")
     if act.piecewise_linear:
-        a = act.slope
-        assert a is not None  # every piecewise-linear activation has a slope
-        up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
-        um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
-        pp = _phi(act, up, c, m, beta, kappa)
-        pm = _phi(act, um, c, m, beta, kappa)
-        return np.where(pp <= pm, up, um), 0
+        u = _prox_piecewise(c, m, beta, kappa, act, out)
+        if sigma_out is not None:
+            if act.f_into is not None and sigma_out.flags.c_contiguous:
+                act.f_into(u, sigma_out)
+            else:
+                sigma_out[...] = act.f(u)
+        return u, 0
 
     shape = c.shape
-    c, m = c.ravel(), m.ravel()
-    u = np.array(u0, dtype=np.float64).ravel().copy()
+    c = np.ascontiguousarray(c, dtype=np.float64).ravel()
+    m = np.ascontiguousarray(m, dtype=np.float64).ravel()
+    if out is None:
+        u = np.array(u0, dtype=np.float64).ravel()  # a copy: the result
+    else:
+        u = out.reshape(-1)
+        u[...] = np.asarray(u0).reshape(-1)
+    s = np.empty_like(u) if sigma_out is None else sigma_out.reshape(-1)
+    if act.f_into is None or act.derivs_from_value is None:
+        return _prox_smooth_generic(c, m, beta, kappa, u, act, max_iter, shape, s, sigma_out)
+    bufs = _SmoothBuffers(min(u.size, _BLOCK))
+    capped = 0
+    with np.errstate(all="ignore"):
+        for lo in range(0, u.size, _BLOCK):
+            sl = slice(lo, min(lo + _BLOCK, u.size))
+            capped += _prox_smooth_block(c[sl], m[sl], beta, kappa, u[sl], s[sl], act,
+                                         max_iter, bufs)
+    if sigma_out is not None and not np.shares_memory(s, sigma_out):
+        sigma_out[...] = s.reshape(shape)
+    return u.reshape(shape), capped
+
+
+# Elements per block of the smooth solver: a block's dozen work arrays (8 bytes per element)
+# stay in a core's L2 cache, and the per-call overhead of NumPy is small against the work.
+_BLOCK = 16384
+
+
+def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activation,
+                    out: Array | None = None) -> Array:
+    """The two branch candidates and the one with the smaller phi, on cache-sized blocks in
+    preallocated buffers (operation for operation the formulas of :func:`prox_activation`)."""
+    a = act.slope
+    assert a is not None  # every piecewise-linear activation has a slope
+    shape = c.shape
+    c = np.ascontiguousarray(c, dtype=np.float64).ravel()
+    m = np.ascontiguousarray(m, dtype=np.float64).ravel()
+    f_into = act.f_into
+    if f_into is None:
+        def f_into(x, out):
+            out[...] = act.f(x)
+            return out
+    out = np.empty_like(c) if out is None else out.reshape(-1)
+    size = min(c.size, _BLOCK)
+    up, um, km, t1, t2, pp = (np.empty(size) for _ in range(6))
+    mask = np.empty(size, dtype=bool)
+    hb, hk = 0.5 * beta, 0.5 * kappa
+    ab = a * beta
+    den_p, den_m = beta + kappa, a * a * beta + kappa
+    for lo in range(0, c.size, _BLOCK):
+        hi = min(lo + _BLOCK, c.size)
+        k = hi - lo
+        cb, mb = c[lo:hi], m[lo:hi]
+        upk, umk, kmk, t1k, t2k, ppk = up[:k], um[:k], km[:k], t1[:k], t2[:k], pp[:k]
+        np.multiply(mb, kappa, out=kmk)
+        # u+ = max(0, (beta c + kappa m) / (beta + kappa))
+        np.multiply(cb, beta, out=upk)
+        upk += kmk
+        upk /= den_p
+        np.maximum(0.0, upk, out=upk)
+        # u- = min(0, (alpha beta c + kappa m) / (alpha^2 beta + kappa))
+        np.multiply(cb, ab, out=umk)
+        umk += kmk
+        umk /= den_m
+        np.minimum(0.0, umk, out=umk)
+        for x, ph in ((upk, ppk), (umk, kmk)):  # phi(x) = ((beta/2) r) r + ((kappa/2) d) d
+            f_into(x, t1k)
+            np.subtract(cb, t1k, out=t1k)  # r
+            np.subtract(x, mb, out=t2k)  # d
+            np.multiply(t1k, hb, out=ph)
+            ph *= t1k
+            np.multiply(t2k, hk, out=t1k)
+            t1k *= t2k
+            ph += t1k
+        np.less_equal(ppk, kmk, out=mask[:k])
+        out[lo:hi] = np.where(mask[:k], upk, umk)  # (copyto's where= is 2x slower)
+    return out.reshape(shape)
+
+
+class _SmoothBuffers:
+    """Work arrays of the smooth solver, allocated once per call and reused for every block.
+
+    ``f`` maps names to float arrays of the block size: the working set's per-element data
+    (``carried``), the quantities of an iteration computed before the working set may shrink
+    (``derived``), temporaries, and a ``spare`` that compaction gathers into (then swaps)."""
+
+    carried = ("uu", "cc", "mm", "s", "bc")
+    derived = ("ds", "d2", "r", "d", "g")
+    temps = ("h", "phi", "step", "cand", "sc", "t1", "t2", "spare")
+
+    def __init__(self, size: int):
+        self.f = {name: np.empty(size) for name in self.carried + self.derived + self.temps}
+        self.iota = np.arange(size)
+        self.idx = np.empty(size, dtype=np.intp)
+        self.ispare = np.empty(size, dtype=np.intp)
+        self.b1 = np.empty(size, dtype=bool)
+        self.b2 = np.empty(size, dtype=bool)
+        self.b3 = np.empty(size, dtype=bool)
+
+    def compact(self, a: int, keep: Array, names: tuple[str, ...]) -> int:
+        """Keep the working-set positions ``keep`` (ascending) of the arrays ``names`` and of
+        ``idx``; returns the new size."""
+        k = keep.size
+        f = self.f
+        for name in names:
+            src, dst = f[name], f["spare"]
+            np.take(src[:a], keep, out=dst[:k])
+            f[name], f["spare"] = dst, src
+        np.take(self.idx[:a], keep, out=self.ispare[:k])
+        self.idx, self.ispare = self.ispare, self.idx
+        return k
+
+
+def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, s_out: Array,
+                       act: Activation, max_iter: int, B: _SmoothBuffers) -> int:
+    """Safeguarded Newton of :func:`prox_activation` on one block of elements (in place on
+    ``u``; ``s_out`` receives sigma(u)). Returns how many elements hit the cap.
+
+    The operations are those of the plain formulation, in the same order, so that every
+    element's iterates are bit for bit the same (with ``r = c - s``, ``d = u - m``)::
+
+        g = (-beta r) s' + kappa d
+        h = beta (s'^2 - r s'') + kappa
+        phi = (beta/2) r r + (kappa/2) d^2
+        done: |g| <= 1e-14 (beta (|c| + 1) + kappa (|u| + |m|))
+        step = g / h where h >= 1e-6 kappa (Newton), else g / L_phi
+        outright: Newton and g^2 / h <= 1e-8 |phi| (and not done)
+        line search: u - t step, t = 1, 1/2, ... (60 trials), accepted where
+                     phi(u - t step) <= phi + 1e-15 |phi|, phi(x) = ((beta/2) r) r + ((kappa/2) d) d
+
+    Finished elements (done, or a line search that stalled) leave the working set, which is
+    then compacted (``idx`` maps it back to the block). While fewer than half of it is done,
+    the done elements stay (unchanged: a done element is done again at the next iteration,
+    the same numbers giving the same test) and are dropped later, which saves the gathers.
+    """
+    f_into, derivs = act.f_into, act.derivs_from_value
+    assert f_into is not None and derivs is not None  # smooth activations have both
+    hb, hk = 0.5 * beta, 0.5 * kappa
+    F = B.f
+    a = u.size
+    F["uu"][:a] = u
+    F["cc"][:a] = c
+    F["mm"][:a] = m
+    B.idx[:a] = B.iota[:a]
+    f_into(F["uu"][:a], F["s"][:a])
+    bc = F["bc"][:a]  # beta (|c| + 1), constant per element
+    np.abs(F["cc"][:a], out=bc)
+    bc += 1.0
+    bc *= beta
+    it = 0
+    n_done = 0  # done elements still in the working set after the last iteration
+    while a and it < max_iter:
+        it += 1
+        uu, cc, mm, s, bc = (F[k][:a] for k in B.carried)
+        ds, d2, r, d, g = (F[k][:a] for k in B.derived)
+        t1, t2 = F["t1"][:a], F["t2"][:a]
+        done = B.b1[:a]
+        derivs(s, ds, d2)
+        np.subtract(cc, s, out=r)
+        np.subtract(uu, mm, out=d)
+        # g = -beta r s' + kappa d
+        np.multiply(r, -beta, out=g)
+        g *= ds
+        np.multiply(d, kappa, out=t1)
+        g += t1
+        # done: |g| <= 1e-14 (beta (|c| + 1) + kappa (|u| + |m|))
+        np.abs(uu, out=t1)
+        np.abs(mm, out=t2)
+        t1 += t2
+        t1 *= kappa
+        t1 += bc
+        t1 *= 1e-14
+        np.abs(g, out=t2)
+        np.less_equal(t2, t1, out=done)
+        n_done = int(np.count_nonzero(done))
+        done_at = None
+        if 2 * n_done >= a:  # most are finished: write them out and shrink the working set
+            fin = np.flatnonzero(done)
+            gi = B.idx[fin]
+            u[gi] = uu[fin]
+            s_out[gi] = s[fin]
+            a = B.compact(a, np.flatnonzero(~done), B.carried + B.derived)
+            n_done = 0
+            if a == 0:
+                break
+            uu, cc, mm, s, bc = (F[k][:a] for k in B.carried)
+            ds, d2, r, d, g = (F[k][:a] for k in B.derived)
+            t1, t2 = F["t1"][:a], F["t2"][:a]
+        elif n_done:
+            done_at = np.flatnonzero(done)
+        h, phi, step = F["h"][:a], F["phi"][:a], F["step"][:a]
+        cand, sc = F["cand"][:a], F["sc"][:a]
+        newton, ok = B.b2[:a], B.b3[:a]
+        # h = beta (s'^2 - r s'') + kappa
+        np.multiply(ds, ds, out=h)
+        np.multiply(r, d2, out=t1)
+        h -= t1
+        h *= beta
+        h += kappa
+        # phi = (beta/2) r r + (kappa/2) d^2
+        np.multiply(r, hb, out=phi)
+        phi *= r
+        np.multiply(d, d, out=t1)
+        t1 *= hk
+        phi += t1
+        # Newton step where h >= 1e-6 kappa, else g / L_phi
+        np.greater_equal(h, 1e-6 * kappa, out=newton)
+        np.divide(g, h, out=step)
+        if not newton.all():
+            grad = np.flatnonzero(~newton)
+            lphi = kappa + beta * (act.sup_df2 + act.sup_d2f * (np.abs(cc[grad]) + act.sup_abs))
+            step[grad] = g[grad] / lphi
+        # outright (newton & g^2 / h <= 1e-8 |phi|), kept in "done" from here on
+        outright = B.b1[:a]
+        np.multiply(g, g, out=t1)
+        t1 /= h
+        np.abs(phi, out=t2)
+        t2 *= 1e-8
+        np.less_equal(t1, t2, out=outright)
+        outright &= newton
+        # the full step for every element: the outright ones' new point, the others' first
+        # trial, accepted where ((beta/2) r) r + ((kappa/2) d) d <= phi + 1e-15 |phi|
+        np.subtract(uu, step, out=cand)
+        f_into(cand, sc)
+        np.subtract(cc, sc, out=r)
+        np.subtract(cand, mm, out=d)
+        np.multiply(r, hb, out=t1)
+        t1 *= r
+        np.multiply(d, hk, out=t2)
+        t2 *= d
+        t1 += t2
+        np.abs(phi, out=t2)
+        t2 *= 1e-15
+        t2 += phi
+        np.less_equal(t1, t2, out=ok)
+        ok |= outright
+        if done_at is not None:
+            ok[done_at] = True  # not searched (they keep their point, below)
+        stalled = None
+        if not ok.all():  # halve the step of the rejected ones
+            stalled = _halve(np.flatnonzero(~ok), uu, step, cc, mm, phi, hb, hk, f_into,
+                             cand, sc)
+            cand[stalled] = uu[stalled]
+            sc[stalled] = s[stalled]
+        if done_at is not None:
+            cand[done_at] = uu[done_at]
+            sc[done_at] = s[done_at]
+        # the new points: swap the buffers instead of copying
+        F["uu"], F["cand"] = F["cand"], F["uu"]
+        F["s"], F["sc"] = F["sc"], F["s"]
+        if stalled is not None and stalled.size:  # finished: drop them (and the done ones)
+            fin = stalled if done_at is None else np.union1d(stalled, done_at)
+            uu, s = F["uu"][:a], F["s"][:a]
+            gi = B.idx[fin]
+            u[gi] = uu[fin]
+            s_out[gi] = s[fin]
+            keep = np.ones(a, dtype=bool)
+            keep[fin] = False
+            a = B.compact(a, np.flatnonzero(keep), B.carried)
+            n_done = 0
+    if a:
+        gi = B.idx[:a]
+        u[gi] = F["uu"][:a]
+        s_out[gi] = F["s"][:a]
+    return a - n_done
+
+
+def _halve(rest: Array, uu: Array, step: Array, cc: Array, mm: Array, phi: Array, hb: float,
+           hk: float, f_into, cand: Array, sc: Array) -> Array:
+    """Line search from t = 1/2 on the elements ``rest`` whose full step was rejected: writes
+    accepted trials into ``cand``/``sc``; returns the stalled ones (no decrease in 60 trials)."""
+    ur, sr, cr, mr = uu[rest], step[rest], cc[rest], mm[rest]
+    pr = phi[rest]
+    bound = pr + 1e-15 * np.abs(pr)
+    pos = np.arange(rest.size)
+    t = 0.5
+    for _halving in range(59):
+        if pos.size == 0:
+            break
+        cnd = ur[pos] - t * sr[pos]
+        scn = np.empty_like(cnd)
+        f_into(cnd, scn)
+        r = cr[pos] - scn
+        d = cnd - mr[pos]
+        pc = hb * r * r + hk * d * d
+        ok = pc <= bound[pos]
+        hit = rest[pos[ok]]
+        cand[hit] = cnd[ok]
+        sc[hit] = scn[ok]
+        pos = pos[~ok]
+        t *= 0.5
+    return rest[pos]
+
+
+def _prox_smooth_generic(c, m, beta, kappa, u, act, max_iter, shape, s, sigma_out):
+    """The plain formulation, for a smooth activation without the fast kernels."""
     lphi = kappa + beta * (act.sup_df2 + act.sup_d2f * (np.abs(c) + act.sup_abs))
     active = np.arange(u.size)
     for _ in range(max_iter):
         if active.size == 0:
             break
         uu, cc, mm = u[active], c[active], m[active]
-        s, ds, d2 = act.f(uu), act.df(uu), act.d2f(uu)
-        r = cc - s
+        sv, ds, d2 = act.f(uu), act.df(uu), act.d2f(uu)
+        r = cc - sv
         g = -beta * r * ds + kappa * (uu - mm)
         h = beta * (ds * ds - r * d2) + kappa
         phi = 0.5 * beta * r * r + 0.5 * kappa * (uu - mm) ** 2
@@ -194,7 +518,6 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
         outright = newton & (g * g / np.where(newton, h, 1.0) <= 1e-8 * np.abs(phi)) & ~done
         unew = uu.copy()
         unew[outright] = uu[outright] - step[outright]
-        # halving line search on the others
         search = np.flatnonzero(~done & ~outright)
         t = 1.0
         stalled = np.zeros(uu.size, dtype=bool)
@@ -209,8 +532,9 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
             t *= 0.5
         stalled[search] = True
         u[active] = unew
-        finished = done | stalled
-        active = active[~finished]
+        active = active[~(done | stalled)]
+    if sigma_out is not None:
+        sigma_out[...] = act.f(u).reshape(shape)
     return u.reshape(shape), int(active.size)
 
 

@@ -48,12 +48,54 @@ Array = np.ndarray
 State = dict[str, Array]
 
 
-def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float) -> tuple[Array, Array]:
+class Scratch:
+    """Work arrays of one block update: handed out by shape, given back when dead, handed out
+    again. A fresh array of tens of MB is page-faulting, zero-filled memory (a third of an
+    iteration's CPU time at width 512 went to the kernel), so a block update allocates each
+    shape a few times instead of once per temporary. Nothing outlives the update. New arrays
+    are C-ordered float64 of the type of ``like`` (an ndarray subclass stays one)."""
+
+    def __init__(self, like: Array | None = None) -> None:
+        self._free: dict[tuple, list[Array]] = {}
+        self._like = like
+
+    def get(self, shape: tuple) -> Array:
+        free = self._free.get(tuple(shape))
+        if free:
+            return free.pop()
+        if self._like is None:
+            return np.empty(shape)
+        return np.empty_like(self._like, dtype=np.float64, order="C", shape=shape)
+
+    def put(self, *arrays: Array | None) -> None:
+        for a in arrays:
+            if a is not None:
+                self._free.setdefault(a.shape, []).append(a)
+
+
+def _get(pool: Scratch | None, shape: tuple) -> Array:
+    return np.empty(shape) if pool is None else pool.get(shape)
+
+
+def _sigma_into(act, U: Array, out: Array) -> Array:
+    if act.f_into is not None:
+        return act.f_into(U, out)
+    out[...] = act.f(U)
+    return out
+
+
+def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float,
+                 pool: Scratch | None = None) -> tuple[Array, Array]:
     """Sufficient statistics of the W subproblem over a set of samples (additive over chunks).
 
     Returns ``G = V~ V~^T`` and ``B = (rho U + Lam) V~^T``.
     """
-    return Vt @ Vt.T, (rho * U + Lam) @ Vt.T
+    T = np.multiply(U, rho, out=_get(pool, U.shape))
+    T += Lam
+    out = Vt @ Vt.T, T @ Vt.T
+    if pool is not None:
+        pool.put(T)
+    return out
 
 
 def update_weights(W: Array, G: Array, B: Array, pen: Penalties, n: int) -> Array:
@@ -90,7 +132,9 @@ def update_weights_linearized(W: Array, G: Array, B: Array, pen: Penalties, n: i
 
 
 def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, Lam: Array,
-                         c: Array | None, Y: Array | None) -> tuple[Array, int]:
+                         c: Array | None, Y: Array | None, *,
+                         sigma_out: Array | None = None,
+                         pool: Scratch | None = None) -> tuple[Array, int]:
     """U step: elementwise prox (hidden blocks) or prox of the loss (output block).
 
     Notes
@@ -102,39 +146,80 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     - i = N: ``argmin_U n l(U; Y) + (kappa/2)||U - m||^2``; for MSE
       ``U_N = (Y + rho Z - Lam + tau U^k) / (1 + rho + tau)``.
 
-    Returns ``(U, n_capped)``.
+    Returns ``(U, n_capped)``; a hidden block writes ``sigma(U)`` into ``sigma_out`` if given.
     """
     kappa = pen.rho + pen.tau
-    m = (pen.rho * Z - Lam + pen.tau * U) / kappa
+    m = np.multiply(Z, pen.rho, out=_get(pool, Z.shape))  # (rho Z - Lam + tau U^k) / kappa
+    m -= Lam
+    tmp = sigma_out if sigma_out is not None else _get(pool, U.shape)  # free until the prox
+    m += np.multiply(U, pen.tau, out=tmp)
+    m /= kappa
+    if pool is not None and tmp is not sigma_out:
+        pool.put(tmp)
     if spec.is_output:
         assert Y is not None  # the output block is given the targets
-        return prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
-    assert c is not None  # a hidden block is given c
-    return prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter)
+        out = prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
+    else:
+        assert c is not None  # a hidden block is given c
+        out = prox_activation(c, m, pen.beta, kappa, U, spec.act, spec.options.newton_max_iter,
+                              sigma_out=sigma_out,
+                              out=None if pool is None else pool.get(U.shape))
+    if pool is not None:
+        pool.put(m)  # the results are new arrays
+    return out
 
 
-def update_duals(Lam: Array, U: Array, Z: Array, rho: float) -> Array:
-    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n)."""
-    return Lam + rho * (U - Z)
+def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None,
+                 out: Array | None = None) -> Array:
+    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n); ``r``:
+    ``U - W V~`` if already computed; ``out``: an array for the result."""
+    if r is None:
+        out = np.subtract(U, Z, out=out)
+        out *= rho
+    else:
+        out = np.multiply(r, rho, out=out)
+    out += Lam
+    return out
 
 
 def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
-                    right: State) -> tuple[Array, Array]:
-    """Pieces shared by both V steps: ``A_{i+1}`` and the right-hand side without ``tau V^k``."""
+                    right: State, sigma_own: Array | None = None,
+                    pool: Scratch | None = None) -> tuple[Array, Array, Array]:
+    """Pieces shared by both V steps: ``A_{i+1}``, the right-hand side without ``tau V^k``
+    and a work array of its shape. ``sigma_own``: ``sigma(U_i)`` if already computed.
+
+    In place, operation for operation the formula
+    ``beta sigma(U_i) + beta s V_{i-1} + beta s' (V_{i+1} - sigma(U_{i+1}))
+    + A^T (rho (U_{i+1} - b) + Lam_{i+1})``."""
     act, s, s2 = spec.act, spec.s, spec.s_next
     A, b = spec.split_bias(right["W"])
-    Ur = right["U"] if b is None else right["U"] - b
-    rhs = pen.beta * act.f(Uown)
+    shape = Uown.shape
+    rhs = _get(pool, shape)  # C-ordered: the result (V, after the solve)
+    np.multiply(act.f(Uown) if sigma_own is None else sigma_own, pen.beta, out=rhs)
+    work = _get(pool, shape)  # C-ordered: the product below goes into it
     if s:
-        rhs += pen.beta * Vleft
+        rhs += np.multiply(Vleft, pen.beta, out=work)
     if s2:
-        rhs += pen.beta * (right["V"] - act.f(right["U"]))
-    rhs += A.T @ (pen.rho * Ur + right["Lam"])
-    return A, rhs
+        _sigma_into(act, right["U"], work)
+        np.subtract(right["V"], work, out=work)
+        work *= pen.beta
+        rhs += work
+    T = _get(pool, right["U"].shape)
+    if b is None:
+        np.multiply(right["U"], pen.rho, out=T)
+    else:
+        np.subtract(right["U"], b, out=T)
+        T *= pen.rho
+    T += right["Lam"]
+    rhs += np.matmul(A.T, T, out=work)
+    if pool is not None:
+        pool.put(T)
+    return A, rhs, work
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Uown: Array,
-                      right: State) -> Array:
+                      right: State, sigma_own: Array | None = None,
+                      pool: Scratch | None = None) -> Array:
     """Exact V step (i < N): one SPD solve of size d with n right-hand sides.
 
     Notes
@@ -146,15 +231,19 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
             = beta (s_i V_{i-1} + sigma(U_i)) + beta s' (V_{i+1} - sigma(U_{i+1}))
               + A^T (rho (U_{i+1} - b 1^T) + Lam_{i+1}) + tau V^k
     """
-    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    A, rhs, work = _activation_rhs(spec, pen, Vleft, Uown, right, sigma_own, pool)
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-    rhs += pen.tau * V
-    return spd_solve(M, rhs)
+    rhs += np.multiply(V, pen.tau, out=work)
+    if pool is not None:
+        pool.put(work)
+    return spd_solve(M, rhs, overwrite_r=True)
 
 
 def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array,
-                                 Uown: Array, right: State) -> Array:
+                                 Uown: Array, right: State,
+                                 sigma_own: Array | None = None,
+                                 pool: Scratch | None = None) -> Array:
     """Proximal-linearized V step (RADMM-3L).
 
     Notes
@@ -163,7 +252,7 @@ def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vlef
     ``[beta (1 + s') I + rho A^T A] V - rhs`` (the exact-step right-hand side without
     ``tau V^k``) and the exact curvature ``eta_V = beta (1 + s') + rho lambda_max(A^T A)``.
     """
-    A, rhs = _activation_rhs(spec, pen, Vleft, Uown, right)
+    A, rhs, _ = _activation_rhs(spec, pen, Vleft, Uown, right, sigma_own)  # no pool: rhs
     grad = pen.beta * (1 + spec.s_next) * V + pen.rho * (A.T @ (A @ V)) - rhs
     small = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
     eta = pen.beta * (1 + spec.s_next) + pen.rho * lambda_max(small)
@@ -171,23 +260,38 @@ def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vlef
 
 
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
-                    Y: Array | None) -> float:
+                    Y: Array | None, *, r: Array | None = None, r_sq: float | None = None,
+                    sigma_U: Array | None = None, pool: Scratch | None = None) -> float:
     """Block i's share of L (in L units, not n-units): ``(lam/2)||W_i||^2``, the constraint
     terms of ``U_i = W_i V~_{i-1}``, the activation penalty of ``V_i`` (i < N), and the loss
-    (i = N). Summed over blocks this is L."""
+    (i = N). Summed over blocks this is L.
+
+    A caller that has them passes ``r = U_i - W_i V~_{i-1}`` (computed with the same product,
+    so the same numbers), ``r_sq = sum(r * r)`` and ``sigma_U = sigma(U_i)``; they are not
+    recomputed then (``sigma_U`` is overwritten)."""
     n = spec.n
     W, U, Lam = own["W"], own["U"], own["Lam"]
-    r = U - W @ spec.aug(Vleft)
+    if r is None:
+        r = U - W @ spec.aug(Vleft)
+    if r_sq is None:
+        r_sq = float(np.sum(r * r))
     total = 0.5 * pen.lam * float(np.sum(W * W))
-    total += (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
+    work = np.multiply(Lam, r, out=_get(pool, r.shape))
+    total += (float(np.sum(work)) + 0.5 * pen.rho * r_sq) / n
+    if pool is not None:
+        pool.put(work)
     if spec.is_output:
         assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, U, Y)
     else:
-        p = own["V"] - spec.act.f(U)
+        p = np.subtract(own["V"], spec.act.f(U) if sigma_U is None else sigma_U,
+                        out=_get(pool, U.shape) if sigma_U is None else sigma_U)
         if spec.s:
             p -= Vleft
-        total += 0.5 * pen.beta * float(np.sum(p * p)) / n
+        p *= p
+        total += 0.5 * pen.beta * float(np.sum(p)) / n
+        if pool is not None:
+            pool.put(p)
     return total
 
 
@@ -202,28 +306,52 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     share of L at the new point), ``primal_sq`` (``||U_i - W_i V~_{i-1}||^2``), ``dual_sq``
     (``||V_i^{k+1} - V_i^k||^2``) and ``capped`` (inner solves that hit their cap).
     """
-    Vt = spec.aug(Vleft)
-    G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho)
+    pool = Scratch(like=own["U"])  # the temporaries below reuse a few arrays
+    if spec.bias:  # V~ = [V; 1^T]
+        Vt = pool.get((Vleft.shape[0] + 1, Vleft.shape[1]))
+        Vt[:-1] = Vleft
+        Vt[-1] = 1.0
+    else:
+        Vt = Vleft
+    G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho, pool)
     step_w = update_weights_linearized if linearized else update_weights
     W = step_w(own["W"], G, B, pen, spec.n)
-    Z = W @ Vt
+    Z = np.matmul(W, Vt, out=pool.get((W.shape[0], Vt.shape[1])))
+    if Vt is not Vleft:
+        pool.put(Vt)
     c = None
+    sigma = None
     if not spec.is_output:
-        c = own["V"] - Vleft if spec.s else own["V"]
-    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
-    Lam = update_duals(own["Lam"], U, Z, pen.rho)
+        c = np.subtract(own["V"], Vleft, out=pool.get(Z.shape)) if spec.s else own["V"]
+        sigma = pool.get(Z.shape)
+    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y, sigma_out=sigma,
+                                     pool=pool)
+    if spec.s:
+        pool.put(c)
+    r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
+    Lam = update_duals(own["Lam"], U, Z, pen.rho, r=r, out=pool.get(r.shape))
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
         assert right is not None  # every block but the output one has a right neighbour
-        step_v = update_activation_linearized if linearized else update_activation
-        V = step_v(spec, pen, own["V"], Vleft, U, right)
+        if linearized:
+            V = update_activation_linearized(spec, pen, own["V"], Vleft, U, right,
+                                             sigma_own=sigma)
+        else:
+            V = update_activation(spec, pen, own["V"], Vleft, U, right, sigma_own=sigma,
+                                  pool=pool)
         new["V"] = V
-        dual_sq = float(np.sum((V - own["V"]) ** 2))
-    r = U - Z
+        dv = np.subtract(V, own["V"], out=pool.get(V.shape))
+        dv *= dv
+        dual_sq = float(np.sum(dv))
+        pool.put(dv)
+    rr = np.multiply(r, r, out=pool.get(r.shape))
+    primal_sq = float(np.sum(rr))
+    pool.put(rr)
     stats = {
-        "objective": block_objective(spec, pen, new, Vleft, Y),
-        "primal_sq": float(np.sum(r * r)),
+        "objective": block_objective(spec, pen, new, Vleft, Y, r=r, r_sq=primal_sq,
+                                     sigma_U=sigma, pool=pool),
+        "primal_sq": primal_sq,
         "dual_sq": dual_sq,
         "capped": float(capped),
     }

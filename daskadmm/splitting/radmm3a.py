@@ -112,7 +112,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     dual_sq = 0.0
     if not spec.is_output:
         assert right is not None  # every hidden block has a right neighbour
-        A, rhs = radmm3._activation_rhs(spec, pen, Vleft, U, right)
+        A, rhs, _ = radmm3._activation_rhs(spec, pen, Vleft, U, right)
         rhs -= own["Gam"]
         if spec.s_next:
             rhs += right["Gam"]

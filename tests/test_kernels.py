@@ -1,0 +1,300 @@
+"""The fast elementwise kernels against plain, obviously correct formulations kept here.
+
+The activation prox of tanh/sigmoid (a blocked, in-place safeguarded Newton that evaluates sigma
+once per element and iteration) must give what the plain formulation gives (every element's
+iterates are the same operations, so 1e-12 is far from tight), report the same number of capped
+elements, and do it with few sigma evaluations. No timings here: these are the properties the
+speed relies on (benchmarks/bench_kernels.py measures the speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from daskadmm.model import get_activation
+from daskadmm.splitting import base
+from daskadmm.splitting.base import prox_activation
+
+
+def _phi(act, u, c, m, beta, kappa):
+    r = c - act.f(u)
+    d = u - m
+    return 0.5 * beta * r * r + 0.5 * kappa * d * d
+
+
+def prox_smooth_plain(c, m, beta, kappa, u0, act, max_iter=100):
+    """The safeguarded Newton of prox_activation, written plainly: every iteration gathers the
+    active elements and evaluates sigma, sigma', sigma'' at them (three evaluations), then a
+    halving line search (one per trial)."""
+    shape = c.shape
+    c, m = c.ravel(), m.ravel()
+    u = np.array(u0, dtype=np.float64).ravel().copy()
+    lphi = kappa + beta * (act.sup_df2 + act.sup_d2f * (np.abs(c) + act.sup_abs))
+    active = np.arange(u.size)
+    for _ in range(max_iter):
+        if active.size == 0:
+            break
+        uu, cc, mm = u[active], c[active], m[active]
+        s, ds, d2 = act.f(uu), act.df(uu), act.d2f(uu)
+        r = cc - s
+        g = -beta * r * ds + kappa * (uu - mm)
+        h = beta * (ds * ds - r * d2) + kappa
+        phi = 0.5 * beta * r * r + 0.5 * kappa * (uu - mm) ** 2
+        done = np.abs(g) <= 1e-14 * (beta * (np.abs(cc) + 1.0) + kappa * (np.abs(uu) + np.abs(mm)))
+        newton = h >= 1e-6 * kappa
+        step = np.where(newton, g / np.where(newton, h, 1.0), g / lphi[active])
+        outright = newton & (g * g / np.where(newton, h, 1.0) <= 1e-8 * np.abs(phi)) & ~done
+        unew = uu.copy()
+        unew[outright] = uu[outright] - step[outright]
+        search = np.flatnonzero(~done & ~outright)
+        t = 1.0
+        stalled = np.zeros(uu.size, dtype=bool)
+        for _halving in range(60):
+            if search.size == 0:
+                break
+            cand = uu[search] - t * step[search]
+            pc = _phi(act, cand, cc[search], mm[search], beta, kappa)
+            ok = pc <= phi[search] + 1e-15 * np.abs(phi[search])
+            unew[search[ok]] = cand[ok]
+            search = search[~ok]
+            t *= 0.5
+        stalled[search] = True
+        u[active] = unew
+        active = active[~(done | stalled)]
+    return u.reshape(shape), int(active.size)
+
+
+def prox_piecewise_plain(c, m, beta, kappa, act):
+    """The two branch candidates, the one with the smaller phi (ties to u+)."""
+    a = act.slope
+    up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
+    um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
+    pp = _phi(act, up, c, m, beta, kappa)
+    pm = _phi(act, um, c, m, beta, kappa)
+    return np.where(pp <= pm, up, um)
+
+
+PENALTIES = [(1.0, 2.001), (10.0, 0.1), (0.1, 10.0), (6.0, 0.45), (1e3, 1e-3), (1e-3, 1e3)]
+
+
+def hard_inputs(rng, shape):
+    """Random c, m, u0 with the hard cases planted: saturated sigma (large |m|, |u0|), targets
+    out of sigma's range, u and m near 0, starts far away, c = m = 0, NaN."""
+    c = rng.uniform(-3, 3, shape)
+    m = rng.uniform(-4, 4, shape)
+    u0 = rng.uniform(-5, 5, shape)
+    f = (c.ravel(), m.ravel(), u0.ravel())
+    f[1][:40] = rng.choice([-1, 1], 40) * rng.uniform(15, 40, 40)  # saturated
+    f[2][:40] = f[1][:40] * 1.5
+    f[0][40:80] = rng.choice([-1, 1], 40) * rng.uniform(1.0, 1.5, 40)  # c at / beyond +-1
+    f[1][80:120] = rng.standard_normal(40) * 1e-10  # u near 0
+    f[0][80:120] = rng.standard_normal(40) * 1e-10
+    f[2][80:120] = rng.standard_normal(40) * 1e-12
+    f[0][120:130] = 0.0
+    f[1][120:130] = 0.0
+    f[2][130:170] *= 20.0  # far starts
+    f[2][170:200] = f[1][170:200]  # starting at m
+    f[0][200] = np.nan
+    return c, m, u0
+
+
+@pytest.mark.parametrize("act_name", ["tanh", "sigmoid"])
+@pytest.mark.parametrize(("beta", "kappa"), PENALTIES)
+@pytest.mark.parametrize("max_iter", [100, 1, 3, 5000])
+def test_smooth_prox_equals_plain_formulation(act_name, beta, kappa, max_iter):
+    rng = np.random.default_rng(abs(hash((act_name, beta, kappa, max_iter))) % 2**32)
+    act = get_activation(act_name)
+    shape = (7, 3001)  # not a multiple of the block size: a partial last block
+    c, m, u0 = hard_inputs(rng, shape)
+    ref, ref_capped = prox_smooth_plain(c, m, beta, kappa, u0, act, max_iter)
+    sig = np.empty(shape)
+    u, capped = prox_activation(c, m, beta, kappa, u0, act, max_iter, sigma_out=sig)
+    assert u.shape == shape and u is not u0
+    np.testing.assert_allclose(u, ref, rtol=1e-12, atol=0.0)
+    assert capped == ref_capped  # the cap is reported the same way
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(sig, act.f(u))  # sigma of the result, bit for bit
+    assert u.ravel()[200] == u0.ravel()[200]  # c = NaN: the line search stalls at u0
+    out = np.empty(shape)
+    u2, capped2 = prox_activation(c, m, beta, kappa, u0, act, max_iter, out=out)
+    assert np.shares_memory(u2, out) and capped2 == capped
+    np.testing.assert_array_equal(u2, u)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
+def test_smooth_prox_does_not_depend_on_the_blocking(monkeypatch, block):
+    rng = np.random.default_rng(3)
+    act = get_activation("tanh")
+    c, m, u0 = hard_inputs(rng, (5, 211))
+    u_default, cap_default = prox_activation(c, m, 6.0, 0.45, u0, act, 7)
+    monkeypatch.setattr(base, "_BLOCK", block)
+    u, cap = prox_activation(c, m, 6.0, 0.45, u0, act, 7)
+    np.testing.assert_array_equal(u, u_default)
+    assert cap == cap_default
+
+
+class _Counting:
+    """Counts the elements at which an activation's kernels are evaluated."""
+
+    def __init__(self, act):
+        self.evals = 0
+        self.slow = 0
+        self.act = act
+
+    def wrap(self):
+        act = self.act
+
+        def f_into(u, out):
+            self.evals += u.size
+            return act.f_into(u, out)
+
+        def slow(fn):
+            def g(u):
+                self.slow += u.size
+                return fn(u)
+            return g
+
+        return dataclasses.replace(act, f=slow(act.f), df=slow(act.df), d2f=slow(act.d2f),
+                                   f_into=f_into)
+
+
+@pytest.mark.parametrize("act_name", ["tanh", "sigmoid"])
+def test_smooth_prox_evaluates_sigma_about_once_per_iteration(act_name):
+    """A warm start (as in ADMM: u0 = the previous iterate, near the solution) converges in a
+    few Newton steps; sigma is evaluated once at u0 and once per step and element (the plain
+    formulation: three times per step plus once per line-search trial)."""
+    rng = np.random.default_rng(5)
+    act = get_activation(act_name)
+    n = 20000
+    c, m = rng.uniform(-0.9, 0.9, n), rng.uniform(-2, 2, n)
+    beta, kappa = 1.0, 2.001
+    sol, _ = prox_smooth_plain(c, m, beta, kappa, m, act, 1000)
+    u0 = sol + 0.05 * rng.standard_normal(n)
+    counter = _Counting(act)
+    u, capped = prox_activation(c, m, beta, kappa, u0, counter.wrap())
+    assert capped == 0
+    assert counter.slow == 0  # act.f, df, d2f: not used by the fast path
+    per_element = counter.evals / n
+    plain = _Counting(act)
+    prox_smooth_plain(c, m, beta, kappa, u0, plain.wrap())
+    plain_per_element = plain.slow / n
+    assert per_element <= 5.0, per_element
+    assert per_element <= 0.4 * plain_per_element, (per_element, plain_per_element)
+
+
+@pytest.mark.parametrize("act_name", ["relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize(("beta", "kappa"), PENALTIES)
+def test_piecewise_prox_equals_plain_formulation(act_name, beta, kappa):
+    rng = np.random.default_rng(7)
+    act = get_activation(act_name, 0.1)
+    shape = (9, 2001)
+    c, m, u0 = hard_inputs(rng, shape)
+    c.ravel()[:30] = m.ravel()[:30]  # ties
+    m.ravel()[30:60] = 0.0
+    sig = np.empty(shape)
+    u, capped = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig)
+    assert capped == 0
+    np.testing.assert_array_equal(u, prox_piecewise_plain(c, m, beta, kappa, act))
+    np.testing.assert_array_equal(sig, act.f(u))
+    out = np.empty(shape)
+    u2, _ = prox_activation(c, m, beta, kappa, u0, act, out=out)
+    assert np.shares_memory(u2, out)
+    np.testing.assert_array_equal(u2, u)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_activation_kernels_equal_the_plain_functions(name):
+    rng = np.random.default_rng(9)
+    act = get_activation(name)
+    u = np.concatenate([rng.standard_normal(5000) * 4, [0.0, -0.0, 40.0, -40.0, 800.0, -800.0,
+                                                         1e-300, -1e-300, np.nan]])
+    s, ds, d2 = np.empty_like(u), np.empty_like(u), np.empty_like(u)
+    act.f_into(u, s)
+    act.derivs_from_value(s, ds, d2)
+    np.testing.assert_array_equal(s, act.f(u))
+    np.testing.assert_array_equal(ds, act.df(u))
+    np.testing.assert_array_equal(d2, act.d2f(u))
+
+
+# ------------------------------------------------------------------ the RADMM-3 block update
+
+
+def test_spd_solve_of_c_ordered_rhs_is_c_ordered_and_equals_potrs():
+    """The V step's solve works on R^T (no transposing copies) and returns X in R's order."""
+    rng = np.random.default_rng(11)
+    d, n = 37, 501
+    A = rng.standard_normal((d, d))
+    M = A @ A.T + 0.5 * np.eye(d)
+    R = rng.standard_normal((d, n))
+    R0 = R.copy()
+    X = base.spd_solve(M, R)
+    assert X.flags.c_contiguous and np.array_equal(R, R0)  # R kept without overwrite_r
+    ref = np.linalg.solve(M, R0)
+    np.testing.assert_allclose(X, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    # a chunk of the columns gives those columns of the whole, bit for bit
+    np.testing.assert_array_equal(base.spd_solve(M, np.ascontiguousarray(R0[:, 100:300])),
+                                  X[:, 100:300])
+    X2 = base.spd_solve(M, R, overwrite_r=True)
+    assert np.shares_memory(X2, R) and np.array_equal(X2, X)
+    # Fortran-ordered right-hand sides (the W step's) still go through potrs
+    XF = base.spd_solve(M, np.asfortranarray(R0))
+    np.testing.assert_allclose(XF, X, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act_name", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_update_keeps_c_order_and_its_objective_equals_the_recomputed_one(act_name, bias):
+    """The state stays C-ordered (mixing C and Fortran order makes every elementwise operation
+    much slower), and the objective computed from the reused U - Z and sigma(U) is the one
+    block_objective computes from scratch, bit for bit."""
+    from daskadmm.model import Architecture, init_weights
+    from daskadmm.splitting import BlockSpec, Penalties, radmm3
+
+    rng = np.random.default_rng(13)
+    arch = Architecture("resnet", 4, 6, 9, 3, act_name, bias=bias, loss="cross_entropy")
+    n = 257
+    X = rng.standard_normal((6, n))
+    Y = np.eye(3)[rng.integers(0, 3, n)].T.copy()
+    states = radmm3.init_state(arch, init_weights(arch, rng), X, Y)
+    for st in states:  # not forward-consistent: every term is active
+        for key in ("U", "Lam", "V"):
+            if key in st:
+                st[key] = st[key] + 0.3 * rng.standard_normal(st[key].shape)
+    pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.01)
+    left = X
+    for i in range(1, 5):
+        spec = BlockSpec(arch, i, n)
+        right = states[i] if i < 4 else None
+        new, stats = radmm3.block_update(spec, pen, states[i - 1], left, right,
+                                         Y if i == 4 else None)
+        assert all(v.flags.c_contiguous for v in new.values())
+        assert stats["objective"] == radmm3.block_objective(spec, pen, new, left,
+                                                            Y if i == 4 else None)
+        r = new["U"] - new["W"] @ spec.aug(left)
+        assert stats["primal_sq"] == float(np.sum(r * r))
+        if i < 4:
+            assert stats["dual_sq"] == float(np.sum((new["V"] - states[i - 1]["V"]) ** 2))
+            left = new["V"]
+
+
+def test_bench_kernels_smoke(tmp_path):
+    """The benchmark runs on a tiny plan and writes what the README reads from it."""
+    import json
+
+    from support import load_benchmark
+
+    bench = load_benchmark("bench_kernels")
+    out = tmp_path / "k.json"
+    bench.main(["--widths", "12", "--activations", "tanh", "relu", "--n", "300", "--depth", "3",
+                "--repeats", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["activation"] for r in data["rows"]] == ["tanh", "relu"]
+    for r in data["rows"]:
+        assert r["flops"] > 0 and r["matmul_rate_best"] > 0 and r["loadavg"]
+        assert {"new", "old", "old_prox", "prox"} <= set(r)
+        assert 0 < r["new"]["fraction"] and r["old"]["fraction_executed"] > r["old"]["fraction"]
+        assert r["max_rel_diff_old_vs_new"] < 1e-8  # the same iterates, up to rounding
+        assert r["prox"]["max_rel_diff"] < 1e-12
