@@ -3,6 +3,8 @@
     python benchmarks/quality.py                       # the full grid (hours on 2 cores)
     python benchmarks/quality.py --data digits --depths 4,8,16,32 --seeds 0,1,2
     python benchmarks/quality.py --quick               # a minute: the plumbing only
+    python benchmarks/quality.py --data digits --depths 16,32 --seeds 0 --methods radmm3 \
+        --set algorithm.schedule=grow --set algorithm.growth=1.02 --set algorithm.rho=0.5
 
 Every run uses the serial reference engine (every Dask engine gives the same iterates) and the
 project's defaults unless a method says otherwise; the metric is that of the network's true
@@ -33,8 +35,21 @@ DATA = ("digits", "wine_red", "wine_white", "synthetic", "mnist_5k")
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 
 
+def _apply(mapping: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` overrides (YAML scalars: 0.5, true, null) into a nested mapping."""
+    import yaml
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name:
+            raise SystemExit(f"--set {item!r}: expected section.key=value")
+        mapping.setdefault(section, {})[name] = yaml.safe_load(value)
+    return mapping
+
+
 def run_one(method: str, data: str, depth: int, seed: int, act: str, iterations: int,
-            width: int, lr: float | None = None) -> dict:
+            width: int, lr: float | None = None, overrides: list[str] = ()) -> dict:
     from daskadmm import fit
     from daskadmm.config import from_mapping
 
@@ -46,14 +61,14 @@ def run_one(method: str, data: str, depth: int, seed: int, act: str, iterations:
         shared = ROOT.parent / "shared" / "data"
         if shared.is_dir():
             data_cfg |= {"cache_dir": str(shared), "download": False}
-    cfg = from_mapping({
+    cfg = from_mapping(_apply({
         "algorithm": algorithm,
         "model": {"kind": "resnet", "depth": depth, "width": width, "activation": act},
         "data": data_cfg,
         "run": {"iterations": iterations, "seed": seed, "progress": False, "plot": False,
                 "eval_every": max(1, iterations // 10), "stall_iterations": 0},
         "cluster": {"kind": "reference"},
-    })
+    }, [] if method == "adam" else list(overrides)))
     t0 = time.perf_counter()
     res = fit(cfg)
     seconds = time.perf_counter() - t0
@@ -61,6 +76,7 @@ def run_one(method: str, data: str, depth: int, seed: int, act: str, iterations:
     better = max if res.metric == "accuracy" else min
     return {"method": method, "lr": lr, "data": data, "depth": depth, "seed": seed,
             "activation": act, "iterations": iterations, "width": width, "metric": res.metric,
+            "overrides": [] if method == "adam" else list(overrides),
             "test": tests[-1], "best_test": better(tests), "status": res.status,
             "seconds": round(seconds, 2), "load": os.getloadavg()[0]}
 
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adam-epochs", type=int, default=100)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="digits N=4, one seed, 3 iterations")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override for the ADMM runs (repeatable)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     data = args.data.split(",")
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     plan += [("adam", "relu", lr) for lr in ADAM_LRS]
                 for method, act, lr in plan:
                     its = epochs if method == "adam" else iterations
-                    row = run_one(method, d, depth, seed, act, its, args.width, lr)
+                    row = run_one(method, d, depth, seed, act, its, args.width, lr, args.set)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     out = Path(args.out)
