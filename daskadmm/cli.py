@@ -445,7 +445,9 @@ def _task(dcfg: DictConfig) -> None:
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if cfg.cluster.kind in ("local", "address"):
-        import distributed  # noqa: F401  (sets up its loggers, which are redirected next)
+        from .runner import set_up_library_logging
+
+        set_up_library_logging()  # distributed's loggers exist now; redirected next
     _library_logs_to_job_log()
     metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
     bar, update = _progress(cfg, metric)

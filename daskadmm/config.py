@@ -502,14 +502,34 @@ def _memory_limit_ok(value: Any) -> bool:
         number = None
     if number is not None:
         return math.isfinite(number) and number > 0
+    size = _parse_bytes(text)
+    return size is not None and size > 0
+
+
+# Byte units as Dask reads a memory_limit (decimal k/M/G/T/P, binary Ki/Mi/Gi/Ti/Pi, optional B,
+# any case); this module does not import Dask.
+_BYTE_UNITS = {"": 1, "b": 1, **{f"{p}{b}": 1000 ** (i + 1) for i, p in enumerate("kmgtp")
+                                 for b in ("", "b")},
+               **{f"{p}i{b}": 1024 ** (i + 1) for i, p in enumerate("kmgtp") for b in ("", "b")}}
+
+
+def _parse_bytes(text: str) -> int | None:
+    """Bytes of a size such as ``4GB``, ``512 MiB``, ``1e6`` or ``MB`` (what Dask's
+    ``parse_bytes`` accepts); None if it is not one."""
+    s = text.replace(" ", "")
+    if not any(ch.isdigit() for ch in s):
+        s = "1" + s
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
     try:
-        from dask.utils import parse_bytes
-    except ImportError:  # pragma: no cover - dask is a dependency
-        return True
-    try:
-        return parse_bytes(text) > 0
-    except (ValueError, TypeError):
-        return False
+        number = float(s[:i])
+    except ValueError:
+        return None
+    unit = _BYTE_UNITS.get(s[i:].lower())
+    if unit is None or not math.isfinite(number):
+        return None
+    return int(number * unit)
 
 
 # ------------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ class SharedCluster:
             self.cluster = None
 
 
+def set_up_library_logging() -> None:
+    """Import distributed, which sets up its loggers (and their terminal handlers) on import,
+    so that a caller can redirect them before a cluster starts."""
+    import distributed  # noqa: F401
+
+
 def _say(message: str) -> None:
     """One line for the user on stderr, written around a progress bar (tqdm's write), not
     into it."""
