@@ -147,3 +147,15 @@ def test_parse_default_keeps_types_apart():
     assert not same(parse_default("0"), False)
     assert not same(parse_default("false"), 0)
     assert not same(parse_default("null"), 0)
+
+
+def test_the_layout_section_names_every_module():
+    """README's Layout block names every module of the package (so it follows the tree)."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[layout.index("```"):layout.index("```", layout.index("```") + 3)]
+    package = ROOT / "daskadmm"
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent != package:
+            continue
+        assert path.name in layout, f"README's Layout does not mention {path.relative_to(ROOT)}"
