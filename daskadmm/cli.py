@@ -414,6 +414,21 @@ def _library_logs_to_job_log() -> None:
         logger.propagate = False
 
 
+def _to_job_log(level: int, message: str) -> None:
+    """Write one of daskadmm's own terminal lines into the job log too (the file Hydra opened;
+    not the console handler: the terminal has it already)."""
+    record = logging.LogRecord("daskadmm", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _say_and_log(message: str, level: int) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    _to_job_log(level, message)
+
+
 def _summary_line(cfg: Config, result: Any, run_dir: Path) -> str:
     final = result.final
     return (
@@ -487,24 +502,23 @@ def _task(dcfg: DictConfig) -> None:
         "job": {"name": hc.job.name, "num": OmegaConf.select(cast(DictConfig, hc.job), "num")},
     }
     write_run_outputs(run_dir, cfg, result, extra=extra)
-    print(_summary_line(cfg, result, run_dir), flush=True)
+    summary = _summary_line(cfg, result, run_dir)
+    print(summary, flush=True)
+    _to_job_log(logging.INFO, summary)
     if result.status == "interrupted":
         hint = (f": continue with run.resume=true storage.url={result.info.get('store')}"
                 if cfg.run.checkpoint_every and result.info.get("store") else "")
-        sys.stderr.write(f"{PROG}: interrupted after {result.iterations} iterations; the "
-                         f"results so far are in {run_dir}{hint}\n")
-        sys.stderr.flush()
+        _say_and_log(f"{PROG}: interrupted after {result.iterations} iterations; the "
+                     f"results so far are in {run_dir}{hint}", logging.WARNING)
         raise SystemExit(EXIT_INTERRUPTED)
     if result.status == "stalled":
-        sys.stderr.write(f"{PROG}: error: the run did not learn: {result.message}\n")
-        sys.stderr.flush()
+        _say_and_log(f"{PROG}: error: the run did not learn: {result.message}", logging.ERROR)
         raise SystemExit(EXIT_FAILED_RUN)
     if result.status in FAILED:
         kept = result.info.get("model_iteration")
-        sys.stderr.write(f"{PROG}: error: the run failed ({result.status}): {result.message}"
-                         + (f"; the model kept is that of iteration {kept}" if kept is not None
-                            else "") + "\n")
-        sys.stderr.flush()
+        _say_and_log(f"{PROG}: error: the run failed ({result.status}): {result.message}"
+                     + (f"; the model kept is that of iteration {kept}" if kept is not None
+                        else ""), logging.ERROR)
         raise SystemExit(EXIT_FAILED_RUN)
 
 

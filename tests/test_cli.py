@@ -194,6 +194,9 @@ def test_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = check_run_dir(work / "run", 3)
     assert summary["metric"] in ("accuracy", "mse")
+    # the job log is not empty: it has the run's summary line
+    log = (work / "run" / "daskadmm.log").read_text()
+    assert "max_iter after 3 iterations" in log, log
 
 
 def test_real_multirun_shares_one_local_cluster(tmp_path):

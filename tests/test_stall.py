@@ -88,3 +88,4 @@ def test_cli_exits_3_with_one_line_and_keeps_the_outputs(tmp_path):
     summary = json.loads((work / "run" / "summary.json").read_text())
     assert summary["status"] == "stalled"
     assert (work / "run" / "weights.npz").exists() and (work / "run" / "metrics.csv").exists()
+    assert "the run did not learn" in (work / "run" / "daskadmm.log").read_text()
