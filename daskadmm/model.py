@@ -50,11 +50,12 @@ class Activation:
     alpha, identity 1) and ``None`` for smooth ones. ``sup_df2 = sup sigma'^2``,
     ``sup_d2f = sup |sigma''|``, ``sup_abs = sup |sigma|`` (inf where unbounded).
 
-    The solvers' fast paths use two optional kernels that work in caller-owned buffers and give
-    bit for bit what ``f``, ``df`` and ``d2f`` give: ``f_into(u, out)`` writes ``sigma(u)`` into
-    ``out``, and ``derivs_from_value(s, ds, d2)`` writes ``sigma'`` and ``sigma''`` into ``ds``
-    and ``d2`` from ``s = sigma(u)`` alone (tanh and sigmoid are functions of their value), so
-    a Newton step evaluates sigma once.
+    The solvers use two kernels that work in caller-owned buffers and give bit for bit what
+    ``f``, ``df`` and ``d2f`` give: ``f_into(u, out)`` writes ``sigma(u)`` into ``out``, and
+    ``derivs_from_value(s, ds, d2)`` writes ``sigma'`` and ``sigma''`` into ``ds`` and ``d2``
+    from ``s = sigma(u)`` alone (tanh and sigmoid are functions of their value), so a Newton
+    step evaluates sigma once. A smooth activation must have both: the smooth prox has no
+    other path.
     """
 
     name: str

@@ -13,68 +13,29 @@ import dataclasses
 
 import numpy as np
 import pytest
+from support import load_benchmark
 
 from daskadmm.model import get_activation
 from daskadmm.splitting import base
 from daskadmm.splitting.base import prox_activation
 
-
-def _phi(act, u, c, m, beta, kappa):
-    r = c - act.f(u)
-    d = u - m
-    return 0.5 * beta * r * r + 0.5 * kappa * d * d
+# The plain formulations: the old prox, which benchmarks/bench_kernels.py keeps to time the new
+# one against (one copy of it in the repository).
+_old = load_benchmark("bench_kernels").old_prox_activation
 
 
 def prox_smooth_plain(c, m, beta, kappa, u0, act, max_iter=100):
     """The safeguarded Newton of prox_activation, written plainly: every iteration gathers the
     active elements and evaluates sigma, sigma', sigma'' at them (three evaluations), then a
     halving line search (one per trial)."""
-    shape = c.shape
-    c, m = c.ravel(), m.ravel()
-    u = np.array(u0, dtype=np.float64).ravel().copy()
-    lphi = kappa + beta * (act.sup_df2 + act.sup_d2f * (np.abs(c) + act.sup_abs))
-    active = np.arange(u.size)
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        uu, cc, mm = u[active], c[active], m[active]
-        s, ds, d2 = act.f(uu), act.df(uu), act.d2f(uu)
-        r = cc - s
-        g = -beta * r * ds + kappa * (uu - mm)
-        h = beta * (ds * ds - r * d2) + kappa
-        phi = 0.5 * beta * r * r + 0.5 * kappa * (uu - mm) ** 2
-        done = np.abs(g) <= 1e-14 * (beta * (np.abs(cc) + 1.0) + kappa * (np.abs(uu) + np.abs(mm)))
-        newton = h >= 1e-6 * kappa
-        step = np.where(newton, g / np.where(newton, h, 1.0), g / lphi[active])
-        outright = newton & (g * g / np.where(newton, h, 1.0) <= 1e-8 * np.abs(phi)) & ~done
-        unew = uu.copy()
-        unew[outright] = uu[outright] - step[outright]
-        search = np.flatnonzero(~done & ~outright)
-        t = 1.0
-        stalled = np.zeros(uu.size, dtype=bool)
-        for _halving in range(60):
-            if search.size == 0:
-                break
-            cand = uu[search] - t * step[search]
-            pc = _phi(act, cand, cc[search], mm[search], beta, kappa)
-            ok = pc <= phi[search] + 1e-15 * np.abs(phi[search])
-            unew[search[ok]] = cand[ok]
-            search = search[~ok]
-            t *= 0.5
-        stalled[search] = True
-        u[active] = unew
-        active = active[~(done | stalled)]
-    return u.reshape(shape), int(active.size)
+    assert not act.piecewise_linear
+    return _old(c, m, beta, kappa, u0, act, max_iter)
 
 
 def prox_piecewise_plain(c, m, beta, kappa, act):
     """The two branch candidates, the one with the smaller phi (ties to u+)."""
-    a = act.slope
-    up = np.maximum(0.0, (beta * c + kappa * m) / (beta + kappa))
-    um = np.minimum(0.0, (a * beta * c + kappa * m) / (a * a * beta + kappa))
-    pp = _phi(act, up, c, m, beta, kappa)
-    pm = _phi(act, um, c, m, beta, kappa)
-    return np.where(pp <= pm, up, um)
+    assert act.piecewise_linear
+    return _old(c, m, beta, kappa, None, act)[0]
 
 
 PENALTIES = [(1.0, 2.001), (10.0, 0.1), (0.1, 10.0), (6.0, 0.45), (1e3, 1e-3), (1e-3, 1e3)]

@@ -215,7 +215,8 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
         u[...] = np.asarray(u0).reshape(-1)
     s = np.empty_like(u) if sigma_out is None else sigma_out.reshape(-1)
     if act.f_into is None or act.derivs_from_value is None:
-        return _prox_smooth_generic(c, m, beta, kappa, u, act, max_iter, shape, s, sigma_out)
+        raise ValueError(f"prox_activation: the smooth activation {act.name!r} needs its "
+                         "in-place kernels f_into and derivs_from_value")
     bufs = _SmoothBuffers(min(u.size, _BLOCK))
     capped = 0
     with np.errstate(all="ignore"):
@@ -497,45 +498,6 @@ def _halve(rest: Array, uu: Array, step: Array, cc: Array, mm: Array, phi: Array
         pos = pos[~ok]
         t *= 0.5
     return rest[pos]
-
-
-def _prox_smooth_generic(c, m, beta, kappa, u, act, max_iter, shape, s, sigma_out):
-    """The plain formulation, for a smooth activation without the fast kernels."""
-    lphi = kappa + beta * (act.sup_df2 + act.sup_d2f * (np.abs(c) + act.sup_abs))
-    active = np.arange(u.size)
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        uu, cc, mm = u[active], c[active], m[active]
-        sv, ds, d2 = act.f(uu), act.df(uu), act.d2f(uu)
-        r = cc - sv
-        g = -beta * r * ds + kappa * (uu - mm)
-        h = beta * (ds * ds - r * d2) + kappa
-        phi = 0.5 * beta * r * r + 0.5 * kappa * (uu - mm) ** 2
-        done = np.abs(g) <= 1e-14 * (beta * (np.abs(cc) + 1.0) + kappa * (np.abs(uu) + np.abs(mm)))
-        newton = h >= 1e-6 * kappa
-        step = np.where(newton, g / np.where(newton, h, 1.0), g / lphi[active])
-        outright = newton & (g * g / np.where(newton, h, 1.0) <= 1e-8 * np.abs(phi)) & ~done
-        unew = uu.copy()
-        unew[outright] = uu[outright] - step[outright]
-        search = np.flatnonzero(~done & ~outright)
-        t = 1.0
-        stalled = np.zeros(uu.size, dtype=bool)
-        for _halving in range(60):
-            if search.size == 0:
-                break
-            cand = uu[search] - t * step[search]
-            pc = _phi(act, cand, cc[search], mm[search], beta, kappa)
-            ok = pc <= phi[search] + 1e-15 * np.abs(phi[search])
-            unew[search[ok]] = cand[ok]
-            search = search[~ok]
-            t *= 0.5
-        stalled[search] = True
-        u[active] = unew
-        active = active[~(done | stalled)]
-    if sigma_out is not None:
-        sigma_out[...] = act.f(u).reshape(shape)
-    return u.reshape(shape), int(active.size)
 
 
 # ---------------------------------------------------------------------------------------------
