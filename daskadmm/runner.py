@@ -99,10 +99,12 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-def _set_blas_threads(n: int) -> None:
+def _prepare_worker(blas_threads: int) -> None:
+    """Run on every worker at the start: ``blas_threads`` BLAS threads, and distributed's
+    size-probe warning filtered (:class:`_SizeofProbeFilter`)."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=n, user_api="blas")
+    threadpool_limits(limits=blas_threads, user_api="blas")
     _quiet_sizeof_probe()
 
 
@@ -219,44 +221,38 @@ def connect(ccfg: ClusterConfig, client=None):
     from distributed import Client
 
     _quiet_sizeof_probe()
-    if client is not None:
-        try:
-            client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
-        except Exception:
-            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
-                                  "workers (none joined within 60 s)") from None
-        # one BLAS thread per worker (spinning BLAS pools slow small solves ~100x); the
-        # caller's workers keep this setting after the run
-        client.run(_set_blas_threads, ccfg.blas_threads)
-        yield client
-        return
+    owned = client is None  # a caller's client is used as it is and left open
     cluster = None
-    if ccfg.kind == "address":
-        try:
-            client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
-        except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
-            raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
-                                  f"{type(exc).__name__}: {_first_line(exc)}") from None
-    elif _SHARED.get("address"):
-        client = Client(_SHARED["address"])
-    else:
-        cluster = _start_local_cluster(ccfg)
-        client = Client(cluster)
+    if client is None:
+        if ccfg.kind == "address":
+            try:
+                client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
+            except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
+                raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+        elif _SHARED.get("address"):
+            client = Client(_SHARED["address"])
+        else:
+            cluster = _start_local_cluster(ccfg)
+            client = Client(cluster)
     try:
         try:
             client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
         except Exception:
             raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
                                   "workers (none joined within 60 s)") from None
-        client.run(_set_blas_threads, ccfg.blas_threads)
-        if ccfg.kind != "address":
+        # one BLAS thread per worker (spinning BLAS pools slow small solves ~100x); a caller's
+        # workers keep this setting after the run
+        client.run(_prepare_worker, ccfg.blas_threads)
+        if owned and ccfg.kind != "address":
             # our own worker processes share the terminal's process group: Ctrl-C is for the
             # driver (it stops the run at the next evaluation), not a way to kill workers
             client.register_plugin(_IgnoreSigint(), name="daskadmm-ignore-sigint")
         yield client
     finally:
-        with contextlib.suppress(Exception):
-            client.close()
+        if owned:
+            with contextlib.suppress(Exception):
+                client.close()
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
@@ -924,11 +920,8 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     meta = _store_meta(cfg, arch, ds, n, slices)
     scratch = None
     client = resolve_client(cfg.cluster, client)
-    if client is not None:
-        local = client_is_local(client)
-    else:
-        local = cfg.cluster.kind in ("local", "synchronous", "threads")
-    if local and cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None:
+    if cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None and \
+            (client is None or client_is_local(client)):
         # the Python API with no run directory: the worker processes of this machine share a
         # scratch directory, removed at the end (the result carries the weights)
         import tempfile
