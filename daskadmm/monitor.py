@@ -227,14 +227,20 @@ class Monitor:
         if S <= 0 or k < S or not self.history:
             return None
         loss0 = self.history[0].get("train_loss", math.nan)
-        losses = [r.get("train_loss", math.nan) for r in self.history[1:]]
-        if math.isfinite(loss0) and losses and all(math.isfinite(v) for v in losses) and \
-                min(losses) > (1.0 - STALL_DROP) * loss0:
+        bar = (1.0 - STALL_DROP) * loss0
+        # stops at the first record whose loss fell (or is not finite): early in a run that
+        # learns, so a check per evaluation stays cheap
+        fell = any(not math.isfinite(v) or v <= bar
+                   for v in (r.get("train_loss", math.nan) for r in self.history[1:]))
+        if math.isfinite(loss0) and len(self.history) > 1 and not fell:
             return (f"the network's forward training loss has not fallen below its initial "
                     f"value ({loss0:.4g}) in {k} iterations")
         if self.chance is not None:
-            recent = [r.get("train_metric", math.nan) for r in self.history
-                      if r["iteration"] >= k - S]
+            recent = []  # the last S iterations' records, newest first
+            for r in reversed(self.history):
+                if r["iteration"] < k - S:
+                    break
+                recent.append(r.get("train_metric", math.nan))
             if len(recent) >= 2 and all(v <= self.chance + STALL_MARGIN for v in recent):
                 return (f"the training accuracy has stayed at chance ({self.chance:.3g}, the "
                         f"majority class's share) for {S} iterations")
