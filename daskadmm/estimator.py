@@ -39,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .config import (
     ADMM_ALGORITHMS,
+    BASELINE_ALGORITHMS,
     CLUSTERS,
     AlgorithmConfig,
     Config,
@@ -140,9 +141,10 @@ class _ADMMEstimator(BaseEstimator):
 
     def _config(self) -> tuple[Config, Any]:
         """The run's :class:`Config` and the client to run on (or None)."""
-        if self.algorithm not in ADMM_ALGORITHMS + ("adam", "sgd"):
-            raise ValueError(f"algorithm must be one of {', '.join(ADMM_ALGORITHMS)}, adam, "
-                             f"sgd; got {self.algorithm!r}")
+        known = ADMM_ALGORITHMS + BASELINE_ALGORITHMS  # checked first: it picks the defaults
+        if self.algorithm not in known:
+            raise ValueError(f"algorithm must be one of {', '.join(known)}; got "
+                             f"{self.algorithm!r}")
         cfg = Config()
         cfg.algorithm = algorithm_defaults(self.algorithm)
         a = cfg.algorithm
