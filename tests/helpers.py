@@ -68,6 +68,17 @@ def tol(dtype=np.float64) -> Tolerances:
     return TOLERANCES[np.dtype(dtype)]
 
 
+# Penalties of the RADMM subproblem and sweep tests: all four parameters different, so that a
+# mix-up of two of them shows; and beta large against rho + tau, where the smooth U subproblem
+# is nonconvex for most elements.
+PEN = Penalties(rho=1.3, beta=0.7, tau=0.2, lam=0.01)
+PEN_NONCONVEX = Penalties(rho=0.4, beta=6.0, tau=0.05, lam=0.002)
+
+# (kind, bias, loss) variants of the small problems
+VARIANTS = [("resnet", True, "mse"), ("mlp", False, "cross_entropy")]
+VARIANT_IDS = ["resnet-bias-mse", "mlp-nobias-ce"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations and losses, written independently of daskadmm.model
 # ---------------------------------------------------------------------------------------------

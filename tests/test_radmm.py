@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 from helpers import (
     ACTIVATIONS,
+    PEN,
+    PEN_NONCONVEX,
+    VARIANT_IDS,
+    VARIANTS,
     Problem,
     aug,
     forward,
@@ -43,13 +47,6 @@ from daskadmm.splitting import get_splitting, radmm2, radmm3
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 
 TOL = tol(np.float64)
-
-PEN = Penalties(rho=1.3, beta=0.7, tau=0.2, lam=0.01)
-PEN_NONCONVEX = Penalties(rho=0.4, beta=6.0, tau=0.05, lam=0.002)
-
-# (kind, bias, loss) variants of the small problems
-VARIANTS = [("resnet", True, "mse"), ("mlp", False, "cross_entropy")]
-VARIANT_IDS = ["resnet-bias-mse", "mlp-nobias-ce"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,6 +15,9 @@ import math
 import numpy as np
 import pytest
 from helpers import (
+    PEN,
+    VARIANT_IDS,
+    VARIANTS,
     aug,
     fd_grad,
     forward,
@@ -38,9 +41,6 @@ from daskadmm.splitting import get_splitting, radmm3a
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 
 TOL = tol(np.float64)
-PEN = Penalties(rho=1.3, beta=0.7, tau=0.2, lam=0.01)
-VARIANTS = [("resnet", True, "mse"), ("mlp", False, "cross_entropy")]
-VARIANT_IDS = ["resnet-bias-mse", "mlp-nobias-ce"]
 
 
 @pytest.fixture(autouse=True, scope="module")

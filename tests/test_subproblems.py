@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from helpers import (
     ACTIVATIONS,
+    PEN,
+    PEN_NONCONVEX,
     aug,
     dsigma,
     fd_grad,
@@ -41,10 +43,6 @@ from daskadmm.splitting.base import BlockSpec, Options, Penalties, prox_activati
 
 TOL = tol(np.float64)
 
-# all four parameters different, so that a mix-up of two of them shows
-PEN = Penalties(rho=1.3, beta=0.7, tau=0.2, lam=0.01)
-# beta large against rho + tau: the smooth U subproblem is nonconvex for most elements
-PEN_NONCONVEX = Penalties(rho=0.4, beta=6.0, tau=0.05, lam=0.002)
 
 COMBOS = [(act, bias, kind) for act in ACTIVATIONS for bias in (True, False)
           for kind in ("resnet", "mlp")]
