@@ -602,7 +602,9 @@ class _Ctx:
                 **_stream_summary(stream, self.run_ids())}
         if run_dir is not None:
             try:
-                _write_task_stream(run_dir / "task-stream.json", stream, self.run_ids())
+                from .outputs import STREAM_FILE
+
+                _write_task_stream(run_dir / STREAM_FILE, stream, self.run_ids())
             except OSError as exc:
                 log.warning("could not write the task stream: %s", exc)
             if report is not None and report.exists():
