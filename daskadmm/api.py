@@ -15,7 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .config import ADMM_ALGORITHMS, ZARR_ALGORITHMS, AlgorithmConfig, Config, validate
-from .data import Dataset, load_dataset
+from .data import Dataset, lazy_arrays, load_dataset
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
 from .result import Result
@@ -88,6 +88,20 @@ def fit(cfg: Config, *, run_dir: Path | None = None,
 def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,
          dataset: Dataset | None, client: Any) -> Result:
     ds = dataset if dataset is not None else load_data(cfg)
+    data_note = None
+    if lazy_arrays(ds) and not (cfg.cluster.kind != "reference" and cfg.storage.state == "zarr"
+                                and cfg.algorithm.name in ZARR_ALGORITHMS):
+        # out-of-core input (Dask arrays) goes straight into the Zarr store; the other engines
+        # hold the data in memory
+        from .lazy import materialise
+
+        if client is None:
+            from .runner import current_client
+
+            client = current_client() if cfg.cluster.kind in ("local", "address") else None
+        ds = materialise(ds, client)
+        data_note = ("the Dask input was read into memory: only the Zarr-resident state on "
+                     "Dask keeps it out of core")
     from .config import check_resources
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
@@ -138,6 +152,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                 result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
                                              "Zarr-resident engine supports "
                                              f"{', '.join(ZARR_ALGORITHMS)}")
+    if data_note:
+        result.info["data_note"] = data_note
     result.metric = metric_name(ds)
     monitor.keep_good(result)
     if run_dir is not None and "store" not in result.info:

@@ -42,10 +42,14 @@ __all__ = [
     "DOWNLOAD_TIMEOUT",
     "MNIST_5K_SHAPE",
     "OPENML_NAMES",
+    "STAT_ROWS",
     "WINE_FILES",
     "WINE_URLS",
     "DataError",
     "Dataset",
+    "column_moments",
+    "combine_column_parts",
+    "lazy_arrays",
     "load_dataset",
     "ols_baseline",
     "read_csv",
@@ -79,7 +83,8 @@ _TEACHER_HIDDEN = 16
 class Dataset:
     """A train/test split in the math convention: **samples are columns**.
 
-    ``X_*`` is ``d0 x n`` float64, standardised with the training statistics. ``Y_*`` is
+    ``X_*`` is ``d0 x n`` float64, standardised with the training statistics (a Dask array
+    for data larger than memory: see :mod:`daskadmm.lazy`). ``Y_*`` is
     ``dy x n`` float64: one-hot labels for classification, centred targets (training mean
     subtracted, original units) for regression. ``y_mean`` is that mean (``dy``), so a prediction
     in original units is ``Y^ + y_mean[:, None]``.
@@ -123,6 +128,39 @@ class Dataset:
     def labels(self, Y: np.ndarray) -> np.ndarray:
         """Class indices (into :attr:`classes`) of one-hot or score columns ``Y`` (``dy x n``)."""
         return np.argmax(Y, axis=0)
+
+
+# Column statistics are sums over blocks of this many rows, added in order: a NumPy array and a
+# Dask array of the same values (any chunking) give bitwise the same mean and scale.
+STAT_ROWS = 8192
+
+
+def combine_column_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-block column sums (each ``1 x d`` or ``d``) added in block order."""
+    total = np.array(parts[0], dtype=np.float64).reshape(-1)
+    for p in parts[1:]:
+        total += np.asarray(p).reshape(-1)
+    return total
+
+
+def column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each column of ``X`` (rows are samples), summed over
+    blocks of :data:`STAT_ROWS` rows (:func:`daskadmm.lazy.column_moments` for Dask arrays)."""
+    n = X.shape[0]
+    blocks = [np.ascontiguousarray(X[a:a + STAT_ROWS], dtype=np.float64)
+              for a in range(0, n, STAT_ROWS)]
+    mean = combine_column_parts([b.sum(axis=0) for b in blocks]) / n
+    sq = []
+    for b in blocks:
+        d = b - mean
+        sq.append((d * d).sum(axis=0))
+    return mean, np.sqrt(combine_column_parts(sq) / n)
+
+
+def lazy_arrays(ds: Dataset) -> dict[str, object]:
+    """The data set's arrays that are not in memory (Dask arrays of out-of-core input)."""
+    return {k: a for k in ("X_train", "Y_train", "X_test", "Y_test")
+            if not isinstance(a := getattr(ds, k), np.ndarray)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,20 +22,28 @@ Where it runs (``cluster``):
   the fit, ``n_workers`` processes): as ``cluster.kind`` on the command line;
 - a scheduler address such as ``"tcp://10.0.0.5:8786"``.
 
-A client given or found is used as it is and never closed. Input arrays may be NumPy arrays,
-Dask arrays or Zarr arrays; they are read into memory on the client before the fit.
+A client given or found is used as it is and never closed.
+
+Input arrays may be NumPy arrays, Dask arrays or Zarr arrays. With the Zarr-resident state on
+Dask (``state="zarr"``, the default, on a client or ``cluster="local"``), a Dask or Zarr ``X`` is
+never gathered on the client: its column statistics are computed by tasks, and its chunks are
+written into the run's store by tasks (see :mod:`daskadmm.lazy`); ``chunk_size=0`` then takes
+``X``'s row chunks as the store's. ``y`` (one value or row per sample) is read into memory. The
+other engines read ``X`` into memory first. ``predict`` and ``predict_proba`` of a Dask or Zarr
+``X`` return a lazy Dask array with ``X``'s row chunks.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .config import (
     ADMM_ALGORITHMS,
@@ -50,7 +58,7 @@ from .config import (
     algorithm_defaults,
     validate,
 )
-from .data import Dataset
+from .data import Dataset, column_moments
 from .model import Architecture, predict, softmax
 
 __all__ = ["ADMMClassifier", "ADMMRegressor"]
@@ -58,6 +66,33 @@ __all__ = ["ADMMClassifier", "ADMMRegressor"]
 _A, _M, _R, _S = AlgorithmConfig(), ModelConfig(), RunConfig(), StorageConfig()
 # hyper-parameters that default to the algorithm's own value when None
 _PER_ALGORITHM = ("rho", "beta", "tau", "lam", "lr")
+
+
+@dataclass(frozen=True)
+class _RowFunction:
+    """A fitted network's prediction for a block of rows (picklable: Dask tasks run it on the
+    blocks of a lazy ``X``). ``what``: ``proba``, ``class`` or ``value``."""
+
+    what: str
+    arch: Architecture
+    coefs: list[np.ndarray]
+    x_mean: np.ndarray
+    x_scale: np.ndarray
+    classes: np.ndarray | None
+    y_mean: np.ndarray | None
+    y_1d: bool
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        Xs = (np.asarray(X, dtype=np.float64) - self.x_mean) / self.x_scale
+        out = predict(self.arch, self.coefs, np.ascontiguousarray(Xs.T)).T
+        if self.what == "proba":
+            return softmax(out.T).T
+        if self.what == "class":
+            assert self.classes is not None
+            return self.classes[np.argmax(out, axis=1)]
+        assert self.y_mean is not None
+        out = out + self.y_mean
+        return out[:, 0] if self.y_1d else out
 
 
 class _ADMMEstimator(BaseEstimator):
@@ -203,9 +238,62 @@ class _ADMMEstimator(BaseEstimator):
         """Targets as the math's ``dy x n`` matrix (one-hot or centred values)."""
         raise NotImplementedError
 
-    def _dataset(self, X: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
-        self.x_mean_ = X.mean(axis=0)
-        scale = X.std(axis=0)
+    def _out_of_core(self, X, cfg: Config):
+        """``X`` as a Dask array when it is a Dask or Zarr array and the run keeps its state in
+        the Zarr store on Dask (then it is never gathered here), else None."""
+        from .config import ZARR_ALGORITHMS
+
+        if isinstance(X, np.ndarray) or cfg.cluster.kind == "reference" or \
+                cfg.storage.state != "zarr" or cfg.algorithm.name not in ZARR_ALGORITHMS:
+            return None
+        from .lazy import as_dask
+
+        Xd = as_dask(X)
+        if Xd is None:
+            return None
+        if Xd.ndim != 2:
+            raise ValueError(f"Expected a 2D array, got a {Xd.ndim}D Dask array instead.")
+        if any(np.isnan(c) for c in Xd.chunks[0]):
+            raise ValueError("X has unknown chunk sizes: call X.compute_chunk_sizes() first")
+        kind = np.dtype(Xd.dtype).kind
+        if kind not in "biuf":
+            raise ValueError(f"X must be numeric, got dtype {Xd.dtype}")
+        n, d = Xd.shape
+        if n < 2 or d < 1:
+            raise ValueError(f"Found array with {n} sample(s) and {d} feature(s) (shape "
+                             f"{Xd.shape}) while a minimum of 2 samples and 1 feature is "
+                             "required.")
+        self.n_features_in_ = d
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        if cfg.storage.chunk_size == 0:  # the input's row chunks become the store's
+            cfg.storage.chunk_size = int(max(Xd.chunks[0]))
+        return Xd
+
+    def _checked(self, X, y, cfg: Config, **kw):
+        """``(X, y)`` validated as scikit-learn does: NumPy, or ``X`` lazy (out of core) with
+        ``y`` (one value or row per sample) read into memory."""
+        Xd = self._out_of_core(X, cfg)
+        if Xd is None:
+            return validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2, **kw)
+        y = np.asarray(y.compute() if hasattr(y, "compute") else y)
+        if y.shape[0] != Xd.shape[0]:
+            raise ValueError(f"Found input variables with inconsistent numbers of samples: "
+                             f"[{Xd.shape[0]}, {y.shape[0]}]")
+        if not kw.get("multi_output") and y.ndim != 1:
+            y = column_or_1d(y, warn=True)
+        return Xd, y
+
+    def _dataset(self, X, y: np.ndarray, seed: int, client: Any = None) -> Dataset:
+        lazy = not isinstance(X, np.ndarray)
+        if lazy:
+            from .lazy import column_moments as lazy_moments
+
+            self.x_mean_, scale = lazy_moments(X, client)
+            if not (np.isfinite(self.x_mean_).all() and np.isfinite(scale).all()):
+                raise ValueError("Input X contains NaN or infinity.")
+        else:
+            self.x_mean_, scale = column_moments(X)
         scale[scale <= 1e-12 * np.maximum(1.0, np.abs(self.x_mean_))] = 1.0
         self.x_scale_ = scale
         Xs = (X - self.x_mean_) / scale
@@ -223,21 +311,27 @@ class _ADMMEstimator(BaseEstimator):
             except ValueError as exc:
                 raise ValueError(f"validation_fraction={self.validation_fraction}: {exc}") \
                     from None
+            # in sample order: a lazy X is then read in order, chunk by chunk
+            train, test = np.sort(train), np.sort(test)
+        if lazy:
+            Xtr = Xs.T if train.size == n else Xs[train].T
+            Xte = Xs.T if test.size == n else Xs[test].T
+        else:
+            Xtr, Xte = np.ascontiguousarray(Xs[train].T), np.ascontiguousarray(Xs[test].T)
         return Dataset(
             name="arrays", task=self._task,
-            X_train=np.ascontiguousarray(Xs[train].T), Y_train=np.ascontiguousarray(Y[:, train]),
-            X_test=np.ascontiguousarray(Xs[test].T), Y_test=np.ascontiguousarray(Y[:, test]),
+            X_train=Xtr, Y_train=np.ascontiguousarray(Y[:, train]),
+            X_test=Xte, Y_test=np.ascontiguousarray(Y[:, test]),
             feature_names=[str(f) for f in getattr(self, "feature_names_in_", [])],
             classes=None, y_mean=getattr(self, "_y_mean", None), x_mean=self.x_mean_,
             x_scale=self.x_scale_, source="arrays",
         )
 
     # -- fit -----------------------------------------------------------------------------------
-    def _fit(self, X, y):
+    def _fit(self, X, y, cfg: Config, client: Any):
         from .api import fit
 
-        cfg, client = self._config()
-        ds = self._dataset(X, y, cfg.run.seed)
+        ds = self._dataset(X, y, cfg.run.seed, client)
         result = fit(cfg, dataset=ds, client=client)
         if result.status in ("diverged", "nonfinite"):
             warnings.warn(f"{self.algorithm}: {result.message}", UserWarning, stacklevel=3)
@@ -251,12 +345,27 @@ class _ADMMEstimator(BaseEstimator):
         self.result_ = result
         return self
 
-    def _output(self, X) -> np.ndarray:
-        """The network's output for rows ``X`` (``n x dy``: logits or centred values)."""
+    def _rows(self, X, what: str, n_out: int | None, dtype=np.float64):
+        """``what`` (see :class:`_RowFunction`) of the rows of ``X``: NumPy in, NumPy out; a
+        Dask or Zarr ``X`` gives a lazy Dask array with ``X``'s row chunks (nothing is read
+        until it is computed)."""
         check_is_fitted(self, "coefs_")
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        Xs = (X - self.x_mean_) / self.x_scale_
-        return predict(self.arch_, self.coefs_, np.ascontiguousarray(Xs.T)).T
+        fn = _RowFunction(what, self.arch_, self.coefs_, self.x_mean_, self.x_scale_,
+                          getattr(self, "classes_", None), getattr(self, "y_mean_", None),
+                          getattr(self, "_y_1d", False))
+        Xd = None
+        if not isinstance(X, np.ndarray):
+            from .lazy import as_dask
+
+            Xd = as_dask(X)
+        if Xd is None:
+            return fn(validate_data(self, X, reset=False, dtype=np.float64))
+        if Xd.ndim != 2 or Xd.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has shape {Xd.shape}, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input.")
+        from .lazy import predict_blocks
+
+        return predict_blocks(Xd, fn, n_out, dtype)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -307,14 +416,15 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
 
     def fit(self, X, y):
         """Fit on ``X`` (``n_samples x n_features``) and labels ``y`` (``n_samples``)."""
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
+        cfg, client = self._config()
+        X, y = self._checked(X, y, cfg)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if self.classes_.size < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got "
                              f"1 class ({self.classes_[0]!r})")
         self._y_mean = None
-        return self._fit(X, y)
+        return self._fit(X, y, cfg, client)
 
     def _encode(self, y):
         index = np.searchsorted(self.classes_, y)
@@ -322,12 +432,13 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the network's output), ``n x n_classes``."""
-        return softmax(self._output(X).T).T
+        check_is_fitted(self, "coefs_")
+        return self._rows(X, "proba", self.classes_.size)
 
     def predict(self, X) -> np.ndarray:
         """The most likely class of each row."""
-        out = self._output(X)
-        return self.classes_[np.argmax(out, axis=1)]
+        check_is_fitted(self, "coefs_")
+        return self._rows(X, "class", None, self.classes_.dtype)
 
 
 class ADMMRegressor(RegressorMixin, _ADMMEstimator):
@@ -343,22 +454,22 @@ class ADMMRegressor(RegressorMixin, _ADMMEstimator):
     def fit(self, X, y):
         """Fit on ``X`` (``n_samples x n_features``) and targets ``y`` (``n_samples`` or
         ``n_samples x n_outputs``)."""
-        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True,
-                             ensure_min_samples=2)
+        cfg, client = self._config()
+        X, y = self._checked(X, y, cfg, multi_output=True, y_numeric=True)
         y = np.asarray(y, dtype=np.float64)
         self._y_1d = y.ndim == 1
         Y = y[:, None] if self._y_1d else y
         self.y_mean_ = Y.mean(axis=0)
         self._y_mean = self.y_mean_
-        return self._fit(X, Y)
+        return self._fit(X, Y, cfg, client)
 
     def _encode(self, y):
         return (y - self.y_mean_).T
 
     def predict(self, X) -> np.ndarray:
         """Predicted targets in their original units (1-d when ``y`` was)."""
-        out = self._output(X) + self.y_mean_
-        return out[:, 0] if self._y_1d else out
+        check_is_fitted(self, "coefs_")
+        return self._rows(X, "value", None if self._y_1d else self.y_mean_.size)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

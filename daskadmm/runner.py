@@ -827,15 +827,15 @@ def store_url(cfg: Config, run_dir: Path | None) -> str:
     return str(run_dir / "state.zarr")
 
 
-def _store_meta(cfg: Config, arch: Architecture, ds: Dataset, n: int, slices
+def _store_meta(cfg: Config, arch: Architecture, digest: str, n: int, slices
                 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .storage import _jsonable, data_digest, determinants
+    from .storage import _jsonable, determinants
 
     cfg_dict = cfg.to_dict()
     return {"config": _jsonable(cfg_dict), "determinants": determinants(cfg_dict),
-            "data_sha256": data_digest(_data_arrays(ds)), "algorithm": cfg.algorithm.name,
+            "data_sha256": digest, "algorithm": cfg.algorithm.name,
             "arch": asdict(arch), "n": n, "chunk_size": cfg.storage.chunk_size,
             "n_chunks": len(slices)}
 
@@ -907,7 +907,15 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     """Run RADMM-3/3L, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
     store (see :mod:`.chunked` and :mod:`.chunked_mlp`); ``client`` as for :func:`run_dask`."""
     from . import chunked, chunked_mlp
-    from .storage import StateStore, StoreError, chunk_slices, dataset_meta
+    from .data import lazy_arrays
+    from .storage import (
+        StateStore,
+        StoreError,
+        chunk_slices,
+        combine_digest,
+        data_digest,
+        dataset_meta,
+    )
 
     n, specs, window, run_id = _setup(cfg, arch, ds, options)
     url = store_url(cfg, run_dir)
@@ -919,9 +927,21 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     ck_lay = [{v: shape for v, shape in block.items()
                if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
               for i, block in enumerate(lay, start=1)]
-    meta = _store_meta(cfg, arch, ds, n, slices)
     scratch = None
     client = resolve_client(cfg.cluster, client)
+    data = _data_arrays(ds)
+    lazy = lazy_arrays(ds)
+    data_sums = None
+    if lazy:
+        # out-of-core input: fingerprinted (and later written) chunk by chunk by Dask tasks
+        from .lazy import fingerprints
+
+        fps = fingerprints(data, cfg.storage.chunk_size, client)
+        digest = combine_digest({k: (shape, shas) for k, (shape, shas, _) in fps.items()})
+        data_sums = {k: crcs for k, (_, _, crcs) in fps.items()}
+    else:
+        digest = data_digest(data, cfg.storage.chunk_size)
+    meta = _store_meta(cfg, arch, digest, n, slices)
     if cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None and \
             (client is None or client_is_local(client)):
         # the Python API with no run directory: the worker processes of this machine share a
@@ -945,7 +965,13 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
             cp, created = None, True
         if not store.attrs.get("ready"):
             # a new store, or one whose run was killed while it was being made
-            store.write_data(_data_arrays(ds), cfg.storage.chunk_size, cfg.storage.compressor)
+            if data_sums is not None:
+                from .lazy import write_data
+
+                write_data(store, data, cfg.storage.chunk_size, cfg.storage.compressor,
+                           data_sums, client)
+            else:
+                store.write_data(data, cfg.storage.chunk_size, cfg.storage.compressor)
             store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
                                chunked_mlp.slots(splitting.name) if mlp else 2)
             store.set_attrs({"ready": True})

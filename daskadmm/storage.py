@@ -68,6 +68,8 @@ __all__ = [
     "StoreError",
     "checksum",
     "chunk_slices",
+    "chunk_fingerprint",
+    "combine_digest",
     "data_digest",
     "load_model",
 ]
@@ -98,15 +100,31 @@ def checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).data)
 
 
-def data_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over the names, shapes and float64 values of the training and test data: the
-    identity of a data set (a resumed run must train on the same one)."""
+def chunk_fingerprint(a: np.ndarray) -> tuple[bytes, int]:
+    """SHA-256 and CRC-32 of one data chunk's float64 values (C order)."""
+    b = np.ascontiguousarray(a, dtype=np.float64)
+    return hashlib.sha256(b.data).digest(), zlib.crc32(b.data)
+
+
+def combine_digest(parts: dict[str, tuple[tuple[int, ...], list[bytes]]]) -> str:
+    """The data set's digest from each array's shape and its chunks' SHA-256 (in order)."""
     h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name], dtype=np.float64)
-        h.update(f"{name}{a.shape}".encode())
-        h.update(a.data)
+    for name in sorted(parts):
+        shape, digests = parts[name]
+        h.update(f"{name}{tuple(shape)}{len(digests)}".encode())
+        for d in digests:
+            h.update(d)
     return h.hexdigest()
+
+
+def data_digest(arrays: dict[str, np.ndarray], chunk_size: int = 0) -> str:
+    """SHA-256 over the names, shapes and float64 values of the training and test data, chunk
+    by chunk along the samples (``chunk_size`` as the store's): the identity of a data set (a
+    resumed run must train on the same one). A lazy (Dask) array gets the same digest from its
+    chunks' fingerprints without being gathered (:func:`combine_digest`)."""
+    return combine_digest({name: (a.shape, [chunk_fingerprint(a[:, sl])[0]
+                                            for sl in chunk_slices(a.shape[1], chunk_size)])
+                           for name, a in arrays.items()})
 
 
 def local_path(url: str) -> Path | None:
@@ -528,11 +546,20 @@ class StateStore:
         (verified on resume)."""
         sums: dict[str, list[int]] = {}
         for name, a in arrays.items():
-            cs = a.shape[1] if chunk_size <= 0 else min(chunk_size, a.shape[1])
-            arr = _array(self.group, f"data/{name}", a.shape, (a.shape[0], max(1, cs)),
-                         compressor=compressor)
-            arr[...] = a
+            self.data_target(name, a.shape, chunk_size, compressor)[...] = a
             sums[name] = [checksum(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
+        self.record_data_checksums(sums)
+
+    def data_target(self, name: str, shape: tuple[int, int], chunk_size: int,
+                    compressor: str = "none"):
+        """A new data array ``data/<name>`` chunked along samples, for a writer that fills it
+        chunk by chunk (the out-of-core input path writes each chunk from a Dask task)."""
+        cs = shape[1] if chunk_size <= 0 else min(chunk_size, shape[1])
+        return _array(self.group, f"data/{name}", shape, (shape[0], max(1, cs)),
+                      compressor=compressor)
+
+    def record_data_checksums(self, sums: dict[str, list[int]]) -> None:
+        """Record the CRC-32 of every data chunk (what :meth:`verify_data` checks)."""
         self.set_attrs({"data_checksums": sums})
 
     def verify_data(self) -> None:

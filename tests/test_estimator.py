@@ -177,21 +177,38 @@ def _no_new_cluster(monkeypatch):
     monkeypatch.setattr(runner, "_start_local_cluster", refuse)
 
 
+@pytest.fixture
+def no_gather(monkeypatch):
+    """Fail if any Dask array of more than 2,000 values is read into this process."""
+    da = pytest.importorskip("dask.array")
+    original = da.Array.__array__
+
+    def guarded(self, *args, **kwargs):
+        if self.size > 2000:
+            raise AssertionError(f"a Dask array of shape {self.shape} was gathered")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(da.Array, "__array__", guarded)
+
+
 @pytest.mark.slow
 def test_dask_and_zarr_inputs_on_the_users_client(user_client, monkeypatch, tmp_path):
     """A Dask array (and a Zarr array) fit on the active client: no second cluster, the client
-    stays open, and the weights equal the same engine's synchronous run bit for bit."""
+    stays open, and the weights equal the same engine's synchronous run of the NumPy data bit
+    for bit (the Dask input's row chunks become the store's chunks)."""
     da = pytest.importorskip("dask.array")
     zarr = pytest.importorskip("zarr")
     _no_new_cluster(monkeypatch)
     X, y = _digits(400)
     ref = ADMMClassifier(depth=3, width=16, iterations=4, cluster="reference").fit(X, y)
-    syn = ADMMClassifier(depth=3, width=16, iterations=4, cluster="synchronous").fit(X, y)
+    syn = ADMMClassifier(depth=3, width=16, iterations=4, cluster="synchronous",
+                         chunk_size=100).fit(X, y)
     Xd = da.from_array(X, chunks=(100, 64))
     est = ADMMClassifier(depth=3, width=16, iterations=4)  # cluster="auto": Client.current()
     est.fit(Xd, y)
     assert est.result_.info.get("engine") == "dask-zarr"
     assert est.result_.info.get("workers") == 2
+    assert "data_note" not in est.result_.info
     for a, b in zip(syn.coefs_, est.coefs_, strict=True):
         assert np.array_equal(a, b)
     assert user_client.status == "running"
@@ -199,12 +216,77 @@ def test_dask_and_zarr_inputs_on_the_users_client(user_client, monkeypatch, tmp_
                          dtype="f8")
     Xz[:] = X
     est2 = ADMMClassifier(depth=3, width=16, iterations=4, client=user_client,
-                          state="memory").fit(Xz, y)
+                          state="memory").fit(Xz, y)  # in-memory state: read into memory
     for a, b in zip(ref.coefs_, est2.coefs_, strict=True):
         assert np.array_equal(a, b)
     assert np.array_equal(est2.predict(Xz), ref.predict(X))
     assert user_client.status == "running"
     assert not list(tmp_path.glob("daskadmm-*"))
+
+
+@pytest.mark.slow
+def test_out_of_core_input_is_never_gathered(user_client, no_gather, tmp_path):
+    """X as a Dask array goes into the store chunk by chunk from the workers: no Dask array
+    larger than a few columns' statistics is read into this process, for the fit, the
+    validation split and the predictions, and the model is bitwise the NumPy input's."""
+    da = pytest.importorskip("dask.array")
+    X, y = _digits(600)
+    Xd = da.from_array(X, chunks=(150, 64)).persist()
+    kw = dict(depth=3, width=16, iterations=3, validation_fraction=0.25)
+    syn = ADMMRegressor(cluster="synchronous", chunk_size=150, **kw).fit(X, y.astype(float))
+    est = ADMMRegressor(client=user_client, **kw).fit(Xd, da.from_array(y.astype(float), 150))
+    assert est.result_.info["engine"] == "dask-zarr"
+    for a, b in zip(syn.coefs_, est.coefs_, strict=True):
+        assert np.array_equal(a, b)
+    assert [r["test_loss"] for r in est.history_] == [r["test_loss"] for r in syn.history_]
+    pred = est.predict(Xd)
+    assert isinstance(pred, da.Array) and pred.chunks == ((150,) * 4,)
+    assert np.allclose(pred.compute(), syn.predict(X), rtol=1e-12, atol=1e-12)
+    run = tmp_path / "run"
+    from daskadmm import Config, fit
+
+    cfg = Config()
+    cfg.model.depth, cfg.model.width, cfg.run.iterations = 3, 16, 2
+    cfg.storage.chunk_size, cfg.storage.keep_state = 150, True
+    ds = est._dataset(Xd, y.astype(float)[:, None], 0, user_client)
+    fit(cfg, dataset=ds, run_dir=run, client=user_client)
+    from daskadmm.storage import StateStore
+
+    StateStore.open(str(run / "state.zarr"), mode="check").verify_data()  # checksums match
+
+
+def test_out_of_core_input_errors_are_one_line():
+    da = pytest.importorskip("dask.array")
+    X, y = _digits(200)
+    est = ADMMClassifier(depth=2, width=8, iterations=1, cluster="synchronous")
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        est.fit(da.from_array(X, chunks=(50, 64)), y[:-1])
+    bad = X.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        est.fit(da.from_array(bad, chunks=(50, 64)), y)
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        Xd = da.from_array(X, chunks=(50, 64))
+        est.fit(Xd[Xd[:, 0] > -1], y)
+    with pytest.raises(ValueError, match="numeric"):
+        est.fit(da.from_array(X.astype(str), chunks=(50, 64)), y)
+
+
+def test_dask_and_numpy_column_statistics_agree_bitwise():
+    """The standardisation statistics are sums of fixed row blocks in order, whatever the
+    input's chunks (so a Dask X and its NumPy values give the same model)."""
+    da = pytest.importorskip("dask.array")
+    from daskadmm.data import STAT_ROWS, column_moments
+    from daskadmm.lazy import column_moments as lazy_moments
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, size=(2 * STAT_ROWS + 77, 5))
+    m, s = column_moments(X)
+    for chunks in ((1000, 5), (STAT_ROWS, 2), (X.shape[0], 5)):
+        lm, ls = lazy_moments(da.from_array(X, chunks=chunks))
+        assert np.array_equal(m, lm) and np.array_equal(s, ls)
+    assert np.allclose(m, X.mean(axis=0), rtol=1e-13) and np.allclose(s, X.std(axis=0),
+                                                                      rtol=1e-12)
 
 
 @pytest.mark.slow
@@ -219,3 +301,22 @@ def test_api_fit_uses_the_active_client(user_client, monkeypatch):
     result = fit(cfg)
     assert result.iterations == 2 and result.info.get("workers") == 2
     assert user_client.status == "running"
+
+
+def test_a_dask_array_has_the_digest_and_checksums_of_its_values():
+    """A resumed out-of-core run is checked against the same digest and chunk checksums as
+    NumPy data of the same values, computed chunk by chunk."""
+    da = pytest.importorskip("dask.array")
+    from daskadmm.lazy import fingerprints
+    from daskadmm.storage import checksum, chunk_slices, combine_digest, data_digest
+
+    rng = np.random.default_rng(1)
+    arrays = {"X": rng.normal(size=(3, 50)), "Y": rng.normal(size=(2, 50))}
+    lazy = {"X": da.from_array(arrays["X"], chunks=(3, 7)), "Y": arrays["Y"]}
+    fps = fingerprints(lazy, 20)
+    assert combine_digest({k: (s, d) for k, (s, d, _) in fps.items()}) == \
+        data_digest(arrays, 20)
+    assert fps["X"][2] == [checksum(arrays["X"][:, sl]) for sl in chunk_slices(50, 20)]
+    changed = arrays["X"].copy()
+    changed[2, 49] += 1e-12
+    assert data_digest({**arrays, "X": changed}, 20) != data_digest(arrays, 20)

@@ -16,7 +16,7 @@ ALLOWED = {
     "hydra": {"cli"},
     "omegaconf": {"cli"},
     "zarr": {"storage"},
-    "dask": {"runner"},
+    "dask": {"runner", "lazy"},  # the engine and its out-of-core input adapter
     "distributed": {"runner"},
     "torch": {"baseline"},
 }

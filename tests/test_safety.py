@@ -312,10 +312,11 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     # what a run killed before its first checkpoint leaves: created (maybe not even "ready")
     from daskadmm import chunked
     from daskadmm.runner import _data_arrays, _store_meta
-    from daskadmm.storage import chunk_slices
+    from daskadmm.storage import chunk_slices, data_digest
 
     arch = api.build_architecture(cfg, ds)
-    meta = _store_meta(_with(cfg, storage={"url": url}), arch, ds, ds.n_train,
+    digest = data_digest(_data_arrays(ds), cfg.storage.chunk_size)
+    meta = _store_meta(_with(cfg, storage={"url": url}), arch, digest, ds.n_train,
                        chunk_slices(ds.n_train, 30))
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
