@@ -40,8 +40,11 @@ test accuracy 0.89 instead of 0.96, 54 instead of 10 rises of L in 60 iterations
 within seed noise of 0.5.
 
 Its state travels between tasks like RADMM-3's, so it runs on the reference engine and on every
-Dask scheduler with the state in worker memory; the Zarr-resident engine does not carry ``Gam``
-yet (a run with ``storage.state=zarr`` keeps its state in worker memory and says so).
+Dask scheduler with the state in worker memory. On the Zarr-resident engine
+(:mod:`daskadmm.chunked`) ``Gam_i`` is stored per chunk of samples like ``V_i``: every update
+but W's acts on each sample on its own, and so does the backward pass (:func:`backward_step`),
+so the chunk tasks call the functions below (:func:`prox_target`, :func:`update_activation`,
+:func:`update_multiplier`, :func:`multiplier_objective`) on their chunk; W's step is RADMM-3's.
 """
 
 from __future__ import annotations
