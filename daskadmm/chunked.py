@@ -1,7 +1,8 @@
-"""Per-(block, chunk) tasks of the Zarr-resident engine (RADMM-3 and RADMM-3L).
+"""Per-(block, chunk) tasks of the Zarr-resident engine (RADMM-3, RADMM-3L and RADMM-3A).
 
 Each task reads single chunks from the state store, calls the pure update functions of
-:mod:`daskadmm.splitting.radmm3` on them, and writes single chunks back, so a worker holds one chunk
+:mod:`daskadmm.splitting.radmm3` (and, for RADMM-3A, of :mod:`daskadmm.splitting.radmm3a`) on
+them, and writes single chunks back, so a worker holds one chunk
 of each n-sized array plus a few ``d x d`` matrices: every update except W's acts on each sample
 (column) on its own, and W's needs only sums over the samples of ``d x d`` products, which chunks
 compute in parts and a reduction adds. Iteration k reads parity slot ``(k-1) % 2`` and writes slot
@@ -16,6 +17,12 @@ these in a fixed order (``B = rho P + Q``) and solves. The U, Lam, V steps are c
 and the inner solvers decide per element, so chunking only reorders the additions of the W
 statistics (results agree with the unchunked reference to ~1e-13 relative; with the same
 chunking every scheduler is bitwise equal).
+
+RADMM-3A adds the multipliers ``Gam_i`` (i < N) of the activation constraints, sample-sized and
+stored like ``V``: block i's task reads ``Gam_i`` and, when ``s_{i+1} = 1``, ``Gam_{i+1}`` of the
+previous iteration (as it reads ``V_{i+1}``), uses them in the U prox and the V solve, and
+writes the new ``Gam_i`` after V. Its start is a forward pass and one backward pass of the
+network; both act on each sample on its own, so ``init_chunk`` runs them on its chunk.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import Architecture, augment, forward, loss_grad_n
-from .splitting import BlockSpec, Penalties, radmm3
+from .splitting import BlockSpec, Penalties, radmm3, radmm3a
 from .storage import StoreRef, array_handle, committed_slot
 
 __all__ = [
+    "ALGORITHMS",
     "ChunkTask",
     "block_stats",
     "gram_of",
@@ -39,6 +47,7 @@ __all__ = [
     "init_partials",
     "layout",
     "restore_chunk",
+    "sample_vars",
     "sum_partials",
     "update_chunk",
     "update_weights",
@@ -46,17 +55,27 @@ __all__ = [
 
 Array = np.ndarray
 
+ALGORITHMS = ("radmm3", "radmm3l", "radmm3a")
 
-def layout(arch: Architecture) -> list[dict[str, tuple]]:
-    """Variables of each block: (rows, "n") for sample-sized ones, the shape for small ones."""
+
+def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
+    """Variables of each block of algorithm ``name``: (rows, "n") for sample-sized ones, the
+    shape for small ones. What the store holds and what a checkpoint copies and checksums."""
     out = []
     for i in range(1, arch.depth + 1):
         rows = arch.out_dim(i)
         v: dict[str, tuple] = {"W": arch.weight_shape(i), "U": (rows, "n"), "Lam": (rows, "n")}
         if i < arch.depth:
             v["V"] = (rows, "n")
+            if name == "radmm3a":
+                v["Gam"] = (rows, "n")
         out.append(v)
     return out
+
+
+def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
+    """The sample-sized variables of one block's layout (chunked, in the live slots)."""
+    return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
 
 
 def _handle(url: StoreRef, path: str):
@@ -95,20 +114,30 @@ def _loss_sum(loss: str, U: Array, Y: Array) -> float:
     return float(np.sum(logz - np.sum(Y * U, axis=0)))
 
 
-def init_chunk(ct: ChunkTask, arch: Architecture, weights: list[Array], n: int) -> dict:
-    """Forward pass of one chunk: writes U, V (and Lam = 0, Lam_N = -n grad l) into slot 0.
-    Returns the chunk's share of L^0 without the regulariser (the constraints hold)."""
+def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
+               n: int) -> dict:
+    """The start of algorithm ``name`` on one chunk, written into slot 0: the forward pass
+    gives U, V; ``Lam_N = -n grad l``; RADMM-3/3L: ``Lam_i = 0`` (i < N); RADMM-3A: one backward
+    pass over the blocks (:func:`daskadmm.splitting.radmm3a.backward_step`) gives ``Gam_i``
+    and ``Lam_i``. Returns the chunk's share of L^0 without the regulariser (the constraints
+    hold)."""
     X = _read(ct.url, "data/X", ct.sl)
     Y = _read(ct.url, "data/Y", ct.sl)
     U, V = forward(arch, weights, X)
     N = arch.depth
-    for i in range(1, N + 1):
-        _write(ct.url, f"live/b{i}/U", ct.sl, U[i - 1], 0)
-        if i < N:
-            _write(ct.url, f"live/b{i}/Lam", ct.sl, np.zeros_like(U[i - 1]), 0)
-            _write(ct.url, f"live/b{i}/V", ct.sl, V[i], 0)
+    Lam = -loss_grad_n(arch.loss, U[-1], Y)
+    _write(ct.url, f"live/b{N}/U", ct.sl, U[-1], 0)
+    _write(ct.url, f"live/b{N}/Lam", ct.sl, Lam, 0)
+    Gam = None
+    for i in range(N - 1, 0, -1):  # backward: block i needs block i+1's Lam and Gam
+        if name == "radmm3a":
+            Gam, Lam = radmm3a.backward_step(arch, i, weights[i], Lam, Gam, U[i - 1])
+            _write(ct.url, f"live/b{i}/Gam", ct.sl, Gam, 0)
         else:
-            _write(ct.url, f"live/b{i}/Lam", ct.sl, -loss_grad_n(arch.loss, U[-1], Y), 0)
+            Lam = np.zeros_like(U[i - 1])
+        _write(ct.url, f"live/b{i}/U", ct.sl, U[i - 1], 0)
+        _write(ct.url, f"live/b{i}/Lam", ct.sl, Lam, 0)
+        _write(ct.url, f"live/b{i}/V", ct.sl, V[i], 0)
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
 
@@ -133,24 +162,27 @@ def sum_partials(*parts: tuple) -> tuple:
 
 
 def update_weights(spec: BlockSpec, pen: Penalties, W: Array, stats: tuple,
-                   linearized: bool) -> Array:
-    """W step from the reduced statistics: ``B = rho P + Q`` (see radmm3.update_weights)."""
+                   name: str) -> Array:
+    """W step of algorithm ``name`` from the reduced statistics: ``B = rho P + Q`` (see
+    radmm3.update_weights; RADMM-3A's W step is RADMM-3's)."""
     G, P, Q = stats
     B = pen.rho * P + Q
-    step = radmm3.update_weights_linearized if linearized else radmm3.update_weights
+    step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
     return step(W, G, B, pen, spec.n)
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Array,
-                 W_right: Array | None, linearized: bool, *order) -> dict:
-    """U, Lam, V of block i on one chunk for iteration k (``order``: results of the tasks this
-    one must run after; their values are not used).
+                 W_right: Array | None, name: str, *order) -> dict:
+    """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
+    ``name`` (``order``: results of the tasks this one must run after; their values are not
+    used).
 
     Returns ``{"stats": {...}, "next": (G, P, Q) for W_{i+1} of iteration k (i < N),
     "first": (P, Q) for W_1 of iteration k+1 (i = 1)}``.
     """
     i, url, sl = spec.i, ct.url, ct.sl
     new, old = k % 2, (k - 1) % 2
+    gam = name == "radmm3a"
     Vleft = _read(url, "data/X", sl) if i == 1 else _read(url, f"live/b{i - 1}/V", sl, new)
     Vt = augment(Vleft, spec.bias)
     U0 = _read(url, f"live/b{i}/U", sl, old)
@@ -158,11 +190,15 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     Z = W @ Vt
     Y = _read(url, "data/Y", sl) if spec.is_output else None
     c = None
-    V0 = None
+    V0 = Gam0 = None
     sigma = None  # sigma(U) from the prox, reused by the V step and the objective
     if not spec.is_output:
         V0 = _read(url, f"live/b{i}/V", sl, old)
-        c = V0 - Vleft if spec.s else V0
+        if gam:
+            Gam0 = _read(url, f"live/b{i}/Gam", sl, old)
+            c = radmm3a.prox_target(spec, pen, V0, Vleft, Gam0)
+        else:
+            c = V0 - Vleft if spec.s else V0
         sigma = np.empty(Z.shape)
     U, capped = radmm3.update_preactivation(spec, pen, U0, Z, Lam0, c, Y, sigma_out=sigma)
     Lam = radmm3.update_duals(Lam0, U, Z, pen.rho)
@@ -184,14 +220,25 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
                  "Lam": _read(url, f"live/b{i + 1}/Lam", sl, old)}
         if spec.s_next:
             right["V"] = _read(url, f"live/b{i + 1}/V", sl, old)
-        step = radmm3.update_activation_linearized if linearized else radmm3.update_activation
-        V = step(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
+            if gam:
+                right["Gam"] = _read(url, f"live/b{i + 1}/Gam", sl, old)
+        if Gam0 is not None:
+            V = radmm3a.update_activation(spec, pen, V0, Vleft, U, Gam0, right, sigma_own=sigma)
+        elif name == "radmm3l":
+            V = radmm3.update_activation_linearized(spec, pen, V0, Vleft, U, right,
+                                                    sigma_own=sigma)
+        else:
+            V = radmm3.update_activation(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
         _write(url, f"live/b{i}/V", sl, V, new)
         dual_sq = float(np.sum((V - V0) ** 2))
-        p = V - sigma
+        p = V - sigma  # V_i - s_i V_{i-1} - sigma(U_i)
         if spec.s:
             p -= Vleft
         objective += 0.5 * pen.beta * float(np.sum(p * p)) / spec.n
+        if Gam0 is not None:
+            Gam = radmm3a.update_multiplier(pen, Gam0, p)
+            _write(url, f"live/b{i}/Gam", sl, Gam, new)
+            objective += radmm3a.multiplier_objective(spec, Gam, p)
         Vn = augment(V, spec.bias)
         out["next"] = (Vn @ Vn.T, right["U"] @ Vn.T, right["Lam"] @ Vn.T)
     if i == 1:

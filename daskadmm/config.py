@@ -49,7 +49,7 @@ __all__ = [
 ADMM_ALGORITHMS = ("radmm3", "radmm3a", "radmm3l", "radmm2", "dladmm", "pdadmm")
 # the algorithms whose state can live in a chunked Zarr store (radmm2's global backtracking
 # reductions do not fit the per-chunk graph yet)
-ZARR_ALGORITHMS = ("radmm3", "radmm3l", "pdadmm", "dladmm")
+ZARR_ALGORITHMS = ("radmm3", "radmm3l", "radmm3a", "pdadmm", "dladmm")
 BASELINE_ALGORITHMS = ("adam", "sgd")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
 DATASETS = ("digits", "wine_red", "wine_white", "synthetic", "mnist", "mnist_5k", "fashion_mnist",
@@ -220,8 +220,8 @@ class ClusterConfig:
 @dataclass
 class StorageConfig:
     """Where the ADMM variables live on Dask clusters. ``state=zarr``: a chunked Zarr store
-    (radmm3, radmm3l, pdadmm, dladmm; radmm2 keeps its state in worker memory); ``state=memory``:
-    in worker memory. ``chunk_size`` samples per chunk (0: one chunk).
+    (radmm3, radmm3l, radmm3a, pdadmm, dladmm; radmm2 keeps its state in worker memory);
+    ``state=memory``: in worker memory. ``chunk_size`` samples per chunk (0: one chunk).
 
     ``overwrite``: replace an existing daskadmm state store at ``storage.url`` (never anything
     else). ``keep_state``: keep the data and solver state in the store after the run (None:

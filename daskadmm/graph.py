@@ -303,10 +303,11 @@ def _tree(nodes: list[Node], base: str, which: str, refs: list[Ref], block: int,
 
 def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
                          prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
-                         linearized: bool, eval_iters: Iterable[int] = (),
-                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None,
-                         name: str = "radmm3") -> ChunkedWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident RADMM-3/3L graph.
+                         name: str, eval_iters: Iterable[int] = (),
+                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None
+                         ) -> ChunkedWindow:
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``
+    (RADMM-3, -3L or -3A: the same wiring; RADMM-3A's chunk tasks also read and write Gam).
 
     ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (the task after which
     chunk c of block i holds iteration k0; the same init/restore task for every block at the
@@ -327,7 +328,8 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
     eval_keys: dict[int, str] = {}
     w_keys: dict[int, list[str]] = {}
     ck_keys: dict[int, list[str]] = {}
-    names = {i: tuple(v for v in ("U", "Lam", "V") if v != "V" or i < N) for i in range(1, N + 1)}
+    lay = chunked.layout(name, specs[0].arch)
+    names = {i: chunked.sample_vars(lay[i - 1]) for i in range(1, N + 1)}  # checkpointed
     for k in range(k0 + 1, k1 + 1):
         pen = pens[k]
         new: dict[str, str] = {}
@@ -348,7 +350,7 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
             nodes.append(Node(red, chunked.pick_partials,
                               (kind if len(refs) == C else "sum", gram, *refs), block=i))
             nodes.append(Node(wk, chunked.update_weights,
-                              (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), linearized), block=i))
+                              (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), name), block=i))
             new[f"W-b{i}"] = wk
             w_keys[k].append(wk)
             for c, sl in enumerate(slices):
@@ -361,7 +363,7 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
                 w_right = Ref(cur[f"W-b{i + 1}"]) if i < N else None
                 nodes.append(Node(ck, chunked.update_chunk,
                                   (chunked.ChunkTask(url, sl, c), spec, pen, k, Ref(wk), w_right,
-                                   linearized, *order), block=i))
+                                   name, *order), block=i))
                 new[f"chunk-b{i}-c{c}"] = ck
         for c in range(C):
             new[f"first-c{c}"] = new[f"chunk-b1-c{c}"]
@@ -381,8 +383,8 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
             nodes.append(Node(eval_keys[k], chunked.evaluate_chunks,
                               (url, *eval_args, *[Ref(w) for w in w_keys[k]])))
         # carry checkpoint keys that iteration k+1 and k+2 writers must wait for
-        for name in [x for x in cur if x.startswith("ckpt-") and x.endswith(f"-k{k - 1}")]:
-            new[name] = cur[name]
+        for role in [x for x in cur if x.startswith("ckpt-") and x.endswith(f"-k{k - 1}")]:
+            new[role] = cur[role]
         if k in ckpt_slots:
             ck_keys[k] = []
             for i in range(1, N + 1):

@@ -904,7 +904,7 @@ def preflight_store(cfg: Config) -> None:
 def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
-    """Run RADMM-3/3L, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
+    """Run RADMM-3/3L/3A, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
     store (see :mod:`.chunked` and :mod:`.chunked_mlp`); ``client`` as for :func:`run_dask`."""
     from . import chunked, chunked_mlp
     from .data import lazy_arrays
@@ -922,7 +922,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     slices = chunk_slices(n, cfg.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
     mlp = splitting.name in chunked_mlp.ALGORITHMS
-    lay = chunked_mlp.layout(splitting.name, arch) if mlp else chunked.layout(arch)
+    lay = (chunked_mlp if mlp else chunked).layout(splitting.name, arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
     ck_lay = [{v: shape for v, shape in block.items()
                if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
@@ -989,7 +989,6 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.task_url = store.ref
-    ctx.linearized = splitting.name == "radmm3l"
     ctx.manifest = cp
     ctx.ck_layout = ck_lay
     ctx.resumed_from = ((cp["iteration"] if cp else 0) if cfg.run.resume else None)
@@ -1033,7 +1032,6 @@ class _ZarrCtx(_Ctx):
     # set by run_dask after construction (the store is opened after the context's inputs)
     url: str
     task_url: StoreRef  # what the tasks name the store by
-    linearized: bool
     store: StateStore
     slices: list[slice]
     test_slices: list[slice]
@@ -1061,7 +1059,7 @@ class _ZarrCtx(_Ctx):
             slot = k0 % 2
             for c, sl in enumerate(self.slices):
                 for i in range(1, N + 1):
-                    names = tuple(v for v in ("U", "Lam", "V") if v in self.layout[i - 1])
+                    names = chunked.sample_vars(self.layout[i - 1])
                     nodes.append(Node(f"restore_chunk-b{i}-c{c}-{rid}", chunked.restore_chunk,
                                       (chunked.ChunkTask(self.task_url, sl, c), i, names, slot,
                                        cp["slot"]), block=i))
@@ -1071,8 +1069,8 @@ class _ZarrCtx(_Ctx):
             k0, weights = 0, weights0
             for c, sl in enumerate(self.slices):
                 nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
-                                  (chunked.ChunkTask(self.task_url, sl, c), self.arch, weights0,
-                                   self.n)))
+                                  (chunked.ChunkTask(self.task_url, sl, c), self.splitting.name,
+                                   self.arch, weights0, self.n)))
             start = {(i, c): f"init_chunk-c{c}-{rid}" for i in range(1, N + 1)
                      for c in range(len(self.slices))}
         prev: dict[str, str] = {}
@@ -1176,9 +1174,9 @@ class _ZarrCtx(_Ctx):
     def build_z(self, k0: int, k1: int, prev: dict[str, str]):
         return build_chunked_window(
             self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.task_url,
-            self.slices, self.linearized, self.eval_iters(k0, k1),
+            self.slices, self.splitting.name, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices),
-             tuple(self.test_slices)), self.ckpt_plan(k0, k1), name=self.splitting.name)
+             tuple(self.test_slices)), self.ckpt_plan(k0, k1))
 
     def commit(self, k: int, slot: str, weights: list[Any], keys: list[str],
                values: list[dict[str, int]]) -> None:

@@ -12,11 +12,11 @@ Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any f
                 checksum per checkpoint chunk; replaced atomically (write, then rename)
     data/       X, Y (training data), X_test, Y_test: samples chunked like the state
     live/b<i>/  the working state of block i, double-buffered by iteration parity: the
-                sample-sized variables (RADMM: U, V, Lam; pdADMM: z, q, p, u and the scratch
-                ql; dlADMM: z, a, u) have shape (slots, rows, n), chunked
-                (1, rows, chunk_size). Iteration k reads slot (k-1) % 2 and writes slot k % 2
-                (dlADMM has a third slot for its backward sweep). The small W (d x d) and the
-                scalars travel through the task graph as values.
+                sample-sized variables (RADMM: U, V, Lam, and RADMM-3A's Gam; pdADMM: z,
+                q, p, u and the scratch ql; dlADMM: z, a, u) have shape (slots, rows, n),
+                chunked (1, rows, chunk_size). Iteration k reads slot (k-1) % 2 and writes
+                slot k % 2 (dlADMM has a third slot for its backward sweep). The small W
+                (d x d) and the scalars travel through the task graph as values.
     ckpt/<s>/b<i>/  two checkpoint slots s in {a, b}: the state variables chunked like live,
                 and W (one chunk)
     model/      W1..WN of the final model (plain float64 arrays) with the architecture and the

@@ -104,7 +104,7 @@ def test_resume_from_checkpoint_continues_bitwise(tmp_path, algorithm):
 
 
 def test_checkpoints_validate_for_chunked_algorithms_only():
-    for name in ("pdadmm", "dladmm", "radmm3"):
+    for name in ("pdadmm", "dladmm", "radmm3", "radmm3a"):
         validate(_with(_cfg(), algorithm={"name": name}, run={"checkpoint_every": 2},
                        cluster={"kind": "threads"}))
     with pytest.raises(ConfigError, match="Zarr-resident engine"):

@@ -10,10 +10,13 @@ from growing with depth.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
+import zarr
 from helpers import (
     PEN,
     VARIANT_IDS,
@@ -32,13 +35,18 @@ from helpers import (
     skip_term,
     tol,
 )
+from support import replace_sections
 from threadpoolctl import threadpool_limits
 
-from daskadmm import reference
+from daskadmm import api, reference
 from daskadmm.config import from_mapping
+from daskadmm.data import load_dataset
+from daskadmm.errors import StoreError
+from daskadmm.graph import build_chunked_window, critical_path_length
 from daskadmm.model import Architecture, init_weights
 from daskadmm.splitting import get_splitting, radmm3a
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
+from daskadmm.storage import MANIFEST, StoreRef, chunk_slices
 
 TOL = tol(np.float64)
 
@@ -184,18 +192,88 @@ def test_first_iteration_moves_block_1_downhill(act):
     assert float(np.sum(grad * step)) < 0.0
 
 
-def test_zarr_state_keeps_it_in_worker_memory_and_says_so():
-    """The Zarr-resident engine does not carry Gam yet: storage.state=zarr runs the in-memory
-    Dask engine (equal to the reference, tests/test_dask.py) and records why."""
-    from daskadmm import api
-    from daskadmm.data import load_dataset
+def _zarr_cfg(**run):
+    return from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "threads"},
+                         "data": {"name": "synthetic", "n_samples": 100, "n_classes": 3},
+                         "model": {"width": 5, "depth": 5, "activation": "relu"},
+                         "storage": {"chunk_size": 30},
+                         "run": {"iterations": 12, "eval_every": 3, "checkpoint_every": 3,
+                                 "progress": False, **run}})
 
-    cfg = from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "synchronous"},
-                        "data": {"name": "synthetic", "n_samples": 60},
-                        "model": {"width": 4, "depth": 4},
-                        "run": {"iterations": 2, "progress": False}})
-    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
-    assert res.info["engine"] == "dask" and "radmm3a keeps its state" in res.info["state_note"]
+
+def test_zarr_checkpoint_holds_gam_and_resumes_bitwise(tmp_path):
+    """On the Zarr-resident engine Gam_i (i < N) is stored per chunk in the parity slots like
+    V, checkpointed with a checksum per chunk, and restored: a run stopped after 8 iterations
+    (its live slots hold iteration 8 and 7) resumes from checkpoint 6 to 12 and equals a
+    12-iteration run bit for bit. A damaged Gam chunk of the checkpoint is refused on resume
+    (the checksum list comes from the store layout)."""
+    cfg = _zarr_cfg()
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(replace_sections(cfg, storage={"url": str(tmp_path / "full.zarr")}),
+                   dataset=ds)
+    assert full.info["engine"] == "dask-zarr" and full.info["chunks"] == 3
+    assert "state_note" not in full.info
+    url = tmp_path / "part.zarr"
+    part = api.fit(replace_sections(cfg, storage={"url": str(url)}, run={"iterations": 8}),
+                   dataset=ds)
+    assert part.iterations == 8
+    g = zarr.open_group(str(url), mode="r")
+    manifest = json.loads((url / MANIFEST).read_text())
+    N, n = 5, ds.n_train
+    for i in range(1, N):
+        assert g[f"live/b{i}/Gam"].shape == (2, 5, n) and g[f"live/b{i}/Gam"].chunks == (1, 5, 30)
+        assert len(manifest["checksums"][f"b{i}/Gam"]) == 3
+        assert np.abs(np.asarray(g[f"ckpt/{manifest['slot']}/b{i}/Gam"][...])).max() > 0
+    assert f"live/b{N}/Gam" not in g and f"b{N}/Gam" not in manifest["checksums"]
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(url, damaged)
+    victim = damaged / "ckpt" / manifest["slot"] / "b2" / "Gam" / "c" / "0" / "1"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:40] + bytes([data[40] ^ 0x01]) + data[41:])
+    with pytest.raises(StoreError, match="b2/Gam/c/0/1 is damaged"):
+        api.fit(replace_sections(cfg, storage={"url": str(damaged)}, run={"resume": True}),
+                dataset=ds)
+
+    res = api.fit(replace_sections(cfg, storage={"url": str(url)}, run={"resume": True}),
+                  dataset=ds)
+    assert res.info["resumed_from"] == 6 and res.iterations == 12
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+@pytest.mark.parametrize(("N", "K"), [(3, 2), (5, 4), (8, 3)])
+def test_zarr_graph_is_radmm3s_wiring(N, K):
+    """RADMM-3A's per-(block, chunk) graph is RADMM-3's: the same tasks and dependencies, so the
+    chain of chunk tasks is 2K + N - 2 for K iterations (the start, forward and backward pass,
+    is one task per chunk before it)."""
+    arch = Architecture("resnet", N, 3, 4, 2)
+    n = 30
+    specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
+    slices = chunk_slices(n, 7)
+    prev = {f"chunk-b{i}-c{c}": f"init_chunk-c{c}" for i in range(1, N + 1)
+            for c in range(len(slices))}
+    prev.update({f"W-b{i}": f"init_weights-b{i}" for i in range(1, N + 1)})
+    prev.update({f"first-c{c}": f"init_partials-c{c}" for c in range(len(slices))})
+    prev.update({"first_kind": "init", "gram_x": "gram_x"})
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
+    url = StoreRef("memory://x")
+    graphs = {name: build_chunked_window(specs, pens, 0, K, dict(prev), "r", url, slices, name,
+                                         ckpt_slots={2: "a"})
+              for name in ("radmm3", "radmm3a")}
+    a, b = graphs["radmm3"].nodes, graphs["radmm3a"].nodes
+
+    def wiring(nodes, name):
+        return [(x.key.replace(name, "X"), [d.replace(name, "X") for d in x.deps()])
+                for x in nodes]
+
+    assert wiring(a, "radmm3_") == wiring(b, "radmm3a_")
+    assert critical_path_length(b, "radmm3a_chunk-") == 2 * K + N - 2
+    # RADMM-3A's checkpoint copies Gam of the hidden blocks too
+    ck = {x.key: x.args[2] for x in b if x.key.startswith("checkpoint-")}
+    assert ck["checkpoint-b1-c0-k2-r"] == ("U", "Lam", "V", "Gam")
+    assert ck[f"checkpoint-b{N}-c0-k2-r"] == ("U", "Lam")
 
 
 @pytest.mark.parametrize("depth", [3, 8, 64])

@@ -185,7 +185,7 @@ def test_checkpoint_task_refuses_the_committed_slot(tmp_path):
     assert set(chunked.checkpoint_chunk(ct, 1, ("U",), 0, other)) == {"U"}
 
 
-@pytest.mark.parametrize("algorithm", ["radmm3", "pdadmm"])
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3a", "pdadmm"])
 def test_every_checkpoint_resumes_exactly_with_many_iterations_in_flight(tmp_path, algorithm,
                                                                         local_cluster):
     """checkpoint_every=1 with 6 iterations in flight: each committed checkpoint, copied away
@@ -321,7 +321,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
         store.write_data(_data_arrays(ds), 30)
-        store.create_state(chunked.layout(arch), ds.n_train, 30)
+        store.create_state(chunked.layout("radmm3", arch), ds.n_train, 30)
         store.set_attrs({"ready": True})
     store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
                                "host": socket.gethostname(), "since": 0}})

@@ -65,7 +65,7 @@ def test_chunk_slices_cover_samples_with_uneven_last():
     assert chunk_slices(100, 500) == [slice(0, 100)]
 
 
-@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l"])
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3l", "radmm3a"])
 @pytest.mark.parametrize("classification", [False, True])
 def test_results_independent_of_chunking(algorithm, classification):
     cfg = _cfg(classification=classification, activation="relu" if classification else "tanh")
@@ -79,6 +79,7 @@ def test_results_independent_of_chunking(algorithm, classification):
         res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
                             storage={"chunk_size": chunk_size, "url": _mem_url()}), dataset=ds)
         assert res.info["engine"] == "dask-zarr" and res.info["chunks"] == n_chunks
+        assert "state_note" not in res.info
         assert res.iterations == ref.iterations == 20
         for a, b in zip(ref.weights, res.weights, strict=True):
             assert _rel(a, b) < REL
@@ -96,8 +97,9 @@ def local_cluster():
         yield cluster
 
 
-def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster):
-    cfg = _cfg(iterations=8)
+@pytest.mark.parametrize("algorithm", ["radmm3", "radmm3a"])
+def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algorithm):
+    cfg = _with(_cfg(iterations=8), algorithm={"name": algorithm})
     ds = load_dataset(cfg.data, seed=0)
     chunk = 12  # 7 chunks of the 80 training samples, the last one uneven
     runs = []
@@ -106,11 +108,20 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster):
         runs.append(api.fit(_with(cfg, cluster={"kind": kind,
                                                 "address": local_cluster.scheduler_address},
                                   storage={"chunk_size": chunk, "url": url}), dataset=ds))
-    assert runs[0].info["chunks"] == 7
+    assert runs[0].info["chunks"] == 7 and runs[2].info["engine"] == "dask-zarr"
     for res in runs[1:]:
         for a, b in zip(runs[0].weights, res.weights, strict=True):
             assert np.array_equal(a, b)
         assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
+
+
+def test_an_algorithm_without_the_zarr_engine_keeps_its_state_in_worker_memory_and_says_so():
+    """radmm2's backtracking needs a global reduction per trial: with storage.state=zarr it runs
+    the in-memory Dask engine (equal to the reference, tests/test_dask.py) and records why."""
+    cfg = _with(_cfg(n_samples=60, iterations=2, activation="relu"),
+                algorithm={"name": "radmm2"}, cluster={"kind": "synchronous"})
+    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    assert res.info["engine"] == "dask" and "radmm2 keeps its state" in res.info["state_note"]
 
 
 def test_store_layout_and_model_readable_with_plain_zarr(tmp_path):

@@ -40,8 +40,11 @@ test accuracy 0.89 instead of 0.96, 54 instead of 10 rises of L in 60 iterations
 within seed noise of 0.5.
 
 Its state travels between tasks like RADMM-3's, so it runs on the reference engine and on every
-Dask scheduler with the state in worker memory; the Zarr-resident engine does not carry ``Gam``
-yet (a run with ``storage.state=zarr`` keeps its state in worker memory and says so).
+Dask scheduler with the state in worker memory. On the Zarr-resident engine
+(:mod:`daskadmm.chunked`) ``Gam_i`` is stored per chunk of samples like ``V_i``: every update
+but W's acts on each sample on its own, and so does the backward pass (:func:`backward_step`),
+so the chunk tasks call the functions below (:func:`prox_target`, :func:`update_activation`,
+:func:`update_multiplier`, :func:`multiplier_objective`) on their chunk; W's step is RADMM-3's.
 """
 
 from __future__ import annotations
@@ -52,7 +55,18 @@ from ..model import Architecture
 from . import radmm3
 from .base import BlockSpec, Penalties, spd_solve
 
-__all__ = ["GAMMA_STEP", "block_objective", "block_update", "init_state"]
+__all__ = [
+    "GAMMA_STEP",
+    "activation_residual",
+    "backward_step",
+    "block_objective",
+    "block_update",
+    "init_state",
+    "multiplier_objective",
+    "prox_target",
+    "update_activation",
+    "update_multiplier",
+]
 
 Array = np.ndarray
 State = dict[str, Array]
@@ -60,28 +74,44 @@ State = dict[str, Array]
 GAMMA_STEP = 0.5
 
 
-def _activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array) -> Array:
-    """``V_i - s_i V_{i-1} - sigma(U_i)``."""
-    p = V - spec.act.f(U)
+def activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array,
+                        sigma_U: Array | None = None) -> Array:
+    """``V_i - s_i V_{i-1} - sigma(U_i)`` (a new array); ``sigma_U``: ``sigma(U_i)`` if already
+    computed (bit for bit ``act.f(U_i)``, so the same numbers)."""
+    p = V - (spec.act.f(U) if sigma_U is None else sigma_U)
     if spec.s:
         p -= Vleft
     return p
 
 
+def backward_step(arch: Architecture, i: int, W_next: Array, Lam_next: Array,
+                  Gam_next: Array | None, U: Array) -> tuple[Array, Array]:
+    """One step of the backward pass (i < N): ``(Gam_i, Lam_i)`` from block i+1's ``W``,
+    ``Lam`` and ``Gam`` (None for i+1 = N) and ``U_i``::
+
+        Gam_i = A_{i+1}^T Lam_{i+1} + s' Gam_{i+1},    Lam_i = Gam_i * sigma'(U_i)
+
+    Each sample (column) on its own: a chunk of samples gives that chunk of the result."""
+    A = W_next[:, :-1] if arch.bias else W_next
+    gam = A.T @ Lam_next
+    if arch.skip(i + 1) and i + 1 < arch.depth:
+        gam += Gam_next
+    return gam, gam * arch.act.df(U)
+
+
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
     """Forward pass for U, V; one backward pass of the true network for ``Lam`` and ``Gam``."""
     states = radmm3.init_state(arch, weights, X, Y)
-    N = arch.depth
-    act = arch.act
-    for i in range(N - 1, 0, -1):  # block i is states[i - 1]
+    for i in range(arch.depth - 1, 0, -1):  # block i is states[i - 1]
         right = states[i]
-        A = right["W"][:, :-1] if arch.bias else right["W"]
-        gam = A.T @ right["Lam"]
-        if arch.skip(i + 1) and i + 1 < N:
-            gam += right["Gam"]
-        states[i - 1]["Gam"] = gam
-        states[i - 1]["Lam"] = gam * act.df(states[i - 1]["U"])
+        states[i - 1]["Gam"], states[i - 1]["Lam"] = backward_step(
+            arch, i, right["W"], right["Lam"], right.get("Gam"), states[i - 1]["U"])
     return states
+
+
+def multiplier_objective(spec: BlockSpec, Gam: Array, p: Array) -> float:
+    """``<Gam_i, p>/n`` with ``p`` = :func:`activation_residual` (i < N)."""
+    return float(np.sum(Gam * p)) / spec.n
 
 
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
@@ -90,9 +120,37 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     sigma(U_i)>/n`` (i < N)."""
     total = radmm3.block_objective(spec, pen, own, Vleft, Y)
     if not spec.is_output:
-        p = _activation_residual(spec, own["V"], Vleft, own["U"])
-        total += float(np.sum(own["Gam"] * p)) / spec.n
+        p = activation_residual(spec, own["V"], Vleft, own["U"])
+        total += multiplier_objective(spec, own["Gam"], p)
     return total
+
+
+def prox_target(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Gam: Array) -> Array:
+    """``c`` of the U prox (i < N): ``V_i - s_i V_{i-1} + Gam_i / beta`` (completing the
+    square of the multiplier term)."""
+    return (V - Vleft if spec.s else V) + Gam / pen.beta
+
+
+def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U: Array,
+                      Gam: Array, right: State, sigma_own: Array | None = None) -> Array:
+    """Exact V step (i < N): RADMM-3's (:func:`daskadmm.splitting.radmm3.update_activation`)
+    with ``- Gam_i + s' Gam_{i+1}`` on the right-hand side. ``right``: block i+1's ``W``, ``U``,
+    ``Lam`` and, when ``s' = 1``, ``V`` and ``Gam`` (previous iteration); ``sigma_own``:
+    ``sigma(U_i)`` if already computed."""
+    A, rhs, _ = radmm3._activation_rhs(spec, pen, Vleft, U, right, sigma_own)
+    rhs -= Gam
+    if spec.s_next:
+        rhs += right["Gam"]
+    M = pen.rho * (A.T @ A)
+    M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
+    rhs += pen.tau * V
+    return spd_solve(M, rhs)
+
+
+def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
+    """``Gam_i + GAMMA_STEP * beta * p`` with ``p`` = :func:`activation_residual` at the new
+    ``V_i``, ``U_i`` and ``V_{i-1}``."""
+    return Gam + GAMMA_STEP * pen.beta * p
 
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
@@ -105,23 +163,16 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     Z = W @ Vt
     c = None
     if not spec.is_output:
-        c = (own["V"] - Vleft if spec.s else own["V"]) + own["Gam"] / pen.beta
+        c = prox_target(spec, pen, own["V"], Vleft, own["Gam"])
     U, capped = radmm3.update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
     Lam = radmm3.update_duals(own["Lam"], U, Z, pen.rho)
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
         assert right is not None  # every hidden block has a right neighbour
-        A, rhs, _ = radmm3._activation_rhs(spec, pen, Vleft, U, right)
-        rhs -= own["Gam"]
-        if spec.s_next:
-            rhs += right["Gam"]
-        M = pen.rho * (A.T @ A)
-        M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-        rhs += pen.tau * own["V"]
-        V = spd_solve(M, rhs)
+        V = update_activation(spec, pen, own["V"], Vleft, U, own["Gam"], right)
         new["V"] = V
-        new["Gam"] = own["Gam"] + GAMMA_STEP * pen.beta * _activation_residual(spec, V, Vleft, U)
+        new["Gam"] = update_multiplier(pen, own["Gam"], activation_residual(spec, V, Vleft, U))
         dual_sq = float(np.sum((V - own["V"]) ** 2))
     r = U - Z
     stats = {
