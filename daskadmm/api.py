@@ -22,7 +22,7 @@ from .result import Result
 from .schedules import PenaltySchedule, ScheduleOptions
 from .splitting import Options
 
-__all__ = ["build_architecture", "evaluator", "fit", "load_data", "schedule_options"]
+__all__ = ["build_architecture", "evaluator", "fit", "load_data", "schedule_options", "with_dtype"]
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -66,6 +66,16 @@ def evaluator(arch: Architecture, ds: Dataset) -> Callable[[list[np.ndarray]], d
     return evaluate
 
 
+def with_dtype(ds: Dataset, dtype: np.dtype) -> Dataset:
+    """``ds`` with its data arrays in ``dtype`` (the standardisation is computed in float64
+    first, so a float32 run sees the float64 run's data rounded once)."""
+    import dataclasses
+
+    arrays: dict[str, Any] = {k: getattr(ds, k).astype(dtype)
+                              for k in ("X_train", "Y_train", "X_test", "Y_test")}
+    return dataclasses.replace(ds, **arrays)
+
+
 def fit(cfg: Config, *, run_dir: Path | None = None,
         callback: Callable[[dict], None] | None = None,
         dataset: Dataset | None = None, client: Any = None) -> Result:
@@ -102,6 +112,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         ds = materialise(ds, client)
         data_note = ("the Dask input was read into memory: only the Zarr-resident state on "
                      "Dask keeps it out of core")
+    if cfg.run.dtype != "float64":
+        ds = with_dtype(ds, np.dtype(cfg.run.dtype))
     from .config import check_resources
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
@@ -109,6 +121,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)
     weights0 = init_weights(arch, rng, cfg.model.residual_scale, cfg.model.depth_scaling)
+    if cfg.run.dtype != "float64":  # drawn in float64, so both types start from the same draw
+        weights0 = [W.astype(cfg.run.dtype) for W in weights0]
     monitor = Monitor(
         iterations=cfg.run.iterations,
         eval_every=cfg.run.eval_every,

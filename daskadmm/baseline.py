@@ -19,11 +19,12 @@ objective the :class:`~daskadmm.monitor.Monitor` records (and checks for diverge
 full training loss plus the regulariser; ``primal_residual``/``dual_residual`` are 0 and
 ``rho``/``beta`` NaN (they do not exist for backprop).
 
-Everything runs in float64 on the CPU with ``cluster.blas_threads`` torch threads (default 1; the
-previous thread count is restored afterwards), after ``torch.manual_seed(run.seed)``: two runs with
-the same config give identical results. The monitor's clock (``wall_time``) is restarted once
-torch is imported and the optimiser built, so that one-off cost (lazy imports, about a second on
-the first run in a process) does not count as training time.
+Everything runs in ``run.dtype`` (float64 by default) on the CPU with ``cluster.blas_threads``
+torch threads (default 1; the previous thread count is restored afterwards), after
+``torch.manual_seed(run.seed)``: two runs with the same config give identical results. The
+monitor's clock (``wall_time``) is restarted once torch is imported and the optimiser built, so
+that one-off cost (lazy imports, about a second on the first run in a process) does not count as
+training time.
 
 PyTorch is an optional extra (``pip install 'daskadmm[torch]'``); without it :func:`fit` raises
 :class:`TorchMissingError`.
@@ -166,13 +167,14 @@ def _train(torch, cfg, arch: Architecture, ds, weights0: list[np.ndarray], monit
     seed = int(cfg.run.seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    dtype = torch.float64
+    np_dtype = np.dtype(cfg.run.dtype)
+    dtype = torch.float32 if np_dtype == np.float32 else torch.float64
     lam = float(a.weight_decay)
 
-    X = torch.as_tensor(np.ascontiguousarray(ds.X_train, dtype=np.float64), dtype=dtype)
-    Y = torch.as_tensor(np.ascontiguousarray(ds.Y_train, dtype=np.float64), dtype=dtype)
+    X = torch.as_tensor(np.ascontiguousarray(ds.X_train, dtype=np_dtype), dtype=dtype)
+    Y = torch.as_tensor(np.ascontiguousarray(ds.Y_train, dtype=np_dtype), dtype=dtype)
     n = X.shape[1]
-    params = [torch.nn.Parameter(torch.tensor(np.asarray(W, dtype=np.float64), dtype=dtype))
+    params = [torch.nn.Parameter(torch.tensor(np.asarray(W, dtype=np_dtype), dtype=dtype))
               for W in weights0]
     opt = _optimizer(torch, a.name, params, a)
     # Restart the clock: the first torch import and optimiser construction (~1-2 s of lazy

@@ -199,7 +199,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
             c = radmm3a.prox_target(spec, pen, V0, Vleft, Gam0)
         else:
             c = V0 - Vleft if spec.s else V0
-        sigma = np.empty(Z.shape)
+        sigma = np.empty(Z.shape, dtype=Z.dtype)
     U, capped = radmm3.update_preactivation(spec, pen, U0, Z, Lam0, c, Y, sigma_out=sigma)
     Lam = radmm3.update_duals(Lam0, U, Z, pen.rho)
     r = U - Z

@@ -104,7 +104,7 @@ def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Smal
     """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
     out = []
     for i, W in enumerate(weights, start=1):
-        s: Small = {"W": np.array(W, dtype=np.float64), "theta_W": 0.0}
+        s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0}
         if name == "pdadmm":
             s.update({"rho": 0.0, "nu": 0.0, "pending": 0.0})
             if i > 1:

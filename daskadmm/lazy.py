@@ -79,7 +79,7 @@ def _fingerprint_block(block: np.ndarray) -> np.ndarray:
 def _by_store_chunks(a, chunk_size: int):
     """``a`` (``rows x n``) rechunked to the store's sample chunks (one chunk of all rows)."""
     cs = a.shape[1] if chunk_size <= 0 else min(chunk_size, a.shape[1])
-    return a.astype(np.float64).rechunk({0: -1, 1: max(1, cs)})
+    return a.rechunk({0: -1, 1: max(1, cs)})
 
 
 def fingerprints(arrays: dict[str, Any], chunk_size: int, client=None
@@ -113,7 +113,7 @@ def write_data(store, arrays: dict[str, Any], chunk_size: int, compressor: str,
 
     sources, targets = [], []
     for name, a in arrays.items():
-        target = store.data_target(name, tuple(a.shape), chunk_size, compressor)
+        target = store.data_target(name, tuple(a.shape), chunk_size, compressor, a.dtype)
         if isinstance(a, da.Array):
             sources.append(_by_store_chunks(a, chunk_size))
             targets.append(target)

@@ -79,7 +79,7 @@ class Activation:
 
 def _sigmoid(u: Array) -> Array:
     # numerically stable logistic function
-    out = np.empty_like(u, dtype=np.float64)
+    out = np.empty_like(u, dtype=u.dtype if u.dtype == np.float32 else np.float64)
     pos = u >= 0
     out[pos] = 1.0 / (1.0 + np.exp(-u[pos]))
     e = np.exp(u[~pos])
@@ -141,14 +141,18 @@ def _piecewise(name: str, alpha: float) -> Activation:
         return Activation(name, lambda u: u.copy(), np.ones_like, np.zeros_like, 1.0,
                           1.0, 0.0, math.inf, _copy_into)
     if alpha == 0.0:  # np.maximum is ~10x faster than np.where here
-        return Activation(name, lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(float),
+        return Activation(name, lambda u: np.maximum(u, 0.0),
+                          lambda u: (u > 0).astype(u.dtype if u.dtype == np.float32
+                                                    else np.float64),
                           np.zeros_like, 0.0, 1.0, 0.0, math.inf,
                           lambda u, out: np.maximum(u, 0.0, out=out))
     f_into = _leaky_into(alpha)
     return Activation(
         name,
-        lambda u: f_into(u, np.empty_like(u, dtype=np.float64)),
-        lambda u: np.where(u > 0, 1.0, alpha),
+        lambda u: f_into(u, np.empty_like(u, dtype=u.dtype if u.dtype == np.float32
+                                           else np.float64)),
+        lambda u: np.where(u > 0, 1.0, alpha).astype(u.dtype if u.dtype == np.float32
+                                                        else np.float64),
         np.zeros_like,
         alpha,
         1.0,

@@ -973,7 +973,8 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
             else:
                 store.write_data(data, cfg.storage.chunk_size, cfg.storage.compressor)
             store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
-                               chunked_mlp.slots(splitting.name) if mlp else 2)
+                               chunked_mlp.slots(splitting.name) if mlp else 2,
+                               dtype=cfg.run.dtype)
             store.set_attrs({"ready": True})
     except BaseException:
         if "store" in locals():
@@ -1446,17 +1447,19 @@ MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
 
 
 def _encode_array(a: np.ndarray) -> dict[str, Any]:
-    """A float64 array as JSON: shape and base64 of its bytes (exact)."""
+    """A float64 or float32 array as JSON: shape, type and base64 of its bytes (exact)."""
     import base64
 
-    a = np.ascontiguousarray(a, dtype="<f8")
-    return {"shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+    a = np.ascontiguousarray(a, dtype="<f4" if np.asarray(a).dtype == np.float32 else "<f8")
+    return {"shape": list(a.shape), "dtype": a.dtype.str,
+            "b64": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
 def _decode_array(d: dict[str, Any]) -> np.ndarray:
     import base64
 
-    return np.frombuffer(base64.b64decode(d["b64"]), dtype="<f8").reshape(d["shape"]).copy()
+    return np.frombuffer(base64.b64decode(d["b64"]), dtype=d.get("dtype", "<f8")
+                         ).reshape(d["shape"]).copy()
 
 
 class _WorkerLost(Exception):

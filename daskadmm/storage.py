@@ -546,17 +546,17 @@ class StateStore:
         (verified on resume)."""
         sums: dict[str, list[int]] = {}
         for name, a in arrays.items():
-            self.data_target(name, a.shape, chunk_size, compressor)[...] = a
+            self.data_target(name, a.shape, chunk_size, compressor, a.dtype)[...] = a
             sums[name] = [checksum(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
         self.record_data_checksums(sums)
 
     def data_target(self, name: str, shape: tuple[int, int], chunk_size: int,
-                    compressor: str = "none"):
+                    compressor: str = "none", dtype: Any = "f8"):
         """A new data array ``data/<name>`` chunked along samples, for a writer that fills it
         chunk by chunk (the out-of-core input path writes each chunk from a Dask task)."""
         cs = shape[1] if chunk_size <= 0 else min(chunk_size, shape[1])
         return _array(self.group, f"data/{name}", shape, (shape[0], max(1, cs)),
-                      compressor=compressor)
+                      dtype=dtype, compressor=compressor)
 
     def record_data_checksums(self, sums: dict[str, list[int]]) -> None:
         """Record the CRC-32 of every data chunk (what :meth:`verify_data` checks)."""
@@ -577,9 +577,11 @@ class StateStore:
                 self._verify_chunk(arr, f"data/{name}", c, sl, want, "data chunk")
 
     def create_state(self, layout: list[dict[str, tuple]], n: int, chunk_size: int,
-                     compressor: str = "none", slots: int = 2) -> None:
+                     compressor: str = "none", slots: int = 2, dtype: Any = "f8") -> None:
         """``layout[i-1]`` maps variable name -> row shape for block i; a trailing ``"n"``
-        marks a sample-sized variable (chunked along samples; ``slots`` live copies)."""
+        marks a sample-sized variable (chunked along samples; ``slots`` live copies). Arrays
+        are of ``dtype`` (the run's float type); scalars (shape ``()``: step sizes, penalties)
+        stay float64 in every run."""
         cs = n if chunk_size <= 0 else min(chunk_size, n)
         for b, variables in enumerate(layout, start=1):
             for name, shape in variables.items():
@@ -589,12 +591,13 @@ class StateStore:
                     chunks = (*rows, cs)
                 else:
                     full = chunks = tuple(shape)
+                dt = dtype if shape else "f8"
                 if shape and shape[-1] == "n":  # small ones (W) travel in the graph
                     _array(self.group, f"live/b{b}/{name}", (slots, *full), (1, *chunks),
-                           compressor=compressor)
+                           dtype=dt, compressor=compressor)
                 for s in ("a", "b"):
                     _array(self.group, f"ckpt/{s}/b{b}/{name}", full, chunks or (1,),
-                           compressor=compressor)
+                           dtype=dt, compressor=compressor)
 
     def array(self, path: str):
         return self.group[path]

@@ -259,3 +259,20 @@ def test_bench_kernels_smoke(tmp_path):
         assert 0 < r["new"]["fraction"] and r["old"]["fraction_executed"] > r["old"]["fraction"]
         assert r["max_rel_diff_old_vs_new"] < 1e-8  # the same iterates, up to rounding
         assert r["prox"]["max_rel_diff"] < 1e-12
+
+
+def test_bench_dtype_smoke(tmp_path):
+    """The float32/float64 benchmark runs on a tiny plan; its float32 sweep stays float32 (the
+    script asserts it) and both types are timed."""
+    import json
+
+    from support import load_benchmark
+
+    bench = load_benchmark("bench_dtype")
+    out = tmp_path / "d.json"
+    bench.main(["--widths", "12", "--activations", "tanh", "--n", "300", "--depth", "3",
+                "--repeats", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["float32"]["state_bytes"] * 2 == row["float64"]["state_bytes"]
+    assert row["float32"]["best"] > 0 and row["float64"]["fraction"] > 0
+    assert row["speedup_pairs_median"] > 0 and row["loadavg"]

@@ -124,16 +124,17 @@ def spd_solve(M: Array, R: Array, *, overwrite_r: bool = False) -> Array:
     C-ordered arrays several times slower). Each column of ``X`` depends only on its column
     of ``R``. ``overwrite_r``: ``R`` may be overwritten (it then holds ``X``)."""
     if not np.all(np.isfinite(M)):
-        return np.full(R.shape, np.nan)
+        return np.full(R.shape, np.nan, dtype=R.dtype)
     try:
         c = sla.cho_factor(M, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
-        return np.full(R.shape, np.nan)
-    if (R.ndim == 2 and R.dtype == np.float64 and R.flags.c_contiguous
-            and not R.flags.f_contiguous):
+        return np.full(R.shape, np.nan, dtype=R.dtype)
+    if (R.ndim == 2 and R.dtype in (np.float64, np.float32) and c[0].dtype == R.dtype
+            and R.flags.c_contiguous and not R.flags.f_contiguous):
         B = (R if overwrite_r else R.copy()).T  # n x d, Fortran-ordered
-        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=1, overwrite_b=1)
-        B = sla.blas.dtrsm(1.0, c[0], B, side=1, lower=1, trans_a=0, overwrite_b=1)
+        trsm = sla.blas.dtrsm if R.dtype == np.float64 else sla.blas.strsm
+        B = trsm(1.0, c[0], B, side=1, lower=1, trans_a=1, overwrite_b=1)
+        B = trsm(1.0, c[0], B, side=1, lower=1, trans_a=0, overwrite_b=1)
         return B.T
     return sla.cho_solve(c, R, check_finite=False)
 
@@ -193,9 +194,10 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
 
     Returns ``(u, n_capped)``: the solution and how many elements hit the iteration cap.
     """
-    if out is not None and not (out.flags.c_contiguous and out.dtype == np.float64
+    dt = float_type(c, m)
+    if out is not None and not (out.flags.c_contiguous and out.dtype == dt
                                 and out.shape == c.shape):
-        raise ValueError("prox_activation: out must be C-contiguous float64 of c's shape")
+        raise ValueError(f"prox_activation: out must be C-contiguous {dt} of c's shape")
     if act.piecewise_linear:
         u = _prox_piecewise(c, m, beta, kappa, act, out)
         if sigma_out is not None:
@@ -206,10 +208,10 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
         return u, 0
 
     shape = c.shape
-    c = np.ascontiguousarray(c, dtype=np.float64).ravel()
-    m = np.ascontiguousarray(m, dtype=np.float64).ravel()
+    c = np.ascontiguousarray(c, dtype=dt).ravel()
+    m = np.ascontiguousarray(m, dtype=dt).ravel()
     if out is None:
-        u = np.array(u0, dtype=np.float64).ravel()  # a copy: the result
+        u = np.array(u0, dtype=dt).ravel()  # a copy: the result
     else:
         u = out.reshape(-1)
         u[...] = np.asarray(u0).reshape(-1)
@@ -217,7 +219,7 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     if act.f_into is None or act.derivs_from_value is None:
         raise ValueError(f"prox_activation: the smooth activation {act.name!r} needs its "
                          "in-place kernels f_into and derivs_from_value")
-    bufs = _SmoothBuffers(min(u.size, _BLOCK))
+    bufs = _SmoothBuffers(min(u.size, _BLOCK), dt)
     capped = 0
     with np.errstate(all="ignore"):
         for lo in range(0, u.size, _BLOCK):
@@ -241,8 +243,9 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
     a = act.slope
     assert a is not None  # every piecewise-linear activation has a slope
     shape = c.shape
-    c = np.ascontiguousarray(c, dtype=np.float64).ravel()
-    m = np.ascontiguousarray(m, dtype=np.float64).ravel()
+    dt = float_type(c, m)
+    c = np.ascontiguousarray(c, dtype=dt).ravel()
+    m = np.ascontiguousarray(m, dtype=dt).ravel()
     f_into = act.f_into
     if f_into is None:
         def f_into(x, out):
@@ -250,7 +253,7 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
             return out
     out = np.empty_like(c) if out is None else out.reshape(-1)
     size = min(c.size, _BLOCK)
-    up, um, km, t1, t2, pp = (np.empty(size) for _ in range(6))
+    up, um, km, t1, t2, pp = (np.empty(size, dtype=dt) for _ in range(6))
     mask = np.empty(size, dtype=bool)
     hb, hk = 0.5 * beta, 0.5 * kappa
     ab = a * beta
@@ -285,6 +288,34 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
     return out.reshape(shape)
 
 
+@dataclass(frozen=True)
+class Tolerances:
+    """The inner solvers' relative tolerances for one floating-point type: ``grad`` (an element
+    is done when ``|phi'|`` is below it times the size of its terms), ``outright`` (a Newton
+    step whose predicted decrease is below it times ``|phi|`` is taken without line search),
+    ``slack`` (a line-search trial may exceed ``phi`` by it times ``|phi|``), ``output`` (the
+    cross-entropy output prox's gradient test). float64's are about 45, 1/sqrt, 4.5 and 450
+    units of rounding (``eps`` = 2.2e-16); float32's are the same multiples of its ``eps``
+    (1.2e-7)."""
+
+    grad: float
+    outright: float
+    slack: float
+    output: float
+
+
+TOLERANCES = {np.dtype(np.float64): Tolerances(1e-14, 1e-8, 1e-15, 1e-13),
+              np.dtype(np.float32): Tolerances(5e-6, 3e-4, 5e-7, 5e-5)}
+
+
+def float_type(*arrays) -> np.dtype:
+    """The floating-point type the math runs in: float32 when every array is float32, else
+    float64 (so mixing in a float64 array never silently runs a float32 problem)."""
+    if arrays and all(np.asarray(a).dtype == np.float32 for a in arrays):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
 class _SmoothBuffers:
     """Work arrays of the smooth solver, allocated once per call and reused for every block.
 
@@ -296,8 +327,10 @@ class _SmoothBuffers:
     derived = ("ds", "d2", "r", "d", "g")
     temps = ("h", "phi", "step", "cand", "sc", "t1", "t2", "spare")
 
-    def __init__(self, size: int):
-        self.f = {name: np.empty(size) for name in self.carried + self.derived + self.temps}
+    def __init__(self, size: int, dtype=np.float64):
+        self.tol = TOLERANCES[np.dtype(dtype)]
+        self.f = {name: np.empty(size, dtype=dtype)
+                  for name in self.carried + self.derived + self.temps}
         self.iota = np.arange(size)
         self.idx = np.empty(size, dtype=np.intp)
         self.ispare = np.empty(size, dtype=np.intp)
@@ -377,7 +410,7 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
         t1 += t2
         t1 *= kappa
         t1 += bc
-        t1 *= 1e-14
+        t1 *= B.tol.grad
         np.abs(g, out=t2)
         np.less_equal(t2, t1, out=done)
         n_done = int(np.count_nonzero(done))
@@ -423,7 +456,7 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
         np.multiply(g, g, out=t1)
         t1 /= h
         np.abs(phi, out=t2)
-        t2 *= 1e-8
+        t2 *= B.tol.outright
         np.less_equal(t1, t2, out=outright)
         outright &= newton
         # the full step for every element: the outright ones' new point, the others' first
@@ -438,7 +471,7 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
         t2 *= d
         t1 += t2
         np.abs(phi, out=t2)
-        t2 *= 1e-15
+        t2 *= B.tol.slack
         t2 += phi
         np.less_equal(t1, t2, out=ok)
         ok |= outright
@@ -446,7 +479,8 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
             ok[done_at] = True  # not searched (they keep their point, below)
         stalled = None
         if not ok.all():  # halve the step of the rejected ones
-            stalled = _halve(np.flatnonzero(~ok), uu, step, cc, mm, phi, hb, hk, f_into,
+            stalled = _halve(np.flatnonzero(~ok), uu, step, cc, mm, phi, hb, hk, B.tol.slack,
+                             f_into,
                              cand, sc)
             cand[stalled] = uu[stalled]
             sc[stalled] = s[stalled]
@@ -474,12 +508,12 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
 
 
 def _halve(rest: Array, uu: Array, step: Array, cc: Array, mm: Array, phi: Array, hb: float,
-           hk: float, f_into, cand: Array, sc: Array) -> Array:
+           hk: float, slack: float, f_into, cand: Array, sc: Array) -> Array:
     """Line search from t = 1/2 on the elements ``rest`` whose full step was rejected: writes
     accepted trials into ``cand``/``sc``; returns the stalled ones (no decrease in 60 trials)."""
     ur, sr, cr, mr = uu[rest], step[rest], cc[rest], mm[rest]
     pr = phi[rest]
-    bound = pr + 1e-15 * np.abs(pr)
+    bound = pr + slack * np.abs(pr)
     pos = np.arange(rest.size)
     t = 0.5
     for _halving in range(59):
@@ -537,24 +571,26 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
     """
     if loss == "mse":
         return (Y + kappa * m) / (1.0 + kappa), 0
-    U = np.array(u0, dtype=np.float64, copy=True)
+    dt = float_type(Y, m)
+    tol = TOLERANCES[dt]
+    U = np.array(u0, dtype=dt, copy=True)
     dy = U.shape[0]
     active = np.arange(U.shape[1])
-    eye = np.eye(dy)
+    eye = np.eye(dy, dtype=dt)
     for _ in range(max_iter):
         if active.size == 0:
             break
         u, y, mm = U[:, active], Y[:, active], m[:, active]
         p = softmax(u)
         g = p - y + kappa * (u - mm)
-        done = np.abs(g).max(axis=0) <= 1e-13 * (1.0 + kappa * np.abs(u).max(axis=0))
+        done = np.abs(g).max(axis=0) <= tol.output * (1.0 + kappa * np.abs(u).max(axis=0))
         H = (p.T[:, :, None] * eye[None]) - p.T[:, :, None] * p.T[:, None, :] + kappa * eye[None]
         step = np.linalg.solve(H, g.T[:, :, None])[:, :, 0].T
         f0, scale = _ce_column_objective(u, y, mm, kappa, with_scale=True)
         # Near the solution the decrease g^T H^-1 g falls below the rounding error of f (about
         # 1e-16 x the size of its summands): take the full Newton step outright there
         # (H >= kappa I, so it is a descent direction).
-        outright = ~done & (np.sum(g * step, axis=0) <= 1e-8 * scale)
+        outright = ~done & (np.sum(g * step, axis=0) <= tol.outright * scale)
         unew = u.copy()
         unew[:, outright] = u[:, outright] - step[:, outright]
         search = np.flatnonzero(~done & ~outright)
@@ -564,7 +600,7 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
                 break
             cand = u[:, search] - t * step[:, search]
             fc = _ce_column_objective(cand, y[:, search], mm[:, search], kappa)
-            ok = fc <= f0[search] + 1e-15 * scale[search]
+            ok = fc <= f0[search] + tol.slack * scale[search]
             unew[:, search[ok]] = cand[:, ok]
             search = search[~ok]
             t *= 0.5

@@ -48,7 +48,7 @@ def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: in
     Returns ``(x+, accepted eta, trials, capped)``; when capped, ``x+ = x``.
     """
     f0 = f(x)
-    eta = eta0
+    eta = float(eta0)  # a NumPy float64 scalar would turn float32 arrays into float64
     for trial in range(1, max_trials + 1):
         delta = -grad / (eta + tau)
         xn = x + delta

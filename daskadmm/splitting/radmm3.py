@@ -24,6 +24,7 @@ from ..model import Architecture, forward, loss_grad_n, loss_value
 from .base import (
     BlockSpec,
     Penalties,
+    float_type,
     lambda_max,
     prox_activation,
     prox_output,
@@ -53,11 +54,13 @@ class Scratch:
     again. A fresh array of tens of MB is page-faulting, zero-filled memory (a third of an
     iteration's CPU time at width 512 went to the kernel), so a block update allocates each
     shape a few times instead of once per temporary. Nothing outlives the update. New arrays
-    are C-ordered float64 of the type of ``like`` (an ndarray subclass stays one)."""
+    are C-ordered, of the type of ``like`` (an ndarray subclass stays one) and its float type
+    (float32 or float64)."""
 
     def __init__(self, like: Array | None = None) -> None:
         self._free: dict[tuple, list[Array]] = {}
         self._like = like
+        self.dtype = float_type(like) if like is not None else np.dtype(np.float64)
 
     def get(self, shape: tuple) -> Array:
         free = self._free.get(tuple(shape))
@@ -65,7 +68,7 @@ class Scratch:
             return free.pop()
         if self._like is None:
             return np.empty(shape)
-        return np.empty_like(self._like, dtype=np.float64, order="C", shape=shape)
+        return np.empty_like(self._like, dtype=self.dtype, order="C", shape=shape)
 
     def put(self, *arrays: Array | None) -> None:
         for a in arrays:
@@ -73,8 +76,11 @@ class Scratch:
                 self._free.setdefault(a.shape, []).append(a)
 
 
-def _get(pool: Scratch | None, shape: tuple) -> Array:
-    return np.empty(shape) if pool is None else pool.get(shape)
+def _get(pool: Scratch | None, shape: tuple, like: Array | None = None) -> Array:
+    """A C-ordered scratch array: from ``pool``, else new, of ``like``'s float type."""
+    if pool is not None:
+        return pool.get(shape)
+    return np.empty(shape, dtype=float_type(like) if like is not None else np.float64)
 
 
 def _sigma_into(act, U: Array, out: Array) -> Array:
@@ -90,7 +96,7 @@ def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float,
 
     Returns ``G = V~ V~^T`` and ``B = (rho U + Lam) V~^T``.
     """
-    T = np.multiply(U, rho, out=_get(pool, U.shape))
+    T = np.multiply(U, rho, out=_get(pool, U.shape, U))
     T += Lam
     out = Vt @ Vt.T, T @ Vt.T
     if pool is not None:
@@ -149,9 +155,9 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     Returns ``(U, n_capped)``; a hidden block writes ``sigma(U)`` into ``sigma_out`` if given.
     """
     kappa = pen.rho + pen.tau
-    m = np.multiply(Z, pen.rho, out=_get(pool, Z.shape))  # (rho Z - Lam + tau U^k) / kappa
+    m = np.multiply(Z, pen.rho, out=_get(pool, Z.shape, Z))  # (rho Z - Lam + tau U^k) / kappa
     m -= Lam
-    tmp = sigma_out if sigma_out is not None else _get(pool, U.shape)  # free until the prox
+    tmp = sigma_out if sigma_out is not None else _get(pool, U.shape, U)  # free until the prox
     m += np.multiply(U, pen.tau, out=tmp)
     m /= kappa
     if pool is not None and tmp is not sigma_out:
@@ -194,9 +200,9 @@ def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
     act, s, s2 = spec.act, spec.s, spec.s_next
     A, b = spec.split_bias(right["W"])
     shape = Uown.shape
-    rhs = _get(pool, shape)  # C-ordered: the result (V, after the solve)
+    rhs = _get(pool, shape, Uown)  # C-ordered: the result (V, after the solve)
     np.multiply(act.f(Uown) if sigma_own is None else sigma_own, pen.beta, out=rhs)
-    work = _get(pool, shape)  # C-ordered: the product below goes into it
+    work = _get(pool, shape, Uown)  # C-ordered: the product below goes into it
     if s:
         rhs += np.multiply(Vleft, pen.beta, out=work)
     if s2:
@@ -204,7 +210,7 @@ def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
         np.subtract(right["V"], work, out=work)
         work *= pen.beta
         rhs += work
-    T = _get(pool, right["U"].shape)
+    T = _get(pool, right["U"].shape, right["U"])
     if b is None:
         np.multiply(right["U"], pen.rho, out=T)
     else:
@@ -276,7 +282,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     if r_sq is None:
         r_sq = float(np.sum(r * r))
     total = 0.5 * pen.lam * float(np.sum(W * W))
-    work = np.multiply(Lam, r, out=_get(pool, r.shape))
+    work = np.multiply(Lam, r, out=_get(pool, r.shape, r))
     total += (float(np.sum(work)) + 0.5 * pen.rho * r_sq) / n
     if pool is not None:
         pool.put(work)
@@ -285,7 +291,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         total += loss_value(spec.arch.loss, U, Y)
     else:
         p = np.subtract(own["V"], spec.act.f(U) if sigma_U is None else sigma_U,
-                        out=_get(pool, U.shape) if sigma_U is None else sigma_U)
+                        out=_get(pool, U.shape, U) if sigma_U is None else sigma_U)
         if spec.s:
             p -= Vleft
         p *= p
