@@ -50,7 +50,7 @@ import numpy as np
 
 from ..model import Architecture
 from . import radmm3
-from .base import BlockSpec, Penalties, spd_solve
+from .base import BlockSpec, Options, Penalties, spd_solve
 
 __all__ = ["GAMMA_STEP", "block_objective", "block_update", "init_state"]
 
@@ -68,7 +68,8 @@ def _activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array) -> A
     return p
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass for U, V; one backward pass of the true network for ``Lam`` and ``Gam``."""
     states = radmm3.init_state(arch, weights, X, Y)
     N = arch.depth
