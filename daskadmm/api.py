@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .config import ADMM_ALGORITHMS, ZARR_ALGORITHMS, AlgorithmConfig, Config, validate
+from .config import (
+    ADMM_ALGORITHMS,
+    ZARR_ALGORITHMS,
+    AlgorithmConfig,
+    Config,
+    RunConfig,
+    validate,
+)
 from .data import Dataset, lazy_arrays, load_dataset
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
@@ -40,12 +47,15 @@ def build_architecture(cfg: Config, ds: Dataset) -> Architecture:
                         bias=m.bias, loss=loss)
 
 
-def schedule_options(a: AlgorithmConfig) -> ScheduleOptions:
-    """The penalty schedule's options from the ``algorithm`` section."""
+def schedule_options(a: AlgorithmConfig, run: RunConfig | None = None) -> ScheduleOptions:
+    """The penalty schedule's options from the ``algorithm`` section (and ``run.eval_every``,
+    where the rises schedule sees the training loss; None: the schema's run section)."""
+    run = run or RunConfig()
     return ScheduleOptions(kind=a.schedule, rho=a.rho, beta=a.beta, tau=a.tau, lam=a.lam,
                            nu=a.nu, growth=a.growth, rho_max=a.rho_max, beta_max=a.beta_max,
                            adapt_every=a.adapt_every, adapt_factor=a.adapt_factor,
-                           adapt_tol=a.adapt_tol)
+                           adapt_tol=a.adapt_tol, rise_count=a.rise_count,
+                           eval_every=run.eval_every, backtrack_start=a.backtrack_start)
 
 
 def metric_name(ds: Dataset) -> str:
@@ -120,7 +130,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                     default_store="memory://" if run_dir is None else Path(run_dir) / "state.zarr")
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)
-    weights0 = init_weights(arch, rng, cfg.model.residual_scale, cfg.model.depth_scaling)
+    m = cfg.model
+    weights0 = init_weights(arch, rng, m.residual_scale, m.depth_scaling,
+                            normal_std=m.init_std if m.init == "normal" else None)
     if cfg.run.dtype != "float64":  # drawn in float64, so both types start from the same draw
         weights0 = [W.astype(cfg.run.dtype) for W in weights0]
     monitor = Monitor(
@@ -144,9 +156,10 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         from .splitting import get_splitting
 
         splitting = get_splitting(name)
-        options = Options(step=cfg.algorithm.step, backtrack_max=cfg.algorithm.backtrack_max,
-                          newton_max_iter=cfg.algorithm.newton_max_iter)
-        schedule = PenaltySchedule(schedule_options(cfg.algorithm))
+        a = cfg.algorithm
+        options = Options(step=a.step, backtrack_max=a.backtrack_max,
+                          newton_max_iter=a.newton_max_iter, output_init=a.output_init)
+        schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .reference import solve
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks, sum_partials
 from .graph import Node, Ref, iteration_stats, key
-from .model import Architecture
-from .splitting import BlockSpec, Penalties, get_splitting
+from .model import Architecture, augment
+from .splitting import BlockSpec, Options, Penalties, get_splitting
 from .splitting import dladmm as dl
 from .splitting import pdadmm as pd
 from .splitting.dladmm import (
@@ -136,16 +136,23 @@ def _X(ct: ChunkTask) -> Array:
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int) -> dict:
+               n: int, options: Options, rho: float) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
     (a forward pass; every initial value is column-separable), written into slot 0. Returns
-    the chunk's share of L^0 without the regulariser."""
+    the chunk's share of L^0 without the regulariser: the loss, plus the output constraint's
+    terms when dlADMM's output layer does not start on the forward output
+    (``options.output_init="labels"``, at iteration 1's ``rho``)."""
     X, Y = _X(ct), _read(ct.url, "data/Y", ct.sl)
-    states = get_splitting(name).init_state(arch, weights, X, Y)
+    states = get_splitting(name).init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
         for var in state_vars(name, arch, i):
             _put(ct, i, var, 0, st[var])
-    return {"objective": _loss_sum(arch.loss, states[-1]["z"], Y) / n}
+    out = states[-1]
+    obj = _loss_sum(arch.loss, out["z"], Y) / n
+    if name == "dladmm" and options.output_init == "labels":
+        r = out["z"] - weights[-1] @ augment(states[-2]["a"], arch.bias)
+        obj += (float(np.sum(out["u"] * r)) + 0.5 * rho * float(np.sum(r * r))) / n
+    return {"objective": obj}
 
 
 def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
@@ -395,7 +402,8 @@ def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Sm
     ``theta_a`` and the decision (``step``)."""
     A, _ = spec.split_bias(right["W"])
     o = spec.options
-    t0 = shifted_theta0(A, *_a_hessian(spec, pen), small["theta_a"], o.step)
+    t0 = shifted_theta0(A, *_a_hessian(spec, pen), small["theta_a"], o.step,
+                        pen.backtrack_start)
     theta, capped = _decide(outs, t0, o.backtrack_max)
     new = dict(small)
     new.update({"theta_a": theta, "step": (theta, capped), "k": k,
@@ -453,7 +461,7 @@ def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tup
     if backward and b is not None:
         b = update_b(A, ws[2], ws[3], n, kappa, pen.lam)
     A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, n * pen.lam, small["theta_W"],
-                                       o.backtrack_max, o.step)
+                                       o.backtrack_max, o.step, pen.backtrack_start)
     if not backward and b is not None:
         b = update_b(A, ws[2], ws[3], n, kappa, pen.lam)
     new = dict(small)
@@ -591,11 +599,13 @@ class MlpWindow:
 
 
 def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
-                weights: list[Array], n: int, restore: tuple[int, str] | None
+                weights: list[Array], n: int, restore: tuple[int, str] | None,
+                options: Options, rho: float
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
-    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh) or a
-    copy of the checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the
-    constant statistics of X. Returns (nodes, roles, init task keys)."""
+    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh; see
+    :func:`init_chunk` for ``options``, ``rho``) or a copy of the checkpoint back into slot
+    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X. Returns
+    (nodes, roles, init task keys)."""
     from .chunked import restore_chunk
 
     N = arch.depth
@@ -609,7 +619,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
             writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
                       for v in state_vars(name, arch, i)]
             hz.task(kk, (), writes)
-            nodes.append(Node(kk, init_chunk, (ct, name, arch, weights, n)))
+            nodes.append(Node(kk, init_chunk, (ct, name, arch, weights, n, options, rho)))
             init_keys.append(kk)
         else:
             k0, ck = restore

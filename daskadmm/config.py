@@ -3,8 +3,9 @@
 The dataclasses here are the schema and the one place every default is written: the CLI
 registers them in Hydra's ConfigStore (``cli.register_schema``) as the base that
 ``conf/config.yaml`` composes first, so the group files in ``conf/`` list only what their option
-changes (``ALGORITHM_OVERRIDES``, ``ALGORITHM_KEYS``: what each algorithm changes and reads). They
-are also the only configuration objects the layers below the CLI ever see. :func:`validate`
+changes (``ALGORITHM_OVERRIDES``, ``ALGORITHM_KEYS``: what each algorithm changes and reads;
+``ALGORITHM_VARIANTS``: named presets such as ``algorithm=dladmm_published``). They are also the
+only configuration objects the layers below the CLI ever see. :func:`validate`
 turns every bad value into a :class:`ConfigError` with a one-line message naming the key.
 
 Nothing in this module imports Hydra: ``from_mapping`` accepts any nested mapping (an OmegaConf
@@ -29,6 +30,7 @@ __all__ = [
     "ADMM_ALGORITHMS",
     "ALGORITHM_KEYS",
     "ALGORITHM_OVERRIDES",
+    "ALGORITHM_VARIANTS",
     "ACTIVATIONS",
     "BASELINE_ALGORITHMS",
     "DATASETS",
@@ -44,6 +46,7 @@ __all__ = [
     "check_resources",
     "from_mapping",
     "validate",
+    "variant_config",
 ]
 
 DTYPES = ("float64", "float32")
@@ -55,7 +58,9 @@ BASELINE_ALGORITHMS = ("adam", "sgd")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
 DATASETS = ("digits", "wine_red", "wine_white", "synthetic", "mnist", "mnist_5k", "fashion_mnist",
             "csv")
-SCHEDULES = ("constant", "grow", "adaptive")
+SCHEDULES = ("constant", "grow", "adaptive", "rises")
+INITS = ("scaled", "normal")
+OUTPUT_INITS = ("forward", "labels")
 CLUSTERS = ("reference", "synchronous", "threads", "local", "address")
 # Dask's comm schemes a scheduler address may use (``inproc`` only works inside one process).
 ADDRESS_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
@@ -91,7 +96,10 @@ class AlgorithmConfig:
     # Penalty schedule: constant; grow (multiply rho, beta by `growth` per iteration up to
     # rho_max, beta_max); adaptive (every `adapt_every` iterations, if the primal residual did not
     # fall below `adapt_tol` times its value `adapt_every` iterations earlier, multiply rho and
-    # beta by `adapt_factor`, capped).
+    # beta by `adapt_factor`, capped); rises (after the forward training loss rose at
+    # `rise_count` consecutive evaluations, multiply rho and beta by `adapt_factor`, capped: the
+    # dlADMM authors' rule with run.eval_every = 1). adaptive and rises also multiply
+    # `backtrack_start` (when set) by `adapt_factor`, uncapped, as the authors' code does.
     schedule: str = "constant"
     growth: float = 1.05
     rho_max: float = 1e3
@@ -99,12 +107,19 @@ class AlgorithmConfig:
     adapt_every: int = 10
     adapt_factor: float = 2.0
     adapt_tol: float = 0.9
+    rise_count: int = 3
     # Linearized steps (radmm3l, radmm2): "lipschitz" uses the exact / Lipschitz step constant
     # where one exists, "backtracking" the capped backtracking rule. radmm2 with relu/leaky_relu
     # always backtracks (no Lipschitz constant exists).
     step: str = "backtracking"
     backtrack_max: int = 30
     newton_max_iter: int = 100
+    # dlADMM: the first trial curvature of every backtracking search (n-units; null: half the
+    # last accepted value of the same variable), and how the output layer starts: "forward"
+    # (z_L the forward output, u dual-consistent) or "labels" (z_L = 2Y - 1 for cross-entropy,
+    # Y for MSE; u = 0: the authors' code).
+    backtrack_start: float | None = None
+    output_init: str = "forward"
     # Backprop baseline (algorithm=adam|sgd).
     lr: float = 1e-3
     momentum: float = 0.9
@@ -121,7 +136,7 @@ ALGORITHM_OVERRIDES: dict[str, dict[str, Any]] = {
 
 # The schedule keys (every ADMM algorithm goes through the penalty schedule).
 _SCHEDULE_KEYS = ("schedule", "growth", "rho_max", "beta_max", "adapt_every", "adapt_factor",
-                  "adapt_tol")
+                  "adapt_tol", "rise_count")
 # dlADMM / pdADMM have no beta: their schedule scales rho (and nu = rho) only.
 _NU_SCHEDULE_KEYS = tuple(k for k in _SCHEDULE_KEYS if k != "beta_max")
 
@@ -134,7 +149,7 @@ ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
     "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
                "newton_max_iter"),
     "dladmm": ("rho", "nu", "lam", *_NU_SCHEDULE_KEYS, "step", "backtrack_max",
-               "newton_max_iter"),
+               "newton_max_iter", "backtrack_start", "output_init"),
     "pdadmm": ("rho", "nu", "lam", *_NU_SCHEDULE_KEYS, "step", "backtrack_max",
                "newton_max_iter"),
     "adam": ("lr", "batch_size", "weight_decay"),
@@ -145,6 +160,39 @@ ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
 def algorithm_defaults(name: str) -> AlgorithmConfig:
     """The ``algorithm`` section of ``algorithm=<name>`` with every default in force."""
     return AlgorithmConfig(name=name, **ALGORITHM_OVERRIDES.get(name, {}))
+
+
+# Named variants: an algorithm with a preset of keys, some outside the ``algorithm`` section,
+# each listing every key whose value differs from the schema's (the algorithm's own overrides
+# included). ``algorithm=<variant>`` on the command line selects conf/algorithm/<variant>.yaml
+# (a global-package file that holds exactly these sections; a test checks it);
+# ``algorithm.name`` stays the algorithm's own. From Python: ``fit(variant_config(name))``
+# after setting the data, the model's size and the run.
+ALGORITHM_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    # dlADMM as the authors ran it (github.com/xianggebenben/dlADMM, MLP/pytorch_version):
+    # rho = 1e-6, multiplied by 10 (at most to 0.1) after the training cost rose three times in
+    # a row, the backtracking starts (their tau, theta) at 1 and multiplied by 10 with it, no
+    # regulariser, z_L = +-1 and u = 0 at the start, N(0, 0.1^2) weights and biases.
+    "dladmm_published": {
+        "algorithm": {"name": "dladmm", "rho": 1e-6, "lam": 0.0, "schedule": "rises",
+                      "rho_max": 0.1, "adapt_factor": 10.0, "backtrack_start": 1.0,
+                      "output_init": "labels"},
+        "model": {"init": "normal"},
+    },
+}
+
+
+def variant_config(name: str) -> Config:
+    """A :class:`Config` with the variant's keys set (:data:`ALGORITHM_VARIANTS`) and every
+    other key at its default, as ``algorithm=<name>`` composes it."""
+    if name not in ALGORITHM_VARIANTS:
+        raise ConfigError(f"unknown algorithm variant {name!r} "
+                          f"(known: {', '.join(ALGORITHM_VARIANTS)})")
+    cfg = Config()
+    for section, values in ALGORITHM_VARIANTS[name].items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return validate(cfg)
 
 
 @dataclass
@@ -163,6 +211,10 @@ class ModelConfig:
     # divide residual_scale by sqrt(number of residual blocks), so the forward signal does not
     # grow with depth (every method, Adam included, starts from these weights)
     depth_scaling: bool = True
+    # initial weights: "scaled" (He / Glorot-scaled, zero biases, the residual scaling above) or
+    # "normal" (every weight and bias N(0, init_std^2), as the dlADMM authors' code)
+    init: str = "scaled"
+    init_std: float = 0.1
 
 
 @dataclass
@@ -372,11 +424,19 @@ def validate(cfg: Config) -> Config:
     _check(a.adapt_every >= 1, f"algorithm.adapt_every must be >= 1, got {a.adapt_every}")
     _check(a.adapt_factor >= 1.0, f"algorithm.adapt_factor must be >= 1, got {a.adapt_factor}")
     _check(0 < a.adapt_tol <= 1, f"algorithm.adapt_tol must be in (0, 1], got {a.adapt_tol}")
+    _check(a.rise_count >= 1, f"algorithm.rise_count must be >= 1, got {a.rise_count}")
     _check(a.step in ("lipschitz", "backtracking"),
            f"algorithm.step must be lipschitz or backtracking, got {a.step!r}")
     _check(a.backtrack_max >= 1, f"algorithm.backtrack_max must be >= 1, got {a.backtrack_max}")
     _check(a.newton_max_iter >= 1,
            f"algorithm.newton_max_iter must be >= 1, got {a.newton_max_iter}")
+    if a.backtrack_start is not None:
+        _finite_pos("algorithm.backtrack_start", a.backtrack_start)
+        _check(a.step == "backtracking", "algorithm.backtrack_start is where the backtracking "
+               "search starts: it needs algorithm.step=backtracking (lipschitz starts from the "
+               "exact curvature), got algorithm.step=lipschitz")
+    _check(a.output_init in OUTPUT_INITS, f"algorithm.output_init must be one of "
+           f"{', '.join(OUTPUT_INITS)}, got {a.output_init!r}")
     _finite_pos("algorithm.lr", a.lr)
     _check(0 <= a.momentum < 1, f"algorithm.momentum must be in [0, 1), got {a.momentum}")
     _check(a.batch_size >= 0, f"algorithm.batch_size must be >= 0, got {a.batch_size}")
@@ -393,6 +453,8 @@ def validate(cfg: Config) -> Config:
     _check(m.loss in ("auto", "mse", "cross_entropy"),
            f"model.loss must be auto, mse or cross_entropy, got {m.loss!r}")
     _finite_pos("model.residual_scale", m.residual_scale, allow_zero=True)
+    _check(m.init in INITS, f"model.init must be one of {', '.join(INITS)}, got {m.init!r}")
+    _finite_pos("model.init_std", m.init_std)
 
     _check(d.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}")
     if d.name == "csv":

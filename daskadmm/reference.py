@@ -98,7 +98,7 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
     options = options or Options()
     n = X.shape[1]
     specs = [BlockSpec(arch, i, n, options) for i in range(1, arch.depth + 1)]
-    states = splitting.init_state(arch, weights0, X, Y)
+    states = splitting.init_state(arch, weights0, X, Y, options)
     outputs = initial_outputs(splitting, states)
     pen = schedule.at(1)
     monitor.start(initial_objective(splitting, specs, pen, states, X, Y),
@@ -110,11 +110,12 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
         states = block_states(splitting, outputs)
         it = IterationStats.from_blocks(stats, n, pen.rho)
         monitor.step(k, it, pen.rho, pen.beta)
-        schedule.observe(k, it.primal)
+        rec = (monitor.record(k, it, [s["W"] for s in states], pen.rho, pen.beta)
+               if monitor.is_eval(k) else None)
+        schedule.observe(k, it.primal, None if rec is None else rec.get("train_loss"))
         if state_callback is not None:
             state_callback(k, states)
-        if monitor.is_eval(k):
-            rec = monitor.record(k, it, [s["W"] for s in states], pen.rho, pen.beta)
+        if rec is not None:
             stop = monitor.check(rec)
             if stop is not None:
                 status = stop

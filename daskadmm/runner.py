@@ -313,7 +313,7 @@ def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     from .reference import initial_objective
 
     n, specs, window, run_id = _setup(cfg, arch, ds, options)
-    states = splitting.init_state(arch, weights0, ds.X_train, ds.Y_train)
+    states = splitting.init_state(arch, weights0, ds.X_train, ds.Y_train, options)
     pen1 = schedule.at(1)
     monitor.start(initial_objective(splitting, specs, pen1, states, ds.X_train, ds.Y_train),
                   [s["W"] for s in states], pen1.rho, pen1.beta)
@@ -362,12 +362,13 @@ class _Ctx:
         """Feed iteration k's statistics (and evaluation) to the monitor; return a stop status."""
         pen = self.schedule.at(k)
         self.monitor.step(k, it, pen.rho, pen.beta)
-        self.schedule.observe(k, it.primal)
         if ev is None:
+            self.schedule.observe(k, it.primal)
             return None
         rec_metrics, weights = ev
         self.weights = weights
         rec = self.monitor.record(k, it, weights, pen.rho, pen.beta, rec_metrics)
+        self.schedule.observe(k, it.primal, rec.get("train_loss"))
         return self.monitor.check(rec)
 
     def result(self, status: str, k: int, info: dict[str, Any]) -> Result:
@@ -1414,7 +1415,8 @@ class _MlpZarrCtx(_ZarrCtx):
         else:
             k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
         nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.task_url, self.slices, rid,
-                                                 [s["W"] for s in small], self.n, restore)
+                                                 [s["W"] for s in small], self.n, restore,
+                                                 self.specs[0].options, self.schedule.at(1).rho)
         literals: dict[str, Any] = {}
         for i, sm in enumerate(small, start=1):
             literals[f"init_small-b{i}-{rid}"] = sm

@@ -8,6 +8,17 @@
   multiply rho and beta by ``adapt_factor`` (capped) from iteration k+1 on. This is a global
   decision, so the Dask runner must finish iteration k before it submits k+1 at those points
   (``is_barrier``); between them the wavefront runs freely.
+- ``rises``: at every evaluation k >= 1 (every ``eval_every`` iterations) compare the true forward
+  training loss with that of the previous evaluation (iteration 0's is never observed); after
+  ``rise_count`` consecutive rises multiply rho and beta by ``adapt_factor`` (capped) from
+  iteration k+1 on. The count is not reset by a change, so every further rise fires again: with
+  ``eval_every = 1`` and ``rise_count = 3`` this is the dlADMM authors' rule (their code, at
+  iteration i > 2: ``if cost[i] > cost[i-1] > cost[i-2] > cost[i-3]: rho = min(10 rho, 0.1)``).
+  Every evaluation is a barrier.
+
+``adaptive`` and ``rises`` also multiply the first trial curvature of dlADMM's backtracking
+searches (``backtrack_start``, when set) by ``adapt_factor`` each time they fire, uncapped and even
+when rho and beta are at their caps, as the authors' code multiplies its tau and theta with rho.
 
 Raising rho or beta raises L by itself (the penalty terms grow), so compare L at equal parameters
 when judging progress under a schedule.
@@ -40,15 +51,20 @@ class ScheduleOptions:
     adapt_every: int
     adapt_factor: float
     adapt_tol: float
+    rise_count: int
+    eval_every: int  # run.eval_every: where the rises schedule sees the training loss
+    backtrack_start: float | None  # None: each search starts from half its last curvature
 
 
 class PenaltySchedule:
     def __init__(self, options: ScheduleOptions):
         self.options = options
         self.kind = options.kind
-        self._rho = options.rho
-        self._beta = options.beta
+        self._rho, self._beta = options.rho, options.beta
+        self._start: float | None = options.backtrack_start
         self._primal: dict[int, float] = {}
+        self._last_loss: float | None = None  # the rises schedule's last training loss
+        self._rises = 0  # consecutive rises counted
         self.changes: list[tuple[int, float, float]] = []  # (first iteration, rho, beta)
 
     def at(self, k: int) -> Penalties:
@@ -59,14 +75,22 @@ class PenaltySchedule:
             rho, beta = min(c.rho * g, c.rho_max), min(c.beta * g, c.beta_max)
         else:
             rho, beta = self._rho, self._beta
-        return Penalties(rho=rho, beta=beta, tau=c.tau, lam=c.lam, nu=c.nu)
+        return Penalties(rho=rho, beta=beta, tau=c.tau, lam=c.lam, nu=c.nu,
+                         backtrack_start=self._start)
 
     def is_barrier(self, k: int) -> bool:
         """Whether iteration k+1's penalties depend on the outcome of iteration k."""
-        return self.kind == "adaptive" and k % self.options.adapt_every == 0
+        if self.kind == "adaptive":
+            return k % self.options.adapt_every == 0
+        return self.kind == "rises" and k % self.options.eval_every == 0
 
-    def observe(self, k: int, primal: float) -> None:
-        """Report iteration k's primal residual (only used by the adaptive schedule)."""
+    def observe(self, k: int, primal: float, train_loss: float | None = None) -> None:
+        """Report iteration k's primal residual and, at an evaluation, its forward training
+        loss (the adaptive schedule uses the one, the rises schedule the other)."""
+        if self.kind == "rises":
+            if train_loss is not None:
+                self._observe_loss(k, train_loss)
+            return
         if self.kind != "adaptive":
             return
         c = self.options
@@ -75,31 +99,55 @@ class PenaltySchedule:
             return
         before = self._primal[k - c.adapt_every]
         if primal > c.adapt_tol * before:
-            rho = min(self._rho * c.adapt_factor, c.rho_max)
-            beta = min(self._beta * c.adapt_factor, c.beta_max)
-            if (rho, beta) != (self._rho, self._beta):
-                self._rho, self._beta = rho, beta
-                self.changes.append((k + 1, rho, beta))
+            self._raise(k)
+
+    def _observe_loss(self, k: int, loss: float) -> None:
+        last = self._last_loss
+        # NaN compares false: a non-finite loss ends a run of rises
+        self._rises = self._rises + 1 if last is not None and loss > last else 0
+        self._last_loss = loss
+        if self._rises >= self.options.rise_count:
+            self._raise(k)
+
+    def _raise(self, k: int) -> None:
+        """Multiply rho, beta (capped) and the backtracking start (uncapped) by the factor,
+        from iteration k+1 on; a change is logged as ``(k + 1, rho, beta)``."""
+        c = self.options
+        rho = min(self._rho * c.adapt_factor, c.rho_max)
+        beta = min(self._beta * c.adapt_factor, c.beta_max)
+        start = None if self._start is None else self._start * c.adapt_factor
+        if (rho, beta, start) != (self._rho, self._beta, self._start):
+            self._rho, self._beta, self._start = rho, beta, start
+            self.changes.append((k + 1, rho, beta))
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state as JSON-ready values (what a checkpoint manifest stores under
-        ``schedule``): the adaptive penalties in force, the primal residuals observed (keyed
-        by the iteration as a string) and the changes made."""
-        return {"rho": self._rho, "beta": self._beta,
+        ``schedule``): the penalties and backtracking start in force, the primal residuals
+        observed (keyed by the iteration as a string), the last training loss seen and the
+        rises counted so far, and the changes made."""
+        return {"rho": self._rho, "beta": self._beta, "backtrack_start": self._start,
                 "primal": {str(k): v for k, v in self._primal.items()},
+                "last_loss": self._last_loss, "rises": self._rises,
                 "changes": [list(x) for x in self.changes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (a :meth:`state_dict`; an empty one: from the start)."""
+        """Continue from ``state`` (a :meth:`state_dict`; an empty one: from the start). A
+        state written before the rises schedule existed keeps the configured backtracking
+        start and no rises."""
+        self.reset()
         if not state:
-            self.reset()
             return
         self._rho, self._beta = state["rho"], state["beta"]
+        self._start = state.get("backtrack_start", self._start)
         self._primal = {int(k): v for k, v in state.get("primal", {}).items()}
+        last = state.get("last_loss")
+        self._last_loss = None if last is None else float(last)
+        self._rises = int(state.get("rises", 0))
         self.changes = [(int(k), float(rho), float(beta))
                         for k, rho, beta in state.get("changes", [])]
 
     def reset(self) -> None:
         """Back to iteration 0: the configured penalties, nothing observed."""
         self._rho, self._beta = self.options.rho, self.options.beta
-        self._primal, self.changes = {}, []
+        self._start = self.options.backtrack_start
+        self._primal, self._last_loss, self._rises, self.changes = {}, None, 0, []

@@ -771,6 +771,9 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         if key not in _DATA_LOCATION_KEYS:
             out[f"data.{key}"] = v
     out["run.seed"] = cfg_dict["run"]["seed"]
+    if cfg_dict["algorithm"].get("schedule") == "rises":
+        # the rises schedule sees the training loss at the evaluations
+        out["run.eval_every"] = cfg_dict["run"]["eval_every"]
     out["storage.chunk_size"] = cfg_dict["storage"]["chunk_size"]
     return _jsonable(out)
 

@@ -136,7 +136,7 @@ def _window(name: str, N: int, K: int, C: int = 3):
     slices = chunk_slices(n, -(-n // C))
     _, prev, _ = chunked_mlp.start_nodes(name, arch, "memory://x", slices, "r",
                                          [np.zeros(arch.weight_shape(i))
-                                          for i in range(1, N + 1)], n, None)
+                                          for i in range(1, N + 1)], n, None, Options(), 1.0)
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 1)}
     return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices)

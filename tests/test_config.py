@@ -17,6 +17,7 @@ from daskadmm.config import (
     ADMM_ALGORITHMS,
     ALGORITHM_KEYS,
     ALGORITHM_OVERRIDES,
+    ALGORITHM_VARIANTS,
     BASELINE_ALGORITHMS,
     AlgorithmConfig,
     ClusterConfig,
@@ -27,6 +28,7 @@ from daskadmm.config import (
     StorageConfig,
     algorithm_defaults,
     from_mapping,
+    variant_config,
 )
 
 CONF_DIR = Path(str(importlib.resources.files("daskadmm.conf")))
@@ -54,7 +56,10 @@ def _group_files() -> list[tuple[str, str]]:
     return out
 
 
-GROUP_FILES = _group_files()
+# algorithm variants (conf/algorithm/<variant>.yaml, global package) are tested on their own
+GROUP_FILES = [(g, o) for g, o in _group_files()
+               if not (g == "algorithm" and o in ALGORITHM_VARIANTS)]
+VARIANT_FILES = [o for g, o in _group_files() if g == "algorithm" and o in ALGORITHM_VARIANTS]
 EXPERIMENTS = sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
@@ -130,6 +135,52 @@ def test_algorithm_option_is_its_defaults(name):
     assert build(f"algorithm={name}").algorithm == algorithm_defaults(name)
     raw = yaml.safe_load((CONF_DIR / "algorithm" / f"{name}.yaml").read_text())
     assert raw == {"name": name, **ALGORITHM_OVERRIDES.get(name, {})}
+
+
+def test_every_variant_has_its_file():
+    assert VARIANT_FILES == sorted(ALGORITHM_VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHM_VARIANTS))
+def test_variant_option_is_its_preset(name):
+    """``algorithm=<variant>`` composes to :func:`variant_config` (every other key at the
+    schema's default) and keeps the algorithm's own name; its file holds exactly the variant's
+    keys, each one differing from the schema; the other groups still apply on top."""
+    assert build(f"algorithm={name}") == variant_config(name)
+    raw = yaml.safe_load((CONF_DIR / "algorithm" / f"{name}.yaml").read_text())
+    assert raw == ALGORITHM_VARIANTS[name]
+    assert raw["algorithm"]["name"] in ADMM_ALGORITHMS
+    schema = Config().to_dict()
+    repeated = {f"{sec}.{k}" for sec, values in raw.items() for k, v in values.items()
+                if k != "name" and v == schema[sec][k]}
+    assert not repeated, f"algorithm/{name}.yaml repeats the schema's defaults of {repeated}"
+    cfg = build(f"algorithm={name}", "model=mlp", "model.width=9")
+    assert (cfg.model.kind, cfg.model.width) == ("mlp", 9)
+    for sec, values in raw.items():
+        for k, v in values.items():
+            assert getattr(getattr(cfg, sec), k) == v
+
+
+def test_dladmm_published_is_the_authors_settings():
+    # github.com/xianggebenben/dlADMM, MLP/pytorch_version/main.py: rho = 1e-06, tau = theta
+    # = 1, `rho = np.minimum(10 * rho, 0.1)` (and tau, theta x10) when train_cost rose at three
+    # consecutive iterations, W and b ~ torch.normal(std=0.1), z3 = +-1 from the labels, u = 0;
+    # no regulariser, nu = rho
+    cfg = build("algorithm=dladmm_published")
+    a, m = cfg.algorithm, cfg.model
+    assert a.name == "dladmm" and a.rho == 1e-6 and a.nu is None and a.lam == 0.0
+    assert (a.schedule, a.rise_count, a.adapt_factor, a.rho_max) == ("rises", 3, 10.0, 0.1)
+    assert cfg.run.eval_every == 1  # the loss is seen every iteration, as theirs
+    assert (a.step, a.backtrack_start, a.output_init) == ("backtracking", 1.0, "labels")
+    assert (m.init, m.init_std) == ("normal", 0.1)
+    exp = build("experiment=dladmm_mnist_published")
+    assert exp.algorithm == a and (exp.model.init, exp.model.init_std) == ("normal", 0.1)
+    assert exp.run.eval_every == 1
+
+
+def test_unknown_variant():
+    with pytest.raises(ConfigError, match="nope"):
+        variant_config("nope")
 
 
 def _reads_comment(text: str) -> list[str]:
@@ -226,6 +277,14 @@ def test_mnist_subsampled():
         (["run.iterations=0"], "run.iterations"),
         (["+model.foo=3"], "model.foo"),
         (["+algorithm.nonexistent=1"], "algorithm.nonexistent"),
+        (["algorithm.schedule=sometimes"], "algorithm.schedule"),
+        (["algorithm.rise_count=0"], "algorithm.rise_count"),
+        (["algorithm.backtrack_start=0"], "algorithm.backtrack_start"),
+        (["algorithm.backtrack_start=1", "algorithm.step=lipschitz"],
+         "algorithm.backtrack_start"),
+        (["algorithm.output_init=zeros"], "algorithm.output_init"),
+        (["model.init=uniform"], "model.init"),
+        (["model.init_std=0"], "model.init_std"),
     ],
 )
 def test_bad_value_names_key(overrides, key):

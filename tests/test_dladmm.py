@@ -12,16 +12,20 @@ problem the residual and L converge; runs are deterministic; digits trains.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import numpy as np
 import pytest
 from helpers import aug, fd_grad, forward_objective, loss, make_problem, sigma, skip_term
 from threadpoolctl import threadpool_limits
 
+from daskadmm import api
 from daskadmm.api import schedule_options
-from daskadmm.config import AlgorithmConfig
+from daskadmm.config import AlgorithmConfig, RunConfig, variant_config
+from daskadmm.data import load_dataset
 from daskadmm.graph import build_window
-from daskadmm.model import get_activation
+from daskadmm.model import Architecture, get_activation, init_weights
 from daskadmm.monitor import Monitor
 from daskadmm.reference import initial_objective, solve
 from daskadmm.schedules import PenaltySchedule
@@ -458,3 +462,256 @@ def test_two_runs_are_bitwise_equal():
         for key in s1:
             np.testing.assert_array_equal(s1[key], s2[key])
     assert [r["objective"] for r in r1.history] == [r["objective"] for r in r2.history]
+
+
+# ---------------------------------------------------------------------------------------------
+# The published variant (algorithm=dladmm_published): the authors' rho/theta rule, their
+# initialisation and their output-layer start
+# ---------------------------------------------------------------------------------------------
+
+def _rises_schedule(rise_count=3, eval_every=1, **kw) -> PenaltySchedule:
+    a = dataclasses.replace(variant_config("dladmm_published").algorithm,
+                            rise_count=rise_count, **kw)
+    return PenaltySchedule(schedule_options(a, RunConfig(eval_every=eval_every)))
+
+
+def authors_rule(costs):
+    """The authors' code (MLP/pytorch_version/main.py), iteration i = 0, 1, ...: after the
+    iteration, ``if i > 2 and cost[i] > cost[i-1] > cost[i-2] > cost[i-3]: rho = min(10 rho,
+    0.1); tau, theta *= 10``. Returns the (rho, theta) in force at the next iteration."""
+    rho, theta, out = 1e-6, 1.0, []
+    for i in range(len(costs)):
+        if i > 2 and costs[i] > costs[i - 1] > costs[i - 2] > costs[i - 3]:
+            rho, theta = min(10 * rho, 0.1), theta * 10
+        out.append((rho, theta))
+    return out
+
+
+COST_SEQUENCES = {
+    "two_rises": [5.0, 6.0, 7.0, 6.5, 6.0],
+    "three_rises": [5.0, 6.0, 7.0, 8.0, 7.0],
+    "rises_broken": [5.0, 6.0, 7.0, 7.0, 8.0, 9.0, 4.0, 5.0, 6.0],
+    "long_rise": [float(x) for x in range(1, 12)],  # rho reaches its cap, theta goes on
+    "nan_breaks": [5.0, 6.0, 7.0, math.nan, 8.0, 9.0, 10.0, 11.0],
+}
+
+
+@pytest.mark.parametrize("name", COST_SEQUENCES)
+def test_rises_schedule_is_the_authors_rule(name):
+    costs = COST_SEQUENCES[name]
+    s = _rises_schedule()
+    assert s.at(1).rho == 1e-6 and s.at(1).backtrack_start == 1.0
+    got = []
+    for k, c in enumerate(costs, start=1):
+        assert s.is_barrier(k)  # every evaluation decides the next iteration's penalties
+        s.observe(k, 0.0, c)
+        pen = s.at(k + 1)
+        got.append((pen.rho, pen.backtrack_start))
+    expected = authors_rule(costs)
+    assert got == expected  # the same products in the same order
+    # a change decided after iteration k (expected[k - 1]) holds from iteration k + 1
+    before = [(1e-6, 1.0), *expected[:-1]]
+    fired = [k + 1 for k in range(1, len(costs) + 1) if expected[k - 1] != before[k - 1]]
+    assert [c[0] for c in s.changes] == fired
+    if name == "two_rises":
+        assert not s.changes
+    if name == "three_rises":
+        assert s.changes == [(5, 10 * 1e-6, 10.0)]  # after iteration 4, not before
+    if name == "long_rise":
+        assert s.at(12).rho == 0.1 and s.at(12).backtrack_start == 1e8
+
+
+def test_rises_schedule_counts_evaluations_only():
+    # eval_every = 2: only the evaluated iterations' losses count, and only they are barriers
+    s = _rises_schedule(eval_every=2)
+    assert [k for k in range(1, 9) if s.is_barrier(k)] == [2, 4, 6, 8]
+    for k, c in zip(range(1, 9), [9.0, 1.0, 0.5, 2.0, 0.1, 3.0, 0.0, 4.0], strict=True):
+        s.observe(k, 0.0, c if k % 2 == 0 else None)
+    assert [c[0] for c in s.changes] == [9]  # rises at 4, 6, 8: the third fires
+    # the primal residual does not move it, nor does a constant schedule see losses
+    c = _rises_schedule(schedule="constant")
+    for k in range(1, 6):
+        c.observe(k, 1.0, float(k))
+    assert not c.changes and c.at(6).rho == 1e-6 and not c.is_barrier(1)
+
+
+def test_adaptive_schedule_also_raises_the_backtracking_start():
+    s = _rises_schedule(schedule="adaptive", adapt_every=1, rho_max=1e-5)
+    for k in range(1, 5):
+        s.observe(k, 1.0)  # the primal residual never falls
+    # rho capped after one raise; the start goes on, as the authors' tau and theta
+    assert s.at(5).rho == pytest.approx(1e-5) and s.at(5).backtrack_start == 1e3
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_rises_schedule_state_round_trips_through_json(split):
+    # what a checkpoint manifest stores: the count of rises and the last loss carry over
+    costs = [5.0, 6.0, 7.0, 8.0, 9.0, 1.0, 2.0, math.nan, 3.0]
+    full = _rises_schedule()
+    first = _rises_schedule()
+    for k, c in enumerate(costs, start=1):
+        full.observe(k, 0.0, c)
+        if k <= split:
+            first.observe(k, 0.0, c)
+    second = _rises_schedule()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for k, c in enumerate(costs[split:], start=split + 1):
+        second.observe(k, 0.0, c)
+    assert json.dumps(second.state_dict()) == json.dumps(full.state_dict())  # NaN included
+    assert second.changes == full.changes and second.at(10) == full.at(10)
+    second.reset()
+    assert second.at(1) == _rises_schedule().at(1) and not second.changes
+
+
+def test_backtracking_starts_at_the_given_start():
+    prob = make_problem(kind="mlp", depth=3)
+    states = random_state(prob)
+    spec = specs_of(prob)[0]
+    A, b = spec.split_bias(states[0]["W"])
+    V, T = prob.X, states[0]["z"]
+    # whatever the last accepted theta: the first trial is the start, then doublings
+    for start in (1e-3, 1e6):
+        _, theta, trials, capped, _ = dl.update_W(A, b, V, T, 0.7, 0.1, 123.0, 60,
+                                                  start=start)
+        assert not capped and theta == start * 2.0 ** (trials - 1)
+    assert dl.update_W(A, b, V, T, 0.7, 0.1, 123.0, 60, start=1e6)[2] == 1
+    a0 = states[0]["a"]
+    A2, b2 = spec.split_bias(states[1]["W"])
+    _, theta, trials, _ = dl.update_a(a0, sigma("relu", states[0]["z"]), A2, b2,
+                                      states[1]["z"], 0.7, None, 0, 0.7, 99.0, 60, start=1e-3)
+    assert trials > 1 and theta == 1e-3 * 2.0 ** (trials - 1)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
+def test_labels_output_init(loss_name):
+    # the authors' start: z_L = +-1 from the one-hot labels (MSE: the targets), u = 0; the
+    # hidden layers forward-consistent; L_rho then holds the output constraint's penalty
+    prob = make_problem(kind="mlp", loss=loss_name, depth=3)
+    sp = get_splitting("dladmm")
+    states = sp.init_state(prob.arch, prob.weights, prob.X, prob.Y,
+                           Options(output_init="labels"))
+    out = states[-1]
+    if loss_name == "cross_entropy":
+        assert set(np.unique(out["z"])) == {-1.0, 1.0}
+        np.testing.assert_array_equal(out["z"] == 1.0, prob.Y == 1.0)
+    else:
+        np.testing.assert_array_equal(out["z"], prob.Y)
+    assert not np.any(out["u"])
+    forward_states = sp.init_state(prob.arch, prob.weights, prob.X, prob.Y)
+    for st, fw in zip(states[:-1], forward_states[:-1], strict=True):
+        for key in st:
+            np.testing.assert_array_equal(st[key], fw[key])
+    L = lagrangian(prob.arch, states, prob.X, prob.Y, PEN)
+    r = out["z"] - prob.weights[-1] @ aug(prob.arch, states[-2]["a"])
+    assert L > forward_objective(prob.arch, prob.weights, prob.X, prob.Y, PEN.lam)
+    assert initial_objective(sp, specs_of(prob), PEN, states, prob.X, prob.Y) == \
+        pytest.approx(L, rel=1e-13)
+    assert 0.5 * PEN.rho * float(np.sum(r * r)) / prob.n > 0
+
+
+def test_normal_init_has_the_given_std():
+    arch = Architecture(kind="mlp", depth=3, d_in=300, width=200, d_out=10, activation="relu")
+    weights = init_weights(arch, np.random.default_rng(0), normal_std=0.1)
+    assert [W.shape for W in weights] == [arch.weight_shape(i) for i in (1, 2, 3)]
+    flat = np.concatenate([W.ravel() for W in weights])
+    # 102,010 draws: the sample std is within ~0.0002 (one standard error) of 0.1
+    assert abs(flat.std() - 0.1) < 1e-3 and abs(flat.mean()) < 1e-3
+    biases = np.concatenate([W[:, -1] for W in weights])
+    assert abs(biases.std() - 0.1) < 0.02  # biases too, not zeros
+    # the default (scaled) initialisation is another one: He for the hidden layers
+    scaled = init_weights(arch, np.random.default_rng(0))
+    assert abs(scaled[0][:, :-1].std() - np.sqrt(2 / 301)) < 2e-3 and not scaled[0][:, -1].any()
+
+
+def _variant_cfg(iterations=6, **algorithm):
+    cfg = variant_config("dladmm_published")
+    for key, value in algorithm.items():
+        setattr(cfg.algorithm, key, value)
+    cfg.data.name, cfg.data.n_samples, cfg.data.n_classes = "synthetic", 120, 3
+    cfg.model.kind, cfg.model.width, cfg.model.depth = "mlp", 6, 4
+    cfg.model.activation = "relu"
+    cfg.run.iterations, cfg.run.progress, cfg.run.stall_iterations = iterations, False, 0
+    cfg.cluster.dashboard_address = "127.0.0.1:0"
+    return cfg
+
+
+def test_variant_starts_from_the_normal_init():
+    cfg = _variant_cfg(iterations=1)
+    cfg.cluster.kind = "reference"
+    ds = load_dataset(cfg.data, seed=cfg.run.seed)
+    res = api.fit(cfg, dataset=ds)
+    arch = api.build_architecture(cfg, ds)
+    w0 = init_weights(arch, np.random.default_rng(cfg.run.seed), normal_std=0.1)
+    assert res.history[0]["train_loss"] == api.evaluator(arch, ds)(w0)["train_loss"]
+    # L_0: the forward network's hidden layers, z_L = +-1 (u = 0) at rho = 1e-6
+    sp, pen = get_splitting("dladmm"), Penalties(rho=1e-6, beta=1.0, tau=1e-3, lam=0.0)
+    states = sp.init_state(arch, w0, ds.X_train, ds.Y_train, Options(output_init="labels"))
+    specs = [BlockSpec(arch, i, ds.n_train, Options()) for i in range(1, 5)]
+    assert res.history[0]["objective"] == pytest.approx(
+        initial_objective(sp, specs, pen, states, ds.X_train, ds.Y_train), rel=1e-14)
+
+
+# rise_count = 1 so that the rule fires within a few iterations on this small problem (the loss
+# rises once, at iteration 2): the schedule's change is part of what must agree
+@pytest.mark.parametrize(("kind", "state", "chunk_size"),
+                         [("synchronous", "memory", 0), ("threads", "memory", 0),
+                          ("threads", "zarr", 0), ("synchronous", "zarr", 35)])
+def test_variant_on_dask_equals_the_reference(kind, state, chunk_size):
+    cfg = _variant_cfg(rise_count=1)
+    ds = load_dataset(cfg.data, seed=0)
+    cfg.cluster.kind = "reference"
+    ref = api.fit(cfg, dataset=ds)
+    assert ref.info["schedule_changes"] == [(3, 10 * 1e-6, 10.0)]
+    cfg.cluster.kind, cfg.run.window, cfg.storage.state = kind, 3, state
+    cfg.storage.chunk_size = chunk_size
+    if state == "zarr":
+        cfg.storage.url = f"memory://test-published-{kind}-{chunk_size}"
+    res = api.fit(cfg, dataset=ds)
+    assert res.info["schedule_changes"] == ref.info["schedule_changes"]
+    assert res.iterations == ref.iterations == 6
+    for a, b in zip(ref.weights, res.weights, strict=True):
+        if chunk_size == 0:
+            assert np.array_equal(a, b)  # one chunk: the same sums in the same order
+        else:
+            assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
+    for ra, rb in zip(ref.history, res.history, strict=True):
+        assert rb["rho"] == ra["rho"]
+        for col in ("objective", "primal_residual", "dual_residual", "train_loss"):
+            assert rb[col] == pytest.approx(ra[col], rel=1e-14 if chunk_size == 0 else 1e-8,
+                                            abs=1e-300)
+
+
+def test_variant_resumes_its_schedule_exactly(tmp_path):
+    # checkpoint at iteration 1, resume to 6: the rise at iteration 2 is only seen against
+    # iteration 1's training loss, which must come back from the checkpoint
+    cfg = _variant_cfg(rise_count=1)
+    cfg.cluster.kind, cfg.storage.chunk_size, cfg.run.checkpoint_every = "threads", 40, 1
+    ds = load_dataset(cfg.data, seed=0)
+    full_cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
+        cfg.storage, url=str(tmp_path / "full.zarr")))
+    full = api.fit(full_cfg, dataset=ds)
+    assert full.info["schedule_changes"] == [(3, 10 * 1e-6, 10.0)]
+    part_cfg = dataclasses.replace(
+        cfg, storage=dataclasses.replace(cfg.storage, url=str(tmp_path / "part.zarr")),
+        run=dataclasses.replace(cfg.run, iterations=1))
+    assert api.fit(part_cfg, dataset=ds).iterations == 1
+    res_cfg = dataclasses.replace(part_cfg, run=dataclasses.replace(cfg.run, resume=True))
+    res = api.fit(res_cfg, dataset=ds)
+    assert res.info["resumed_from"] == 1 and res.iterations == 6
+    assert res.info["schedule_changes"] == full.info["schedule_changes"]
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+def test_eval_every_determines_a_rises_run():
+    # a resume must not change where the rises schedule looks (any other schedule: it may)
+    from daskadmm.storage import changed_determinants, determinants
+
+    cfg = _variant_cfg()
+    other = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_every=5))
+    assert changed_determinants(determinants(cfg.to_dict()), determinants(other.to_dict())) \
+        == ["run.eval_every (1 -> 5)"]
+    for c in (cfg, other):
+        c.algorithm.schedule = "constant"
+    assert not changed_determinants(determinants(cfg.to_dict()), determinants(other.to_dict()))

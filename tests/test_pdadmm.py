@@ -203,7 +203,7 @@ def pipelined(prob, pens, K, options=None):
         def at(self, k):
             return pens(k)
 
-        def observe(self, k, primal):
+        def observe(self, k, primal, train_loss=None):
             pass
 
     monitor = Monitor(iterations=K, eval_every=K, evaluate=lambda w: {})

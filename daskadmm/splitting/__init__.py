@@ -83,8 +83,9 @@ class Step:
 class Splitting:
     """One ADMM formulation: its initial state, its steps and its objective.
 
-    ``init_state(arch, weights, X, Y) -> list[state]`` builds the per-block states of
-    iteration 0 (every step's "output" at iteration 0 is that state);
+    ``init_state(arch, weights, X, Y, options) -> list[state]`` builds the per-block states of
+    iteration 0 (every step's "output" at iteration 0 is that state; ``options``, the run's
+    :class:`Options`, may be None);
     ``block_objective(spec, pen, state, left, Y) -> float`` is block i's share of L, where
     ``left`` is ``objective_left`` of block i-1 (``X`` for block 1).
     """

@@ -38,22 +38,27 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class Penalties:
-    """Penalty parameters in force for one iteration (a schedule may change rho and beta)."""
+    """Penalty parameters in force for one iteration (a schedule may change rho and beta), and
+    dlADMM's first trial curvature of its backtracking searches (``backtrack_start``; None:
+    half the last accepted value; a schedule may change it with rho)."""
 
     rho: float
     beta: float
     tau: float
     lam: float
     nu: float | None = None
+    backtrack_start: float | None = None
 
 
 @dataclass(frozen=True)
 class Options:
-    """Inner-solver options: step rule of linearized steps and every cap."""
+    """Inner-solver options: step rule of linearized steps and every cap; how dlADMM's output
+    layer starts (``output_init``: ``forward`` or ``labels``)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
     newton_max_iter: int = 100
+    output_init: str = "forward"
 
 
 @dataclass(frozen=True)

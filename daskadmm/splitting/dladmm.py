@@ -41,32 +41,64 @@ known curvature, so its quadratic approximation *is* the objective); ``z_l`` is 
 prox (closed form for ReLU and leaky ReLU, safeguarded Newton for smooth activations);
 ``z_L`` is the prox of the loss.
 
-Deviations from the paper and the authors' code, on purpose: every backtracking loop is capped
-(``options.backtrack_max``; on the cap the old value is kept, so no step raises L_rho); the
-backtracking starts from half of the last accepted ``theta`` of the same variable instead of a
-fixed guess (``options.step="lipschitz"`` starts from the exact curvature instead); the
-regulariser ``(lam/2)||W||^2`` (the paper's ``Omega_l``, absent from the authors' code) is kept
-exact inside the W and b steps; the state starts forward-consistent with the dual-consistent
-``u = -n grad l(z_L)`` (the code starts from ``z_L = +-1`` labels and ``u = 0``), so L_rho at
-iteration 0 equals the forward loss plus the regulariser; the loss is the package's mean loss
-with n-scaled penalties (the code's summed cross-entropy with unscaled penalties is the same
-problem times n, so its rho is this rho).
+Against the authors' published runs (github.com/xianggebenben/dlADMM, ``MLP/pytorch_version``;
+the TensorFlow version is the same), each update agrees with their update function to ~2e-15 on
+the same inputs, and the sweep order is theirs (their ``W_1`` is also updated twice in a row,
+backward then forward). The runs differ in settings; ``algorithm=dladmm_published`` (a variant
+of this splitting, :data:`daskadmm.config.ALGORITHM_VARIANTS`) removes the first five:
 
-Further differences from the authors' published runs, which the configuration does not offer
-(yet) as a named variant, so a run here is not theirs step for step even though each update,
-checked against the authors' update functions on the same inputs, agrees to ~2e-15:
+1. **penalty schedule** -- theirs: ``rho = 1e-6``, multiplied by 10 (``min(10 rho, 0.1)``)
+   after each iteration whose training cost (the forward network's mean cross-entropy) rose
+   for the third time in a row (at iteration i > 2, ``cost[i] > cost[i-1] > cost[i-2] >
+   cost[i-3]``; a fourth rise fires again); ``nu = rho``. Default here: constant ``rho = 0.1``
+   (``nu = rho``). Variant: ``schedule=rises`` (:mod:`daskadmm.schedules`), ``rho=1e-6``,
+   ``rho_max=0.1``, ``adapt_factor=10``, ``rise_count=3``; the loss is seen at every
+   evaluation, i.e. every iteration with ``run.eval_every=1`` (the default).
+2. **backtracking start** -- theirs: every W and a search starts at ``theta = tau = 1``,
+   doubles, and forgets the accepted value; both starts are multiplied by 10 with rho (when
+   the hidden width is >= 100, as in their runs; uncapped, also once rho is at 0.1). Default
+   here: half the last accepted ``theta`` of the same variable (first: the mean eigenvalue of
+   the curvature). Variant: ``backtrack_start=1``, multiplied by ``adapt_factor`` whenever the
+   schedule fires (whatever the width). ``theta`` is in the same units as theirs (n-units, see
+   below).
+3. **initial weights** -- theirs: every weight and bias ``N(0, 0.1^2)`` (torch's generator,
+   reseeded with 13 before each tensor, so the tensors' draws are not independent). Default
+   here: the package's He/Glorot-scaled weights with zero biases
+   (:func:`daskadmm.model.init_weights`), the same for every method. Variant:
+   ``model.init=normal`` (``init_std=0.1``; independent draws from ``run.seed``).
+4. **output-layer start** -- theirs: ``z_L = +-1`` (+1 for the true class) and ``u = 0``.
+   Default here: the forward output with the dual-consistent ``u = -n grad l(z_L)``, so L_rho
+   at iteration 0 equals the forward loss plus the regulariser. Variant: ``output_init=labels``
+   (:func:`init_state`).
+5. **regulariser** -- theirs: none. Default here: ``(lam/2)||W||^2`` (the paper's
+   ``Omega_l``), exact inside the W and b steps (``lam = 1e-2``, the dlADMM experiments 1e-3).
+   Variant: ``lam=0``.
 
-- penalties: their runs start from ``rho = 1e-6`` and multiply it by 10 after the training
-  cost rises three times (a data-dependent schedule); here ``rho`` (and ``nu``) follow
-  ``algorithm.schedule`` (constant by default, ``rho = 0.1``);
-- initial weights: theirs are ``N(0, 0.1^2)``; here every method starts from the package's
-  He/Glorot-scaled initialisation (:func:`daskadmm.model.init_weights`), the same for all;
-- backtracking start: theirs starts every search at ``theta = 1``; here from half the last
-  accepted value (above);
-- output layer: their code solves the ``z_L`` subproblem inexactly (a fixed number of FISTA
-  iterations); here it is the prox of the loss solved to convergence
-  (:func:`~daskadmm.splitting.base.prox_output`: closed form for MSE, safeguarded Newton per
-  column for cross-entropy).
+What the variant does not remove:
+
+6. **output-layer solve** -- theirs is inexact: FISTA from the previous ``z_L`` with step 4, at
+   most 500 iterations, stopped when the summed objective changes by less than 1e-3. Here the
+   ``z_L`` subproblem is solved to convergence
+   (:func:`~daskadmm.splitting.base.prox_output`: closed form for MSE, safeguarded Newton per
+   column for cross-entropy). Their stopping test sums over all samples, so on the
+   Zarr-resident engine it would take a reduction per FISTA iteration, and a per-chunk test
+   would make the iterates depend on the chunking.
+7. **capped backtracking** -- theirs loops until the sufficient-decrease test passes (it need
+   not end); here every search is capped (``backtrack_max``; on the cap the old value is kept,
+   so no step raises L_rho). Their test compares function values; here its exact equivalent
+   for a quadratic (:func:`quad_theta`) decides, the same up to rounding.
+8. **precision and numerics** -- theirs: float32; here float64. Their softmax clips ``exp`` at
+   ``exp(88.6)`` and adds 1e-10 to its denominator, and a probability of exactly 0 becomes
+   1e-10 in the log; here a log-sum-exp. At a tie of the two ReLU z candidates theirs keeps the
+   nonpositive one, here the nonnegative one (a measure-zero event).
+9. **data and network** -- theirs: the first 55,000 MNIST training images and the 10,000 test
+   images, pixels in [0, 1], 784-1000-1000-10 ReLU, 200 iterations, full batch. Here the
+   configured data (features standardised) and network; ``experiment=dladmm_mnist_published``
+   runs the variant on 784-256-256-10 on mnist_5k (4,000 / 1,000 images), 200 iterations.
+
+Scaling: the loss is the package's mean loss with n-scaled penalties; the authors' summed
+cross-entropy with unscaled penalties is the same problem times n, so their rho is this rho, and
+their ``theta``, ``tau`` are the n-unit curvatures of :func:`quad_theta`.
 """
 
 from __future__ import annotations
@@ -78,7 +110,7 @@ import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_grad_n, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
-from .base import BlockSpec, Penalties, lambda_max, prox_activation, prox_output
+from .base import BlockSpec, Options, Penalties, lambda_max, prox_activation, prox_output
 
 __all__ = [
     "a_grad",
@@ -146,11 +178,15 @@ def quad_theta(curv: float, sq: float, theta0: float, max_trials: int
     return theta, max_trials, True
 
 
-def _theta0(step: str, last: float, estimate: float, exact: Callable[[], float]) -> float:
-    """First trial curvature: the exact one (``step="lipschitz"``), else half the last accepted
+def _theta0(step: str, last: float, estimate: float, exact: Callable[[], float],
+            start: float | None = None) -> float:
+    """First trial curvature: the exact one (``step="lipschitz"``), else ``start`` when given
+    (the authors' fixed start, ``algorithm.backtrack_start``), else half the last accepted
     value of this variable, else ``estimate`` (a cheap lower bound: the mean eigenvalue)."""
     if step == "lipschitz":
         return exact()
+    if start is not None:
+        return start
     if last > 0:
         return 0.5 * last
     return estimate
@@ -172,8 +208,8 @@ def w_stats(V: Array, T: Array) -> tuple[Array, Array, Array, Array]:
 
 
 def update_W_stats(A: Array, b: Array | None, stats: tuple, kappa: float, nlam: float,
-                   theta0: float | None, max_trials: int, step: str = "backtracking"
-                   ) -> tuple[Array, float, int, bool]:
+                   theta0: float | None, max_trials: int, step: str = "backtracking",
+                   start: float | None = None) -> tuple[Array, float, int, bool]:
     """The W step of :func:`update_W` from :func:`w_stats` (``T 1`` unused here).
 
     ``grad phi = -kappa (T V^T - A V V^T - b (V 1)^T)``; the Hessian of ``phi`` maps ``D`` to
@@ -188,7 +224,7 @@ def update_W_stats(A: Array, b: Array | None, stats: tuple, kappa: float, nlam: 
     curv = kappa * float(np.sum((h @ G) * h))
     sq = float(np.sum(h * h))
     t0 = _theta0(step, 0.0 if theta0 is None else theta0,
-                 kappa * float(np.trace(G)) / G.shape[0], lambda: kappa * lambda_max(G))
+                 kappa * float(np.trace(G)) / G.shape[0], lambda: kappa * lambda_max(G), start)
     theta, trials, capped = quad_theta(curv, sq, t0, max_trials)
     if capped:
         return A, theta, trials, True
@@ -196,8 +232,8 @@ def update_W_stats(A: Array, b: Array | None, stats: tuple, kappa: float, nlam: 
 
 
 def update_W(A: Array, b: Array | None, V: Array, T: Array, kappa: float, nlam: float,
-             theta0: float | None, max_trials: int, step: str = "backtracking"
-             ) -> tuple[Array, float, int, bool, Array]:
+             theta0: float | None, max_trials: int, step: str = "backtracking",
+             start: float | None = None) -> tuple[Array, float, int, bool, Array]:
     """W step (weight matrix ``A``, bias column fixed): quadratic approximation + backtracking.
 
     Notes
@@ -211,13 +247,14 @@ def update_W(A: Array, b: Array | None, V: Array, T: Array, kappa: float, nlam: 
     (rho/2)||r + u/rho||^2 - ||u||^2/(2 rho)``). One step with ``shrink = n lam`` and the
     curvature from :func:`quad_theta`: ``A+ = (theta A^k - grad phi) / (theta + n lam)``.
     ``theta0`` None starts from the mean eigenvalue ``kappa ||V||_F^2 / rows(V)`` of the
-    curvature ``kappa V V^T`` (``step="lipschitz"``: from its largest eigenvalue). Computed from
-    :func:`w_stats` by :func:`update_W_stats` (the chunked engine sums those over chunks).
+    curvature ``kappa V V^T`` (``step="lipschitz"``: from its largest eigenvalue; ``start``
+    given: from ``start``, whatever ``theta0``). Computed from :func:`w_stats` by
+    :func:`update_W_stats` (the chunked engine sums those over chunks).
 
     Returns ``(A+, theta, trials, capped, A+ V)``.
     """
     An, theta, trials, capped = update_W_stats(A, b, w_stats(V, T), kappa, nlam, theta0,
-                                               max_trials, step)
+                                               max_trials, step, start)
     return An, theta, trials, capped, An @ V
 
 
@@ -260,23 +297,24 @@ def shifted_curv(grad: Array, A: Array, c: float, kappa: float) -> tuple[float, 
     return c * sq + kappa * float(np.sum(Ag * Ag)), sq
 
 
-def shifted_theta0(A: Array, c: float, kappa: float, last: float | None, step: str) -> float:
+def shifted_theta0(A: Array, c: float, kappa: float, last: float | None, step: str,
+                   start: float | None = None) -> float:
     """First trial curvature for ``H = c I + kappa A^T A`` (see :func:`_theta0`): its mean
     eigenvalue ``c + kappa ||A||_F^2 / cols(A)``, or its largest."""
     return _theta0(step, 0.0 if last is None else last,
                    c + kappa * float(np.sum(A * A)) / A.shape[1],
-                   lambda: c + kappa * _gram_max(A))
+                   lambda: c + kappa * _gram_max(A), start)
 
 
 def shifted_step(x: Array, grad: Array, A: Array, c: float, kappa: float,
-                 theta0: float | None, max_trials: int, step: str
+                 theta0: float | None, max_trials: int, step: str, start: float | None = None
                  ) -> tuple[Array, float, int, bool]:
     """One gradient step ``x - grad / theta`` on a quadratic with Hessian ``c I + kappa A^T A``,
     ``theta`` from :func:`quad_theta` (on the cap ``x`` is kept). Returns
     ``(x+, theta, trials, capped)``."""
     curv, sq = shifted_curv(grad, A, c, kappa)
-    theta, trials, capped = quad_theta(curv, sq, shifted_theta0(A, c, kappa, theta0, step),
-                                       max_trials)
+    theta, trials, capped = quad_theta(
+        curv, sq, shifted_theta0(A, c, kappa, theta0, step, start), max_trials)
     if capped:
         return x, theta, trials, True
     return x - grad / theta, theta, trials, False
@@ -284,7 +322,8 @@ def shifted_step(x: Array, grad: Array, A: Array, c: float, kappa: float,
 
 def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: float,
              R: Array | None, s_next: int, nu: float, theta0: float | None, max_trials: int,
-             step: str = "backtracking") -> tuple[Array, float, int, bool]:
+             step: str = "backtracking", start: float | None = None
+             ) -> tuple[Array, float, int, bool]:
     """a step (l < L): quadratic approximation + backtracking.
 
     Notes
@@ -301,12 +340,14 @@ def update_a(a: Array, c0: Array, A: Array, b: Array | None, T: Array, kappa: fl
 
     ``a+ = a^k - grad f / theta`` with ``theta`` from :func:`quad_theta` (Hessian
     ``nu (1 + s'^2) I + kappa A^T A``). ``theta0`` None starts from its mean eigenvalue
-    ``nu (1 + s'^2) + kappa ||A||_F^2 / cols(A)`` (``step="lipschitz"``: from its largest).
+    ``nu (1 + s'^2) + kappa ||A||_F^2 / cols(A)`` (``step="lipschitz"``: from its largest;
+    ``start`` given: from ``start``).
 
     Returns ``(a+, theta, trials, capped)``.
     """
     grad = a_grad(a, c0, A, b, T, kappa, R, s_next, nu)
-    return shifted_step(a, grad, A, *a_hessian(kappa, s_next, nu), theta0, max_trials, step)
+    return shifted_step(a, grad, A, *a_hessian(kappa, s_next, nu), theta0, max_trials, step,
+                        start)
 
 
 def update_z(c: Array, m: Array, nu: float, z0: Array, act: Activation, max_iter: int
@@ -398,7 +439,7 @@ def _a_step(spec: BlockSpec, pen: Penalties, a: Array, z: Array, left: Array, ri
     A, b, T, kappa, R = _right_terms(spec, pen, right)
     o = spec.options
     an, th, _, capped = update_a(a, c0, A, b, T, kappa, R, spec.s_next, penalty_nu(pen),
-                                 theta, o.backtrack_max, o.step)
+                                 theta, o.backtrack_max, o.step, pen.backtrack_start)
     return an, th, capped
 
 
@@ -441,7 +482,8 @@ def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
     if b is not None:
         b = update_b(A, ws[2], ws[3], spec.n, kappa, pen.lam)
     A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, spec.n * pen.lam,
-                                       float(own["theta_W"]), o.backtrack_max, o.step)
+                                       float(own["theta_W"]), o.backtrack_max, o.step,
+                                       pen.backtrack_start)
     new["W"] = A if b is None else np.hstack([A, b])
     new["z"], new["theta_W"] = z, np.float64(th_w)
     capped += int(cap_w) + nc
@@ -472,7 +514,8 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
         T, kappa = own["z"], nu
     ws = w_stats(left, T)
     A, th_w, _, cap_w = update_W_stats(A, b, ws, kappa, spec.n * pen.lam,
-                                       float(own["theta_W"]), o.backtrack_max, o.step)
+                                       float(own["theta_W"]), o.backtrack_max, o.step,
+                                       pen.backtrack_start)
     if b is not None:
         b = update_b(A, ws[2], ws[3], spec.n, kappa, pen.lam)
     Z = _plus_bias(A @ left, b)
@@ -500,17 +543,28 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
     return new, stats
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass sets ``z_l``, ``a_l``; ``u = -n grad l(z_L)`` (dual-consistent: ``z_L`` is
     then stationary for its subproblem). Every relaxed penalty and the output constraint are 0,
-    so L_rho equals the forward loss plus the regulariser. Both ``kind`` s are supported."""
+    so L_rho equals the forward loss plus the regulariser. Both ``kind`` s are supported.
+
+    ``options.output_init="labels"`` starts the output layer as the authors' code does:
+    ``z_L = 2Y - 1`` (cross-entropy: +1 for the true class, -1 for the others) or ``z_L = Y``
+    (MSE), and ``u = 0``; L_rho then also holds the output constraint's penalty
+    ``(rho/2n)||z_L - W_L a~_{L-1}||^2``. Every value is column-separable either way."""
     U, V = forward(arch, weights, X)
+    labels = options is not None and options.output_init == "labels"
     states: list[State] = []
     for i in range(1, arch.depth + 1):
         st: State = {"W": weights[i - 1].copy(), "z": U[i - 1], "theta_W": np.float64(0.0)}
         if i < arch.depth:
             st["a"] = V[i]
             st["theta_a"] = np.float64(0.0)
+        elif labels:
+            Yf = np.asarray(Y, dtype=np.float64)
+            st["z"] = 2.0 * Yf - 1.0 if arch.loss == "cross_entropy" else Yf.copy()
+            st["u"] = np.zeros_like(st["z"])
         else:
             st["u"] = -loss_grad_n(arch.loss, U[i - 1], Y)
         states.append(st)

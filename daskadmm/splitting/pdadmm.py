@@ -57,7 +57,7 @@ import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
-from .base import BlockSpec, Penalties, prox_activation, prox_output
+from .base import BlockSpec, Options, Penalties, prox_activation, prox_output
 from .dladmm import (
     _plus_bias,
     penalty_nu,
@@ -306,7 +306,8 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
     return new, stats
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass: ``z_l = W_l p~_l``, ``q_l = s_l p_l + sigma(z_l)``, ``p_{l+1} = q_l``,
     ``u = 0``; nothing pending. Every penalty and constraint is then 0, so L_rho equals the
     forward loss plus the regulariser. Both ``kind`` s are supported."""

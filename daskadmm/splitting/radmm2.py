@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
-from .base import BlockSpec, Penalties, lambda_max, spd_solve
+from .base import BlockSpec, Options, Penalties, lambda_max, spd_solve
 from .radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 
 __all__ = [
@@ -214,7 +214,8 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     return new, stats
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass sets V and ``U_N``; ``Lam_N = -n grad l(U_N)`` so L = forward loss + reg."""
     U, V = forward(arch, weights, X)
     states: list[State] = []

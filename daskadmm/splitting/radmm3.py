@@ -23,6 +23,7 @@ import numpy as np
 from ..model import Architecture, forward, loss_grad_n, loss_value
 from .base import (
     BlockSpec,
+    Options,
     Penalties,
     float_type,
     lambda_max,
@@ -364,7 +365,8 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     return new, stats
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass sets U, V; ``Lam_i = 0`` for i < N and ``Lam_N = -n grad l(U_N)``.
 
     Every constraint then holds, so L equals the forward loss plus the regulariser.

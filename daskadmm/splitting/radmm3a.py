@@ -53,7 +53,7 @@ import numpy as np
 
 from ..model import Architecture
 from . import radmm3
-from .base import BlockSpec, Penalties, spd_solve
+from .base import BlockSpec, Options, Penalties, spd_solve
 
 __all__ = [
     "GAMMA_STEP",
@@ -99,7 +99,8 @@ def backward_step(arch: Architecture, i: int, W_next: Array, Lam_next: Array,
     return gam, gam * arch.act.df(U)
 
 
-def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array) -> list[State]:
+def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
+               options: Options | None = None) -> list[State]:
     """Forward pass for U, V; one backward pass of the true network for ``Lam`` and ``Gam``."""
     states = radmm3.init_state(arch, weights, X, Y)
     for i in range(arch.depth - 1, 0, -1):  # block i is states[i - 1]
