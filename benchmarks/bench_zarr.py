@@ -5,6 +5,8 @@
     python benchmarks/bench_zarr.py --algorithm pdadmm   # radmm3 (default), radmm3l, radmm3a,
                                                          # pdadmm, dladmm
     python benchmarks/bench_zarr.py --quick --algorithm dladmm   # smoke run, small sizes (< 1 min)
+    python benchmarks/bench_zarr.py --only outofcore --width 1000 --depth 4 --n 60000 \
+        --d-in 784 --d-out 10 --iterations 2 --outofcore-chunks 6       # the papers' MNIST shape
 
 Writes ``benchmarks/results/zarr-<timestamp>.json`` for radmm3 (the name it always had) and
 ``zarr-<algorithm>-<timestamp>.json`` for the others. The algorithm takes its penalties from
@@ -197,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--depth", type=int, default=None, help="default 6")
     ap.add_argument("--n", type=int, default=None, help="training samples, default 65536")
     ap.add_argument("--iterations", type=int, default=None, help="default 3")
+    ap.add_argument("--d-in", type=int, default=32,
+                    help="inputs (784 with --width 1000 --n 60000: the dlADMM/pdADMM papers' "
+                    "MNIST shape)")
+    ap.add_argument("--d-out", type=int, default=4, help="outputs (classes)")
     ap.add_argument("--chunks", default=None,
                     help="chunk counts of the memory sweep, default 1,2,4,8,16")
     ap.add_argument("--outofcore-chunks", type=int, default=None,
@@ -220,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     only = set(args.only.split(","))
-    ds = make_problem(args.n)
+    ds = make_problem(args.n, d_in=args.d_in, d_out=args.d_out)
     cfg = make_config(args.algorithm, args.width, args.depth, args.iterations)
     sizes = state_bytes(cfg, ds)
     total = sizes["state"]
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
         "problem": {"algorithm": args.algorithm, "model_kind": cfg.model.kind,
                     "activation": cfg.model.activation, "rho": cfg.algorithm.rho,
                     "width": args.width, "depth": args.depth, "n": args.n,
+                    "d_in": args.d_in, "d_out": args.d_out,
                     "iterations": args.iterations, "state_mb": total / 2**20,
                     "state_slots": sizes["slots"], "live_state_mb": sizes["live"] / 2**20,
                     "data_mb": sizes["data"] / 2**20,

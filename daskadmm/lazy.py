@@ -88,17 +88,21 @@ def fingerprints(arrays: dict[str, Any], chunk_size: int, client=None
     by tasks on the chunks: nothing but the fingerprints reaches the client)."""
     import dask.array as da
 
-    names = sorted(arrays)
-    graphs = []
-    for name in names:
-        a = arrays[name]
-        if not isinstance(a, da.Array):
-            a = da.from_array(np.asarray(a))
-        b = _by_store_chunks(a, chunk_size)
-        graphs.append(b.map_blocks(_fingerprint_block, chunks=((1,), (1,) * len(b.chunks[1])),
-                                   dtype=object))
+    from .storage import chunk_fingerprint, chunk_slices
+
     out = {}
-    for name, fp in zip(names, _compute(client, *graphs), strict=True):
+    lazy, graphs = [], []
+    for name in sorted(arrays):
+        a = arrays[name]
+        if isinstance(a, da.Array):
+            b = _by_store_chunks(a, chunk_size)
+            lazy.append(name)
+            graphs.append(b.map_blocks(_fingerprint_block,
+                                       chunks=((1,), (1,) * len(b.chunks[1])), dtype=object))
+        else:  # in memory already (the targets): fingerprinted here
+            pairs = [chunk_fingerprint(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
+            out[name] = (tuple(a.shape), [p[0] for p in pairs], [p[1] for p in pairs])
+    for name, fp in zip(lazy, _compute(client, *graphs), strict=True):
         pairs = list(fp[0])
         out[name] = (tuple(arrays[name].shape), [p[0] for p in pairs], [int(p[1]) for p in pairs])
     return out

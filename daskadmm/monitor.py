@@ -107,11 +107,14 @@ class Monitor:
     def is_eval(self, k: int) -> bool:
         return k % self.eval_every == 0 or k == self.iterations
 
-    def start(self, objective0: float, weights: list[np.ndarray], rho: float, beta: float) -> None:
+    def start(self, objective0: float, weights: list[np.ndarray], rho: float, beta: float,
+              values: dict[str, float] | None = None) -> None:
+        """Record iteration 0 (``values``: its metrics if computed elsewhere, as in
+        :meth:`record`)."""
         self.objective0 = objective0
         self._last_objective = objective0
         self._last_params = (rho, beta)
-        self.record(0, IterationStats(objective0, 0.0, 0.0, 0), weights, rho, beta)
+        self.record(0, IterationStats(objective0, 0.0, 0.0, 0), weights, rho, beta, values)
         if all(np.all(np.isfinite(W)) for W in weights):
             self.last_good = self._pending
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ClusterConfig, Config
-from .data import Dataset
+from .data import Dataset, lazy_arrays
 from .errors import ClusterError
 from .graph import (
     Node,
@@ -908,7 +908,6 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
     """Run RADMM-3/3L/3A, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
     store (see :mod:`.chunked` and :mod:`.chunked_mlp`); ``client`` as for :func:`run_dask`."""
     from . import chunked, chunked_mlp
-    from .data import lazy_arrays
     from .storage import (
         StateStore,
         StoreError,
@@ -1198,8 +1197,17 @@ class _ZarrCtx(_Ctx):
         mon = self.monitor
         # after a recovery from iteration 0 the row was reported already
         callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)
+        values = None
+        if lazy_arrays(self.ds):
+            # out-of-core data: the metrics of iteration 0 from the store, a chunk at a time
+            # (not a forward pass over the lazy arrays from this process)
+            from .chunked import evaluate_chunks
+
+            values, _ = evaluate_chunks(self.task_url, self.arch, self.ds.task, self.metric,
+                                        tuple(self.slices), tuple(self.test_slices),
+                                        *self.weights)
         try:
-            mon.start(obj, self.weights, pen.rho, pen.beta)
+            mon.start(obj, self.weights, pen.rho, pen.beta, values)
         finally:
             mon.callback = callback
 
