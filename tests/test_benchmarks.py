@@ -487,3 +487,22 @@ def test_store_traffic_of_a_chunk_update():
     assert project.simulate(tasks, 5, net, literals=lits).makespan > project.simulate(
         *project.to_tasks(g, prob, 5, durations, "none")[:1], 5, net,
         literals=lits).makespan
+
+
+def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
+    prob = project.Problem(depth=6, width=4, n=12, chunks=2, d_in=3, d_out=2)
+    m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
+         "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
+         "reduce_per_input": 0.01, "block_stats": 0.001, "iteration_stats": 0.002,
+         "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+    g = project.engine_graph(prob, 2, 2)
+    durations = project.projected_durations(g, prob, m)
+    one = sum(v for k, v in durations.items() if "-k2-" in k)  # (W_1's reduction grows by one
+    # input after iteration 1: X's Gram matrix)
+    assert durations["radmm3_chunk-b5-c1-k1-sim"] == 0.5  # block N-1: its right is the output
+    assert durations["init_chunk-c0-sim"] == pytest.approx(3.0 * 6 / 4)
+    for window in (None, 2):
+        out = project.simulate_admm(prob, m, FREE, (1, 3), window, 4, "none")
+        assert out[1]["seconds_per_iteration"] == pytest.approx(one)
+        assert out[1]["utilisation"] == pytest.approx(1.0)
+        assert out[3]["seconds_per_iteration"] < one
