@@ -321,3 +321,188 @@ def test_quality_benchmark_quick_plan(tmp_path, capsys):
     assert all(r["iterations"] == 3 and 0 <= r["test"] <= 1 for r in rows)
     table = capsys.readouterr().out
     assert "| digits | 4 |" in table and "radmm3a (relu)" in table
+
+
+# ------------------------------------------------------------------ the cluster projection
+
+project = load_benchmark("project_cluster")
+FREE = project.Network(latency=0.0, bandwidth=1e18)
+
+
+def _chain(durations, nbytes=10**6, pin=None):
+    return [project.Task(f"t{i}", (f"t{i - 1}",) if i else (), d, out_bytes=nbytes,
+                         worker=None if pin is None else pin(i))
+            for i, d in enumerate(durations)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_a_chain_takes_the_sum_of_its_durations_on_any_number_of_workers(workers):
+    durations = [0.3, 1.0, 0.2, 2.5, 0.7]
+    net = project.Network(latency=0.01, bandwidth=1e8)
+    s = project.simulate(_chain(durations), workers, net)
+    # Dask's rule keeps each task where its input is: nothing moves
+    assert s.makespan == pytest.approx(sum(durations))
+    assert s.transfers == 0 and len(set(s.worker.values())) == 1
+    # pinned to alternate workers, every edge crosses and pays latency + bytes / bandwidth
+    if workers > 1:
+        s = project.simulate(_chain(durations, pin=lambda i: i % 2), workers, net)
+        assert s.transfers == len(durations) - 1
+        assert s.makespan == pytest.approx(sum(durations) + 4 * (0.01 + 10**6 / 1e8))
+
+
+@pytest.mark.parametrize("n,workers,threads", [(10, 3, 1), (16, 4, 1), (7, 2, 2), (5, 8, 1)])
+def test_independent_equal_tasks_take_ceil_n_over_p_rounds(n, workers, threads):
+    tasks = [project.Task(f"t{i}", (), 1.5) for i in range(n)]
+    s = project.simulate(tasks, workers, FREE, threads=threads)
+    assert s.makespan == pytest.approx(math.ceil(n / (workers * threads)) * 1.5)
+    assert sum(s.busy) == pytest.approx(1.5 * n)
+
+
+def test_a_cross_worker_edge_costs_latency_plus_bytes_over_bandwidth():
+    net = project.Network(latency=0.01, bandwidth=1e9)
+
+    def graph(worker_b):
+        return [project.Task("a", (), 1.0, out_bytes=5 * 10**8, worker=0),
+                project.Task("b", ("a",), 2.0, worker=worker_b)]
+
+    s = project.simulate(graph(1), 2, net)
+    assert s.start["b"] == pytest.approx(1.0 + 0.01 + 0.5)
+    assert s.makespan == pytest.approx(3.51) and s.transfer_bytes == 5 * 10**8
+    assert project.simulate(graph(0), 2, net).makespan == pytest.approx(3.0)
+    # the scheduler's delay comes before each task, after its data is there
+    slow = project.Network(latency=0.01, bandwidth=1e9, overhead=0.1)
+    assert project.simulate(graph(1), 2, slow).start["b"] == pytest.approx(0.1 + 1.51 + 0.1)
+    # two inputs into one worker share its link: one after the other
+    tasks = [project.Task("a0", (), 1.0, out_bytes=10**9, worker=0),
+             project.Task("a1", (), 1.0, out_bytes=10**9, worker=1),
+             project.Task("c", ("a0", "a1"), 1.0, worker=2)]
+    assert project.simulate(tasks, 3, net).start["c"] == pytest.approx(1.0 + 2 * 1.01)
+
+
+def test_store_traffic_and_driver_gates():
+    net = project.Network(latency=0.5, bandwidth=100.0, driver_delay=0.25, submit_cost=0.125)
+    tasks = [project.Task("w", (), 1.0, worker=0),
+             project.Task("r", ("w",), 1.0, worker=1, store_reads=(("w", 100),)),
+             project.Task("s", ("w",), 1.0, worker=0, store_reads=(("w", 100),)),
+             project.Task("io", (), 1.0, worker=2, remote_io=(50, 150)),
+             project.Task("g", (), 1.0, worker=2, gate=("w",))]
+    s = project.simulate(tasks, 3, net)
+    # a store read crosses only from another worker's write; it blocks the thread
+    assert s.finish["r"] - s.start["r"] == pytest.approx(1.0 + 0.5 + 1.0)
+    assert s.finish["s"] - s.start["s"] == pytest.approx(1.0)
+    assert s.finish["io"] - s.start["io"] == pytest.approx(1.0 + 2 * 0.5 + 2.0)
+    # the ungated tasks were submitted one by one; "g" once "w" was done and the driver free
+    assert s.start["w"] == pytest.approx(0.125)
+    assert s.start["g"] == pytest.approx(max(1.125 + 0.25, s.finish["io"]))
+    with pytest.raises(ValueError, match="unknown key"):
+        project.simulate([project.Task("x", ("nope",), 1.0)], 1, net)
+    with pytest.raises(ValueError, match="pinned"):
+        project.simulate([project.Task("x", (), 1.0, worker=3)], 2, net)
+
+
+def test_engine_graph_is_the_runners():
+    """The rebuilt graph has exactly the keys a real run executes (a synchronous run timed by
+    the script's Dask callback), and the runner's placement."""
+    from types import SimpleNamespace
+
+    from daskadmm.runner import _Ctx
+
+    prob = project.Problem(depth=5, width=6, n=50, chunks=3, d_in=4, d_out=3)
+    ds = project.synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=10)
+    cfg = suite.make_config("radmm3", depth=prob.depth, width=prob.width, iterations=5)
+    cfg.cluster.kind = "synchronous"
+    cfg.storage.chunk_size = math.ceil(prob.n / prob.chunks)
+    cfg.run.eval_every = 5
+    timer = project._Timer()
+    with timer.callback:
+        res = api.fit(cfg, dataset=ds)
+    g = project.engine_graph(prob, 5, res.info["window"], res.info["run_id"], eval_iters=[5])
+    assert {n.key for n in g.nodes} == set(timer.seconds) - {
+        k for k in timer.seconds if k.startswith(("data_", "init_weights"))}
+    for N, W in [(5, 2), (8, 3), (4, 7), (128, 64)]:
+        workers = [f"w{i}" for i in range(W)]
+        runner = _Ctx._placement(SimpleNamespace(N=N), workers)
+        assert {b: workers[w] for b, w in project.placement(N, W).items()} == runner
+
+
+def _uniform(g, chunk=1.0):
+    return {n.key: chunk if n.key.startswith("radmm3_chunk") else 0.0 for n in g.nodes}
+
+
+def test_engine_graph_replays_the_wavefront_and_the_window():
+    prob = project.Problem(depth=8, width=4, n=8, chunks=1, d_in=2, d_out=2)
+    rng = np.random.default_rng(0)
+    g = project.engine_graph(prob, 6, 2)
+    durations = {n.key: float(rng.uniform(0.1, 1.0)) for n in g.nodes}
+    tasks, lits = project.to_tasks(g, prob, 1, durations)
+    # one worker and a free network: the whole work, never idle
+    assert project.simulate(tasks, 1, FREE, literals=lits).makespan == pytest.approx(
+        sum(durations.values()))
+
+    def steady(window, workers, iterations=24):
+        g = project.engine_graph(prob, iterations, window)
+        tasks, lits = project.to_tasks(g, prob, workers, _uniform(g))
+        s = project.simulate(tasks, workers, FREE, literals=lits)
+        return project.steady_per_iteration(project.iteration_arrivals(g, s.finish))
+
+    # a block waits for its left neighbour of this iteration and its right neighbour of the
+    # last one: with a block per worker, one iteration every two block updates
+    assert steady(8, 8) == pytest.approx(2.0)
+    assert steady(8, 4) == pytest.approx(2.0)  # two blocks per worker, never both ready
+    # one worker does all eight updates of an iteration (the two-point measure sees the
+    # iterations interleave, hence the tolerance); one iteration in flight: no overlap at all
+    assert steady(8, 1) == pytest.approx(8.0, rel=0.05)
+    assert steady(1, 8) == pytest.approx(8.0) and steady(1, 1) == pytest.approx(8.0)
+
+
+def test_store_traffic_of_a_chunk_update():
+    prob = project.Problem(depth=5, width=8, n=30, chunks=3, d_in=3, d_out=2)
+    g = project.engine_graph(prob, 3, 3)
+    reads, writes = project.store_traffic(prob, "radmm3_chunk-b3-c1-k2-sim", "sim")
+    col = 8 * 10  # float64 x 10 samples of the chunk
+    left, old, right = ("radmm3_chunk-b2-c1-k2-sim", "radmm3_chunk-b3-c1-k1-sim",
+                        "radmm3_chunk-b4-c1-k1-sim")
+    # V_2 of this iteration; U, Lam, V of its own last iteration; U, Lam, V of block 4 (residual)
+    assert sorted(reads) == sorted([(left, 8 * col)] + [(old, 8 * col)] * 3
+                                   + [(right, 8 * col)] * 3)
+    assert writes == [8 * col] * 3
+    reads, writes = project.store_traffic(prob, "radmm3_chunk-b5-c0-k1-sim", "sim")
+    assert (None, 2 * col) in reads and writes == [2 * col] * 2  # output: Y read, no V
+    assert ("init_chunk-c0-sim", 2 * col) in reads
+    # on one worker: a shared store costs every read and write, a node-local one nothing
+    net = project.Network(latency=0.001, bandwidth=1e6)
+    durations = _uniform(g)
+    plain = sum(durations.values())
+    io = 0.0
+    for node in g.nodes:
+        r, w = project.store_traffic(prob, node.key, g.run_id)
+        io += sum(net.cost(b) for b in [*(b for _, b in r), *w])
+    for store, extra in (("none", 0.0), ("local", 0.0), ("shared", io)):
+        tasks, lits = project.to_tasks(g, prob, 1, durations, store)
+        assert project.simulate(tasks, 1, net, literals=lits).makespan == pytest.approx(
+            plain + extra)
+    assert io > 0
+    # across workers the node-local store pays for the neighbours' chunks only
+    tasks, lits = project.to_tasks(g, prob, 5, durations, "local")
+    assert project.simulate(tasks, 5, net, literals=lits).makespan > project.simulate(
+        *project.to_tasks(g, prob, 5, durations, "none")[:1], 5, net,
+        literals=lits).makespan
+
+
+def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
+    prob = project.Problem(depth=6, width=4, n=12, chunks=2, d_in=3, d_out=2)
+    m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
+         "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
+         "reduce_per_input": 0.01, "block_stats": 0.001, "iteration_stats": 0.002,
+         "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+    g = project.engine_graph(prob, 2, 2)
+    durations = project.projected_durations(g, prob, m)
+    one = sum(v for k, v in durations.items() if "-k2-" in k)  # (W_1's reduction grows by one
+    # input after iteration 1: X's Gram matrix)
+    assert durations["radmm3_chunk-b5-c1-k1-sim"] == 0.5  # block N-1: its right is the output
+    assert durations["init_chunk-c0-sim"] == pytest.approx(3.0 * 6 / 4)
+    for window in (None, 2):
+        out = project.simulate_admm(prob, m, FREE, (1, 3), window, 4, "none")
+        assert out[1]["seconds_per_iteration"] == pytest.approx(one)
+        assert out[1]["utilisation"] == pytest.approx(1.0)
+        assert out[3]["seconds_per_iteration"] < one
