@@ -397,7 +397,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     # the runner's start for a fresh store (runner._ZarrCtx.start_nodes)
     for c, sl in enumerate(slices):
         nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
-                          (chunked.ChunkTask(url, sl, c), arch, None, prob.n)))
+                          (chunked.ChunkTask(url, sl, c), "radmm3", arch, None, prob.n)))
     prev: dict[str, str] = {}
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
@@ -420,7 +420,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     stats: dict[int, str] = {}
     evals = set(eval_iters)
     for k in range(1, iterations + 1):
-        wg = build_chunked_window(specs, {k: pen}, k - 1, k, prev, rid, url, slices, False,
+        wg = build_chunked_window(specs, {k: pen}, k - 1, k, prev, rid, url, slices, "radmm3",
                                   [k] if k in evals else [], (arch, "classification",
                                                               "accuracy", (), ()))
         gate = init if k <= window else (stats[k - window],)
