@@ -10,7 +10,8 @@ Every run uses the serial reference engine (every Dask engine gives the same ite
 project's defaults unless a method says otherwise; the metric is that of the network's true
 forward pass on the held-out split (accuracy, or MSE for regression). Methods:
 
-- ``radmm3``: the paper's RADMM-3 at its defaults (``model.activation`` as given by ``--act``);
+- ``radmm3``: the paper's RADMM-3 at its defaults, twice: with tanh (the project default)
+  and with relu;
 - ``radmm3a``: RADMM-3 with multipliers on the activation constraints and a backward-pass
   start (relu);
 - ``adam``: Adam, mini-batch 64, at learning rates 1e-3, 3e-3, 1e-2 (the best of the three per
