@@ -293,6 +293,7 @@ def _preflight(args: Any) -> list[Config]:
 def _check_stores(configs: list[Config]) -> None:
     """Refuse, before anything is written, a ``storage.url`` a job may not use (see
     :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
+    from . import api
     from .runner import preflight_store
 
     seen: dict[str, int] = {}
@@ -304,7 +305,7 @@ def _check_stores(configs: list[Config]) -> None:
                                  f"storage.url={url}: give each job its own store")
             seen[url] = num
         try:
-            preflight_store(cfg)
+            preflight_store(api.engine_options(cfg))
         except StoreError as exc:
             raise UsageError(one_line(exc)) from None
 
