@@ -502,7 +502,7 @@ def _task(dcfg: DictConfig) -> None:
         # a single run has no job number (MISSING): select gives None
         "job": {"name": hc.job.name, "num": OmegaConf.select(cast(DictConfig, hc.job), "num")},
     }
-    write_run_outputs(run_dir, cfg, result, extra=extra)
+    write_run_outputs(run_dir, cfg.to_dict(), result, extra=extra, plot=cfg.run.plot)
     summary = _summary_line(cfg, result, run_dir)
     print(summary, flush=True)
     _to_job_log(logging.INFO, summary)
