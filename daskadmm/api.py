@@ -23,13 +23,15 @@ from .config import (
     validate,
 )
 from .data import Dataset, lazy_arrays, load_dataset
+from .engine_options import EngineOptions
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule, ScheduleOptions
 from .splitting import Options
 
-__all__ = ["build_architecture", "evaluator", "fit", "load_data", "schedule_options", "with_dtype"]
+__all__ = ["build_architecture", "engine_options", "evaluator", "fit", "load_data",
+           "schedule_options", "with_dtype"]
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -56,6 +58,18 @@ def schedule_options(a: AlgorithmConfig, run: RunConfig | None = None) -> Schedu
                            adapt_every=a.adapt_every, adapt_factor=a.adapt_factor,
                            adapt_tol=a.adapt_tol, rise_count=a.rise_count,
                            eval_every=run.eval_every, backtrack_start=a.backtrack_start)
+
+
+def engine_options(cfg: Config) -> EngineOptions:
+    """What the Dask engines read of ``cfg`` (they never see the whole :class:`Config`)."""
+    from .storage import determinants
+
+    r = cfg.run
+    return EngineOptions(algorithm=cfg.algorithm.name, iterations=r.iterations,
+                         window=r.window, checkpoint_every=r.checkpoint_every,
+                         resume=r.resume, dtype=r.dtype, cluster=cfg.cluster,
+                         storage=cfg.storage, config=cfg.to_dict(),
+                         determinants=determinants(cfg.to_dict()))
 
 
 def metric_name(ds: Dataset) -> str:
@@ -151,7 +165,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
     if name not in ADMM_ALGORITHMS:
         from . import baseline  # optional extra (PyTorch)
 
-        result = baseline.fit(cfg, arch, ds, weights0, monitor)
+        result = baseline.fit(cfg.algorithm, arch, ds, weights0, monitor, seed=cfg.run.seed,
+                              dtype=cfg.run.dtype, threads=cfg.cluster.blas_threads)
     else:
         from .splitting import get_splitting
 
@@ -168,13 +183,13 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         elif cfg.storage.state == "zarr" and name in ZARR_ALGORITHMS:
             from .runner import run_zarr
 
-            result = run_zarr(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
-                              run_dir=run_dir, client=client)
+            result = run_zarr(engine_options(cfg), splitting, arch, ds, weights0, schedule,
+                              monitor, options, run_dir=run_dir, client=client)
         else:
             from .runner import run_dask
 
-            result = run_dask(cfg, splitting, arch, ds, weights0, schedule, monitor, options,
-                              run_dir=run_dir, client=client)
+            result = run_dask(engine_options(cfg), splitting, arch, ds, weights0, schedule,
+                              monitor, options, run_dir=run_dir, client=client)
             if cfg.storage.state == "zarr":
                 result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
                                              "Zarr-resident engine supports "

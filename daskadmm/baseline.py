@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import AlgorithmConfig
 from .errors import TorchMissingError
 from .model import Architecture
 from .monitor import IterationStats, Monitor
@@ -139,35 +140,37 @@ def _optimizer(torch, name: str, params: list, a) -> Any:
                      f"baseline, got {name!r}")
 
 
-def fit(cfg, arch: Architecture, ds, weights0: list[np.ndarray], monitor: Monitor) -> Result:
-    """Train ``arch`` from ``weights0`` on ``ds`` with the configured optimiser.
+def fit(a: AlgorithmConfig, arch: Architecture, ds, weights0: list[np.ndarray],
+        monitor: Monitor, *, seed: int = 0, dtype: str = "float64", threads: int = 1) -> Result:
+    """Train ``arch`` from ``weights0`` on ``ds`` with the optimiser of the ``algorithm``
+    section ``a`` (``name``, ``lr``, ``momentum``, ``batch_size``, ``weight_decay``); ``seed``
+    (``run.seed``) seeds the mini-batch order, ``dtype`` (``run.dtype``) is the training
+    precision, and ``threads`` (``cluster.blas_threads``) the number of PyTorch threads.
 
     ``monitor.iterations`` epochs (or until the monitor's stopping rules fire: ``nonfinite``,
     ``diverged``); the monitor records the full objective and the metrics of ``ds`` every
     ``eval_every`` epochs and at the last. Returns a :class:`~daskadmm.result.Result` whose
     ``weights`` have the shapes of ``weights0``.
     """
-    a = cfg.algorithm
     torch = require_torch(a.name)
     if a.name not in OPTIMIZERS:
         raise ValueError(f"algorithm.name must be one of {', '.join(OPTIMIZERS)} for the backprop "
                          f"baseline, got {a.name!r}")
-    threads = max(1, int(getattr(getattr(cfg, "cluster", None), "blas_threads", 1) or 1))
+    threads = max(1, int(threads or 1))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(torch, cfg, arch, ds, weights0, monitor, threads)
+        return _train(torch, a, arch, ds, weights0, monitor, seed, dtype, threads)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(torch, cfg, arch: Architecture, ds, weights0: list[np.ndarray], monitor: Monitor,
-           threads: int) -> Result:
-    a = cfg.algorithm
-    seed = int(cfg.run.seed)
+def _train(torch, a: AlgorithmConfig, arch: Architecture, ds, weights0: list[np.ndarray],
+           monitor: Monitor, seed: int, dtype_name: str, threads: int) -> Result:
+    seed = int(seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    np_dtype = np.dtype(cfg.run.dtype)
+    np_dtype = np.dtype(dtype_name)
     dtype = torch.float32 if np_dtype == np.float32 else torch.float64
     lam = float(a.weight_decay)
 

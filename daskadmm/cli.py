@@ -293,6 +293,7 @@ def _preflight(args: Any) -> list[Config]:
 def _check_stores(configs: list[Config]) -> None:
     """Refuse, before anything is written, a ``storage.url`` a job may not use (see
     :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
+    from . import api
     from .runner import preflight_store
 
     seen: dict[str, int] = {}
@@ -304,7 +305,7 @@ def _check_stores(configs: list[Config]) -> None:
                                  f"storage.url={url}: give each job its own store")
             seen[url] = num
         try:
-            preflight_store(cfg)
+            preflight_store(api.engine_options(cfg))
         except StoreError as exc:
             raise UsageError(one_line(exc)) from None
 
@@ -501,7 +502,7 @@ def _task(dcfg: DictConfig) -> None:
         # a single run has no job number (MISSING): select gives None
         "job": {"name": hc.job.name, "num": OmegaConf.select(cast(DictConfig, hc.job), "num")},
     }
-    write_run_outputs(run_dir, cfg, result, extra=extra)
+    write_run_outputs(run_dir, cfg.to_dict(), result, extra=extra, plot=cfg.run.plot)
     summary = _summary_line(cfg, result, run_dir)
     print(summary, flush=True)
     _to_job_log(logging.INFO, summary)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DataConfig
 from .errors import DataError, one_line
 
 __all__ = [
@@ -167,13 +168,11 @@ def lazy_arrays(ds: Dataset) -> dict[str, object]:
 # entry point
 
 
-def load_dataset(cfg, seed: int = 0) -> Dataset:
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Load the data set that ``cfg`` (a :class:`~daskadmm.config.DataConfig`) names.
 
     The split seed is ``cfg.seed`` if set, else ``seed``. Raises :class:`DataError`.
     """
-    if not hasattr(cfg, "name") and hasattr(cfg, "data"):  # a whole Config
-        cfg = cfg.data
     split_seed = int(cfg.seed if cfg.seed is not None else seed)
     name = cfg.name
     if name == "synthetic":

@@ -2,8 +2,9 @@
 ``convergence.png`` and, for a run on a Dask cluster, ``wavefront.png`` (drawn from the
 ``task-stream.json`` the engine wrote).
 
-No Hydra here: the CLI and the Python API both call :func:`write_run_outputs` with a typed
-:class:`~daskadmm.config.Config` and a :class:`~daskadmm.result.Result`.
+No Hydra here, and no :class:`~daskadmm.config.Config`: the CLI calls :func:`write_run_outputs`
+with the run's configuration as a plain dict (``Config.to_dict()``, what ``summary.json`` keeps),
+its ``run.plot`` flag and the :class:`~daskadmm.result.Result`.
 """
 
 from __future__ import annotations
@@ -180,11 +181,12 @@ def _host() -> dict[str, Any]:
 
 def write_summary(
     path: str | os.PathLike[str],
-    cfg: Any,
+    config: Mapping[str, Any],
     result: Result,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``summary.json``: config, outcome, final metrics, versions, host, ``result.info``.
+    """Write ``summary.json``: ``config`` (the run's configuration as a plain dict), outcome,
+    final metrics, versions, host, ``result.info``.
 
     The file is strict JSON (non-finite numbers are written as ``null``).
     """
@@ -202,7 +204,7 @@ def write_summary(
         "final": {k: final.get(k) for k in _FINAL_KEYS},
         "evaluations": len(result.history),
         "architecture": dataclasses.asdict(result.arch),
-        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
+        "config": dict(config),
         "versions": library_versions(),
         "host": _host(),
         "info": result.info,
@@ -390,11 +392,14 @@ def plot_wavefront(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any
 
 def write_run_outputs(
     run_dir: str | os.PathLike[str],
-    cfg: Any,
+    config: Mapping[str, Any],
     result: Result,
     extra: Mapping[str, Any] | None = None,
+    *,
+    plot: bool = True,
 ) -> dict[str, Path]:
-    """Write ``metrics.csv``, ``weights.npz``, ``summary.json`` and then (if ``cfg.run.plot``)
+    """Write ``metrics.csv``, ``weights.npz``, ``summary.json`` (with ``config``, the run's
+    configuration as a plain dict) and then (if ``plot``, the run's ``run.plot``)
     ``convergence.png`` and, where the run left a task stream, ``wavefront.png`` into
     ``run_dir``; return the paths written by name. A failing plot is a warning on stderr: the
     results are written first."""
@@ -404,8 +409,8 @@ def write_run_outputs(
         "metrics": write_metrics_csv(run_dir / METRICS_FILE, result.history),
         "weights": save_weights(run_dir / WEIGHTS_FILE, result),
     }
-    paths["summary"] = write_summary(run_dir / SUMMARY_FILE, cfg, result, extra)
-    if cfg.run.plot:  # optional: written after the results, and its failure costs nothing
+    paths["summary"] = write_summary(run_dir / SUMMARY_FILE, config, result, extra)
+    if plot:  # optional: written after the results, and its failure costs nothing
         try:
             paths["plot"] = plot_convergence(run_dir / PLOT_FILE, result.history, result.metric)
         except Exception as exc:

@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ClusterConfig, Config
+from .config import ClusterConfig
 from .data import Dataset, lazy_arrays
+from .engine_options import EngineOptions
 from .errors import ClusterError
 from .graph import (
     Node,
@@ -298,29 +299,29 @@ def _window_end(k: int, window: int, K: int, schedule: PenaltySchedule) -> int:
     return end
 
 
-def _setup(cfg: Config, arch: Architecture, ds: Dataset, options: Options):
+def _setup(opts: EngineOptions, arch: Architecture, ds: Dataset, options: Options):
     """What every Dask engine starts from: n, the block specs, the window, a fresh run id."""
     n = ds.X_train.shape[1]
     specs = [BlockSpec(arch, i, n, options) for i in range(1, arch.depth + 1)]
-    return n, specs, cfg.run.window or default_window(arch.depth), uuid.uuid4().hex[:8]
+    return n, specs, opts.window or default_window(arch.depth), uuid.uuid4().hex[:8]
 
 
-def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
+def run_dask(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run the ADMM iterations on the configured Dask scheduler (``client``: an existing
     distributed client to run on instead of starting a cluster)."""
     from .reference import initial_objective
 
-    n, specs, window, run_id = _setup(cfg, arch, ds, options)
+    n, specs, window, run_id = _setup(opts, arch, ds, options)
     states = splitting.init_state(arch, weights0, ds.X_train, ds.Y_train, options)
     pen1 = schedule.at(1)
     monitor.start(initial_objective(splitting, specs, pen1, states, ds.X_train, ds.Y_train),
                   [s["W"] for s in states], pen1.rho, pen1.beta)
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = _Ctx(cfg, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
-    ctx.client = resolve_client(cfg.cluster, client)
-    if ctx.client is None and cfg.cluster.kind in ("synchronous", "threads"):
+    ctx = _Ctx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx.client = resolve_client(opts.cluster, client)
+    if ctx.client is None and opts.cluster.kind in ("synchronous", "threads"):
         result = ctx.run_local_scheduler(states)
     else:
         result = ctx.run_distributed(states, run_dir)
@@ -328,12 +329,12 @@ def run_dask(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 
 
 class _Ctx:
-    def __init__(self, cfg, splitting, arch, ds, specs, schedule, monitor, window, run_id,
-                 metric):
-        self.cfg, self.splitting, self.arch, self.ds = cfg, splitting, arch, ds
+    def __init__(self, opts: EngineOptions, splitting, arch, ds, specs, schedule, monitor,
+                 window, run_id, metric):
+        self.opts, self.splitting, self.arch, self.ds = opts, splitting, arch, ds
         self.specs, self.schedule, self.monitor = specs, schedule, monitor
         self.window, self.run_id, self.metric = window, run_id, metric
-        self.K = cfg.run.iterations
+        self.K = opts.iterations
         self.N = arch.depth
         self.n = ds.X_train.shape[1]
         self.tasks_run = 0
@@ -372,7 +373,7 @@ class _Ctx:
         return self.monitor.check(rec)
 
     def result(self, status: str, k: int, info: dict[str, Any]) -> Result:
-        info = {"engine": "dask", "cluster": self.cfg.cluster.kind, "window": self.window,
+        info = {"engine": "dask", "cluster": self.opts.cluster.kind, "window": self.window,
                 "run_id": self.run_id, "objective_increases": len(self.monitor.increases),
                 "steady_seconds_per_iteration": self.monitor.steady_seconds_per_iteration(),
                 "inner_solver_caps_hit": self.monitor.capped_total,
@@ -395,8 +396,8 @@ class _Ctx:
         import dask
         import dask.threaded
 
-        scheduler = "sync" if self.cfg.cluster.kind == "synchronous" else "threads"
-        workers = self.cfg.cluster.n_workers * self.cfg.cluster.threads_per_worker
+        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
+        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
         literals = self.literals(states)
         prev = self.init_keys()
         self.weights = [s["W"] for s in states]
@@ -460,7 +461,7 @@ class _Ctx:
                 lost = type(exc).__name__
             self.recoveries += 1
             if self.recoveries > MAX_RECOVERIES:
-                raise ClusterError(_lost_worker_message(self.cfg, lost))
+                raise ClusterError(_lost_worker_message(self.opts, lost))
             self._quiesce(client)
             workers = self._wait_for_workers(client, len(workers))
             self.old_run_ids.append(self.run_id)
@@ -514,7 +515,7 @@ class _Ctx:
         except ClusterError:
             raise
         except Exception as exc:
-            raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+            raise ClusterError(_lost_scheduler_message(self.opts, exc)) from None
 
     def monitor_snapshot(self) -> dict[str, Any]:
         import copy
@@ -555,7 +556,7 @@ class _Ctx:
             except ClusterError:
                 raise
             except Exception as exc:  # the scheduler went too (or first)
-                raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+                raise ClusterError(_lost_scheduler_message(self.opts, exc)) from None
             if not busy:
                 return
             if time.time() > deadline:
@@ -571,7 +572,7 @@ class _Ctx:
         from distributed import KilledWorker, get_task_stream, performance_report
         from distributed.client import FutureCancelledError
 
-        with connect(self.cfg.cluster, self.client) as client:
+        with connect(self.opts.cluster, self.client) as client:
             dashboard = client.dashboard_link
             _say(f"Dask dashboard: {dashboard}")
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -588,11 +589,11 @@ class _Ctx:
                 raise
             except (FutureCancelledError, KilledWorker) as exc:
                 if _scheduler_lost(client, exc):
-                    raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
-                raise ClusterError(_lost_worker_message(self.cfg, exc)) from None
+                    raise ClusterError(_lost_scheduler_message(self.opts, exc)) from None
+                raise ClusterError(_lost_worker_message(self.opts, exc)) from None
             except Exception as exc:
                 if _scheduler_lost(client, exc):
-                    raise ClusterError(_lost_scheduler_message(self.cfg, exc)) from None
+                    raise ClusterError(_lost_scheduler_message(self.opts, exc)) from None
                 raise
             finally:
                 if perf is not None:
@@ -754,21 +755,21 @@ def _scheduler_lost(client, exc: BaseException) -> bool:
     return False
 
 
-def _lost_scheduler_message(cfg: Config, exc: BaseException) -> str:
-    where = cfg.cluster.address if cfg.cluster.kind == "address" else "the local cluster"
+def _lost_scheduler_message(opts: EngineOptions, exc: BaseException) -> str:
+    where = opts.cluster.address if opts.cluster.kind == "address" else "the local cluster"
     hint = ""
-    if cfg.run.checkpoint_every and cfg.storage.url:
+    if opts.checkpoint_every and opts.storage.url:
         hint = f": continue from the last checkpoint with run.resume=true " \
-               f"storage.url={cfg.storage.url}"
+               f"storage.url={opts.storage.url}"
     return f"lost the Dask scheduler at {where} mid-run ({type(exc).__name__}){hint}"
 
 
-def _lost_worker_message(cfg: Config, exc: BaseException | str) -> str:
+def _lost_worker_message(opts: EngineOptions, exc: BaseException | str) -> str:
     what = exc if isinstance(exc, str) else type(exc).__name__
     hint = "raise cluster.memory_limit or lower storage.chunk_size"
-    if cfg.run.checkpoint_every and cfg.storage.url:
+    if opts.checkpoint_every and opts.storage.url:
         hint += f"; continue from the last checkpoint with run.resume=true " \
-                f"storage.url={cfg.storage.url}"
+                f"storage.url={opts.storage.url}"
     return (f"a Dask worker was lost mid-run (killed for memory or crashed; "
             f"{what}): {hint}")
 
@@ -820,24 +821,23 @@ def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, 
 
 
 
-def store_url(cfg: Config, run_dir: Path | None) -> str:
-    if cfg.storage.url:
-        return cfg.storage.url
+def store_url(opts: EngineOptions, run_dir: Path | None) -> str:
+    if opts.storage.url:
+        return opts.storage.url
     if run_dir is None:
         return f"memory://daskadmm-{uuid.uuid4().hex}"
     return str(run_dir / "state.zarr")
 
 
-def _store_meta(cfg: Config, arch: Architecture, digest: str, n: int, slices
+def _store_meta(opts: EngineOptions, arch: Architecture, digest: str, n: int, slices
                 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .storage import _jsonable, determinants
+    from .storage import _jsonable
 
-    cfg_dict = cfg.to_dict()
-    return {"config": _jsonable(cfg_dict), "determinants": determinants(cfg_dict),
-            "data_sha256": digest, "algorithm": cfg.algorithm.name,
-            "arch": asdict(arch), "n": n, "chunk_size": cfg.storage.chunk_size,
+    return {"config": _jsonable(opts.config), "determinants": opts.determinants,
+            "data_sha256": digest, "algorithm": opts.algorithm,
+            "arch": asdict(arch), "n": n, "chunk_size": opts.storage.chunk_size,
             "n_chunks": len(slices)}
 
 
@@ -845,7 +845,7 @@ def _data_arrays(ds: Dataset) -> dict[str, np.ndarray]:
     return {"X": ds.X_train, "Y": ds.Y_train, "X_test": ds.X_test, "Y_test": ds.Y_test}
 
 
-def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
+def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str, Any],
                      layout: list[dict[str, tuple]]):
     """Open the store to resume and verify it before any cluster starts: the same problem
     (every setting that determines the iterates, the same data), an intact checkpoint (every
@@ -855,7 +855,7 @@ def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
 
     # everything is checked on a read-only view first: a refused resume changes nothing
     probe = StateStore.open(url, mode="check")
-    probe.check_lock(cfg.storage.break_lock)
+    probe.check_lock(opts.storage.break_lock)
     attrs = probe.attrs
     if attrs.get("state_dropped"):
         raise StoreError(f"cannot resume {url}: it holds only the final model of a finished run "
@@ -877,7 +877,7 @@ def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
         probe.verify_checkpoint(layout)
     if attrs.get("ready"):
         probe.verify_data()
-    store = StateStore.open(url, owner=run_id, break_lock=cfg.storage.break_lock)
+    store = StateStore.open(url, owner=run_id, break_lock=opts.storage.break_lock)
     if store.broken_lock is not None:
         bl = store.broken_lock
         _say(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
@@ -885,24 +885,24 @@ def _open_for_resume(cfg: Config, url: str, run_id: str, meta: dict[str, Any],
     return store, cp
 
 
-def preflight_store(cfg: Config) -> None:
+def preflight_store(opts: EngineOptions) -> None:
     """The checks of the state store that need no data and write nothing (the CLI runs them
     before Hydra creates a run directory): a fresh run's ``storage.url`` must be new, empty
     or (``storage.overwrite``) a daskadmm store; a resumed one must be a usable store."""
     from .config import ZARR_ALGORITHMS
     from .storage import StateStore
 
-    url = cfg.storage.url
-    if not url or cfg.cluster.kind == "reference" or cfg.storage.state != "zarr" or \
-            cfg.algorithm.name not in ZARR_ALGORITHMS:
+    url = opts.storage.url
+    if not url or opts.cluster.kind == "reference" or opts.storage.state != "zarr" or \
+            opts.algorithm not in ZARR_ALGORITHMS:
         return
-    if cfg.run.resume:
-        StateStore.open(url, mode="check").check_lock(cfg.storage.break_lock)
+    if opts.resume:
+        StateStore.open(url, mode="check").check_lock(opts.storage.break_lock)
     else:
-        StateStore.check_new(url, overwrite=cfg.storage.overwrite)
+        StateStore.check_new(url, overwrite=opts.storage.overwrite)
 
 
-def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
+def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run RADMM-3/3L/3A, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
@@ -917,10 +917,10 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         dataset_meta,
     )
 
-    n, specs, window, run_id = _setup(cfg, arch, ds, options)
-    url = store_url(cfg, run_dir)
-    slices = chunk_slices(n, cfg.storage.chunk_size)
-    test_slices = chunk_slices(ds.X_test.shape[1], cfg.storage.chunk_size)
+    n, specs, window, run_id = _setup(opts, arch, ds, options)
+    url = store_url(opts, run_dir)
+    slices = chunk_slices(n, opts.storage.chunk_size)
+    test_slices = chunk_slices(ds.X_test.shape[1], opts.storage.chunk_size)
     mlp = splitting.name in chunked_mlp.ALGORITHMS
     lay = (chunked_mlp if mlp else chunked).layout(splitting.name, arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
@@ -928,7 +928,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
                if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
               for i, block in enumerate(lay, start=1)]
     scratch = None
-    client = resolve_client(cfg.cluster, client)
+    client = resolve_client(opts.cluster, client)
     data = _data_arrays(ds)
     lazy = lazy_arrays(ds)
     data_sums = None
@@ -936,13 +936,13 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
         # out-of-core input: fingerprinted (and later written) chunk by chunk by Dask tasks
         from .lazy import fingerprints
 
-        fps = fingerprints(data, cfg.storage.chunk_size, client)
+        fps = fingerprints(data, opts.storage.chunk_size, client)
         digest = combine_digest({k: (shape, shas) for k, (shape, shas, _) in fps.items()})
         data_sums = {k: crcs for k, (_, _, crcs) in fps.items()}
     else:
-        digest = data_digest(data, cfg.storage.chunk_size)
-    meta = _store_meta(cfg, arch, digest, n, slices)
-    if cfg.cluster.kind == "local" and not cfg.storage.url and run_dir is None and \
+        digest = data_digest(data, opts.storage.chunk_size)
+    meta = _store_meta(opts, arch, digest, n, slices)
+    if opts.cluster.kind == "local" and not opts.storage.url and run_dir is None and \
             (client is None or client_is_local(client)):
         # the Python API with no run directory: the worker processes of this machine share a
         # scratch directory, removed at the end (the result carries the weights)
@@ -950,31 +950,31 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
 
         scratch = tempfile.mkdtemp(prefix="daskadmm-")
         url = str(Path(scratch) / "state.zarr")
-    if (client is not None or cfg.cluster.kind in ("local", "address")) and \
+    if (client is not None or opts.cluster.kind in ("local", "address")) and \
             url.startswith("memory://"):
-        where = "storage.url" if cfg.storage.url else "run_dir or storage.url"
+        where = "storage.url" if opts.storage.url else "run_dir or storage.url"
         raise StoreError(f"the state store {url} would live in this process only: pass "
                          f"{where} (a path every Dask worker can reach)")
     try:
         created = False
-        if cfg.run.resume:
-            store, cp = _open_for_resume(cfg, url, run_id, meta, ck_lay)
+        if opts.resume:
+            store, cp = _open_for_resume(opts, url, run_id, meta, ck_lay)
         else:
             store = StateStore.create(url, meta=meta, owner=run_id,
-                                      overwrite=cfg.storage.overwrite)
+                                      overwrite=opts.storage.overwrite)
             cp, created = None, True
         if not store.attrs.get("ready"):
             # a new store, or one whose run was killed while it was being made
             if data_sums is not None:
                 from .lazy import write_data
 
-                write_data(store, data, cfg.storage.chunk_size, cfg.storage.compressor,
+                write_data(store, data, opts.storage.chunk_size, opts.storage.compressor,
                            data_sums, client)
             else:
-                store.write_data(data, cfg.storage.chunk_size, cfg.storage.compressor)
-            store.create_state(lay, n, cfg.storage.chunk_size, cfg.storage.compressor,
+                store.write_data(data, opts.storage.chunk_size, opts.storage.compressor)
+            store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
                                chunked_mlp.slots(splitting.name) if mlp else 2,
-                               dtype=cfg.run.dtype)
+                               dtype=opts.dtype)
             store.set_attrs({"ready": True})
     except BaseException:
         if "store" in locals():
@@ -985,29 +985,29 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(cfg, splitting, arch, ds, specs, schedule, monitor,
+    ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(opts, splitting, arch, ds, specs, schedule, monitor,
                                              window, run_id, metric)
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.task_url = store.ref
     ctx.manifest = cp
     ctx.ck_layout = ck_lay
-    ctx.resumed_from = ((cp["iteration"] if cp else 0) if cfg.run.resume else None)
+    ctx.resumed_from = ((cp["iteration"] if cp else 0) if opts.resume else None)
     ctx.recoveries = 0
     ctx.client = client
     status = "failed"
     ok = False
     try:
-        if client is None and cfg.cluster.kind in ("synchronous", "threads"):
+        if client is None and opts.cluster.kind in ("synchronous", "threads"):
             result = ctx.run_local(weights0)
         else:
             result = ctx.run_distributed_zarr(weights0, run_dir)
         status = result.status
         monitor.keep_good(result)
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
-        keep = cfg.storage.keep_state
+        keep = opts.storage.keep_state
         if keep is None:
-            keep = bool(cfg.run.checkpoint_every or cfg.run.resume)
+            keep = bool(opts.checkpoint_every or opts.resume)
         if not keep and scratch is None and result.status in ("max_iter", "converged"):
             store.drop_state()  # a finished run nobody will resume: keep only the model
             result.info["state_kept"] = False
@@ -1021,7 +1021,7 @@ def run_zarr(cfg: Config, splitting: Splitting, arch: Architecture, ds: Dataset,
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)  # made by this run, for this run
-        if not ok and created and not cfg.storage.url and not store.holds_results():
+        if not ok and created and not opts.storage.url and not store.holds_results():
             # a run that failed before its first checkpoint leaves no half-made store in its
             # own run directory (it made it; nothing in it can be resumed beyond iteration 0)
             import shutil
@@ -1216,8 +1216,8 @@ class _ZarrCtx(_Ctx):
         import dask
         import dask.threaded
 
-        scheduler = "sync" if self.cfg.cluster.kind == "synchronous" else "threads"
-        workers = self.cfg.cluster.n_workers * self.cfg.cluster.threads_per_worker
+        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
+        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
 
         def get(dsk, keys):
             if scheduler == "sync":
@@ -1280,7 +1280,7 @@ class _ZarrCtx(_Ctx):
             all(np.all(np.isfinite(W)) for W in small)
 
     def _is_ckpt(self, k: int) -> bool:
-        every = self.cfg.run.checkpoint_every
+        every = self.opts.checkpoint_every
         return bool(every) and k % every == 0
 
     def _ckpt_end(self, k: int, end: int) -> int:
@@ -1321,7 +1321,7 @@ class _ZarrCtx(_Ctx):
             if self.recoveries > MAX_RECOVERIES:
                 raise ClusterError(f"Dask workers were lost {self.recoveries} times in this "
                                    f"run ({lost}): giving up; "
-                                   + _lost_worker_message(self.cfg, lost).split(": ", 1)[1])
+                                   + _lost_worker_message(self.opts, lost).split(": ", 1)[1])
             self._quiesce(client)
             workers = self._wait_for_workers(client, len(self._workers0))
             self._rewind()

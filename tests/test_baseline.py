@@ -73,7 +73,8 @@ def run_baseline(cfg: Config, arch: Architecture, ds: Dataset,
                  weights0: list[np.ndarray]) -> Result:
     monitor = Monitor(iterations=cfg.run.iterations, eval_every=cfg.run.eval_every,
                       evaluate=evaluator(arch, ds))
-    return baseline.fit(cfg, arch, ds, [W.copy() for W in weights0], monitor)
+    return baseline.fit(cfg.algorithm, arch, ds, [W.copy() for W in weights0], monitor,
+                        seed=cfg.run.seed, dtype=cfg.run.dtype)
 
 
 def numpy_objective(arch, weights, X, Y, lam):
@@ -179,7 +180,7 @@ def test_weights_not_modified_in_place():
     copy = [W.copy() for W in weights0]
     ds = make_dataset(arch)
     monitor = Monitor(iterations=3, eval_every=1, evaluate=evaluator(arch, ds))
-    baseline.fit(make_cfg("adam", lr=1e-2, iterations=3), arch, ds, weights0, monitor)
+    baseline.fit(make_cfg("adam", lr=1e-2, iterations=3).algorithm, arch, ds, weights0, monitor)
     for a, b in zip(weights0, copy, strict=True):
         np.testing.assert_array_equal(a, b)
 

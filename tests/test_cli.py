@@ -62,8 +62,10 @@ FAKE_API = textwrap.dedent(
                       weights=weights, arch=arch, metric="accuracy", history=history,
                       wall_time=time.perf_counter() - t0, info={"load_calls": CALLS["load_data"]})
 
+    from daskadmm.api import engine_options  # the real one: the CLI's store checks use it
+
     mod = types.ModuleType("daskadmm.api")
-    mod.load_data, mod.fit = load_data, fit
+    mod.load_data, mod.fit, mod.engine_options = load_data, fit, engine_options
     sys.modules["daskadmm.api"] = mod
     import daskadmm
     daskadmm.api = mod

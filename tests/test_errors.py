@@ -124,4 +124,5 @@ def test_missing_torch_message(monkeypatch):
     cfg.run.eval_every = 1
     monitor = Monitor(iterations=1, eval_every=1, evaluate=evaluator(arch, ds))
     with pytest.raises(baseline.TorchMissingError, match="algorithm=sgd needs PyTorch"):
-        baseline.fit(cfg, arch, ds, init_weights(arch, np.random.default_rng(0)), monitor)
+        baseline.fit(cfg.algorithm, arch, ds, init_weights(arch, np.random.default_rng(0)),
+                     monitor)

@@ -90,7 +90,8 @@ def test_metrics_writer_streams(tmp_path):
 
 def test_summary_strict_json(tmp_path):
     result = make_result(make_history(3, nan=True))
-    path = write_summary(tmp_path / "summary.json", Config(), result, extra={"run_dir": tmp_path})
+    path = write_summary(tmp_path / "summary.json", Config().to_dict(), result,
+                         extra={"run_dir": tmp_path})
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
@@ -116,7 +117,7 @@ def test_summary_strict_json(tmp_path):
 
 def test_summary_empty_history(tmp_path):
     result = make_result([])
-    summary = json.loads(write_summary(tmp_path / "s.json", Config(), result).read_text())
+    summary = json.loads(write_summary(tmp_path / "s.json", Config().to_dict(), result).read_text())
     assert summary["train_metric"] is None
 
 
@@ -159,10 +160,8 @@ def test_plot_single_record_and_all_nan(tmp_path):
 
 @pytest.mark.parametrize("plot", [True, False])
 def test_write_run_outputs(tmp_path, plot):
-    cfg = Config()
-    cfg.run.plot = plot
     run_dir = tmp_path / "run"
-    paths = write_run_outputs(run_dir, cfg, make_result())
+    paths = write_run_outputs(run_dir, Config().to_dict(), make_result(), plot=plot)
     names = {p.name for p in run_dir.iterdir()}
     expected = {"metrics.csv", "summary.json", "weights.npz"}
     expected |= {"convergence.png"} if plot else set()
@@ -177,9 +176,8 @@ def test_a_failing_plot_costs_no_result(tmp_path, monkeypatch, capsys):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(outputs, "plot_convergence", broken)
-    cfg = Config()
     run_dir = tmp_path / "run"
-    paths = write_run_outputs(run_dir, cfg, make_result())
+    paths = write_run_outputs(run_dir, Config().to_dict(), make_result())
     assert set(paths) == {"metrics", "summary", "weights"}
     assert {p.name for p in run_dir.iterdir()} == {"metrics.csv", "summary.json", "weights.npz"}
     assert "convergence plot failed (RuntimeError: no fonts)" in capsys.readouterr().err
@@ -228,7 +226,7 @@ def test_run_outputs_draw_the_wavefront_from_the_task_stream(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "task-stream.json").write_text(json.dumps(_stream()))
-    paths = write_run_outputs(run_dir, Config(), make_result())
+    paths = write_run_outputs(run_dir, Config().to_dict(), make_result())
     assert paths["wavefront"].name == "wavefront.png"
     assert (run_dir / "wavefront.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -237,6 +235,6 @@ def test_run_outputs_draw_the_wavefront_from_the_task_stream(tmp_path, monkeypat
 
     monkeypatch.setattr(outputs, "plot_wavefront", broken)
     (run_dir / "wavefront.png").unlink()
-    paths = write_run_outputs(run_dir, Config(), make_result())
+    paths = write_run_outputs(run_dir, Config().to_dict(), make_result())
     assert "wavefront" not in paths and {"metrics", "summary", "weights"} <= set(paths)
     assert "wavefront plot failed (RuntimeError: no fonts)" in capsys.readouterr().err

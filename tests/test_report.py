@@ -237,7 +237,7 @@ def test_with_real_run_outputs(tmp_path):
     cfg.run.iterations = 5
     cfg.run.plot = False
     result = fit(cfg)
-    write_run_outputs(tmp_path / "run", cfg, result)
+    write_run_outputs(tmp_path / "run", cfg.to_dict(), result, plot=cfg.run.plot)
     run = report.load_run(tmp_path / "run")
     assert (run.algorithm, run.data, run.depth, run.width) == ("adam", "synthetic", 3, 8)
     assert run.metric == "accuracy" and run.status == "max_iter" and run.iterations == 5

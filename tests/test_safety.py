@@ -316,8 +316,8 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
 
     arch = api.build_architecture(cfg, ds)
     digest = data_digest(_data_arrays(ds), cfg.storage.chunk_size)
-    meta = _store_meta(_with(cfg, storage={"url": url}), arch, digest, ds.n_train,
-                       chunk_slices(ds.n_train, 30))
+    meta = _store_meta(api.engine_options(_with(cfg, storage={"url": url})), arch, digest,
+                       ds.n_train, chunk_slices(ds.n_train, 30))
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
         store.write_data(_data_arrays(ds), 30)
