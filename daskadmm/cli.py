@@ -25,6 +25,7 @@ it holds nothing but what Hydra created for this run, then exits the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, from_mapping
+from .config import AlgorithmConfig, Config, from_mapping
 from .errors import ClusterError, ConfigError, DataError, StoreError, UsageError, one_line
 from .monitor import FAILED
 
@@ -147,7 +148,11 @@ def register_schema() -> None:
     ``daskadmm.conf`` (which Hydra does to read the configs) calls this, so the config
     package composes through Hydra's compose API too, without the CLI.
     """
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config().to_dict())
+    node = Config().to_dict()
+    # the schema's algorithm defaults, not the default algorithm's overrides: every
+    # conf/algorithm/<name>.yaml adds its own (the default's included)
+    node["algorithm"] = dataclasses.asdict(AlgorithmConfig())
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=node)
 
 
 register_schema()

@@ -381,11 +381,12 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
 
     Parameters
     ----------
-    algorithm : ``radmm3`` (default), ``radmm3l``, ``radmm2``, ``dladmm``, ``pdadmm``, or the
-        backprop baselines ``adam``, ``sgd``.
+    algorithm : ``radmm3a`` (default: RADMM-3 with multipliers on the activation constraints),
+        ``radmm3``, ``radmm3l``, ``radmm2``, ``dladmm``, ``pdadmm``, or the backprop baselines
+        ``adam``, ``sgd``.
     network : ``resnet`` (input layer, residual blocks, linear output) or ``mlp``.
     depth, width : weight layers N (>= 2) and hidden width.
-    activation : ``tanh``, ``relu``, ``leaky_relu``, ``sigmoid`` or ``identity``.
+    activation : ``relu`` (default), ``tanh``, ``leaky_relu``, ``sigmoid`` or ``identity``.
     loss : ``auto`` (softmax cross-entropy), ``cross_entropy`` or ``mse`` (on one-hot labels).
     bias, residual_scale : bias columns; initial scale of the residual branches.
     rho, beta, tau, lam, nu : the ADMM penalties (None: the algorithm's default). ``rho``

@@ -89,7 +89,7 @@ def test_groups_found():
 
 def test_default_config():
     cfg = build()
-    assert cfg.algorithm.name == "radmm3"
+    assert cfg.algorithm.name == "radmm3a"
     assert cfg.model.kind == "resnet"
     assert cfg.data.name == "digits"
     assert cfg.cluster.kind == "local"  # the embedded default: a LocalCluster of processes

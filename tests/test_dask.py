@@ -11,7 +11,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
-from daskadmm.config import Config
+from daskadmm.config import Config, algorithm_defaults
 from daskadmm.data import load_dataset
 from daskadmm.graph import Ref, build_window, critical_path_length
 from daskadmm.model import Architecture
@@ -105,6 +105,7 @@ def test_graph_cost_does_not_grow_with_iteration():
 
 def _problem(activation="tanh", classification=False):
     cfg = Config()
+    cfg.algorithm = algorithm_defaults("radmm3")  # _run picks the algorithm of each run
     cfg.data.name = "synthetic"
     cfg.data.n_samples = 160
     cfg.data.n_classes = 3 if classification else 0

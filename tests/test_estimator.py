@@ -159,7 +159,8 @@ def test_pipeline_grid_search_and_cross_validation():
 def test_backprop_baseline_through_the_estimator():
     pytest.importorskip("torch")
     X, y = _digits(300)
-    clf = ADMMClassifier(algorithm="adam", depth=3, width=16, iterations=20).fit(X, y)
+    clf = ADMMClassifier(algorithm="adam", depth=3, width=16, activation="tanh",
+                         iterations=20).fit(X, y)
     assert clf.score(X, y) > 0.5
 
 

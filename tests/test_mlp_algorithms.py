@@ -7,7 +7,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
-from daskadmm.config import Config
+from daskadmm.config import Config, algorithm_defaults
 from daskadmm.data import load_dataset
 
 
@@ -20,9 +20,8 @@ def _one_blas_thread():
 @pytest.mark.parametrize(("algorithm", "iterations"), [("dladmm", 40), ("pdadmm", 80)])
 def test_trains_on_digits(algorithm, iterations):
     cfg = Config()
-    cfg.algorithm.name = algorithm
-    cfg.algorithm.rho = 0.1
-    cfg.model.kind = "mlp"
+    cfg.algorithm = algorithm_defaults(algorithm)  # rho = 0.1, lam = 0.01
+    cfg.model.kind, cfg.model.activation = "mlp", "tanh"  # the measured setting
     cfg.model.depth = 3
     cfg.model.width = 48
     cfg.data.name = "digits"

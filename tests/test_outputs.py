@@ -103,7 +103,7 @@ def test_summary_strict_json(tmp_path):
     assert summary["metric"] == "accuracy"
     assert summary["final"]["objective"] is None  # NaN -> null
     assert summary["final"]["primal_residual"] is None  # inf -> null
-    assert summary["config"]["algorithm"]["name"] == "radmm3"
+    assert summary["config"]["algorithm"]["name"] == "radmm3a"
     assert summary["info"]["array"] == [0, 1, 2]
     assert summary["info"]["bad"] is None
     assert summary["run_dir"] == str(tmp_path)

@@ -239,7 +239,7 @@ def test_resume_refuses_changed_settings_and_data(tmp_path):
     for change, key in (({"algorithm": {"rho": 5.0}}, "algorithm.rho"),
                         ({"algorithm": {"lam": 0.5}}, "algorithm.lam"),
                         ({"run": {"seed": 3, **resume}}, "run.seed"),
-                        ({"model": {"activation": "relu"}}, "model.activation")):
+                        ({"model": {"activation": "tanh"}}, "model.activation")):
         changed = _with(cfg, **change)
         changed = _with(changed, run={**resume})
         with pytest.raises(StoreError, match=key.replace(".", r"\.")):
@@ -321,7 +321,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
         store.write_data(_data_arrays(ds), 30)
-        store.create_state(chunked.layout("radmm3", arch), ds.n_train, 30)
+        store.create_state(chunked.layout(cfg.algorithm.name, arch), ds.n_train, 30)
         store.set_attrs({"ready": True})
     store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
                                "host": socket.gethostname(), "since": 0}})
