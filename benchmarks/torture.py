@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-ALGORITHMS = ("radmm3", "pdadmm")
+ALGORITHMS = ("radmm3a", "radmm3", "pdadmm")
 OUTCOMES = ("equal", "different", "failed")
 MANIFEST = "checkpoint.json"
 METRICS = "metrics.csv"
@@ -68,6 +68,7 @@ POLL_S = 0.02
 # Per-algorithm overrides on top of the common ones: pdadmm trains an MLP with the
 # pdadmm_digits experiment's settings (relu, lambda 1e-3; rho 0.1 is conf/algorithm's default).
 ALGORITHM_OVERRIDES = {
+    "radmm3a": (),  # the project default
     "radmm3": (),
     "pdadmm": ("model.kind=mlp", "model.activation=relu", "algorithm.lam=0.001"),
 }
