@@ -303,6 +303,12 @@ class StorageConfig:
 
 @dataclass
 class Config:
+    """A whole run's configuration: every default of the ``daskadmm`` command.
+
+    ``algorithm`` is the default algorithm's section with that algorithm's own overrides (as
+    ``algorithm=<default>`` composes it); to switch algorithm with its own defaults, assign
+    ``algorithm_defaults(name)`` rather than only ``algorithm.name``."""
+
     # the default algorithm with its own overrides (as ``algorithm=<default>`` composes it)
     algorithm: AlgorithmConfig = field(
         default_factory=lambda: algorithm_defaults(AlgorithmConfig.name))
