@@ -88,7 +88,7 @@ def fingerprints(arrays: dict[str, Any], chunk_size: int, client=None
     by tasks on the chunks: nothing but the fingerprints reaches the client)."""
     import dask.array as da
 
-    from .storage import chunk_fingerprint, chunk_slices
+    from .storage import array_fingerprints
 
     out = {}
     lazy, graphs = [], []
@@ -100,8 +100,7 @@ def fingerprints(arrays: dict[str, Any], chunk_size: int, client=None
             graphs.append(b.map_blocks(_fingerprint_block,
                                        chunks=((1,), (1,) * len(b.chunks[1])), dtype=object))
         else:  # in memory already (the targets): fingerprinted here
-            pairs = [chunk_fingerprint(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
-            out[name] = (tuple(a.shape), [p[0] for p in pairs], [p[1] for p in pairs])
+            out[name] = (tuple(a.shape), *array_fingerprints(a, chunk_size))
     for name, fp in zip(lazy, _compute(client, *graphs), strict=True):
         pairs = list(fp[0])
         out[name] = (tuple(arrays[name].shape), [p[0] for p in pairs], [int(p[1]) for p in pairs])

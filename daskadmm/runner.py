@@ -911,9 +911,9 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     from .storage import (
         StateStore,
         StoreError,
+        array_fingerprints,
         chunk_slices,
         combine_digest,
-        data_digest,
         dataset_meta,
     )
 
@@ -930,17 +930,18 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     scratch = None
     client = resolve_client(opts.cluster, client)
     data = _data_arrays(ds)
-    lazy = lazy_arrays(ds)
-    data_sums = None
+    lazy = bool(lazy_arrays(ds))
+    # each data chunk's SHA-256 (the data set's digest) and CRC-32 (the resume check) from one
+    # pass; out-of-core input by Dask tasks, chunk by chunk (and later written the same way)
     if lazy:
-        # out-of-core input: fingerprinted (and later written) chunk by chunk by Dask tasks
         from .lazy import fingerprints
 
         fps = fingerprints(data, opts.storage.chunk_size, client)
-        digest = combine_digest({k: (shape, shas) for k, (shape, shas, _) in fps.items()})
-        data_sums = {k: crcs for k, (_, _, crcs) in fps.items()}
     else:
-        digest = data_digest(data, opts.storage.chunk_size)
+        fps = {k: (a.shape, *array_fingerprints(a, opts.storage.chunk_size))
+               for k, a in data.items()}
+    digest = combine_digest({k: (shape, shas) for k, (shape, shas, _) in fps.items()})
+    data_sums = {k: crcs for k, (_, _, crcs) in fps.items()}
     meta = _store_meta(opts, arch, digest, n, slices)
     if opts.cluster.kind == "local" and not opts.storage.url and run_dir is None and \
             (client is None or client_is_local(client)):
@@ -965,13 +966,14 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
             cp, created = None, True
         if not store.attrs.get("ready"):
             # a new store, or one whose run was killed while it was being made
-            if data_sums is not None:
+            if lazy:
                 from .lazy import write_data
 
                 write_data(store, data, opts.storage.chunk_size, opts.storage.compressor,
                            data_sums, client)
             else:
-                store.write_data(data, opts.storage.chunk_size, opts.storage.compressor)
+                store.write_data(data, opts.storage.chunk_size, opts.storage.compressor,
+                                 sums=data_sums)
             store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
                                chunked_mlp.slots(splitting.name) if mlp else 2,
                                dtype=opts.dtype)

@@ -68,6 +68,7 @@ __all__ = [
     "StoreError",
     "checksum",
     "chunk_slices",
+    "array_fingerprints",
     "chunk_fingerprint",
     "combine_digest",
     "data_digest",
@@ -106,6 +107,13 @@ def chunk_fingerprint(a: np.ndarray) -> tuple[bytes, int]:
     return hashlib.sha256(b.data).digest(), zlib.crc32(b.data)
 
 
+def array_fingerprints(a: np.ndarray, chunk_size: int) -> tuple[list[bytes], list[int]]:
+    """SHA-256 and CRC-32 of each store chunk (``chunk_size`` samples) of an in-memory array,
+    from one pass over it."""
+    pairs = [chunk_fingerprint(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def combine_digest(parts: dict[str, tuple[tuple[int, ...], list[bytes]]]) -> str:
     """The data set's digest from each array's shape and its chunks' SHA-256 (in order)."""
     h = hashlib.sha256()
@@ -122,8 +130,7 @@ def data_digest(arrays: dict[str, np.ndarray], chunk_size: int = 0) -> str:
     by chunk along the samples (``chunk_size`` as the store's): the identity of a data set (a
     resumed run must train on the same one). A lazy (Dask) array gets the same digest from its
     chunks' fingerprints without being gathered (:func:`combine_digest`)."""
-    return combine_digest({name: (a.shape, [chunk_fingerprint(a[:, sl])[0]
-                                            for sl in chunk_slices(a.shape[1], chunk_size)])
+    return combine_digest({name: (a.shape, array_fingerprints(a, chunk_size)[0])
                            for name, a in arrays.items()})
 
 
@@ -541,13 +548,15 @@ class StateStore:
 
     # -- arrays ----------------------------------------------------------------------------
     def write_data(self, arrays: dict[str, np.ndarray], chunk_size: int,
-                   compressor: str = "none") -> None:
+                   compressor: str = "none", sums: dict[str, list[int]] | None = None) -> None:
         """Write the data arrays, chunked along samples, and record one checksum per chunk
-        (verified on resume)."""
-        sums: dict[str, list[int]] = {}
+        (verified on resume); ``sums``: those checksums if already computed (as
+        :func:`array_fingerprints` gives them)."""
+        if sums is None:
+            sums = {name: [checksum(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
+                    for name, a in arrays.items()}
         for name, a in arrays.items():
             self.data_target(name, a.shape, chunk_size, compressor, a.dtype)[...] = a
-            sums[name] = [checksum(a[:, sl]) for sl in chunk_slices(a.shape[1], chunk_size)]
         self.record_data_checksums(sums)
 
     def data_target(self, name: str, shape: tuple[int, int], chunk_size: int,
