@@ -43,19 +43,6 @@ def _module(name: str):
     return mod
 
 
-def matmul_rate(dtype, shape=(512, 512, 8192), repeats=2) -> float:
-    m, k, n = shape
-    rng = np.random.default_rng(0)
-    A, B = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
-    out = np.empty((m, n), dtype=dtype)
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.matmul(A, B, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * m * k * n / best
-
-
 def _cast(outs, dtype):
     if isinstance(outs, np.ndarray):
         return outs.astype(dtype) if outs.dtype.kind == "f" else outs
@@ -78,7 +65,7 @@ def bench_case(kernels, suite, activation: str, width: int, n: int, depth: int,
     loads = []
     for rep in range(repeats):
         for name, (Xc, Yc, oc) in cases.items():
-            rates[name].append(matmul_rate(np.dtype(name)))
+            rates[name].append(kernels.matmul_rate(dtype=np.dtype(name)))
             loads.append(kernels._load())
             t0 = time.perf_counter()
             res, _ = reference.sweep(sp, specs, pen, oc, Xc, Yc)
@@ -103,15 +90,11 @@ def bench_case(kernels, suite, activation: str, width: int, n: int, depth: int,
 
 
 def main(argv=None) -> dict:
+    kernels = _module("bench_kernels")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--activations", nargs="+", default=["tanh", "relu"])
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=None)
+    kernels.add_case_arguments(ap)
     args = ap.parse_args(argv)
-    kernels, suite = _module("bench_kernels"), _module("suite")
+    suite = kernels._suite()
     rows = []
     with threadpool_limits(limits=1, user_api="blas"):
         for width in args.widths:

@@ -219,11 +219,12 @@ def _load():
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def matmul_rate(shape=(512, 512, 8192), repeats=2, seed=0) -> float:
+def matmul_rate(shape=(512, 512, 8192), repeats=2, seed=0, dtype=np.float64) -> float:
     m, k, n = shape
     rng = np.random.default_rng(seed)
-    A, B = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-    out = np.empty((m, n))
+    A = rng.standard_normal((m, k)).astype(dtype, copy=False)
+    B = rng.standard_normal((k, n)).astype(dtype, copy=False)
+    out = np.empty((m, n), dtype=dtype)
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -330,14 +331,19 @@ def bench_prox(X, Y, specs, pen, outs, repeats: int) -> dict:
             "loadavg": loads}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_case_arguments(ap: argparse.ArgumentParser) -> None:
+    """The problem grid and output options (shared with ``bench_dtype.py``)."""
     ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--activations", nargs="+", default=["tanh", "relu"])
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_arguments(ap)
     args = ap.parse_args(argv)
 
     def log(msg):
