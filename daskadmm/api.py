@@ -22,7 +22,7 @@ from .config import (
     RunConfig,
     validate,
 )
-from .data import Dataset, lazy_arrays, load_dataset
+from .data import DATA_ARRAYS, Dataset, lazy_arrays, load_dataset
 from .engine_options import EngineOptions
 from .model import Architecture, init_weights, metrics
 from .monitor import Monitor
@@ -95,8 +95,7 @@ def with_dtype(ds: Dataset, dtype: np.dtype) -> Dataset:
     first, so a float32 run sees the float64 run's data rounded once)."""
     import dataclasses
 
-    arrays: dict[str, Any] = {k: getattr(ds, k).astype(dtype)
-                              for k in ("X_train", "Y_train", "X_test", "Y_test")}
+    arrays: dict[str, Any] = {k: getattr(ds, k).astype(dtype) for k in DATA_ARRAYS}
     return dataclasses.replace(ds, **arrays)
 
 

@@ -40,6 +40,7 @@ from .config import DataConfig
 from .errors import DataError, one_line
 
 __all__ = [
+    "DATA_ARRAYS",
     "DOWNLOAD_TIMEOUT",
     "MNIST_5K_SHAPE",
     "OPENML_NAMES",
@@ -158,10 +159,13 @@ def column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(combine_column_parts(sq) / n)
 
 
+# the Dataset fields that hold sample-sized arrays
+DATA_ARRAYS = ("X_train", "Y_train", "X_test", "Y_test")
+
+
 def lazy_arrays(ds: Dataset) -> dict[str, object]:
     """The data set's arrays that are not in memory (Dask arrays of out-of-core input)."""
-    return {k: a for k in ("X_train", "Y_train", "X_test", "Y_test")
-            if not isinstance(a := getattr(ds, k), np.ndarray)}
+    return {k: a for k in DATA_ARRAYS if not isinstance(a := getattr(ds, k), np.ndarray)}
 
 
 # --------------------------------------------------------------------------------------------
