@@ -76,6 +76,7 @@ def main() -> None:
     cfg.run.eval_every = args.iterations  # evaluate at the end only: time the iterations
     cfg.run.window = args.window
     cfg.cluster.dashboard_address = "127.0.0.1:0"
+    cfg.cluster.in_process_mb = 0  # the worker processes are what is measured
     cfg.storage.state = args.state
 
     runs = {}

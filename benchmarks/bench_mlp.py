@@ -129,6 +129,7 @@ def speedup(depth: int, width: int, n: int, iterations: int, engine: str = "memo
     if engine == "zarr":
         cfg.storage.chunk_size = -(-n // chunks)
     cfg.cluster.dashboard_address = "127.0.0.1:0"
+    cfg.cluster.in_process_mb = 0  # the worker processes are what is measured
     out = {}
     for workers in (1, 2):
         c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local",

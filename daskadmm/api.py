@@ -7,6 +7,7 @@ or Dask). Nothing here imports Hydra.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,19 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                      "Dask keeps it out of core")
     if cfg.run.dtype != "float64":
         ds = with_dtype(ds, np.dtype(cfg.run.dtype))
+    engine_note = None
+    if cfg.cluster.kind == "local" and cfg.algorithm.name in ADMM_ALGORITHMS and \
+            not lazy_arrays(ds):
+        from .config import state_bytes
+        from .runner import in_process_reason, say
+
+        engine_note = in_process_reason(engine_options(cfg), state_bytes(cfg, ds.n_train),
+                                        client)
+        if engine_note:
+            say(f"daskadmm: {engine_note}")
+            cfg = dataclasses.replace(
+                cfg, cluster=dataclasses.replace(cfg.cluster, kind="threads"),
+                storage=dataclasses.replace(cfg.storage, state="memory"))
     from .config import check_resources
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
@@ -195,6 +209,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                                              f"{', '.join(ZARR_ALGORITHMS)}")
     if data_note:
         result.info["data_note"] = data_note
+    if engine_note:
+        result.info["engine_note"] = engine_note
     result.metric = metric_name(ds)
     monitor.keep_good(result)
     if run_dir is not None and "store" not in result.info:

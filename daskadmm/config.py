@@ -272,6 +272,10 @@ class ClusterConfig:
     dashboard_address: str = "127.0.0.1:8787"  # a busy port makes Dask pick another one
     connect_timeout: float = 10.0  # seconds, for cluster.kind=address
     blas_threads: int = 1
+    # cluster.kind=local: a run whose ADMM state (estimated in float64) is at most this many
+    # MiB runs in this process on Dask's threaded scheduler with the state in memory instead
+    # of starting a LocalCluster (faster there; no dashboard); 0: always start the LocalCluster
+    in_process_mb: float = 256.0
 
 
 @dataclass
@@ -503,6 +507,8 @@ def validate(cfg: Config) -> Config:
            f"run.stall_iterations must be >= 0 (0: off), got {r.stall_iterations}")
 
     _check(c.kind in CLUSTERS, f"cluster.kind must be one of {', '.join(CLUSTERS)}, got {c.kind!r}")
+    _check(math.isfinite(c.in_process_mb) and c.in_process_mb >= 0,
+           f"cluster.in_process_mb must be a finite number >= 0 (0: off), got {c.in_process_mb}")
     if c.kind == "address":
         _check(bool(c.address), "cluster.address is required with cluster=address "
                "(cluster.address=tcp://host:8786)")
@@ -678,6 +684,13 @@ def _free_disk(path: Path) -> tuple[Path, int] | None:
         return None
 
 
+def state_bytes(cfg: Config, n_train: int) -> int:
+    """The sample-sized ADMM state in bytes, estimated in float64: :data:`STATE_VARIABLES` x
+    depth x width x ``n_train``."""
+    m = cfg.model
+    return 8 * STATE_VARIABLES * m.depth * m.width * n_train
+
+
 def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: int, *,
                     default_store: str | os.PathLike | None = None) -> None:
     """Refuse a run that cannot fit this machine; raise :class:`ConfigError` (one line, with the
@@ -698,7 +711,7 @@ def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: in
     key = f"model.width={m.width}, model.depth={m.depth}"
     weights = WEIGHT_COPIES * 8 * _weight_count(cfg, d_in, d_out)
     data = 8 * (d_in + d_out) * (n_train + n_test)
-    state = 8 * STATE_VARIABLES * m.depth * m.width * n_train
+    state = state_bytes(cfg, n_train)
     available = _available_memory()
 
     if available is not None and weights > available:

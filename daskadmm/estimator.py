@@ -206,6 +206,7 @@ class _ADMMEstimator(BaseEstimator):
         s.state, s.chunk_size = self.state, self.chunk_size
         c = cfg.cluster
         c.n_workers = self.n_workers
+        c.in_process_mb = 0.0  # cluster= says where the fit runs; no size-based choice
         client = self.client
         where = self.cluster
         if not isinstance(where, str):

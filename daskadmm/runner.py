@@ -91,7 +91,7 @@ def set_up_library_logging() -> None:
     import distributed  # noqa: F401
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     """One line for the user on stderr, written around a progress bar (tqdm's write), not
     into it."""
     from tqdm.auto import tqdm
@@ -189,6 +189,27 @@ def resolve_client(ccfg: ClusterConfig, client=None):
     if ccfg.kind == "local" and not _SHARED.get("address"):
         return current_client()
     return None
+
+
+def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | None:
+    """Why a ``cluster.kind=local`` run goes in-process instead (None: it starts or joins a
+    LocalCluster). A small problem runs faster on Dask's threaded scheduler in this process,
+    with its state in memory, than on worker processes: they add start-up (seconds), a copy of
+    every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
+    than the math. It applies only where nothing else asks for the cluster: no client given or
+    active, no shared multirun cluster, no checkpoints, no resume, no ``storage.url``, and an
+    ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
+    c, s = opts.cluster, opts.storage
+    if c.kind != "local" or c.in_process_mb <= 0 or state > c.in_process_mb * 2**20:
+        return None
+    if client is not None or _SHARED.get("address") or current_client() is not None:
+        return None
+    if opts.checkpoint_every or opts.resume or s.url:
+        return None
+    return (f"small problem (ADMM state {state / 2**20:.1f} MiB <= cluster.in_process_mb="
+            f"{c.in_process_mb:g}): running in this process on Dask's threaded scheduler "
+            f"({c.n_workers * c.threads_per_worker} threads, state in memory), no LocalCluster "
+            f"and no dashboard; cluster.in_process_mb=0 starts the LocalCluster")
 
 
 def client_is_local(client) -> bool:
@@ -467,7 +488,7 @@ class _Ctx:
             self.old_run_ids.append(self.run_id)
             self.run_id = uuid.uuid4().hex[:8]
             self.restore_monitor_snapshot(start)
-            _say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+            say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
                   f"iteration 0 on {len(workers)} worker(s)")
 
     def _check_workers(self, client) -> None:
@@ -574,7 +595,7 @@ class _Ctx:
 
         with connect(self.opts.cluster, self.client) as client:
             dashboard = client.dashboard_link
-            _say(f"Dask dashboard: {dashboard}")
+            say(f"Dask dashboard: {dashboard}")
             workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
             report = (run_dir / "dask-report.html") if run_dir is not None else None
             # inline: the report embeds Bokeh's JavaScript, so it renders with no network
@@ -730,7 +751,7 @@ class _Optional:
             if quiet:
                 log.debug("the %s failed too: %s", self.what, exc)
                 return
-            _say(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
+            say(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
                   f"{_first_line(exc)}); the results are kept")
             log.warning("the %s failed: %s", self.what, exc)
 
@@ -880,7 +901,7 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
     store = StateStore.open(url, owner=run_id, break_lock=opts.storage.break_lock)
     if store.broken_lock is not None:
         bl = store.broken_lock
-        _say(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
+        say(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
               f"{bl.get('pid')} on {bl.get('host')}) on {url}")
     return store, cp
 
@@ -1328,7 +1349,7 @@ class _ZarrCtx(_Ctx):
             workers = self._wait_for_workers(client, len(self._workers0))
             self._rewind()
             k0 = self.manifest["iteration"] if self.manifest is not None else 0
-            _say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+            say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
                   f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
                   "worker(s)")
 

@@ -250,7 +250,7 @@ def test_library_warnings_go_to_the_job_log_not_the_terminal(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         proc, work = run_cli(tmp_path, "data=synthetic", "data.n_samples=120", "model.width=6",
-                             "run.iterations=2", "cluster=local",
+                             "run.iterations=2", "cluster=local", "cluster.in_process_mb=0",
                              f"cluster.dashboard_address=127.0.0.1:{port}", timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "already in use" not in proc.stderr + proc.stdout

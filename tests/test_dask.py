@@ -182,7 +182,8 @@ def test_local_cluster_started_by_runner(tmp_path):
     cfg, ds = _problem()
     cfg.cluster.dashboard_address = "127.0.0.1:0"
     ref = _run(cfg, ds, "reference")
-    c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local"))
+    c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local",
+                                                              in_process_mb=0))
     res = api.fit(c, dataset=ds, run_dir=tmp_path)
     _assert_equal(ref, res)
     assert res.info["dashboard"].startswith("http://127.0.0.1:")
@@ -192,6 +193,48 @@ def test_local_cluster_started_by_runner(tmp_path):
     assert not re.search(r"<script[^>]+src=[\"']https?://", report)
     assert (tmp_path / "task-stream.json").stat().st_size > 0
     assert res.info["compute_seconds"] > 0
+
+
+def test_small_local_run_goes_in_process_and_says_so():
+    """The default cluster.kind=local with a small state runs on the threaded scheduler in this
+    process (no LocalCluster), says so, and gives the reference's iterates."""
+    cfg, ds = _problem()
+    cfg.storage.state = "zarr"  # the default: replaced by memory in process
+    ref = _run(cfg, ds, "reference")
+    res = _run(cfg, ds, "local")
+    _assert_equal(ref, res)
+    assert res.info["engine"] == "dask" and res.info["cluster"] == "threads"
+    assert "dashboard" not in res.info
+    note = res.info["engine_note"]
+    assert "small problem" in note and "cluster.in_process_mb=0" in note
+
+
+@pytest.mark.parametrize("change", ["off", "large", "checkpoints", "resume", "url", "client",
+                                    "threads"])
+def test_in_process_only_where_nothing_asks_for_the_cluster(change):
+    from daskadmm.config import state_bytes
+    from daskadmm.runner import in_process_reason
+
+    cfg, ds = _problem()
+    cfg.cluster.kind = "local"
+    state = state_bytes(cfg, ds.n_train)
+    assert in_process_reason(api.engine_options(cfg), state) is not None
+    client = None
+    if change == "off":
+        cfg.cluster.in_process_mb = 0
+    elif change == "large":
+        cfg.cluster.in_process_mb = 0.99 * state / 2**20
+    elif change == "checkpoints":
+        cfg.run.checkpoint_every = 5
+    elif change == "resume":
+        cfg.run.resume = True
+    elif change == "url":
+        cfg.storage.url = "memory://mine"
+    elif change == "client":
+        client = object()  # a client given to fit: the run uses it
+    else:
+        cfg.cluster.kind = "threads"  # only cluster.kind=local is ever replaced
+    assert in_process_reason(api.engine_options(cfg), state, client) is None
 
 
 def test_address_unreachable_is_a_clear_error():

@@ -691,7 +691,7 @@ def test_python_api_on_a_local_cluster_needs_no_run_dir(tmp_path, monkeypatch):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    cfg = _with(_cfg(iterations=3), cluster={"kind": "local"},
+    cfg = _with(_cfg(iterations=3), cluster={"kind": "local", "in_process_mb": 0},
                 run={"checkpoint_every": 0}, storage={"url": None})
     res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
     assert res.status == "max_iter" and res.info["store"] is None
