@@ -19,28 +19,20 @@ Writes ``benchmarks/results/dtype-<timestamp>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
+import bench_kernels as kernels
 import numpy as np
+from suite_flops import radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
 from daskadmm.splitting import get_splitting
 
 HERE = Path(__file__).resolve().parent
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _cast(outs, dtype):
@@ -53,10 +45,9 @@ def _cast(outs, dtype):
     return outs
 
 
-def bench_case(kernels, suite, activation: str, width: int, n: int, depth: int,
-               repeats: int, log) -> dict:
+def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, log) -> dict:
     arch, X, Y, specs, pen, outs = kernels.problem(activation, width, n, depth)
-    flops = suite.radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
+    flops = radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
     sp = get_splitting("radmm3")
     cases = {"float64": (X, Y, outs),
              "float32": (X.astype(np.float32), Y.astype(np.float32), _cast(outs, np.float32))}
@@ -90,17 +81,14 @@ def bench_case(kernels, suite, activation: str, width: int, n: int, depth: int,
 
 
 def main(argv=None) -> dict:
-    kernels = _module("bench_kernels")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kernels.add_case_arguments(ap)
     args = ap.parse_args(argv)
-    suite = kernels._suite()
     rows = []
     with threadpool_limits(limits=1, user_api="blas"):
         for width in args.widths:
             for act in args.activations:
-                row = bench_case(kernels, suite, act, width, args.n, args.depth, args.repeats,
-                                 print)
+                row = bench_case(act, width, args.n, args.depth, args.repeats, print)
                 rows.append(row)
                 print(f"{act} width {width}: float64 {row['float64']['best']:.3f} s "
                       f"({row['float64']['fraction']:.0%} of matmul), float32 "

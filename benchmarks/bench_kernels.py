@@ -22,7 +22,7 @@ figure:
 
 - the activation prox alone, old vs new, on block 3's inputs of that iteration.
 
-Flops of an iteration are counted from the update formulas (``suite.radmm3_iteration_flops``:
+Flops of an iteration are counted from the update formulas (``suite_flops.radmm3_iteration_flops``:
 the products, factorisations and solves the new block update executes); the old one also
 recomputed ``W V~`` for its objective (``flops_executed`` adds that). ``fraction`` =
 flops / (seconds x matmul rate), with the needed flops for both (``fraction_executed`` counts
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sla
+from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
@@ -54,16 +54,6 @@ from daskadmm.splitting.base import prox_activation, prox_output
 
 HERE = Path(__file__).resolve().parent
 Array = np.ndarray
-
-
-def _suite():
-    name = "daskadmm_benchmark_suite"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "suite.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # ------------------------------------------------------------------ the old kernels (before #13)
@@ -259,10 +249,9 @@ def _max_rel_diff(a: dict, b: dict) -> float:
 
 
 def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, log) -> dict:
-    suite = _suite()
     arch, X, Y, specs, pen, outs = problem(activation, width, n, depth)
-    flops = suite.radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
-    extra = sum(suite.gemm_flops(arch.out_dim(i), arch.in_dim(i) + 1, n)
+    flops = radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
+    extra = sum(gemm_flops(arch.out_dim(i), arch.in_dim(i) + 1, n)
                 for i in range(1, depth + 1))  # the old objective's W V~
     variants = {"new": get_splitting("radmm3"),
                 "old": _with_block_update(old_block_update),

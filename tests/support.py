@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -23,15 +23,16 @@ def replace_sections(cfg, **sections):
 
 
 def load_benchmark(script: str) -> ModuleType:
-    """Import ``benchmarks/<script>.py`` as a module (once per test session)."""
-    name = f"daskadmm_benchmark_{script}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """Import ``benchmarks/<script>.py`` as the module ``<script>`` (once per test session).
+
+    ``benchmarks/`` goes first on ``sys.path``, as when the script runs as
+    ``python benchmarks/<script>.py``, so the scripts' imports of each other (``suite`` of
+    ``suite_common``, ``bench_dtype`` of ``bench_kernels``, ...) resolve to these same modules.
+    """
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(script)
 
 
 def run_cli(tmp_path: Path, *args: str, script: str | None = None, timeout: float = 120):

@@ -1,4 +1,5 @@
-"""The benchmark suite's helpers (``benchmarks/suite.py``) and a smoke run of its tiny plan.
+"""The benchmark suite (``benchmarks/suite.py`` and its ``suite_*.py`` modules): its helpers
+and a smoke run of its tiny plan.
 
 The flop count of RADMM-3 is checked against a brute-force count: one real iteration of the
 serial reference runs on arrays that log every matrix product (shapes, and whether NumPy gets
@@ -26,7 +27,11 @@ from daskadmm.splitting import BlockSpec, Penalties, get_splitting
 ROOT = Path(__file__).resolve().parent.parent
 
 
-suite = load_benchmark("suite")
+suite = load_benchmark("suite")  # the plans and the driver
+suite_common = load_benchmark("suite_common")
+suite_flops = load_benchmark("suite_flops")
+suite_sections = load_benchmark("suite_sections")
+suite_report = load_benchmark("suite_report")
 
 
 # ------------------------------------------------------------------ brute-force flop counting
@@ -140,9 +145,10 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
     assert len(_Log.factors) == 2 * depth - 1  # a W solve per block, a V solve per hidden block
     # and it really was the solver's iteration: the iterate is finite and W changed
     assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["radmm3_block"])
-    flops = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias)
+    flops = suite_flops.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias)
     assert flops["total"] == pytest.approx(executed, rel=1e-12)
-    gemm_eq = suite.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias, syrk=False)
+    gemm_eq = suite_flops.radmm3_iteration_flops(depth, d_in, width, d_out, n, bias=bias,
+                                                 syrk=False)
     assert gemm_eq["total"] == pytest.approx(gemm, rel=1e-12)
     assert sum(v for k, v in flops.items() if k != "total") == flops["total"]
 
@@ -153,13 +159,13 @@ def test_hidden_block_flops_by_hand():
     # gemm-equivalent: five (d x d)(d x n)-sized products, W and V Grams, two factorisations,
     # the W solve with d right-hand sides and the V solve with n
     expected = 5 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d
-    block = suite.radmm3_block_flops(d, d, d, n, bias=False, syrk=False)
+    block = suite_flops.radmm3_block_flops(d, d, d, n, bias=False, syrk=False)
     assert sum(block.values()) == pytest.approx(expected)
     # syrk halves (plus the diagonal) the two Gram products
-    block = suite.radmm3_block_flops(d, d, d, n, bias=False)
+    block = suite_flops.radmm3_block_flops(d, d, d, n, bias=False)
     expected_syrk = expected - 2 * d * d * n + d * (d + 1) * n - 2 * d ** 3 + d * (d + 1) * d
     assert sum(block.values()) == pytest.approx(expected_syrk)
-    out_block = suite.radmm3_block_flops(d, 3, None, n, bias=True)
+    out_block = suite_flops.radmm3_block_flops(d, 3, None, n, bias=True)
     assert "v_solve" not in out_block and out_block["gram"] == (d + 1) * (d + 2) * n
 
 
@@ -171,16 +177,16 @@ def test_fit_exponent_recovers_known_exponents(exponent):
     rng = np.random.default_rng(0)
     x = np.array([64, 128, 256, 512, 1024], dtype=float)
     t = 3e-6 * x ** exponent * np.exp(0.01 * rng.standard_normal(x.size))
-    assert suite.fit_exponent(x, t) == pytest.approx(exponent, abs=0.03)
+    assert suite_common.fit_exponent(x, t) == pytest.approx(exponent, abs=0.03)
     exact = 0.1 * x ** exponent
-    assert suite.fit_exponent(x, exact) == pytest.approx(exponent, abs=1e-12)
-    assert suite.fit_exponent(x[-2:], exact[-2:]) == pytest.approx(exponent, abs=1e-12)
+    assert suite_common.fit_exponent(x, exact) == pytest.approx(exponent, abs=1e-12)
+    assert suite_common.fit_exponent(x[-2:], exact[-2:]) == pytest.approx(exponent, abs=1e-12)
 
 
 def test_fit_exponent_skips_bad_points():
-    assert math.isnan(suite.fit_exponent([1.0], [2.0]))
-    assert suite.fit_exponent([1, 2, 4, 8], [1, 2, math.nan, 8]) == pytest.approx(1.0)
-    assert math.isnan(suite.fit_exponent([2, 2], [1, 3]))
+    assert math.isnan(suite_common.fit_exponent([1.0], [2.0]))
+    assert suite_common.fit_exponent([1, 2, 4, 8], [1, 2, math.nan, 8]) == pytest.approx(1.0)
+    assert math.isnan(suite_common.fit_exponent([2, 2], [1, 3]))
 
 
 def _history(values, dt=0.5):
@@ -190,53 +196,53 @@ def _history(values, dt=0.5):
 
 def test_time_to_target():
     acc = _history([0.1, 0.5, math.nan, 0.9, 0.95, 0.8])
-    assert suite.time_to_target(acc, 0.9, higher=True) == (1.5, 3)
-    assert suite.time_to_target(acc, 0.96, higher=True) == (pytest.approx(math.nan, nan_ok=True),
-                                                            None)
+    assert suite_common.time_to_target(acc, 0.9, higher=True) == (1.5, 3)
+    assert suite_common.time_to_target(acc, 0.96, higher=True) == (
+        pytest.approx(math.nan, nan_ok=True), None)
     mse = _history([1.0, 0.6, 0.4, 0.45, 0.39])
-    assert suite.time_to_target(mse, 0.4, higher=False) == (1.0, 2)
-    assert suite.time_to_target(mse, 0.3, higher=False)[1] is None
-    assert suite.time_to_target(mse, math.nan, higher=False)[1] is None
-    assert suite.best_metric(acc, True) == 0.95
-    assert suite.best_metric(mse, False) == 0.39
+    assert suite_common.time_to_target(mse, 0.4, higher=False) == (1.0, 2)
+    assert suite_common.time_to_target(mse, 0.3, higher=False)[1] is None
+    assert suite_common.time_to_target(mse, math.nan, higher=False)[1] is None
+    assert suite_common.best_metric(acc, True) == 0.95
+    assert suite_common.best_metric(mse, False) == 0.39
 
 
 def test_summarize_run_ratio_and_lower_bound():
     run = {"algorithm": "radmm3", "status": "time_budget", "iterations": 4, "train_time": 2.0,
            "history": [{**r, "train_metric": 0.0} for r in _history([0.2, 0.5, 0.7, 0.8, 0.85])]}
-    s = suite.summarize_run(run, target=0.7, higher=True, reference_time=0.5)
+    s = suite_common.summarize_run(run, target=0.7, higher=True, reference_time=0.5)
     assert s["reached_target"] and s["time_to_target"] == 1.0 and s["ratio"] == 2.0
     assert s["iterations_to_target"] == 2 and s["final_test_metric"] == 0.85
     assert math.isnan(s["ratio_lower_bound"])
-    s = suite.summarize_run(run, target=0.9, higher=True, reference_time=0.5,
-                            reference_relaxed_time=0.25)
+    s = suite_common.summarize_run(run, target=0.9, higher=True, reference_time=0.5,
+                                   reference_relaxed_time=0.25)
     assert not s["reached_target"] and math.isnan(s["ratio"])
     assert s["ratio_lower_bound"] == 4.0
     # relaxed target 0.99 x 0.9 = 0.891: not reached either; 0.8 x 0.99 = 0.792 at 1.5 s
     assert s["relaxed_target"] == pytest.approx(0.891)
     assert s["relaxed_iterations_to_target"] is None and s["relaxed_ratio_lower_bound"] == 8.0
-    s = suite.summarize_run(run, target=0.8, higher=True, reference_time=1.0,
-                            reference_relaxed_time=0.5)
+    s = suite_common.summarize_run(run, target=0.8, higher=True, reference_time=1.0,
+                                   reference_relaxed_time=0.5)
     assert s["relaxed_iterations_to_target"] == 3 and s["relaxed_ratio"] == 3.0
-    assert suite.relaxed_target(0.4, higher=False) == pytest.approx(0.404)
+    assert suite_common.relaxed_target(0.4, higher=False) == pytest.approx(0.404)
 
 
 # ------------------------------------------------------------------ runs and the driver
 
 
 def test_timed_fit_budget_error_and_evaluator_restored():
-    ds = suite.synthetic_problem(64, d_in=4, d_out=2, n_test=16)
+    ds = suite_common.synthetic_problem(64, d_in=4, d_out=2, n_test=16)
     original = api.evaluator
-    cfg = suite.make_config("radmm3", depth=3, width=6, activation="relu", iterations=10_000)
-    run = suite.timed_fit(cfg, ds, budget=0.05)
+    cfg = suite_common.make_config("radmm3", depth=3, width=6, activation="relu", iterations=10_000)
+    run = suite_common.timed_fit(cfg, ds, budget=0.05)
     assert run["status"] == "time_budget" and 0 < run["iterations"] < 10_000
     assert run["train_time"] >= 0.05 and run["eval_time"] > 0
     times = [r["train_time"] for r in run["history"]]
     assert times == sorted(times) and all(r["train_time"] <= r["wall_time"]
                                           for r in run["history"])
-    assert suite.iteration_times(run) and min(suite.iteration_times(run)) > 0
-    bad = suite.make_config("radmm3", depth=1, width=6)
-    run = suite.timed_fit(bad, ds)
+    assert suite_flops.iteration_times(run) and min(suite_flops.iteration_times(run)) > 0
+    bad = suite_common.make_config("radmm3", depth=1, width=6)
+    run = suite_common.timed_fit(bad, ds)
     assert run["status"] == "error" and "depth" in run["error"] and run["history"] == []
     assert api.evaluator is original
 
@@ -246,14 +252,14 @@ def test_resolve_data_dir(tmp_path):
     shared = tmp_path / "shared" / "data"
     (root / "data").mkdir(parents=True)
     shared.mkdir(parents=True)
-    assert suite.resolve_data_dir(None, root) == root / "data"  # neither has the files
-    for f in suite.WINE_FILES.values():
+    assert suite_common.resolve_data_dir(None, root) == root / "data"  # neither has the files
+    for f in suite_common.WINE_FILES.values():
         (shared / f).write_text("x")
-    assert suite.resolve_data_dir(None, root) == shared.resolve()
-    for f in suite.WINE_FILES.values():
+    assert suite_common.resolve_data_dir(None, root) == shared.resolve()
+    for f in suite_common.WINE_FILES.values():
         (root / "data" / f).write_text("x")
-    assert suite.resolve_data_dir(None, root) == root / "data"
-    assert suite.resolve_data_dir(str(tmp_path), root) == tmp_path.resolve()
+    assert suite_common.resolve_data_dir(None, root) == root / "data"
+    assert suite_common.resolve_data_dir(str(tmp_path), root) == tmp_path.resolve()
 
 
 def test_a_failing_run_is_recorded_not_raised():
@@ -261,7 +267,7 @@ def test_a_failing_run_is_recorded_not_raised():
     import dataclasses
 
     plan = dataclasses.replace(plan, datasets=("no_such_data",))
-    out = suite.section_quality(plan, ROOT / "data", lambda msg: None)
+    out = suite_sections.section_quality(plan, ROOT / "data", lambda msg: None)
     assert len(out["configs"]) == 1 and "no_such_data" in out["configs"][0]["error"]
 
 
@@ -269,7 +275,7 @@ def test_tiny_suite_smoke(tmp_path):
     pytest.importorskip("torch", reason="the suite's quality section runs the adam baseline")
     plan = suite.PLANS["tiny"]
     results, path = suite.run_suite(plan, suite.SECTIONS, tmp_path,
-                                    suite.resolve_data_dir(None))
+                                    suite_common.resolve_data_dir(None))
     assert results["errors"] == []
     data = json.loads(path.read_text())
     assert json.loads((tmp_path / "suite-latest.json").read_text()) == data
@@ -277,7 +283,7 @@ def test_tiny_suite_smoke(tmp_path):
     for name in suite.SECTIONS:
         assert "error" not in data["sections"][name], data["sections"][name]
     q = data["sections"]["quality"]["configs"][0]
-    for label in ("adam", "sgd", *suite.ADMM_RESNET):
+    for label in ("adam", "sgd", *suite_common.ADMM_RESNET):
         assert q["runs"][label]["status"] in ("max_iter", "time_budget"), q["runs"][label]
         assert q["curves"][label]["test_metric"]
     assert q["target"] == q["runs"]["adam"]["final_test_metric"]
@@ -293,7 +299,7 @@ def test_tiny_suite_smoke(tmp_path):
     headline = (tmp_path / "headline.md").read_text()
     assert "| digits | 3 |" in headline and "Roofline" in headline
     assert (tmp_path / "quality.png").stat().st_size > 1000
-    again = suite.render(path, tmp_path / "rendered")
+    again = suite_report.render(path, tmp_path / "rendered")
     assert [p.name for p in again] == ["headline.md", "quality.png"]
     assert again[0].read_text() == headline
 
@@ -409,7 +415,7 @@ def test_engine_graph_is_the_runners():
 
     prob = project.Problem(depth=5, width=6, n=50, chunks=3, d_in=4, d_out=3)
     ds = project.synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=10)
-    cfg = suite.make_config("radmm3", depth=prob.depth, width=prob.width, iterations=5)
+    cfg = suite_common.make_config("radmm3", depth=prob.depth, width=prob.width, iterations=5)
     cfg.cluster.kind = "synchronous"
     cfg.storage.chunk_size = math.ceil(prob.n / prob.chunks)
     cfg.run.eval_every = 5
