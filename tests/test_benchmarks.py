@@ -512,3 +512,21 @@ def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
         assert out[1]["seconds_per_iteration"] == pytest.approx(one)
         assert out[1]["utilisation"] == pytest.approx(1.0)
         assert out[3]["seconds_per_iteration"] < one
+
+
+def test_bench_default_smoke(tmp_path):
+    """The default-run benchmark runs whole commands in turn and compares them in one report:
+    the same iterates (same test metric), the default in process for a small problem."""
+    from support import load_benchmark
+
+    bench = load_benchmark("bench_default")
+    out = tmp_path / "d.json"
+    report = bench.main(["--rounds", "1", "--variants", "default,reference",
+                         "--set", "data=synthetic", "--set", "data.n_samples=80",
+                         "--set", "model.width=4", "--set", "run.iterations=2",
+                         "--set", "run.plot=false", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    (default,) = report["runs"]["default"]
+    assert default["cluster"] == "threads" and report["runs"]["reference"][0]["engine"]
+    assert report["same_test_metric"] and report["ratio_to_reference"]["default"]["median"] > 0
+    assert len(default["loadavg"]) == 2 and all(len(x) == 3 for x in default["loadavg"])
