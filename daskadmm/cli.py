@@ -66,6 +66,8 @@ SCHEMA_NAME = "base_config"
 # Data sets loaded by the pre-flight and reused by the jobs (key: _data_key), within this budget.
 _PRELOAD_BUDGET_BYTES = 512 * 2**20
 _PRELOADED: dict[str, Any] = {}
+# each job's training-set size, by data key (filled by _preflight)
+_N_TRAIN: dict[str, int] = {}
 
 # Hydra flags that do not run a job and create nothing: no pre-flight for those.
 _NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -272,6 +274,7 @@ def _preflight(args: Any) -> list[Config]:
     from .config import check_resources
 
     _PRELOADED.clear()
+    _N_TRAIN.clear()
     budget = _PRELOAD_BUDGET_BYTES
     shapes: dict[str, tuple[int, int, int, int]] = {}
     for job, cfg in configs:
@@ -284,6 +287,7 @@ def _preflight(args: Any) -> list[Config]:
                 raise UsageError(one_line(exc) + where) from None
             shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
                            dataset.d_out)
+            _N_TRAIN[key] = dataset.X_train.shape[1]
             size = _dataset_bytes(dataset)
             if size <= budget:
                 _PRELOADED[key] = dataset
@@ -317,10 +321,17 @@ def _check_stores(configs: list[Config]) -> None:
 
 def _shared_cluster(args: Any, configs: list[Config]):
     """A multirun whose jobs use ``cluster=local`` shares one LocalCluster (started here, once,
-    with the first such job's settings) instead of starting one per job."""
-    from .runner import SharedCluster
+    with the first such job's settings) instead of starting one per job; jobs that run in
+    process (small ADMM problems, see :func:`daskadmm.runner.in_process_reason`) or need no
+    cluster (the backprop baselines) do not count."""
+    from . import api
+    from .config import ADMM_ALGORITHMS, state_bytes
+    from .runner import SharedCluster, in_process_reason
 
-    local = [c.cluster for c in configs if c.cluster.kind == "local"]
+    local = [c.cluster for c in configs if c.cluster.kind == "local"
+             and c.algorithm.name in ADMM_ALGORITHMS
+             and in_process_reason(api.engine_options(c),
+                                   state_bytes(c, _N_TRAIN.get(_data_key(c), 0))) is None]
     if not getattr(args, "multirun", False) or len(local) < 2:
         return contextlib.nullcontext()
     return SharedCluster(local[0])

@@ -197,12 +197,12 @@ def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | Non
     with its state in memory, than on worker processes: they add start-up (seconds), a copy of
     every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
     than the math. It applies only where nothing else asks for the cluster: no client given or
-    active, no shared multirun cluster, no checkpoints, no resume, no ``storage.url``, and an
-    ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
+    active, no checkpoints, no resume, no ``storage.url``, and an ADMM state (``state`` bytes)
+    of at most ``cluster.in_process_mb`` MiB."""
     c, s = opts.cluster, opts.storage
     if c.kind != "local" or c.in_process_mb <= 0 or state > c.in_process_mb * 2**20:
         return None
-    if client is not None or _SHARED.get("address") or current_client() is not None:
+    if client is not None or current_client() is not None:
         return None
     if opts.checkpoint_every or opts.resume or s.url:
         return None

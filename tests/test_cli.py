@@ -204,7 +204,7 @@ def test_smoke(tmp_path):
 def test_real_multirun_shares_one_local_cluster(tmp_path):
     proc, work = run_cli(tmp_path, "-m", "model.depth=2,3", "data=synthetic",
                          "data.n_samples=120", "model.width=6", "run.iterations=3",
-                         "run.progress=false", "cluster=local",
+                         "run.progress=false", "cluster=local", "cluster.in_process_mb=0",
                          "cluster.dashboard_address=127.0.0.1:0", timeout=240)
     assert proc.returncode == 0, proc.stderr
     dashboards = set()
@@ -217,6 +217,23 @@ def test_real_multirun_shares_one_local_cluster(tmp_path):
     assert len(dashboards) == 1  # one cluster for the whole sweep
     # distributed's size probe of the report's profile trees is not the user's business
     assert "Sizeof calculation" not in proc.stderr
+
+
+def test_small_multirun_runs_in_process_without_a_cluster(tmp_path):
+    """The default cluster=local with small problems starts no LocalCluster, not even the
+    multirun's shared one; every job says where it ran, on the terminal and in its log."""
+    proc, work = run_cli(tmp_path, "-m", "model.depth=2,3", "data=synthetic",
+                         "data.n_samples=120", "model.width=6", "run.iterations=3",
+                         "run.progress=false", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("small problem") == 2 and "Dask dashboard" not in proc.stderr
+    for job in (0, 1):
+        summary = json.loads((work / "sweep" / str(job) / "summary.json").read_text())
+        assert summary["info"]["cluster"] == "threads" and "dashboard" not in summary["info"]
+        assert "cluster.in_process_mb=0" in summary["info"]["engine_note"]
+        log = (work / "sweep" / str(job) / "daskadmm.log").read_text()
+        assert "small problem" in log
+        assert not (work / "sweep" / str(job) / "dask-report.html").exists()
 
 
 @pytest.mark.parametrize("args, needle", [
