@@ -4,7 +4,8 @@ Cluster choices (``cluster.kind``):
 
 - ``synchronous``: Dask's single-threaded scheduler (debugging);
 - ``threads``: the threaded scheduler in this process;
-- ``local`` (default): a ``LocalCluster`` of worker processes with the dashboard on 127.0.0.1;
+- ``local`` (default): a ``LocalCluster`` of worker processes with the dashboard on 127.0.0.1
+  (a small problem runs on the threaded scheduler instead: :func:`in_process_reason`);
 - ``address``: an existing cluster at ``cluster.address`` (nothing is started).
 
 On a distributed cluster (``local``/``address``) the runner submits each iteration's tasks as
