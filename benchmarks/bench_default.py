@@ -13,9 +13,10 @@ a fresh temporary directory), so all variants see the same machine load:
   (the default before small problems ran in process).
 
 Reports, per variant, the median over rounds of the command's wall time (start-up, cluster,
-fit, outputs and shutdown), the fit's own ``wall_time``, the engine that ran and the final test
-metric, and per round the ratio of each variant's command time to the reference's; records the
-load average before and after every command. Writes
+fit, outputs and shutdown), its CPU time (the command and every process it started), the fit's
+own ``wall_time``, the engine that ran and the final test metric, and per round the ratio of
+each variant's command time and CPU time to the reference's; records the load average before
+and after every command. Writes
 ``benchmarks/results/default-run-<timestamp>.json`` (or ``--out``).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,21 +41,29 @@ VARIANTS = {
 }
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (and theirs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_command(args: list[str], run_dir: Path, timeout: float) -> dict:
     """One ``daskadmm`` command; its wall time, the summary's fit time, engine and metric."""
     cmd = [sys.executable, "-m", "daskadmm.cli", *args, "run.progress=false",
            f"hydra.run.dir={run_dir}"]
     load0 = os.getloadavg()
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0  # the command and every process it started (workers too)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SystemExit(f"bench_default: {' '.join(args) or '(default)'} failed "
                          f"(exit {proc.returncode}): {tail}")
     summary = json.loads((run_dir / "summary.json").read_text())
     info = summary.get("info", {})
-    return {"command_seconds": wall, "fit_seconds": summary.get("wall_time"),
+    return {"command_seconds": wall, "cpu_seconds": cpu, "fit_seconds": summary.get("wall_time"),
             "engine": info.get("engine"), "cluster": info.get("cluster"),
             "test_metric": summary.get("final", {}).get("test_metric"),
             "iterations": summary.get("iterations"),
@@ -78,6 +88,7 @@ def main(argv=None) -> dict:
 
     runs: dict[str, list[dict]] = {v: [] for v in names}
     ratios: dict[str, list[float]] = {v: [] for v in names if v != "reference"}
+    cpu_ratios: dict[str, list[float]] = {v: [] for v in ratios}
     with tempfile.TemporaryDirectory(prefix="bench-default-") as tmp:
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]  # alternate who goes first
@@ -87,11 +98,13 @@ def main(argv=None) -> dict:
                                      args.timeout)
                 runs[v].append(got[v])
                 print(f"round {r}: {v:9s} {got[v]['command_seconds']:6.1f} s command, "
+                      f"{got[v]['cpu_seconds']:6.1f} CPU-s, "
                       f"{got[v]['fit_seconds']:6.1f} s fit ({got[v]['cluster']}), test "
                       f"{got[v]['test_metric']:.4f}, load {got[v]['loadavg'][1][0]:.1f}",
                       flush=True)
             for v in ratios:
                 ratios[v].append(got[v]["command_seconds"] / got["reference"]["command_seconds"])
+                cpu_ratios[v].append(got[v]["cpu_seconds"] / got["reference"]["cpu_seconds"])
     report = {
         "overrides": args.set,
         "rounds": args.rounds,
@@ -102,12 +115,15 @@ def main(argv=None) -> dict:
                                for v in names},
         "ratio_to_reference": {v: {"per_round": x, "median": statistics.median(x)}
                                for v, x in ratios.items()},
+        "cpu_ratio_to_reference": {v: {"per_round": x, "median": statistics.median(x)}
+                                   for v, x in cpu_ratios.items()},
         "same_test_metric": len({x["test_metric"] for v in names for x in runs[v]}) == 1,
         "cpus": os.cpu_count(),
     }
     for v, x in ratios.items():
-        print(f"{v}: {statistics.median(x):.2f}x the reference's command time (median of "
-              f"{len(x)} rounds: {', '.join(f'{y:.2f}' for y in x)})")
+        print(f"{v}: {statistics.median(x):.2f}x the reference's command time, "
+              f"{statistics.median(cpu_ratios[v]):.2f}x its CPU (medians of {len(x)} rounds: "
+              f"{', '.join(f'{y:.2f}' for y in x)})")
     out = args.out or HERE / "results" / f"default-run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -529,4 +529,5 @@ def test_bench_default_smoke(tmp_path):
     (default,) = report["runs"]["default"]
     assert default["cluster"] == "threads" and report["runs"]["reference"][0]["engine"]
     assert report["same_test_metric"] and report["ratio_to_reference"]["default"]["median"] > 0
+    assert default["cpu_seconds"] > 0 and report["cpu_ratio_to_reference"]["default"]["median"] > 0
     assert len(default["loadavg"]) == 2 and all(len(x) == 3 for x in default["loadavg"])
