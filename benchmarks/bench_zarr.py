@@ -1,7 +1,7 @@
 """Zarr-resident state: worker memory against chunks, out-of-core, time against in-memory Dask.
 
     python benchmarks/bench_zarr.py                 # all three, default sizes (~5 min, 2 cores)
-    python benchmarks/bench_zarr.py --only memory   # any of: memory, outofcore, time
+    python benchmarks/bench_zarr.py --only memory   # any of: memory, outofcore, time, io
     python benchmarks/bench_zarr.py --algorithm pdadmm   # radmm3 (default), radmm3l, radmm3a,
                                                          # pdadmm, dladmm
     python benchmarks/bench_zarr.py --quick --algorithm dladmm   # smoke run, small sizes (< 1 min)
@@ -28,6 +28,10 @@ a, or z, u for the output layer); the store keeps 2 live slots of each (dlADMM 3
    the floor wins (state is a few MB), so that run only checks that the path works.
 3. time: time per iteration of the Zarr-resident engine against the all-in-memory Dask path on
    the same problem and cluster (target: within 1.3x).
+4. io (only when asked: ``--only io --rounds 3 --io-chunks 8``): the same ratio with the chunk
+   files read and written directly (the default) and through Zarr's own path
+   (``daskadmm.storage.DIRECT_IO = False`` in the workers), the three runs interleaved and
+   repeated.
 """
 
 from __future__ import annotations
@@ -146,8 +150,15 @@ def state_bytes(cfg: Config, ds: Dataset) -> dict:
             "data": 8 * n * (ds.X_train.shape[0] + ds.Y_train.shape[0])}
 
 
+def _set_direct_io(on: bool) -> None:
+    """In a worker: read and write whole chunk files directly (the default) or through Zarr."""
+    from daskadmm import storage
+
+    storage.DIRECT_IO = on
+
+
 def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit: str,
-             workdir: Path) -> dict:
+             workdir: Path, direct_io: bool = True) -> dict:
     from distributed import Client, LocalCluster
 
     url = workdir / f"state-{chunk_size}-{state}.zarr"
@@ -155,6 +166,7 @@ def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, memory_limit=memory_limit) as cluster, \
             Client(cluster) as client:
+        client.run(_set_direct_io, direct_io)
         idle = client.run(_rss_mb)
         client.run(_start_sampler)
         before = set(client.scheduler_info(n_workers=-1)["workers"])
@@ -173,6 +185,7 @@ def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit
     h = res.history
     return {
         "chunk_size": chunk_size, "chunks": res.info.get("chunks", 1), "state": state,
+        "direct_io": direct_io,
         "engine": res.info.get("engine"), "status": res.status, "wall": wall,
         "per_iteration": (h[-1]["wall_time"] - h[0]["wall_time"]) / max(1, res.iterations),
         "idle_rss_mb": sorted(idle.values()), "peak_rss_mb": sorted(peak.values()),
@@ -183,12 +196,48 @@ def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit
     }
 
 
+def io_section(cfg: Config, ds: Dataset, args: argparse.Namespace, work: Path) -> dict:
+    """Time per iteration of the Zarr-resident engine, with the chunk files read and written
+    directly (the default) and through Zarr, against the in-memory Dask path: the three
+    interleaved, ``--rounds`` times, each on a fresh cluster; ratios per round and medians."""
+    import statistics
+
+    cs = -(-args.n // args.io_chunks) if args.io_chunks > 1 else 0
+    runs: dict[str, list[dict]] = {"memory": [], "direct": [], "zarr": []}
+    for r in range(args.rounds):
+        order = ["memory", "direct", "zarr"]
+        for v in order if r % 2 == 0 else order[::-1]:
+            run = run_once(cfg, ds, 0 if v == "memory" else cs, "memory" if v == "memory"
+                           else "zarr", "auto", work, direct_io=v != "zarr")
+            run["loadavg"] = list(os.getloadavg())
+            runs[v].append(run)
+            print(f"io round {r}: {v:6s} {run['per_iteration']:.3f} s/iteration "
+                  f"(load {run['loadavg'][0]:.1f})", flush=True)
+    ratio = {v: [z["per_iteration"] / m["per_iteration"]
+                 for z, m in zip(runs[v], runs["memory"], strict=True)]
+             for v in ("direct", "zarr")}
+    out = {"chunks": args.io_chunks, "runs": runs,
+           "over_memory": {v: {"per_round": x, "median": statistics.median(x)}
+                           for v, x in ratio.items()},
+           "direct_over_zarr": statistics.median(
+               d["per_iteration"] / z["per_iteration"]
+               for d, z in zip(runs["direct"], runs["zarr"], strict=True)),
+           "target": "<= 1.1"}
+    print(f"io: Zarr-resident / in-memory {out['over_memory']['direct']['median']:.2f}x with "
+          f"direct chunk files, {out['over_memory']['zarr']['median']:.2f}x through Zarr "
+          f"(medians of {args.rounds} rounds, {args.io_chunks} chunks)", flush=True)
+    return out
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="io: rounds of the interleaved in-memory / Zarr runs")
+    ap.add_argument("--io-chunks", type=int, default=8, help="io: chunks of the Zarr runs")
     ap.add_argument("--only", default="memory,outofcore,time",
                     help="comma-separated: memory, outofcore, time")
     ap.add_argument("--algorithm", default="radmm3", choices=ALGORITHMS)
@@ -217,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.chunks = _ints(args.chunks)
-    bad = set(args.only.split(",")) - {"memory", "outofcore", "time"}
+    bad = set(args.only.split(",")) - {"memory", "outofcore", "time", "io"}
     if bad:
         ap.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}")
     return args
@@ -278,6 +327,8 @@ def main(argv: list[str] | None = None) -> Path:
                               "target": "<= 1.3"}
             print(f"time: memory {mem['per_iteration']:.2f} s/it, zarr {zar['per_iteration']:.2f}"
                   f" s/it (1 chunk), {zar8['per_iteration']:.2f} s/it (8 chunks)", flush=True)
+        if "io" in only:
+            result["io"] = io_section(cfg, ds, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)

@@ -33,7 +33,7 @@ import numpy as np
 
 from .model import Architecture, augment, forward, loss_grad_n
 from .splitting import BlockSpec, Penalties, radmm3, radmm3a
-from .storage import StoreRef, array_handle, committed_slot
+from .storage import StoreRef, chunk_io, committed_slot
 
 __all__ = [
     "ALGORITHMS",
@@ -78,22 +78,12 @@ def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
     return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
 
 
-def _handle(url: StoreRef, path: str):
-    """The store's array at ``path`` (cached per process; see :func:`.storage.array_handle`)."""
-    return array_handle(url, path)
-
-
 def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
-    arr = _handle(url, path)
-    return np.asarray(arr[(slot, slice(None), sl)] if slot is not None else arr[:, sl])
+    return chunk_io(url, path).read(sl, slot)
 
 
 def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
-    arr = _handle(url, path)
-    if slot is not None:
-        arr[(slot, slice(None), sl)] = value
-    else:
-        arr[:, sl] = value
+    chunk_io(url, path).write(sl, value, slot)
 
 
 @dataclass(frozen=True)

@@ -350,3 +350,92 @@ def test_a_store_replaced_at_the_same_url_is_not_written_through_stale_handles(t
                     dataset=ds)
     for a, b in zip(again.weights, fresh.weights, strict=True):
         assert np.array_equal(a, b)
+
+
+# -- chunk I/O: the per-chunk tasks' own reads and writes of chunk files ---------------------
+
+def _arrays(root, dtype="f8", compressors=None):
+    """A live-style array (slots, rows, n) and a data-style one (rows, n), n = 10 in chunks
+    of 4 (the last one partial)."""
+    g = zarr.open_group(str(root), mode="w")
+    live = g.create_array("live/b1/U", shape=(2, 3, 10), chunks=(1, 3, 4), dtype=dtype,
+                          compressors=compressors, fill_value=0.0)
+    data = g.create_array("data/X", shape=(3, 10), chunks=(3, 4), dtype=dtype,
+                          compressors=compressors, fill_value=0.0)
+    return live, data
+
+
+@pytest.mark.parametrize("dtype", ["f8", "f4"])
+def test_chunk_io_reads_and_writes_what_zarr_does(tmp_path, dtype):
+    """Whole-chunk reads and writes (the last chunk partial, a chunk never written) go to
+    the chunk files directly, with the same values and the same bytes as Zarr's own path."""
+    from daskadmm import storage
+
+    rng = np.random.default_rng(0)
+    live, data = _arrays(tmp_path / "s.zarr", dtype)
+    io_live, io_data = storage.ChunkIO(live), storage.ChunkIO(data)
+    assert io_live.root is not None and io_data.root is not None  # the direct path
+    for sl in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        w = sl.stop - sl.start
+        # never written: the fill value, as Zarr reads it
+        assert np.array_equal(io_live.read(sl, 1), np.zeros((3, w), dtype))
+        v = rng.standard_normal((3, w))
+        io_live.write(sl, v, 1)
+        io_data.write(sl, v)
+        got = io_live.read(sl, 1)
+        assert got.dtype == np.dtype(dtype) and got.flags.writeable and got.flags.c_contiguous
+        assert np.array_equal(got, v.astype(dtype))
+        assert np.array_equal(np.asarray(live[1, :, sl]), v.astype(dtype))  # Zarr reads it
+        assert np.array_equal(io_data.read(sl), np.asarray(data[:, sl]))
+        # Zarr writes the other slot; the direct read sees it, and the files are the same bytes
+        live[0, :, sl] = v
+        assert np.array_equal(io_live.read(sl, 0), v.astype(dtype))
+        c = sl.start // 4
+        d = tmp_path / "s.zarr" / "live" / "b1" / "U" / "c"
+        assert (d / "0" / "0" / str(c)).read_bytes() == (d / "1" / "0" / str(c)).read_bytes()
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))  # no temporary file is left
+
+
+def test_chunk_io_leaves_other_cases_to_zarr(tmp_path):
+    """Compressed chunks, stores other than a local directory and selections that are not
+    one whole chunk go through Zarr, with the same results."""
+    from zarr.codecs import ZstdCodec
+
+    from daskadmm import storage
+
+    live, _ = _arrays(tmp_path / "z.zarr", compressors=[ZstdCodec(level=1)])
+    assert storage.ChunkIO(live).root is None
+    mem = zarr.open_group("memory://chunk-io-test", mode="w").create_array(
+        "x", shape=(3, 10), chunks=(3, 4), dtype="f8", fill_value=0.0)
+    assert storage.ChunkIO(mem).root is None
+    plain, _ = _arrays(tmp_path / "p.zarr")
+    cio = storage.ChunkIO(plain)
+    v = np.arange(30.0).reshape(3, 10)
+    for arr in (live, mem):
+        io = storage.ChunkIO(arr)
+        sel = (slice(0, 4), 1) if arr.ndim == 3 else (slice(0, 4), None)
+        io.write(sel[0], v[:, :4], sel[1])
+        assert np.array_equal(io.read(sel[0], sel[1]), v[:, :4])
+    # not one chunk: two chunks, part of a chunk, a stride
+    for sl in (slice(0, 8), slice(2, 4), slice(0, 4, 2)):
+        assert cio._chunk(sl, 0) is None
+        cio.write(sl, v[:, sl], 0)
+        assert np.array_equal(cio.read(sl, 0), v[:, sl])
+    assert cio._chunk(slice(0, 4), 0) is not None
+    try:
+        storage.DIRECT_IO = False  # the switch the benchmark uses: everything through Zarr
+        assert cio._chunk(slice(0, 4), 0) is None
+    finally:
+        storage.DIRECT_IO = True
+
+
+def test_chunk_io_refuses_a_truncated_chunk(tmp_path):
+    from daskadmm import storage
+
+    live, _ = _arrays(tmp_path / "t.zarr")
+    io = storage.ChunkIO(live)
+    io.write(slice(0, 4), np.ones((3, 4)), 0)
+    path = tmp_path / "t.zarr" / "live" / "b1" / "U" / "c" / "0" / "0" / "0"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(StoreError, match="has 40 bytes, expected 96"):
+        io.read(slice(0, 4), 0)
