@@ -886,6 +886,13 @@ def array_handle(ref: StoreRef | str, path: str):
 # writes such chunk files itself, the way Zarr's LocalStore does (missing file: the fill value;
 # write to a temporary file in the same directory, then rename), and leaves every other case
 # (other stores, codecs, or selections) to Zarr. DIRECT_IO = False sends everything through Zarr.
+#
+# The live state (``live/``) is rewritten every iteration: an existing chunk file of the right
+# size is overwritten in place (~25x faster than a new file and a rename: no new pages). A torn
+# live chunk cannot be read: the graph orders every read after the write it needs, and after a
+# kill or a lost worker the live state is restored from a checkpoint (or started afresh) before
+# anything reads it. Checkpoints, data and the model are always written to a new file and
+# renamed; a file with other links is never written in place.
 DIRECT_IO = True
 
 
@@ -894,10 +901,11 @@ class ChunkIO:
     slot)`` is ``arr[slot, ..., sl]`` (``arr[..., sl]`` without a slot) and ``write`` its
     assignment, with the same bytes in the store as Zarr writes."""
 
-    def __init__(self, arr):
+    def __init__(self, arr, in_place: bool = False):
         self.arr = arr
         self.dtype = np.dtype(arr.dtype)
         self.root = self._direct_root(arr)
+        self.in_place = in_place
 
     @staticmethod
     def _direct_root(arr) -> Path | None:
@@ -975,6 +983,8 @@ class ChunkIO:
         else:  # the last chunk: Zarr stores it whole, the padding at the fill value
             buf = np.full(shape, self.arr.metadata.fill_value, dtype=self.dtype)
             buf[..., :width] = value
+        if self.in_place and _overwrite(path, buf):
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
         try:
@@ -986,10 +996,31 @@ class ChunkIO:
             raise
 
 
+def _overwrite(path: Path, buf: np.ndarray) -> bool:
+    """Write ``buf`` over the existing chunk file ``path`` in place; False (nothing written)
+    unless it is a regular file of exactly that size with no other link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != buf.nbytes:
+            return False
+        view = buf.data.cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+        return True
+    finally:
+        os.close(fd)
+
+
 @functools.lru_cache(maxsize=4096)
 def chunk_io(ref: StoreRef | str, path: str) -> ChunkIO:
-    """:class:`ChunkIO` of the array at ``path`` of the store ``ref`` (cached per process)."""
-    return ChunkIO(array_handle(ref, path))
+    """:class:`ChunkIO` of the array at ``path`` of the store ``ref`` (cached per process); the
+    live state's chunks are overwritten in place."""
+    return ChunkIO(array_handle(ref, path), in_place=path.startswith("live/"))
 
 
 def clear_handles() -> None:

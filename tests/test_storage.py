@@ -439,3 +439,45 @@ def test_chunk_io_refuses_a_truncated_chunk(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(StoreError, match="has 40 bytes, expected 96"):
         io.read(slice(0, 4), 0)
+
+
+def test_live_chunks_are_overwritten_in_place_and_nothing_else(tmp_path):
+    """The live state's existing chunk files are rewritten in place (same inode); a first
+    write, a checkpoint or data array, a file of another size and a file with another link
+    get a new file and a rename, so nothing outside the chunk is ever written through."""
+    from daskadmm import storage
+
+    live, data = _arrays(tmp_path / "s.zarr")
+    io_live = storage.ChunkIO(live, in_place=True)
+    io_data = storage.ChunkIO(data)
+    chunk = tmp_path / "s.zarr" / "live" / "b1" / "U" / "c" / "1" / "0" / "0"
+    io_live.write(slice(0, 4), np.ones((3, 4)), 1)  # first write: a new file
+    ino = chunk.stat().st_ino
+    io_live.write(slice(0, 4), np.full((3, 4), 2.0), 1)
+    assert chunk.stat().st_ino == ino and np.array_equal(io_live.read(slice(0, 4), 1),
+                                                          np.full((3, 4), 2.0))
+    assert np.array_equal(np.asarray(live[1, :, 0:4]), np.full((3, 4), 2.0))
+    # the data array (not live) is replaced, never written through
+    io_data.write(slice(0, 4), np.ones((3, 4)))
+    dchunk = tmp_path / "s.zarr" / "data" / "X" / "c" / "0" / "0"
+    dino = dchunk.stat().st_ino
+    io_data.write(slice(0, 4), np.zeros((3, 4)) + 3)
+    assert dchunk.stat().st_ino != dino
+    # a second link to the chunk (a file outside the store) is left alone
+    outside = tmp_path / "users-file"
+    os.link(chunk, outside)
+    before = outside.read_bytes()
+    io_live.write(slice(0, 4), np.full((3, 4), 4.0), 1)
+    assert outside.read_bytes() == before and chunk.stat().st_ino != outside.stat().st_ino
+    assert np.array_equal(io_live.read(slice(0, 4), 1), np.full((3, 4), 4.0))
+    # a file of the wrong size is replaced whole
+    chunk.write_bytes(b"x" * 8)
+    io_live.write(slice(0, 4), np.full((3, 4), 5.0), 1)
+    assert chunk.stat().st_size == 96 and np.array_equal(np.asarray(live[1, :, 0:4]),
+                                                         np.full((3, 4), 5.0))
+    # which arrays the tasks write in place: the live state only
+    root = str(tmp_path / "s.zarr")
+    storage.clear_handles()
+    assert storage.chunk_io(root, "live/b1/U").in_place
+    assert not storage.chunk_io(root, "data/X").in_place
+    storage.clear_handles()
