@@ -34,6 +34,11 @@ Safety rules:
   chunk instead of reading zeros.
 - Symbolic links inside a local store are refused (a store made by someone else must not make
   a run write outside it).
+
+Chunk I/O: the per-chunk tasks read and write whole chunk files of a local, uncompressed store
+themselves (:class:`ChunkIO`, the same bytes Zarr writes; every other store, codec or selection
+goes through Zarr). Only the live state is overwritten in place, and only a regular file of the
+right size with no other link; everything else is written to a new file and renamed.
 """
 
 from __future__ import annotations
