@@ -359,11 +359,14 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
                 kind = "next"
                 refs = [Ref(chunk[i - 1, c]) for c in range(C)]
             gram = Ref(cur["gram_x"]) if kind == "first" else None
-            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, i)
+            # summed where the chunk outputs are (block i-1's worker): one d x d triple
+            # travels to W_i's worker, not one per chunk
+            at = i if i == 1 else i - 1
+            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, at)
             wk = key("update_weights", k, run_id, i)
             red = key("reduce_stats", k, run_id, i)
             nodes.append(Node(red, chunked.pick_partials,
-                              (kind if len(refs) == C else "sum", gram, *refs), block=i))
+                              (kind if len(refs) == C else "sum", gram, *refs), block=at))
             nodes.append(Node(wk, chunked.update_weights,
                               (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), name), block=i))
             new[f"W-b{i}"] = wk
