@@ -143,7 +143,8 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     statistics) and the block's statistics may take it. Tasks that only have to run after it
     (the next iteration's chunk tasks, checkpoints; the futures the driver keeps for the next
     window) wait for a task with a small output that runs after it instead, and still run
-    after every chunk task whose writes they read or overwrite."""
+    after every chunk task whose writes they read or overwrite. The reductions run on the
+    chunks' worker."""
     from daskadmm import chunked
 
     wg, C = _chunked_window(N, K, 30, chunk)
@@ -154,7 +155,9 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
         takes = {d for d in x.deps() if d in big}
         if takes:
             assert x.fn in (chunked.pick_partials, chunked.block_stats), (x.key, takes)
-    assert not {v for r, v in wg.last.items() if r.startswith("chunk-")} & big
+            # on the chunks' worker: only sums travel
+            assert {by_key[d].block for d in takes} == {x.block}, (x.key, takes)
+    assert not set(wg.last.values()) & big
     # the ordering still holds: every chunk task runs after its own and its right neighbour's
     # chunk of the last iteration, every checkpoint after its chunk, and every chunk task of
     # iteration k >= 4 after the checkpoint of 2 (k = 4 overwrites the slot being copied)
