@@ -570,6 +570,13 @@ class Hazards:
             self.readers[loc] = []
         return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
 
+    def replace(self, markers: dict[str, str]) -> None:
+        """Later tasks wait for ``markers[key]`` instead of task ``key`` (a task that runs after
+        it)."""
+        self.writer = {loc: markers.get(v, v) for loc, v in self.writer.items()}
+        self.readers = {loc: list(dict.fromkeys(markers.get(v, v) for v in keys))
+                        for loc, keys in self.readers.items()}
+
     def roles(self) -> dict[str, str]:
         out = {f"w|{loc}": v for loc, v in self.writer.items()}
         for loc, keys in self.readers.items():
@@ -784,6 +791,10 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             nodes.append(Node(lk, layer_stats, (Ref(sm_keys[i]), *parts[i]), block=i))
             lstats.append(Ref(lk))
             done.update({r.key: lk for r in parts[i]})
+        # from here on, tasks that must run after a chunk task of iteration k (the
+        # checkpoint, iteration k+1's chunk tasks) wait for its layer's statistics task: see
+        # the end of this function (a window of K iterations is wired as K windows of one)
+        hz.replace(done)
         stats_keys[k] = key("iteration_stats", k, run_id)
         nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *lstats)))
         w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
@@ -804,10 +815,11 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                     ck_keys[k].append(kk)
         small = sm_keys
     # Carry completion markers, not chunk tasks: a chunk task's output holds d x d statistics,
-    # and a future kept for a dependency keeps its output in cluster memory. The layer's
-    # statistics task runs after all of that layer's chunk tasks of its iteration (and its
-    # output is a few floats), so a later task may wait for it instead.
-    last = {role: done.get(v, v) for role, v in hz.roles().items()}
+    # and a future kept for a dependency (or a later task that takes it only to run after it)
+    # keeps its output in cluster memory. The layer's statistics task runs after all of that
+    # layer's chunk tasks of its iteration (and its output is a few floats), so a later task
+    # may wait for it instead.
+    last = hz.roles()
     last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
     last["gram"] = prev["gram"]
     return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)

@@ -301,6 +301,20 @@ def _tree(nodes: list[Node], base: str, which: str, refs: list[Ref], block: int,
     return refs
 
 
+def _reduce(nodes: list[Node], k: int, run_id: str, i: int, kind: str, refs: list[Ref],
+            gram: Ref | None, block: int) -> str:
+    """Append the reduction of ``W_i``'s statistics of iteration k (``kind``, see
+    :func:`daskadmm.chunked.pick_partials`) on ``block``'s worker; returns its key."""
+    from . import chunked
+
+    C = len(refs)
+    refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, block)
+    red = key("reduce_stats", k, run_id, i)
+    nodes.append(Node(red, chunked.pick_partials,
+                      (kind if len(refs) == C else "sum", gram, *refs), block=block))
+    return red
+
+
 def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
                          prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
                          name: str, eval_iters: Iterable[int] = (),
@@ -309,13 +323,30 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
     """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``
     (RADMM-3, -3L or -3A: the same wiring; RADMM-3A's chunk tasks also read and write Gam).
 
-    ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (the task after which
-    chunk c of block i holds iteration k0; the same init/restore task for every block at the
-    start), ``W-b<i>`` (W of iteration k0), ``first-c<c>`` (the output carrying ``W_1``'s
-    statistics for iteration k0+1: an ``init_partials`` or block-1 ``<name>_chunk`` key),
-    ``first_kind`` ("init" or "first"), ``gram_x``, and ``ckpt-b<i>-c<c>-k<k>`` for checkpoint
-    tasks that later writers must wait for. Tasks carry only references, specs, slices and
-    scalars; every array goes through the store or is a ``d x d`` statistic.
+    ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (a task after which
+    chunk c of block i holds iteration k0, with a small output: the init/restore task of the
+    chunk at the start, block i's ``block_stats`` task after an iteration), ``W-b<i>`` (W of
+    iteration k0), ``W_1``'s statistics for iteration k0+1: ``first`` (their reduction, built
+    with iteration k0; ``first_kind`` "reduced") or ``first-c<c>`` (per chunk: ``init_partials``
+    keys at the start, ``first_kind`` "init", or block-1 ``<name>_chunk`` keys, "first"),
+    ``gram_x``, and ``ckpt-b<i>-c<c>-k<k>`` for checkpoint tasks that later writers must wait
+    for. The window hands on ``first`` (so it builds the reduction for ``W_1`` of ``k1 + 1``).
+    Tasks carry only references, specs, slices and scalars; every array goes through the store
+    or is a ``d x d`` statistic.
+
+    A chunk task's output carries ``d x d`` statistics, and Dask keeps a task's output until
+    every task that takes it has run (a future the driver keeps for the next window, too). So
+    only the reductions and ``block_stats`` take chunk outputs; a task that merely has to run
+    after chunk tasks (the next iteration's chunk tasks, a checkpoint) takes the block's
+    ``block_stats`` task instead, whose output is four floats. For the chunk's own last write
+    that is no coarser than before (``W_{i+1}`` of k-1, which block i's chunk tasks of k take,
+    already waits for all of block i's chunks of k-1; for block N, ``W_N`` of k waits for block
+    N-1's chunks of k, which wait for block N's of k-1). For the right neighbour it is: chunk c
+    of block i waits for all of block i+1's chunks of k-1, not only chunk c. The wavefront
+    hardly notices, since block i's chunks of k also wait for ``W_i`` of k, which waits for
+    block i-1's chunks of k, which start with block i+1's of k-1 (both wait for block i's of
+    k-1) and take about as long. The reductions run where the chunk outputs are, and as soon
+    as they can: ``W_1`` of k+1 is summed with iteration k, right after block 1's chunks.
     """
     from . import chunked
 
@@ -333,27 +364,30 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
     for k in range(k0 + 1, k1 + 1):
         pen = pens[k]
         new: dict[str, str] = {}
+        chunk: dict[tuple[int, int], str] = {}  # (block, chunk) -> chunk task of iteration k
         w_keys[k] = []
         for i in range(1, N + 1):
             spec = specs[i - 1]
             # W_i of iteration k from the statistics of its left neighbour's chunks
-            if i == 1:
-                kind = cur["first_kind"]
-                refs = [Ref(cur[f"first-c{c}"]) for c in range(C)]
-            else:
-                kind = "next"
-                refs = [Ref(new[f"chunk-b{i - 1}-c{c}"]) for c in range(C)]
-            gram = Ref(cur["gram_x"]) if kind == "first" else None
-            refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, i)
             wk = key("update_weights", k, run_id, i)
-            red = key("reduce_stats", k, run_id, i)
-            nodes.append(Node(red, chunked.pick_partials,
-                              (kind if len(refs) == C else "sum", gram, *refs), block=i))
+            if i == 1 and cur["first_kind"] == "reduced":
+                red = cur["first"]  # summed as soon as block 1 of k-1 was done
+            elif i == 1:  # the start: init_partials' outputs
+                red = _reduce(nodes, k, run_id, 1, cur["first_kind"],
+                              [Ref(cur[f"first-c{c}"]) for c in range(C)],
+                              Ref(cur["gram_x"]) if cur["first_kind"] == "first" else None, 1)
+            else:
+                # summed where the chunk outputs are (block i-1's worker): one d x d triple
+                # travels to W_i's worker, not one per chunk
+                red = _reduce(nodes, k, run_id, i, "next",
+                              [Ref(chunk[i - 1, c]) for c in range(C)], None, i - 1)
             nodes.append(Node(wk, chunked.update_weights,
                               (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), name), block=i))
             new[f"W-b{i}"] = wk
             w_keys[k].append(wk)
             for c, sl in enumerate(slices):
+                # ordering only (it reads what its own and its right neighbour's chunk tasks of
+                # k-1 wrote, and overwrites what the checkpoint of k-2 copies): small outputs
                 order = [Ref(cur[f"chunk-b{i}-c{c}"])]
                 if i < N:
                     order.append(Ref(cur[f"chunk-b{i + 1}-c{c}"]))
@@ -364,18 +398,24 @@ def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0:
                 nodes.append(Node(ck, chunked.update_chunk,
                                   (chunked.ChunkTask(url, sl, c), spec, pen, k, Ref(wk), w_right,
                                    name, *order), block=i))
-                new[f"chunk-b{i}-c{c}"] = ck
-        for c in range(C):
-            new[f"first-c{c}"] = new[f"chunk-b1-c{c}"]
-        new["first_kind"] = "first"
+                chunk[i, c] = ck
+            if i == 1:
+                # W_1 of k+1 needs only block 1's chunks of k: summed now, with iteration k's
+                # priority, so block 1's chunk outputs go as soon as W_2's sum has them too
+                new["first"] = _reduce(nodes, k + 1, run_id, 1, "first",
+                                       [Ref(chunk[1, c]) for c in range(C)],
+                                       Ref(cur["gram_x"]), 1)
+                new["first_kind"] = "reduced"
         new["gram_x"] = cur["gram_x"]
         # statistics: per block on its own worker (no d x d matrices travel), then one sum
         bstats = []
         for i in range(1, N + 1):
             bk = key("block_stats", k, run_id, i)
             nodes.append(Node(bk, chunked.block_stats,
-                              tuple(Ref(new[f"chunk-b{i}-c{c}"]) for c in range(C)), block=i))
+                              tuple(Ref(chunk[i, c]) for c in range(C)), block=i))
             bstats.append(Ref(bk))
+            for c in range(C):
+                new[f"chunk-b{i}-c{c}"] = bk
         stats_keys[k] = key("iteration_stats", k, run_id)
         nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *bstats)))
         if k in eval_iters:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from test_storage import REL, _cfg, _mem_url, _rel, _with
@@ -129,7 +131,7 @@ def test_hazards_order_reads_and_writes():
     assert sorted(r.key for r in again.task("w3", ["y"], ["x"])) == ["r2", "r3", "w2"]
 
 
-def _window(name: str, N: int, K: int, C: int = 3):
+def _window(name: str, N: int, K: int, C: int = 3, ckpt_slots: dict[int, str] | None = None):
     arch = Architecture(kind="mlp", depth=N, d_in=5, width=4, d_out=2)
     n = 30
     specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
@@ -139,7 +141,8 @@ def _window(name: str, N: int, K: int, C: int = 3):
                                           for i in range(1, N + 1)], n, None, Options(), 1.0)
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 1)}
-    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices)
+    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices,
+                                    ckpt_slots=ckpt_slots)
 
 
 @pytest.mark.parametrize("K", [1, 4])
@@ -175,3 +178,37 @@ def test_carried_dependencies_are_small_completion_markers(name):
     assert chunk_tasks
     assert not chunk_tasks & set(wg.last.values())
     assert any(v.startswith("layer_stats-") for v in wg.last.values())
+
+
+@pytest.mark.parametrize("name", ["pdadmm", "dladmm"])
+def test_later_iterations_wait_for_completion_markers_within_a_window(name):
+    # a window of several iterations (the synchronous and threaded schedulers run whole
+    # windows) is wired as windows of one: no task of a later iteration, and no checkpoint,
+    # takes a chunk task's output (d x d statistics) just to run after it
+    wg = _window(name, 4, 3, ckpt_slots={2: "a"})
+    it = {n.key: int(re.search(r"-k(\d+)-", n.key).group(1)) for n in wg.nodes
+          if re.search(r"-k(\d+)-", n.key)}
+    chunk_tasks = {n.key for n in wg.nodes if n.args and isinstance(n.args[0], ChunkTask)
+                   and not n.key.startswith("checkpoint")}
+    checkpoints = [n for n in wg.nodes if n.key.startswith("checkpoint-")]
+    assert checkpoints and len(chunk_tasks) > 3 * 4 * 3
+    for n in wg.nodes:
+        for d in set(n.deps()) & chunk_tasks:
+            assert it[n.key] == it[d] and n not in checkpoints, (n.key, d)
+    # and they still run after them: every checkpoint after its layer's and chunk's tasks of
+    # iteration 2, the first task of iteration 3 after its own layer's and chunk's of 2
+    after: dict[str, set[str]] = {}
+    for n in wg.nodes:
+        after[n.key] = set()
+        for d in n.deps():
+            if d in after:
+                after[n.key] |= {d, *after[d]}
+
+    def tasks_of(key: str, k: int) -> set[str]:
+        where = re.search(r"-b\d+-c\d+-", key).group(0)
+        return {d for d in chunk_tasks if it[d] == k and where in d}
+
+    for n in checkpoints:
+        assert tasks_of(n.key, 2) and tasks_of(n.key, 2) <= after[n.key]
+    first3 = next(n.key for n in wg.nodes if n.key in chunk_tasks and it[n.key] == 3)
+    assert tasks_of(first3, 2) and tasks_of(first3, 2) <= after[first3]

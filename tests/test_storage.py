@@ -115,6 +115,77 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
         assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
 
 
+def _chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
+    """Iterations 1..K of the Zarr engine's graph as the runner starts it (init tasks named as
+    the runner names them), with a checkpoint at iteration 2."""
+    from daskadmm.graph import build_chunked_window
+    from daskadmm.model import Architecture
+    from daskadmm.splitting.base import BlockSpec, Options, Penalties
+    from daskadmm.storage import StoreRef
+
+    arch = Architecture("resnet", N, 3, 4, 2)
+    specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
+    slices = chunk_slices(n, chunk)
+    prev = {f"chunk-b{i}-c{c}": f"init_chunk-c{c}" for i in range(1, N + 1)
+            for c in range(len(slices))}
+    prev.update({f"W-b{i}": f"init_weights-b{i}" for i in range(1, N + 1)})
+    prev.update({f"first-c{c}": f"init_partials-c{c}" for c in range(len(slices))})
+    prev.update({"first_kind": "init", "gram_x": "gram_x"})
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
+    return build_chunked_window(specs, pens, 0, K, prev, "r", StoreRef("memory://x"), slices,
+                                name, ckpt_slots={2: "a"}), len(slices)
+
+
+@pytest.mark.parametrize(("N", "K", "chunk"), [(2, 3, 10), (3, 4, 7), (5, 4, 2)])
+def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
+    """A chunk task's output carries d x d partial statistics, and a task's output stays in
+    worker memory until every task that takes it has run: only the reductions (``W``
+    statistics) and the block's statistics may take it. Tasks that only have to run after it
+    (the next iteration's chunk tasks, checkpoints; the futures the driver keeps for the next
+    window) wait for a task with a small output that runs after it instead, and still run
+    after every chunk task whose writes they read or overwrite. The reductions run on the
+    chunks' worker."""
+    from daskadmm import chunked
+
+    wg, C = _chunked_window(N, K, 30, chunk)
+    by_key = {x.key: x for x in wg.nodes}
+    big = {x.key for x in wg.nodes if x.fn is chunked.update_chunk}
+    assert len(big) == N * C * K
+    for x in wg.nodes:
+        takes = {d for d in x.deps() if d in big}
+        if takes:
+            assert x.fn in (chunked.pick_partials, chunked.block_stats), (x.key, takes)
+            # on the chunks' worker: only sums travel
+            assert {by_key[d].block for d in takes} == {x.block}, (x.key, takes)
+    assert not set(wg.last.values()) & big
+    # the ordering still holds: every chunk task runs after its own and its right neighbour's
+    # chunk of the last iteration, every checkpoint after its chunk, and every chunk task of
+    # iteration k >= 4 after the checkpoint of 2 (k = 4 overwrites the slot being copied)
+    after: dict[str, set[str]] = {}
+    for x in wg.nodes:  # topological order
+        after[x.key] = set()
+        for d in x.deps():
+            if d in by_key:
+                after[x.key] |= {d, *after[d]}
+
+    def chunk_key(i: int, c: int, k: int) -> str:
+        return f"radmm3_chunk-b{i}-c{c}-k{k}-r"
+
+    for k in range(1, K + 1):
+        for i in range(1, N + 1):
+            for c in range(C):
+                mine = after[chunk_key(i, c, k)]
+                if k > 1:
+                    assert chunk_key(i, c, k - 1) in mine
+                    if i < N:
+                        assert chunk_key(i + 1, c, k - 1) in mine
+                if k >= 4:
+                    assert f"checkpoint-b{i}-c{c}-k2-r" in mine
+    for i in range(1, N + 1):
+        for c in range(C):
+            assert chunk_key(i, c, 2) in after[f"checkpoint-b{i}-c{c}-k2-r"]
+
+
 def test_an_algorithm_without_the_zarr_engine_keeps_its_state_in_worker_memory_and_says_so():
     """radmm2's backtracking needs a global reduction per trial: with storage.state=zarr it runs
     the in-memory Dask engine (equal to the reference, tests/test_dask.py) and records why."""
