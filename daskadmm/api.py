@@ -139,6 +139,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
     if cfg.run.dtype != "float64":
         ds = with_dtype(ds, np.dtype(cfg.run.dtype))
     engine_note = None
+    asked = cfg  # the configuration as given (what the stored model records)
     if cfg.cluster.kind == "local" and cfg.algorithm.name in ADMM_ALGORITHMS and \
             not lazy_arrays(ds):
         from .config import state_bytes
@@ -217,8 +218,10 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         from .storage import save_model_store
 
         url = str(Path(run_dir) / "model.zarr")
-        save_model_store(url, arch, result.weights, ds, result.metric,
-                         {"config": cfg.to_dict(), "algorithm": name})
+        meta: dict[str, Any] = {"config": asked.to_dict(), "algorithm": name}
+        if engine_note:
+            meta["engine_note"] = engine_note
+        save_model_store(url, arch, result.weights, ds, result.metric, meta)
         result.info["store"] = url
     result.info.setdefault("data", {"name": ds.name, "source": ds.source,
                                     "n_train": ds.n_train, "n_test": ds.n_test,

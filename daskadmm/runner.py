@@ -197,15 +197,17 @@ def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | Non
     LocalCluster). A small problem runs faster on Dask's threaded scheduler in this process,
     with its state in memory, than on worker processes: they add start-up (seconds), a copy of
     every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
-    than the math. It applies only where nothing else asks for the cluster: no client given or
-    active, no checkpoints, no resume, no ``storage.url``, and an ADMM state (``state`` bytes)
-    of at most ``cluster.in_process_mb`` MiB."""
+    than the math. It applies only where nothing else asks for the cluster or the Zarr store: no
+    client given or active, no checkpoints, no resume, no ``storage.url``, no
+    ``storage.keep_state``, ``chunk_size``, ``compressor`` or ``cluster.memory_limit`` set, and an
+    ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
     c, s = opts.cluster, opts.storage
     if c.kind != "local" or c.in_process_mb <= 0 or state > c.in_process_mb * 2**20:
         return None
     if client is not None or current_client() is not None:
         return None
-    if opts.checkpoint_every or opts.resume or s.url:
+    if opts.checkpoint_every or opts.resume or s.url or s.keep_state or s.chunk_size or \
+            s.compressor != "none" or c.memory_limit != "auto":
         return None
     return (f"small problem (ADMM state {state / 2**20:.1f} MiB <= cluster.in_process_mb="
             f"{c.in_process_mb:g}): running in this process on Dask's threaded scheduler "

@@ -889,7 +889,8 @@ def array_handle(ref: StoreRef | str, path: str):
 # for what these tasks move (whole chunks of uncompressed little-endian arrays in a local store)
 # the bytes of a chunk file are exactly the chunk's values in C order, so ChunkIO reads and
 # writes such chunk files itself, the way Zarr's LocalStore does (missing file: the fill value;
-# write to a temporary file in the same directory, then rename), and leaves every other case
+# write to a temporary file in the same directory, then rename; unlike Zarr's default it also
+# writes a chunk that is all fill value, which reads back the same), and leaves every other case
 # (other stores, codecs, or selections) to Zarr. DIRECT_IO = False sends everything through Zarr.
 #
 # The live state (``live/``) is rewritten every iteration: an existing chunk file of the right
@@ -963,7 +964,9 @@ class ChunkIO:
         out = np.empty(shape, dtype=self.dtype)
         try:
             with open(path, "rb") as f:
-                got = f.readinto(out.data.cast("B"))
+                got = os.fstat(f.fileno()).st_size
+                if got == out.nbytes:
+                    got = f.readinto(out.data.cast("B"))
         except FileNotFoundError:  # never written, or written as all fill value
             out.fill(self.arr.metadata.fill_value)
             got = out.nbytes
@@ -1005,7 +1008,8 @@ def _overwrite(path: Path, buf: np.ndarray) -> bool:
     """Write ``buf`` over the existing chunk file ``path`` in place; False (nothing written)
     unless it is a regular file of exactly that size with no other link."""
     try:
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
     except OSError:
         return False
     try:

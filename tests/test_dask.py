@@ -195,14 +195,23 @@ def test_local_cluster_started_by_runner(tmp_path):
     assert res.info["compute_seconds"] > 0
 
 
-def test_small_local_run_goes_in_process_and_says_so():
+def test_small_local_run_goes_in_process_and_says_so(tmp_path):
     """The default cluster.kind=local with a small state runs on the threaded scheduler in this
-    process (no LocalCluster), says so, and gives the reference's iterates."""
+    process (no LocalCluster), says so, and gives the reference's iterates; the stored model
+    records the configuration as given and where it ran."""
+    import zarr
+
     cfg, ds = _problem()
     cfg.storage.state = "zarr"  # the default: replaced by memory in process
     ref = _run(cfg, ds, "reference")
-    res = _run(cfg, ds, "local")
+    c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kind="local"),
+                            algorithm=dataclasses.replace(cfg.algorithm, name="radmm3"))
+    res = api.fit(c, dataset=ds, run_dir=tmp_path)
     _assert_equal(ref, res)
+    attrs = zarr.open_group(str(tmp_path / "model.zarr"), mode="r").attrs
+    assert attrs["config"]["cluster"]["kind"] == "local"
+    assert attrs["config"]["storage"]["state"] == "zarr"
+    assert attrs["engine_note"] == res.info["engine_note"]
     assert res.info["engine"] == "dask" and res.info["cluster"] == "threads"
     assert "dashboard" not in res.info
     note = res.info["engine_note"]
@@ -210,7 +219,8 @@ def test_small_local_run_goes_in_process_and_says_so():
 
 
 @pytest.mark.parametrize("change", ["off", "large", "checkpoints", "resume", "url", "client",
-                                    "threads"])
+                                    "threads", "keep_state", "chunk_size", "compressor",
+                                    "memory_limit"])
 def test_in_process_only_where_nothing_asks_for_the_cluster(change):
     from daskadmm.config import state_bytes
     from daskadmm.runner import in_process_reason
@@ -232,6 +242,14 @@ def test_in_process_only_where_nothing_asks_for_the_cluster(change):
         cfg.storage.url = "memory://mine"
     elif change == "client":
         client = object()  # a client given to fit: the run uses it
+    elif change == "keep_state":
+        cfg.storage.keep_state = True  # asks for the Zarr store
+    elif change == "chunk_size":
+        cfg.storage.chunk_size = 40
+    elif change == "compressor":
+        cfg.storage.compressor = "zstd"
+    elif change == "memory_limit":
+        cfg.cluster.memory_limit = "1GB"
     else:
         cfg.cluster.kind = "threads"  # only cluster.kind=local is ever replaced
     assert in_process_reason(api.engine_options(cfg), state, client) is None

@@ -507,8 +507,12 @@ def test_chunk_io_refuses_a_truncated_chunk(tmp_path):
     io = storage.ChunkIO(live)
     io.write(slice(0, 4), np.ones((3, 4)), 0)
     path = tmp_path / "t.zarr" / "live" / "b1" / "U" / "c" / "0" / "0" / "0"
-    path.write_bytes(path.read_bytes()[:40])
+    full = path.read_bytes()
+    path.write_bytes(full[:40])
     with pytest.raises(StoreError, match="has 40 bytes, expected 96"):
+        io.read(slice(0, 4), 0)
+    path.write_bytes(full + b"\0" * 8)  # too long: refused too, as Zarr would
+    with pytest.raises(StoreError, match="has 104 bytes, expected 96"):
         io.read(slice(0, 4), 0)
 
 
