@@ -775,8 +775,10 @@ def measure_tasks(prob: Problem, activation: str, iterations: int = 2,
     roles = {"first": 1, "hidden": 2, "last_hidden": 3, "output": 4}
     d = prob.width + prob.bias
     rng = np.random.default_rng(0)
-    parts = [{"next": (rng.standard_normal((d, d)), rng.standard_normal((prob.width, d)),
-                       rng.standard_normal((prob.width, d)))} for _ in range(prob.chunks)]
+    parts = [chunked.ChunkOut({}, (rng.standard_normal((d, d)),
+                                   rng.standard_normal((prob.width, d)),
+                                   rng.standard_normal((prob.width, d))))
+             for _ in range(prob.chunks)]
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()

@@ -28,6 +28,7 @@ network; both act on each sample on its own, so ``init_chunk`` runs them on its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from .storage import StoreRef, chunk_io, committed_slot
 
 __all__ = [
     "ALGORITHMS",
+    "ChunkOut",
     "ChunkTask",
     "block_stats",
     "gram_of",
@@ -93,6 +95,17 @@ class ChunkTask:
     url: StoreRef  # the store (its URL and creation id)
     sl: slice
     c: int
+
+
+class ChunkOut(NamedTuple):
+    """What :func:`update_chunk` returns for one chunk: its statistics (``objective``,
+    ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, P, Q)`` of the statistics of
+    ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(P, Q)`` of those of
+    ``W_1`` of the next iteration (block 1)."""
+
+    stats: dict[str, float]
+    w_next: tuple[Array, Array, Array] | None = None
+    w_first: tuple[Array, Array] | None = None
 
 
 def _loss_sum(loss: str, U: Array, Y: Array) -> float:
@@ -162,13 +175,12 @@ def update_weights(spec: BlockSpec, pen: Penalties, W: Array, stats: tuple,
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Array,
-                 W_right: Array | None, name: str, *order) -> dict:
+                 W_right: Array | None, name: str, *order) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
     ``name`` (``order``: results of the tasks this one must run after; their values are not
     used).
 
-    Returns ``{"stats": {...}, "next": (G, P, Q) for W_{i+1} of iteration k (i < N),
-    "first": (P, Q) for W_1 of iteration k+1 (i = 1)}``.
+    Returns a :class:`ChunkOut`.
     """
     i, url, sl = spec.i, ct.url, ct.sl
     new, old = k % 2, (k - 1) % 2
@@ -196,7 +208,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
     objective = (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / spec.n
     if ct.c == 0:
         objective += 0.5 * pen.lam * float(np.sum(W * W))
-    out: dict = {}
+    w_next = w_first = None
     dual_sq = 0.0
     _write(url, f"live/b{i}/U", sl, U, new)
     _write(url, f"live/b{i}/Lam", sl, Lam, new)
@@ -230,12 +242,12 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Arra
             _write(url, f"live/b{i}/Gam", sl, Gam, new)
             objective += radmm3a.multiplier_objective(spec, Gam, p)
         Vn = augment(V, spec.bias)
-        out["next"] = (Vn @ Vn.T, right["U"] @ Vn.T, right["Lam"] @ Vn.T)
+        w_next = (Vn @ Vn.T, right["U"] @ Vn.T, right["Lam"] @ Vn.T)
     if i == 1:
-        out["first"] = (U @ Vt.T, Lam @ Vt.T)
-    out["stats"] = {"objective": objective, "primal_sq": float(np.sum(r * r)),
-                    "dual_sq": dual_sq, "capped": float(capped)}
-    return out
+        w_first = (U @ Vt.T, Lam @ Vt.T)
+    stats = {"objective": objective, "primal_sq": float(np.sum(r * r)), "dual_sq": dual_sq,
+             "capped": float(capped)}
+    return ChunkOut(stats, w_next, w_first)
 
 
 def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
@@ -302,9 +314,9 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     ``gram_x`` once.
     """
     if which == "next":
-        parts = [o["next"] for o in outs]
+        parts = [o.w_next for o in outs]
     elif which == "first":
-        parts = [(None, *o["first"]) for o in outs]
+        parts = [(None, *o.w_first) for o in outs]
     else:
         parts = list(outs)
     G, P, Q = sum_partials(*parts)
@@ -318,10 +330,10 @@ def gram_of(*parts) -> Array:
     return sum_partials(*parts)[0]
 
 
-def block_stats(*outs: dict) -> dict[str, float]:
+def block_stats(*outs: ChunkOut) -> dict[str, float]:
     """Sum the per-chunk statistics of one block (in chunk order)."""
     total = {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": 0.0}
     for o in outs:
         for key in total:
-            total[key] += o["stats"][key]
+            total[key] += o.stats[key]
     return total
