@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from .storage import StoreRef
 __all__ = [
     "ALGORITHMS",
     "Hazards",
+    "PassOut",
     "MlpWindow",
     "build_window",
     "init_small",
@@ -161,10 +163,26 @@ def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
     return X @ X.T, X.sum(axis=1, keepdims=True)
 
 
-def _w_stats_of(i: int, outs: Iterable[dict], gram: tuple | None) -> tuple:
+class PassOut(NamedTuple):
+    """What a chunk pass returns (every field optional): its statistics (``objective``,
+    ``primal_sq``, ``dual_sq``, ``capped``: any subset), its share ``w`` of a W step's
+    statistics (:func:`_chunk_w_stats`), and its shares ``curv``, ``sq`` of a backtracked step's
+    curvature sums (:func:`~daskadmm.splitting.dladmm.shifted_curv`)."""
+
+    stats: dict[str, float] | None = None
+    w: tuple | None = None
+    curv: float | None = None
+    sq: float | None = None
+
+
+def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
     """W statistics from chunk outputs: layer 1's ``V V^T``, ``V 1`` are the constant ``gram``
     (its chunks carry only ``T V^T``, ``T 1``)."""
-    G, P, sV, sT = sum_partials(*[o["w"] for o in outs])
+    parts: list[tuple] = []
+    for o in outs:
+        assert o.w is not None  # passes that carry W statistics
+        parts.append(o.w)
+    G, P, sV, sT = sum_partials(*parts)
     if i == 1:
         assert gram is not None  # layer 1 is given X's constant statistics
         G, sV = gram
@@ -178,7 +196,7 @@ def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
     return w_stats(V, T)
 
 
-def layer_stats(small: Small, *outs: dict) -> dict[str, float]:
+def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     """Layer statistics of one iteration: the chunk shares in a fixed order, the regulariser,
     and the caps counted by the small tasks."""
     lam = small["lam"]
@@ -186,7 +204,7 @@ def layer_stats(small: Small, *outs: dict) -> dict[str, float]:
     total = {"objective": 0.5 * lam * float(np.sum(W * W)), "primal_sq": 0.0, "dual_sq": 0.0,
              "capped": float(small.get("capped", 0.0))}
     for o in outs:
-        for k, v in o.get("stats", {}).items():
+        for k, v in (o.stats or {}).items():
             total[k] += v
     return total
 
@@ -196,11 +214,12 @@ def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
     return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
 
 
-def _decide(sums: Iterable[dict], theta0: float, max_trials: int) -> tuple[float, bool]:
+def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[float, bool]:
     curv = sq = 0.0
     for o in sums:
-        curv += o["curv"]
-        sq += o["sq"]
+        assert o.curv is not None and o.sq is not None  # a pass that computes the sums
+        curv += o.curv
+        sq += o.sq
     theta, _, capped = quad_theta(curv, sq, theta0, max_trials)
     return theta, capped
 
@@ -224,7 +243,7 @@ def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
 
 
 def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              *order) -> dict:
+              *order) -> PassOut:
     """The q and u phases of iteration k-1 (when pending) and the chunk's share of the p
     step's curvature sums (l >= 2)."""
     i, act, N = spec.i, spec.act, spec.N
@@ -242,7 +261,7 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
                             _get(ct, i + 1, "p", o), _get(ct, i + 1, "u", o), rho0, nu0, act)
             dual = float(np.sum((q - q_o) ** 2))
         _put(ct, i, "q", w, q)
-    out: dict = {"stats": _stats(dual_sq=dual)}
+    out = PassOut(stats=_stats(dual_sq=dual))
     if i > 1:
         assert p_o is not None
         u = _get(ct, i, "u", o)
@@ -259,11 +278,12 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         A, b = spec.split_bias(small["W"])
         R = q - act.f(z) if spec.s else None
         g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
-        out["curv"], out["sq"] = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
+        curv, sq = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
+        out = out._replace(curv=curv, sq=sq)
     return out
 
 
-def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: dict) -> dict:
+def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -> dict:
     """The p step's curvature from the summed chunk shares (layer l >= 2)."""
     A, _ = spec.split_bias(small["W"])
     nu, o = penalty_nu(pen), spec.options
@@ -273,13 +293,13 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: dict) -> d
 
 
 def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              dec: dict | None, *order) -> dict:
+              dec: dict | None, *order) -> PassOut:
     """The p step (l >= 2) and the chunk's W statistics; the constraint terms of L."""
     i, n = spec.i, spec.n
     o, w = (k - 1) % 2, k % 2
     if i == 1:
         z = _get(ct, i, "z", o)
-        return {"w": _chunk_w_stats(1, _X(ct), z)}
+        return PassOut(w=_chunk_w_stats(1, _X(ct), z))
     nu, rho = penalty_nu(pen), pen.rho
     p_o = _get(ct, i, "p", o)
     A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
@@ -291,13 +311,13 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     _put(ct, i, "p", w, p)
     d = p - q_left
     dd = float(np.sum(d * d))
-    return {"w": _chunk_w_stats(i, p, z),
-            "stats": _stats(objective=(float(np.sum(u * d)) + 0.5 * rho * dd) / n,
-                            primal_sq=dd, dual_sq=float(np.sum((p - p_o) ** 2)))}
+    return PassOut(w=_chunk_w_stats(i, p, z),
+                   stats=_stats(objective=(float(np.sum(u * d)) + 0.5 * rho * dd) / n,
+                                primal_sq=dd, dual_sq=float(np.sum((p - p_o) ** 2))))
 
 
 def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
-                gram: tuple | None, *outs: dict) -> Small:
+                gram: tuple | None, *outs: PassOut) -> Small:
     """W then b of layer l from the summed chunk statistics; the layer's new small state."""
     o, nu, n = spec.options, penalty_nu(pen), spec.n
     ws = _w_stats_of(spec.i, outs, gram)
@@ -316,7 +336,7 @@ def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
 
 
 def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              *order) -> dict:
+              *order) -> PassOut:
     """The z step of layer l on one chunk; the layer's penalty terms of L."""
     i, n, act, opt = spec.i, spec.n, spec.act, spec.options
     o, w = (k - 1) % 2, k % 2
@@ -338,8 +358,8 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     _put(ct, i, "z", w, z)
     r = z - Z
     obj += 0.5 * nu * float(np.sum(r * r)) / n
-    return {"stats": _stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
-                            capped=nc)}
+    return PassOut(stats=_stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
+                                capped=nc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,9 +396,9 @@ def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
     return a_hessian(kappa, spec.s_next, penalty_nu(pen))
 
 
-def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> dict:
+def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> PassOut:
     curv, sq = shifted_curv(g, A, *_a_hessian(spec, pen))
-    return {"curv": curv, "sq": sq}
+    return PassOut(curv=curv, sq=sq)
 
 
 def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int,
@@ -397,7 +417,7 @@ def _caps(small: Small, k: int) -> float:
 
 
 def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small,
-                *outs: dict) -> Small:
+                *outs: PassOut) -> Small:
     """The a step's curvature from the summed chunk shares; ``small`` with the new
     ``theta_a`` and the decision (``step``)."""
     A, _ = spec.split_bias(right["W"])
@@ -412,7 +432,7 @@ def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Sm
 
 
 def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Small,
-             *order) -> dict:
+             *order) -> PassOut:
     """Backward sweep, layer l < L, pass 1: the a gradient's curvature sums."""
     o = (k - 1) % 2
     left = _dl_left(ct, spec, o)
@@ -422,7 +442,7 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
 
 
 def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              right: Small, *order) -> dict:
+              right: Small, *order) -> PassOut:
     """Backward sweep, layer l < L, pass 2: the a step, then z (old W); W statistics."""
     i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, o)
@@ -433,11 +453,11 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     z, nc = dl.update_z(c, _plus_bias(A @ left, b), nu, z_o, spec.act, opt.newton_max_iter)
     _put(ct, i, "a", BWD, a)
     _put(ct, i, "z", BWD, z)
-    return {"w": _chunk_w_stats(i, left, z), "stats": _stats(capped=nc)}
+    return PassOut(w=_chunk_w_stats(i, left, z), stats=_stats(capped=nc))
 
 
 def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-               *order) -> dict:
+               *order) -> PassOut:
     """Backward sweep, layer L: the output z (old W); W statistics of ``T = z + u/rho``."""
     i, o, opt = spec.i, (k - 1) % 2, spec.options
     left = _dl_left(ct, spec, o)
@@ -447,11 +467,11 @@ def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     z, nc = dl.update_z_output(spec.arch.loss, Y, _plus_bias(A @ left, b), u, pen.rho,
                                _get(ct, i, "z", o), opt.newton_max_iter)
     _put(ct, i, "z", BWD, z)
-    return {"w": _chunk_w_stats(i, left, z + u / pen.rho), "stats": _stats(capped=nc)}
+    return PassOut(w=_chunk_w_stats(i, left, z + u / pen.rho), stats=_stats(capped=nc))
 
 
 def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tuple | None,
-                backward: bool, *outs: dict) -> Small:
+                backward: bool, *outs: PassOut) -> Small:
     """W and b of layer l from summed chunk statistics: backward b (old A) then W; forward W
     then b (new A)."""
     o, n = spec.options, spec.n
@@ -472,7 +492,7 @@ def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tup
 
 
 def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-             right: Small, *order) -> dict:
+             right: Small, *order) -> PassOut:
     """Forward sweep, layer l < L, pass 1: z with the new W, then the a gradient's sums."""
     i, o, w, nu, opt = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, w)
@@ -484,14 +504,13 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     _put(ct, i, "z", w, z)
     g, Ar = _dl_grad(ct, spec, pen, right, o, a, z, left)
     r = z - Z
-    out = _curv(spec, pen, g, Ar)
-    out["stats"] = _stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
-                          dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)), capped=nc)
-    return out
+    return _curv(spec, pen, g, Ar)._replace(
+        stats=_stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
+                     dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)), capped=nc))
 
 
 def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-             right: Small, *order) -> dict:
+             right: Small, *order) -> PassOut:
     """Forward sweep, layer l < L, pass 2: the a step; statistics of layer l+1's W step."""
     i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
     left = _dl_left(ct, spec, w)
@@ -504,13 +523,13 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     T = _get(ct, i + 1, "z", BWD)
     if i + 1 == spec.N:
         T = T + _get(ct, spec.N, "u", o) / pen.rho
-    return {"w": w_stats(a, T),
-            "stats": _stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
-                            dual_sq=float(np.sum((a - _get(ct, i, "a", o)) ** 2)))}
+    return PassOut(w=w_stats(a, T),
+                   stats=_stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
+                                dual_sq=float(np.sum((a - _get(ct, i, "a", o)) ** 2))))
 
 
 def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-               *order) -> dict:
+               *order) -> PassOut:
     """Forward sweep, layer L: the output z with the new W, then the multiplier."""
     i, o, w, rho, opt = spec.i, (k - 1) % 2, k % 2, pen.rho, spec.options
     left = _dl_left(ct, spec, w)
@@ -527,9 +546,9 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     rr = float(np.sum(r * r))
     obj = _loss_sum(spec.arch.loss, z, Y) / spec.n + \
         (float(np.sum(u * r)) + 0.5 * rho * rr) / spec.n
-    return {"stats": _stats(objective=obj, primal_sq=rr,
-                            dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)),
-                            capped=nc)}
+    return PassOut(stats=_stats(objective=obj, primal_sq=rr,
+                                dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)),
+                                capped=nc))
 
 
 # ---------------------------------------------------------------------------------------------
