@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from suite_common import write_results
+
 VARIANTS = {
     "default": [],
     "reference": ["cluster=reference"],
@@ -124,10 +125,7 @@ def main(argv=None) -> dict:
         print(f"{v}: {statistics.median(x):.2f}x the reference's command time, "
               f"{statistics.median(cpu_ratios[v]):.2f}x its CPU (medians of {len(x)} rounds: "
               f"{', '.join(f'{y:.2f}' for y in x)})")
-    out = args.out or HERE / "results" / f"default-run-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(report, args.out, 'default-run')}")
     return report
 
 

@@ -19,20 +19,17 @@ Writes ``benchmarks/results/dtype-<timestamp>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import bench_kernels as kernels
 import numpy as np
+from suite_common import write_results
 from suite_flops import radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
 from daskadmm.splitting import get_splitting
-
-HERE = Path(__file__).resolve().parent
 
 
 def _cast(outs, dtype):
@@ -95,11 +92,8 @@ def main(argv=None) -> dict:
                       f"{row['float32']['best']:.3f} s ({row['float32']['fraction']:.0%}); "
                       f"speed-up {row['speedup_pairs_median']:.2f}x (matmul "
                       f"{row['matmul_speedup']:.2f}x)")
-    out = args.out or HERE / "results" / f"dtype-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"rows": rows, "argv": sys.argv[1:] if argv is None else list(argv)}
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(report, args.out, 'dtype')}")
     return report
 
 

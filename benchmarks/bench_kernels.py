@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sla
+from suite_common import write_results
 from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
@@ -52,7 +52,6 @@ from daskadmm.model import Architecture, init_weights, loss_value
 from daskadmm.splitting import BlockSpec, Options, Penalties, get_splitting, radmm3
 from daskadmm.splitting.base import prox_activation, prox_output
 
-HERE = Path(__file__).resolve().parent
 Array = np.ndarray
 
 
@@ -353,10 +352,7 @@ def main(argv=None) -> dict:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "platform": platform.platform(),
               "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas_threads": 1,
               "target_fraction": 0.5, "rows": rows}
-    out = args.out or HERE / "results" / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    log(f"wrote {out}")
+    log(f"wrote {write_results(result, args.out, 'kernels')}")
     log("| activation | width | new s/it | fraction | old s/it | fraction | speed-up | load |")
     log("|---|---|---|---|---|---|---|---|")
     for r in rows:

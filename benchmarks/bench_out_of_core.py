@@ -16,7 +16,6 @@ final training accuracy, with the load average. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -24,8 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
+from suite_common import write_results
 
 
 def _peak_mb() -> float:
@@ -81,10 +79,7 @@ def main(argv=None) -> dict:
           f"{report['client_peak_rss_mb_before_fit']:.0f} MB before / "
           f"{report['client_peak_rss_mb_after_fit']:.0f} MB after the fit, train accuracy "
           f"{report['train_accuracy']:.3f}, load {report['loadavg']}")
-    out = args.out or HERE / "results" / f"out-of-core-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(report, args.out, 'out-of-core')}")
     return report
 
 

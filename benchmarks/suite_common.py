@@ -9,6 +9,7 @@ rules that :func:`timed_fit` implements).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -43,6 +44,15 @@ def _log(section: str, message: str) -> None:
 
 def _error_string(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def write_results(report: Any, out: Path | None, stem: str) -> Path:
+    """Write a benchmark's JSON report to ``out``, or to
+    ``benchmarks/results/<stem>-<timestamp>.json``; return the path written."""
+    path = out or ROOT / "benchmarks" / "results" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
 
 
 def _finite(x: Any) -> bool:
