@@ -35,18 +35,18 @@ from helpers import (
     skip_term,
     tol,
 )
-from support import replace_sections
+from support import chunked_window, replace_sections
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api, reference
 from daskadmm.config import from_mapping
 from daskadmm.data import load_dataset
 from daskadmm.errors import StoreError
-from daskadmm.graph import build_chunked_window, critical_path_length
+from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture, init_weights
 from daskadmm.splitting import get_splitting, radmm3a
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
-from daskadmm.storage import MANIFEST, StoreRef, chunk_slices
+from daskadmm.storage import MANIFEST
 
 TOL = tol(np.float64)
 
@@ -248,20 +248,7 @@ def test_zarr_graph_is_radmm3s_wiring(N, K):
     """RADMM-3A's per-(block, chunk) graph is RADMM-3's: the same tasks and dependencies, so the
     chain of chunk tasks is 2K + N - 2 for K iterations (the start, forward and backward pass,
     is one task per chunk before it)."""
-    arch = Architecture("resnet", N, 3, 4, 2)
-    n = 30
-    specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
-    slices = chunk_slices(n, 7)
-    prev = {f"chunk-b{i}-c{c}": f"init_chunk-c{c}" for i in range(1, N + 1)
-            for c in range(len(slices))}
-    prev.update({f"W-b{i}": f"init_weights-b{i}" for i in range(1, N + 1)})
-    prev.update({f"first-c{c}": f"init_partials-c{c}" for c in range(len(slices))})
-    prev.update({"first_kind": "init", "gram_x": "gram_x"})
-    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    url = StoreRef("memory://x")
-    graphs = {name: build_chunked_window(specs, pens, 0, K, dict(prev), "r", url, slices, name,
-                                         ckpt_slots={2: "a"})
-              for name in ("radmm3", "radmm3a")}
+    graphs = {name: chunked_window(N, K, 30, 7, name)[0] for name in ("radmm3", "radmm3a")}
     a, b = graphs["radmm3"].nodes, graphs["radmm3a"].nodes
 
     def wiring(nodes, name):

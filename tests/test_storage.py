@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 import zarr
-from support import replace_sections
+from support import chunked_window, replace_sections
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
@@ -115,27 +115,6 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
         assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
 
 
-def _chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
-    """Iterations 1..K of the Zarr engine's graph as the runner starts it (init tasks named as
-    the runner names them), with a checkpoint at iteration 2."""
-    from daskadmm.graph import build_chunked_window
-    from daskadmm.model import Architecture
-    from daskadmm.splitting.base import BlockSpec, Options, Penalties
-    from daskadmm.storage import StoreRef
-
-    arch = Architecture("resnet", N, 3, 4, 2)
-    specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
-    slices = chunk_slices(n, chunk)
-    prev = {f"chunk-b{i}-c{c}": f"init_chunk-c{c}" for i in range(1, N + 1)
-            for c in range(len(slices))}
-    prev.update({f"W-b{i}": f"init_weights-b{i}" for i in range(1, N + 1)})
-    prev.update({f"first-c{c}": f"init_partials-c{c}" for c in range(len(slices))})
-    prev.update({"first_kind": "init", "gram_x": "gram_x"})
-    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    return build_chunked_window(specs, pens, 0, K, prev, "r", StoreRef("memory://x"), slices,
-                                name, ckpt_slots={2: "a"}), len(slices)
-
-
 @pytest.mark.parametrize(("N", "K", "chunk"), [(2, 3, 10), (3, 4, 7), (5, 4, 2)])
 def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     """A chunk task's output carries d x d partial statistics, and a task's output stays in
@@ -147,7 +126,7 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     chunks' worker."""
     from daskadmm import chunked
 
-    wg, C = _chunked_window(N, K, 30, chunk)
+    wg, C = chunked_window(N, K, 30, chunk)
     by_key = {x.key: x for x in wg.nodes}
     big = {x.key for x in wg.nodes if x.fn is chunked.update_chunk}
     assert len(big) == N * C * K
