@@ -140,8 +140,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         ds = with_dtype(ds, np.dtype(cfg.run.dtype))
     engine_note = None
     asked = cfg  # the configuration as given (what the stored model records)
-    if cfg.cluster.kind == "local" and cfg.algorithm.name in ADMM_ALGORITHMS and \
-            not lazy_arrays(ds):
+    if cfg.cluster.kind == "local" and not lazy_arrays(ds):  # (no runner import otherwise)
         from .config import state_bytes
         from .runner import in_process_reason, say
 

@@ -66,8 +66,8 @@ SCHEMA_NAME = "base_config"
 # Data sets loaded by the pre-flight and reused by the jobs (key: _data_key), within this budget.
 _PRELOAD_BUDGET_BYTES = 512 * 2**20
 _PRELOADED: dict[str, Any] = {}
-# each job's training-set size, by data key (filled by _preflight)
-_N_TRAIN: dict[str, int] = {}
+# (n_train, n_test, d_in, d_out) of each data set, by data key (filled by _preflight)
+_SHAPES: dict[str, tuple[int, int, int, int]] = {}
 
 # Hydra flags that do not run a job and create nothing: no pre-flight for those.
 _NON_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -274,26 +274,24 @@ def _preflight(args: Any) -> list[Config]:
     from .config import check_resources
 
     _PRELOADED.clear()
-    _N_TRAIN.clear()
+    _SHAPES.clear()
     budget = _PRELOAD_BUDGET_BYTES
-    shapes: dict[str, tuple[int, int, int, int]] = {}
     for job, cfg in configs:
         key = _data_key(cfg)
         where = _job_label(job) if len(configs) > 1 else ""
-        if key not in shapes:
+        if key not in _SHAPES:
             try:
                 dataset = api.load_data(cfg)
             except (DataError, OSError) as exc:
                 raise UsageError(one_line(exc) + where) from None
-            shapes[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
-                           dataset.d_out)
-            _N_TRAIN[key] = dataset.X_train.shape[1]
+            _SHAPES[key] = (dataset.X_train.shape[1], dataset.X_test.shape[1], dataset.d_in,
+                            dataset.d_out)
             size = _dataset_bytes(dataset)
             if size <= budget:
                 _PRELOADED[key] = dataset
                 budget -= size
         try:
-            check_resources(cfg, *shapes[key])
+            check_resources(cfg, *_SHAPES[key])
         except ConfigError as exc:
             raise UsageError(one_line(exc) + where) from None
     return [cfg for _, cfg in configs]
@@ -329,9 +327,9 @@ def _shared_cluster(args: Any, configs: list[Config]):
     from .runner import SharedCluster, in_process_reason
 
     local = [c.cluster for c in configs if c.cluster.kind == "local"
-             and c.algorithm.name in ADMM_ALGORITHMS
+             and c.algorithm.name in ADMM_ALGORITHMS  # the baselines use no cluster
              and in_process_reason(api.engine_options(c),
-                                   state_bytes(c, _N_TRAIN.get(_data_key(c), 0))) is None]
+                                   state_bytes(c, _SHAPES[_data_key(c)][0])) is None]
     if not getattr(args, "multirun", False) or len(local) < 2:
         return contextlib.nullcontext()
     return SharedCluster(local[0])

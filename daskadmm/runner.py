@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ClusterConfig
+from .config import ADMM_ALGORITHMS, ClusterConfig
 from .data import Dataset, lazy_arrays
 from .engine_options import EngineOptions
 from .errors import ClusterError
@@ -197,12 +197,14 @@ def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | Non
     LocalCluster). A small problem runs faster on Dask's threaded scheduler in this process,
     with its state in memory, than on worker processes: they add start-up (seconds), a copy of
     every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
-    than the math. It applies only where nothing else asks for the cluster or the Zarr store: no
+    than the math. It applies only to the ADMM algorithms (the backprop baselines use no
+    cluster), and only where nothing else asks for the cluster or the Zarr store: no
     client given or active, no checkpoints, no resume, no ``storage.url``, no
     ``storage.keep_state``, ``chunk_size``, ``compressor`` or ``cluster.memory_limit`` set, and an
     ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
     c, s = opts.cluster, opts.storage
-    if c.kind != "local" or c.in_process_mb <= 0 or state > c.in_process_mb * 2**20:
+    if c.kind != "local" or opts.algorithm not in ADMM_ALGORITHMS or c.in_process_mb <= 0 or \
+            state > c.in_process_mb * 2**20:
         return None
     if client is not None or current_client() is not None:
         return None
@@ -492,7 +494,7 @@ class _Ctx:
             self.run_id = uuid.uuid4().hex[:8]
             self.restore_monitor_snapshot(start)
             say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
-                  f"iteration 0 on {len(workers)} worker(s)")
+                f"iteration 0 on {len(workers)} worker(s)")
 
     def _check_workers(self, client) -> None:
         """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
@@ -755,7 +757,7 @@ class _Optional:
                 log.debug("the %s failed too: %s", self.what, exc)
                 return
             say(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
-                  f"{_first_line(exc)}); the results are kept")
+                f"{_first_line(exc)}); the results are kept")
             log.warning("the %s failed: %s", self.what, exc)
 
 
@@ -905,7 +907,7 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
     if store.broken_lock is not None:
         bl = store.broken_lock
         say(f"daskadmm: warning: broke the lock of run {bl.get('run_id')} (pid "
-              f"{bl.get('pid')} on {bl.get('host')}) on {url}")
+            f"{bl.get('pid')} on {bl.get('host')}) on {url}")
     return store, cp
 
 
@@ -1353,8 +1355,8 @@ class _ZarrCtx(_Ctx):
             self._rewind()
             k0 = self.manifest["iteration"] if self.manifest is not None else 0
             say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
-                  f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
-                  "worker(s)")
+                f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
+                "worker(s)")
 
     def _attempt_z(self, client, workers, weights0):
         place = self._placement(workers)

@@ -220,7 +220,7 @@ def test_small_local_run_goes_in_process_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("change", ["off", "large", "checkpoints", "resume", "url", "client",
                                     "threads", "keep_state", "chunk_size", "compressor",
-                                    "memory_limit"])
+                                    "memory_limit", "baseline"])
 def test_in_process_only_where_nothing_asks_for_the_cluster(change):
     from daskadmm.config import state_bytes
     from daskadmm.runner import in_process_reason
@@ -250,6 +250,8 @@ def test_in_process_only_where_nothing_asks_for_the_cluster(change):
         cfg.storage.compressor = "zstd"
     elif change == "memory_limit":
         cfg.cluster.memory_limit = "1GB"
+    elif change == "baseline":
+        cfg.algorithm = algorithm_defaults("adam")  # backprop: no Dask engine at all
     else:
         cfg.cluster.kind = "threads"  # only cluster.kind=local is ever replaced
     assert in_process_reason(api.engine_options(cfg), state, client) is None
