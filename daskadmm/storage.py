@@ -923,16 +923,14 @@ class ChunkIO:
         from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
         from zarr.storage import LocalStore
 
-        m = arr.metadata
+        m, dt = arr.metadata, np.dtype(arr.dtype)
         codecs: tuple[Any, ...] = tuple(getattr(m, "codecs", ()))
-        native = np.dtype(arr.dtype).byteorder in ("=", "|") or \
-            np.dtype(arr.dtype).byteorder == ("<" if sys.byteorder == "little" else ">")
         ok = (m.zarr_format == 3 and isinstance(arr.store, LocalStore)
               and isinstance(m.chunk_key_encoding, DefaultChunkKeyEncoding)
               and isinstance(m.chunk_grid, RegularChunkGrid)
               and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
               and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder)
-              and native and arr.order == "C" and np.dtype(arr.dtype).kind == "f")
+              and dt.isnative and arr.order == "C" and dt.kind == "f")
         return Path(arr.store.root) / arr.path if ok else None
 
     def _chunk(self, sl: slice, slot: int | None) -> tuple[Path, tuple[int, ...], int] | None:
