@@ -19,6 +19,7 @@ checked this way. ``W_N``, ``U_N``, ``Lam_N`` and ``V_{N-1}`` are exact, as in R
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,32 +42,98 @@ Array = np.ndarray
 State = dict[str, Any]
 
 
+def trial_etas(eta0: float, start: int, stop: int) -> Iterator[tuple[int, float]]:
+    """Trials ``t = start .. stop-1`` of the backtracking and their curvatures
+    ``eta0 * 2^t`` (exact doublings, the same bits however the trials are split up)."""
+    eta = float(eta0) * 2.0 ** start  # a NumPy float64 scalar would turn float32 into float64
+    for t in range(start, stop):
+        yield t, eta
+        eta *= 2.0
+
+
+def trial_step(x: Array, grad: Array, eta: float, tau: float) -> tuple[Array, Array]:
+    """The trial point ``x+ = x + delta``, ``delta = -grad/(eta + tau)``; returns
+    ``(x+, delta)``."""
+    delta = -grad / (eta + tau)
+    return x + delta, delta
+
+
+def accepts(f_new: float, f0: float, gd: float, dd: float, eta: float) -> bool:
+    """The backtracking test ``f(x+) <= f(x) + <G, delta> + (eta/2)||delta||^2`` from
+    ``gd = <G, delta>`` and ``dd = ||delta||^2`` (sums a chunked engine adds up over chunks)."""
+    return f_new <= f0 + gd + 0.5 * eta * dd
+
+
 def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: int
                ) -> tuple[Array, float, int, bool]:
     """Capped backtracking for ``x+ = x - grad/(eta + tau)`` (see the module docstring).
 
-    Returns ``(x+, accepted eta, trials, capped)``; when capped, ``x+ = x``.
+    Returns ``(x+, accepted eta, trials, capped)``; when capped, ``x+ = x`` and eta is
+    ``eta0 * 2^max_trials``.
     """
     f0 = f(x)
-    eta = float(eta0)  # a NumPy float64 scalar would turn float32 arrays into float64
-    for trial in range(1, max_trials + 1):
-        delta = -grad / (eta + tau)
-        xn = x + delta
-        if f(xn) <= f0 + float(np.sum(grad * delta)) + 0.5 * eta * float(np.sum(delta * delta)):
-            return xn, eta, trial, False
-        eta *= 2.0
-    return x, eta, max_trials, True
+    for t, eta in trial_etas(eta0, 0, max_trials):
+        xn, delta = trial_step(x, grad, eta, tau)
+        if accepts(f(xn), f0, float(np.sum(grad * delta)), float(np.sum(delta * delta)), eta):
+            return xn, eta, t + 1, False
+    return x, float(eta0) * 2.0 ** max_trials, max_trials, True
 
 
-def _eta0(spec: BlockSpec, own: State, key: str, lipschitz: float) -> float:
+def eta_start(spec: BlockSpec, last: float, lipschitz: Callable[[], float]) -> float:
     """Initial eta: the Lipschitz / Gauss-Newton value (step=lipschitz), or half the last
-    accepted eta of this variable, or a quarter of the Lipschitz value (step=backtracking)."""
+    accepted eta of this variable, or a quarter of the Lipschitz value (step=backtracking).
+    ``lipschitz`` is called only when the value is needed."""
     if spec.options.step == "lipschitz":
-        return lipschitz
-    last = own.get(key)
-    if last is not None and float(last) > 0:
+        return lipschitz()
+    if float(last) > 0:
         return 0.5 * float(last)
-    return 0.25 * lipschitz
+    return 0.25 * lipschitz()
+
+
+# -- the hidden W step, in pieces that are sums over the samples (a chunked engine adds them) --
+
+def w_target(spec: BlockSpec, V: Array, Vleft: Array) -> Array:
+    """``c = V_i - s_i V_{i-1}``, what ``sigma(W_i V~_{i-1})`` should match."""
+    return V - Vleft if spec.s else V
+
+
+def w_fit(spec: BlockSpec, pen: Penalties, c: Array, Vt: Array, W: Array) -> float:
+    """``(beta/2)||c - sigma(W V~)||^2`` (the data term of the W subproblem)."""
+    r = c - spec.act.f(W @ Vt)
+    return 0.5 * pen.beta * float(np.sum(r * r))
+
+
+def w_reg(spec: BlockSpec, pen: Penalties, W: Array) -> float:
+    """``(n lam/2)||W||^2``."""
+    return 0.5 * (spec.n * pen.lam) * float(np.sum(W * W))
+
+
+def w_fit_grad(spec: BlockSpec, pen: Penalties, c: Array, Vt: Array, W: Array
+               ) -> tuple[float, Array]:
+    """The data term at ``W`` and its share of the gradient, ``beta (R (.) sigma'(Z)) V~^T``
+    (``Z = W V~``, ``R = c - sigma(Z)``)."""
+    act = spec.act
+    Z = W @ Vt
+    R = c - act.f(Z)
+    return 0.5 * pen.beta * float(np.sum(R * R)), (pen.beta * (R * act.df(Z))) @ Vt.T
+
+
+def w_gradient(spec: BlockSpec, pen: Penalties, W: Array, fit_grad: Array) -> Array:
+    """``G_W = n lam W - beta (R (.) sigma'(Z)) V~^T`` from the summed data-term shares."""
+    return (spec.n * pen.lam) * W - fit_grad
+
+
+def w_lipschitz(spec: BlockSpec, pen: Penalties, gram: Array, cmax: float) -> float:
+    """``eta_W = beta h ||V~||_2^2 + n lam`` from ``gram = V~ V~^T`` and ``cmax = max|c|``:
+    ``h = sup sigma'^2 + sup|sigma''| (max|c| + sup|sigma|)`` (tanh, sigmoid) or the
+    Gauss-Newton value ``h = 1`` (relu-like, checked by backtracking)."""
+    act = spec.act
+    h = 1.0 if act.piecewise_linear else act.sup_df2 + act.sup_d2f * (cmax + act.sup_abs)
+    return pen.beta * h * lambda_max(gram) + spec.n * pen.lam
+
+
+def w_needs_lipschitz(spec: BlockSpec, last: float) -> bool:
+    return spec.options.step == "lipschitz" or not float(last) > 0
 
 
 def update_weights_hidden(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array
@@ -76,27 +143,83 @@ def update_weights_hidden(spec: BlockSpec, pen: Penalties, own: State, Vleft: Ar
     Notes
     -----
     ``f(W) = (beta/2)||c - sigma(W V~)||^2 + (n lam/2)||W||^2`` with ``c = V_i - s_i V_{i-1}``;
-    ``G_W = n lam W - beta (R (.) sigma'(Z)) V~^T`` with ``Z = W V~``, ``R = c - sigma(Z)``.
-    Lipschitz value ``eta_W = beta h ||V~||_2^2 + n lam`` with
-    ``h = sup sigma'^2 + sup|sigma''| (max|c| + sup|sigma|)`` (tanh, sigmoid; a global constant)
-    or the Gauss-Newton value ``h = 1`` (relu-like, checked by backtracking).
+    ``G_W = n lam W - beta (R (.) sigma'(Z)) V~^T`` with ``Z = W V~``, ``R = c - sigma(Z)``;
+    the first trial's eta from :func:`w_lipschitz` or the last accepted one
+    (:func:`eta_start`).
     """
-    act, beta, nlam = spec.act, pen.beta, spec.n * pen.lam
     Vt = spec.aug(Vleft)
-    c = own["V"] - Vleft if spec.s else own["V"]
+    c = w_target(spec, own["V"], Vleft)
     W = own["W"]
+    _, part = w_fit_grad(spec, pen, c, Vt, W)
+    grad = w_gradient(spec, pen, W, part)
+    eta0 = eta_start(spec, own.get("eta_W", 0.0),
+                     lambda: w_lipschitz(spec, pen, Vt @ Vt.T, float(np.abs(c).max())))
+    return _backtrack(lambda Wx: w_fit(spec, pen, c, Vt, Wx) + w_reg(spec, pen, Wx), W, grad,
+                      eta0, pen.tau, spec.options.backtrack_max)
 
-    def f(Wx: Array) -> float:
-        r = c - act.f(Wx @ Vt)
-        return 0.5 * beta * float(np.sum(r * r)) + 0.5 * nlam * float(np.sum(Wx * Wx))
 
-    Z = W @ Vt
-    grad = nlam * W - beta * ((c - act.f(Z)) * act.df(Z)) @ Vt.T
-    h = 1.0 if act.piecewise_linear else (
-        act.sup_df2 + act.sup_d2f * (float(np.abs(c).max()) + act.sup_abs))
-    lip = beta * h * lambda_max(Vt @ Vt.T) + nlam
-    return _backtrack(f, W, grad, _eta0(spec, own, "eta_W", lip), pen.tau,
-                      spec.options.backtrack_max)
+# -- the hidden V step (i < N-1): every term acts on each sample (column) on its own --------
+
+def v_base(spec: BlockSpec, W: Array, Vleft: Array) -> Array:
+    """``s_i V_{i-1} + sigma(W_i V~_{i-1})`` with ``W_i`` of iteration k+1."""
+    base = spec.act.f(W @ spec.aug(Vleft))
+    if spec.s:
+        base = base + Vleft
+    return base
+
+
+def v_next_residual(spec: BlockSpec, W_right: Array, V_right: Array, V: Array
+                    ) -> tuple[Array, Array]:
+    """``R_{i+1} = V_{i+1} - s' V - sigma(A V + b)`` and ``Z_{i+1} = A V + b``
+    (``W_{i+1} = [A, b]``, ``V_{i+1}`` of iteration k)."""
+    A, b = spec.split_bias(W_right)
+    Z2 = A @ V if b is None else A @ V + b
+    R2 = V_right - spec.act.f(Z2)
+    if spec.s_next:
+        R2 = R2 - V
+    return R2, Z2
+
+
+def v_value(spec: BlockSpec, pen: Penalties, base: Array, W_right: Array, V_right: Array,
+            V: Array) -> float:
+    """``f(V) = (beta/2)||V - base||^2 + (beta/2)||R_{i+1}(V)||^2``."""
+    R2, _ = v_next_residual(spec, W_right, V_right, V)
+    r1 = V - base
+    return 0.5 * pen.beta * (float(np.sum(r1 * r1)) + float(np.sum(R2 * R2)))
+
+
+def v_gradient(spec: BlockSpec, pen: Penalties, base: Array, W_right: Array, V_right: Array,
+               V: Array) -> tuple[Array, Array]:
+    """``G_V = beta (V - base) - beta [s' R_{i+1} + A^T (R_{i+1} (.) sigma'(Z_{i+1}))]``;
+    returns ``(G_V, R_{i+1})``."""
+    beta = pen.beta
+    A, _ = spec.split_bias(W_right)
+    R2, Z2 = v_next_residual(spec, W_right, V_right, V)
+    grad = beta * (V - base) - beta * (A.T @ (R2 * spec.act.df(Z2)))
+    if spec.s_next:
+        grad -= beta * R2
+    return grad, R2
+
+
+def right_norm_sq(spec: BlockSpec, W_right: Array) -> float:
+    """``||A||_2^2`` of ``W_{i+1} = [A, b]``."""
+    A, _ = spec.split_bias(W_right)
+    return lambda_max(A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A)
+
+
+def v_lipschitz(spec: BlockSpec, pen: Penalties, a2: float, r2max: float) -> float:
+    """``eta_V = beta [1 + (s' + sup|sigma'| ||A||_2)^2 + sup|sigma''| max|R_{i+1}| ||A||_2^2]``
+    (``a2 = ||A||_2^2``, ``r2max = max|R_{i+1}|`` at ``V^k``)."""
+    act = spec.act
+    sup_df = 1.0 if act.piecewise_linear else (0.25 if act.name == "sigmoid" else 1.0)
+    return pen.beta * (1.0 + (spec.s_next + sup_df * np.sqrt(a2)) ** 2
+                       + act.sup_d2f * r2max * a2)
+
+
+def v_needs_max(spec: BlockSpec, last: float) -> bool:
+    """Whether the first trial's eta needs ``max|R_{i+1}|`` (a smooth activation, and the
+    Lipschitz value in use)."""
+    return spec.act.sup_d2f != 0 and w_needs_lipschitz(spec, last)
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vleft: Array,
@@ -107,39 +230,16 @@ def update_activation(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vle
     -----
     ``f(V) = (beta/2)||V - s_i V_{i-1} - sigma(Z_i)||^2 + (beta/2)||R_{i+1}(V)||^2`` with
     ``Z_i = W_i^{k+1} V~_{i-1}``, ``R_{i+1} = V_{i+1} - s' V - sigma(A V + b)``, ``W_{i+1} =
-    [A, b]`` of iteration k; ``G_V = beta (V - s_i V_{i-1} - sigma(Z_i))
-    - beta [s' R_{i+1} + A^T (R_{i+1} (.) sigma'(Z_{i+1}))]``. Lipschitz / Gauss-Newton value
-    ``eta_V = beta [1 + (s' + sup|sigma'| ||A||_2)^2 + sup|sigma''| max|R_{i+1}| ||A||_2^2]``.
+    [A, b]`` of iteration k (:func:`v_value`, :func:`v_gradient`); the first trial's eta from
+    :func:`v_lipschitz` or the last accepted one.
     """
-    act, beta, s2 = spec.act, pen.beta, spec.s_next
-    A, b = spec.split_bias(right["W"])
-    base = act.f(W @ spec.aug(Vleft))
-    if spec.s:
-        base = base + Vleft
-    Vn = right["V"]
-
-    def residual_next(V: Array) -> tuple[Array, Array]:
-        Z2 = A @ V if b is None else A @ V + b
-        R2 = Vn - act.f(Z2)
-        if s2:
-            R2 = R2 - V
-        return R2, Z2
-
-    def f(V: Array) -> float:
-        R2, _ = residual_next(V)
-        r1 = V - base
-        return 0.5 * beta * (float(np.sum(r1 * r1)) + float(np.sum(R2 * R2)))
-
-    V = own["V"]
-    R2, Z2 = residual_next(V)
-    grad = beta * (V - base) - beta * (A.T @ (R2 * act.df(Z2)))
-    if s2:
-        grad -= beta * R2
-    a2 = lambda_max(A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A)
-    sup_df = 1.0 if act.piecewise_linear else (0.25 if act.name == "sigmoid" else 1.0)
-    lip = beta * (1.0 + (s2 + sup_df * np.sqrt(a2)) ** 2
-                  + act.sup_d2f * float(np.abs(R2).max()) * a2)
-    return _backtrack(f, V, grad, _eta0(spec, own, "eta_V", lip), pen.tau,
+    base = v_base(spec, W, Vleft)
+    Wr, Vr, V = right["W"], right["V"], own["V"]
+    grad, R2 = v_gradient(spec, pen, base, Wr, Vr, V)
+    eta0 = eta_start(spec, own.get("eta_V", 0.0),
+                     lambda: v_lipschitz(spec, pen, right_norm_sq(spec, Wr),
+                                         float(np.abs(R2).max()) if spec.act.sup_d2f else 0.0))
+    return _backtrack(lambda Vx: v_value(spec, pen, base, Wr, Vr, Vx), V, grad, eta0, pen.tau,
                       spec.options.backtrack_max)
 
 
@@ -164,23 +264,33 @@ def update_activation_last(spec: BlockSpec, pen: Penalties, own: State, W: Array
     return spd_solve(M, rhs)
 
 
+def activation_penalty(spec: BlockSpec, pen: Penalties, V: Array, Z: Array, Vleft: Array
+                       ) -> float:
+    """``(beta/2n)||V_i - s_i V_{i-1} - sigma(Z_i)||^2`` (``Z_i = W_i V~_{i-1}``)."""
+    p = V - spec.act.f(Z)
+    if spec.s:
+        p -= Vleft
+    return 0.5 * pen.beta * float(np.sum(p * p)) / spec.n
+
+
+def output_constraint(spec: BlockSpec, pen: Penalties, Lam: Array, r: Array) -> float:
+    """``(<Lam_N, r> + (rho/2)||r||^2)/n`` with ``r = U_N - W_N V~_{N-1}``."""
+    return (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / spec.n
+
+
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
                     Y: Array | None) -> float:
     """Block i's share of L (L units): ``(lam/2)||W_i||^2`` plus the activation penalty of
     ``V_i`` (i < N), or the loss and the output constraint terms (i = N)."""
-    n, W = spec.n, own["W"]
+    W = own["W"]
     total = 0.5 * pen.lam * float(np.sum(W * W))
     Z = W @ spec.aug(Vleft)
     if spec.is_output:
-        r = own["U"] - Z
         assert Y is not None  # the output block is given the targets
         total += loss_value(spec.arch.loss, own["U"], Y)
-        total += (float(np.sum(own["Lam"] * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / n
+        total += output_constraint(spec, pen, own["Lam"], own["U"] - Z)
     else:
-        p = own["V"] - spec.act.f(Z)
-        if spec.s:
-            p -= Vleft
-        total += 0.5 * pen.beta * float(np.sum(p * p)) / n
+        total += activation_penalty(spec, pen, own["V"], Z, Vleft)
     return total
 
 
