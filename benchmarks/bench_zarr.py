@@ -3,22 +3,23 @@
     python benchmarks/bench_zarr.py                 # all three, default sizes (~5 min, 2 cores)
     python benchmarks/bench_zarr.py --only memory   # any of: memory, outofcore, time, io
     python benchmarks/bench_zarr.py --algorithm pdadmm   # radmm3 (default), radmm3l, radmm3a,
-                                                         # pdadmm, dladmm
+                                                         # radmm2, pdadmm, dladmm
     python benchmarks/bench_zarr.py --quick --algorithm dladmm   # smoke run, small sizes (< 1 min)
     python benchmarks/bench_zarr.py --only outofcore --width 1000 --depth 4 --n 60000 \
         --d-in 784 --d-out 10 --iterations 2 --outofcore-chunks 6       # the papers' MNIST shape
 
 Writes ``benchmarks/results/zarr-<timestamp>.json`` for radmm3 (the name it always had) and
 ``zarr-<algorithm>-<timestamp>.json`` for the others. The algorithm takes its penalties from
-``conf/algorithm/<algorithm>.yaml`` (the defaults the CLI composes); radmm3/3l/3a train the
-residual network (``model.kind=resnet``), pdadmm/dladmm an MLP (``model.kind=mlp``), all with
-relu. Every measurement comes from the workers themselves (peak RSS of each worker process,
+``conf/algorithm/<algorithm>.yaml`` (the defaults the CLI composes); radmm3/3l/3a and radmm2
+train the residual network (``model.kind=resnet``), pdadmm/dladmm an MLP (``model.kind=mlp``),
+all with relu. Every measurement comes from the workers themselves (peak RSS of each worker process,
 sampled every 5 ms in the worker; spilled keys and restarts from the workers and the
 scheduler); each configuration gets a fresh LocalCluster so the peaks are its own.
 
 "State" is one copy of every sample-sized variable of the engine's store layout (radmm3: U, Lam
 and V per block, radmm3a also Gam; pdADMM: z, q, p, u and the scratch ql per layer; dlADMM: z,
-a, or z, u for the output layer); the store keeps 2 live slots of each (dlADMM 3), recorded as
+a, or z, u for the output layer; radmm2: V per hidden block, U and Lam of the output block);
+the store keeps 2 live slots of each (dlADMM 3), recorded as
 ``live_state_mb``.
 
 1. memory: peak RSS per worker against the number of chunks for a fixed problem; the state part
@@ -54,7 +55,7 @@ from daskadmm.config import Config, from_mapping
 from daskadmm.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGORITHMS = ("radmm3", "radmm3l", "radmm3a", "pdadmm", "dladmm")
+ALGORITHMS = ("radmm3", "radmm3l", "radmm3a", "radmm2", "pdadmm", "dladmm")
 MLP_ALGORITHMS = ("pdadmm", "dladmm")  # MLP trainers (daskadmm.chunked_mlp)
 # --quick: a smoke run of all three measurements in well under a minute on 2 cores
 QUICK = {"width": 32, "depth": 3, "n": 4096, "iterations": 2, "chunks": "1,4",

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-ALGORITHMS = ("radmm3a", "radmm3", "pdadmm")
+ALGORITHMS = ("radmm3a", "radmm3", "radmm2", "pdadmm")
 OUTCOMES = ("equal", "different", "failed")
 MANIFEST = "checkpoint.json"
 METRICS = "metrics.csv"
@@ -70,6 +70,7 @@ POLL_S = 0.02
 ALGORITHM_OVERRIDES = {
     "radmm3a": (),  # the project default
     "radmm3": (),
+    "radmm2": (),
     "pdadmm": ("model.kind=mlp", "model.activation=relu", "algorithm.lam=0.001"),
 }
 # A resume that finds nothing to resume from (the new engine resumes a store without a complete

@@ -17,7 +17,6 @@ from threadpoolctl import threadpool_limits
 
 from .config import (
     ADMM_ALGORITHMS,
-    ZARR_ALGORITHMS,
     AlgorithmConfig,
     Config,
     RunConfig,
@@ -124,7 +123,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
     ds = dataset if dataset is not None else load_data(cfg)
     data_note = None
     if lazy_arrays(ds) and not (cfg.cluster.kind != "reference" and cfg.storage.state == "zarr"
-                                and cfg.algorithm.name in ZARR_ALGORITHMS):
+                                and cfg.algorithm.name in ADMM_ALGORITHMS):
         # out-of-core input (Dask arrays) goes straight into the Zarr store; the other engines
         # hold the data in memory
         from .lazy import materialise
@@ -193,7 +192,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
             result = solve(splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
                            monitor, options)
-        elif cfg.storage.state == "zarr" and name in ZARR_ALGORITHMS:
+        elif cfg.storage.state == "zarr":
             from .runner import run_zarr
 
             result = run_zarr(engine_options(cfg), splitting, arch, ds, weights0, schedule,
@@ -203,10 +202,6 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
             result = run_dask(engine_options(cfg), splitting, arch, ds, weights0, schedule,
                               monitor, options, run_dir=run_dir, client=client)
-            if cfg.storage.state == "zarr":
-                result.info["state_note"] = (f"{name} keeps its state in worker memory: the "
-                                             "Zarr-resident engine supports "
-                                             f"{', '.join(ZARR_ALGORITHMS)}")
     if data_note:
         result.info["data_note"] = data_note
     if engine_note:

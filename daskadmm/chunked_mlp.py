@@ -1,4 +1,5 @@
-"""Per-(layer, chunk) tasks of the Zarr-resident engine for pdADMM and dlADMM.
+"""Per-(layer, chunk) tasks of the Zarr-resident engine for pdADMM and dlADMM, and the graph
+builder they share with RADMM-2 (:mod:`daskadmm.chunked_radmm2`: its tasks and iteration plan).
 
 Every sample-sized variable lives in the state store, chunked along samples; a task reads and
 writes single chunks, so a worker holds one chunk of each variable it touches plus ``d x d``
@@ -34,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import chunked_radmm2
 from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks, sum_partials
 from .graph import Node, Ref, iteration_stats, key
 from .model import Architecture, augment
@@ -69,7 +71,7 @@ __all__ = [
 
 Array = np.ndarray
 Small = dict
-ALGORITHMS = ("pdadmm", "dladmm")
+ALGORITHMS = ("pdadmm", "dladmm", "radmm2")
 BWD = 2  # dlADMM: the slot of the backward sweep's output
 
 
@@ -80,6 +82,8 @@ def slots(name: str) -> int:
 def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
     """The sample-sized variables of layer i that make up its state (checkpointed)."""
     N = arch.depth
+    if name == "radmm2":
+        return chunked_radmm2.state_vars(arch, i)
     if name == "pdadmm":
         return ("z", *(("q",) if i < N else ()), *(("p", "u") if i > 1 else ()))
     return ("z", "a") if i < N else ("z", "u")
@@ -104,6 +108,8 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
 
 def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
     """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
+    if name == "radmm2":
+        return chunked_radmm2.init_small(arch, weights)
     out = []
     for i, W in enumerate(weights, start=1):
         s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0}
@@ -150,7 +156,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         for var in state_vars(name, arch, i):
             _put(ct, i, var, 0, st[var])
     out = states[-1]
-    obj = _loss_sum(arch.loss, out["z"], Y) / n
+    obj = _loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
     if name == "dladmm" and options.output_init == "labels":
         r = out["z"] - weights[-1] @ augment(states[-2]["a"], arch.bias)
         obj += (float(np.sum(out["u"] * r)) + 0.5 * rho * float(np.sum(r * r))) / n
@@ -667,7 +673,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                  k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
                  eval_iters: Iterable[int] = (), eval_args: tuple = (),
                  ckpt_slots: dict[int, str] | None = None) -> MlpWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident pdADMM or dlADMM graph.
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident pdADMM, dlADMM or RADMM-2 graph.
 
     ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
     (the constant X statistics) and the :class:`Hazards` roles."""
@@ -708,7 +714,16 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             nodes.append(Node(kk, fn, args, block=i))
             return kk
 
-        if name == "pdadmm":
+        def reader(task_key: str, locs: list[str]) -> None:
+            """``task_key`` may read ``locs`` of every chunk (a decision that goes on by
+            itself): later writers wait for it."""
+            hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
+
+        if name == "radmm2":
+            sm_keys = chunked_radmm2.plan_iteration(
+                specs, pen, k, small, tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices)),
+                chunk_tasks, small_task, reader)
+        elif name == "pdadmm":
             for i in range(1, N + 1):
                 spec = specs[i - 1]
                 reads = [f"b{i}/z/{o}"]

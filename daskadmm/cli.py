@@ -518,8 +518,6 @@ def _task(dcfg: DictConfig) -> None:
     }
     if result.info.get("engine_note"):  # said on the terminal when the choice was made
         _to_job_log(logging.INFO, f"{PROG}: {result.info['engine_note']}")
-    if result.info.get("state_note"):
-        _say_and_log(f"{PROG}: note: {result.info['state_note']}", logging.INFO)
     write_run_outputs(run_dir, cfg.to_dict(), result, extra=extra, plot=cfg.run.plot)
     summary = _summary_line(cfg, result, run_dir)
     print(summary, flush=True)

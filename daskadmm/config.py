@@ -51,9 +51,6 @@ __all__ = [
 
 DTYPES = ("float64", "float32")
 ADMM_ALGORITHMS = ("radmm3", "radmm3a", "radmm3l", "radmm2", "dladmm", "pdadmm")
-# the algorithms whose state can live in a chunked Zarr store (radmm2's global backtracking
-# reductions do not fit the per-chunk graph yet)
-ZARR_ALGORITHMS = ("radmm3", "radmm3l", "radmm3a", "pdadmm", "dladmm")
 BASELINE_ALGORITHMS = ("adam", "sgd")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
 DATASETS = ("digits", "wine_red", "wine_white", "synthetic", "mnist", "mnist_5k", "fashion_mnist",
@@ -281,8 +278,8 @@ class ClusterConfig:
 @dataclass
 class StorageConfig:
     """Where the ADMM variables live on Dask clusters. ``state=zarr``: a chunked Zarr store
-    (radmm3, radmm3l, radmm3a, pdadmm, dladmm; radmm2 keeps its state in worker memory);
-    ``state=memory``: in worker memory. ``chunk_size`` samples per chunk (0: one chunk).
+    (every ADMM algorithm); ``state=memory``: in worker memory. ``chunk_size`` samples per
+    chunk (0: one chunk).
 
     ``overwrite``: replace an existing daskadmm state store at ``storage.url`` (never anything
     else). ``keep_state``: keep the data and solver state in the store after the run (None:
@@ -532,9 +529,9 @@ def validate(cfg: Config) -> Config:
         _check(not s.overwrite, "storage.overwrite=true contradicts run.resume=true: resume "
                "continues the store at storage.url, overwrite replaces it (drop one)")
     if r.resume or r.checkpoint_every:
-        ok = c.kind != "reference" and s.state == "zarr" and a.name in ZARR_ALGORITHMS
-        _check(ok, "checkpoints and resume need the Zarr-resident engine: algorithm "
-               f"{', '.join(ZARR_ALGORITHMS)}, storage.state=zarr and a Dask cluster (not "
+        ok = c.kind != "reference" and s.state == "zarr" and a.name in ADMM_ALGORITHMS
+        _check(ok, "checkpoints and resume need the Zarr-resident engine: an ADMM algorithm "
+               f"({', '.join(ADMM_ALGORITHMS)}), storage.state=zarr and a Dask cluster (not "
                "cluster=reference)")
     _check(s.compressor in ("none", "zstd", "blosc"),
            f"storage.compressor must be none, zstd or blosc, got {s.compressor!r}")
@@ -722,9 +719,7 @@ def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: in
     on_disk = 0
     kind, store_path = "none", None
     if a.name in ADMM_ALGORITHMS:
-        zarr_engine = (c.kind != "reference" and s.state == "zarr"
-                       and a.name in ZARR_ALGORITHMS)
-        if zarr_engine:
+        if c.kind != "reference" and s.state == "zarr":
             default = None if default_store is None else str(default_store)
             kind, store_path = _store_location(s.url, default)
             if kind == "memory":
@@ -737,7 +732,7 @@ def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: in
     need = weights + in_memory + data
     if available is not None and need > available:
         hint = "lower model.width, model.depth or data.n_train"
-        if a.name in ZARR_ALGORITHMS and kind == "memory":
+        if a.name in ADMM_ALGORITHMS and kind == "memory":
             hint += (", or keep the state on disk (a Dask cluster, storage.state=zarr, "
                      "storage.url=PATH)")
         raise ConfigError(

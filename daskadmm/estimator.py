@@ -245,10 +245,8 @@ class _ADMMEstimator(BaseEstimator):
     def _out_of_core(self, X, cfg: Config):
         """``X`` as a Dask array when it is a Dask or Zarr array and the run keeps its state in
         the Zarr store on Dask (then it is never gathered here), else None."""
-        from .config import ZARR_ALGORITHMS
-
         if isinstance(X, np.ndarray) or cfg.cluster.kind == "reference" or \
-                cfg.storage.state != "zarr" or cfg.algorithm.name not in ZARR_ALGORITHMS:
+                cfg.storage.state != "zarr" or cfg.algorithm.name not in ADMM_ALGORITHMS:
             return None
         from .lazy import as_dask
 

@@ -915,12 +915,11 @@ def preflight_store(opts: EngineOptions) -> None:
     """The checks of the state store that need no data and write nothing (the CLI runs them
     before Hydra creates a run directory): a fresh run's ``storage.url`` must be new, empty
     or (``storage.overwrite``) a daskadmm store; a resumed one must be a usable store."""
-    from .config import ZARR_ALGORITHMS
     from .storage import StateStore
 
     url = opts.storage.url
     if not url or opts.cluster.kind == "reference" or opts.storage.state != "zarr" or \
-            opts.algorithm not in ZARR_ALGORITHMS:
+            opts.algorithm not in ADMM_ALGORITHMS:
         return
     if opts.resume:
         StateStore.open(url, mode="check").check_lock(opts.storage.break_lock)
@@ -931,8 +930,9 @@ def preflight_store(opts: EngineOptions) -> None:
 def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
-    """Run RADMM-3/3L/3A, pdADMM or dlADMM with every sample-sized variable in a chunked Zarr
-    store (see :mod:`.chunked` and :mod:`.chunked_mlp`); ``client`` as for :func:`run_dask`."""
+    """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
+    :mod:`.chunked`, :mod:`.chunked_mlp` and :mod:`.chunked_radmm2`); ``client`` as for
+    :func:`run_dask`."""
     from . import chunked, chunked_mlp
     from .storage import (
         StateStore,
@@ -1432,7 +1432,8 @@ class _ZarrCtx(_Ctx):
 
 
 class _MlpZarrCtx(_ZarrCtx):
-    """pdADMM and dlADMM on the Zarr-resident engine: the same drivers, their own graph."""
+    """pdADMM, dlADMM and RADMM-2 on the Zarr-resident engine: the same drivers, the graph
+    built from declared chunk reads and writes."""
 
     def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
                                                                 dict[str, str], int]:

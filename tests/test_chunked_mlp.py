@@ -1,4 +1,5 @@
-"""pdADMM and dlADMM on the Zarr-resident engine: chunked, checkpointed, on every scheduler."""
+"""pdADMM, dlADMM and RADMM-2 on the Zarr-resident engine (the graph built from declared
+chunk reads and writes): chunked, checkpointed, on every scheduler."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _mlp_cfg(algorithm: str, kind: str = "mlp", classification: bool = False, **
 
 
 CASES = [("pdadmm", "mlp", False), ("pdadmm", "resnet", False), ("pdadmm", "mlp", True),
-         ("dladmm", "mlp", False), ("dladmm", "resnet", False), ("dladmm", "mlp", True)]
+         ("dladmm", "mlp", False), ("dladmm", "resnet", False), ("dladmm", "mlp", True),
+         ("radmm2", "resnet", False), ("radmm2", "mlp", True)]
 
 
 @pytest.mark.parametrize(("algorithm", "kind", "classification"), CASES)
@@ -70,7 +72,7 @@ def local_cluster():
         yield cluster
 
 
-@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm"])
+@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm", "radmm2"])
 def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algorithm):
     cfg = _mlp_cfg(algorithm, iterations=6)
     ds = load_dataset(cfg.data, seed=0)
@@ -87,10 +89,11 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
         assert [r["objective"] for r in res.history] == [r["objective"] for r in runs[0].history]
 
 
-@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm"])
+@pytest.mark.parametrize("algorithm", ["pdadmm", "dladmm", "radmm2"])
 def test_resume_from_checkpoint_continues_bitwise(tmp_path, algorithm):
     # pdADMM's checkpoint must carry its pending q/u phase and penalties, dlADMM's its
-    # curvatures: a run stopped after 6 iterations and resumed to 12 equals a 12-iteration run
+    # curvatures, RADMM-2's its last accepted etas (the next backtracking starts from them): a
+    # run stopped after 6 iterations and resumed to 12 equals a 12-iteration run
     cfg = _with(_mlp_cfg(algorithm, eval_every=3, checkpoint_every=3),
                 cluster={"kind": "threads"}, storage={"chunk_size": 30})
     ds = load_dataset(cfg.data, seed=0)
@@ -105,13 +108,64 @@ def test_resume_from_checkpoint_continues_bitwise(tmp_path, algorithm):
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
 
 
-def test_checkpoints_validate_for_chunked_algorithms_only():
-    for name in ("pdadmm", "dladmm", "radmm3", "radmm3a"):
+def test_checkpoints_validate_on_the_zarr_engine_only():
+    for name in ("pdadmm", "dladmm", "radmm3", "radmm3a", "radmm3l", "radmm2"):
         validate(_with(_cfg(), algorithm={"name": name}, run={"checkpoint_every": 2},
                        cluster={"kind": "threads"}))
-    with pytest.raises(ConfigError, match="Zarr-resident engine"):
-        validate(_with(_cfg(), algorithm={"name": "radmm2"}, run={"checkpoint_every": 2},
-                       cluster={"kind": "threads"}))
+    for change in ({"storage": {"state": "memory"}}, {"cluster": {"kind": "reference"}}):
+        with pytest.raises(ConfigError, match="Zarr-resident engine"):
+            validate(_with(_cfg(), algorithm={"name": "radmm2"}, run={"checkpoint_every": 2},
+                           **{"cluster": {"kind": "threads"}, **change}))
+
+
+@pytest.mark.parametrize("step", ["backtracking", "lipschitz"])
+def test_radmm2_backtracking_past_the_ladder_gives_the_same_bits(monkeypatch, step):
+    # a backtracked step whose ladder of parallel trials accepts none goes on in its decision
+    # task, chunk by chunk: whatever the ladder's length, the same trials are accepted, so the
+    # same bits (one chunk: the reference's); with backtrack_max=2 some backtracking steps are
+    # capped (a Lipschitz eta is accepted at once, mostly: the ladder hardly matters there)
+    from daskadmm import chunked_radmm2
+
+    cfg = _with(_mlp_cfg("radmm2", "resnet", iterations=8), algorithm={"step": step},
+                cluster={"kind": "synchronous"})
+    ds = load_dataset(cfg.data, seed=0)
+    later = []  # trials evaluated by the decision tasks, past the ladder
+    w_trials, v_trials = chunked_radmm2._w_trials, chunked_radmm2._v_trials
+
+    def w_spy(*args):
+        later.append(("W", args[-2]))
+        return w_trials(*args)
+
+    def v_spy(*args):
+        later.append(("V", args[-2]))
+        return v_trials(*args)
+
+    for backtrack_max in (30, 2):
+        c = _with(cfg, algorithm={"backtrack_max": backtrack_max})
+        ref = api.fit(_with(c, cluster={"kind": "reference"}), dataset=ds)
+        runs = {}
+        for ladder in (3, 1):
+            monkeypatch.setattr(chunked_radmm2, "W_LADDER", ladder)
+            monkeypatch.setattr(chunked_radmm2, "V_LADDER", ladder)
+            monkeypatch.setattr(chunked_radmm2, "_w_trials", w_spy)
+            monkeypatch.setattr(chunked_radmm2, "_v_trials", v_spy)
+            for chunk_size in (0, 23):
+                later.clear()
+                res = api.fit(_with(c, storage={"chunk_size": chunk_size, "url": _mem_url()}),
+                              dataset=ds)
+                runs[ladder, chunk_size] = res
+                if ladder == 1 and step == "backtracking":  # (the Lipschitz eta is accepted
+                    # at once, mostly) past a ladder of one: the decision tasks went on
+                    assert {w for w, t in later if t >= 1} == {"W", "V"}
+        for chunk_size in (0, 23):
+            a, b = runs[3, chunk_size], runs[1, chunk_size]
+            for x, y in zip(a.weights, b.weights, strict=True):
+                assert np.array_equal(x, y)
+            assert a.info["inner_solver_caps_hit"] == ref.info["inner_solver_caps_hit"]
+        for x, y in zip(ref.weights, runs[1, 0].weights, strict=True):
+            assert np.array_equal(x, y)
+        if backtrack_max == 2 and step == "backtracking":
+            assert ref.info["inner_solver_caps_hit"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +205,18 @@ def test_pdadmm_chunked_chain_does_not_grow_with_depth(K):
     # C) whatever the depth; the next iteration needs only the neighbours' last values
     for N in (2, 4, 9):
         assert critical_path_length(_window("pdadmm", N, K).nodes, "pd_") == 5 * K
+
+
+def test_radmm2_chunked_chain_is_a_pipelined_wavefront():
+    # block i of iteration k waits for block i-1 of k and block i+1 of k-1: K iterations of N
+    # blocks take about N + 2K block steps, not N K
+    def path(N: int, K: int) -> int:
+        return critical_path_length(_window("radmm2", N, K).nodes, "r2_")
+
+    per_block = path(6, 1) - path(5, 1)
+    assert per_block == 7  # W: gradient, its sum, trials, decision; V: trials, decision, step
+    for N in (4, 8):
+        assert path(N, 3) - path(N, 2) == path(N, 4) - path(N, 3) <= 2 * per_block
 
 
 def test_dladmm_chunked_chain_is_a_sweep():

@@ -212,9 +212,8 @@ def state_gib(depth: int, width: int, n: int) -> float:
 @pytest.mark.parametrize("overrides", [
     {"cluster": {"kind": "reference"}},
     {"storage": {"state": "memory"}},
-    {"algorithm": {"name": "radmm2"}},  # its state lives in worker memory
     {"cluster": {"kind": "threads"}, "storage": {"url": "memory://x"}},  # two slots in memory
-], ids=["reference", "state-memory", "radmm2", "memory-store"])
+], ids=["reference", "state-memory", "memory-store"])
 def test_state_in_memory_too_large(monkeypatch, overrides):
     fake_memory(monkeypatch, 4 * GIB)
     n = 200_000  # 3 x 4 x 256 x 200000 x 8 bytes = 4.6 GiB

@@ -212,7 +212,6 @@ def test_zarr_checkpoint_holds_gam_and_resumes_bitwise(tmp_path):
     full = api.fit(replace_sections(cfg, storage={"url": str(tmp_path / "full.zarr")}),
                    dataset=ds)
     assert full.info["engine"] == "dask-zarr" and full.info["chunks"] == 3
-    assert "state_note" not in full.info
     url = tmp_path / "part.zarr"
     part = api.fit(replace_sections(cfg, storage={"url": str(url)}, run={"iterations": 8}),
                    dataset=ds)

@@ -79,7 +79,6 @@ def test_results_independent_of_chunking(algorithm, classification):
         res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
                             storage={"chunk_size": chunk_size, "url": _mem_url()}), dataset=ds)
         assert res.info["engine"] == "dask-zarr" and res.info["chunks"] == n_chunks
-        assert "state_note" not in res.info
         assert res.iterations == ref.iterations == 20
         for a, b in zip(ref.weights, res.weights, strict=True):
             assert _rel(a, b) < REL
@@ -163,15 +162,6 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     for i in range(1, N + 1):
         for c in range(C):
             assert chunk_key(i, c, 2) in after[f"checkpoint-b{i}-c{c}-k2-r"]
-
-
-def test_an_algorithm_without_the_zarr_engine_keeps_its_state_in_worker_memory_and_says_so():
-    """radmm2's backtracking needs a global reduction per trial: with storage.state=zarr it runs
-    the in-memory Dask engine (equal to the reference, tests/test_dask.py) and records why."""
-    cfg = _with(_cfg(n_samples=60, iterations=2, activation="relu"),
-                algorithm={"name": "radmm2"}, cluster={"kind": "synchronous"})
-    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
-    assert res.info["engine"] == "dask" and "radmm2 keeps its state" in res.info["state_note"]
 
 
 def test_store_layout_and_model_readable_with_plain_zarr(tmp_path):
