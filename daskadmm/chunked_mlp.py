@@ -698,13 +698,16 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
         sm_keys: dict[int, str] = {}
 
-        def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes,
+        def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes, each=None,
                         _k=k, _parts=parts) -> list[Ref]:
+            """One task per chunk: ``fn(chunk, *args, [each[c],] *order)``."""
             refs = []
             for c, sl in enumerate(slices):
                 kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
                 order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
-                nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *order), block=i))
+                own = () if each is None else (each[c],)
+                nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
+                                  block=i))
                 refs.append(Ref(kk))
             _parts[i].extend(refs)
             return refs

@@ -83,8 +83,9 @@ class TrialOut(NamedTuple):
     """What a RADMM-2 chunk pass returns (every field optional): its statistics, its share
     ``w`` of ``W_N``'s statistics ``(V~ V~^T, (rho U + Lam) V~^T)``, the objective ``f0`` at the
     current point, its share ``grad`` of the W gradient's data term, ``gram`` (``V~ V~^T``),
-    ``cmax`` / ``r2max`` (the maxima the Lipschitz values need), and ``trials``: per trial of
-    the ladder, ``(f,)`` (W) or ``(f, <G, delta>, ||delta||^2)`` (V)."""
+    ``cmax`` / ``r2max`` (the maxima the Lipschitz values need), ``trials``: per trial of
+    the ladder, ``(f,)`` (W) or ``(f, <G, delta>, ||delta||^2)`` (V), and ``guess``: the V
+    trial already written and its statistics."""
 
     stats: dict[str, float] | None = None
     w: tuple | None = None
@@ -94,6 +95,7 @@ class TrialOut(NamedTuple):
     cmax: float = 0.0
     r2max: float = 0.0
     trials: tuple = ()
+    guess: tuple[int, dict[str, float] | None] | None = None
 
 
 def _get(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
@@ -216,39 +218,56 @@ def w_decide(spec: BlockSpec, pen: Penalties, k: int, small: Small, dec: dict,
 # Hidden V step (i < N-1) and the exact V_{N-1} step
 # ---------------------------------------------------------------------------------------------
 
-def _v_inputs(ct: ChunkTask, spec: BlockSpec, k: int, small: Small, right: Small):
-    """``(base, V_{i+1}^k, V_i^k, V_{i-1}^{k+1})`` of the chunk."""
+def _v_inputs(ct: ChunkTask, spec: BlockSpec, k: int, small: Small):
+    """``(Z_i, base, V_{i+1}^k, V_i^k, V_{i-1}^{k+1})`` of the chunk (``Z_i = W_i V~_{i-1}``
+    with the new ``W_i``)."""
     o = (k - 1) % 2
     Vleft = _left(ct, spec, k)
-    return (r2.v_base(spec, small["W"], Vleft), _get(ct, spec.i + 1, "V", o),
+    Z = small["W"] @ spec.aug(Vleft)
+    return (Z, r2.v_base(spec, Z, Vleft), _get(ct, spec.i + 1, "V", o),
             _get(ct, spec.i, "V", o), Vleft)
 
 
 def _v_trials(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              right: Small, eta0: float, start: int, stop: int) -> tuple[float, tuple]:
-    base, Vr, V, _ = _v_inputs(ct, spec, k, small, right)
-    grad, _ = r2.v_gradient(spec, pen, base, right["W"], Vr, V)
+              right: Small, eta0: float, start: int, stop: int, guess: int = -1
+              ) -> tuple[float, tuple, dict[str, float] | None]:
+    """``f(V^k)`` on the chunk, its shares per trial ``start .. stop-1`` and, for trial
+    ``guess``, the step written to slot ``k % 2`` with its statistics."""
+    Z, base, Vr, V, Vleft = _v_inputs(ct, spec, k, small)
+    grad, R2 = r2.v_gradient(spec, pen, base, right["W"], Vr, V)
     trials = []
-    for _, eta in r2.trial_etas(eta0, start, stop):
+    stats = None
+    for t, eta in r2.trial_etas(eta0, start, stop):
         Vn, delta = r2.trial_step(V, grad, eta, pen.tau)
         trials.append((r2.v_value(spec, pen, base, right["W"], Vr, Vn),
                        float(np.sum(grad * delta)), float(np.sum(delta * delta))))
-    return r2.v_value(spec, pen, base, right["W"], Vr, V), tuple(trials)
+        if t == guess:
+            _put(ct, spec.i, "V", k % 2, Vn)
+            stats = _hidden_stats(spec, pen, Z, Vn, V, Vleft)
+    return r2.v_value(spec, pen, base, right["W"], Vr, V, R2), tuple(trials), stats
+
+
+def _guess(spec: BlockSpec, small: Small, ladder: int) -> int:
+    """The trial most likely accepted: the second (eta back at its last accepted value) when
+    backtracking starts from half of it, else the first."""
+    return min(ladder - 1, 1 if not r2.w_needs_lipschitz(spec, small["eta_V"]) else 0)
 
 
 def v_trial_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                  right: Small, dec: dict, *order) -> TrialOut:
     """The chunk's shares of ``f(V^k)`` and, per trial of the ladder, of ``f``,
-    ``<G, delta>`` and ``||delta||^2``."""
+    ``<G, delta>`` and ``||delta||^2``; the most likely trial's step is written now (the
+    step pass rewrites it only when the decision differs)."""
     stop = min(V_LADDER, spec.options.backtrack_max)
-    f0, trials = _v_trials(ct, spec, pen, k, small, right, dec["eta0_v"], 0, stop)
-    return TrialOut(f0=f0, trials=trials)
+    g = _guess(spec, small, stop)
+    f0, trials, stats = _v_trials(ct, spec, pen, k, small, right, dec["eta0_v"], 0, stop, g)
+    return TrialOut(f0=f0, trials=trials, guess=(g, stats))
 
 
 def v_decide(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small, dec: dict,
              cts: tuple[ChunkTask, ...], *outs: TrialOut) -> Small:
     """The first accepted trial of the V step (past the ladder: here, chunk by chunk); the
-    block's small state with ``eta_V`` and the decision ``step = (eta, capped)``."""
+    block's small state with ``eta_V`` and the decision ``step = (eta, capped, trial)``."""
     f0 = _sum(o.f0 for o in outs)
     eta0, max_trials = dec["eta0_v"], spec.options.backtrack_max
 
@@ -265,33 +284,38 @@ def v_decide(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small
             parts = [_v_trials(ct, spec, pen, k, small, right, eta0, t, t + 1)[1][0]
                      for ct in cts]
         if accepted(eta, parts):
-            hit = eta
+            hit = (t, eta)
             break
     new = dict(small)
     if hit is None:
         eta = float(eta0) * 2.0 ** max_trials
-        new.update({"eta_V": eta, "step": (eta, True), "capped": small["capped"] + 1.0})
+        new.update({"eta_V": eta, "step": (eta, True, -1), "capped": small["capped"] + 1.0})
     else:
-        new.update({"eta_V": hit, "step": (hit, False)})
+        new.update({"eta_V": hit[1], "step": (hit[1], False, hit[0])})
     return new
 
 
 def v_step_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-                right: Small, *order) -> TrialOut:
-    """The decided V step on the chunk, written to slot ``k % 2``; its statistics."""
-    base, Vr, V0, Vleft = _v_inputs(ct, spec, k, small, right)
-    eta, capped = small["step"]
+                right: Small, tried: TrialOut, *order) -> TrialOut:
+    """The decided V step on the chunk in slot ``k % 2`` and its statistics: nothing to do
+    when the trial pass's guess was the accepted trial, else the step (the gradient
+    recomputed: the same function on the same inputs, so the same bits) written over it."""
+    eta, capped, t = small["step"]
+    assert tried.guess is not None  # the V trial pass always guesses
+    if t == tried.guess[0]:
+        return TrialOut(stats=tried.guess[1])
+    Z, base, Vr, V0, Vleft = _v_inputs(ct, spec, k, small)
     V = V0
     if not capped:
         grad, _ = r2.v_gradient(spec, pen, base, right["W"], Vr, V0)
         V = r2.trial_step(V0, grad, eta, pen.tau)[0]
     _put(ct, spec.i, "V", k % 2, V)
-    return TrialOut(stats=_hidden_stats(spec, pen, small["W"], V, V0, Vleft))
+    return TrialOut(stats=_hidden_stats(spec, pen, Z, V, V0, Vleft))
 
 
-def _hidden_stats(spec: BlockSpec, pen: Penalties, W: Array, V: Array, V0: Array,
+def _hidden_stats(spec: BlockSpec, pen: Penalties, Z: Array, V: Array, V0: Array,
                   Vleft: Array) -> dict[str, float]:
-    return {"objective": r2.activation_penalty(spec, pen, V, W @ spec.aug(Vleft), Vleft),
+    return {"objective": r2.activation_penalty(spec, pen, V, Z, Vleft),
             "dual_sq": float(np.sum((V - V0) ** 2))}
 
 
@@ -304,7 +328,7 @@ def v_last_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
     nxt = {"W": right["W"], "U": _get(ct, N, "U", o), "Lam": _get(ct, N, "Lam", o)}
     V = r2.update_activation_last(spec, pen, {"V": V0}, small["W"], Vleft, nxt)
     _put(ct, spec.i, "V", k % 2, V)
-    return TrialOut(stats=_hidden_stats(spec, pen, small["W"], V, V0, Vleft),
+    return TrialOut(stats=_hidden_stats(spec, pen, small["W"] @ spec.aug(Vleft), V, V0, Vleft),
                     w=weight_stats(spec.aug(V), nxt["U"], nxt["Lam"], pen.rho))
 
 
@@ -375,12 +399,13 @@ def plan_iteration(specs: list[BlockSpec], pen: Penalties, k: int, small: dict[i
         reader(sw, own)
         if i < N - 1:
             t = chunk_tasks("r2_v_trials", i, v_trial_pass,
-                            (spec, pen, k, Ref(sw), right, Ref(dec)), [*own, *nxt], ())
+                            (spec, pen, k, Ref(sw), right, Ref(dec)), [*own, *nxt],
+                            [f"b{i}/V/{w}"])
             sv = small_task("r2_v_decide", i, v_decide,
                             (spec, pen, k, Ref(sw), right, Ref(dec), cts, *t))
             reader(sv, [*own, *nxt])
             chunk_tasks("r2_v_step", i, v_step_pass, (spec, pen, k, Ref(sv), right),
-                        [*own, *nxt], [f"b{i}/V/{w}"])
+                        [*own, *nxt], [f"b{i}/V/{w}"], each=t)
             new[i] = sv
         else:
             stats_in = chunk_tasks("r2_v_last", i, v_last_pass, (spec, pen, k, Ref(sw), right),

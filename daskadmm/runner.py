@@ -627,7 +627,7 @@ class _Ctx:
                 ts_cm.close(quiet=failed)
             stream = ts_cm.value.data if ts_cm.value is not None else []
         info = {"dashboard": dashboard, "workers": len(workers),
-                **_stream_summary(stream, self.run_ids())}
+                **_stream_summary(stream, self.run_ids(), len(workers))}
         if run_dir is not None:
             try:
                 from .outputs import STREAM_FILE
@@ -808,10 +808,14 @@ def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
     return arg
 
 
-def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...]) -> dict[str, Any]:
-    """Tasks run, and seconds spent computing vs transferring (summed over workers)."""
+def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...],
+                    workers: int = 0) -> dict[str, Any]:
+    """Tasks run, seconds spent computing vs transferring (summed over workers), and
+    ``workers_busy``: the compute seconds over ``workers`` x the span from the first task's
+    start to the last one's end (pipeline fill and drain included; None without tasks)."""
     compute = transfer = 0.0
     tasks = 0
+    first, last = float("inf"), float("-inf")
     ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
     for rec in stream:
         if not str(rec.get("key", "")).endswith(ids):
@@ -821,9 +825,12 @@ def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...]) -> dict[s
             dt = ss["stop"] - ss["start"]
             if ss["action"] == "compute":
                 compute += dt
+                first, last = min(first, ss["start"]), max(last, ss["stop"])
             elif ss["action"] == "transfer":
                 transfer += dt
-    return {"tasks_run": tasks, "compute_seconds": compute, "transfer_seconds": transfer}
+    busy = compute / (workers * (last - first)) if workers and last > first else None
+    return {"tasks_run": tasks, "compute_seconds": compute, "transfer_seconds": transfer,
+            "workers_busy": busy}
 
 
 def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, ...]) -> None:

@@ -193,6 +193,7 @@ def test_local_cluster_started_by_runner(tmp_path):
     assert not re.search(r"<script[^>]+src=[\"']https?://", report)
     assert (tmp_path / "task-stream.json").stat().st_size > 0
     assert res.info["compute_seconds"] > 0
+    assert 0 < res.info["workers_busy"] <= 1
 
 
 def test_small_local_run_goes_in_process_and_says_so(tmp_path):
@@ -448,3 +449,19 @@ def test_local_schedulers_record_window_arrivals(state):
     res = _run(cfg, ds, "synchronous", 2)
     steady = res.info["steady_seconds_per_iteration"]
     assert steady > 0 and np.isfinite(steady)
+
+
+def test_stream_summary_counts_the_run_s_tasks_and_how_busy_the_workers_were():
+    from daskadmm.runner import _stream_summary
+
+    def rec(key, *spans):
+        return {"key": key, "startstops": [{"action": a, "start": s, "stop": e}
+                                           for a, s, e in spans]}
+
+    stream = [rec("a-r1", ("compute", 10.0, 12.0)),
+              rec("b-r1", ("transfer", 12.0, 13.0), ("compute", 13.0, 14.0)),
+              rec("c-other", ("compute", 0.0, 100.0))]  # another run's task
+    s = _stream_summary(stream, "r1", workers=2)
+    assert (s["tasks_run"], s["compute_seconds"], s["transfer_seconds"]) == (2, 3.0, 1.0)
+    assert s["workers_busy"] == 3.0 / (2 * 4.0)  # 3 compute seconds in 2 workers x 4 s
+    assert _stream_summary([], "r1", workers=2)["workers_busy"] is None

@@ -64,14 +64,16 @@ def accepts(f_new: float, f0: float, gd: float, dd: float, eta: float) -> bool:
     return f_new <= f0 + gd + 0.5 * eta * dd
 
 
-def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: int
-               ) -> tuple[Array, float, int, bool]:
-    """Capped backtracking for ``x+ = x - grad/(eta + tau)`` (see the module docstring).
+def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: int,
+               f0: float | None = None) -> tuple[Array, float, int, bool]:
+    """Capped backtracking for ``x+ = x - grad/(eta + tau)`` (see the module docstring);
+    ``f0``: ``f(x)`` when already known.
 
     Returns ``(x+, accepted eta, trials, capped)``; when capped, ``x+ = x`` and eta is
     ``eta0 * 2^max_trials``.
     """
-    f0 = f(x)
+    if f0 is None:
+        f0 = f(x)
     for t, eta in trial_etas(eta0, 0, max_trials):
         xn, delta = trial_step(x, grad, eta, tau)
         if accepts(f(xn), f0, float(np.sum(grad * delta)), float(np.sum(delta * delta)), eta):
@@ -160,9 +162,9 @@ def update_weights_hidden(spec: BlockSpec, pen: Penalties, own: State, Vleft: Ar
 
 # -- the hidden V step (i < N-1): every term acts on each sample (column) on its own --------
 
-def v_base(spec: BlockSpec, W: Array, Vleft: Array) -> Array:
-    """``s_i V_{i-1} + sigma(W_i V~_{i-1})`` with ``W_i`` of iteration k+1."""
-    base = spec.act.f(W @ spec.aug(Vleft))
+def v_base(spec: BlockSpec, Z: Array, Vleft: Array) -> Array:
+    """``s_i V_{i-1} + sigma(Z_i)``, ``Z_i = W_i V~_{i-1}`` with ``W_i`` of iteration k+1."""
+    base = spec.act.f(Z)
     if spec.s:
         base = base + Vleft
     return base
@@ -181,9 +183,11 @@ def v_next_residual(spec: BlockSpec, W_right: Array, V_right: Array, V: Array
 
 
 def v_value(spec: BlockSpec, pen: Penalties, base: Array, W_right: Array, V_right: Array,
-            V: Array) -> float:
-    """``f(V) = (beta/2)||V - base||^2 + (beta/2)||R_{i+1}(V)||^2``."""
-    R2, _ = v_next_residual(spec, W_right, V_right, V)
+            V: Array, R2: Array | None = None) -> float:
+    """``f(V) = (beta/2)||V - base||^2 + (beta/2)||R_{i+1}(V)||^2`` (``R2``: ``R_{i+1}(V)``
+    when already known)."""
+    if R2 is None:
+        R2, _ = v_next_residual(spec, W_right, V_right, V)
     r1 = V - base
     return 0.5 * pen.beta * (float(np.sum(r1 * r1)) + float(np.sum(R2 * R2)))
 
@@ -233,14 +237,14 @@ def update_activation(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vle
     [A, b]`` of iteration k (:func:`v_value`, :func:`v_gradient`); the first trial's eta from
     :func:`v_lipschitz` or the last accepted one.
     """
-    base = v_base(spec, W, Vleft)
+    base = v_base(spec, W @ spec.aug(Vleft), Vleft)
     Wr, Vr, V = right["W"], right["V"], own["V"]
     grad, R2 = v_gradient(spec, pen, base, Wr, Vr, V)
     eta0 = eta_start(spec, own.get("eta_V", 0.0),
                      lambda: v_lipschitz(spec, pen, right_norm_sq(spec, Wr),
                                          float(np.abs(R2).max()) if spec.act.sup_d2f else 0.0))
     return _backtrack(lambda Vx: v_value(spec, pen, base, Wr, Vr, Vx), V, grad, eta0, pen.tau,
-                      spec.options.backtrack_max)
+                      spec.options.backtrack_max, v_value(spec, pen, base, Wr, Vr, V, R2))
 
 
 def update_activation_last(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vleft: Array,
