@@ -8,7 +8,7 @@ The machine has two cores, so nothing here measures more than two Dask workers. 
 replays the engine's real task graph on P simulated workers instead:
 
 1. **The graph.** The Zarr-resident RADMM-3 graph (the default on Dask) is built with the
-   project's own builder (:func:`daskadmm.graph.build_chunked_window`, one iteration per call as
+   project's own builder (:func:`daskadmm.chunked_mlp.build_window`, one iteration per call as
    the runner submits them), with the runner's start tasks, its block placement (blocks pinned to
    workers in contiguous ranges) and its window: iteration j is submitted once the driver has
    received the statistics of iteration j - window (the first window once the store's
@@ -380,12 +380,11 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
                  eval_iters: Iterable[int] = ()) -> EngineGraph:
     """The nodes a fresh ``storage.state=zarr`` RADMM-3 run submits, in order: the start tasks
     (forward pass per chunk, ``W_1``'s first statistics, the Gram matrix of X), then one
-    :func:`~daskadmm.graph.build_chunked_window` per iteration. The runner submits iteration j
+    :func:`~daskadmm.chunked_mlp.build_window` per iteration. The runner submits iteration j
     once it has received iteration j - window's statistics (the first ``window`` once the
     forward pass is done): those are the gates."""
-    from daskadmm import chunked
-    from daskadmm.graph import Node, Ref, build_chunked_window
-    from daskadmm.splitting import BlockSpec, Penalties
+    from daskadmm import chunked_mlp
+    from daskadmm.splitting import BlockSpec, Options, Penalties
 
     arch = prob.arch()
     slices = prob.slices()
@@ -393,36 +392,22 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     specs = [BlockSpec(arch, i, prob.n) for i in range(1, prob.depth + 1)]
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=1e-2)
     rid, N = run_id, prob.depth
-    nodes: list[Node] = []
-    # the runner's start for a fresh store (runner._ZarrCtx.start_nodes)
-    for c, sl in enumerate(slices):
-        nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
-                          (chunked.ChunkTask(url, sl, c), "radmm3", arch, None, prob.n)))
-    prev: dict[str, str] = {}
+    # the runner's start for a fresh store (runner._ZarrCtx.start_nodes; the weights are not
+    # needed to replay it)
+    nodes, prev, init_keys = chunked_mlp.start_nodes("radmm3", arch, url, slices, rid, None,
+                                                     prob.n, None, Options(), pen.rho)
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
-        literals[f"init_weights-b{i}-{rid}"] = i
-        prev[f"W-b{i}"] = f"init_weights-b{i}-{rid}"
-        for c in range(len(slices)):
-            prev[f"chunk-b{i}-c{c}"] = f"init_chunk-c{c}-{rid}"
-    for c, sl in enumerate(slices):
-        kk = f"init_partials-c{c}-{rid}"
-        nodes.append(Node(kk, chunked.init_partials,
-                          (chunked.ChunkTask(url, sl, c), Ref(f"init_chunk-c{c}-{rid}")),
-                          block=1))
-        prev[f"first-c{c}"] = kk
-    nodes.append(Node(f"gram_x-{rid}", chunked.gram_of,
-                      tuple(Ref(prev[f"first-c{c}"]) for c in range(len(slices))), block=1))
-    prev["gram_x"] = f"gram_x-{rid}"
-    prev["first_kind"] = "init"
+        literals[f"init_small-b{i}-{rid}"] = i
+        prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
     gates: dict[str, tuple[str, ...]] = {}
-    init = tuple(f"init_chunk-c{c}-{rid}" for c in range(len(slices)))
+    init = tuple(init_keys)
     stats: dict[int, str] = {}
     evals = set(eval_iters)
     for k in range(1, iterations + 1):
-        wg = build_chunked_window(specs, {k: pen}, k - 1, k, prev, rid, url, slices, "radmm3",
-                                  [k] if k in evals else [], (arch, "classification",
-                                                              "accuracy", (), ()))
+        wg = chunked_mlp.build_window("radmm3", specs, {k: pen}, k - 1, k, prev, rid, url,
+                                      slices, [k] if k in evals else [],
+                                      (arch, "classification", "accuracy", (), ()))
         gate = init if k <= window else (stats[k - window],)
         for node in wg.nodes:
             gates[node.key] = gate
@@ -453,10 +438,11 @@ def out_bytes(prob: Problem, key: str) -> int:
         if i == 1:  # P, Q for W_1 of the next iteration
             total += 2 * prob.rows(1) * prob.cols(1)
         return F64 * total if total > SMALL else SMALL
-    if kind == "reduce_stats":  # G, P, Q for W_i (W_1: G is X's Gram matrix)
+    if kind in ("reduce_next", "reduce_first"):  # G, P, Q for W_{i+1} (W_1: G is X's Gram)
         assert i is not None
-        return F64 * (prob.cols(i) ** 2 + 2 * prob.rows(i) * prob.cols(i))
-    if kind in ("update_weights", "init_weights"):
+        j = 1 if kind == "reduce_first" else i + 1
+        return F64 * (prob.cols(j) ** 2 + 2 * prob.rows(j) * prob.cols(j))
+    if kind in ("update_weights", "init_small"):
         assert i is not None
         return F64 * prob.rows(i) * prob.cols(i)
     if kind == "init_partials":
@@ -535,7 +521,7 @@ def to_tasks(g: EngineGraph, prob: Problem, workers: int, durations: dict[str, f
         else:
             remote = ()
             local = tuple((w, b) for w, b in reads if w is not None)
-        tasks.append(Task(node.key, tuple(node.deps()), durations[node.key],
+        tasks.append(Task(node.key, tuple(dict.fromkeys(node.deps())), durations[node.key],
                           out_bytes(prob, node.key),
                           None if node.block is None else place[node.block],
                           g.gates.get(node.key, ()), local, remote))
@@ -575,7 +561,7 @@ def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dic
             assert i is not None
             role = block_role(i, prob.depth)
             out[node.key] = m["update_weights"]["hidden" if role == "last_hidden" else role]
-        elif kind == "reduce_stats":
+        elif kind in ("reduce_next", "reduce_first"):
             out[node.key] = m["reduce_per_input"] * len(node.deps())
         elif kind == "init_chunk":
             out[node.key] = m["init_chunk"] * prob.depth / m["measured_depth"]
@@ -790,7 +776,7 @@ def measure_tasks(prob: Problem, activation: str, iterations: int = 2,
         "update_weights": {r: fastest("update_weights", roles[r])
                            for r in ("first", "hidden", "output")},
         "reduce_per_input": best / prob.chunks,
-        "block_stats": fastest("block_stats"), "iteration_stats": fastest("iteration_stats"),
+        "layer_stats": fastest("layer_stats"), "iteration_stats": fastest("iteration_stats"),
         "init_chunk": fastest("init_chunk"), "init_partials": fastest("init_partials"),
         "gram_x": fastest("gram_x"),
         "all_tasks": {str(k): v for k, v in sec.items()},

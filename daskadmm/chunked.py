@@ -12,8 +12,12 @@ compute in parts and a reduction adds. Iteration k reads parity slot ``(k-1) % 2
 chunk and, while it has them in hand, the chunk's share of the statistics the next W updates
 need: ``G = V~_i V~_i^T``, ``P = U_{i+1} V~_i^T`` and ``Q = Lam_{i+1} V~_i^T`` for
 ``W_{i+1}`` of iteration k (right neighbour of iteration k-1 is read anyway), and for block 1
-``P = U_1 X~^T``, ``Q = Lam_1 X~^T`` for ``W_1`` of iteration k+1. ``update_weights`` sums
-these in a fixed order (``B = rho P + Q``) and solves. The U, Lam, V steps are column-separable
+``P = U_1 X~^T``, ``Q = Lam_1 X~^T`` for ``W_1`` of iteration k+1. A reduction on the same
+worker sums these in a fixed order (:func:`pick_partials`, as a tree of fan-in
+:data:`FAN_IN`) and ``update_weights`` solves (``B = rho P + Q``). The small state of a block
+that travels through the graph is ``{"W": W_i}``; :func:`plan_iteration` wires an iteration
+for the graph builder of :mod:`daskadmm.chunked_mlp`, which derives the dependencies from the
+chunks each task declares it reads and writes. The U, Lam, V steps are column-separable
 and the inner solvers decide per element, so chunking only reorders the additions of the W
 statistics (results agree with the unchunked reference to ~1e-13 relative; with the same
 chunking every scheduler is bitwise equal).
@@ -38,6 +42,7 @@ from .storage import StoreRef, chunk_io, committed_slot
 
 __all__ = [
     "ALGORITHMS",
+    "FAN_IN",
     "ChunkOut",
     "ChunkTask",
     "block_stats",
@@ -48,6 +53,8 @@ __all__ = [
     "init_chunk",
     "init_partials",
     "layout",
+    "plan_iteration",
+    "reduce_tree",
     "restore_chunk",
     "sample_vars",
     "sum_partials",
@@ -56,8 +63,10 @@ __all__ = [
 ]
 
 Array = np.ndarray
+Small = dict
 
 ALGORITHMS = ("radmm3", "radmm3l", "radmm3a")
+FAN_IN = 4  # inputs of a node of the reduction tree of chunk statistics
 
 
 def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
@@ -144,7 +153,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
 
-def init_partials(ct: ChunkTask, bias: bool, slot: int) -> tuple[Array, Array, Array]:
+def init_partials(ct: ChunkTask, bias: bool, slot: int, *order) -> tuple[Array, Array, Array]:
     """Chunk statistics for ``W_1``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` from ``slot``."""
     Xt = augment(_read(ct.url, "data/X", ct.sl), bias)
     U = _read(ct.url, "live/b1/U", ct.sl, slot)
@@ -164,25 +173,29 @@ def sum_partials(*parts: tuple) -> tuple:
     return tuple(acc)
 
 
-def update_weights(spec: BlockSpec, pen: Penalties, W: Array, stats: tuple,
-                   name: str) -> Array:
+def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
+                   name: str) -> Small:
     """W step of algorithm ``name`` from the reduced statistics: ``B = rho P + Q`` (see
-    radmm3.update_weights; RADMM-3A's W step is RADMM-3's)."""
+    radmm3.update_weights; RADMM-3A's W step is RADMM-3's). Returns the block's new small
+    state."""
     G, P, Q = stats
     B = pen.rho * P + Q
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
-    return step(W, G, B, pen, spec.n)
+    return {"W": step(small["W"], G, B, pen, spec.n)}
 
 
-def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, W: Array,
-                 W_right: Array | None, name: str, *order) -> ChunkOut:
+def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
+                 right_small: Small | None, name: str, *order) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
-    ``name`` (``order``: results of the tasks this one must run after; their values are not
+    ``name``, with the block's ``W`` of iteration k and (hidden blocks) the right neighbour's
+    of k-1 (``order``: results of the tasks this one must run after; their values are not
     used).
 
     Returns a :class:`ChunkOut`.
     """
     i, url, sl = spec.i, ct.url, ct.sl
+    W = small["W"]
+    W_right = None if right_small is None else right_small["W"]
     new, old = k % 2, (k - 1) % 2
     gam = name == "radmm3a"
     Vleft = _read(url, "data/X", sl) if i == 1 else _read(url, f"live/b{i - 1}/V", sl, new)
@@ -330,10 +343,85 @@ def gram_of(*parts) -> Array:
     return sum_partials(*parts)[0]
 
 
-def block_stats(*outs: ChunkOut) -> dict[str, float]:
-    """Sum the per-chunk statistics of one block (in chunk order)."""
+def block_stats(small: Small, *outs: ChunkOut) -> dict[str, float]:
+    """Sum the per-chunk statistics of one block (in chunk order; the regulariser is in chunk
+    0's, so ``small`` is not used: the task runs after the block's W of the iteration)."""
     total = {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": 0.0}
     for o in outs:
         for key in total:
             total[key] += o.stats[key]
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# One iteration's tasks
+# ---------------------------------------------------------------------------------------------
+
+def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> str:
+    """Append the reduction of chunk statistics ``refs`` (``kind``, see :func:`pick_partials`)
+    on block i's worker through the builder's ``small_task``: with more than :data:`FAN_IN`
+    inputs, a tree of fan-in :data:`FAN_IN` whose nodes sum their inputs in a fixed order (so a
+    chunk output can go as soon as its node has run, and the root sums at most ``FAN_IN``
+    inputs); the root adds ``gram``. Returns the root's key."""
+    from .graph import Ref
+
+    level = 0
+    while len(refs) > FAN_IN:
+        refs = [Ref(small_task(base, i, pick_partials,
+                               (kind if level == 0 else "sum", None, *refs[j:j + FAN_IN]),
+                               tag=f"r{level}x{j // FAN_IN}"))
+                for j in range(0, len(refs), FAN_IN)]
+        level += 1
+    return small_task(base, i, pick_partials, (kind if level == 0 else "sum", gram, *refs))
+
+
+def plan_iteration(name: str, specs: list[BlockSpec], pen: Penalties, k: int,
+                   small: dict[int, str], gram, first: str, chunk_tasks, small_task,
+                   after) -> tuple[dict[int, str], str]:
+    """Append iteration k of algorithm ``name`` through the window builder's ``chunk_tasks(base,
+    block, fn, args, reads, writes)`` and ``small_task(base, block, fn, args, tag)``;
+    ``after(marker, refs)`` says that task ``marker`` runs after the tasks ``refs``, so a task
+    that has to run after one of them may wait for it instead. ``small``: the keys of the
+    blocks' small states of iteration k-1; ``gram``: X's constant Gram matrix; ``first``: W_1's
+    statistics for iteration k. Returns the small states' keys of iteration k and the key of
+    W_1's statistics for iteration k+1.
+
+    Per block i: ``W_i`` from the statistics that block i-1's chunk tasks of k returned
+    (``W_1``: block 1's of k-1), then one chunk task per chunk. Block i's chunk statistics are
+    reduced on block i's worker, right after its chunk tasks, so one ``d x d`` triple travels
+    to ``W_{i+1}``'s worker; block 1's are reduced twice (for ``W_2`` of k and ``W_1`` of
+    k+1). A chunk task reads ``V_{i-1}`` of iteration k, which block i-1's chunk task of the
+    same chunk wrote; ``W_i`` runs after all of those, and the chunk task takes ``W_i``
+    anyway, so it waits for ``W_i`` rather than for a chunk output (``d x d`` statistics that
+    would have to travel)."""
+    from .graph import Ref
+
+    N = len(specs)
+    o, w = (k - 1) % 2, k % 2
+    lay = layout(name, specs[0].arch)
+    new: dict[int, str] = {}
+    stats = first
+    prev_chunks: list = []
+    for i in range(1, N + 1):
+        spec = specs[i - 1]
+        new[i] = small_task("update_weights", i, update_weights,
+                            (spec, pen, Ref(small[i]), Ref(stats), name))
+        if prev_chunks:
+            after(new[i], prev_chunks)
+        own = sample_vars(lay[i - 1])
+        reads = [f"b{i - 1}/V/{w}"] if i > 1 else []
+        reads += [f"b{i}/{v}/{o}" for v in own]
+        right = None
+        if i < N:
+            right = Ref(small[i + 1])
+            reads += [f"b{i + 1}/U/{o}", f"b{i + 1}/Lam/{o}"]
+            if spec.s_next:
+                reads += [f"b{i + 1}/{v}/{o}" for v in own if v in ("V", "Gam")]
+        prev_chunks = chunk_tasks(f"{name}_chunk", i, update_chunk,
+                                  (spec, pen, k, Ref(new[i]), right, name), reads,
+                                  [f"b{i}/{v}/{w}" for v in own])
+        if i == 1:
+            first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks, gram)
+        if i < N:
+            stats = reduce_tree(small_task, "reduce_next", i, "next", prev_chunks, None)
+    return new, first

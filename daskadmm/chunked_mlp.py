@@ -1,5 +1,6 @@
 """Per-(layer, chunk) tasks of the Zarr-resident engine for pdADMM and dlADMM, and the graph
-builder they share with RADMM-2 (:mod:`daskadmm.chunked_radmm2`: its tasks and iteration plan).
+builder of every algorithm on that engine: RADMM-3/3L/3A (:mod:`daskadmm.chunked`) and RADMM-2
+(:mod:`daskadmm.chunked_radmm2`) plug their tasks in as an iteration plan.
 
 Every sample-sized variable lives in the state store, chunked along samples; a task reads and
 writes single chunks, so a worker holds one chunk of each variable it touches plus ``d x d``
@@ -24,7 +25,10 @@ writes slot 2, the forward sweep reads slot 2 and writes slot ``k % 2``.
 
 **Dependencies.** Tasks declare which chunks they read and write; :class:`Hazards` turns that
 into task dependencies (read after write, and write after read or write), so no task can
-overwrite a chunk another task still has to read, whatever the scheduler does.
+overwrite a chunk another task still has to read, whatever the scheduler does. A dependency
+on a chunk task is taken through a small task that runs after it (its layer's statistics at
+the end of an iteration, or a task the plan names): a chunk task's output may hold ``d x d``
+statistics, which a dependent task would keep in memory or make travel.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import chunked_radmm2
+from . import chunked, chunked_radmm2
 from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks, sum_partials
 from .graph import Node, Ref, iteration_stats, key
 from .model import Architecture, augment
@@ -71,7 +75,7 @@ __all__ = [
 
 Array = np.ndarray
 Small = dict
-ALGORITHMS = ("pdadmm", "dladmm", "radmm2")
+ALGORITHMS = ("pdadmm", "dladmm", "radmm2", *chunked.ALGORITHMS)
 BWD = 2  # dlADMM: the slot of the backward sweep's output
 
 
@@ -82,6 +86,8 @@ def slots(name: str) -> int:
 def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
     """The sample-sized variables of layer i that make up its state (checkpointed)."""
     N = arch.depth
+    if name in chunked.ALGORITHMS:
+        return chunked.sample_vars(chunked.layout(name, arch)[i - 1])
     if name == "radmm2":
         return chunked_radmm2.state_vars(arch, i)
     if name == "pdadmm":
@@ -93,6 +99,8 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
     """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
     sample-sized ones (pdADMM adds the scratch ``ql``: ``q_{l-1}`` of the pending phase),
     the weight shape for ``W``."""
+    if name in chunked.ALGORITHMS:
+        return chunked.layout(name, arch)
     out = []
     for i in range(1, arch.depth + 1):
         v: dict[str, tuple] = {"W": arch.weight_shape(i)}
@@ -108,6 +116,8 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
 
 def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
     """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
+    if name in chunked.ALGORITHMS:
+        return [{"W": np.array(W, copy=True)} for W in weights]
     if name == "radmm2":
         return chunked_radmm2.init_small(arch, weights)
     out = []
@@ -572,6 +582,7 @@ class Hazards:
     def __init__(self, roles: dict[str, str]):
         self.writer: dict[str, str] = {}
         self.readers: dict[str, list[str]] = {}
+        self.aliases: dict[str, str] = {}
         for role, value in roles.items():
             if role.startswith("w|"):
                 self.writer[role[2:]] = value
@@ -593,7 +604,14 @@ class Hazards:
         for loc in writes:
             self.writer[loc] = task_key
             self.readers[loc] = []
+        deps = [self.aliases.get(d, d) for d in deps]
         return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
+
+    def alias(self, markers: dict[str, str]) -> None:
+        """Until the next :meth:`replace`, tasks wait for ``markers[key]`` instead of task
+        ``key`` (a task that runs after it); the bookkeeping keeps ``key``, so the markers of
+        :meth:`replace` take over after."""
+        self.aliases.update(markers)
 
     def replace(self, markers: dict[str, str]) -> None:
         """Later tasks wait for ``markers[key]`` instead of task ``key`` (a task that runs after
@@ -601,6 +619,7 @@ class Hazards:
         self.writer = {loc: markers.get(v, v) for loc, v in self.writer.items()}
         self.readers = {loc: list(dict.fromkeys(markers.get(v, v) for v in keys))
                         for loc, keys in self.readers.items()}
+        self.aliases = {}
 
     def roles(self) -> dict[str, str]:
         out = {f"w|{loc}": v for loc, v in self.writer.items()}
@@ -614,10 +633,18 @@ def _locs(c: int, *names: str) -> list[str]:
     return [f"{x}/c{c}" for x in names]
 
 
+def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
+    """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
+    tasks of that kind, e.g. a node of a reduction tree)."""
+    return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
+
+
 @dataclass
 class MlpWindow:
-    """Like :class:`daskadmm.graph.ChunkedWindow`; ``weights[k]`` are the keys of the layers'
-    small states of iteration k (what a checkpoint stores besides the chunks)."""
+    """The nodes of a window of iterations; ``last``: the roles the next window depends on;
+    ``stats[k]`` / ``evals[k]``: the keys of iteration k's statistics and evaluation;
+    ``weights[k]``: the keys of the layers' small states of iteration k (what a checkpoint
+    stores besides the chunks); ``checkpoints[k]``: the checkpoint task keys."""
 
     nodes: list[Node]
     last: dict[str, str]
@@ -636,14 +663,18 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh; see
     :func:`init_chunk` for ``options``, ``rho``) or a copy of the checkpoint back into slot
-    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X. Returns
-    (nodes, roles, init task keys)."""
+    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X (RADMM-3/3L/3A:
+    ``X~ X~^T``, from the same per-chunk tasks as ``W_1``'s statistics for iteration k0+1, role
+    ``first``). Returns (nodes, roles, init task keys)."""
     from .chunked import restore_chunk
 
     N = arch.depth
+    k0 = 0 if restore is None else restore[0]
+    rad3 = name in chunked.ALGORITHMS
     nodes: list[Node] = []
     hz = Hazards({})
     init_keys: list[str] = []
+    parts: list[Ref] = []
     for c, sl in enumerate(slices):
         ct = ChunkTask(url, sl, c)
         if restore is None:
@@ -651,21 +682,37 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
             writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
                       for v in state_vars(name, arch, i)]
             hz.task(kk, (), writes)
-            nodes.append(Node(kk, init_chunk, (ct, name, arch, weights, n, options, rho)))
+            nodes.append(Node(kk, chunked.init_chunk, (ct, name, arch, weights, n)) if rad3 else
+                         Node(kk, init_chunk, (ct, name, arch, weights, n, options, rho)))
             init_keys.append(kk)
         else:
-            k0, ck = restore
+            ck = restore[1]
             for i in range(1, N + 1):
                 names = state_vars(name, arch, i)
                 kk = f"restore_chunk-b{i}-c{c}-{run_id}"
                 hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
                 nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
-        nodes.append(Node(f"gram_chunk-c{c}-{run_id}", gram_chunk, (ct,), block=1))
+        if rad3:
+            kk = f"init_partials-c{c}-{run_id}"
+            order = hz.task(kk, _locs(c, f"b1/U/{k0 % 2}", f"b1/Lam/{k0 % 2}"), ())
+            nodes.append(Node(kk, chunked.init_partials, (ct, arch.bias, k0 % 2, *order),
+                              block=1))
+        else:
+            kk = f"gram_chunk-c{c}-{run_id}"
+            nodes.append(Node(kk, gram_chunk, (ct,), block=1))
+        parts.append(Ref(kk))
     gk = f"gram_x-{run_id}"
-    nodes.append(Node(gk, sum_partials, tuple(Ref(f"gram_chunk-c{c}-{run_id}")
-                                          for c in range(len(slices))), block=1))
-    roles = hz.roles()
-    roles["gram"] = gk
+    nodes.append(Node(gk, chunked.gram_of if rad3 else sum_partials, tuple(parts), block=1))
+    roles: dict[str, str] = {"gram": gk}
+    if rad3:
+        def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
+            kk = _key(base, k0, run_id, i, tag)
+            nodes.append(Node(kk, fn, args, block=i))
+            return kk
+
+        roles["first"] = chunked.reduce_tree(small_task, "reduce_first", 1, "init", parts, None)
+        hz.replace({p.key: gk for p in parts})  # (the Gram matrix is summed after them)
+    roles.update(hz.roles())
     return nodes, roles, init_keys
 
 
@@ -673,10 +720,11 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                  k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
                  eval_iters: Iterable[int] = (), eval_args: tuple = (),
                  ckpt_slots: dict[int, str] | None = None) -> MlpWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident pdADMM, dlADMM or RADMM-2 graph.
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``.
 
     ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
-    (the constant X statistics) and the :class:`Hazards` roles."""
+    (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
+    iteration k0+1) and the :class:`Hazards` roles."""
     from .chunked import checkpoint_chunk
 
     N = len(specs)
@@ -685,6 +733,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     nodes: list[Node] = []
     small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
     gram = Ref(prev["gram"])
+    first = prev.get("first")
+    rad3 = name in chunked.ALGORITHMS
     eval_iters = set(eval_iters)
     ckpt_slots = ckpt_slots or {}
     stats_keys: dict[int, str] = {}
@@ -712,8 +762,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             _parts[i].extend(refs)
             return refs
 
-        def small_task(base: str, i: int, fn, args: tuple, _k=k) -> str:
-            kk = key(base, _k, run_id, i)
+        def small_task(base: str, i: int, fn, args: tuple, tag: str = "", _k=k) -> str:
+            kk = _key(base, _k, run_id, i, tag)
             nodes.append(Node(kk, fn, args, block=i))
             return kk
 
@@ -722,7 +772,16 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             itself): later writers wait for it."""
             hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
 
-        if name == "radmm2":
+        def after(marker: str, refs: list[Ref]) -> None:
+            """Task ``marker`` runs after the tasks ``refs``: tasks of this iteration that
+            have to run after one of them wait for it instead."""
+            hz.alias({r.key: marker for r in refs})
+
+        if rad3:
+            assert first is not None  # start_nodes and every window hand it on
+            sm_keys, first = chunked.plan_iteration(name, specs, pen, k, small, gram,
+                                                    first, chunk_tasks, small_task, after)
+        elif name == "radmm2":
             sm_keys = chunked_radmm2.plan_iteration(
                 specs, pen, k, small, tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices)),
                 chunk_tasks, small_task, reader)
@@ -825,7 +884,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         lstats = []
         for i in range(1, N + 1):
             lk = key("layer_stats", k, run_id, i)
-            nodes.append(Node(lk, layer_stats, (Ref(sm_keys[i]), *parts[i]), block=i))
+            nodes.append(Node(lk, chunked.block_stats if rad3 else layer_stats,
+                              (Ref(sm_keys[i]), *parts[i]), block=i))
             lstats.append(Ref(lk))
             done.update({r.key: lk for r in parts[i]})
         # from here on, tasks that must run after a chunk task of iteration k (the
@@ -859,4 +919,6 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     last = hz.roles()
     last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
     last["gram"] = prev["gram"]
+    if first is not None:
+        last["first"] = first
     return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)

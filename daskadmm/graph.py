@@ -17,7 +17,9 @@ the first hyphen, and two runs on one scheduler never share a key.
 
 The graph is a list of :class:`Node` s whose arguments may contain :class:`Ref` s to other keys;
 :func:`to_dask_graph` turns it into a plain dict graph (synchronous / threaded schedulers) and the
-runner submits the same nodes as futures on a distributed cluster.
+runner submits the same nodes as futures on a distributed cluster. (The Zarr-resident engine's
+graph, one task per block and chunk, is built of the same nodes by
+:func:`daskadmm.chunked_mlp.build_window`.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import numpy as np
 from .model import Architecture, metrics
 from .monitor import IterationStats
 from .splitting import BlockSpec, Penalties, Splitting, select
-from .storage import StoreRef
 
 __all__ = [
     "Node",
@@ -261,179 +262,3 @@ def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
 def default_window(N: int) -> int:
     """Iterations in flight: enough for the wavefront to fill (about N/2 blocks run at once)."""
     return max(2, min(8, math.ceil(N / 2) + 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# The Zarr-resident graph: one task per (block, chunk) that reads and writes single chunks
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ChunkedWindow:
-    nodes: list[Node]
-    last: dict[str, str]  # role -> key, for what the next window depends on
-    stats: dict[int, str]
-    evals: dict[int, str]
-    weights: dict[int, list[str]]  # iteration -> update_weights keys (W of that iteration)
-    checkpoints: dict[int, list[str]]  # iteration -> checkpoint task keys
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-
-def _tree(nodes: list[Node], base: str, which: str, refs: list[Ref], block: int,
-          fan_in: int = 4) -> list[Ref]:
-    """Reduce chunk statistics as a tree of fan-in ``fan_in``: returns the refs (at most
-    ``fan_in``) that the W update sums itself, in a fixed order."""
-    from . import chunked
-
-    level = 0
-    if len(refs) <= fan_in:
-        return refs
-    kind = which
-    while len(refs) > fan_in:
-        nxt = []
-        for j in range(0, len(refs), fan_in):
-            k = f"reduce_stats-{base}-r{level}x{j // fan_in}"
-            nodes.append(Node(k, chunked.pick_partials, (kind, None, *refs[j:j + fan_in]),
-                              block=block))
-            nxt.append(Ref(k))
-        refs, kind, level = nxt, "sum", level + 1
-    return refs
-
-
-def _reduce(nodes: list[Node], k: int, run_id: str, i: int, kind: str, refs: list[Ref],
-            gram: Ref | None, block: int) -> str:
-    """Append the reduction of ``W_i``'s statistics of iteration k (``kind``, see
-    :func:`daskadmm.chunked.pick_partials`) on ``block``'s worker; returns its key."""
-    from . import chunked
-
-    C = len(refs)
-    refs = _tree(nodes, f"b{i}-k{k}-{run_id}", kind, refs, block)
-    red = key("reduce_stats", k, run_id, i)
-    nodes.append(Node(red, chunked.pick_partials,
-                      (kind if len(refs) == C else "sum", gram, *refs), block=block))
-    return red
-
-
-def build_chunked_window(specs: list[BlockSpec], pens: dict[int, Penalties], k0: int, k1: int,
-                         prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
-                         name: str, eval_iters: Iterable[int] = (),
-                         eval_args: tuple = (), ckpt_slots: dict[int, str] | None = None
-                         ) -> ChunkedWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``
-    (RADMM-3, -3L or -3A: the same wiring; RADMM-3A's chunk tasks also read and write Gam).
-
-    ``prev`` maps roles to keys of iteration ``k0``: ``chunk-b<i>-c<c>`` (a task after which
-    chunk c of block i holds iteration k0, with a small output: the init/restore task of the
-    chunk at the start, block i's ``block_stats`` task after an iteration), ``W-b<i>`` (W of
-    iteration k0), ``W_1``'s statistics for iteration k0+1: ``first`` (their reduction, built
-    with iteration k0; ``first_kind`` "reduced") or ``first-c<c>`` (per chunk: ``init_partials``
-    keys at the start, ``first_kind`` "init", or block-1 ``<name>_chunk`` keys, "first"),
-    ``gram_x``, and ``ckpt-b<i>-c<c>-k<k>`` for checkpoint tasks that later writers must wait
-    for. The window hands on ``first`` (so it builds the reduction for ``W_1`` of ``k1 + 1``).
-    Tasks carry only references, specs, slices and scalars; every array goes through the store
-    or is a ``d x d`` statistic.
-
-    A chunk task's output carries ``d x d`` statistics, and Dask keeps a task's output until
-    every task that takes it has run (a future the driver keeps for the next window, too). So
-    only the reductions and ``block_stats`` take chunk outputs; a task that merely has to run
-    after chunk tasks (the next iteration's chunk tasks, a checkpoint) takes the block's
-    ``block_stats`` task instead, whose output is four floats. For the chunk's own last write
-    that is no coarser than before (``W_{i+1}`` of k-1, which block i's chunk tasks of k take,
-    already waits for all of block i's chunks of k-1; for block N, ``W_N`` of k waits for block
-    N-1's chunks of k, which wait for block N's of k-1). For the right neighbour it is: chunk c
-    of block i waits for all of block i+1's chunks of k-1, not only chunk c. The wavefront
-    hardly notices, since block i's chunks of k also wait for ``W_i`` of k, which waits for
-    block i-1's chunks of k, which start with block i+1's of k-1 (both wait for block i's of
-    k-1) and take about as long. The reductions run where the chunk outputs are, and as soon
-    as they can: ``W_1`` of k+1 is summed with iteration k, right after block 1's chunks.
-    """
-    from . import chunked
-
-    N, C = len(specs), len(slices)
-    eval_iters = set(eval_iters)
-    ckpt_slots = ckpt_slots or {}
-    nodes: list[Node] = []
-    cur = dict(prev)
-    stats_keys: dict[int, str] = {}
-    eval_keys: dict[int, str] = {}
-    w_keys: dict[int, list[str]] = {}
-    ck_keys: dict[int, list[str]] = {}
-    lay = chunked.layout(name, specs[0].arch)
-    names = {i: chunked.sample_vars(lay[i - 1]) for i in range(1, N + 1)}  # checkpointed
-    for k in range(k0 + 1, k1 + 1):
-        pen = pens[k]
-        new: dict[str, str] = {}
-        chunk: dict[tuple[int, int], str] = {}  # (block, chunk) -> chunk task of iteration k
-        w_keys[k] = []
-        for i in range(1, N + 1):
-            spec = specs[i - 1]
-            # W_i of iteration k from the statistics of its left neighbour's chunks
-            wk = key("update_weights", k, run_id, i)
-            if i == 1 and cur["first_kind"] == "reduced":
-                red = cur["first"]  # summed as soon as block 1 of k-1 was done
-            elif i == 1:  # the start: init_partials' outputs
-                red = _reduce(nodes, k, run_id, 1, cur["first_kind"],
-                              [Ref(cur[f"first-c{c}"]) for c in range(C)],
-                              Ref(cur["gram_x"]) if cur["first_kind"] == "first" else None, 1)
-            else:
-                # summed where the chunk outputs are (block i-1's worker): one d x d triple
-                # travels to W_i's worker, not one per chunk
-                red = _reduce(nodes, k, run_id, i, "next",
-                              [Ref(chunk[i - 1, c]) for c in range(C)], None, i - 1)
-            nodes.append(Node(wk, chunked.update_weights,
-                              (spec, pen, Ref(cur[f"W-b{i}"]), Ref(red), name), block=i))
-            new[f"W-b{i}"] = wk
-            w_keys[k].append(wk)
-            for c, sl in enumerate(slices):
-                # ordering only (it reads what its own and its right neighbour's chunk tasks of
-                # k-1 wrote, and overwrites what the checkpoint of k-2 copies): small outputs
-                order = [Ref(cur[f"chunk-b{i}-c{c}"])]
-                if i < N:
-                    order.append(Ref(cur[f"chunk-b{i + 1}-c{c}"]))
-                if f"ckpt-b{i}-c{c}-k{k - 2}" in cur:
-                    order.append(Ref(cur[f"ckpt-b{i}-c{c}-k{k - 2}"]))
-                ck = f"{name}_chunk-b{i}-c{c}-k{k}-{run_id}"
-                w_right = Ref(cur[f"W-b{i + 1}"]) if i < N else None
-                nodes.append(Node(ck, chunked.update_chunk,
-                                  (chunked.ChunkTask(url, sl, c), spec, pen, k, Ref(wk), w_right,
-                                   name, *order), block=i))
-                chunk[i, c] = ck
-            if i == 1:
-                # W_1 of k+1 needs only block 1's chunks of k: summed now, with iteration k's
-                # priority, so block 1's chunk outputs go as soon as W_2's sum has them too
-                new["first"] = _reduce(nodes, k + 1, run_id, 1, "first",
-                                       [Ref(chunk[1, c]) for c in range(C)],
-                                       Ref(cur["gram_x"]), 1)
-                new["first_kind"] = "reduced"
-        new["gram_x"] = cur["gram_x"]
-        # statistics: per block on its own worker (no d x d matrices travel), then one sum
-        bstats = []
-        for i in range(1, N + 1):
-            bk = key("block_stats", k, run_id, i)
-            nodes.append(Node(bk, chunked.block_stats,
-                              tuple(Ref(chunk[i, c]) for c in range(C)), block=i))
-            bstats.append(Ref(bk))
-            for c in range(C):
-                new[f"chunk-b{i}-c{c}"] = bk
-        stats_keys[k] = key("iteration_stats", k, run_id)
-        nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *bstats)))
-        if k in eval_iters:
-            eval_keys[k] = key("evaluate", k, run_id)
-            nodes.append(Node(eval_keys[k], chunked.evaluate_chunks,
-                              (url, *eval_args, *[Ref(w) for w in w_keys[k]])))
-        # carry checkpoint keys that iteration k+1 and k+2 writers must wait for
-        for role in [x for x in cur if x.startswith("ckpt-") and x.endswith(f"-k{k - 1}")]:
-            new[role] = cur[role]
-        if k in ckpt_slots:
-            ck_keys[k] = []
-            for i in range(1, N + 1):
-                for c, sl in enumerate(slices):
-                    kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
-                    nodes.append(Node(kk, chunked.checkpoint_chunk,
-                                      (chunked.ChunkTask(url, sl, c), i, names[i], k % 2,
-                                       ckpt_slots[k], Ref(new[f"chunk-b{i}-c{c}"])), block=i))
-                    new[f"ckpt-b{i}-c{c}-k{k}"] = kk
-                    ck_keys[k].append(kk)
-        cur = new
-    return ChunkedWindow(nodes, cur, stats_keys, eval_keys, w_keys, ck_keys)

@@ -43,7 +43,6 @@ from .errors import ClusterError
 from .graph import (
     Node,
     Ref,
-    build_chunked_window,
     build_window,
     default_window,
     to_dask_graph,
@@ -940,7 +939,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
     :mod:`.chunked`, :mod:`.chunked_mlp` and :mod:`.chunked_radmm2`); ``client`` as for
     :func:`run_dask`."""
-    from . import chunked, chunked_mlp
+    from . import chunked_mlp
     from .storage import (
         StateStore,
         StoreError,
@@ -954,11 +953,10 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     url = store_url(opts, run_dir)
     slices = chunk_slices(n, opts.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], opts.storage.chunk_size)
-    mlp = splitting.name in chunked_mlp.ALGORITHMS
-    lay = (chunked_mlp if mlp else chunked).layout(splitting.name, arch)
+    lay = chunked_mlp.layout(splitting.name, arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
     ck_lay = [{v: shape for v, shape in block.items()
-               if v == "W" or not mlp or v in chunked_mlp.state_vars(splitting.name, arch, i)}
+               if v == "W" or v in chunked_mlp.state_vars(splitting.name, arch, i)}
               for i, block in enumerate(lay, start=1)]
     scratch = None
     client = resolve_client(opts.cluster, client)
@@ -1008,7 +1006,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
                 store.write_data(data, opts.storage.chunk_size, opts.storage.compressor,
                                  sums=data_sums)
             store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
-                               chunked_mlp.slots(splitting.name) if mlp else 2,
+                               chunked_mlp.slots(splitting.name),
                                dtype=opts.dtype)
             store.set_attrs({"ready": True})
     except BaseException:
@@ -1020,8 +1018,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = (_MlpZarrCtx if mlp else _ZarrCtx)(opts, splitting, arch, ds, specs, schedule, monitor,
-                                             window, run_id, metric)
+    ctx = _ZarrCtx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
     ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.task_url = store.ref
@@ -1080,55 +1077,31 @@ class _ZarrCtx(_Ctx):
                                                                 dict[str, str], int]:
         """Nodes and literal values that bring the store to iteration k0; returns
         (nodes, literals, prev roles, k0)."""
-        from . import chunked
+        from . import chunked_mlp
 
-        rid, N = self.run_id, self.N
-        nodes: list[Node] = []
-        literals: dict[str, Any] = {}
+        name, rid = self.splitting.name, self.run_id
+        restore = None
         cp = self.manifest
         if cp is not None:
             k0, states = self.store.read_checkpoint_states(
                 [{"W": v["W"]} for v in self.layout])
-            weights = [s["W"] for s in states]
+            # (a RADMM-3 manifest written before its small state was {"W": W} has none)
+            scalars = cp.get("small") or [{} for _ in states]
+            small = [{**sc, "W": st["W"]} for sc, st in zip(scalars, states, strict=True)]
             self._restore_monitor()
-            self._restore_last_good(k0, weights)
-            slot = k0 % 2
-            for c, sl in enumerate(self.slices):
-                for i in range(1, N + 1):
-                    names = chunked.sample_vars(self.layout[i - 1])
-                    nodes.append(Node(f"restore_chunk-b{i}-c{c}-{rid}", chunked.restore_chunk,
-                                      (chunked.ChunkTask(self.task_url, sl, c), i, names, slot,
-                                       cp["slot"]), block=i))
-            start = {(i, c): f"restore_chunk-b{i}-c{c}-{rid}" for i in range(1, N + 1)
-                     for c in range(len(self.slices))}
+            self._restore_last_good(k0, [st["W"] for st in states])
+            restore = (k0, cp["slot"])
         else:
-            k0, weights = 0, weights0
-            for c, sl in enumerate(self.slices):
-                nodes.append(Node(f"init_chunk-c{c}-{rid}", chunked.init_chunk,
-                                  (chunked.ChunkTask(self.task_url, sl, c), self.splitting.name,
-                                   self.arch, weights0, self.n)))
-            start = {(i, c): f"init_chunk-c{c}-{rid}" for i in range(1, N + 1)
-                     for c in range(len(self.slices))}
-        prev: dict[str, str] = {}
-        for i in range(1, N + 1):
-            literals[f"init_weights-b{i}-{rid}"] = weights[i - 1]
-            prev[f"W-b{i}"] = f"init_weights-b{i}-{rid}"
-            for c in range(len(self.slices)):
-                prev[f"chunk-b{i}-c{c}"] = start[(i, c)]
-        for c, sl in enumerate(self.slices):
-            deps = [Ref(start[(i, c)]) for i in (1,)]
-            kk = f"init_partials-c{c}-{rid}"
-            nodes.append(Node(kk, _after, (chunked.init_partials,
-                                           (chunked.ChunkTask(self.task_url, sl, c), self.arch.bias,
-                                            k0 % 2), *deps), block=1))
-            prev[f"first-c{c}"] = kk
-        nodes.append(Node(f"gram_x-{rid}", chunked.gram_of,
-                          tuple(Ref(prev[f"first-c{c}"]) for c in range(len(self.slices))),
-                          block=1))
-        prev["gram_x"] = f"gram_x-{rid}"
-        prev["first_kind"] = "init"
+            k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
+        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.task_url, self.slices, rid,
+                                                 [s["W"] for s in small], self.n, restore,
+                                                 self.specs[0].options, self.schedule.at(1).rho)
+        literals: dict[str, Any] = {}
+        for i, sm in enumerate(small, start=1):
+            literals[f"init_small-b{i}-{rid}"] = sm
+            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
         self.k0 = k0
-        self.weights = weights
+        self.weights = [s["W"] for s in small]
         return nodes, literals, prev, k0
 
     def _restore_monitor(self) -> None:
@@ -1208,19 +1181,25 @@ class _ZarrCtx(_Ctx):
         return plan
 
     def build_z(self, k0: int, k1: int, prev: dict[str, str]):
-        return build_chunked_window(
-            self.specs, _pens(self.schedule, k0, k1), k0, k1, prev, self.run_id, self.task_url,
-            self.slices, self.splitting.name, self.eval_iters(k0, k1),
-            (self.arch, self.ds.task, self.metric, tuple(self.slices),
-             tuple(self.test_slices)), self.ckpt_plan(k0, k1))
+        from . import chunked_mlp
 
-    def commit(self, k: int, slot: str, weights: list[Any], keys: list[str],
+        return chunked_mlp.build_window(
+            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
+            self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
+            (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
+            self.ckpt_plan(k0, k1))
+
+    def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
                values: list[dict[str, int]]) -> None:
-        """Commit checkpoint k: W into the slot, then the manifest (the atomic commit)."""
-        for i, W in enumerate(weights, start=1):
-            self.store.write(f"ckpt/{slot}/b{i}/W", W)
-        self.store.commit_checkpoint(self._manifest(
-            k, slot, None, self._chunk_checksums(keys, values, weights)))
+        """Commit checkpoint k: each block's W into the slot, then the manifest with the rest
+        of the small states (the atomic commit)."""
+        scalars = []
+        for i, sm in enumerate(smalls, start=1):
+            self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
+            scalars.append({x: float(v) for x, v in sm.items()
+                            if x not in ("W", "step", "capped", "k", "lam")})
+        sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
+        self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
 
     def initial_record(self, init_outs: list[dict]) -> None:
         if self.manifest is not None:
@@ -1261,7 +1240,7 @@ class _ZarrCtx(_Ctx):
 
         nodes, literals, prev, k = self.start_nodes(weights0)
         init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
-        carry = [v for r, v in prev.items() if r != "first_kind"]
+        carry = list(prev.values())
         vals = get(to_dask_graph(nodes, literals), [*init_keys, *carry])
         got = dict(zip([*init_keys, *carry], vals, strict=True))
         self.initial_record([got[x] for x in init_keys])
@@ -1273,7 +1252,7 @@ class _ZarrCtx(_Ctx):
             # checkpoint is never written before the next manifest is committed
             k1 = self._ckpt_end(k, _window_end(k, self.window, self.K, self.schedule))
             wg = self.build_z(k, k1, prev)
-            carry = sorted({v for r, v in wg.last.items() if r != "first_kind"})
+            carry = sorted(set(wg.last.values()))
             ckeys = [x for kk in wg.checkpoints for x in wg.checkpoints[kk]]
             want = [*carry, *wg.stats.values(), *wg.evals.values(),
                     *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
@@ -1398,7 +1377,7 @@ class _ZarrCtx(_Ctx):
                                     self.ckpt_slot_of(wg, kk))
                     pending.append((kk, futures[wg.stats[kk]],
                                     futures[wg.evals[kk]] if kk in wg.evals else None))
-                    keep = {v for r, v in wg.last.items() if r != "first_kind"}
+                    keep = set(wg.last.values())
                     for old in [x for x in futures if x not in keep]:
                         del futures[old]
                     prev = wg.last
@@ -1436,57 +1415,6 @@ class _ZarrCtx(_Ctx):
             mon.history, mon.increases, mon.capped_total = [], [], 0
             mon.last_good = None
             sch.reset()
-
-
-class _MlpZarrCtx(_ZarrCtx):
-    """pdADMM, dlADMM and RADMM-2 on the Zarr-resident engine: the same drivers, the graph
-    built from declared chunk reads and writes."""
-
-    def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
-                                                                dict[str, str], int]:
-        from . import chunked_mlp
-
-        name, rid = self.splitting.name, self.run_id
-        restore = None
-        cp = self.manifest
-        if cp is not None:
-            k0, states = self.store.read_checkpoint_states(
-                [{"W": v["W"]} for v in self.layout])
-            small = [{**sc, "W": st["W"]} for sc, st in zip(cp["small"], states, strict=True)]
-            self._restore_monitor()
-            self._restore_last_good(k0, [st["W"] for st in states])
-            restore = (k0, cp["slot"])
-        else:
-            k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
-        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.task_url, self.slices, rid,
-                                                 [s["W"] for s in small], self.n, restore,
-                                                 self.specs[0].options, self.schedule.at(1).rho)
-        literals: dict[str, Any] = {}
-        for i, sm in enumerate(small, start=1):
-            literals[f"init_small-b{i}-{rid}"] = sm
-            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
-        self.k0 = k0
-        self.weights = [s["W"] for s in small]
-        return nodes, literals, prev, k0
-
-    def build_z(self, k0: int, k1: int, prev: dict[str, str]):
-        from . import chunked_mlp
-
-        return chunked_mlp.build_window(
-            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
-            self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
-            (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
-            self.ckpt_plan(k0, k1))
-
-    def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
-               values: list[dict[str, int]]) -> None:
-        scalars = []
-        for i, sm in enumerate(smalls, start=1):
-            self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
-            scalars.append({x: float(v) for x, v in sm.items()
-                            if x not in ("W", "step", "capped", "k", "lam")})
-        sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
-        self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
 
 
 MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
@@ -1557,9 +1485,3 @@ def _wait_for_workers(client, want: int, timeout: float = 60.0) -> list[str]:
         if time.time() > deadline + timeout:
             raise ClusterError("no Dask worker came back after a worker was lost")
         time.sleep(0.2)
-
-
-def _after(fn, args: tuple, *order):
-    """Run ``fn(*args)`` once the tasks in ``order`` are done (their values are unused)."""
-    return fn(*args)
-

@@ -67,9 +67,11 @@ def assert_usage_error(proc, work: Path, needle: str) -> None:
 
 def chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
     """Iterations 1..K of the Zarr engine's graph of algorithm ``name`` (resnet of depth N, n
-    samples in chunks of ``chunk``) as the runner starts it (init tasks named as the runner
-    names them), with a checkpoint at iteration 2; returns (window, number of chunks)."""
-    from daskadmm.graph import build_chunked_window
+    samples in chunks of ``chunk``) as the runner builds it after its start tasks (named as the
+    runner names them), with a checkpoint at iteration 2; returns (window, number of chunks)."""
+    import numpy as np
+
+    from daskadmm import chunked_mlp
     from daskadmm.model import Architecture
     from daskadmm.splitting.base import BlockSpec, Options, Penalties
     from daskadmm.storage import StoreRef, chunk_slices
@@ -77,11 +79,11 @@ def chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
     arch = Architecture("resnet", N, 3, 4, 2)
     specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
     slices = chunk_slices(n, chunk)
-    prev = {f"chunk-b{i}-c{c}": f"init_chunk-c{c}" for i in range(1, N + 1)
-            for c in range(len(slices))}
-    prev.update({f"W-b{i}": f"init_weights-b{i}" for i in range(1, N + 1)})
-    prev.update({f"first-c{c}": f"init_partials-c{c}" for c in range(len(slices))})
-    prev.update({"first_kind": "init", "gram_x": "gram_x"})
+    url = StoreRef("memory://x")
+    weights = [np.zeros(arch.weight_shape(i)) for i in range(1, N + 1)]
+    _, prev, _ = chunked_mlp.start_nodes(name, arch, url, slices, "r", weights, n, None,
+                                         Options(), 1.0)
+    prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    return build_chunked_window(specs, pens, 0, K, prev, "r", StoreRef("memory://x"), slices,
-                                name, ckpt_slots={2: "a"}), len(slices)
+    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", url, slices,
+                                    ckpt_slots={2: "a"}), len(slices)

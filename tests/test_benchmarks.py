@@ -424,7 +424,7 @@ def test_engine_graph_is_the_runners():
         res = api.fit(cfg, dataset=ds)
     g = project.engine_graph(prob, 5, res.info["window"], res.info["run_id"], eval_iters=[5])
     assert {n.key for n in g.nodes} == set(timer.seconds) - {
-        k for k in timer.seconds if k.startswith(("data_", "init_weights"))}
+        k for k in timer.seconds if k.startswith(("data_", "init_small"))}
     for N, W in [(5, 2), (8, 3), (4, 7), (128, 64)]:
         workers = [f"w{i}" for i in range(W)]
         runner = _Ctx._placement(SimpleNamespace(N=N), workers)
@@ -499,7 +499,7 @@ def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
     prob = project.Problem(depth=6, width=4, n=12, chunks=2, d_in=3, d_out=2)
     m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
          "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
-         "reduce_per_input": 0.01, "block_stats": 0.001, "iteration_stats": 0.002,
+         "reduce_per_input": 0.01, "layer_stats": 0.001, "iteration_stats": 0.002,
          "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
     g = project.engine_graph(prob, 2, 2)
     durations = project.projected_durations(g, prob, m)
