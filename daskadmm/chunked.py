@@ -50,6 +50,7 @@ __all__ = [
     "pick_partials",
     "checkpoint_chunk",
     "evaluate_chunks",
+    "evaluate_small",
     "init_chunk",
     "init_partials",
     "layout",
@@ -315,6 +316,13 @@ def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
         rec[f"{split}_loss"] = loss / count
         rec[f"{split}_metric"] = err / count
     return rec, weights
+
+
+def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
+                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
+                   ) -> tuple[dict[str, float], list[Array]]:
+    """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""
+    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
 
 
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:

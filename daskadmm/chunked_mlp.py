@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import chunked, chunked_radmm2
-from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_chunks, sum_partials
+from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_small, sum_partials
 from .graph import Node, Ref, iteration_stats, key
 from .model import Architecture, augment
 from .splitting import BlockSpec, Options, Penalties, get_splitting
@@ -223,11 +223,6 @@ def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
         for k, v in (o.stats or {}).items():
             total[k] += v
     return total
-
-
-def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
-                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small):
-    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
 
 
 def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[float, bool]:
@@ -604,14 +599,20 @@ class Hazards:
         for loc in writes:
             self.writer[loc] = task_key
             self.readers[loc] = []
-        deps = [self.aliases.get(d, d) for d in deps]
+        if self.aliases:
+            deps = [self._alias_of(d) for d in dict.fromkeys(deps)]
         return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
+
+    def _alias_of(self, d: str) -> str:
+        while d in self.aliases:  # a marker of a marker runs after both
+            d = self.aliases[d]
+        return d
 
     def alias(self, markers: dict[str, str]) -> None:
         """Until the next :meth:`replace`, tasks wait for ``markers[key]`` instead of task
         ``key`` (a task that runs after it); the bookkeeping keeps ``key``, so the markers of
         :meth:`replace` take over after."""
-        self.aliases.update(markers)
+        self.aliases.update({d: m for d, m in markers.items() if d != m})
 
     def replace(self, markers: dict[str, str]) -> None:
         """Later tasks wait for ``markers[key]`` instead of task ``key`` (a task that runs after
@@ -747,14 +748,16 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         o, w = (k - 1) % 2, k % 2
         parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
         sm_keys: dict[int, str] = {}
+        waits: dict[str, list[str]] = {}  # chunk task -> the tasks it waits for (hazards)
 
         def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes, each=None,
-                        _k=k, _parts=parts) -> list[Ref]:
+                        _k=k, _parts=parts, _waits=waits) -> list[Ref]:
             """One task per chunk: ``fn(chunk, *args, [each[c],] *order)``."""
             refs = []
             for c, sl in enumerate(slices):
                 kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
                 order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
+                _waits[kk] = [r.key for r in order]
                 own = () if each is None else (each[c],)
                 nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
                                   block=i))
@@ -772,10 +775,11 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             itself): later writers wait for it."""
             hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
 
-        def after(marker: str, refs: list[Ref]) -> None:
-            """Task ``marker`` runs after the tasks ``refs``: tasks of this iteration that
-            have to run after one of them wait for it instead."""
-            hz.alias({r.key: marker for r in refs})
+        def after(marker: str, refs: list[Ref], _waits=waits) -> None:
+            """Task ``marker`` runs after the chunk tasks ``refs``, so after everything they
+            wait for: tasks of this iteration that have to run after one of those wait for
+            ``marker`` instead."""
+            hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
 
         if rad3:
             assert first is not None  # start_nodes and every window hand it on
