@@ -122,23 +122,63 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     (the next iteration's chunk tasks, checkpoints; the futures the driver keeps for the next
     window) wait for a task with a small output that runs after it instead, and still run
     after every chunk task whose writes they read or overwrite. The reductions run on the
-    chunks' worker."""
+    chunks' worker (a tree of fan-in 4 when there are more than 4 chunks), so one reduced
+    triple travels to the W update: ``W_{i+1}`` of iteration k sums block i's chunk outputs of
+    k, ``W_1`` of k+1 block 1's of k and X's Gram matrix, reduced right after block 1's chunk
+    tasks of k."""
     from daskadmm import chunked
 
     wg, C = chunked_window(N, K, 30, chunk)
     by_key = {x.key: x for x in wg.nodes}
     big = {x.key for x in wg.nodes if x.fn is chunked.update_chunk}
     assert len(big) == N * C * K
+    reductions = {x.key for x in wg.nodes if x.fn is chunked.pick_partials}
     for x in wg.nodes:
         takes = {d for d in x.deps() if d in big}
         if takes:
             assert x.fn in (chunked.pick_partials, chunked.block_stats), (x.key, takes)
             # on the chunks' worker: only sums travel
             assert {by_key[d].block for d in takes} == {x.block}, (x.key, takes)
+        # a reduction's partial sums stay on its worker; only the root goes to the W update
+        for d in set(x.deps()) & reductions:
+            if x.fn is chunked.pick_partials:
+                assert by_key[d].block == x.block, (x.key, d)
+            else:
+                assert x.fn is chunked.update_weights, (x.key, d)
+        if x.fn is chunked.pick_partials:
+            assert 1 <= len([d for d in x.deps() if d in big | reductions]) <= chunked.FAN_IN
     assert not set(wg.last.values()) & big
+    assert (C > chunked.FAN_IN) == any("-r1x" in x or "-r0x" in x for x in reductions)
+
+    def summed(key: str) -> set[str]:
+        """The chunk tasks (and other inputs) whose statistics a W update sums."""
+        out = set()
+        for d in by_key[key].deps():
+            out |= summed(d) if d in reductions else {d}
+        return out
+
+    def chunk_key(i: int, c: int, k: int) -> str:
+        return f"radmm3_chunk-b{i}-c{c}-k{k}-r"
+
+    for k in range(1, K + 1):
+        for i in range(1, N + 1):
+            stats = summed(f"update_weights-b{i}-k{k}-r") - {f"update_weights-b{i}-k{k - 1}-r",
+                                                            f"init_small-b{i}-r"}
+            if i > 1:
+                assert stats == {chunk_key(i - 1, c, k) for c in range(C)}
+                assert {by_key[d].block for d in by_key[f"update_weights-b{i}-k{k}-r"].deps()
+                        if d in reductions} == {i - 1}
+            elif k > 1:
+                assert stats == {chunk_key(1, c, k - 1) for c in range(C)} | {"gram_x-r"}
+        # W_1's statistics for k+1 are reduced right after block 1's chunk tasks of k
+        order = [x.key for x in wg.nodes]
+        last1 = max(order.index(chunk_key(1, c, k)) for c in range(C))
+        first = [x for x in order if x.startswith("reduce_first-b1-") and x.endswith(f"-k{k}-r")]
+        assert first and order[last1 + 1:last1 + 1 + len(first)] == first
     # the ordering still holds: every chunk task runs after its own and its right neighbour's
-    # chunk of the last iteration, every checkpoint after its chunk, and every chunk task of
-    # iteration k >= 4 after the checkpoint of 2 (k = 4 overwrites the slot being copied)
+    # chunk of the last iteration and its left neighbour's of this one, every checkpoint after
+    # its chunk, and every chunk task of iteration k >= 4 after the checkpoint of 2 (k = 4
+    # overwrites the slot being copied)
     after: dict[str, set[str]] = {}
     for x in wg.nodes:  # topological order
         after[x.key] = set()
@@ -146,13 +186,12 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
             if d in by_key:
                 after[x.key] |= {d, *after[d]}
 
-    def chunk_key(i: int, c: int, k: int) -> str:
-        return f"radmm3_chunk-b{i}-c{c}-k{k}-r"
-
     for k in range(1, K + 1):
         for i in range(1, N + 1):
             for c in range(C):
                 mine = after[chunk_key(i, c, k)]
+                if i > 1:
+                    assert chunk_key(i - 1, c, k) in mine
                 if k > 1:
                     assert chunk_key(i, c, k - 1) in mine
                     if i < N:
@@ -333,6 +372,26 @@ def test_kill_at_random_moment_and_resume_is_bitwise_equal(tmp_path):
     # the resumed history continues the saved one
     assert [r["iteration"] for r in res.history] == [r["iteration"] for r in full.history]
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+def test_resume_from_a_manifest_without_small_states(tmp_path):
+    """RADMM-3's small state is its W (stored as an array), so a manifest that records no
+    small states (as RADMM-3's were written before its graph had them) resumes to the same
+    bits."""
+    cfg = _with(_cfg(iterations=8), cluster={"kind": "synchronous"}, run={"checkpoint_every": 4},
+                storage={"chunk_size": 30})
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    url = tmp_path / "part.zarr"
+    api.fit(_with(cfg, storage={"url": str(url)}, run={"iterations": 4}), dataset=ds)
+    manifest = json.loads((url / "checkpoint.json").read_text())
+    assert manifest["small"] == [{}] * 4
+    manifest["small"] = None
+    (url / "checkpoint.json").write_text(json.dumps(manifest))
+    res = api.fit(_with(cfg, storage={"url": str(url)}, run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] == 4 and res.iterations == 8
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_resume_refuses_a_different_problem(tmp_path):
