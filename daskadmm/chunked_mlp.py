@@ -788,7 +788,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         elif name == "radmm2":
             sm_keys = chunked_radmm2.plan_iteration(
                 specs, pen, k, small, tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices)),
-                chunk_tasks, small_task, reader)
+                chunk_tasks, small_task, reader, after)
         elif name == "pdadmm":
             for i in range(1, N + 1):
                 spec = specs[i - 1]

@@ -336,13 +336,19 @@ def v_last_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
 # Output block
 # ---------------------------------------------------------------------------------------------
 
-def out_update_w(spec: BlockSpec, pen: Penalties, small: Small, *outs: TrialOut) -> Small:
-    """``W_N`` from the summed statistics (RADMM-3's exact step)."""
+def sum_w(*outs: TrialOut) -> tuple:
+    """``W_N``'s statistics summed over the chunks in chunk order (on block N-1's worker, where
+    the chunk outputs are: one ``d x d`` pair travels)."""
     parts: list[tuple] = []
     for o in outs:
         assert o.w is not None  # passes that carry W_N's statistics
         parts.append(o.w)
-    G, B = sum_partials(*parts)
+    return sum_partials(*parts)
+
+
+def out_update_w(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple) -> Small:
+    """``W_N`` from the summed statistics (RADMM-3's exact step)."""
+    G, B = stats
     return {**small, "W": update_weights(small["W"], G, B, pen, spec.n), "lam": pen.lam,
             "capped": 0.0}
 
@@ -371,11 +377,14 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
 # ---------------------------------------------------------------------------------------------
 
 def plan_iteration(specs: list[BlockSpec], pen: Penalties, k: int, small: dict[int, str],
-                   cts: tuple[ChunkTask, ...], chunk_tasks, small_task, reader) -> dict[int, str]:
+                   cts: tuple[ChunkTask, ...], chunk_tasks, small_task, reader, after
+                   ) -> dict[int, str]:
     """Append iteration k's tasks through the window builder's ``chunk_tasks(base, block, fn,
     args, reads, writes)`` and ``small_task(base, block, fn, args)``; ``reader(key, locs)``
-    declares what a decision task may read from every chunk. ``small``: the keys of the
-    blocks' small states of iteration k-1. Returns those of iteration k."""
+    declares what a decision task may read from every chunk, ``after(marker, refs)`` that
+    task ``marker`` runs after the tasks ``refs`` (so later tasks may wait for it instead).
+    ``small``: the keys of the blocks' small states of iteration k-1. Returns those of
+    iteration k."""
     from .graph import Ref
 
     N = len(specs)  # >= 2
@@ -412,7 +421,11 @@ def plan_iteration(specs: list[BlockSpec], pen: Penalties, k: int, small: dict[i
                                    [*own, *nxt], [f"b{i}/V/{w}"])
             new[i] = sw
     spec = specs[N - 1]
-    sm = small_task("r2_out_update_w", N, out_update_w, (spec, pen, Ref(small[N]), *stats_in))
+    ws = small_task("r2_sum_w", N - 1, sum_w, tuple(stats_in))
+    sm = small_task("r2_out_update_w", N, out_update_w, (spec, pen, Ref(small[N]), Ref(ws)))
+    # the output block's chunk tasks read V_{N-1}, which block N-1's chunk tasks wrote: they
+    # wait for W_N (which they take anyway), not for those tasks' outputs (d x d statistics)
+    after(sm, stats_in)
     chunk_tasks("r2_out", N, out_pass, (spec, pen, k, Ref(sm)),
                 [f"b{N - 1}/V/{w}", f"b{N}/U/{o}", f"b{N}/Lam/{o}"],
                 [f"b{N}/U/{w}", f"b{N}/Lam/{w}"])

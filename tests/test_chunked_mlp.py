@@ -237,6 +237,21 @@ def test_radmm2_chunked_chain_is_a_pipelined_wavefront():
         assert path(N, 3) - path(N, 2) == path(N, 4) - path(N, 3) <= 2 * per_block
 
 
+def test_radmm2_statistics_of_w_n_travel_once():
+    # block N-1's chunk tasks return W_N's d x d statistics: they are summed on block N-1's
+    # worker, and the output block's chunk tasks wait for W_N, not for those chunk outputs
+    wg = _window("radmm2", 4, 2)
+    nodes = {n.key: n for n in wg.nodes}
+    for n in wg.nodes:
+        if n.key.startswith("r2_out-"):
+            assert not [d for d in n.deps() if d.startswith("r2_v_last-")], n.key
+        if n.key.startswith("r2_sum_w-"):
+            assert n.block == 3 and all(d.startswith("r2_v_last-b3-") for d in n.deps())
+        if n.key.startswith("r2_out_update_w-"):
+            assert [d for d in n.deps() if d in nodes and nodes[d].fn.__name__ != "out_update_w"
+                    ] == [d for d in n.deps() if d.startswith("r2_sum_w-")] != []
+
+
 def test_dladmm_chunked_chain_is_a_sweep():
     short = critical_path_length(_window("dladmm", 3, 2).nodes, "dl_")
     long = critical_path_length(_window("dladmm", 6, 2).nodes, "dl_")
@@ -246,7 +261,7 @@ def test_dladmm_chunked_chain_is_a_sweep():
     assert long - short == 2 * 3 * 8
 
 
-@pytest.mark.parametrize("name", ["pdadmm", "radmm3"])
+@pytest.mark.parametrize("name", ["pdadmm", "radmm3", "radmm2"])
 def test_chunk_tasks_carry_no_sample_arrays(name):
     wg = _window(name, 4, 2)
     for node in wg.nodes:
@@ -254,7 +269,7 @@ def test_chunk_tasks_carry_no_sample_arrays(name):
             assert not (isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[1] >= 10), node.key
 
 
-@pytest.mark.parametrize("name", ["pdadmm", "dladmm", "radmm3"])
+@pytest.mark.parametrize("name", ["pdadmm", "dladmm", "radmm3", "radmm2"])
 def test_carried_dependencies_are_small_completion_markers(name):
     # what the next window depends on must not pin chunk outputs (d x d statistics) in memory
     wg = _window(name, 4, 2)
@@ -265,7 +280,7 @@ def test_carried_dependencies_are_small_completion_markers(name):
     assert any(v.startswith("layer_stats-") for v in wg.last.values())
 
 
-@pytest.mark.parametrize("name", ["pdadmm", "dladmm", "radmm3"])
+@pytest.mark.parametrize("name", ["pdadmm", "dladmm", "radmm3", "radmm2"])
 def test_later_iterations_wait_for_completion_markers_within_a_window(name):
     # a window of several iterations (the synchronous and threaded schedulers run whole
     # windows) is wired as windows of one: no task of a later iteration, and no checkpoint,
