@@ -31,6 +31,7 @@ network; both act on each sample on its own, so ``init_chunk`` runs them on its 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,7 +46,10 @@ __all__ = [
     "FAN_IN",
     "ChunkOut",
     "ChunkTask",
+    "StatsGroup",
     "block_stats",
+    "each_stats",
+    "group_stats",
     "gram_of",
     "pick_partials",
     "checkpoint_chunk",
@@ -351,13 +355,36 @@ def gram_of(*parts) -> Array:
     return sum_partials(*parts)[0]
 
 
-def block_stats(small: Small, *outs: ChunkOut) -> dict[str, float]:
+class StatsGroup(NamedTuple):
+    """The statistics of a few consecutive chunk outputs (:func:`group_stats`)."""
+
+    items: tuple
+
+
+def group_stats(*outs) -> StatsGroup:
+    """Keep only the ``stats`` of a few chunk outputs: the task runs as soon as they are done,
+    so their ``d x d`` statistics need not stay in memory until the block's statistics task,
+    which waits for every chunk of the block."""
+    return StatsGroup(tuple(o.stats for o in outs))
+
+
+def each_stats(outs) -> Iterable[dict[str, float] | None]:
+    """The chunks' statistics, in order, from chunk outputs and :class:`StatsGroup` s."""
+    for o in outs:
+        if isinstance(o, StatsGroup):
+            yield from o.items
+        else:
+            yield o.stats
+
+
+def block_stats(small: Small, *outs) -> dict[str, float]:
     """Sum the per-chunk statistics of one block (in chunk order; the regulariser is in chunk
     0's, so ``small`` is not used: the task runs after the block's W of the iteration)."""
     total = {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": 0.0}
-    for o in outs:
+    for st in each_stats(outs):
+        assert st is not None  # every RADMM-3 chunk output has statistics
         for key in total:
-            total[key] += o.stats[key]
+            total[key] += st[key]
     return total
 
 

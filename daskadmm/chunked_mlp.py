@@ -219,8 +219,8 @@ def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     W = small["W"]
     total = {"objective": 0.5 * lam * float(np.sum(W * W)), "primal_sq": 0.0, "dual_sq": 0.0,
              "capped": float(small.get("capped", 0.0))}
-    for o in outs:
-        for k, v in (o.stats or {}).items():
+    for st in chunked.each_stats(outs):
+        for k, v in (st or {}).items():
             total[k] += v
     return total
 
@@ -634,6 +634,45 @@ def _locs(c: int, *names: str) -> list[str]:
     return [f"{x}/c{c}" for x in names]
 
 
+GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunked.group_stats`)
+EAGER = frozenset({"pick_partials", "group_stats", "sum_w"})
+
+
+def eager_order(nodes: list[Node], eager: frozenset[str]) -> list[Node]:
+    """``nodes`` with every task whose function is named in ``eager`` moved up to just after
+    the last of its inputs (the order of the others kept). The driver submits in this order
+    and Dask runs earlier-submitted tasks first among those ready, so a reduction or a
+    statistics group runs as soon as its chunk tasks are done and their outputs (``d x d``
+    statistics) can go, instead of after every chunk task of the block."""
+    keys = {n.key for n in nodes}
+    waiting: dict[str, list[Node]] = {}  # key -> eager nodes whose last missing input it is
+    out: list[Node] = []
+    placed: set[str] = set()
+
+    def place(node: Node) -> None:
+        out.append(node)
+        placed.add(node.key)
+        for nxt in waiting.pop(node.key, []):
+            settle(nxt)
+
+    def settle(node: Node) -> None:
+        missing = [d for d in node.deps() if d in keys and d not in placed]
+        if missing:
+            waiting.setdefault(missing[-1], []).append(node)
+        else:
+            place(node)
+
+    is_eager = [getattr(node.fn, "__name__", "") in eager for node in nodes]
+    for node, e in zip(nodes, is_eager, strict=True):
+        if e:
+            settle(node)
+    for node, e in zip(nodes, is_eager, strict=True):
+        if not e:
+            place(node)
+    assert len(out) == len(nodes)  # every eager node's inputs are in the list
+    return out
+
+
 def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
     """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
     tasks of that kind, e.g. a node of a reduction tree)."""
@@ -888,8 +927,15 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         lstats = []
         for i in range(1, N + 1):
             lk = key("layer_stats", k, run_id, i)
+            ins = parts[i]
+            if len(slices) > GROUP:
+                # the chunk outputs' statistics a few at a time, each group as soon as its
+                # chunks are done, so no chunk output waits for the whole block
+                ins = [Ref(small_task("group_stats", i, chunked.group_stats,
+                                      tuple(ins[j:j + GROUP]), tag=f"g{j // GROUP}"))
+                       for j in range(0, len(ins), GROUP)]
             nodes.append(Node(lk, chunked.block_stats if rad3 else layer_stats,
-                              (Ref(sm_keys[i]), *parts[i]), block=i))
+                              (Ref(sm_keys[i]), *ins), block=i))
             lstats.append(Ref(lk))
             done.update({r.key: lk for r in parts[i]})
         # from here on, tasks that must run after a chunk task of iteration k (the
@@ -920,6 +966,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     # keeps its output in cluster memory. The layer's statistics task runs after all of that
     # layer's chunk tasks of its iteration (and its output is a few floats), so a later task
     # may wait for it instead.
+    nodes = eager_order(nodes, EAGER)
     last = hz.roles()
     last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
     last["gram"] = prev["gram"]

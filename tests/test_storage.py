@@ -118,10 +118,13 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
 def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     """A chunk task's output carries d x d partial statistics, and a task's output stays in
     worker memory until every task that takes it has run: only the reductions (``W``
-    statistics) and the block's statistics may take it. Tasks that only have to run after it
-    (the next iteration's chunk tasks, checkpoints; the futures the driver keeps for the next
-    window) wait for a task with a small output that runs after it instead, and still run
-    after every chunk task whose writes they read or overwrite. The reductions run on the
+    statistics) and the block's statistics may take it (past 4 chunks, the block's statistics
+    take groups of 4 chunks' statistics instead, so no chunk output waits for the whole block),
+    and these are submitted right after their inputs, so they run before later chunk tasks.
+    Tasks that only have to run after it (the next iteration's chunk tasks, checkpoints; the
+    futures the driver keeps for the next window) wait for a task with a small output that
+    runs after it instead, and still run after every chunk task whose writes they read or
+    overwrite. The reductions run on the
     chunks' worker (a tree of fan-in 4 when there are more than 4 chunks), so one reduced
     triple travels to the W update: ``W_{i+1}`` of iteration k sums block i's chunk outputs of
     k, ``W_1`` of k+1 block 1's of k and X's Gram matrix, reduced right after block 1's chunk
@@ -136,7 +139,9 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     for x in wg.nodes:
         takes = {d for d in x.deps() if d in big}
         if takes:
-            assert x.fn in (chunked.pick_partials, chunked.block_stats), (x.key, takes)
+            assert x.fn in (chunked.pick_partials, chunked.block_stats, chunked.group_stats), \
+                (x.key, takes)
+            assert (x.fn is chunked.block_stats) == (C <= 4 and x.fn is not chunked.pick_partials)
             # on the chunks' worker: only sums travel
             assert {by_key[d].block for d in takes} == {x.block}, (x.key, takes)
         # a reduction's partial sums stay on its worker; only the root goes to the W update
@@ -149,6 +154,11 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
             assert 1 <= len([d for d in x.deps() if d in big | reductions]) <= chunked.FAN_IN
     assert not set(wg.last.values()) & big
     assert (C > chunked.FAN_IN) == any("-r1x" in x or "-r0x" in x for x in reductions)
+    at = {x.key: j for j, x in enumerate(wg.nodes)}
+    for x in wg.nodes:
+        if x.fn in (chunked.pick_partials, chunked.group_stats) and any(d in at for d in x.deps()):
+            last = max(at[d] for d in x.deps() if d in at)
+            assert not [y.key for y in wg.nodes[last + 1:at[x.key]] if y.key in big], x.key
 
     def summed(key: str) -> set[str]:
         """The chunk tasks (and other inputs) whose statistics a W update sums."""
@@ -170,11 +180,12 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
                         if d in reductions} == {i - 1}
             elif k > 1:
                 assert stats == {chunk_key(1, c, k - 1) for c in range(C)} | {"gram_x-r"}
-        # W_1's statistics for k+1 are reduced right after block 1's chunk tasks of k
+        # W_1's statistics for k+1 are reduced as block 1's chunk tasks of k finish: no chunk
+        # task is submitted between the last of them and the reduction's root
         order = [x.key for x in wg.nodes]
         last1 = max(order.index(chunk_key(1, c, k)) for c in range(C))
-        first = [x for x in order if x.startswith("reduce_first-b1-") and x.endswith(f"-k{k}-r")]
-        assert first and order[last1 + 1:last1 + 1 + len(first)] == first
+        root = order.index(f"reduce_first-b1-k{k}-r")
+        assert root > last1 and not [x for x in order[last1 + 1:root] if x in big]
     # the ordering still holds: every chunk task runs after its own and its right neighbour's
     # chunk of the last iteration and its left neighbour's of this one, every checkpoint after
     # its chunk, and every chunk task of iteration k >= 4 after the checkpoint of 2 (k = 4
