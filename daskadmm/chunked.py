@@ -50,7 +50,7 @@ __all__ = [
     "block_stats",
     "each_stats",
     "group_stats",
-    "gram_of",
+    "gram_add",
     "pick_partials",
     "checkpoint_chunk",
     "evaluate_chunks",
@@ -350,9 +350,10 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     return G, P, Q
 
 
-def gram_of(*parts) -> Array:
-    """``X~ X~^T`` from init_partials' outputs (constant over iterations)."""
-    return sum_partials(*parts)[0]
+def gram_add(acc: Array | None, part: tuple) -> Array:
+    """``acc + X~_c X~_c^T`` (a new array) from one chunk's :func:`init_partials`; a chain of
+    these adds the chunks in order, as :func:`sum_partials` would."""
+    return part[0].copy() if acc is None else acc + part[0]
 
 
 class StatsGroup(NamedTuple):

@@ -635,7 +635,7 @@ def _locs(c: int, *names: str) -> list[str]:
 
 
 GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunked.group_stats`)
-EAGER = frozenset({"pick_partials", "group_stats", "sum_w"})
+EAGER = frozenset({"pick_partials", "group_stats", "sum_w", "gram_add"})
 
 
 def eager_order(nodes: list[Node], eager: frozenset[str]) -> list[Node]:
@@ -742,7 +742,17 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
             nodes.append(Node(kk, gram_chunk, (ct,), block=1))
         parts.append(Ref(kk))
     gk = f"gram_x-{run_id}"
-    nodes.append(Node(gk, chunked.gram_of if rad3 else sum_partials, tuple(parts), block=1))
+    if rad3:
+        # a chain that adds one chunk's X~ X~^T at a time (sum_partials' order, so the same
+        # bits): each chunk's statistics can go as soon as the chain and W_1's reduction have
+        # them, instead of when every chunk is done
+        acc = None
+        for j, p in enumerate(parts):
+            kk = gk if j == len(parts) - 1 else f"gram_x-{j}-{run_id}"
+            nodes.append(Node(kk, chunked.gram_add, (acc, p), block=1))
+            acc = Ref(kk)
+    else:
+        nodes.append(Node(gk, sum_partials, tuple(parts), block=1))
     roles: dict[str, str] = {"gram": gk}
     if rad3:
         def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
@@ -753,7 +763,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
         roles["first"] = chunked.reduce_tree(small_task, "reduce_first", 1, "init", parts, None)
         hz.replace({p.key: gk for p in parts})  # (the Gram matrix is summed after them)
     roles.update(hz.roles())
-    return nodes, roles, init_keys
+    return eager_order(nodes, EAGER), roles, init_keys
 
 
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
