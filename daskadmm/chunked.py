@@ -31,9 +31,9 @@ network; both act on each sample on its own, so ``init_chunk`` runs them on its 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "FAN_IN",
     "ChunkOut",
     "ChunkTask",
+    "PlanContext",
     "StatsGroup",
     "block_stats",
     "each_stats",
@@ -109,6 +110,30 @@ class ChunkTask:
     url: StoreRef  # the store (its URL and creation id)
     sl: slice
     c: int
+
+
+@dataclass
+class PlanContext:
+    """What an algorithm's iteration plan appends tasks through (the Zarr engine's window
+    builder, :func:`daskadmm.chunked_mlp.build_window`, makes it):
+
+    - ``chunk_tasks(base, block, fn, args, reads, writes, each=None)``: one task per chunk,
+      ``fn(chunk, *args, [each[c],] *order)``, with the chunk locations (``"b<i>/<var>/<slot>"``)
+      it reads and writes; returns their refs;
+    - ``small_task(base, block, fn, args, tag="")``: one task on the block's worker; its key;
+    - ``reader(key, locs)``: task ``key`` may read ``locs`` of every chunk (later writers wait);
+    - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
+      that has to run after one of them may wait for it instead;
+    - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
+      statistics for the next iteration (the plan updates it)."""
+
+    chunk_tasks: Callable[..., list]
+    small_task: Callable[..., str]
+    reader: Callable[[str, list[str]], None]
+    after: Callable[[str, list], None]
+    gram: Any
+    cts: tuple[ChunkTask, ...]
+    first: str | None = None
 
 
 class ChunkOut(NamedTuple):
@@ -411,16 +436,12 @@ def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> s
     return small_task(base, i, pick_partials, (kind if level == 0 else "sum", gram, *refs))
 
 
-def plan_iteration(name: str, specs: list[BlockSpec], pen: Penalties, k: int,
-                   small: dict[int, str], gram, first: str, chunk_tasks, small_task,
-                   after) -> tuple[dict[int, str], str]:
-    """Append iteration k of algorithm ``name`` through the window builder's ``chunk_tasks(base,
-    block, fn, args, reads, writes)`` and ``small_task(base, block, fn, args, tag)``;
-    ``after(marker, refs)`` says that task ``marker`` runs after the tasks ``refs``, so a task
-    that has to run after one of them may wait for it instead. ``small``: the keys of the
-    blocks' small states of iteration k-1; ``gram``: X's constant Gram matrix; ``first``: W_1's
-    statistics for iteration k. Returns the small states' keys of iteration k and the key of
-    W_1's statistics for iteration k+1.
+def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+                   small: dict[int, str]) -> dict[int, str]:
+    """Append iteration k of algorithm ``name`` through ``ctx`` (:class:`PlanContext`).
+    ``small``: the keys of the blocks' small states of iteration k-1; ``ctx.first``: W_1's
+    statistics for iteration k. Returns the small states' keys of iteration k and sets
+    ``ctx.first`` to W_1's statistics for iteration k+1.
 
     Per block i: ``W_i`` from the statistics that block i-1's chunk tasks of k returned
     (``W_1``: block 1's of k-1), then one chunk task per chunk. Block i's chunk statistics are
@@ -436,14 +457,16 @@ def plan_iteration(name: str, specs: list[BlockSpec], pen: Penalties, k: int,
     o, w = (k - 1) % 2, k % 2
     lay = layout(name, specs[0].arch)
     new: dict[int, str] = {}
-    stats = first
+    assert ctx.first is not None  # start_nodes and every window hand it on
+    stats = ctx.first
+    chunk_tasks, small_task = ctx.chunk_tasks, ctx.small_task
     prev_chunks: list = []
     for i in range(1, N + 1):
         spec = specs[i - 1]
         new[i] = small_task("update_weights", i, update_weights,
                             (spec, pen, Ref(small[i]), Ref(stats), name))
         if prev_chunks:
-            after(new[i], prev_chunks)
+            ctx.after(new[i], prev_chunks)
         own = sample_vars(lay[i - 1])
         reads = [f"b{i - 1}/V/{w}"] if i > 1 else []
         reads += [f"b{i}/{v}/{o}" for v in own]
@@ -457,7 +480,8 @@ def plan_iteration(name: str, specs: list[BlockSpec], pen: Penalties, k: int,
                                   (spec, pen, k, Ref(new[i]), right, name), reads,
                                   [f"b{i}/{v}/{w}" for v in own])
         if i == 1:
-            first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks, gram)
+            ctx.first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks,
+                                    ctx.gram)
         if i < N:
             stats = reduce_tree(small_task, "reduce_next", i, "next", prev_chunks, None)
-    return new, first
+    return new

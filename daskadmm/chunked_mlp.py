@@ -33,8 +33,9 @@ statistics, which a dependent task would keep in memory or make travel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -80,54 +81,69 @@ BWD = 2  # dlADMM: the slot of the backward sweep's output
 
 
 def slots(name: str) -> int:
-    return 3 if name == "dladmm" else 2
+    """Live slots of each variable of algorithm ``name`` in the store."""
+    return ENGINES[name].slots
 
 
 def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
     """The sample-sized variables of layer i that make up its state (checkpointed)."""
-    N = arch.depth
-    if name in chunked.ALGORITHMS:
-        return chunked.sample_vars(chunked.layout(name, arch)[i - 1])
-    if name == "radmm2":
-        return chunked_radmm2.state_vars(arch, i)
-    if name == "pdadmm":
-        return ("z", *(("q",) if i < N else ()), *(("p", "u") if i > 1 else ()))
-    return ("z", "a") if i < N else ("z", "u")
+    return ENGINES[name].state_vars(arch, i)
 
 
 def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
     """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
-    sample-sized ones (pdADMM adds the scratch ``ql``: ``q_{l-1}`` of the pending phase),
-    the weight shape for ``W``."""
-    if name in chunked.ALGORITHMS:
-        return chunked.layout(name, arch)
-    out = []
-    for i in range(1, arch.depth + 1):
-        v: dict[str, tuple] = {"W": arch.weight_shape(i)}
-        for name_ in state_vars(name, arch, i):
-            rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
-                arch.out_dim(i)
-            v[name_] = (rows, "n")
-        if name == "pdadmm" and i > 1:
-            v["ql"] = (arch.in_dim(i), "n")
-        out.append(v)
-    return out
+    sample-sized ones, the weight shape for ``W``."""
+    return ENGINES[name].layout(arch)
 
 
 def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
     """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
-    if name in chunked.ALGORITHMS:
-        return [{"W": np.array(W, copy=True)} for W in weights]
-    if name == "radmm2":
-        return chunked_radmm2.init_small(arch, weights)
+    return ENGINES[name].init_small(arch, weights)
+
+
+def _pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
+    return ("z", *(("q",) if i < arch.depth else ()), *(("p", "u") if i > 1 else ()))
+
+
+def _dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
+    return ("z", "a") if i < arch.depth else ("z", "u")
+
+
+def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
+    """The layout of pdADMM, dlADMM or RADMM-2 from their state variables (pdADMM's ``p``,
+    ``u`` have the layer's input rows, and it adds the scratch ``ql``: ``q_{l-1}`` of the
+    pending phase)."""
+    def lay(arch: Architecture) -> list[dict[str, tuple]]:
+        out = []
+        for i in range(1, arch.depth + 1):
+            v: dict[str, tuple] = {"W": arch.weight_shape(i)}
+            for name_ in ENGINES[name].state_vars(arch, i):
+                rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
+                    arch.out_dim(i)
+                v[name_] = (rows, "n")
+            if name == "pdadmm" and i > 1:
+                v["ql"] = (arch.in_dim(i), "n")
+            out.append(v)
+        return out
+    return lay
+
+
+def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
+    out = []
+    for i, W in enumerate(weights, start=1):
+        s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0, "rho": 0.0, "nu": 0.0,
+                    "pending": 0.0}
+        if i > 1:
+            s["theta_p"] = 0.0
+        out.append(s)
+    return out
+
+
+def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
     for i, W in enumerate(weights, start=1):
         s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0}
-        if name == "pdadmm":
-            s.update({"rho": 0.0, "nu": 0.0, "pending": 0.0})
-            if i > 1:
-                s["theta_p"] = 0.0
-        elif i < arch.depth:
+        if i < arch.depth:
             s["theta_a"] = 0.0
         out.append(s)
     return out
@@ -792,9 +808,10 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     w_keys: dict[int, list[str]] = {}
     ck_keys: dict[int, list[str]] = {}
     done: dict[str, str] = {}  # chunk task -> its layer's statistics task (runs after it)
+    cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
     for k in range(k0 + 1, k1 + 1):
         pen = pens[k]
-        o, w = (k - 1) % 2, k % 2
+        w = k % 2
         parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
         sm_keys: dict[int, str] = {}
         waits: dict[str, list[str]] = {}  # chunk task -> the tasks it waits for (hazards)
@@ -830,109 +847,10 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             ``marker`` instead."""
             hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
 
-        if rad3:
-            assert first is not None  # start_nodes and every window hand it on
-            sm_keys, first = chunked.plan_iteration(name, specs, pen, k, small, gram,
-                                                    first, chunk_tasks, small_task, after)
-        elif name == "radmm2":
-            sm_keys = chunked_radmm2.plan_iteration(
-                specs, pen, k, small, tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices)),
-                chunk_tasks, small_task, reader, after)
-        elif name == "pdadmm":
-            for i in range(1, N + 1):
-                spec = specs[i - 1]
-                reads = [f"b{i}/z/{o}"]
-                writes = []
-                if i < N:
-                    reads += [f"b{i}/q/{o}", f"b{i + 1}/p/{o}", f"b{i + 1}/u/{o}"]
-                    writes += [f"b{i}/q/{w}"]
-                if i > 1:
-                    reads += [f"b{i}/p/{o}", f"b{i}/u/{o}", f"b{i - 1}/z/{o}", f"b{i - 1}/q/{o}"]
-                    if arch.skip(i - 1):
-                        reads.append(f"b{i - 1}/p/{o}")
-                    writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}"]
-                a_refs = chunk_tasks("pd_a", i, pd_pass_a, (spec, pen, k, Ref(small[i])),
-                                     reads, writes)
-                dec = None
-                if i > 1:
-                    dec = Ref(small_task("pd_decide_p", i, pd_decide_p,
-                                         (spec, pen, Ref(small[i]), *a_refs)))
-                reads = [f"b{i}/z/{o}"]
-                writes = []
-                if i > 1:
-                    reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}"]
-                    if spec.s:
-                        reads.append(f"b{i}/q/{w}")
-                    writes.append(f"b{i}/p/{w}")
-                b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
-                                     reads, writes)
-                sm = small_task("pd_update_w", i, pd_update_w,
-                                (spec, pen, Ref(small[i]), dec, gram if i == 1 else None,
-                                 *b_refs))
-                reads = [f"b{i}/z/{o}"] + ([f"b{i}/p/{w}"] if i > 1 else []) + \
-                    ([f"b{i}/q/{w}"] if i < N else [])
-                chunk_tasks("pd_c", i, pd_pass_c, (spec, pen, k, Ref(sm)), reads,
-                            [f"b{i}/z/{w}"])
-                sm_keys[i] = sm
-        else:
-            bwd: dict[int, str] = {}
-            b_outs: dict[int, list[Ref]] = {}
-            for i in range(N, 0, -1):
-                spec = specs[i - 1]
-                left = [f"b{i - 1}/a/{o}"] if i > 1 else []
-                if i == N:
-                    outs = chunk_tasks("dl_bwd_out", i, dl_bwd_out,
-                                       (spec, pen, k, Ref(small[i])),
-                                       [*left, f"b{i}/z/{o}", f"b{i}/u/{o}"], [f"b{i}/z/{BWD}"])
-                    sm_a = small[i]
-                else:
-                    right = [f"b{i + 1}/z/{BWD}"]
-                    if i + 1 == N:
-                        right.append(f"b{N}/u/{o}")
-                    elif spec.s_next:
-                        right.append(f"b{i + 1}/a/{BWD}")
-                    own = [f"b{i}/a/{o}", f"b{i}/z/{o}"]
-                    a_refs = chunk_tasks("dl_bwd_a", i, dl_bwd_a,
-                                         (spec, pen, k, Ref(bwd[i + 1])), [*left, *own, *right],
-                                         ())
-                    sm_a = small_task("dl_decide_bwd", i, dl_decide_a,
-                                      (spec, pen, k, Ref(small[i]), Ref(bwd[i + 1]), *a_refs))
-                    outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az,
-                                       (spec, pen, k, Ref(sm_a), Ref(bwd[i + 1])),
-                                       [*left, *own, *right], [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
-                b_outs[i] = outs
-                bwd[i] = small_task("dl_update_w_bwd", i, dl_update_w,
-                                    (spec, pen, k, Ref(sm_a), gram if i == 1 else None, True,
-                                     *outs))
-            stats_in = b_outs[1]
-            for i in range(1, N + 1):
-                spec = specs[i - 1]
-                fw = small_task("dl_update_w_fwd", i, dl_update_w,
-                                (spec, pen, k, Ref(bwd[i]), gram if i == 1 else None, False,
-                                 *stats_in))
-                left = [f"b{i - 1}/a/{w}"] if i > 1 else []
-                if i == N:
-                    chunk_tasks("dl_fwd_out", i, dl_fwd_out, (spec, pen, k, Ref(fw)),
-                                [*left, f"b{i}/z/{BWD}", f"b{i}/z/{o}", f"b{i}/u/{o}"],
-                                [f"b{i}/z/{w}", f"b{i}/u/{w}"])
-                    sm_keys[i] = fw
-                    continue
-                right = [f"b{i + 1}/z/{BWD}"]
-                if i + 1 == N:
-                    right.append(f"b{N}/u/{o}")
-                elif spec.s_next:
-                    right.append(f"b{i + 1}/a/{BWD}")
-                z_refs = chunk_tasks("dl_fwd_z", i, dl_fwd_z,
-                                     (spec, pen, k, Ref(fw), Ref(bwd[i + 1])),
-                                     [*left, f"b{i}/a/{BWD}", f"b{i}/z/{BWD}", f"b{i}/z/{o}",
-                                      *right], [f"b{i}/z/{w}"])
-                fin = small_task("dl_decide_fwd", i, dl_decide_a,
-                                 (spec, pen, k, Ref(fw), Ref(bwd[i + 1]), *z_refs))
-                reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", *right]
-                stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a,
-                                       (spec, pen, k, Ref(fin), Ref(bwd[i + 1])), reads,
-                                       [f"b{i}/a/{w}"])
-                sm_keys[i] = fin
+        ctx = chunked.PlanContext(chunk_tasks, small_task, reader, after, gram, cts)
+        ctx.first = first
+        sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
+        first = ctx.first
         # statistics: per layer, then one sum
         lstats = []
         for i in range(1, N + 1):
@@ -983,3 +901,152 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     if first is not None:
         last["first"] = first
     return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)
+
+
+def plan_pdadmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+                small: dict[int, str]) -> dict[int, str]:
+    """pdADMM's iteration k, every layer at once: per layer pass A (pending q/u phases, p
+    gradient) -> p curvature -> pass B (p step, W statistics) -> W, b -> pass C (z step)."""
+    N, arch, gram = len(specs), specs[0].arch, ctx.gram
+    chunk_tasks, small_task = ctx.chunk_tasks, ctx.small_task
+    o, w = (k - 1) % 2, k % 2
+    sm_keys: dict[int, str] = {}
+    for i in range(1, N + 1):
+        spec = specs[i - 1]
+        reads = [f"b{i}/z/{o}"]
+        writes = []
+        if i < N:
+            reads += [f"b{i}/q/{o}", f"b{i + 1}/p/{o}", f"b{i + 1}/u/{o}"]
+            writes += [f"b{i}/q/{w}"]
+        if i > 1:
+            reads += [f"b{i}/p/{o}", f"b{i}/u/{o}", f"b{i - 1}/z/{o}", f"b{i - 1}/q/{o}"]
+            if arch.skip(i - 1):
+                reads.append(f"b{i - 1}/p/{o}")
+            writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}"]
+        a_refs = chunk_tasks("pd_a", i, pd_pass_a, (spec, pen, k, Ref(small[i])),
+                             reads, writes)
+        dec = None
+        if i > 1:
+            dec = Ref(small_task("pd_decide_p", i, pd_decide_p,
+                                 (spec, pen, Ref(small[i]), *a_refs)))
+        reads = [f"b{i}/z/{o}"]
+        writes = []
+        if i > 1:
+            reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}"]
+            if spec.s:
+                reads.append(f"b{i}/q/{w}")
+            writes.append(f"b{i}/p/{w}")
+        b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
+                             reads, writes)
+        sm = small_task("pd_update_w", i, pd_update_w,
+                        (spec, pen, Ref(small[i]), dec, gram if i == 1 else None,
+                         *b_refs))
+        reads = [f"b{i}/z/{o}"] + ([f"b{i}/p/{w}"] if i > 1 else []) + \
+            ([f"b{i}/q/{w}"] if i < N else [])
+        chunk_tasks("pd_c", i, pd_pass_c, (spec, pen, k, Ref(sm)), reads,
+                    [f"b{i}/z/{w}"])
+        sm_keys[i] = sm
+    return sm_keys
+
+
+def plan_dladmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+                small: dict[int, str]) -> dict[int, str]:
+    """dlADMM's iteration k: the backward sweep (layer L..1; each a step two passes with its
+    curvature between, then z and W) and the forward sweep (layer 1..L)."""
+    N, gram = len(specs), ctx.gram
+    chunk_tasks, small_task = ctx.chunk_tasks, ctx.small_task
+    o, w = (k - 1) % 2, k % 2
+    sm_keys: dict[int, str] = {}
+    bwd: dict[int, str] = {}
+    b_outs: dict[int, list[Ref]] = {}
+    for i in range(N, 0, -1):
+        spec = specs[i - 1]
+        left = [f"b{i - 1}/a/{o}"] if i > 1 else []
+        if i == N:
+            outs = chunk_tasks("dl_bwd_out", i, dl_bwd_out,
+                               (spec, pen, k, Ref(small[i])),
+                               [*left, f"b{i}/z/{o}", f"b{i}/u/{o}"], [f"b{i}/z/{BWD}"])
+            sm_a = small[i]
+        else:
+            right = [f"b{i + 1}/z/{BWD}"]
+            if i + 1 == N:
+                right.append(f"b{N}/u/{o}")
+            elif spec.s_next:
+                right.append(f"b{i + 1}/a/{BWD}")
+            own = [f"b{i}/a/{o}", f"b{i}/z/{o}"]
+            a_refs = chunk_tasks("dl_bwd_a", i, dl_bwd_a,
+                                 (spec, pen, k, Ref(bwd[i + 1])), [*left, *own, *right],
+                                 ())
+            sm_a = small_task("dl_decide_bwd", i, dl_decide_a,
+                              (spec, pen, k, Ref(small[i]), Ref(bwd[i + 1]), *a_refs))
+            outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az,
+                               (spec, pen, k, Ref(sm_a), Ref(bwd[i + 1])),
+                               [*left, *own, *right], [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
+        b_outs[i] = outs
+        bwd[i] = small_task("dl_update_w_bwd", i, dl_update_w,
+                            (spec, pen, k, Ref(sm_a), gram if i == 1 else None, True,
+                             *outs))
+    stats_in = b_outs[1]
+    for i in range(1, N + 1):
+        spec = specs[i - 1]
+        fw = small_task("dl_update_w_fwd", i, dl_update_w,
+                        (spec, pen, k, Ref(bwd[i]), gram if i == 1 else None, False,
+                         *stats_in))
+        left = [f"b{i - 1}/a/{w}"] if i > 1 else []
+        if i == N:
+            chunk_tasks("dl_fwd_out", i, dl_fwd_out, (spec, pen, k, Ref(fw)),
+                        [*left, f"b{i}/z/{BWD}", f"b{i}/z/{o}", f"b{i}/u/{o}"],
+                        [f"b{i}/z/{w}", f"b{i}/u/{w}"])
+            sm_keys[i] = fw
+            continue
+        right = [f"b{i + 1}/z/{BWD}"]
+        if i + 1 == N:
+            right.append(f"b{N}/u/{o}")
+        elif spec.s_next:
+            right.append(f"b{i + 1}/a/{BWD}")
+        z_refs = chunk_tasks("dl_fwd_z", i, dl_fwd_z,
+                             (spec, pen, k, Ref(fw), Ref(bwd[i + 1])),
+                             [*left, f"b{i}/a/{BWD}", f"b{i}/z/{BWD}", f"b{i}/z/{o}",
+                              *right], [f"b{i}/z/{w}"])
+        fin = small_task("dl_decide_fwd", i, dl_decide_a,
+                         (spec, pen, k, Ref(fw), Ref(bwd[i + 1]), *z_refs))
+        reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", *right]
+        stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a,
+                               (spec, pen, k, Ref(fin), Ref(bwd[i + 1])), reads,
+                               [f"b{i}/a/{w}"])
+        sm_keys[i] = fin
+    return sm_keys
+
+
+@dataclass(frozen=True)
+class ChunkAlgorithm:
+    """What the Zarr-resident engine needs of an algorithm: its store layout (the variables of
+    each block, ``(rows, "n")`` for the sample-sized ones, the shape for ``W``), the
+    sample-sized variables that make up block i's state (what a checkpoint copies), the small
+    state of iteration 0, the live slots of each variable and its iteration plan
+    (``plan(ctx, specs, pen, k, small)``, see :class:`~daskadmm.chunked.PlanContext`)."""
+
+    layout: Callable[[Architecture], list[dict[str, tuple]]]
+    state_vars: Callable[[Architecture, int], tuple[str, ...]]
+    init_small: Callable[[Architecture, list[Array]], list[Small]]
+    plan: Callable[..., dict[int, str]]
+    slots: int = 2
+
+
+def _radmm3_family(name: str) -> ChunkAlgorithm:
+    return ChunkAlgorithm(
+        layout=partial(chunked.layout, name),
+        state_vars=lambda arch, i: chunked.sample_vars(chunked.layout(name, arch)[i - 1]),
+        init_small=lambda arch, weights: [{"W": np.array(W, copy=True)} for W in weights],
+        plan=partial(chunked.plan_iteration, name))
+
+
+ENGINES: dict[str, ChunkAlgorithm] = {
+    **{name: _radmm3_family(name) for name in chunked.ALGORITHMS},
+    "radmm2": ChunkAlgorithm(_layout_of("radmm2"), chunked_radmm2.state_vars,
+                             chunked_radmm2.init_small, chunked_radmm2.plan_iteration),
+    "pdadmm": ChunkAlgorithm(_layout_of("pdadmm"), _pd_state_vars, _pd_init_small, plan_pdadmm),
+    "dladmm": ChunkAlgorithm(_layout_of("dladmm"), _dl_state_vars, _dl_init_small, plan_dladmm,
+                             slots=3),
+}
+"""Every ADMM algorithm's record for the Zarr-resident engine (what adding one takes here)."""

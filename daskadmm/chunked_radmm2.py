@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .chunked import ChunkTask, _loss_sum, _read, _write, sum_partials
+from .chunked import ChunkTask, PlanContext, _loss_sum, _read, _write, sum_partials
 from .model import Architecture
 from .splitting import BlockSpec, Penalties
 from .splitting import radmm2 as r2
@@ -376,17 +376,15 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
 # One iteration's tasks
 # ---------------------------------------------------------------------------------------------
 
-def plan_iteration(specs: list[BlockSpec], pen: Penalties, k: int, small: dict[int, str],
-                   cts: tuple[ChunkTask, ...], chunk_tasks, small_task, reader, after
-                   ) -> dict[int, str]:
-    """Append iteration k's tasks through the window builder's ``chunk_tasks(base, block, fn,
-    args, reads, writes)`` and ``small_task(base, block, fn, args)``; ``reader(key, locs)``
-    declares what a decision task may read from every chunk, ``after(marker, refs)`` that
-    task ``marker`` runs after the tasks ``refs`` (so later tasks may wait for it instead).
+def plan_iteration(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+                   small: dict[int, str]) -> dict[int, str]:
+    """Append iteration k's tasks through ``ctx`` (:class:`~daskadmm.chunked.PlanContext`).
     ``small``: the keys of the blocks' small states of iteration k-1. Returns those of
     iteration k."""
     from .graph import Ref
 
+    chunk_tasks, small_task, reader, after, cts = (ctx.chunk_tasks, ctx.small_task, ctx.reader,
+                                                   ctx.after, ctx.cts)
     N = len(specs)  # >= 2
     o, w = (k - 1) % 2, k % 2
     new: dict[int, str] = {}
