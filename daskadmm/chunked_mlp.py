@@ -205,7 +205,6 @@ class PassOut(NamedTuple):
     w: tuple | None = None
     curv: float | None = None
     sq: float | None = None
-    guess: float | None = None  # pdADMM: the curvature of the p step pass A already wrote
 
 
 def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
@@ -308,15 +307,6 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
         curv, sq = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
         out = out._replace(curv=curv, sq=sq)
-        last = small["theta_p"]
-        if spec.options.step == "backtracking" and last > 0:
-            # backtracking starts at half the last accepted curvature and mostly accepts the
-            # second trial, the last one again: that step is written now (quad_theta's
-            # doubling, so the same bits), and pass B only rewrites p when it was not
-            theta = 0.5 * last
-            theta *= 2.0
-            _put(ct, i, "p", w, p_o - g / theta)
-            out = out._replace(guess=theta)
     return out
 
 
@@ -330,9 +320,8 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -
 
 
 def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              dec: dict | None, tried: PassOut, *order) -> PassOut:
-    """The p step (l >= 2) and the chunk's W statistics; the constraint terms of L. When pass
-    A (``tried``) already wrote the decided step, p is read back instead of recomputed."""
+              dec: dict | None, *order) -> PassOut:
+    """The p step (l >= 2) and the chunk's W statistics; the constraint terms of L."""
     i, n = spec.i, spec.n
     o, w = (k - 1) % 2, k % 2
     if i == 1:
@@ -340,17 +329,13 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         return PassOut(w=_chunk_w_stats(1, _X(ct), z))
     nu, rho = penalty_nu(pen), pen.rho
     p_o = _get(ct, i, "p", o)
+    A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
     assert dec is not None  # layers >= 2 are given the p step's decision
-    if not dec["capped"] and tried.guess == dec["theta"]:
-        p = _get(ct, i, "p", w)
-        z, u, q_left = _get(ct, i, "z", o), _get(ct, i, "u", w), _get(ct, i, "ql", w)
+    if dec["capped"]:
+        p = p_o
     else:
-        A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
-        if dec["capped"]:
-            p = p_o
-        else:
-            p = p_o - pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho) / dec["theta"]
-        _put(ct, i, "p", w, p)
+        p = p_o - pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho) / dec["theta"]
+    _put(ct, i, "p", w, p)
     d = p - q_left
     dd = float(np.sum(d * d))
     return PassOut(w=_chunk_w_stats(i, p, z),
@@ -937,7 +922,7 @@ def plan_pdadmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties
             reads += [f"b{i}/p/{o}", f"b{i}/u/{o}", f"b{i - 1}/z/{o}", f"b{i - 1}/q/{o}"]
             if arch.skip(i - 1):
                 reads.append(f"b{i - 1}/p/{o}")
-            writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}", f"b{i}/p/{w}"]
+            writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}"]
         a_refs = chunk_tasks("pd_a", i, pd_pass_a, (spec, pen, k, Ref(small[i])),
                              reads, writes)
         dec = None
@@ -952,7 +937,7 @@ def plan_pdadmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties
                 reads.append(f"b{i}/q/{w}")
             writes.append(f"b{i}/p/{w}")
         b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
-                             reads, writes, each=a_refs)
+                             reads, writes)
         sm = small_task("pd_update_w", i, pd_update_w,
                         (spec, pen, Ref(small[i]), dec, gram if i == 1 else None,
                          *b_refs))

@@ -175,30 +175,6 @@ def test_radmm2_backtracking_past_the_ladder_gives_the_same_bits(monkeypatch, st
 # The graph
 # ---------------------------------------------------------------------------------------------
 
-def test_pdadmm_pass_b_reads_back_the_step_pass_a_guessed(monkeypatch):
-    # pass A writes the p step at the last accepted curvature (backtracking's second trial);
-    # pass B reads it back when the decision agrees and recomputes it when not: both happen,
-    # and the result is the reference's bit for bit (one chunk)
-    cfg = _mlp_cfg("pdadmm", iterations=12)
-    ds = load_dataset(cfg.data, seed=0)
-    ref = api.fit(_with(cfg, cluster={"kind": "reference"}), dataset=ds)
-    seen = []
-    pass_b = chunked_mlp.pd_pass_b
-
-    def spy(ct, spec, pen, k, small, dec, tried, *order):
-        if dec is not None:
-            seen.append(tried.guess is not None and not dec["capped"]
-                        and tried.guess == dec["theta"])
-        return pass_b(ct, spec, pen, k, small, dec, tried, *order)
-
-    monkeypatch.setattr(chunked_mlp, "pd_pass_b", spy)
-    res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
-                        storage={"chunk_size": 0, "url": _mem_url()}), dataset=ds)
-    assert True in seen and False in seen
-    for a, b in zip(ref.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
-
-
 def test_hazards_order_reads_and_writes():
     hz = chunked_mlp.Hazards({})
     assert hz.task("w1", (), ["x"]) == []
