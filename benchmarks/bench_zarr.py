@@ -128,13 +128,11 @@ def make_config(algorithm: str, width: int, depth: int, iterations: int) -> Conf
 def state_layout(cfg: Config, ds: Dataset) -> tuple[list[dict[str, tuple]], int]:
     """The engine's own store layout (the sample-sized variables of every block / layer, as
     :meth:`StateStore.create_state` allocates them) and its number of live slots."""
-    from daskadmm import chunked, chunked_mlp
+    from daskadmm import chunked_mlp
 
     arch = api.build_architecture(cfg, ds)
     name = cfg.algorithm.name
-    if name in chunked_mlp.ALGORITHMS:
-        return chunked_mlp.layout(name, arch), chunked_mlp.slots(name)
-    return chunked.layout(name, arch), 2
+    return chunked_mlp.layout(name, arch), chunked_mlp.slots(name)
 
 
 def state_bytes(cfg: Config, ds: Dataset) -> dict:

@@ -56,10 +56,12 @@ __all__ = [
     "checkpoint_chunk",
     "evaluate_chunks",
     "evaluate_small",
+    "get_live",
     "init_chunk",
     "init_partials",
     "layout",
     "plan_iteration",
+    "put_live",
     "reduce_tree",
     "restore_chunk",
     "sample_vars",
@@ -101,6 +103,16 @@ def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array
 
 def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
     chunk_io(url, path).write(sl, value, slot)
+
+
+def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
+    """Chunk ``ct`` of block i's variable ``var`` in live slot ``slot``."""
+    return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
+
+
+def put_live(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
+    """Write chunk ``ct`` of block i's variable ``var`` into live slot ``slot``."""
+    _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
 
 
 @dataclass(frozen=True)

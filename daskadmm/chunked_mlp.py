@@ -41,7 +41,15 @@ from typing import NamedTuple
 import numpy as np
 
 from . import chunked, chunked_radmm2
-from .chunked import ChunkTask, _loss_sum, _read, _write, evaluate_small, sum_partials
+from .chunked import (
+    ChunkTask,
+    _loss_sum,
+    _read,
+    evaluate_small,
+    get_live,
+    put_live,
+    sum_partials,
+)
 from .graph import Node, Ref, iteration_stats, key
 from .model import Architecture, augment
 from .splitting import BlockSpec, Options, Penalties, get_splitting
@@ -62,7 +70,6 @@ from .splitting.dladmm import (
 from .storage import StoreRef
 
 __all__ = [
-    "ALGORITHMS",
     "Hazards",
     "PassOut",
     "MlpWindow",
@@ -76,7 +83,6 @@ __all__ = [
 
 Array = np.ndarray
 Small = dict
-ALGORITHMS = ("pdadmm", "dladmm", "radmm2", *chunked.ALGORITHMS)
 BWD = 2  # dlADMM: the slot of the backward sweep's output
 
 
@@ -153,18 +159,6 @@ def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
 # Shared task functions
 # ---------------------------------------------------------------------------------------------
 
-def _path(i: int, var: str) -> str:
-    return f"live/b{i}/{var}"
-
-
-def _get(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
-    return _read(ct.url, _path(i, var), ct.sl, slot)
-
-
-def _put(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
-    _write(ct.url, _path(i, var), ct.sl, value, slot)
-
-
 def _X(ct: ChunkTask) -> Array:
     return _read(ct.url, "data/X", ct.sl)
 
@@ -180,7 +174,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     states = get_splitting(name).init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
         for var in state_vars(name, arch, i):
-            _put(ct, i, var, 0, st[var])
+            put_live(ct, i, var, 0, st[var])
     out = states[-1]
     obj = _loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
     if name == "dladmm" and options.output_init == "labels":
@@ -264,9 +258,9 @@ def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
     """What the p gradient of layer l >= 2 needs (pending phases already written to slot w)."""
     i, s = spec.i, spec.s
     A, b = spec.split_bias(small["W"])
-    z = _get(ct, i, "z", o)
-    R = _get(ct, i, "q", w) - spec.act.f(z) if s else None
-    return A, b, z, R, _get(ct, i, "u", w), _get(ct, i, "ql", w)
+    z = get_live(ct, i, "z", o)
+    R = get_live(ct, i, "q", w) - spec.act.f(z) if s else None
+    return A, b, z, R, get_live(ct, i, "u", w), get_live(ct, i, "ql", w)
 
 
 def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
@@ -278,28 +272,29 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     pending = small["pending"] > 0
     rho0, nu0 = small["rho"], small["nu"]
     dual = 0.0
-    z = _get(ct, i, "z", o)
-    p_o = _get(ct, i, "p", o) if i > 1 else None
+    z = get_live(ct, i, "z", o)
+    p_o = get_live(ct, i, "p", o) if i > 1 else None
     if i < N:
-        q_o = _get(ct, i, "q", o)
+        q_o = get_live(ct, i, "q", o)
         q = q_o
         if pending:
             q = pd.update_q(z, p_o if spec.s else None,
-                            _get(ct, i + 1, "p", o), _get(ct, i + 1, "u", o), rho0, nu0, act)
+                            get_live(ct, i + 1, "p", o), get_live(ct, i + 1, "u", o), rho0,
+                            nu0, act)
             dual = float(np.sum((q - q_o) ** 2))
-        _put(ct, i, "q", w, q)
+        put_live(ct, i, "q", w, q)
     out = PassOut(stats=_stats(dual_sq=dual))
     if i > 1:
         assert p_o is not None
-        u = _get(ct, i, "u", o)
+        u = get_live(ct, i, "u", o)
         if pending:
-            p_left = _get(ct, i - 1, "p", o) if spec.arch.skip(i - 1) else None
-            q_left = pd.update_q(_get(ct, i - 1, "z", o), p_left, p_o, u, rho0, nu0, act)
+            p_left = get_live(ct, i - 1, "p", o) if spec.arch.skip(i - 1) else None
+            q_left = pd.update_q(get_live(ct, i - 1, "z", o), p_left, p_o, u, rho0, nu0, act)
             u = pd.update_u(u, p_o, q_left, rho0)
         else:
-            q_left = _get(ct, i - 1, "q", o)
-        _put(ct, i, "u", w, u)
-        _put(ct, i, "ql", w, q_left)
+            q_left = get_live(ct, i - 1, "q", o)
+        put_live(ct, i, "u", w, u)
+        put_live(ct, i, "ql", w, q_left)
         # the same inputs pass B reads back from the store (float64, stored bit for bit)
         nu, rho = penalty_nu(pen), pen.rho
         A, b = spec.split_bias(small["W"])
@@ -325,17 +320,17 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     i, n = spec.i, spec.n
     o, w = (k - 1) % 2, k % 2
     if i == 1:
-        z = _get(ct, i, "z", o)
+        z = get_live(ct, i, "z", o)
         return PassOut(w=_chunk_w_stats(1, _X(ct), z))
     nu, rho = penalty_nu(pen), pen.rho
-    p_o = _get(ct, i, "p", o)
+    p_o = get_live(ct, i, "p", o)
     A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
     assert dec is not None  # layers >= 2 are given the p step's decision
     if dec["capped"]:
         p = p_o
     else:
         p = p_o - pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho) / dec["theta"]
-    _put(ct, i, "p", w, p)
+    put_live(ct, i, "p", w, p)
     d = p - q_left
     dd = float(np.sum(d * d))
     return PassOut(w=_chunk_w_stats(i, p, z),
@@ -369,20 +364,20 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     o, w = (k - 1) % 2, k % 2
     nu = penalty_nu(pen)
     A, b = spec.split_bias(small["W"])
-    p = _X(ct) if i == 1 else _get(ct, i, "p", w)
-    z_o = _get(ct, i, "z", o)
+    p = _X(ct) if i == 1 else get_live(ct, i, "p", w)
+    z_o = get_live(ct, i, "z", o)
     Z = _plus_bias(A @ p, b)
     if spec.is_output:
         Y = _read(ct.url, "data/Y", ct.sl)
         z, nc = pd.update_z_output(spec.arch.loss, Y, Z, nu, z_o, opt.newton_max_iter)
         obj = _loss_sum(spec.arch.loss, z, Y) / n
     else:
-        q = _get(ct, i, "q", w)
+        q = get_live(ct, i, "q", w)
         c = q - p if spec.s else q
         z, nc = pd.update_z(c, Z, z_o, nu, act, opt.newton_max_iter)
         r2 = c - act.f(z)
         obj = 0.5 * nu * float(np.sum(r2 * r2)) / n
-    _put(ct, i, "z", w, z)
+    put_live(ct, i, "z", w, z)
     r = z - Z
     obj += 0.5 * nu * float(np.sum(r * r)) / n
     return PassOut(stats=_stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
@@ -397,10 +392,10 @@ def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: i
     """Layer l+1's backward values for layer l's a step: ``A, b, T, kappa, R``."""
     i, N = spec.i, spec.N
     A, b = spec.split_bias(right["W"])
-    z = _get(ct, i + 1, "z", BWD)
+    z = get_live(ct, i + 1, "z", BWD)
     if i + 1 == N:
-        return A, b, z + _get(ct, N, "u", o) / pen.rho, pen.rho, None
-    R = _get(ct, i + 1, "a", BWD) - spec.act.f(z) if spec.s_next else None
+        return A, b, z + get_live(ct, N, "u", o) / pen.rho, pen.rho, None
+    R = get_live(ct, i + 1, "a", BWD) - spec.act.f(z) if spec.s_next else None
     return A, b, z, penalty_nu(pen), R
 
 
@@ -414,7 +409,7 @@ def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: in
 
 
 def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
-    return _X(ct) if spec.i == 1 else _get(ct, spec.i - 1, "a", slot)
+    return _X(ct) if spec.i == 1 else get_live(ct, spec.i - 1, "a", slot)
 
 
 def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
@@ -463,8 +458,8 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
     """Backward sweep, layer l < L, pass 1: the a gradient's curvature sums."""
     o = (k - 1) % 2
     left = _dl_left(ct, spec, o)
-    g, A = _dl_grad(ct, spec, pen, right, o, _get(ct, spec.i, "a", o),
-                    _get(ct, spec.i, "z", o), left)
+    g, A = _dl_grad(ct, spec, pen, right, o, get_live(ct, spec.i, "a", o),
+                    get_live(ct, spec.i, "z", o), left)
     return _curv(spec, pen, g, A)
 
 
@@ -473,13 +468,13 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     """Backward sweep, layer l < L, pass 2: the a step, then z (old W); W statistics."""
     i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, o)
-    z_o = _get(ct, i, "z", o)
-    a = _dl_a_step(ct, spec, pen, right, o, small["step"], _get(ct, i, "a", o), z_o, left)
+    z_o = get_live(ct, i, "z", o)
+    a = _dl_a_step(ct, spec, pen, right, o, small["step"], get_live(ct, i, "a", o), z_o, left)
     A, b = spec.split_bias(small["W"])
     c = a - left if spec.s else a
     z, nc = dl.update_z(c, _plus_bias(A @ left, b), nu, z_o, spec.act, opt.newton_max_iter)
-    _put(ct, i, "a", BWD, a)
-    _put(ct, i, "z", BWD, z)
+    put_live(ct, i, "a", BWD, a)
+    put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z), stats=_stats(capped=nc))
 
 
@@ -489,11 +484,11 @@ def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     i, o, opt = spec.i, (k - 1) % 2, spec.options
     left = _dl_left(ct, spec, o)
     A, b = spec.split_bias(small["W"])
-    u = _get(ct, i, "u", o)
+    u = get_live(ct, i, "u", o)
     Y = _read(ct.url, "data/Y", ct.sl)
     z, nc = dl.update_z_output(spec.arch.loss, Y, _plus_bias(A @ left, b), u, pen.rho,
-                               _get(ct, i, "z", o), opt.newton_max_iter)
-    _put(ct, i, "z", BWD, z)
+                               get_live(ct, i, "z", o), opt.newton_max_iter)
+    put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z + u / pen.rho), stats=_stats(capped=nc))
 
 
@@ -523,17 +518,17 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     """Forward sweep, layer l < L, pass 1: z with the new W, then the a gradient's sums."""
     i, o, w, nu, opt = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, w)
-    a = _get(ct, i, "a", BWD)
+    a = get_live(ct, i, "a", BWD)
     A, b = spec.split_bias(small["W"])
     Z = _plus_bias(A @ left, b)
     c = a - left if spec.s else a
-    z, nc = dl.update_z(c, Z, nu, _get(ct, i, "z", BWD), spec.act, opt.newton_max_iter)
-    _put(ct, i, "z", w, z)
+    z, nc = dl.update_z(c, Z, nu, get_live(ct, i, "z", BWD), spec.act, opt.newton_max_iter)
+    put_live(ct, i, "z", w, z)
     g, Ar = _dl_grad(ct, spec, pen, right, o, a, z, left)
     r = z - Z
     return _curv(spec, pen, g, Ar)._replace(
         stats=_stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
-                     dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)), capped=nc))
+                     dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)), capped=nc))
 
 
 def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
@@ -541,18 +536,18 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     """Forward sweep, layer l < L, pass 2: the a step; statistics of layer l+1's W step."""
     i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
     left = _dl_left(ct, spec, w)
-    z = _get(ct, i, "z", w)
-    a = _dl_a_step(ct, spec, pen, right, o, small["step"], _get(ct, i, "a", BWD), z, left)
-    _put(ct, i, "a", w, a)
+    z = get_live(ct, i, "z", w)
+    a = _dl_a_step(ct, spec, pen, right, o, small["step"], get_live(ct, i, "a", BWD), z, left)
+    put_live(ct, i, "a", w, a)
     p = a - spec.act.f(z)
     if spec.s:
         p = p - left
-    T = _get(ct, i + 1, "z", BWD)
+    T = get_live(ct, i + 1, "z", BWD)
     if i + 1 == spec.N:
-        T = T + _get(ct, spec.N, "u", o) / pen.rho
+        T = T + get_live(ct, spec.N, "u", o) / pen.rho
     return PassOut(w=w_stats(a, T),
                    stats=_stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
-                                dual_sq=float(np.sum((a - _get(ct, i, "a", o)) ** 2))))
+                                dual_sq=float(np.sum((a - get_live(ct, i, "a", o)) ** 2))))
 
 
 def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
@@ -562,19 +557,19 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     left = _dl_left(ct, spec, w)
     A, b = spec.split_bias(small["W"])
     Z = _plus_bias(A @ left, b)
-    u = _get(ct, i, "u", o)
+    u = get_live(ct, i, "u", o)
     Y = _read(ct.url, "data/Y", ct.sl)
-    z, nc = dl.update_z_output(spec.arch.loss, Y, Z, u, rho, _get(ct, i, "z", BWD),
+    z, nc = dl.update_z_output(spec.arch.loss, Y, Z, u, rho, get_live(ct, i, "z", BWD),
                                opt.newton_max_iter)
     u = dl.update_u(u, z, Z, rho)
-    _put(ct, i, "z", w, z)
-    _put(ct, i, "u", w, u)
+    put_live(ct, i, "z", w, z)
+    put_live(ct, i, "u", w, u)
     r = z - Z
     rr = float(np.sum(r * r))
     obj = _loss_sum(spec.arch.loss, z, Y) / spec.n + \
         (float(np.sum(u * r)) + 0.5 * rho * rr) / spec.n
     return PassOut(stats=_stats(objective=obj, primal_sq=rr,
-                                dual_sq=float(np.sum((z - _get(ct, i, "z", o)) ** 2)),
+                                dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)),
                                 capped=nc))
 
 
@@ -651,11 +646,12 @@ def _locs(c: int, *names: str) -> list[str]:
 
 
 GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunked.group_stats`)
-EAGER = frozenset({"pick_partials", "group_stats", "sum_w", "gram_add"})
+EAGER: frozenset[Callable] = frozenset({chunked.pick_partials, chunked.group_stats,
+                                        chunked.gram_add, chunked_radmm2.sum_w})
 
 
-def eager_order(nodes: list[Node], eager: frozenset[str]) -> list[Node]:
-    """``nodes`` with every task whose function is named in ``eager`` moved up to just after
+def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
+    """``nodes`` with every task whose function is in ``eager`` moved up to just after
     the last of its inputs (the order of the others kept). The driver submits in this order
     and Dask runs earlier-submitted tasks first among those ready, so a reduction or a
     statistics group runs as soon as its chunk tasks are done and their outputs (``d x d``
@@ -678,7 +674,7 @@ def eager_order(nodes: list[Node], eager: frozenset[str]) -> list[Node]:
         else:
             place(node)
 
-    is_eager = [getattr(node.fn, "__name__", "") in eager for node in nodes]
+    is_eager = [node.fn in eager for node in nodes]
     for node, e in zip(nodes, is_eager, strict=True):
         if e:
             settle(node)
@@ -847,8 +843,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             ``marker`` instead."""
             hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
 
-        ctx = chunked.PlanContext(chunk_tasks, small_task, reader, after, gram, cts)
-        ctx.first = first
+        ctx = chunked.PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first)
         sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
         first = ctx.first
         # statistics: per layer, then one sum

@@ -40,7 +40,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .chunked import ChunkTask, PlanContext, _loss_sum, _read, _write, sum_partials
+from .chunked import (
+    ChunkTask,
+    PlanContext,
+    _loss_sum,
+    _read,
+    get_live,
+    put_live,
+    sum_partials,
+)
 from .model import Architecture
 from .splitting import BlockSpec, Penalties
 from .splitting import radmm2 as r2
@@ -98,28 +106,21 @@ class TrialOut(NamedTuple):
     guess: tuple[int, dict[str, float] | None] | None = None
 
 
-def _get(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
-    return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
-
-
-def _put(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
-    _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
-
-
 def _left(ct: ChunkTask, spec: BlockSpec, k: int) -> Array:
     """``V_{i-1}`` of iteration k (X for block 1)."""
     if spec.i == 1:
         return _read(ct.url, "data/X", ct.sl)
-    return _get(ct, spec.i - 1, "V", k % 2)
+    return get_live(ct, spec.i - 1, "V", k % 2)
 
 
 def _w_inputs(ct: ChunkTask, spec: BlockSpec, k: int) -> tuple[Array, Array]:
     """``(c, V~_{i-1})`` of the chunk for block i's W step of iteration k."""
     Vleft = _left(ct, spec, k)
-    return r2.w_target(spec, _get(ct, spec.i, "V", (k - 1) % 2), Vleft), spec.aug(Vleft)
+    return r2.w_target(spec, get_live(ct, spec.i, "V", (k - 1) % 2), Vleft), spec.aug(Vleft)
 
 
 def _sum(values: Iterable[float]) -> float:
+    """Left to right from 0.0, as the reference adds (builtin ``sum`` may compensate)."""
     total = 0.0
     for v in values:
         total += v
@@ -137,12 +138,12 @@ def w_grad_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
     c, Vt = _w_inputs(ct, spec, k)
     f0, grad = r2.w_fit_grad(spec, pen, c, Vt, small["W"])
     out = TrialOut(f0=f0, grad=grad)
-    if r2.w_needs_lipschitz(spec, small["eta_W"]):
+    if r2.needs_lipschitz(spec, small["eta_W"]):
         out = out._replace(gram=Vt @ Vt.T, cmax=float(np.abs(c).max()))
     if right is not None and spec.i < spec.N - 1 and r2.v_needs_max(spec, small["eta_V"]):
         o = (k - 1) % 2
-        R2, _ = r2.v_next_residual(spec, right["W"], _get(ct, spec.i + 1, "V", o),
-                                   _get(ct, spec.i, "V", o))
+        R2, _ = r2.v_next_residual(spec, right["W"], get_live(ct, spec.i + 1, "V", o),
+                                   get_live(ct, spec.i, "V", o))
         out = out._replace(r2max=float(np.abs(R2).max()))
     return out
 
@@ -224,8 +225,8 @@ def _v_inputs(ct: ChunkTask, spec: BlockSpec, k: int, small: Small):
     o = (k - 1) % 2
     Vleft = _left(ct, spec, k)
     Z = small["W"] @ spec.aug(Vleft)
-    return (Z, r2.v_base(spec, Z, Vleft), _get(ct, spec.i + 1, "V", o),
-            _get(ct, spec.i, "V", o), Vleft)
+    return (Z, r2.v_base(spec, Z, Vleft), get_live(ct, spec.i + 1, "V", o),
+            get_live(ct, spec.i, "V", o), Vleft)
 
 
 def _v_trials(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
@@ -242,7 +243,7 @@ def _v_trials(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         trials.append((r2.v_value(spec, pen, base, right["W"], Vr, Vn),
                        float(np.sum(grad * delta)), float(np.sum(delta * delta))))
         if t == guess:
-            _put(ct, spec.i, "V", k % 2, Vn)
+            put_live(ct, spec.i, "V", k % 2, Vn)
             stats = _hidden_stats(spec, pen, Z, Vn, V, Vleft)
     return r2.v_value(spec, pen, base, right["W"], Vr, V, R2), tuple(trials), stats
 
@@ -250,7 +251,7 @@ def _v_trials(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
 def _guess(spec: BlockSpec, small: Small, ladder: int) -> int:
     """The trial most likely accepted: the second (eta back at its last accepted value) when
     backtracking starts from half of it, else the first."""
-    return min(ladder - 1, 1 if not r2.w_needs_lipschitz(spec, small["eta_V"]) else 0)
+    return min(ladder - 1, 1 if not r2.needs_lipschitz(spec, small["eta_V"]) else 0)
 
 
 def v_trial_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
@@ -309,7 +310,7 @@ def v_step_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
     if not capped:
         grad, _ = r2.v_gradient(spec, pen, base, right["W"], Vr, V0)
         V = r2.trial_step(V0, grad, eta, pen.tau)[0]
-    _put(ct, spec.i, "V", k % 2, V)
+    put_live(ct, spec.i, "V", k % 2, V)
     return TrialOut(stats=_hidden_stats(spec, pen, Z, V, V0, Vleft))
 
 
@@ -324,11 +325,12 @@ def v_last_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
     """The exact ``V_{N-1}`` step on the chunk; its share of ``W_N``'s statistics."""
     o, N = (k - 1) % 2, spec.N
     Vleft = _left(ct, spec, k)
-    V0 = _get(ct, spec.i, "V", o)
-    nxt = {"W": right["W"], "U": _get(ct, N, "U", o), "Lam": _get(ct, N, "Lam", o)}
-    V = r2.update_activation_last(spec, pen, {"V": V0}, small["W"], Vleft, nxt)
-    _put(ct, spec.i, "V", k % 2, V)
-    return TrialOut(stats=_hidden_stats(spec, pen, small["W"] @ spec.aug(Vleft), V, V0, Vleft),
+    V0 = get_live(ct, spec.i, "V", o)
+    nxt = {"W": right["W"], "U": get_live(ct, N, "U", o), "Lam": get_live(ct, N, "Lam", o)}
+    Z = small["W"] @ spec.aug(Vleft)
+    V = r2.update_activation_last(spec, pen, {"V": V0}, small["W"], Vleft, nxt, Z)
+    put_live(ct, spec.i, "V", k % 2, V)
+    return TrialOut(stats=_hidden_stats(spec, pen, Z, V, V0, Vleft),
                     w=weight_stats(spec.aug(V), nxt["U"], nxt["Lam"], pen.rho))
 
 
@@ -360,11 +362,11 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     Vleft = _left(ct, spec, k)
     Y = _read(ct.url, "data/Y", ct.sl)
     Z = small["W"] @ spec.aug(Vleft)
-    U0, Lam0 = _get(ct, N, "U", o), _get(ct, N, "Lam", o)
+    U0, Lam0 = get_live(ct, N, "U", o), get_live(ct, N, "Lam", o)
     U, capped = update_preactivation(spec, pen, U0, Z, Lam0, None, Y)
     Lam = update_duals(Lam0, U, Z, pen.rho)
-    _put(ct, N, "U", w, U)
-    _put(ct, N, "Lam", w, Lam)
+    put_live(ct, N, "U", w, U)
+    put_live(ct, N, "Lam", w, Lam)
     r = U - Z
     return TrialOut(stats={
         "objective": _loss_sum(spec.arch.loss, U, Y) / spec.n + r2.output_constraint(

@@ -134,7 +134,8 @@ def w_lipschitz(spec: BlockSpec, pen: Penalties, gram: Array, cmax: float) -> fl
     return pen.beta * h * lambda_max(gram) + spec.n * pen.lam
 
 
-def w_needs_lipschitz(spec: BlockSpec, last: float) -> bool:
+def needs_lipschitz(spec: BlockSpec, last: float) -> bool:
+    """Whether :func:`eta_start` needs the Lipschitz value (given the last accepted eta)."""
     return spec.options.step == "lipschitz" or not float(last) > 0
 
 
@@ -152,12 +153,12 @@ def update_weights_hidden(spec: BlockSpec, pen: Penalties, own: State, Vleft: Ar
     Vt = spec.aug(Vleft)
     c = w_target(spec, own["V"], Vleft)
     W = own["W"]
-    _, part = w_fit_grad(spec, pen, c, Vt, W)
+    fit0, part = w_fit_grad(spec, pen, c, Vt, W)
     grad = w_gradient(spec, pen, W, part)
     eta0 = eta_start(spec, own.get("eta_W", 0.0),
                      lambda: w_lipschitz(spec, pen, Vt @ Vt.T, float(np.abs(c).max())))
     return _backtrack(lambda Wx: w_fit(spec, pen, c, Vt, Wx) + w_reg(spec, pen, Wx), W, grad,
-                      eta0, pen.tau, spec.options.backtrack_max)
+                      eta0, pen.tau, spec.options.backtrack_max, fit0 + w_reg(spec, pen, W))
 
 
 # -- the hidden V step (i < N-1): every term acts on each sample (column) on its own --------
@@ -223,7 +224,7 @@ def v_lipschitz(spec: BlockSpec, pen: Penalties, a2: float, r2max: float) -> flo
 def v_needs_max(spec: BlockSpec, last: float) -> bool:
     """Whether the first trial's eta needs ``max|R_{i+1}|`` (a smooth activation, and the
     Lipschitz value in use)."""
-    return spec.act.sup_d2f != 0 and w_needs_lipschitz(spec, last)
+    return spec.act.sup_d2f != 0 and needs_lipschitz(spec, last)
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vleft: Array,
@@ -248,18 +249,21 @@ def update_activation(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vle
 
 
 def update_activation_last(spec: BlockSpec, pen: Penalties, own: State, W: Array, Vleft: Array,
-                           right: State) -> Array:
+                           right: State, Z: Array | None = None) -> Array:
     """Exact step on ``V_{N-1}``.
 
     Notes
     -----
     ``[(beta + tau) I + rho A_N^T A_N] V = beta (s_{N-1} V_{N-2} + sigma(W_{N-1} V~_{N-2}))
     + A_N^T (rho (U_N - b_N 1^T) + Lam_N) + tau V^k`` with ``W_{N-1}`` of iteration k+1 and
-    ``W_N = [A_N, b_N]``, ``U_N``, ``Lam_N`` of iteration k.
+    ``W_N = [A_N, b_N]``, ``U_N``, ``Lam_N`` of iteration k; ``Z``: ``W_{N-1} V~_{N-2}`` when
+    already computed.
     """
     A, b = spec.split_bias(right["W"])
     Ur = right["U"] if b is None else right["U"] - b
-    rhs = pen.beta * spec.act.f(W @ spec.aug(Vleft))
+    if Z is None:
+        Z = W @ spec.aug(Vleft)
+    rhs = pen.beta * spec.act.f(Z)
     if spec.s:
         rhs += pen.beta * Vleft
     rhs += A.T @ (pen.rho * Ur + right["Lam"]) + pen.tau * own["V"]
