@@ -35,7 +35,7 @@ a block travels through the graph: ``W``, the last accepted ``eta_W``, ``eta_V``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -127,6 +127,19 @@ def _sum(values: Iterable[float]) -> float:
     return total
 
 
+def _first_accepted(eta0: float, max_trials: int, outs: tuple[TrialOut, ...],
+                    later: Callable[[int], list[tuple]],
+                    accepted: Callable[[float, list[tuple]], bool]) -> tuple[int, float] | None:
+    """``(t, eta)`` of the first trial whose chunk shares pass ``accepted(eta, shares)``: the
+    shares from the ladder in ``outs`` or, past it, from ``later(t)`` (evaluated here, chunk by
+    chunk); None when no trial passes (capped)."""
+    ladder = len(outs[0].trials)
+    for t, eta in r2.trial_etas(eta0, 0, max_trials):
+        if accepted(eta, [o.trials[t] for o in outs] if t < ladder else later(t)):
+            return t, eta
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Hidden W step
 # ---------------------------------------------------------------------------------------------
@@ -190,26 +203,18 @@ def w_decide(spec: BlockSpec, pen: Penalties, k: int, small: Small, dec: dict,
     by chunk); the block's small state with the new ``W`` and ``eta_W``."""
     W, grad, tau, max_trials = small["W"], dec["grad"], pen.tau, spec.options.backtrack_max
 
-    def accepted(eta: float, fits: list[float]) -> bool:
+    def accepted(eta: float, fits: list[tuple]) -> bool:
         Wn, delta = r2.trial_step(W, grad, eta, tau)
-        return r2.accepts(_sum(fits) + r2.w_reg(spec, pen, Wn), dec["f0"],
+        return r2.accepts(_sum(f[0] for f in fits) + r2.w_reg(spec, pen, Wn), dec["f0"],
                           float(np.sum(grad * delta)), float(np.sum(delta * delta)), eta)
 
-    ladder = len(outs[0].trials)
-    hit = None
-    for t, eta in r2.trial_etas(dec["eta0"], 0, max_trials):
-        if t < ladder:
-            fits = [o.trials[t][0] for o in outs]
-        else:
-            fits = [_w_trials(ct, spec, pen, k, W, dec, t, t + 1)[0][0] for ct in cts]
-        if accepted(eta, fits):
-            hit = eta
-            break
+    hit = _first_accepted(dec["eta0"], max_trials, outs, lambda t: [
+        _w_trials(ct, spec, pen, k, W, dec, t, t + 1)[0] for ct in cts], accepted)
     new = dict(small)
     if hit is None:
-        new.update({"eta_W": float(dec["eta0"]) * 2.0 ** max_trials, "capped": 1.0})
+        new.update({"eta_W": r2.capped_eta(dec["eta0"], max_trials), "capped": 1.0})
     else:
-        new.update({"W": r2.trial_step(W, grad, hit, tau)[0], "eta_W": hit,
+        new.update({"W": r2.trial_step(W, grad, hit[1], tau)[0], "eta_W": hit[1],
                     "capped": 0.0})
     new["lam"] = pen.lam
     return new
@@ -276,20 +281,11 @@ def v_decide(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small
         return r2.accepts(_sum(p[0] for p in parts), f0, _sum(p[1] for p in parts),
                           _sum(p[2] for p in parts), eta)
 
-    ladder = len(outs[0].trials)
-    hit = None
-    for t, eta in r2.trial_etas(eta0, 0, max_trials):
-        if t < ladder:
-            parts = [o.trials[t] for o in outs]
-        else:
-            parts = [_v_trials(ct, spec, pen, k, small, right, eta0, t, t + 1)[1][0]
-                     for ct in cts]
-        if accepted(eta, parts):
-            hit = (t, eta)
-            break
+    hit = _first_accepted(eta0, max_trials, outs, lambda t: [
+        _v_trials(ct, spec, pen, k, small, right, eta0, t, t + 1)[1][0] for ct in cts], accepted)
     new = dict(small)
     if hit is None:
-        eta = float(eta0) * 2.0 ** max_trials
+        eta = r2.capped_eta(eta0, max_trials)
         new.update({"eta_V": eta, "step": (eta, True, -1), "capped": small["capped"] + 1.0})
     else:
         new.update({"eta_V": hit[1], "step": (hit[1], False, hit[0])})

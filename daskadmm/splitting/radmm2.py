@@ -51,6 +51,11 @@ def trial_etas(eta0: float, start: int, stop: int) -> Iterator[tuple[int, float]
         eta *= 2.0
 
 
+def capped_eta(eta0: float, max_trials: int) -> float:
+    """The eta recorded when no trial passed: ``eta0`` doubled ``max_trials`` times."""
+    return float(eta0) * 2.0 ** max_trials
+
+
 def trial_step(x: Array, grad: Array, eta: float, tau: float) -> tuple[Array, Array]:
     """The trial point ``x+ = x + delta``, ``delta = -grad/(eta + tau)``; returns
     ``(x+, delta)``."""
@@ -78,7 +83,7 @@ def _backtrack(f, x: Array, grad: Array, eta0: float, tau: float, max_trials: in
         xn, delta = trial_step(x, grad, eta, tau)
         if accepts(f(xn), f0, float(np.sum(grad * delta)), float(np.sum(delta * delta)), eta):
             return xn, eta, t + 1, False
-    return x, float(eta0) * 2.0 ** max_trials, max_trials, True
+    return x, capped_eta(eta0, max_trials), max_trials, True
 
 
 def eta_start(spec: BlockSpec, last: float, lipschitz: Callable[[], float]) -> float:
