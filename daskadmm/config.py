@@ -732,7 +732,7 @@ def check_resources(cfg: Config, n_train: int, n_test: int, d_in: int, d_out: in
     need = weights + in_memory + data
     if available is not None and need > available:
         hint = "lower model.width, model.depth or data.n_train"
-        if a.name in ADMM_ALGORITHMS and kind == "memory":
+        if kind == "memory":  # (only an ADMM state is ever "memory")
             hint += (", or keep the state on disk (a Dask cluster, storage.state=zarr, "
                      "storage.url=PATH)")
         raise ConfigError(
