@@ -329,6 +329,44 @@ def test_quality_benchmark_quick_plan(tmp_path, capsys):
     assert "| digits | 4 |" in table and "radmm3a (relu)" in table
 
 
+def _qrow(method, data, depth, seed, test, curve, lr=None, act="relu", metric="accuracy",
+          seconds=1.0):
+    return {"method": method, "lr": lr, "data": data, "depth": depth, "seed": seed,
+            "activation": act, "metric": metric, "test": test, "curve": curve,
+            "seconds": seconds}
+
+
+def test_quality_time_to_tuned_adam_and_figure(tmp_path, capsys):
+    """The time table takes the Adam learning rate with the best mean, and each ADMM run's
+    first evaluation at least as good as that mean (a loss: at most); the figure is drawn and
+    --table-only redraws both from the JSON."""
+    quality = load_benchmark("quality")
+    rows = [
+        _qrow("adam", "digits", 4, 0, 0.90, [[1.0, 0.90]], lr=1e-3, seconds=2.0),
+        _qrow("adam", "digits", 4, 1, 0.94, [[1.0, 0.94]], lr=1e-3, seconds=4.0),
+        _qrow("adam", "digits", 4, 0, 0.80, [[1.0, 0.80]], lr=1e-2),
+        _qrow("radmm3a", "digits", 4, 0, 0.95, [[0.5, 0.85], [1.5, 0.92], [2.5, 0.95]]),
+        _qrow("radmm3a", "digits", 4, 1, 0.91, [[0.5, 0.85], [1.5, 0.91]]),
+        _qrow("adam", "synthetic", 4, 0, 0.05, [[1.0, 0.05]], lr=1e-3, metric="mse"),
+        _qrow("radmm3a", "synthetic", 4, 0, 0.06, [[1.0, 0.2], [3.0, 0.049], [4.0, 0.06]],
+              metric="mse"),
+    ]
+    assert [r["test"] for r in quality.tuned_adam(rows[:5])] == [0.90, 0.94]
+    assert quality.reached(rows[3], 0.92) == 1.5 and quality.reached(rows[4], 0.92) is None
+    assert quality.reached(rows[6], 0.05) == 3.0  # a loss: the first value at or below
+    table = quality.summarise(rows)
+    assert "| digits | 4 | 0.930 ± 0.028 (2) | 0.920 ± 0.028 (2) |" in table
+    assert "| digits | 4 | 1.5 (1/2) | 3.0 |" in table
+    assert "| synthetic | 4 | 3.0 (1/1) | 1.0 |" in table
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps(rows))
+    assert quality.main(["--table-only", "--out", str(out)]) == 0
+    assert "1.5 (1/2)" in capsys.readouterr().out
+    assert (tmp_path / "q-depth.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no results"):
+        quality.main(["--table-only", "--out", str(tmp_path / "none.json")])
+
+
 # ------------------------------------------------------------------ the cluster projection
 
 project = load_benchmark("project_cluster")
