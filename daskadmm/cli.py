@@ -24,8 +24,10 @@ it holds nothing but what Hydra created for this run, then exits the same way.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -221,13 +223,31 @@ def _job_overrides(args: Any, config_name: str) -> list[list[str]]:
         # Another sweeper (optuna, ...) samples the values itself: check what is fixed.
         return [hydra_plain + [_text(o) for o in parsed
                                if not o.is_hydra_override() and not o.is_sweep_override()]]
-
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + task
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
-    return [hydra_plain + list(job) for batch in batches for job in batch]
+    try:
+        jobs = _expand_sweeps(parser.parse_overrides(arguments))
+    except HydraException as exc:
+        raise UsageError(one_line(exc)) from None
+    return [hydra_plain + job for job in jobs]
+
+
+def _expand_sweeps(overrides: list[Any]) -> list[list[str]]:
+    """The jobs of Hydra's basic sweeper: the cartesian product of every key's values, in
+    the order the keys first appear (a later override of a key replaces an earlier one), the
+    first key varying slowest. Discrete sweeps only (``a=1,2``, ``choice``, ``range``, ``glob``
+    of config groups), as that sweeper; an interval sweep is an error."""
+    values: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            values[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            values[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            raise UsageError(f"'{_text(o)}': the basic sweeper sweeps lists, choice, range "
+                             "and glob only, not intervals")
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def _text(override: Any) -> str:
@@ -546,11 +566,34 @@ _hydra_main = hydra.main(version_base=None, config_path=CONFIG_PATH, config_name
 
 # ------------------------------------------------------------------------------------------- main
 
+def _args_parser() -> argparse.ArgumentParser:
+    """The command line as ``hydra.main`` reads it, for the pre-flight: the overrides, where
+    the configs come from, ``--multirun`` and the flags that run nothing. ``main`` parses with
+    ``parse_known_args``: a flag of a newer Hydra that this parser does not know skips the
+    pre-flight and is left to ``hydra.main``."""
+    ap = argparse.ArgumentParser(prog=PROG, add_help=False)
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--help", "-h", action="store_true")
+    ap.add_argument("--hydra-help", action="store_true")
+    ap.add_argument("--cfg", "-c", choices=["job", "hydra", "all"])
+    ap.add_argument("--resolve", action="store_true")
+    ap.add_argument("--package", "-p")
+    ap.add_argument("--run", "-r", action="store_true")
+    ap.add_argument("--multirun", "-m", action="store_true")
+    ap.add_argument("--shell-completion", "-sc", action="store_true")
+    ap.add_argument("--config-path", "-cp")
+    ap.add_argument("--config-name", "-cn")
+    ap.add_argument("--config-dir", "-cd")
+    ap.add_argument("--experimental-rerun")
+    ap.add_argument("--info", "-i", nargs="?", const="all",
+                    choices=["all", "config", "defaults", "defaults-tree", "plugins",
+                             "searchpath"])
+    return ap
+
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``daskadmm``)."""
-    from hydra._internal.utils import get_args_parser
-
     global _STARTED
     _STARTED = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -560,9 +603,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{PROG} {version('daskadmm')}")
         return
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    args = get_args_parser().parse_args(argv)  # usage errors: argparse's message, exit 2
+    args, unknown = _args_parser().parse_known_args(argv)  # usage errors: exit 2
     configs: list[Config] = []
-    if not any(getattr(args, flag, None) for flag in _NON_RUN_FLAGS):
+    if not unknown and not any(getattr(args, flag, None) for flag in _NON_RUN_FLAGS):
         try:
             configs = _preflight(args)
             _check_stores(configs)

@@ -87,6 +87,7 @@ BAD = {
     "bad_syntax": (["model.depth=["], "model.depth"),
     "multirun_bad_job": (["-m", "model.depth=3,1"], "model.depth"),
     "multirun_bad_group": (["-m", "algorithm=radmm3,nope"], "algorithm/nope"),
+    "multirun_interval": (["-m", "algorithm.rho=interval(0.1,1)"], "interval"),
 }
 
 
@@ -275,3 +276,35 @@ def test_library_warnings_go_to_the_job_log_not_the_terminal(tmp_path):
     assert f"Port {port} is already in use" in log
     dash = [line for line in proc.stderr.splitlines() if "Dask dashboard:" in line]
     assert len(dash) == 1 and dash[0].startswith("Dask dashboard:"), proc.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.depth=4,8", "algorithm=radmm3,radmm3a", "run.seed=0"],
+    ["run.seed=range(0,3)", "model.width=choice(16,32)", "model.depth=4"],
+    ["model.depth=4,8", "run.seed=1", "model.depth=16"],  # a later value replaces the sweep
+    ["algorithm=glob(radmm3*)", "run.seed=0,1"],
+    [],
+])
+def test_multirun_expansion_matches_hydras_basic_sweeper(overrides):
+    """The pre-flight's jobs are those Hydra's basic sweeper launches, in its order."""
+    from hydra import initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from daskadmm import cli
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(cli.CONFIG_MODULE, version_base=None):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        ours = cli._expand_sweeps(parser.parse_overrides(overrides))
+        (hydras,) = BasicSweeper.split_arguments(parser.parse_overrides(overrides), None)
+    GlobalHydra.instance().clear()
+    assert ours == hydras and len(ours) >= 1
+
+
+def test_an_unknown_flag_is_left_to_hydra(tmp_path):
+    """A flag this CLI's pre-flight parser does not know goes to hydra.main unchecked."""
+    args, unknown = __import__("daskadmm.cli", fromlist=["_args_parser"])._args_parser() \
+        .parse_known_args(["--some-newer-flag", "model.depth=4"])
+    assert unknown == ["--some-newer-flag"] and args.overrides == ["model.depth=4"]

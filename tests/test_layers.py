@@ -97,3 +97,30 @@ def test_the_config_check_sees_an_import(tmp_path):
         assert _config_uses(module), text
     module.write_text("from .config import ClusterConfig, StorageConfig\n")
     assert not _config_uses(module)
+
+
+def _private_imports(path: Path) -> list[str]:
+    """Imports of another package's private modules (a component starting with ``_``, such as
+    ``hydra._internal``): they change without notice between releases."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found += [f"line {node.lineno}: {n}" for n in names
+                  if any(part.startswith("_") and part != "__future__"
+                         for part in n.split("."))]
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_imports_of_other_packages(path):
+    assert _private_imports(path) == []
+
+
+def test_the_private_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from hydra._internal.utils import get_args_parser\nimport os\n")
+    assert _private_imports(bad) == ["line 1: hydra._internal.utils"]
