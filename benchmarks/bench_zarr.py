@@ -56,7 +56,7 @@ from daskadmm.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("radmm3", "radmm3l", "radmm3a", "radmm2", "pdadmm", "dladmm")
-MLP_ALGORITHMS = ("pdadmm", "dladmm")  # MLP trainers (daskadmm.chunked_mlp)
+MLP_ALGORITHMS = ("pdadmm", "dladmm")  # MLP trainers (daskadmm.chunks.mlp)
 # --quick: a smoke run of all three measurements in well under a minute on 2 cores
 QUICK = {"width": 32, "depth": 3, "n": 4096, "iterations": 2, "chunks": "1,4",
          "outofcore_chunks": 4, "min_limit_mb": 256}
@@ -128,11 +128,11 @@ def make_config(algorithm: str, width: int, depth: int, iterations: int) -> Conf
 def state_layout(cfg: Config, ds: Dataset) -> tuple[list[dict[str, tuple]], int]:
     """The engine's own store layout (the sample-sized variables of every block / layer, as
     :meth:`StateStore.create_state` allocates them) and its number of live slots."""
-    from daskadmm import chunked_mlp
+    from daskadmm import chunks
 
     arch = api.build_architecture(cfg, ds)
     name = cfg.algorithm.name
-    return chunked_mlp.layout(name, arch), chunked_mlp.slots(name)
+    return chunks.layout(name, arch), chunks.slots(name)
 
 
 def state_bytes(cfg: Config, ds: Dataset) -> dict:

@@ -8,7 +8,7 @@ The machine has two cores, so nothing here measures more than two Dask workers. 
 replays the engine's real task graph on P simulated workers instead:
 
 1. **The graph.** The Zarr-resident RADMM-3 graph (the default on Dask) is built with the
-   project's own builder (:func:`daskadmm.chunked_mlp.build_window`, one iteration per call as
+   project's own builder (:func:`daskadmm.graph.chunked.build_window`, one iteration per call as
    the runner submits them), with the runner's start tasks, its block placement (blocks pinned to
    workers in contiguous ranges) and its window: iteration j is submitted once the driver has
    received the statistics of iteration j - window (the first window once the store's
@@ -380,10 +380,10 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
                  eval_iters: Iterable[int] = ()) -> EngineGraph:
     """The nodes a fresh ``storage.state=zarr`` RADMM-3 run submits, in order: the start tasks
     (forward pass per chunk, ``W_1``'s first statistics, the Gram matrix of X), then one
-    :func:`~daskadmm.chunked_mlp.build_window` per iteration. The runner submits iteration j
+    :func:`~daskadmm.graph.chunked.build_window` per iteration. The runner submits iteration j
     once it has received iteration j - window's statistics (the first ``window`` once the
     forward pass is done): those are the gates."""
-    from daskadmm import chunked_mlp
+    from daskadmm.graph import chunked as chunk_graph
     from daskadmm.splitting import BlockSpec, Options, Penalties
 
     arch = prob.arch()
@@ -394,7 +394,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     rid, N = run_id, prob.depth
     # the runner's start for a fresh store (runner._ZarrCtx.start_nodes; the weights are not
     # needed to replay it)
-    nodes, prev, init_keys = chunked_mlp.start_nodes("radmm3", arch, url, slices, rid, None,
+    nodes, prev, init_keys = chunk_graph.start_nodes("radmm3", arch, url, slices, rid, None,
                                                      prob.n, None, Options(), pen.rho)
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
@@ -405,7 +405,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     stats: dict[int, str] = {}
     evals = set(eval_iters)
     for k in range(1, iterations + 1):
-        wg = chunked_mlp.build_window("radmm3", specs, {k: pen}, k - 1, k, prev, rid, url,
+        wg = chunk_graph.build_window("radmm3", specs, {k: pen}, k - 1, k, prev, rid, url,
                                       slices, [k] if k in evals else [],
                                       (arch, "classification", "accuracy", (), ()))
         gate = init if k <= window else (stats[k - window],)
@@ -735,7 +735,8 @@ def measure_tasks(prob: Problem, activation: str, iterations: int = 2,
     depth-4 network (every block role occurs) on one chunk of ``n / chunks`` samples, its state
     in a Zarr store on local disk, each task timed (the fastest of ``iterations``), and the
     reduction of ``chunks`` partial statistics timed directly."""
-    from daskadmm import api, chunked
+    from daskadmm import api
+    from daskadmm.chunks import radmm3 as chunked
     from daskadmm.config import Config
 
     chunk = math.ceil(prob.n / prob.chunks)

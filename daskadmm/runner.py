@@ -937,9 +937,9 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
-    :mod:`.chunked`, :mod:`.chunked_mlp` and :mod:`.chunked_radmm2`); ``client`` as for
+    :mod:`.chunks`, wired by :mod:`.graph.chunked`); ``client`` as for
     :func:`run_dask`."""
-    from . import chunked_mlp
+    from . import chunks
     from .storage import (
         StateStore,
         StoreError,
@@ -953,10 +953,10 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     url = store_url(opts, run_dir)
     slices = chunk_slices(n, opts.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], opts.storage.chunk_size)
-    lay = chunked_mlp.layout(splitting.name, arch)
+    lay = chunks.layout(splitting.name, arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
     ck_lay = [{v: shape for v, shape in block.items()
-               if v == "W" or v in chunked_mlp.state_vars(splitting.name, arch, i)}
+               if v == "W" or v in chunks.state_vars(splitting.name, arch, i)}
               for i, block in enumerate(lay, start=1)]
     scratch = None
     client = resolve_client(opts.cluster, client)
@@ -1006,7 +1006,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
                 store.write_data(data, opts.storage.chunk_size, opts.storage.compressor,
                                  sums=data_sums)
             store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
-                               chunked_mlp.slots(splitting.name),
+                               chunks.slots(splitting.name),
                                dtype=opts.dtype)
             store.set_attrs({"ready": True})
     except BaseException:
@@ -1077,7 +1077,8 @@ class _ZarrCtx(_Ctx):
                                                                 dict[str, str], int]:
         """Nodes and literal values that bring the store to iteration k0; returns
         (nodes, literals, prev roles, k0)."""
-        from . import chunked_mlp
+        from . import chunks
+        from .graph import chunked as chunk_graph
 
         name, rid = self.splitting.name, self.run_id
         restore = None
@@ -1092,8 +1093,8 @@ class _ZarrCtx(_Ctx):
             self._restore_last_good(k0, [st["W"] for st in states])
             restore = (k0, cp["slot"])
         else:
-            k0, small = 0, chunked_mlp.init_small(name, self.arch, weights0)
-        nodes, prev, _ = chunked_mlp.start_nodes(name, self.arch, self.task_url, self.slices, rid,
+            k0, small = 0, chunks.init_small(name, self.arch, weights0)
+        nodes, prev, _ = chunk_graph.start_nodes(name, self.arch, self.task_url, self.slices, rid,
                                                  [s["W"] for s in small], self.n, restore,
                                                  self.specs[0].options, self.schedule.at(1).rho)
         literals: dict[str, Any] = {}
@@ -1181,9 +1182,9 @@ class _ZarrCtx(_Ctx):
         return plan
 
     def build_z(self, k0: int, k1: int, prev: dict[str, str]):
-        from . import chunked_mlp
+        from .graph import chunked as chunk_graph
 
-        return chunked_mlp.build_window(
+        return chunk_graph.build_window(
             self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
             self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
@@ -1215,7 +1216,7 @@ class _ZarrCtx(_Ctx):
         if lazy_arrays(self.ds):
             # out-of-core data: the metrics of iteration 0 from the store, a chunk at a time
             # (not a forward pass over the lazy arrays from this process)
-            from .chunked import evaluate_chunks
+            from .chunks.common import evaluate_chunks
 
             values, _ = evaluate_chunks(self.task_url, self.arch, self.ds.task, self.metric,
                                         tuple(self.slices), tuple(self.test_slices),

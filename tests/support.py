@@ -71,7 +71,7 @@ def chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
     runner names them), with a checkpoint at iteration 2; returns (window, number of chunks)."""
     import numpy as np
 
-    from daskadmm import chunked_mlp
+    from daskadmm.graph import chunked as chunk_graph
     from daskadmm.model import Architecture
     from daskadmm.splitting.base import BlockSpec, Options, Penalties
     from daskadmm.storage import StoreRef, chunk_slices
@@ -81,9 +81,9 @@ def chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
     slices = chunk_slices(n, chunk)
     url = StoreRef("memory://x")
     weights = [np.zeros(arch.weight_shape(i)) for i in range(1, N + 1)]
-    _, prev, _ = chunked_mlp.start_nodes(name, arch, url, slices, "r", weights, n, None,
+    _, prev, _ = chunk_graph.start_nodes(name, arch, url, slices, "r", weights, n, None,
                                          Options(), 1.0)
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", url, slices,
+    return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", url, slices,
                                     ckpt_slots={2: "a"}), len(slices)

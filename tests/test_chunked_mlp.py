@@ -11,10 +11,11 @@ import pytest
 from test_storage import REL, _cfg, _mem_url, _rel, _with
 from threadpoolctl import threadpool_limits
 
-from daskadmm import api, chunked_mlp
-from daskadmm.chunked import ChunkTask
+from daskadmm import api
+from daskadmm.chunks.common import ChunkTask
 from daskadmm.config import ConfigError, validate
 from daskadmm.data import load_dataset
+from daskadmm.graph import chunked as chunk_graph
 from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture
 from daskadmm.splitting import BlockSpec, Options, Penalties
@@ -127,7 +128,7 @@ def test_radmm2_backtracking_past_the_ladder_gives_the_same_bits(monkeypatch, st
     # capped (a Lipschitz eta is accepted at once, mostly: the ladder hardly matters there).
     # With a ladder of one the V trial pass writes the first trial, mostly not the accepted
     # one, so the step pass rewrites it; with three it mostly guesses right and does nothing
-    from daskadmm import chunked_radmm2
+    from daskadmm.chunks import radmm2 as chunked_radmm2
 
     cfg = _with(_mlp_cfg("radmm2", "resnet", iterations=8), algorithm={"step": step},
                 cluster={"kind": "synchronous"})
@@ -176,7 +177,7 @@ def test_radmm2_backtracking_past_the_ladder_gives_the_same_bits(monkeypatch, st
 # ---------------------------------------------------------------------------------------------
 
 def test_hazards_order_reads_and_writes():
-    hz = chunked_mlp.Hazards({})
+    hz = chunk_graph.Hazards({})
     assert hz.task("w1", (), ["x"]) == []
     assert [r.key for r in hz.task("r1", ["x"], ())] == ["w1"]
     assert [r.key for r in hz.task("r2", ["x"], ["y"])] == ["w1"]
@@ -184,7 +185,7 @@ def test_hazards_order_reads_and_writes():
     assert sorted(r.key for r in hz.task("w2", (), ["x"])) == ["r1", "r2", "w1"]
     assert [r.key for r in hz.task("r3", ["x"], ())] == ["w2"]
     # the state survives a window boundary
-    again = chunked_mlp.Hazards(hz.roles())
+    again = chunk_graph.Hazards(hz.roles())
     assert sorted(r.key for r in again.task("w3", ["y"], ["x"])) == ["r2", "r3", "w2"]
 
 
@@ -192,7 +193,7 @@ def test_hazards_aliases_hold_until_the_markers_replace_them():
     # a task that runs after others (a W update after the chunk tasks it sums) stands in for
     # them until the end of the iteration, a marker of a marker for both; then the iteration's
     # markers take over
-    hz = chunked_mlp.Hazards({})
+    hz = chunk_graph.Hazards({})
     hz.task("w1", (), ["x"])
     hz.task("w2", (), ["y"])
     hz.alias({"w1": "m1"})
@@ -208,12 +209,12 @@ def _window(name: str, N: int, K: int, C: int = 3, ckpt_slots: dict[int, str] | 
     n = 30
     specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
     slices = chunk_slices(n, -(-n // C))
-    _, prev, _ = chunked_mlp.start_nodes(name, arch, "memory://x", slices, "r",
+    _, prev, _ = chunk_graph.start_nodes(name, arch, "memory://x", slices, "r",
                                          [np.zeros(arch.weight_shape(i))
                                           for i in range(1, N + 1)], n, None, Options(), 1.0)
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 1)}
-    return chunked_mlp.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices,
+    return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices,
                                     ckpt_slots=ckpt_slots)
 
 

@@ -170,7 +170,7 @@ def test_checkpoint_commit_is_one_atomic_write(tmp_path, monkeypatch):
 
 
 def test_checkpoint_task_refuses_the_committed_slot(tmp_path):
-    from daskadmm import chunked
+    from daskadmm.chunks import common as chunked
 
     url = str(tmp_path / "s.zarr")
     api.fit(_cfg(url=url), dataset=load_dataset(_cfg().data, seed=0))
@@ -310,7 +310,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
     url = str(tmp_path / "s.zarr")
     # what a run killed before its first checkpoint leaves: created (maybe not even "ready")
-    from daskadmm import chunked
+    from daskadmm import chunks
     from daskadmm.runner import _data_arrays, _store_meta
     from daskadmm.storage import chunk_slices, data_digest
 
@@ -321,7 +321,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
         store.write_data(_data_arrays(ds), 30)
-        store.create_state(chunked.layout(cfg.algorithm.name, arch), ds.n_train, 30)
+        store.create_state(chunks.layout(cfg.algorithm.name, arch), ds.n_train, 30)
         store.set_attrs({"ready": True})
     store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
                                "host": socket.gethostname(), "since": 0}})

@@ -129,7 +129,8 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     triple travels to the W update: ``W_{i+1}`` of iteration k sums block i's chunk outputs of
     k, ``W_1`` of k+1 block 1's of k and X's Gram matrix, reduced right after block 1's chunk
     tasks of k."""
-    from daskadmm import chunked
+    from daskadmm.chunks import common
+    from daskadmm.chunks import radmm3 as chunked
 
     wg, C = chunked_window(N, K, 30, chunk)
     by_key = {x.key: x for x in wg.nodes}
@@ -139,7 +140,7 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     for x in wg.nodes:
         takes = {d for d in x.deps() if d in big}
         if takes:
-            assert x.fn in (chunked.pick_partials, chunked.block_stats, chunked.group_stats), \
+            assert x.fn in (chunked.pick_partials, chunked.block_stats, common.group_stats), \
                 (x.key, takes)
             assert (x.fn is chunked.block_stats) == (C <= 4 and x.fn is not chunked.pick_partials)
             # on the chunks' worker: only sums travel
@@ -156,7 +157,7 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     assert (C > chunked.FAN_IN) == any("-r1x" in x or "-r0x" in x for x in reductions)
     at = {x.key: j for j, x in enumerate(wg.nodes)}
     for x in wg.nodes:
-        if x.fn in (chunked.pick_partials, chunked.group_stats) and any(d in at for d in x.deps()):
+        if x.fn in (chunked.pick_partials, common.group_stats) and any(d in at for d in x.deps()):
             last = max(at[d] for d in x.deps() if d in at)
             assert not [y.key for y in wg.nodes[last + 1:at[x.key]] if y.key in big], x.key
 

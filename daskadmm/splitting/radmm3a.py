@@ -53,7 +53,7 @@ with RADMM-3A.
 
 Its state travels between tasks like RADMM-3's, so it runs on the reference engine and on every
 Dask scheduler with the state in worker memory. On the Zarr-resident engine
-(:mod:`daskadmm.chunked`) ``Gam_i`` is stored per chunk of samples like ``V_i``: every update
+(:mod:`daskadmm.chunks.radmm3`) ``Gam_i`` is stored per chunk of samples like ``V_i``: every update
 but W's acts on each sample on its own, and so does the backward pass (:func:`backward_step`),
 so the chunk tasks call the functions below (:func:`prox_target`, :func:`update_activation`,
 :func:`update_multiplier`, :func:`multiplier_objective`) on their chunk; W's step is RADMM-3's.

@@ -16,7 +16,7 @@ need: ``G = V~_i V~_i^T``, ``P = U_{i+1} V~_i^T`` and ``Q = Lam_{i+1} V~_i^T`` f
 worker sums these in a fixed order (:func:`pick_partials`, as a tree of fan-in
 :data:`FAN_IN`) and ``update_weights`` solves (``B = rho P + Q``). The small state of a block
 that travels through the graph is ``{"W": W_i}``; :func:`plan_iteration` wires an iteration
-for the graph builder of :mod:`daskadmm.chunked_mlp`, which derives the dependencies from the
+for the window builder (:mod:`daskadmm.graph.chunked`), which derives the dependencies from the
 chunks each task declares it reads and writes. The U, Lam, V steps are column-separable
 and the inner solvers decide per element, so chunking only reorders the additions of the W
 statistics (results agree with the unchunked reference to ~1e-13 relative; with the same
@@ -31,51 +31,45 @@ network; both act on each sample on its own, so ``init_chunk`` runs them on its 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from .model import Architecture, augment, forward, loss_grad_n
-from .splitting import BlockSpec, Penalties, radmm3, radmm3a
-from .storage import StoreRef, chunk_io, committed_slot
+from ..model import Architecture, augment, forward, loss_grad_n
+from ..splitting import BlockSpec, Penalties, radmm3, radmm3a
+from .common import (
+    Array,
+    ChunkTask,
+    PlanContext,
+    Small,
+    _loss_sum,
+    _read,
+    _write,
+    each_stats,
+    sample_vars,
+    sum_partials,
+)
 
 __all__ = [
     "ALGORITHMS",
-    "FAN_IN",
-    "ChunkOut",
-    "ChunkTask",
-    "PlanContext",
-    "StatsGroup",
     "block_stats",
-    "each_stats",
-    "group_stats",
+    "ChunkOut",
+    "FAN_IN",
     "gram_add",
-    "pick_partials",
-    "checkpoint_chunk",
-    "evaluate_chunks",
-    "evaluate_small",
-    "get_live",
     "init_chunk",
     "init_partials",
     "layout",
+    "pick_partials",
     "plan_iteration",
-    "put_live",
     "reduce_tree",
-    "restore_chunk",
-    "sample_vars",
-    "sum_partials",
     "update_chunk",
     "update_weights",
 ]
 
-Array = np.ndarray
-Small = dict
 
 ALGORITHMS = ("radmm3", "radmm3l", "radmm3a")
-FAN_IN = 4  # inputs of a node of the reduction tree of chunk statistics
 
+FAN_IN = 4  # inputs of a node of the reduction tree of chunk statistics
 
 def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
     """Variables of each block of algorithm ``name``: (rows, "n") for sample-sized ones, the
@@ -91,63 +85,6 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
         out.append(v)
     return out
 
-
-def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
-    """The sample-sized variables of one block's layout (chunked, in the live slots)."""
-    return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
-
-
-def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
-    return chunk_io(url, path).read(sl, slot)
-
-
-def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
-    chunk_io(url, path).write(sl, value, slot)
-
-
-def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
-    """Chunk ``ct`` of block i's variable ``var`` in live slot ``slot``."""
-    return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
-
-
-def put_live(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
-    """Write chunk ``ct`` of block i's variable ``var`` into live slot ``slot``."""
-    _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
-
-
-@dataclass(frozen=True)
-class ChunkTask:
-    """Where a task's chunk lives: store URL, sample range, chunk index."""
-
-    url: StoreRef  # the store (its URL and creation id)
-    sl: slice
-    c: int
-
-
-@dataclass
-class PlanContext:
-    """What an algorithm's iteration plan appends tasks through (the Zarr engine's window
-    builder, :func:`daskadmm.chunked_mlp.build_window`, makes it):
-
-    - ``chunk_tasks(base, block, fn, args, reads, writes, each=None)``: one task per chunk,
-      ``fn(chunk, *args, [each[c],] *order)``, with the chunk locations (``"b<i>/<var>/<slot>"``)
-      it reads and writes; returns their refs;
-    - ``small_task(base, block, fn, args, tag="")``: one task on the block's worker; its key;
-    - ``reader(key, locs)``: task ``key`` may read ``locs`` of every chunk (later writers wait);
-    - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
-      that has to run after one of them may wait for it instead;
-    - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
-      statistics for the next iteration (the plan updates it)."""
-
-    chunk_tasks: Callable[..., list]
-    small_task: Callable[..., str]
-    reader: Callable[[str, list[str]], None]
-    after: Callable[[str, list], None]
-    gram: Any
-    cts: tuple[ChunkTask, ...]
-    first: str | None = None
-
-
 class ChunkOut(NamedTuple):
     """What :func:`update_chunk` returns for one chunk: its statistics (``objective``,
     ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, P, Q)`` of the statistics of
@@ -157,16 +94,6 @@ class ChunkOut(NamedTuple):
     stats: dict[str, float]
     w_next: tuple[Array, Array, Array] | None = None
     w_first: tuple[Array, Array] | None = None
-
-
-def _loss_sum(loss: str, U: Array, Y: Array) -> float:
-    """``n_c * l`` over the chunk's columns (sum, not mean)."""
-    if loss == "mse":
-        return 0.5 * float(np.sum((U - Y) ** 2))
-    zmax = U.max(axis=0, keepdims=True)
-    logz = zmax[0] + np.log(np.exp(U - zmax).sum(axis=0))
-    return float(np.sum(logz - np.sum(Y * U, axis=0)))
-
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
                n: int) -> dict:
@@ -194,26 +121,12 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         _write(ct.url, f"live/b{i}/V", ct.sl, V[i], 0)
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
-
 def init_partials(ct: ChunkTask, bias: bool, slot: int, *order) -> tuple[Array, Array, Array]:
     """Chunk statistics for ``W_1``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` from ``slot``."""
     Xt = augment(_read(ct.url, "data/X", ct.sl), bias)
     U = _read(ct.url, "live/b1/U", ct.sl, slot)
     Lam = _read(ct.url, "live/b1/Lam", ct.sl, slot)
     return Xt @ Xt.T, U @ Xt.T, Lam @ Xt.T
-
-
-def sum_partials(*parts: tuple) -> tuple:
-    """Sum chunk statistics (equal-length tuples of arrays) entry by entry in the given (fixed)
-    order: a node of a reduction tree. A None entry (a statistic the chunks do not carry, e.g.
-    a constant Gram matrix) stays None."""
-    acc = [None if p is None else p.copy() for p in parts[0]]
-    for part in parts[1:]:
-        for j, p in enumerate(part):
-            if acc[j] is not None:
-                acc[j] += p
-    return tuple(acc)
-
 
 def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
                    name: str) -> Small:
@@ -224,7 +137,6 @@ def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
     B = pen.rho * P + Q
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
     return {"W": step(small["W"], G, B, pen, spec.n)}
-
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                  right_small: Small | None, name: str, *order) -> ChunkOut:
@@ -304,68 +216,6 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
              "capped": float(capped)}
     return ChunkOut(stats, w_next, w_first)
 
-
-def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
-                     *order) -> dict[str, int]:
-    """Copy one chunk of block ``block``'s live slot into checkpoint slot ``ckpt``; return
-    the checksum of each variable's chunk (recorded in the checkpoint's manifest).
-
-    Refuses to write the slot of the committed checkpoint: that can only happen when Dask
-    re-runs a finished checkpoint task after a lost worker, and the committed checkpoint is
-    what the run recovers from."""
-    from .storage import checksum
-
-    if committed_slot(ct.url) == ckpt:
-        raise RuntimeError(f"checkpoint slot {ckpt} of {ct.url} holds the committed "
-                           "checkpoint: not overwriting it")
-    out = {}
-    for name in names:
-        value = _read(ct.url, f"live/b{block}/{name}", ct.sl, slot)
-        _write(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl, value)
-        out[name] = checksum(value)
-    return out
-
-
-def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
-                  ckpt: str) -> None:
-    """Copy one chunk of checkpoint slot ``ckpt`` back into live slot ``slot`` (resume)."""
-    for name in names:
-        _write(ct.url, f"live/b{block}/{name}", ct.sl,
-               _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
-
-
-def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
-                    train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
-                    ) -> tuple[dict[str, float], list[Array]]:
-    """True forward pass on the stored train and test data, one chunk at a time."""
-    weights = list(Ws)
-    rec: dict[str, float] = {}
-    for split, slices, xs, ys in (("train", train, "data/X", "data/Y"),
-                                  ("test", test, "data/X_test", "data/Y_test")):
-        loss = err = 0.0
-        count = 0
-        with np.errstate(all="ignore"):
-            for sl in slices:
-                X, Y = _read(url, xs, sl), _read(url, ys, sl)
-                out = forward(arch, weights, X)[0][-1]
-                loss += _loss_sum(arch.loss, out, Y)
-                if task == "classification":
-                    err += float(np.sum(out.argmax(axis=0) == Y.argmax(axis=0)))
-                else:
-                    err += float(np.sum((out - Y) ** 2))
-                count += Y.shape[1]
-        rec[f"{split}_loss"] = loss / count
-        rec[f"{split}_metric"] = err / count
-    return rec, weights
-
-
-def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
-                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
-                   ) -> tuple[dict[str, float], list[Array]]:
-    """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""
-    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
-
-
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     """Sum, in the given order, the W statistics that chunk outputs carry.
 
@@ -386,34 +236,10 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
         G = gram_x
     return G, P, Q
 
-
 def gram_add(acc: Array | None, part: tuple) -> Array:
     """``acc + X~_c X~_c^T`` (a new array) from one chunk's :func:`init_partials`; a chain of
     these adds the chunks in order, as :func:`sum_partials` would."""
     return part[0].copy() if acc is None else acc + part[0]
-
-
-class StatsGroup(NamedTuple):
-    """The statistics of a few consecutive chunk outputs (:func:`group_stats`)."""
-
-    items: tuple
-
-
-def group_stats(*outs) -> StatsGroup:
-    """Keep only the ``stats`` of a few chunk outputs: the task runs as soon as they are done,
-    so their ``d x d`` statistics need not stay in memory until the block's statistics task,
-    which waits for every chunk of the block."""
-    return StatsGroup(tuple(o.stats for o in outs))
-
-
-def each_stats(outs) -> Iterable[dict[str, float] | None]:
-    """The chunks' statistics, in order, from chunk outputs and :class:`StatsGroup` s."""
-    for o in outs:
-        if isinstance(o, StatsGroup):
-            yield from o.items
-        else:
-            yield o.stats
-
 
 def block_stats(small: Small, *outs) -> dict[str, float]:
     """Sum the per-chunk statistics of one block (in chunk order; the regulariser is in chunk
@@ -425,18 +251,13 @@ def block_stats(small: Small, *outs) -> dict[str, float]:
             total[key] += st[key]
     return total
 
-
-# ---------------------------------------------------------------------------------------------
-# One iteration's tasks
-# ---------------------------------------------------------------------------------------------
-
 def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> str:
     """Append the reduction of chunk statistics ``refs`` (``kind``, see :func:`pick_partials`)
     on block i's worker through the builder's ``small_task``: with more than :data:`FAN_IN`
     inputs, a tree of fan-in :data:`FAN_IN` whose nodes sum their inputs in a fixed order (so a
     chunk output can go as soon as its node has run, and the root sums at most ``FAN_IN``
     inputs); the root adds ``gram``. Returns the root's key."""
-    from .graph import Ref
+    from ..graph.nodes import Ref
 
     level = 0
     while len(refs) > FAN_IN:
@@ -446,7 +267,6 @@ def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> s
                 for j in range(0, len(refs), FAN_IN)]
         level += 1
     return small_task(base, i, pick_partials, (kind if level == 0 else "sum", gram, *refs))
-
 
 def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                    small: dict[int, str]) -> dict[int, str]:
@@ -463,7 +283,7 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
     same chunk wrote; ``W_i`` runs after all of those, and the chunk task takes ``W_i``
     anyway, so it waits for ``W_i`` rather than for a chunk output (``d x d`` statistics that
     would have to travel)."""
-    from .graph import Ref
+    from ..graph.nodes import Ref
 
     N = len(specs)
     o, w = (k - 1) % 2, k % 2

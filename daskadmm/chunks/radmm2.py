@@ -40,7 +40,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .chunked import (
+from ..model import Architecture
+from ..splitting import BlockSpec, Penalties
+from ..splitting import radmm2 as r2
+from ..splitting.radmm3 import update_duals, update_preactivation, update_weights, weight_stats
+from .common import (
     ChunkTask,
     PlanContext,
     _loss_sum,
@@ -49,10 +53,6 @@ from .chunked import (
     put_live,
     sum_partials,
 )
-from .model import Architecture
-from .splitting import BlockSpec, Penalties
-from .splitting import radmm2 as r2
-from .splitting.radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 
 __all__ = [
     "V_LADDER",
@@ -376,10 +376,10 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
 
 def plan_iteration(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                    small: dict[int, str]) -> dict[int, str]:
-    """Append iteration k's tasks through ``ctx`` (:class:`~daskadmm.chunked.PlanContext`).
+    """Append iteration k's tasks through ``ctx`` (:class:`~daskadmm.chunks.common.PlanContext`).
     ``small``: the keys of the blocks' small states of iteration k-1. Returns those of
     iteration k."""
-    from .graph import Ref
+    from ..graph.nodes import Ref
 
     chunk_tasks, small_task, reader, after, cts = (ctx.chunk_tasks, ctx.small_task, ctx.reader,
                                                    ctx.after, ctx.cts)

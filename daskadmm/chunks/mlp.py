@@ -1,6 +1,5 @@
-"""Per-(layer, chunk) tasks of the Zarr-resident engine for pdADMM and dlADMM, and the graph
-builder of every algorithm on that engine: RADMM-3/3L/3A (:mod:`daskadmm.chunked`) and RADMM-2
-(:mod:`daskadmm.chunked_radmm2`) plug their tasks in as an iteration plan.
+"""Per-(layer, chunk) tasks and iteration plans of the Zarr-resident engine for pdADMM and
+dlADMM.
 
 Every sample-sized variable lives in the state store, chunked along samples; a task reads and
 writes single chunks, so a worker holds one chunk of each variable it touches plus ``d x d``
@@ -23,39 +22,22 @@ scheduler computes the same bits.
 the backward sweep of iteration k reads slot ``(k-1) % 2`` (the forward output of k-1) and
 writes slot 2, the forward sweep reads slot 2 and writes slot ``k % 2``.
 
-**Dependencies.** Tasks declare which chunks they read and write; :class:`Hazards` turns that
-into task dependencies (read after write, and write after read or write), so no task can
-overwrite a chunk another task still has to read, whatever the scheduler does. A dependency
-on a chunk task is taken through a small task that runs after it (its layer's statistics at
-the end of an iteration, or a task the plan names): a chunk task's output may hold ``d x d``
-statistics, which a dependent task would keep in memory or make travel.
+The window builder (:mod:`daskadmm.graph.chunked`) wires the tasks of these plans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
 
-from . import chunked, chunked_radmm2
-from .chunked import (
-    ChunkTask,
-    _loss_sum,
-    _read,
-    evaluate_small,
-    get_live,
-    put_live,
-    sum_partials,
-)
-from .graph import Node, Ref, iteration_stats, key
-from .model import Architecture, augment
-from .splitting import BlockSpec, Options, Penalties, get_splitting
-from .splitting import dladmm as dl
-from .splitting import pdadmm as pd
-from .splitting.dladmm import (
+from ..graph.nodes import Ref
+from ..model import Architecture, augment
+from ..splitting import BlockSpec, Options, Penalties, get_splitting
+from ..splitting import dladmm as dl
+from ..splitting import pdadmm as pd
+from ..splitting.dladmm import (
     _plus_bias,
     a_grad,
     a_hessian,
@@ -67,72 +49,36 @@ from .splitting.dladmm import (
     update_W_stats,
     w_stats,
 )
-from .storage import StoreRef
+from .common import (
+    Array,
+    ChunkTask,
+    PlanContext,
+    Small,
+    _loss_sum,
+    _read,
+    each_stats,
+    get_live,
+    put_live,
+    sum_partials,
+)
 
 __all__ = [
-    "Hazards",
+    "gram_chunk",
+    "init_chunk",
+    "layer_stats",
     "PassOut",
-    "MlpWindow",
-    "build_window",
-    "init_small",
-    "layout",
-    "slots",
-    "start_nodes",
-    "state_vars",
+    "plan_dladmm",
+    "plan_pdadmm",
 ]
 
-Array = np.ndarray
-Small = dict
 BWD = 2  # dlADMM: the slot of the backward sweep's output
-
-
-def slots(name: str) -> int:
-    """Live slots of each variable of algorithm ``name`` in the store."""
-    return ENGINES[name].slots
-
-
-def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
-    """The sample-sized variables of layer i that make up its state (checkpointed)."""
-    return ENGINES[name].state_vars(arch, i)
-
-
-def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
-    """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
-    sample-sized ones, the weight shape for ``W``."""
-    return ENGINES[name].layout(arch)
-
-
-def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
-    """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
-    return ENGINES[name].init_small(arch, weights)
 
 
 def _pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", *(("q",) if i < arch.depth else ()), *(("p", "u") if i > 1 else ()))
 
-
 def _dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", "a") if i < arch.depth else ("z", "u")
-
-
-def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
-    """The layout of pdADMM, dlADMM or RADMM-2 from their state variables (pdADMM's ``p``,
-    ``u`` have the layer's input rows, and it adds the scratch ``ql``: ``q_{l-1}`` of the
-    pending phase)."""
-    def lay(arch: Architecture) -> list[dict[str, tuple]]:
-        out = []
-        for i in range(1, arch.depth + 1):
-            v: dict[str, tuple] = {"W": arch.weight_shape(i)}
-            for name_ in ENGINES[name].state_vars(arch, i):
-                rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
-                    arch.out_dim(i)
-                v[name_] = (rows, "n")
-            if name == "pdadmm" and i > 1:
-                v["ql"] = (arch.in_dim(i), "n")
-            out.append(v)
-        return out
-    return lay
-
 
 def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
@@ -144,7 +90,6 @@ def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
         out.append(s)
     return out
 
-
 def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
     for i, W in enumerate(weights, start=1):
@@ -154,26 +99,21 @@ def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
         out.append(s)
     return out
 
-
-# ---------------------------------------------------------------------------------------------
-# Shared task functions
-# ---------------------------------------------------------------------------------------------
-
 def _X(ct: ChunkTask) -> Array:
     return _read(ct.url, "data/X", ct.sl)
 
-
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int, options: Options, rho: float) -> dict:
+               n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...]) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
-    (a forward pass; every initial value is column-separable), written into slot 0. Returns
+    (a forward pass; every initial value is column-separable), written into slot 0 (block i's
+    variables ``names[i - 1]``). Returns
     the chunk's share of L^0 without the regulariser: the loss, plus the output constraint's
     terms when dlADMM's output layer does not start on the forward output
     (``options.output_init="labels"``, at iteration 1's ``rho``)."""
     X, Y = _X(ct), _read(ct.url, "data/Y", ct.sl)
     states = get_splitting(name).init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
-        for var in state_vars(name, arch, i):
+        for var in names[i - 1]:
             put_live(ct, i, var, 0, st[var])
     out = states[-1]
     obj = _loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
@@ -182,12 +122,10 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         obj += (float(np.sum(out["u"] * r)) + 0.5 * rho * float(np.sum(r * r))) / n
     return {"objective": obj}
 
-
 def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
     """``(X X^T, X 1)`` of one chunk: the constant statistics of layer 1's W steps."""
     X = _X(ct)
     return X @ X.T, X.sum(axis=1, keepdims=True)
-
 
 class PassOut(NamedTuple):
     """What a chunk pass returns (every field optional): its statistics (``objective``,
@@ -199,7 +137,6 @@ class PassOut(NamedTuple):
     w: tuple | None = None
     curv: float | None = None
     sq: float | None = None
-
 
 def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
     """W statistics from chunk outputs: layer 1's ``V V^T``, ``V 1`` are the constant ``gram``
@@ -214,13 +151,11 @@ def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
         G, sV = gram
     return G, P, sV, sT
 
-
 def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
     """The chunk's share of :func:`w_stats` (layer 1: only the parts that change)."""
     if i == 1:
         return None, T @ V.T, None, T.sum(axis=1, keepdims=True)
     return w_stats(V, T)
-
 
 def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     """Layer statistics of one iteration: the chunk shares in a fixed order, the regulariser,
@@ -229,11 +164,10 @@ def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     W = small["W"]
     total = {"objective": 0.5 * lam * float(np.sum(W * W)), "primal_sq": 0.0, "dual_sq": 0.0,
              "capped": float(small.get("capped", 0.0))}
-    for st in chunked.each_stats(outs):
+    for st in each_stats(outs):
         for k, v in (st or {}).items():
             total[k] += v
     return total
-
 
 def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[float, bool]:
     curv = sq = 0.0
@@ -244,15 +178,8 @@ def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[fl
     theta, _, capped = quad_theta(curv, sq, theta0, max_trials)
     return theta, capped
 
-
 def _stats(**kw: float) -> dict[str, float]:
     return {k: float(v) for k, v in kw.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# pdADMM: per iteration and layer, pass A (pending q/u phases, p gradient) -> p curvature ->
-# pass B (p step, W statistics) -> W, b -> pass C (z step)
-# ---------------------------------------------------------------------------------------------
 
 def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
     """What the p gradient of layer l >= 2 needs (pending phases already written to slot w)."""
@@ -261,7 +188,6 @@ def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
     z = get_live(ct, i, "z", o)
     R = get_live(ct, i, "q", w) - spec.act.f(z) if s else None
     return A, b, z, R, get_live(ct, i, "u", w), get_live(ct, i, "ql", w)
-
 
 def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               *order) -> PassOut:
@@ -304,7 +230,6 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         out = out._replace(curv=curv, sq=sq)
     return out
 
-
 def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -> dict:
     """The p step's curvature from the summed chunk shares (layer l >= 2)."""
     A, _ = spec.split_bias(small["W"])
@@ -312,7 +237,6 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -
     t0 = shifted_theta0(A, *pd.p_hessian(spec.s, nu, pen.rho), small["theta_p"], o.step)
     theta, capped = _decide(outs, t0, o.backtrack_max)
     return {"theta": theta, "capped": capped}
-
 
 def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               dec: dict | None, *order) -> PassOut:
@@ -337,7 +261,6 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
                    stats=_stats(objective=(float(np.sum(u * d)) + 0.5 * rho * dd) / n,
                                 primal_sq=dd, dual_sq=float(np.sum((p - p_o) ** 2))))
 
-
 def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
                 gram: tuple | None, *outs: PassOut) -> Small:
     """W then b of layer l from the summed chunk statistics; the layer's new small state."""
@@ -355,7 +278,6 @@ def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
         new["theta_p"] = dec["theta"]
         new["capped"] += float(dec["capped"])
     return new
-
 
 def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               *order) -> PassOut:
@@ -383,11 +305,6 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     return PassOut(stats=_stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
                                 capped=nc))
 
-
-# ---------------------------------------------------------------------------------------------
-# dlADMM: backward sweep (l = L..1) then forward sweep (l = 1..L), each a-step two passes
-# ---------------------------------------------------------------------------------------------
-
 def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int):
     """Layer l+1's backward values for layer l's a step: ``A, b, T, kappa, R``."""
     i, N = spec.i, spec.N
@@ -398,7 +315,6 @@ def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: i
     R = get_live(ct, i + 1, "a", BWD) - spec.act.f(z) if spec.s_next else None
     return A, b, z, penalty_nu(pen), R
 
-
 def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int, a: Array,
              z: Array, left: Array) -> tuple[Array, Array]:
     c0 = spec.act.f(z)
@@ -407,21 +323,17 @@ def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: in
     A, b, T, kappa, R = _dl_right(ct, spec, pen, right, o)
     return a_grad(a, c0, A, b, T, kappa, R, spec.s_next, penalty_nu(pen)), A
 
-
 def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
     return _X(ct) if spec.i == 1 else get_live(ct, spec.i - 1, "a", slot)
-
 
 def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
     """``(c, kappa)`` of layer l's a-step Hessian (``kappa = rho`` next to the output)."""
     kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
     return a_hessian(kappa, spec.s_next, penalty_nu(pen))
 
-
 def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> PassOut:
     curv, sq = shifted_curv(g, A, *_a_hessian(spec, pen))
     return PassOut(curv=curv, sq=sq)
-
 
 def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int,
                step: tuple[float, bool], a0: Array, z: Array, left: Array) -> Array:
@@ -432,11 +344,9 @@ def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: 
     g, _ = _dl_grad(ct, spec, pen, right, o, a0, z, left)
     return a0 - g / theta
 
-
 def _caps(small: Small, k: int) -> float:
     """Caps hit so far in iteration k (a small state of an earlier iteration counts 0)."""
     return float(small.get("capped", 0.0)) if small.get("k") == k else 0.0
-
 
 def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small,
                 *outs: PassOut) -> Small:
@@ -452,7 +362,6 @@ def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Sm
                 "capped": _caps(small, k) + float(capped)})
     return new
 
-
 def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Small,
              *order) -> PassOut:
     """Backward sweep, layer l < L, pass 1: the a gradient's curvature sums."""
@@ -461,7 +370,6 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
     g, A = _dl_grad(ct, spec, pen, right, o, get_live(ct, spec.i, "a", o),
                     get_live(ct, spec.i, "z", o), left)
     return _curv(spec, pen, g, A)
-
 
 def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               right: Small, *order) -> PassOut:
@@ -477,7 +385,6 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z), stats=_stats(capped=nc))
 
-
 def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                *order) -> PassOut:
     """Backward sweep, layer L: the output z (old W); W statistics of ``T = z + u/rho``."""
@@ -490,7 +397,6 @@ def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
                                get_live(ct, i, "z", o), opt.newton_max_iter)
     put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z + u / pen.rho), stats=_stats(capped=nc))
-
 
 def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tuple | None,
                 backward: bool, *outs: PassOut) -> Small:
@@ -512,7 +418,6 @@ def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tup
                 "k": k, "capped": _caps(small, k) + float(cap_w)})
     return new
 
-
 def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
              right: Small, *order) -> PassOut:
     """Forward sweep, layer l < L, pass 1: z with the new W, then the a gradient's sums."""
@@ -529,7 +434,6 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     return _curv(spec, pen, g, Ar)._replace(
         stats=_stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
                      dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)), capped=nc))
-
 
 def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
              right: Small, *order) -> PassOut:
@@ -548,7 +452,6 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     return PassOut(w=w_stats(a, T),
                    stats=_stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
                                 dual_sq=float(np.sum((a - get_live(ct, i, "a", o)) ** 2))))
-
 
 def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                *order) -> PassOut:
@@ -572,333 +475,7 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
                                 dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)),
                                 capped=nc))
 
-
-# ---------------------------------------------------------------------------------------------
-# The graph
-# ---------------------------------------------------------------------------------------------
-
-class Hazards:
-    """Chunk-level read/write bookkeeping that turns declared accesses into dependencies.
-
-    A location is ``"b<i>/<var>/<slot>/c<c>"``. A task that reads a location runs after its
-    last writer; a task that writes it runs after its last writer and after every task that
-    read the previous value. The state is carried between windows as roles
-    (``w|<loc>`` -> writer key, ``r|<loc>|<j>`` -> reader key)."""
-
-    def __init__(self, roles: dict[str, str]):
-        self.writer: dict[str, str] = {}
-        self.readers: dict[str, list[str]] = {}
-        self.aliases: dict[str, str] = {}
-        for role, value in roles.items():
-            if role.startswith("w|"):
-                self.writer[role[2:]] = value
-            elif role.startswith("r|"):
-                self.readers.setdefault(role[2:].rpartition("|")[0], []).append(value)
-
-    def task(self, task_key: str, reads: Iterable[str], writes: Iterable[str]) -> list[Ref]:
-        reads, writes = list(reads), list(writes)
-        deps: list[str] = []
-        for loc in reads:
-            if loc in self.writer:
-                deps.append(self.writer[loc])
-        for loc in writes:
-            if loc in self.writer:
-                deps.append(self.writer[loc])
-            deps.extend(self.readers.get(loc, ()))
-        for loc in reads:
-            self.readers.setdefault(loc, []).append(task_key)
-        for loc in writes:
-            self.writer[loc] = task_key
-            self.readers[loc] = []
-        if self.aliases:
-            deps = [self._alias_of(d) for d in dict.fromkeys(deps)]
-        return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
-
-    def _alias_of(self, d: str) -> str:
-        while d in self.aliases:  # a marker of a marker runs after both
-            d = self.aliases[d]
-        return d
-
-    def alias(self, markers: dict[str, str]) -> None:
-        """Until the next :meth:`replace`, tasks wait for ``markers[key]`` instead of task
-        ``key`` (a task that runs after it); the bookkeeping keeps ``key``, so the markers of
-        :meth:`replace` take over after."""
-        self.aliases.update({d: m for d, m in markers.items() if d != m})
-
-    def replace(self, markers: dict[str, str]) -> None:
-        """Later tasks wait for ``markers[key]`` instead of task ``key`` (a task that runs after
-        it)."""
-        self.writer = {loc: markers.get(v, v) for loc, v in self.writer.items()}
-        self.readers = {loc: list(dict.fromkeys(markers.get(v, v) for v in keys))
-                        for loc, keys in self.readers.items()}
-        self.aliases = {}
-
-    def roles(self) -> dict[str, str]:
-        out = {f"w|{loc}": v for loc, v in self.writer.items()}
-        for loc, keys in self.readers.items():
-            for j, v in enumerate(dict.fromkeys(keys)):
-                out[f"r|{loc}|{j}"] = v
-        return out
-
-
-def _locs(c: int, *names: str) -> list[str]:
-    return [f"{x}/c{c}" for x in names]
-
-
-GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunked.group_stats`)
-EAGER: frozenset[Callable] = frozenset({chunked.pick_partials, chunked.group_stats,
-                                        chunked.gram_add, chunked_radmm2.sum_w})
-
-
-def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
-    """``nodes`` with every task whose function is in ``eager`` moved up to just after
-    the last of its inputs (the order of the others kept). The driver submits in this order
-    and Dask runs earlier-submitted tasks first among those ready, so a reduction or a
-    statistics group runs as soon as its chunk tasks are done and their outputs (``d x d``
-    statistics) can go, instead of after every chunk task of the block."""
-    keys = {n.key for n in nodes}
-    waiting: dict[str, list[Node]] = {}  # key -> eager nodes whose last missing input it is
-    out: list[Node] = []
-    placed: set[str] = set()
-
-    def place(node: Node) -> None:
-        out.append(node)
-        placed.add(node.key)
-        for nxt in waiting.pop(node.key, []):
-            settle(nxt)
-
-    def settle(node: Node) -> None:
-        missing = [d for d in node.deps() if d in keys and d not in placed]
-        if missing:
-            waiting.setdefault(missing[-1], []).append(node)
-        else:
-            place(node)
-
-    is_eager = [node.fn in eager for node in nodes]
-    for node, e in zip(nodes, is_eager, strict=True):
-        if e:
-            settle(node)
-    for node, e in zip(nodes, is_eager, strict=True):
-        if not e:
-            place(node)
-    assert len(out) == len(nodes)  # every eager node's inputs are in the list
-    return out
-
-
-def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
-    """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
-    tasks of that kind, e.g. a node of a reduction tree)."""
-    return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
-
-
-@dataclass
-class MlpWindow:
-    """The nodes of a window of iterations; ``last``: the roles the next window depends on;
-    ``stats[k]`` / ``evals[k]``: the keys of iteration k's statistics and evaluation;
-    ``weights[k]``: the keys of the layers' small states of iteration k (what a checkpoint
-    stores besides the chunks); ``checkpoints[k]``: the checkpoint task keys."""
-
-    nodes: list[Node]
-    last: dict[str, str]
-    stats: dict[int, str]
-    evals: dict[int, str]
-    weights: dict[int, list[str]]
-    checkpoints: dict[int, list[str]]
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-
-def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
-                weights: list[Array], n: int, restore: tuple[int, str] | None,
-                options: Options, rho: float
-                ) -> tuple[list[Node], dict[str, str], list[str]]:
-    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh; see
-    :func:`init_chunk` for ``options``, ``rho``) or a copy of the checkpoint back into slot
-    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X (RADMM-3/3L/3A:
-    ``X~ X~^T``, from the same per-chunk tasks as ``W_1``'s statistics for iteration k0+1, role
-    ``first``). Returns (nodes, roles, init task keys)."""
-    from .chunked import restore_chunk
-
-    N = arch.depth
-    k0 = 0 if restore is None else restore[0]
-    rad3 = name in chunked.ALGORITHMS
-    nodes: list[Node] = []
-    hz = Hazards({})
-    init_keys: list[str] = []
-    parts: list[Ref] = []
-    for c, sl in enumerate(slices):
-        ct = ChunkTask(url, sl, c)
-        if restore is None:
-            kk = f"init_chunk-c{c}-{run_id}"
-            writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
-                      for v in state_vars(name, arch, i)]
-            hz.task(kk, (), writes)
-            nodes.append(Node(kk, chunked.init_chunk, (ct, name, arch, weights, n)) if rad3 else
-                         Node(kk, init_chunk, (ct, name, arch, weights, n, options, rho)))
-            init_keys.append(kk)
-        else:
-            ck = restore[1]
-            for i in range(1, N + 1):
-                names = state_vars(name, arch, i)
-                kk = f"restore_chunk-b{i}-c{c}-{run_id}"
-                hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
-                nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
-        if rad3:
-            kk = f"init_partials-c{c}-{run_id}"
-            order = hz.task(kk, _locs(c, f"b1/U/{k0 % 2}", f"b1/Lam/{k0 % 2}"), ())
-            nodes.append(Node(kk, chunked.init_partials, (ct, arch.bias, k0 % 2, *order),
-                              block=1))
-        else:
-            kk = f"gram_chunk-c{c}-{run_id}"
-            nodes.append(Node(kk, gram_chunk, (ct,), block=1))
-        parts.append(Ref(kk))
-    gk = f"gram_x-{run_id}"
-    if rad3:
-        # a chain that adds one chunk's X~ X~^T at a time (sum_partials' order, so the same
-        # bits): each chunk's statistics can go as soon as the chain and W_1's reduction have
-        # them, instead of when every chunk is done
-        acc = None
-        for j, p in enumerate(parts):
-            kk = gk if j == len(parts) - 1 else f"gram_x-{j}-{run_id}"
-            nodes.append(Node(kk, chunked.gram_add, (acc, p), block=1))
-            acc = Ref(kk)
-    else:
-        nodes.append(Node(gk, sum_partials, tuple(parts), block=1))
-    roles: dict[str, str] = {"gram": gk}
-    if rad3:
-        def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
-            kk = _key(base, k0, run_id, i, tag)
-            nodes.append(Node(kk, fn, args, block=i))
-            return kk
-
-        roles["first"] = chunked.reduce_tree(small_task, "reduce_first", 1, "init", parts, None)
-        hz.replace({p.key: gk for p in parts})  # (the Gram matrix is summed after them)
-    roles.update(hz.roles())
-    return eager_order(nodes, EAGER), roles, init_keys
-
-
-def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
-                 k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
-                 eval_iters: Iterable[int] = (), eval_args: tuple = (),
-                 ckpt_slots: dict[int, str] | None = None) -> MlpWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``.
-
-    ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
-    (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
-    iteration k0+1) and the :class:`Hazards` roles."""
-    from .chunked import checkpoint_chunk
-
-    N = len(specs)
-    arch = specs[0].arch
-    hz = Hazards(prev)
-    nodes: list[Node] = []
-    small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
-    gram = Ref(prev["gram"])
-    first = prev.get("first")
-    rad3 = name in chunked.ALGORITHMS
-    eval_iters = set(eval_iters)
-    ckpt_slots = ckpt_slots or {}
-    stats_keys: dict[int, str] = {}
-    eval_keys: dict[int, str] = {}
-    w_keys: dict[int, list[str]] = {}
-    ck_keys: dict[int, list[str]] = {}
-    done: dict[str, str] = {}  # chunk task -> its layer's statistics task (runs after it)
-    cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
-    for k in range(k0 + 1, k1 + 1):
-        pen = pens[k]
-        w = k % 2
-        parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
-        sm_keys: dict[int, str] = {}
-        waits: dict[str, list[str]] = {}  # chunk task -> the tasks it waits for (hazards)
-
-        def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes, each=None,
-                        _k=k, _parts=parts, _waits=waits) -> list[Ref]:
-            """One task per chunk: ``fn(chunk, *args, [each[c],] *order)``."""
-            refs = []
-            for c, sl in enumerate(slices):
-                kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
-                order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
-                _waits[kk] = [r.key for r in order]
-                own = () if each is None else (each[c],)
-                nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
-                                  block=i))
-                refs.append(Ref(kk))
-            _parts[i].extend(refs)
-            return refs
-
-        def small_task(base: str, i: int, fn, args: tuple, tag: str = "", _k=k) -> str:
-            kk = _key(base, _k, run_id, i, tag)
-            nodes.append(Node(kk, fn, args, block=i))
-            return kk
-
-        def reader(task_key: str, locs: list[str]) -> None:
-            """``task_key`` may read ``locs`` of every chunk (a decision that goes on by
-            itself): later writers wait for it."""
-            hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
-
-        def after(marker: str, refs: list[Ref], _waits=waits) -> None:
-            """Task ``marker`` runs after the chunk tasks ``refs``, so after everything they
-            wait for: tasks of this iteration that have to run after one of those wait for
-            ``marker`` instead."""
-            hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
-
-        ctx = chunked.PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first)
-        sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
-        first = ctx.first
-        # statistics: per layer, then one sum
-        lstats = []
-        for i in range(1, N + 1):
-            lk = key("layer_stats", k, run_id, i)
-            ins = parts[i]
-            if len(slices) > GROUP:
-                # the chunk outputs' statistics a few at a time, each group as soon as its
-                # chunks are done, so no chunk output waits for the whole block
-                ins = [Ref(small_task("group_stats", i, chunked.group_stats,
-                                      tuple(ins[j:j + GROUP]), tag=f"g{j // GROUP}"))
-                       for j in range(0, len(ins), GROUP)]
-            nodes.append(Node(lk, chunked.block_stats if rad3 else layer_stats,
-                              (Ref(sm_keys[i]), *ins), block=i))
-            lstats.append(Ref(lk))
-            done.update({r.key: lk for r in parts[i]})
-        # from here on, tasks that must run after a chunk task of iteration k (the
-        # checkpoint, iteration k+1's chunk tasks) wait for its layer's statistics task: see
-        # the end of this function (a window of K iterations is wired as K windows of one)
-        hz.replace(done)
-        stats_keys[k] = key("iteration_stats", k, run_id)
-        nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *lstats)))
-        w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
-        if k in eval_iters:
-            eval_keys[k] = key("evaluate", k, run_id)
-            nodes.append(Node(eval_keys[k], evaluate_small,
-                              (url, *eval_args, *[Ref(x) for x in w_keys[k]])))
-        if k in ckpt_slots:
-            ck_keys[k] = []
-            for i in range(1, N + 1):
-                names = state_vars(name, arch, i)
-                for c, sl in enumerate(slices):
-                    kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
-                    order = hz.task(kk, [f"b{i}/{v}/{w}/c{c}" for v in names], ())
-                    nodes.append(Node(kk, checkpoint_chunk,
-                                      (ChunkTask(url, sl, c), i, names, w, ckpt_slots[k],
-                                       *order), block=i))
-                    ck_keys[k].append(kk)
-        small = sm_keys
-    # Carry completion markers, not chunk tasks: a chunk task's output holds d x d statistics,
-    # and a future kept for a dependency (or a later task that takes it only to run after it)
-    # keeps its output in cluster memory. The layer's statistics task runs after all of that
-    # layer's chunk tasks of its iteration (and its output is a few floats), so a later task
-    # may wait for it instead.
-    nodes = eager_order(nodes, EAGER)
-    last = hz.roles()
-    last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
-    last["gram"] = prev["gram"]
-    if first is not None:
-        last["first"] = first
-    return MlpWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)
-
-
-def plan_pdadmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                 small: dict[int, str]) -> dict[int, str]:
     """pdADMM's iteration k, every layer at once: per layer pass A (pending q/u phases, p
     gradient) -> p curvature -> pass B (p step, W statistics) -> W, b -> pass C (z step)."""
@@ -943,8 +520,7 @@ def plan_pdadmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties
         sm_keys[i] = sm
     return sm_keys
 
-
-def plan_dladmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
+def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                 small: dict[int, str]) -> dict[int, str]:
     """dlADMM's iteration k: the backward sweep (layer L..1; each a step two passes with its
     curvature between, then z and W) and the forward sweep (layer 1..L)."""
@@ -1011,37 +587,3 @@ def plan_dladmm(ctx: chunked.PlanContext, specs: list[BlockSpec], pen: Penalties
                                [f"b{i}/a/{w}"])
         sm_keys[i] = fin
     return sm_keys
-
-
-@dataclass(frozen=True)
-class ChunkAlgorithm:
-    """What the Zarr-resident engine needs of an algorithm: its store layout (the variables of
-    each block, ``(rows, "n")`` for the sample-sized ones, the shape for ``W``), the
-    sample-sized variables that make up block i's state (what a checkpoint copies), the small
-    state of iteration 0, the live slots of each variable and its iteration plan
-    (``plan(ctx, specs, pen, k, small)``, see :class:`~daskadmm.chunked.PlanContext`)."""
-
-    layout: Callable[[Architecture], list[dict[str, tuple]]]
-    state_vars: Callable[[Architecture, int], tuple[str, ...]]
-    init_small: Callable[[Architecture, list[Array]], list[Small]]
-    plan: Callable[..., dict[int, str]]
-    slots: int = 2
-
-
-def _radmm3_family(name: str) -> ChunkAlgorithm:
-    return ChunkAlgorithm(
-        layout=partial(chunked.layout, name),
-        state_vars=lambda arch, i: chunked.sample_vars(chunked.layout(name, arch)[i - 1]),
-        init_small=lambda arch, weights: [{"W": np.array(W, copy=True)} for W in weights],
-        plan=partial(chunked.plan_iteration, name))
-
-
-ENGINES: dict[str, ChunkAlgorithm] = {
-    **{name: _radmm3_family(name) for name in chunked.ALGORITHMS},
-    "radmm2": ChunkAlgorithm(_layout_of("radmm2"), chunked_radmm2.state_vars,
-                             chunked_radmm2.init_small, chunked_radmm2.plan_iteration),
-    "pdadmm": ChunkAlgorithm(_layout_of("pdadmm"), _pd_state_vars, _pd_init_small, plan_pdadmm),
-    "dladmm": ChunkAlgorithm(_layout_of("dladmm"), _dl_state_vars, _dl_init_small, plan_dladmm,
-                             slots=3),
-}
-"""Every ADMM algorithm's record for the Zarr-resident engine (what adding one takes here)."""

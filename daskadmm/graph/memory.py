@@ -1,4 +1,4 @@
-"""The Dask task graph of a window of ADMM iterations: wiring only, no arithmetic.
+"""The task graph of a window of ADMM iterations with the state in worker memory: wiring only.
 
 For every iteration k of the window, every step of the splitting and every block b, one task
 ``<step>-b<b>-k<k>-<runid>`` runs the step's pure NumPy function (``daskadmm.splitting``) on
@@ -15,67 +15,29 @@ test data, fed the N weight matrices). None of these lie on the update chain.
 Task keys put the step first and the run id last: the dashboard groups tasks by the text before
 the first hyphen, and two runs on one scheduler never share a key.
 
-The graph is a list of :class:`Node` s whose arguments may contain :class:`Ref` s to other keys;
-:func:`to_dask_graph` turns it into a plain dict graph (synchronous / threaded schedulers) and the
-runner submits the same nodes as futures on a distributed cluster. (The Zarr-resident engine's
-graph, one task per block and chunk, is built of the same nodes by
-:func:`daskadmm.chunked_mlp.build_window`.)
+The nodes are :mod:`daskadmm.graph.nodes`'; the Zarr-resident engine's graph, one task per block
+and chunk, is built of the same nodes by :func:`daskadmm.graph.chunked.build_window`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .model import Architecture, metrics
-from .monitor import IterationStats
-from .splitting import BlockSpec, Penalties, Splitting, select
+from ..model import Architecture, metrics
+from ..splitting import BlockSpec, Penalties, Splitting, select
+from .nodes import Node, Ref, iteration_stats, key
 
 __all__ = [
-    "Node",
-    "Ref",
-    "WindowGraph",
     "build_window",
-    "critical_path_length",
     "evaluate_weights",
     "run_step",
-    "to_dask_graph",
+    "WindowGraph",
 ]
 
-
-@dataclass(frozen=True)
-class Ref:
-    """A reference to the output of the task called ``key``."""
-
-    key: str
-
-
-@dataclass
-class Node:
-    key: str
-    fn: Callable
-    args: tuple
-    block: int | None = None  # 1-based block the task belongs to (for worker placement)
-
-    def deps(self) -> list[str]:
-        return [a.key for a in _walk(self.args) if isinstance(a, Ref)]
-
-
-def _walk(args: Iterable) -> Iterable:
-    for a in args:
-        if isinstance(a, list | tuple):
-            yield from _walk(a)
-        else:
-            yield a
-
-
-# ---------------------------------------------------------------------------------------------
-# Task functions (module level, so they pickle by reference)
-# ---------------------------------------------------------------------------------------------
 
 def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple, *inputs):
     """Run one step's function. ``picks[j]``: None (input j is data, pass as is), ``""``
@@ -91,11 +53,9 @@ def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple
             args.append(value[0][pick])
     return fn(spec, pen, *args, Y=Y)
 
-
 def select_output(out: tuple, keys: tuple[str, ...]) -> tuple[dict, dict]:
     """A step output ``(state, stats)`` cut down to the state entries ``keys``."""
     return select(out[0], keys), {}
-
 
 def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
     """The last step's statistics, with ``capped`` summed over the iteration's steps."""
@@ -103,11 +63,6 @@ def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
     stats["capped"] = float(stats.get("capped", 0.0)) + sum(
         float(o[1].get("capped", 0.0)) for o in capped_before)
     return stats
-
-
-def iteration_stats(n: int, rho: float, *stats: dict[str, float]) -> IterationStats:
-    return IterationStats.from_blocks(list(stats), n, rho)
-
 
 def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_train, X_test,
                      Y_test, *outs: tuple) -> tuple[dict[str, float], list[np.ndarray]]:
@@ -120,17 +75,6 @@ def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_trai
            "train_metric": tr[metric], "test_metric": te[metric]}
     return rec, weights
 
-
-# ---------------------------------------------------------------------------------------------
-# Wiring
-# ---------------------------------------------------------------------------------------------
-
-def key(step: str, k: int, run_id: str, block: int | None = None) -> str:
-    if block is None:
-        return f"{step}-k{k}-{run_id}"
-    return f"{step}-b{block}-k{k}-{run_id}"
-
-
 @dataclass
 class WindowGraph:
     nodes: list[Node]
@@ -140,7 +84,6 @@ class WindowGraph:
 
     def __len__(self) -> int:
         return len(self.nodes)
-
 
 def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, Penalties],
                  k0: int, k1: int, prev: dict[str, list[str]], run_id: str,
@@ -214,51 +157,3 @@ def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, P
                                *[Ref(kk) for kk in cur[last_step]])))
         prev = cur
     return WindowGraph(nodes, prev, stats_keys, eval_keys)
-
-
-def _materialise(arg: Any) -> Any:
-    if isinstance(arg, Ref):
-        return arg.key
-    if isinstance(arg, tuple):
-        return tuple(_materialise(a) for a in arg)
-    return arg
-
-
-def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]:
-    """A plain Dask dict graph: ``{key: (fn, *args)}`` plus the literal inputs."""
-    dsk: dict[str, Any] = dict(literals)
-    for node in nodes:
-        dsk[node.key] = (node.fn, *(_materialise(a) for a in node.args))
-    return dsk
-
-
-def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
-    """Longest dependency chain (in tasks) among ``nodes``, counted on the graph itself; with
-    ``prefix``, count only tasks whose key starts with it (e.g. ``"radmm3_block-"``) along
-    chains of such tasks."""
-    by_key = {n.key: n for n in nodes}
-    depth: dict[str, int] = {}
-
-    def visit(k: str) -> int:
-        if k in depth:
-            return depth[k]
-        stack = [(k, False)]
-        while stack:  # iterative post-order DFS (chains can be thousands of tasks long)
-            cur, ready = stack.pop()
-            if cur in depth:
-                continue
-            deps = [d for d in by_key[cur].deps() if d in by_key]
-            if not ready:
-                stack.append((cur, True))
-                stack.extend((d, False) for d in deps if d not in depth)
-                continue
-            own = 1 if prefix is None or cur.startswith(prefix) else 0
-            depth[cur] = own + max((depth[d] for d in deps), default=0)
-        return depth[k]
-
-    return max((visit(n.key) for n in nodes), default=0)
-
-
-def default_window(N: int) -> int:
-    """Iterations in flight: enough for the wavefront to fill (about N/2 blocks run at once)."""
-    return max(2, min(8, math.ceil(N / 2) + 1))

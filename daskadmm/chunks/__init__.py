@@ -1,0 +1,102 @@
+"""The Zarr-resident engine's chunk tasks: per-(block, chunk) task bodies, the reductions
+between them and each algorithm's iteration plan (NumPy only: the graph is wired by
+:mod:`daskadmm.graph.chunked`, and only the engine talks to Dask).
+
+- :mod:`.common`: the chunk a task works on, reading and writing it, checkpoint copies, the
+  forward pass on stored data, the reductions every plan uses;
+- :mod:`.radmm3`: RADMM-3, RADMM-3L and RADMM-3A;
+- :mod:`.radmm2`: RADMM-2 (backtracked steps as trial passes and decisions);
+- :mod:`.mlp`: pdADMM and dlADMM.
+
+:data:`ENGINES` holds one :class:`ChunkAlgorithm` record per ADMM algorithm: what adding an
+algorithm to the engine takes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from ..model import Architecture
+from . import mlp, radmm2, radmm3
+from .common import Array, Small, sample_vars
+
+__all__ = [
+    "ChunkAlgorithm",
+    "ENGINES",
+    "init_small",
+    "layout",
+    "slots",
+    "state_vars",
+]
+
+
+def slots(name: str) -> int:
+    """Live slots of each variable of algorithm ``name`` in the store."""
+    return ENGINES[name].slots
+
+def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
+    """The sample-sized variables of layer i that make up its state (checkpointed)."""
+    return ENGINES[name].state_vars(arch, i)
+
+def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
+    """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
+    sample-sized ones, the weight shape for ``W``."""
+    return ENGINES[name].layout(arch)
+
+def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
+    """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
+    return ENGINES[name].init_small(arch, weights)
+
+def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
+    """The layout of pdADMM, dlADMM or RADMM-2 from their state variables (pdADMM's ``p``,
+    ``u`` have the layer's input rows, and it adds the scratch ``ql``: ``q_{l-1}`` of the
+    pending phase)."""
+    def lay(arch: Architecture) -> list[dict[str, tuple]]:
+        out = []
+        for i in range(1, arch.depth + 1):
+            v: dict[str, tuple] = {"W": arch.weight_shape(i)}
+            for name_ in ENGINES[name].state_vars(arch, i):
+                rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
+                    arch.out_dim(i)
+                v[name_] = (rows, "n")
+            if name == "pdadmm" and i > 1:
+                v["ql"] = (arch.in_dim(i), "n")
+            out.append(v)
+        return out
+    return lay
+
+@dataclass(frozen=True)
+class ChunkAlgorithm:
+    """What the Zarr-resident engine needs of an algorithm: its store layout (the variables of
+    each block, ``(rows, "n")`` for the sample-sized ones, the shape for ``W``), the
+    sample-sized variables that make up block i's state (what a checkpoint copies), the small
+    state of iteration 0, the live slots of each variable and its iteration plan
+    (``plan(ctx, specs, pen, k, small)``, see :class:`~daskadmm.chunks.common.PlanContext`)."""
+
+    layout: Callable[[Architecture], list[dict[str, tuple]]]
+    state_vars: Callable[[Architecture, int], tuple[str, ...]]
+    init_small: Callable[[Architecture, list[Array]], list[Small]]
+    plan: Callable[..., dict[int, str]]
+    slots: int = 2
+
+def _radmm3_family(name: str) -> ChunkAlgorithm:
+    return ChunkAlgorithm(
+        layout=partial(radmm3.layout, name),
+        state_vars=lambda arch, i: sample_vars(radmm3.layout(name, arch)[i - 1]),
+        init_small=lambda arch, weights: [{"W": np.array(W, copy=True)} for W in weights],
+        plan=partial(radmm3.plan_iteration, name))
+
+ENGINES: dict[str, ChunkAlgorithm] = {
+    **{name: _radmm3_family(name) for name in radmm3.ALGORITHMS},
+    "radmm2": ChunkAlgorithm(_layout_of("radmm2"), radmm2.state_vars,
+                             radmm2.init_small, radmm2.plan_iteration),
+    "pdadmm": ChunkAlgorithm(_layout_of("pdadmm"), mlp._pd_state_vars, mlp._pd_init_small,
+                             mlp.plan_pdadmm),
+    "dladmm": ChunkAlgorithm(_layout_of("dladmm"), mlp._dl_state_vars, mlp._dl_init_small,
+                             mlp.plan_dladmm, slots=3),
+}
+"""Every ADMM algorithm's record for the Zarr-resident engine (what adding one takes here)."""

@@ -1,0 +1,187 @@
+"""What every algorithm's chunk tasks share on the Zarr-resident engine (NumPy only, no Dask).
+
+A chunk task gets a :class:`ChunkTask` (the store, its sample range, the chunk index), reads
+the chunks it needs with :func:`get_live` (and the data with ``_read``), calls the
+algorithm's pure update functions on them and writes its chunks back with :func:`put_live`. An
+algorithm's iteration plan appends its tasks through a :class:`PlanContext`, which the window
+builder (:mod:`daskadmm.graph.chunked`) makes. Also here: the checkpoint copy and restore of a
+chunk, the true forward pass on the stored data, one chunk at a time, and the reductions
+every plan uses (:func:`sum_partials`, :func:`group_stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..model import Architecture, forward
+from ..storage import StoreRef, chunk_io, committed_slot
+
+__all__ = [
+    "checkpoint_chunk",
+    "ChunkTask",
+    "each_stats",
+    "evaluate_chunks",
+    "evaluate_small",
+    "get_live",
+    "group_stats",
+    "PlanContext",
+    "put_live",
+    "restore_chunk",
+    "sample_vars",
+    "Small",
+    "StatsGroup",
+    "sum_partials",
+]
+
+Array = np.ndarray
+
+Small = dict
+
+
+def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
+    """The sample-sized variables of one block's layout (chunked, in the live slots)."""
+    return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
+
+def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
+    return chunk_io(url, path).read(sl, slot)
+
+def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
+    chunk_io(url, path).write(sl, value, slot)
+
+def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
+    """Chunk ``ct`` of block i's variable ``var`` in live slot ``slot``."""
+    return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
+
+def put_live(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
+    """Write chunk ``ct`` of block i's variable ``var`` into live slot ``slot``."""
+    _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Where a task's chunk lives: store URL, sample range, chunk index."""
+
+    url: StoreRef  # the store (its URL and creation id)
+    sl: slice
+    c: int
+
+@dataclass
+class PlanContext:
+    """What an algorithm's iteration plan appends tasks through (the Zarr engine's window
+    builder, :func:`daskadmm.graph.chunked.build_window`, makes it):
+
+    - ``chunk_tasks(base, block, fn, args, reads, writes, each=None)``: one task per chunk,
+      ``fn(chunk, *args, [each[c],] *order)``, with the chunk locations (``"b<i>/<var>/<slot>"``)
+      it reads and writes; returns their refs;
+    - ``small_task(base, block, fn, args, tag="")``: one task on the block's worker; its key;
+    - ``reader(key, locs)``: task ``key`` may read ``locs`` of every chunk (later writers wait);
+    - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
+      that has to run after one of them may wait for it instead;
+    - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
+      statistics for the next iteration (the plan updates it)."""
+
+    chunk_tasks: Callable[..., list]
+    small_task: Callable[..., str]
+    reader: Callable[[str, list[str]], None]
+    after: Callable[[str, list], None]
+    gram: Any
+    cts: tuple[ChunkTask, ...]
+    first: str | None = None
+
+def _loss_sum(loss: str, U: Array, Y: Array) -> float:
+    """``n_c * l`` over the chunk's columns (sum, not mean)."""
+    if loss == "mse":
+        return 0.5 * float(np.sum((U - Y) ** 2))
+    zmax = U.max(axis=0, keepdims=True)
+    logz = zmax[0] + np.log(np.exp(U - zmax).sum(axis=0))
+    return float(np.sum(logz - np.sum(Y * U, axis=0)))
+
+def sum_partials(*parts: tuple) -> tuple:
+    """Sum chunk statistics (equal-length tuples of arrays) entry by entry in the given (fixed)
+    order: a node of a reduction tree. A None entry (a statistic the chunks do not carry, e.g.
+    a constant Gram matrix) stays None."""
+    acc = [None if p is None else p.copy() for p in parts[0]]
+    for part in parts[1:]:
+        for j, p in enumerate(part):
+            if acc[j] is not None:
+                acc[j] += p
+    return tuple(acc)
+
+def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
+                     *order) -> dict[str, int]:
+    """Copy one chunk of block ``block``'s live slot into checkpoint slot ``ckpt``; return
+    the checksum of each variable's chunk (recorded in the checkpoint's manifest).
+
+    Refuses to write the slot of the committed checkpoint: that can only happen when Dask
+    re-runs a finished checkpoint task after a lost worker, and the committed checkpoint is
+    what the run recovers from."""
+    from ..storage import checksum
+
+    if committed_slot(ct.url) == ckpt:
+        raise RuntimeError(f"checkpoint slot {ckpt} of {ct.url} holds the committed "
+                           "checkpoint: not overwriting it")
+    out = {}
+    for name in names:
+        value = _read(ct.url, f"live/b{block}/{name}", ct.sl, slot)
+        _write(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl, value)
+        out[name] = checksum(value)
+    return out
+
+def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
+                  ckpt: str) -> None:
+    """Copy one chunk of checkpoint slot ``ckpt`` back into live slot ``slot`` (resume)."""
+    for name in names:
+        _write(ct.url, f"live/b{block}/{name}", ct.sl,
+               _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
+
+def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
+                    train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
+                    ) -> tuple[dict[str, float], list[Array]]:
+    """True forward pass on the stored train and test data, one chunk at a time."""
+    weights = list(Ws)
+    rec: dict[str, float] = {}
+    for split, slices, xs, ys in (("train", train, "data/X", "data/Y"),
+                                  ("test", test, "data/X_test", "data/Y_test")):
+        loss = err = 0.0
+        count = 0
+        with np.errstate(all="ignore"):
+            for sl in slices:
+                X, Y = _read(url, xs, sl), _read(url, ys, sl)
+                out = forward(arch, weights, X)[0][-1]
+                loss += _loss_sum(arch.loss, out, Y)
+                if task == "classification":
+                    err += float(np.sum(out.argmax(axis=0) == Y.argmax(axis=0)))
+                else:
+                    err += float(np.sum((out - Y) ** 2))
+                count += Y.shape[1]
+        rec[f"{split}_loss"] = loss / count
+        rec[f"{split}_metric"] = err / count
+    return rec, weights
+
+def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
+                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
+                   ) -> tuple[dict[str, float], list[Array]]:
+    """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""
+    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
+
+class StatsGroup(NamedTuple):
+    """The statistics of a few consecutive chunk outputs (:func:`group_stats`)."""
+
+    items: tuple
+
+def group_stats(*outs) -> StatsGroup:
+    """Keep only the ``stats`` of a few chunk outputs: the task runs as soon as they are done,
+    so their ``d x d`` statistics need not stay in memory until the block's statistics task,
+    which waits for every chunk of the block."""
+    return StatsGroup(tuple(o.stats for o in outs))
+
+def each_stats(outs) -> Iterable[dict[str, float] | None]:
+    """The chunks' statistics, in order, from chunk outputs and :class:`StatsGroup` s."""
+    for o in outs:
+        if isinstance(o, StatsGroup):
+            yield from o.items
+        else:
+            yield o.stats

@@ -1,0 +1,355 @@
+"""The task graph of a window of ADMM iterations with the state in the chunked store (the
+Zarr-resident engine): wiring only.
+
+Every algorithm plugs in as an iteration plan (:data:`daskadmm.chunks.ENGINES`): it appends
+its chunk tasks, with the chunks each reads and writes, and its small tasks through a
+:class:`~daskadmm.chunks.common.PlanContext` that :func:`build_window` makes. The builder adds
+the start (a forward pass per chunk, or a restore from a checkpoint), the statistics of each
+iteration, the evaluations and the checkpoint copies.
+
+**Dependencies.** Tasks declare which chunks they read and write; :class:`Hazards` turns that
+into task dependencies (read after write, and write after read or write), so no task can
+overwrite a chunk another task still has to read, whatever the scheduler does. A dependency
+on a chunk task is taken through a small task that runs after it (its layer's statistics at
+the end of an iteration, or a task the plan names): a chunk task's output may hold ``d x d``
+statistics, which a dependent task would keep in memory or make travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..chunks import ENGINES, mlp, radmm2, radmm3, state_vars
+from ..chunks.common import Array, ChunkTask, PlanContext, evaluate_small, group_stats, sum_partials
+from ..model import Architecture
+from ..splitting import BlockSpec, Options, Penalties
+from ..storage import StoreRef
+from .nodes import Node, Ref, iteration_stats, key
+
+__all__ = [
+    "build_window",
+    "ChunkWindow",
+    "EAGER",
+    "eager_order",
+    "GROUP",
+    "Hazards",
+    "start_nodes",
+]
+
+
+class Hazards:
+    """Chunk-level read/write bookkeeping that turns declared accesses into dependencies.
+
+    A location is ``"b<i>/<var>/<slot>/c<c>"``. A task that reads a location runs after its
+    last writer; a task that writes it runs after its last writer and after every task that
+    read the previous value. The state is carried between windows as roles
+    (``w|<loc>`` -> writer key, ``r|<loc>|<j>`` -> reader key)."""
+
+    def __init__(self, roles: dict[str, str]):
+        self.writer: dict[str, str] = {}
+        self.readers: dict[str, list[str]] = {}
+        self.aliases: dict[str, str] = {}
+        for role, value in roles.items():
+            if role.startswith("w|"):
+                self.writer[role[2:]] = value
+            elif role.startswith("r|"):
+                self.readers.setdefault(role[2:].rpartition("|")[0], []).append(value)
+
+    def task(self, task_key: str, reads: Iterable[str], writes: Iterable[str]) -> list[Ref]:
+        reads, writes = list(reads), list(writes)
+        deps: list[str] = []
+        for loc in reads:
+            if loc in self.writer:
+                deps.append(self.writer[loc])
+        for loc in writes:
+            if loc in self.writer:
+                deps.append(self.writer[loc])
+            deps.extend(self.readers.get(loc, ()))
+        for loc in reads:
+            self.readers.setdefault(loc, []).append(task_key)
+        for loc in writes:
+            self.writer[loc] = task_key
+            self.readers[loc] = []
+        if self.aliases:
+            deps = [self._alias_of(d) for d in dict.fromkeys(deps)]
+        return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
+
+    def _alias_of(self, d: str) -> str:
+        while d in self.aliases:  # a marker of a marker runs after both
+            d = self.aliases[d]
+        return d
+
+    def alias(self, markers: dict[str, str]) -> None:
+        """Until the next :meth:`replace`, tasks wait for ``markers[key]`` instead of task
+        ``key`` (a task that runs after it); the bookkeeping keeps ``key``, so the markers of
+        :meth:`replace` take over after."""
+        self.aliases.update({d: m for d, m in markers.items() if d != m})
+
+    def replace(self, markers: dict[str, str]) -> None:
+        """Later tasks wait for ``markers[key]`` instead of task ``key`` (a task that runs after
+        it)."""
+        self.writer = {loc: markers.get(v, v) for loc, v in self.writer.items()}
+        self.readers = {loc: list(dict.fromkeys(markers.get(v, v) for v in keys))
+                        for loc, keys in self.readers.items()}
+        self.aliases = {}
+
+    def roles(self) -> dict[str, str]:
+        out = {f"w|{loc}": v for loc, v in self.writer.items()}
+        for loc, keys in self.readers.items():
+            for j, v in enumerate(dict.fromkeys(keys)):
+                out[f"r|{loc}|{j}"] = v
+        return out
+
+def _locs(c: int, *names: str) -> list[str]:
+    return [f"{x}/c{c}" for x in names]
+
+GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.group_stats`)
+
+EAGER: frozenset[Callable] = frozenset({radmm3.pick_partials, group_stats,
+                                        radmm3.gram_add, radmm2.sum_w})
+
+def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
+    """``nodes`` with every task whose function is in ``eager`` moved up to just after
+    the last of its inputs (the order of the others kept). The driver submits in this order
+    and Dask runs earlier-submitted tasks first among those ready, so a reduction or a
+    statistics group runs as soon as its chunk tasks are done and their outputs (``d x d``
+    statistics) can go, instead of after every chunk task of the block."""
+    keys = {n.key for n in nodes}
+    waiting: dict[str, list[Node]] = {}  # key -> eager nodes whose last missing input it is
+    out: list[Node] = []
+    placed: set[str] = set()
+
+    def place(node: Node) -> None:
+        out.append(node)
+        placed.add(node.key)
+        for nxt in waiting.pop(node.key, []):
+            settle(nxt)
+
+    def settle(node: Node) -> None:
+        missing = [d for d in node.deps() if d in keys and d not in placed]
+        if missing:
+            waiting.setdefault(missing[-1], []).append(node)
+        else:
+            place(node)
+
+    is_eager = [node.fn in eager for node in nodes]
+    for node, e in zip(nodes, is_eager, strict=True):
+        if e:
+            settle(node)
+    for node, e in zip(nodes, is_eager, strict=True):
+        if not e:
+            place(node)
+    assert len(out) == len(nodes)  # every eager node's inputs are in the list
+    return out
+
+def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
+    """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
+    tasks of that kind, e.g. a node of a reduction tree)."""
+    return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
+
+@dataclass
+class ChunkWindow:
+    """The nodes of a window of iterations; ``last``: the roles the next window depends on;
+    ``stats[k]`` / ``evals[k]``: the keys of iteration k's statistics and evaluation;
+    ``weights[k]``: the keys of the layers' small states of iteration k (what a checkpoint
+    stores besides the chunks); ``checkpoints[k]``: the checkpoint task keys."""
+
+    nodes: list[Node]
+    last: dict[str, str]
+    stats: dict[int, str]
+    evals: dict[int, str]
+    weights: dict[int, list[str]]
+    checkpoints: dict[int, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
+                weights: list[Array], n: int, restore: tuple[int, str] | None,
+                options: Options, rho: float
+                ) -> tuple[list[Node], dict[str, str], list[str]]:
+    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh; see
+    :func:`init_chunk` for ``options``, ``rho``) or a copy of the checkpoint back into slot
+    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X (RADMM-3/3L/3A:
+    ``X~ X~^T``, from the same per-chunk tasks as ``W_1``'s statistics for iteration k0+1, role
+    ``first``). Returns (nodes, roles, init task keys)."""
+    from ..chunks.common import restore_chunk
+
+    N = arch.depth
+    k0 = 0 if restore is None else restore[0]
+    rad3 = name in radmm3.ALGORITHMS
+    nodes: list[Node] = []
+    hz = Hazards({})
+    init_keys: list[str] = []
+    parts: list[Ref] = []
+    block_vars = tuple(state_vars(name, arch, i) for i in range(1, N + 1))
+    for c, sl in enumerate(slices):
+        ct = ChunkTask(url, sl, c)
+        if restore is None:
+            kk = f"init_chunk-c{c}-{run_id}"
+            writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
+                      for v in state_vars(name, arch, i)]
+            hz.task(kk, (), writes)
+            nodes.append(Node(kk, radmm3.init_chunk, (ct, name, arch, weights, n)) if rad3 else
+                         Node(kk, mlp.init_chunk, (ct, name, arch, weights, n, options, rho,
+                                                     block_vars)))
+            init_keys.append(kk)
+        else:
+            ck = restore[1]
+            for i in range(1, N + 1):
+                names = state_vars(name, arch, i)
+                kk = f"restore_chunk-b{i}-c{c}-{run_id}"
+                hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
+                nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
+        if rad3:
+            kk = f"init_partials-c{c}-{run_id}"
+            order = hz.task(kk, _locs(c, f"b1/U/{k0 % 2}", f"b1/Lam/{k0 % 2}"), ())
+            nodes.append(Node(kk, radmm3.init_partials, (ct, arch.bias, k0 % 2, *order),
+                              block=1))
+        else:
+            kk = f"gram_chunk-c{c}-{run_id}"
+            nodes.append(Node(kk, mlp.gram_chunk, (ct,), block=1))
+        parts.append(Ref(kk))
+    gk = f"gram_x-{run_id}"
+    if rad3:
+        # a chain that adds one chunk's X~ X~^T at a time (sum_partials' order, so the same
+        # bits): each chunk's statistics can go as soon as the chain and W_1's reduction have
+        # them, instead of when every chunk is done
+        acc = None
+        for j, p in enumerate(parts):
+            kk = gk if j == len(parts) - 1 else f"gram_x-{j}-{run_id}"
+            nodes.append(Node(kk, radmm3.gram_add, (acc, p), block=1))
+            acc = Ref(kk)
+    else:
+        nodes.append(Node(gk, sum_partials, tuple(parts), block=1))
+    roles: dict[str, str] = {"gram": gk}
+    if rad3:
+        def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
+            kk = _key(base, k0, run_id, i, tag)
+            nodes.append(Node(kk, fn, args, block=i))
+            return kk
+
+        roles["first"] = radmm3.reduce_tree(small_task, "reduce_first", 1, "init", parts, None)
+        hz.replace({p.key: gk for p in parts})  # (the Gram matrix is summed after them)
+    roles.update(hz.roles())
+    return eager_order(nodes, EAGER), roles, init_keys
+
+def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
+                 k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
+                 eval_iters: Iterable[int] = (), eval_args: tuple = (),
+                 ckpt_slots: dict[int, str] | None = None) -> ChunkWindow:
+    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``.
+
+    ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
+    (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
+    iteration k0+1) and the :class:`Hazards` roles."""
+    from ..chunks.common import checkpoint_chunk
+
+    N = len(specs)
+    arch = specs[0].arch
+    hz = Hazards(prev)
+    nodes: list[Node] = []
+    small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
+    gram = Ref(prev["gram"])
+    first = prev.get("first")
+    rad3 = name in radmm3.ALGORITHMS
+    eval_iters = set(eval_iters)
+    ckpt_slots = ckpt_slots or {}
+    stats_keys: dict[int, str] = {}
+    eval_keys: dict[int, str] = {}
+    w_keys: dict[int, list[str]] = {}
+    ck_keys: dict[int, list[str]] = {}
+    done: dict[str, str] = {}  # chunk task -> its layer's statistics task (runs after it)
+    cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
+    for k in range(k0 + 1, k1 + 1):
+        pen = pens[k]
+        w = k % 2
+        parts: dict[int, list[Ref]] = {i: [] for i in range(1, N + 1)}
+        sm_keys: dict[int, str] = {}
+        waits: dict[str, list[str]] = {}  # chunk task -> the tasks it waits for (hazards)
+
+        def chunk_tasks(base: str, i: int, fn, args: tuple, reads, writes, each=None,
+                        _k=k, _parts=parts, _waits=waits) -> list[Ref]:
+            """One task per chunk: ``fn(chunk, *args, [each[c],] *order)``."""
+            refs = []
+            for c, sl in enumerate(slices):
+                kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
+                order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
+                _waits[kk] = [r.key for r in order]
+                own = () if each is None else (each[c],)
+                nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
+                                  block=i))
+                refs.append(Ref(kk))
+            _parts[i].extend(refs)
+            return refs
+
+        def small_task(base: str, i: int, fn, args: tuple, tag: str = "", _k=k) -> str:
+            kk = _key(base, _k, run_id, i, tag)
+            nodes.append(Node(kk, fn, args, block=i))
+            return kk
+
+        def reader(task_key: str, locs: list[str]) -> None:
+            """``task_key`` may read ``locs`` of every chunk (a decision that goes on by
+            itself): later writers wait for it."""
+            hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
+
+        def after(marker: str, refs: list[Ref], _waits=waits) -> None:
+            """Task ``marker`` runs after the chunk tasks ``refs``, so after everything they
+            wait for: tasks of this iteration that have to run after one of those wait for
+            ``marker`` instead."""
+            hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
+
+        ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first)
+        sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
+        first = ctx.first
+        # statistics: per layer, then one sum
+        lstats = []
+        for i in range(1, N + 1):
+            lk = key("layer_stats", k, run_id, i)
+            ins = parts[i]
+            if len(slices) > GROUP:
+                # the chunk outputs' statistics a few at a time, each group as soon as its
+                # chunks are done, so no chunk output waits for the whole block
+                ins = [Ref(small_task("group_stats", i, group_stats,
+                                      tuple(ins[j:j + GROUP]), tag=f"g{j // GROUP}"))
+                       for j in range(0, len(ins), GROUP)]
+            nodes.append(Node(lk, radmm3.block_stats if rad3 else mlp.layer_stats,
+                              (Ref(sm_keys[i]), *ins), block=i))
+            lstats.append(Ref(lk))
+            done.update({r.key: lk for r in parts[i]})
+        # from here on, tasks that must run after a chunk task of iteration k (the
+        # checkpoint, iteration k+1's chunk tasks) wait for its layer's statistics task: see
+        # the end of this function (a window of K iterations is wired as K windows of one)
+        hz.replace(done)
+        stats_keys[k] = key("iteration_stats", k, run_id)
+        nodes.append(Node(stats_keys[k], iteration_stats, (specs[0].n, pen.rho, *lstats)))
+        w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
+        if k in eval_iters:
+            eval_keys[k] = key("evaluate", k, run_id)
+            nodes.append(Node(eval_keys[k], evaluate_small,
+                              (url, *eval_args, *[Ref(x) for x in w_keys[k]])))
+        if k in ckpt_slots:
+            ck_keys[k] = []
+            for i in range(1, N + 1):
+                names = state_vars(name, arch, i)
+                for c, sl in enumerate(slices):
+                    kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
+                    order = hz.task(kk, [f"b{i}/{v}/{w}/c{c}" for v in names], ())
+                    nodes.append(Node(kk, checkpoint_chunk,
+                                      (ChunkTask(url, sl, c), i, names, w, ckpt_slots[k],
+                                       *order), block=i))
+                    ck_keys[k].append(kk)
+        small = sm_keys
+    # Carry completion markers, not chunk tasks: a chunk task's output holds d x d statistics,
+    # and a future kept for a dependency (or a later task that takes it only to run after it)
+    # keeps its output in cluster memory. The layer's statistics task runs after all of that
+    # layer's chunk tasks of its iteration (and its output is a few floats), so a later task
+    # may wait for it instead.
+    nodes = eager_order(nodes, EAGER)
+    last = hz.roles()
+    last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
+    last["gram"] = prev["gram"]
+    if first is not None:
+        last["first"] = first
+    return ChunkWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)
