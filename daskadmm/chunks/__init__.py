@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -38,18 +39,22 @@ def slots(name: str) -> int:
     """Live slots of each variable of algorithm ``name`` in the store."""
     return ENGINES[name].slots
 
+
 def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
     """The sample-sized variables of layer i that make up its state (checkpointed)."""
     return ENGINES[name].state_vars(arch, i)
+
 
 def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
     """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
     sample-sized ones, the weight shape for ``W``."""
     return ENGINES[name].layout(arch)
 
+
 def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
     """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
     return ENGINES[name].init_small(arch, weights)
+
 
 def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
     """The layout of pdADMM, dlADMM or RADMM-2 from their state variables (pdADMM's ``p``,
@@ -69,31 +74,59 @@ def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
         return out
     return lay
 
+
 @dataclass(frozen=True)
 class ChunkAlgorithm:
-    """What the Zarr-resident engine needs of an algorithm: its store layout (the variables of
-    each block, ``(rows, "n")`` for the sample-sized ones, the shape for ``W``), the
-    sample-sized variables that make up block i's state (what a checkpoint copies), the small
-    state of iteration 0, the live slots of each variable and its iteration plan
-    (``plan(ctx, specs, pen, k, small)``, see :class:`~daskadmm.chunks.common.PlanContext`)."""
+    """What the Zarr-resident engine needs of an algorithm:
+
+    - ``layout``: the variables of each block, ``(rows, "n")`` for the sample-sized ones, the
+      shape for ``W``;
+    - ``state_vars``: the sample-sized variables that make up block i's state (what a
+      checkpoint copies);
+    - ``init_small``: the small state of iteration 0;
+    - ``init``: the task that starts one chunk, ``init(chunk, name, arch, weights, n, options,
+      rho, names)`` (``names[i - 1]``: block i's state variables), writing slot 0 and returning
+      its share of L^0;
+    - ``start_chunk``, ``start_sum``: the start's statistics, fresh or resumed (see
+      :class:`~daskadmm.chunks.common.StartContext`): ``start_chunk(ctx, chunk, arch)``
+      appends a chunk's statistics task and returns its ref; ``start_sum(ctx, refs, arch) ->
+      (gram key, W_1 statistics key or None)`` appends their sums;
+    - ``plan``: its iteration plan, ``plan(ctx, specs, pen, k, small)`` (see
+      :class:`~daskadmm.chunks.common.PlanContext`);
+    - ``stats``: the task that sums a block's statistics of one iteration, ``stats(small,
+      *chunk outputs or StatsGroups)``;
+    - ``slots``: the live slots of each variable;
+    - ``eager``: its reductions, which the builder submits right after their inputs (see
+      :func:`daskadmm.graph.chunked.eager_order`)."""
 
     layout: Callable[[Architecture], list[dict[str, tuple]]]
     state_vars: Callable[[Architecture, int], tuple[str, ...]]
     init_small: Callable[[Architecture, list[Array]], list[Small]]
     plan: Callable[..., dict[int, str]]
+    init: Callable[..., dict] = mlp.init_chunk
+    start_chunk: Callable[..., Any] = mlp.start_chunk
+    start_sum: Callable[..., tuple[str, str | None]] = mlp.start_sum
+    stats: Callable[..., dict[str, float]] = mlp.layer_stats
     slots: int = 2
+    eager: frozenset[Callable] = frozenset()
+
 
 def _radmm3_family(name: str) -> ChunkAlgorithm:
     return ChunkAlgorithm(
         layout=partial(radmm3.layout, name),
         state_vars=lambda arch, i: sample_vars(radmm3.layout(name, arch)[i - 1]),
         init_small=lambda arch, weights: [{"W": np.array(W, copy=True)} for W in weights],
-        plan=partial(radmm3.plan_iteration, name))
+        plan=partial(radmm3.plan_iteration, name),
+        init=radmm3.init_chunk, start_chunk=radmm3.start_chunk, start_sum=radmm3.start_sum,
+        stats=radmm3.block_stats,
+        eager=frozenset({radmm3.pick_partials, radmm3.gram_add}))
+
 
 ENGINES: dict[str, ChunkAlgorithm] = {
     **{name: _radmm3_family(name) for name in radmm3.ALGORITHMS},
     "radmm2": ChunkAlgorithm(_layout_of("radmm2"), radmm2.state_vars,
-                             radmm2.init_small, radmm2.plan_iteration),
+                             radmm2.init_small, radmm2.plan_iteration,
+                             eager=frozenset({radmm2.sum_w})),
     "pdadmm": ChunkAlgorithm(_layout_of("pdadmm"), mlp._pd_state_vars, mlp._pd_init_small,
                              mlp.plan_pdadmm),
     "dladmm": ChunkAlgorithm(_layout_of("dladmm"), mlp._dl_state_vars, mlp._dl_init_small,

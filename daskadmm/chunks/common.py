@@ -29,6 +29,7 @@ __all__ = [
     "get_live",
     "group_stats",
     "PlanContext",
+    "StartContext",
     "put_live",
     "restore_chunk",
     "sample_vars",
@@ -46,19 +47,24 @@ def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
     """The sample-sized variables of one block's layout (chunked, in the live slots)."""
     return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
 
+
 def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
     return chunk_io(url, path).read(sl, slot)
 
+
 def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
     chunk_io(url, path).write(sl, value, slot)
+
 
 def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
     """Chunk ``ct`` of block i's variable ``var`` in live slot ``slot``."""
     return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
 
+
 def put_live(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
     """Write chunk ``ct`` of block i's variable ``var`` into live slot ``slot``."""
     _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
+
 
 @dataclass(frozen=True)
 class ChunkTask:
@@ -67,6 +73,7 @@ class ChunkTask:
     url: StoreRef  # the store (its URL and creation id)
     sl: slice
     c: int
+
 
 @dataclass
 class PlanContext:
@@ -91,6 +98,29 @@ class PlanContext:
     cts: tuple[ChunkTask, ...]
     first: str | None = None
 
+
+@dataclass
+class StartContext:
+    """What an algorithm's start statistics (``ChunkAlgorithm.start_chunk`` and
+    ``start_sum``) append tasks through
+    (:func:`daskadmm.graph.chunked.start_nodes` makes it), after the chunks of iteration k0 are
+    in live slot ``slot``:
+
+    - ``task(key, block, fn, args, reads=())``: one task, after the writers of the chunk
+      locations ``reads`` (``"b<i>/<var>/<slot>/c<c>"``; later writers wait for it), called
+      ``fn(*args, *order)`` when it reads any; returns a :class:`~daskadmm.graph.nodes.Ref`;
+    - ``small_task(base, block, fn, args, tag="")``: one task named like a plan's; its key;
+    - ``replace(markers)``: later tasks wait for ``markers[key]`` instead of task ``key``;
+    - ``cts``: every chunk; ``run_id``: the run's key suffix."""
+
+    task: Callable[..., Any]
+    small_task: Callable[..., str]
+    replace: Callable[[dict[str, str]], None]
+    cts: tuple[ChunkTask, ...]
+    slot: int
+    run_id: str
+
+
 def _loss_sum(loss: str, U: Array, Y: Array) -> float:
     """``n_c * l`` over the chunk's columns (sum, not mean)."""
     if loss == "mse":
@@ -98,6 +128,7 @@ def _loss_sum(loss: str, U: Array, Y: Array) -> float:
     zmax = U.max(axis=0, keepdims=True)
     logz = zmax[0] + np.log(np.exp(U - zmax).sum(axis=0))
     return float(np.sum(logz - np.sum(Y * U, axis=0)))
+
 
 def sum_partials(*parts: tuple) -> tuple:
     """Sum chunk statistics (equal-length tuples of arrays) entry by entry in the given (fixed)
@@ -109,6 +140,7 @@ def sum_partials(*parts: tuple) -> tuple:
             if acc[j] is not None:
                 acc[j] += p
     return tuple(acc)
+
 
 def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int, ckpt: str,
                      *order) -> dict[str, int]:
@@ -130,12 +162,14 @@ def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: in
         out[name] = checksum(value)
     return out
 
+
 def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
                   ckpt: str) -> None:
     """Copy one chunk of checkpoint slot ``ckpt`` back into live slot ``slot`` (resume)."""
     for name in names:
         _write(ct.url, f"live/b{block}/{name}", ct.sl,
                _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
+
 
 def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
                     train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
@@ -161,22 +195,26 @@ def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
         rec[f"{split}_metric"] = err / count
     return rec, weights
 
+
 def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
                    train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
                    ) -> tuple[dict[str, float], list[Array]]:
     """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""
     return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
 
+
 class StatsGroup(NamedTuple):
     """The statistics of a few consecutive chunk outputs (:func:`group_stats`)."""
 
     items: tuple
+
 
 def group_stats(*outs) -> StatsGroup:
     """Keep only the ``stats`` of a few chunk outputs: the task runs as soon as they are done,
     so their ``d x d`` statistics need not stay in memory until the block's statistics task,
     which waits for every chunk of the block."""
     return StatsGroup(tuple(o.stats for o in outs))
+
 
 def each_stats(outs) -> Iterable[dict[str, float] | None]:
     """The chunks' statistics, in order, from chunk outputs and :class:`StatsGroup` s."""

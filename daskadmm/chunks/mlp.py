@@ -28,7 +28,7 @@ The window builder (:mod:`daskadmm.graph.chunked`) wires the tasks of these plan
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from .common import (
     ChunkTask,
     PlanContext,
     Small,
+    StartContext,
     _loss_sum,
     _read,
     each_stats,
@@ -69,7 +70,10 @@ __all__ = [
     "PassOut",
     "plan_dladmm",
     "plan_pdadmm",
+    "start_chunk",
+    "start_sum",
 ]
+
 
 BWD = 2  # dlADMM: the slot of the backward sweep's output
 
@@ -77,8 +81,10 @@ BWD = 2  # dlADMM: the slot of the backward sweep's output
 def _pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", *(("q",) if i < arch.depth else ()), *(("p", "u") if i > 1 else ()))
 
+
 def _dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", "a") if i < arch.depth else ("z", "u")
+
 
 def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
@@ -90,6 +96,7 @@ def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
         out.append(s)
     return out
 
+
 def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
     for i, W in enumerate(weights, start=1):
@@ -99,8 +106,10 @@ def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
         out.append(s)
     return out
 
+
 def _X(ct: ChunkTask) -> Array:
     return _read(ct.url, "data/X", ct.sl)
+
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
                n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...]) -> dict:
@@ -122,10 +131,25 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         obj += (float(np.sum(out["u"] * r)) + 0.5 * rho * float(np.sum(r * r))) / n
     return {"objective": obj}
 
+
 def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
     """``(X X^T, X 1)`` of one chunk: the constant statistics of layer 1's W steps."""
     X = _X(ct)
     return X @ X.T, X.sum(axis=1, keepdims=True)
+
+
+def start_chunk(ctx: StartContext, ct: ChunkTask, arch: Architecture) -> Any:
+    """The start's statistics of chunk ``ct``: X's ``(X X^T, X 1)`` (:func:`gram_chunk`)."""
+    return ctx.task(f"gram_chunk-c{ct.c}-{ctx.run_id}", 1, gram_chunk, (ct,))
+
+
+def start_sum(ctx: StartContext, parts: list, arch: Architecture) -> tuple[str, str | None]:
+    """X's constant statistics: the chunks' summed in chunk order. Returns the sum's key (and
+    no ``W_1`` statistics: layer 1's W steps read them with the Gram matrix)."""
+    gk = f"gram_x-{ctx.run_id}"
+    ctx.task(gk, 1, sum_partials, tuple(parts))
+    return gk, None
+
 
 class PassOut(NamedTuple):
     """What a chunk pass returns (every field optional): its statistics (``objective``,
@@ -137,6 +161,7 @@ class PassOut(NamedTuple):
     w: tuple | None = None
     curv: float | None = None
     sq: float | None = None
+
 
 def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
     """W statistics from chunk outputs: layer 1's ``V V^T``, ``V 1`` are the constant ``gram``
@@ -151,11 +176,13 @@ def _w_stats_of(i: int, outs: Iterable[PassOut], gram: tuple | None) -> tuple:
         G, sV = gram
     return G, P, sV, sT
 
+
 def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
     """The chunk's share of :func:`w_stats` (layer 1: only the parts that change)."""
     if i == 1:
         return None, T @ V.T, None, T.sum(axis=1, keepdims=True)
     return w_stats(V, T)
+
 
 def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     """Layer statistics of one iteration: the chunk shares in a fixed order, the regulariser,
@@ -169,6 +196,7 @@ def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
             total[k] += v
     return total
 
+
 def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[float, bool]:
     curv = sq = 0.0
     for o in sums:
@@ -178,8 +206,10 @@ def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[fl
     theta, _, capped = quad_theta(curv, sq, theta0, max_trials)
     return theta, capped
 
+
 def _stats(**kw: float) -> dict[str, float]:
     return {k: float(v) for k, v in kw.items()}
+
 
 def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
     """What the p gradient of layer l >= 2 needs (pending phases already written to slot w)."""
@@ -188,6 +218,7 @@ def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
     z = get_live(ct, i, "z", o)
     R = get_live(ct, i, "q", w) - spec.act.f(z) if s else None
     return A, b, z, R, get_live(ct, i, "u", w), get_live(ct, i, "ql", w)
+
 
 def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               *order) -> PassOut:
@@ -230,6 +261,7 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
         out = out._replace(curv=curv, sq=sq)
     return out
 
+
 def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -> dict:
     """The p step's curvature from the summed chunk shares (layer l >= 2)."""
     A, _ = spec.split_bias(small["W"])
@@ -237,6 +269,7 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -
     t0 = shifted_theta0(A, *pd.p_hessian(spec.s, nu, pen.rho), small["theta_p"], o.step)
     theta, capped = _decide(outs, t0, o.backtrack_max)
     return {"theta": theta, "capped": capped}
+
 
 def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               dec: dict | None, *order) -> PassOut:
@@ -261,6 +294,7 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
                    stats=_stats(objective=(float(np.sum(u * d)) + 0.5 * rho * dd) / n,
                                 primal_sq=dd, dual_sq=float(np.sum((p - p_o) ** 2))))
 
+
 def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
                 gram: tuple | None, *outs: PassOut) -> Small:
     """W then b of layer l from the summed chunk statistics; the layer's new small state."""
@@ -278,6 +312,7 @@ def pd_update_w(spec: BlockSpec, pen: Penalties, small: Small, dec: dict | None,
         new["theta_p"] = dec["theta"]
         new["capped"] += float(dec["capped"])
     return new
+
 
 def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               *order) -> PassOut:
@@ -305,6 +340,7 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     return PassOut(stats=_stats(objective=obj, dual_sq=float(np.sum((z - z_o) ** 2)),
                                 capped=nc))
 
+
 def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int):
     """Layer l+1's backward values for layer l's a step: ``A, b, T, kappa, R``."""
     i, N = spec.i, spec.N
@@ -315,6 +351,7 @@ def _dl_right(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: i
     R = get_live(ct, i + 1, "a", BWD) - spec.act.f(z) if spec.s_next else None
     return A, b, z, penalty_nu(pen), R
 
+
 def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int, a: Array,
              z: Array, left: Array) -> tuple[Array, Array]:
     c0 = spec.act.f(z)
@@ -323,17 +360,21 @@ def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: in
     A, b, T, kappa, R = _dl_right(ct, spec, pen, right, o)
     return a_grad(a, c0, A, b, T, kappa, R, spec.s_next, penalty_nu(pen)), A
 
+
 def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
     return _X(ct) if spec.i == 1 else get_live(ct, spec.i - 1, "a", slot)
+
 
 def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
     """``(c, kappa)`` of layer l's a-step Hessian (``kappa = rho`` next to the output)."""
     kappa = pen.rho if spec.i + 1 == spec.N else penalty_nu(pen)
     return a_hessian(kappa, spec.s_next, penalty_nu(pen))
 
+
 def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> PassOut:
     curv, sq = shifted_curv(g, A, *_a_hessian(spec, pen))
     return PassOut(curv=curv, sq=sq)
+
 
 def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int,
                step: tuple[float, bool], a0: Array, z: Array, left: Array) -> Array:
@@ -344,9 +385,11 @@ def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: 
     g, _ = _dl_grad(ct, spec, pen, right, o, a0, z, left)
     return a0 - g / theta
 
+
 def _caps(small: Small, k: int) -> float:
     """Caps hit so far in iteration k (a small state of an earlier iteration counts 0)."""
     return float(small.get("capped", 0.0)) if small.get("k") == k else 0.0
+
 
 def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Small,
                 *outs: PassOut) -> Small:
@@ -362,6 +405,7 @@ def dl_decide_a(spec: BlockSpec, pen: Penalties, k: int, small: Small, right: Sm
                 "capped": _caps(small, k) + float(capped)})
     return new
 
+
 def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Small,
              *order) -> PassOut:
     """Backward sweep, layer l < L, pass 1: the a gradient's curvature sums."""
@@ -370,6 +414,7 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
     g, A = _dl_grad(ct, spec, pen, right, o, get_live(ct, spec.i, "a", o),
                     get_live(ct, spec.i, "z", o), left)
     return _curv(spec, pen, g, A)
+
 
 def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               right: Small, *order) -> PassOut:
@@ -385,6 +430,7 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z), stats=_stats(capped=nc))
 
+
 def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                *order) -> PassOut:
     """Backward sweep, layer L: the output z (old W); W statistics of ``T = z + u/rho``."""
@@ -397,6 +443,7 @@ def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
                                get_live(ct, i, "z", o), opt.newton_max_iter)
     put_live(ct, i, "z", BWD, z)
     return PassOut(w=_chunk_w_stats(i, left, z + u / pen.rho), stats=_stats(capped=nc))
+
 
 def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tuple | None,
                 backward: bool, *outs: PassOut) -> Small:
@@ -418,6 +465,7 @@ def dl_update_w(spec: BlockSpec, pen: Penalties, k: int, small: Small, gram: tup
                 "k": k, "capped": _caps(small, k) + float(cap_w)})
     return new
 
+
 def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
              right: Small, *order) -> PassOut:
     """Forward sweep, layer l < L, pass 1: z with the new W, then the a gradient's sums."""
@@ -434,6 +482,7 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     return _curv(spec, pen, g, Ar)._replace(
         stats=_stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
                      dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)), capped=nc))
+
 
 def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
              right: Small, *order) -> PassOut:
@@ -452,6 +501,7 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     return PassOut(w=w_stats(a, T),
                    stats=_stats(objective=0.5 * nu * float(np.sum(p * p)) / spec.n,
                                 dual_sq=float(np.sum((a - get_live(ct, i, "a", o)) ** 2))))
+
 
 def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                *order) -> PassOut:
@@ -474,6 +524,7 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     return PassOut(stats=_stats(objective=obj, primal_sq=rr,
                                 dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)),
                                 capped=nc))
+
 
 def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                 small: dict[int, str]) -> dict[int, str]:
@@ -519,6 +570,7 @@ def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
                     [f"b{i}/z/{w}"])
         sm_keys[i] = sm
     return sm_keys
+
 
 def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                 small: dict[int, str]) -> dict[int, str]:

@@ -31,7 +31,7 @@ network; both act on each sample on its own, so ``init_chunk`` runs them on its 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from .common import (
     ChunkTask,
     PlanContext,
     Small,
+    StartContext,
     _loss_sum,
     _read,
     _write,
@@ -61,6 +62,8 @@ __all__ = [
     "layout",
     "pick_partials",
     "plan_iteration",
+    "start_chunk",
+    "start_sum",
     "reduce_tree",
     "update_chunk",
     "update_weights",
@@ -68,6 +71,7 @@ __all__ = [
 
 
 ALGORITHMS = ("radmm3", "radmm3l", "radmm3a")
+
 
 FAN_IN = 4  # inputs of a node of the reduction tree of chunk statistics
 
@@ -85,6 +89,7 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
         out.append(v)
     return out
 
+
 class ChunkOut(NamedTuple):
     """What :func:`update_chunk` returns for one chunk: its statistics (``objective``,
     ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, P, Q)`` of the statistics of
@@ -95,13 +100,16 @@ class ChunkOut(NamedTuple):
     w_next: tuple[Array, Array, Array] | None = None
     w_first: tuple[Array, Array] | None = None
 
+
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int) -> dict:
+               n: int, options: Any = None, rho: float | None = None, names: Any = None
+               ) -> dict:
     """The start of algorithm ``name`` on one chunk, written into slot 0: the forward pass
     gives U, V; ``Lam_N = -n grad l``; RADMM-3/3L: ``Lam_i = 0`` (i < N); RADMM-3A: one backward
     pass over the blocks (:func:`daskadmm.splitting.radmm3a.backward_step`) gives ``Gam_i``
     and ``Lam_i``. Returns the chunk's share of L^0 without the regulariser (the constraints
-    hold)."""
+    hold). (``options``, ``rho``, ``names``: the engine's start signature; this start depends
+    on none of them.)"""
     X = _read(ct.url, "data/X", ct.sl)
     Y = _read(ct.url, "data/Y", ct.sl)
     U, V = forward(arch, weights, X)
@@ -121,12 +129,14 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         _write(ct.url, f"live/b{i}/V", ct.sl, V[i], 0)
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
+
 def init_partials(ct: ChunkTask, bias: bool, slot: int, *order) -> tuple[Array, Array, Array]:
     """Chunk statistics for ``W_1``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` from ``slot``."""
     Xt = augment(_read(ct.url, "data/X", ct.sl), bias)
     U = _read(ct.url, "live/b1/U", ct.sl, slot)
     Lam = _read(ct.url, "live/b1/Lam", ct.sl, slot)
     return Xt @ Xt.T, U @ Xt.T, Lam @ Xt.T
+
 
 def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
                    name: str) -> Small:
@@ -137,6 +147,7 @@ def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
     B = pen.rho * P + Q
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
     return {"W": step(small["W"], G, B, pen, spec.n)}
+
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
                  right_small: Small | None, name: str, *order) -> ChunkOut:
@@ -216,6 +227,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
              "capped": float(capped)}
     return ChunkOut(stats, w_next, w_first)
 
+
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     """Sum, in the given order, the W statistics that chunk outputs carry.
 
@@ -236,10 +248,12 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
         G = gram_x
     return G, P, Q
 
+
 def gram_add(acc: Array | None, part: tuple) -> Array:
     """``acc + X~_c X~_c^T`` (a new array) from one chunk's :func:`init_partials`; a chain of
     these adds the chunks in order, as :func:`sum_partials` would."""
     return part[0].copy() if acc is None else acc + part[0]
+
 
 def block_stats(small: Small, *outs) -> dict[str, float]:
     """Sum the per-chunk statistics of one block (in chunk order; the regulariser is in chunk
@@ -250,6 +264,7 @@ def block_stats(small: Small, *outs) -> dict[str, float]:
         for key in total:
             total[key] += st[key]
     return total
+
 
 def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> str:
     """Append the reduction of chunk statistics ``refs`` (``kind``, see :func:`pick_partials`)
@@ -267,6 +282,7 @@ def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> s
                 for j in range(0, len(refs), FAN_IN)]
         level += 1
     return small_task(base, i, pick_partials, (kind if level == 0 else "sum", gram, *refs))
+
 
 def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
                    small: dict[int, str]) -> dict[int, str]:
@@ -317,3 +333,28 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
         if i < N:
             stats = reduce_tree(small_task, "reduce_next", i, "next", prev_chunks, None)
     return new
+
+
+def start_chunk(ctx: StartContext, ct: ChunkTask, arch: Architecture) -> Any:
+    """The start's statistics of chunk ``ct``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` of slot
+    ``ctx.slot`` (:func:`init_partials`)."""
+    s = ctx.slot
+    return ctx.task(f"init_partials-c{ct.c}-{ctx.run_id}", 1, init_partials,
+                    (ct, arch.bias, s), reads=[f"b1/U/{s}/c{ct.c}", f"b1/Lam/{s}/c{ct.c}"])
+
+
+def start_sum(ctx: StartContext, parts: list, arch: Architecture) -> tuple[str, str | None]:
+    """X's Gram matrix from the chunks' start statistics ``parts`` as a chain that adds one
+    chunk's at a time (:func:`sum_partials`' order, so the same bits: each chunk's statistics
+    can go as soon as the chain and W_1's reduction have them, instead of when every chunk is
+    done), and W_1's statistics for the first iteration as a reduction tree. Later writers of
+    ``b1/U``, ``b1/Lam`` wait for the Gram matrix (summed after every chunk's statistics).
+    Returns the keys of the Gram matrix and of W_1's statistics."""
+    gk = f"gram_x-{ctx.run_id}"
+    acc = None
+    for j, p in enumerate(parts):
+        acc = ctx.task(gk if j == len(parts) - 1 else f"gram_x-{j}-{ctx.run_id}", 1, gram_add,
+                       (acc, p))
+    first = reduce_tree(ctx.small_task, "reduce_first", 1, "init", parts, None)
+    ctx.replace({p.key: gk for p in parts})
+    return gk, first

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..chunks import ENGINES, mlp, radmm2, radmm3, state_vars
-from ..chunks.common import Array, ChunkTask, PlanContext, evaluate_small, group_stats, sum_partials
+from ..chunks import ENGINES, state_vars
+from ..chunks.common import Array, ChunkTask, PlanContext, evaluate_small, group_stats
 from ..model import Architecture
 from ..splitting import BlockSpec, Options, Penalties
 from ..storage import StoreRef
@@ -101,13 +101,18 @@ class Hazards:
                 out[f"r|{loc}|{j}"] = v
         return out
 
+
 def _locs(c: int, *names: str) -> list[str]:
     return [f"{x}/c{c}" for x in names]
 
-GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.group_stats`)
 
-EAGER: frozenset[Callable] = frozenset({radmm3.pick_partials, group_stats,
-                                        radmm3.gram_add, radmm2.sum_w})
+GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunks.common.group_stats`)
+
+EAGER: frozenset[Callable] = frozenset({group_stats}).union(
+    *(eng.eager for eng in ENGINES.values()))
+"""The reductions submitted right after their inputs: the statistics groups and every
+algorithm's own (``ChunkAlgorithm.eager``)."""
+
 
 def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
     """``nodes`` with every task whose function is in ``eager`` moved up to just after
@@ -143,10 +148,12 @@ def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
     assert len(out) == len(nodes)  # every eager node's inputs are in the list
     return out
 
+
 def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
     """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
     tasks of that kind, e.g. a node of a reduction tree)."""
     return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
+
 
 @dataclass
 class ChunkWindow:
@@ -165,75 +172,64 @@ class ChunkWindow:
     def __len__(self) -> int:
         return len(self.nodes)
 
+
 def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
                 weights: list[Array], n: int, restore: tuple[int, str] | None,
                 options: Options, rho: float
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
-    """Tasks that bring the store to iteration k0: a forward pass per chunk (fresh; see
-    :func:`init_chunk` for ``options``, ``rho``) or a copy of the checkpoint back into slot
-    ``k0 % 2`` (``restore = (k0, ckpt slot)``), and the constant statistics of X (RADMM-3/3L/3A:
-    ``X~ X~^T``, from the same per-chunk tasks as ``W_1``'s statistics for iteration k0+1, role
-    ``first``). Returns (nodes, roles, init task keys)."""
-    from ..chunks.common import restore_chunk
+    """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
+    ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
+    checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), each followed by
+    the chunk's start statistics, then their sums (``ChunkAlgorithm.start_chunk`` and
+    ``start_sum``: X's constant statistics, role ``gram``, and for RADMM-3/3L/3A ``W_1``'s
+    statistics for iteration k0+1, role ``first``). Returns (nodes, roles, init task keys)."""
+    from ..chunks.common import StartContext, restore_chunk
 
+    eng = ENGINES[name]
     N = arch.depth
     k0 = 0 if restore is None else restore[0]
-    rad3 = name in radmm3.ALGORITHMS
     nodes: list[Node] = []
     hz = Hazards({})
     init_keys: list[str] = []
-    parts: list[Ref] = []
     block_vars = tuple(state_vars(name, arch, i) for i in range(1, N + 1))
-    for c, sl in enumerate(slices):
-        ct = ChunkTask(url, sl, c)
+    cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
+
+    def task(kk: str, block: int, fn, args: tuple, reads: Iterable[str] = ()) -> Ref:
+        order = hz.task(kk, reads, ()) if reads else []
+        nodes.append(Node(kk, fn, (*args, *order), block=block))
+        return Ref(kk)
+
+    def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
+        kk = _key(base, k0, run_id, i, tag)
+        nodes.append(Node(kk, fn, args, block=i))
+        return kk
+
+    ctx = StartContext(task, small_task, hz.replace, cts, k0 % 2, run_id)
+    parts = []
+    for ct in cts:
+        c = ct.c
         if restore is None:
             kk = f"init_chunk-c{c}-{run_id}"
-            writes = [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
-                      for v in state_vars(name, arch, i)]
-            hz.task(kk, (), writes)
-            nodes.append(Node(kk, radmm3.init_chunk, (ct, name, arch, weights, n)) if rad3 else
-                         Node(kk, mlp.init_chunk, (ct, name, arch, weights, n, options, rho,
-                                                     block_vars)))
+            hz.task(kk, (), [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
+                             for v in block_vars[i - 1]])
+            nodes.append(Node(kk, eng.init, (ct, name, arch, weights, n, options, rho,
+                                             block_vars)))
             init_keys.append(kk)
         else:
-            ck = restore[1]
             for i in range(1, N + 1):
-                names = state_vars(name, arch, i)
+                names = block_vars[i - 1]
                 kk = f"restore_chunk-b{i}-c{c}-{run_id}"
                 hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
-                nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, ck), block=i))
-        if rad3:
-            kk = f"init_partials-c{c}-{run_id}"
-            order = hz.task(kk, _locs(c, f"b1/U/{k0 % 2}", f"b1/Lam/{k0 % 2}"), ())
-            nodes.append(Node(kk, radmm3.init_partials, (ct, arch.bias, k0 % 2, *order),
-                              block=1))
-        else:
-            kk = f"gram_chunk-c{c}-{run_id}"
-            nodes.append(Node(kk, mlp.gram_chunk, (ct,), block=1))
-        parts.append(Ref(kk))
-    gk = f"gram_x-{run_id}"
-    if rad3:
-        # a chain that adds one chunk's X~ X~^T at a time (sum_partials' order, so the same
-        # bits): each chunk's statistics can go as soon as the chain and W_1's reduction have
-        # them, instead of when every chunk is done
-        acc = None
-        for j, p in enumerate(parts):
-            kk = gk if j == len(parts) - 1 else f"gram_x-{j}-{run_id}"
-            nodes.append(Node(kk, radmm3.gram_add, (acc, p), block=1))
-            acc = Ref(kk)
-    else:
-        nodes.append(Node(gk, sum_partials, tuple(parts), block=1))
-    roles: dict[str, str] = {"gram": gk}
-    if rad3:
-        def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
-            kk = _key(base, k0, run_id, i, tag)
-            nodes.append(Node(kk, fn, args, block=i))
-            return kk
-
-        roles["first"] = radmm3.reduce_tree(small_task, "reduce_first", 1, "init", parts, None)
-        hz.replace({p.key: gk for p in parts})  # (the Gram matrix is summed after them)
+                nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, restore[1]),
+                                  block=i))
+        parts.append(eng.start_chunk(ctx, ct, arch))
+    gram, first = eng.start_sum(ctx, parts, arch)
+    roles: dict[str, str] = {"gram": gram}
+    if first is not None:
+        roles["first"] = first
     roles.update(hz.roles())
     return eager_order(nodes, EAGER), roles, init_keys
+
 
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
                  k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
@@ -253,7 +249,6 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
     gram = Ref(prev["gram"])
     first = prev.get("first")
-    rad3 = name in radmm3.ALGORITHMS
     eval_iters = set(eval_iters)
     ckpt_slots = ckpt_slots or {}
     stats_keys: dict[int, str] = {}
@@ -314,7 +309,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                 ins = [Ref(small_task("group_stats", i, group_stats,
                                       tuple(ins[j:j + GROUP]), tag=f"g{j // GROUP}"))
                        for j in range(0, len(ins), GROUP)]
-            nodes.append(Node(lk, radmm3.block_stats if rad3 else mlp.layer_stats,
+            nodes.append(Node(lk, ENGINES[name].stats,
                               (Ref(sm_keys[i]), *ins), block=i))
             lstats.append(Ref(lk))
             done.update({r.key: lk for r in parts[i]})

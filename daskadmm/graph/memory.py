@@ -53,9 +53,11 @@ def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple
             args.append(value[0][pick])
     return fn(spec, pen, *args, Y=Y)
 
+
 def select_output(out: tuple, keys: tuple[str, ...]) -> tuple[dict, dict]:
     """A step output ``(state, stats)`` cut down to the state entries ``keys``."""
     return select(out[0], keys), {}
+
 
 def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
     """The last step's statistics, with ``capped`` summed over the iteration's steps."""
@@ -63,6 +65,7 @@ def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
     stats["capped"] = float(stats.get("capped", 0.0)) + sum(
         float(o[1].get("capped", 0.0)) for o in capped_before)
     return stats
+
 
 def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_train, X_test,
                      Y_test, *outs: tuple) -> tuple[dict[str, float], list[np.ndarray]]:
@@ -75,6 +78,7 @@ def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_trai
            "train_metric": tr[metric], "test_metric": te[metric]}
     return rec, weights
 
+
 @dataclass
 class WindowGraph:
     nodes: list[Node]
@@ -84,6 +88,7 @@ class WindowGraph:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
 
 def build_window(splitting: Splitting, specs: list[BlockSpec], pens: dict[int, Penalties],
                  k0: int, k1: int, prev: dict[str, list[str]], run_id: str,

@@ -33,6 +33,7 @@ class Ref:
 
     key: str
 
+
 @dataclass
 class Node:
     key: str
@@ -43,6 +44,7 @@ class Node:
     def deps(self) -> list[str]:
         return [a.key for a in _walk(self.args) if isinstance(a, Ref)]
 
+
 def _walk(args: Iterable) -> Iterable:
     for a in args:
         if isinstance(a, list | tuple):
@@ -50,13 +52,16 @@ def _walk(args: Iterable) -> Iterable:
         else:
             yield a
 
+
 def iteration_stats(n: int, rho: float, *stats: dict[str, float]) -> IterationStats:
     return IterationStats.from_blocks(list(stats), n, rho)
+
 
 def key(step: str, k: int, run_id: str, block: int | None = None) -> str:
     if block is None:
         return f"{step}-k{k}-{run_id}"
     return f"{step}-b{block}-k{k}-{run_id}"
+
 
 def _materialise(arg: Any) -> Any:
     if isinstance(arg, Ref):
@@ -65,12 +70,14 @@ def _materialise(arg: Any) -> Any:
         return tuple(_materialise(a) for a in arg)
     return arg
 
+
 def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]:
     """A plain Dask dict graph: ``{key: (fn, *args)}`` plus the literal inputs."""
     dsk: dict[str, Any] = dict(literals)
     for node in nodes:
         dsk[node.key] = (node.fn, *(_materialise(a) for a in node.args))
     return dsk
+
 
 def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
     """Longest dependency chain (in tasks) among ``nodes``, counted on the graph itself; with
@@ -97,6 +104,7 @@ def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
         return depth[k]
 
     return max((visit(n.key) for n in nodes), default=0)
+
 
 def default_window(N: int) -> int:
     """Iterations in flight: enough for the wavefront to fill (about N/2 blocks run at once)."""
