@@ -85,6 +85,47 @@ def test_smooth_prox_equals_plain_formulation(act_name, beta, kappa, max_iter):
     np.testing.assert_array_equal(u2, u)
 
 
+@pytest.mark.parametrize("act_name", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_iter", [100, 1, 3])
+def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act_name, dtype,
+                                                                 max_iter):
+    """With Numba the smooth prox's arithmetic runs compiled (splitting.fused); every result,
+    sigma and cap count is bit for bit the NumPy formulation's, at every penalty, in float32
+    too, with hard inputs (saturation, NaN, line searches that stall, capped elements)."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused
+
+    rng = np.random.default_rng(11)
+    act = get_activation(act_name)
+    c, m, u0 = (x.astype(dtype) for x in hard_inputs(rng, (5, 4001)))
+    for beta, kappa in PENALTIES:
+        got = []
+        for compiled in (True, False):
+            monkeypatch.setattr(fused, "AVAILABLE", compiled)
+            sig = np.empty_like(c)
+            u, capped = prox_activation(c, m, beta, kappa, u0, act, max_iter, sigma_out=sig)
+            got.append((u, sig, capped))
+        (u1, s1, k1), (u2, s2, k2) = got
+        assert u1.dtype == u2.dtype == dtype
+        np.testing.assert_array_equal(u1, u2)
+        np.testing.assert_array_equal(s1, s2)
+        assert k1 == k2
+
+
+def test_the_compiled_prox_is_used_when_numba_is_installed(monkeypatch):
+    """The fused kernels run (and the NumPy block solver does not) when Numba is there."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused
+
+    monkeypatch.setattr(fused, "AVAILABLE", True)
+    calls = []
+    monkeypatch.setattr(base, "_prox_smooth_block", lambda *a: calls.append(a) or 0)
+    c, m, u0 = hard_inputs(np.random.default_rng(2), (3, 300))
+    prox_activation(c, m, 1.0, 2.0, u0, get_activation("tanh"))
+    assert calls == []
+
+
 @pytest.mark.parametrize("block", [1, 5, 64, 1 << 20])
 def test_smooth_prox_does_not_depend_on_the_blocking(monkeypatch, block):
     rng = np.random.default_rng(3)

