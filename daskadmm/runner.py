@@ -52,6 +52,7 @@ from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
+from .splitting.base import StepOut
 from .storage import StoreRef
 
 if TYPE_CHECKING:
@@ -413,7 +414,7 @@ class _Ctx:
         lit = {dk["X"]: ds.X_train, dk["Y"]: ds.Y_train, dk["X_train"]: ds.X_train,
                dk["Y_train"]: ds.Y_train, dk["X_test"]: ds.X_test, dk["Y_test"]: ds.Y_test}
         for kk, st in zip(self.init_keys()[self.splitting.steps[0].name], states, strict=True):
-            lit[kk] = (st, {})
+            lit[kk] = StepOut(st, {})
         return lit
 
     # -- synchronous / threaded ------------------------------------------------------------
@@ -659,7 +660,9 @@ class _Ctx:
         futures[dk["X_test"]] = client.scatter(ds.X_test, workers=[place[1]], hash=False)
         futures[dk["Y_test"]] = client.scatter(ds.Y_test, workers=[place[self.N]], hash=False)
         for b, kk in enumerate(self.init_keys()[self.splitting.steps[0].name], start=1):
-            futures[kk] = client.scatter((states[b - 1], {}), workers=[place[b]], hash=False)
+            # (in a list: a tuple is scattered entry by entry)
+            futures[kk], = client.scatter([StepOut(states[b - 1], {})], workers=[place[b]],
+                                          hash=False)
         self.weights = [s["W"] for s in states]
         prev = self.init_keys()
         pending: deque[tuple[int, Any, Any]] = deque()

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..model import Architecture, metrics
 from ..splitting import BlockSpec, Penalties, Splitting, select
+from ..splitting.base import StepOut
 from .nodes import Node, Ref, iteration_stats, key
 
 __all__ = [
@@ -39,38 +40,39 @@ __all__ = [
 ]
 
 
-def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple, *inputs):
+def run_step(fn: Callable, spec: BlockSpec, pen: Penalties, Y: Any, picks: tuple,
+             *inputs) -> StepOut:
     """Run one step's function. ``picks[j]``: None (input j is data, pass as is), ``""``
-    (input j is a task output ``(state, stats)``: pass the state) or a state key (pass that
-    entry). Returns ``(state, stats)``."""
+    (input j is a task output :class:`~daskadmm.splitting.base.StepOut`: pass the state) or
+    a state key (pass that entry)."""
     args = []
     for pick, value in zip(picks, inputs, strict=True):
         if pick is None or value is None:
             args.append(value)
         elif pick == "":
-            args.append(value[0])
+            args.append(value.state)
         else:
-            args.append(value[0][pick])
+            args.append(value.state[pick])
     return fn(spec, pen, *args, Y=Y)
 
 
-def select_output(out: tuple, keys: tuple[str, ...]) -> tuple[dict, dict]:
-    """A step output ``(state, stats)`` cut down to the state entries ``keys``."""
-    return select(out[0], keys), {}
+def select_output(out: StepOut, keys: tuple[str, ...]) -> StepOut:
+    """A step output cut down to the state entries ``keys``."""
+    return StepOut(select(out.state, keys), {})
 
 
-def block_stats(out: tuple, capped_before: tuple = ()) -> dict[str, float]:
+def block_stats(out: StepOut, capped_before: tuple[StepOut, ...] = ()) -> dict[str, float]:
     """The last step's statistics, with ``capped`` summed over the iteration's steps."""
-    stats = dict(out[1])
+    stats = dict(out.stats)
     stats["capped"] = float(stats.get("capped", 0.0)) + sum(
-        float(o[1].get("capped", 0.0)) for o in capped_before)
+        float(o.stats.get("capped", 0.0)) for o in capped_before)
     return stats
 
 
 def evaluate_weights(arch: Architecture, task: str, metric: str, X_train, Y_train, X_test,
-                     Y_test, *outs: tuple) -> tuple[dict[str, float], list[np.ndarray]]:
+                     Y_test, *outs: StepOut) -> tuple[dict[str, float], list[np.ndarray]]:
     """Metrics of the true forward pass; returns ``(record, weights)``."""
-    weights = [o[0]["W"] for o in outs]
+    weights = [o.state["W"] for o in outs]
     with np.errstate(all="ignore"):
         tr = metrics(arch, weights, X_train, Y_train, task)
         te = metrics(arch, weights, X_test, Y_test, task)

@@ -7,7 +7,8 @@ current one, 1: the previous one). The serial reference (:mod:`daskadmm.referenc
 steps in order, blocks ascending or descending; the Dask graph (:mod:`daskadmm.graph`) wires the
 very same inputs as task dependencies, so both compute bit-identical iterates.
 
-Every task function has the signature ``fn(spec, pen, *inputs, Y=None) -> (state, stats)``:
+Every task function has the signature ``fn(spec, pen, *inputs, Y=None) -> StepOut(state,
+stats)`` (:class:`~daskadmm.splitting.base.StepOut`):
 
 - ``inputs`` in the order of ``Step.inputs``; an input that points left of block 1 is the data
   ``X``, one that points right of block N is ``None``;

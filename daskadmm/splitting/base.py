@@ -16,6 +16,7 @@ not depend on how the samples are chunked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg as sla
@@ -24,6 +25,7 @@ from ..model import Activation, Architecture, augment, softmax
 from . import fused
 
 __all__ = [
+    "StepOut",
     "BlockSpec",
     "Options",
     "Penalties",
@@ -35,6 +37,14 @@ __all__ = [
 ]
 
 Array = np.ndarray
+
+
+class StepOut(NamedTuple):
+    """What a step's task returns: the block's whole new ``state`` (a dict of arrays) and its
+    ``stats`` (``objective``, ``primal_sq``, ``dual_sq``, ``capped``)."""
+
+    state: dict
+    stats: dict[str, float]
 
 
 @dataclass(frozen=True)

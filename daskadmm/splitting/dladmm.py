@@ -110,7 +110,7 @@ import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_grad_n, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
-from .base import BlockSpec, Options, Penalties, lambda_max, prox_activation, prox_output
+from .base import BlockSpec, Options, Penalties, StepOut, lambda_max, prox_activation, prox_output
 
 __all__ = [
     "a_grad",
@@ -449,7 +449,7 @@ def _c(spec: BlockSpec, a: Array, left: Array) -> Array:
 
 def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
                     right: State | None, Y: Array | None = None
-                    ) -> tuple[State, dict[str, float]]:
+                    ) -> StepOut:
     """Backward sweep of layer l at iteration k.
 
     ``own``: layer l's state of iteration k-1 (its forward output); ``left``: ``a_{l-1}`` of
@@ -487,12 +487,13 @@ def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
     new["W"] = A if b is None else np.hstack([A, b])
     new["z"], new["theta_W"] = z, np.float64(th_w)
     capped += int(cap_w) + nc
-    return new, {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": float(capped)}
+    return StepOut(new, {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0,
+                        "capped": float(capped)})
 
 
 def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, left: Array,
                    right: State | None, Y: Array | None = None
-                   ) -> tuple[State, dict[str, float]]:
+                   ) -> StepOut:
     """Forward sweep of layer l at iteration k.
 
     ``own``: layer l's backward output of iteration k; ``prev``: its state of iteration k-1
@@ -540,7 +541,7 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
     capped += nc
     stats = {"objective": _objective(spec, pen, new, left, Y, Z), "primal_sq": primal_sq,
              "dual_sq": dual_sq, "capped": float(capped)}
-    return new, stats
+    return StepOut(new, stats)
 
 
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,

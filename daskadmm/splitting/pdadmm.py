@@ -57,7 +57,7 @@ import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
-from .base import BlockSpec, Options, Penalties, prox_activation, prox_output
+from .base import BlockSpec, Options, Penalties, StepOut, prox_activation, prox_output
 from .dladmm import (
     _plus_bias,
     penalty_nu,
@@ -232,7 +232,7 @@ def _left_q(spec: BlockSpec, left: State, p: Array, u: Array, rho: float, nu: fl
 
 def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Array,
                  right: State | None, Y: Array | None = None
-                 ) -> tuple[State, dict[str, float]]:
+                 ) -> StepOut:
     """One task of layer l at iteration k: the q/u phases of iteration k-1, then p, W, b, z.
 
     ``own``, ``left``, ``right``: the states of layers l, l-1, l+1 at iteration k-1 (``left``
@@ -303,7 +303,7 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
         primal_sq = float(np.sum(d * d))
     stats = {"objective": _objective(spec, pen, new, q_left if i > 1 else left, Y, Z),
              "primal_sq": primal_sq, "dual_sq": dual_sq, "capped": float(capped)}
-    return new, stats
+    return StepOut(new, stats)
 
 
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
-from .base import BlockSpec, Options, Penalties, lambda_max, spd_solve
+from .base import BlockSpec, Options, Penalties, StepOut, lambda_max, spd_solve
 from .radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 
 __all__ = [
@@ -308,7 +308,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
 
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
-                 right: State | None, Y: Array | None) -> tuple[State, dict[str, float]]:
+                 right: State | None, Y: Array | None) -> StepOut:
     """One iteration of block i (same neighbour contract as RADMM-3's ``block_update``)."""
     if spec.is_output:
         Vt = spec.aug(Vleft)
@@ -334,7 +334,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         stats = {"primal_sq": 0.0, "dual_sq": float(np.sum((V - own["V"]) ** 2)),
                  "capped": float(capped)}
     stats["objective"] = block_objective(spec, pen, new, Vleft, Y)
-    return new, stats
+    return StepOut(new, stats)
 
 
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,

@@ -25,6 +25,7 @@ from .base import (
     BlockSpec,
     Options,
     Penalties,
+    StepOut,
     float_type,
     lambda_max,
     prox_activation,
@@ -304,7 +305,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
                  right: State | None, Y: Array | None, *, linearized: bool = False
-                 ) -> tuple[State, dict[str, float]]:
+                 ) -> StepOut:
     """One iteration of block i: W, U, Lam, then V (i < N).
 
     ``own`` is block i's state at iteration k, ``Vleft`` is ``V_{i-1}`` at iteration k+1 (X
@@ -362,7 +363,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         "dual_sq": dual_sq,
         "capped": float(capped),
     }
-    return new, stats
+    return StepOut(new, stats)
 
 
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,

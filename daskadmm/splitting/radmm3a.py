@@ -65,7 +65,7 @@ import numpy as np
 
 from ..model import Architecture
 from . import radmm3
-from .base import BlockSpec, Options, Penalties, spd_solve
+from .base import BlockSpec, Options, Penalties, StepOut, spd_solve
 
 __all__ = [
     "GAMMA_STEP",
@@ -167,7 +167,7 @@ def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
 
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
-                 right: State | None, Y: Array | None) -> tuple[State, dict[str, float]]:
+                 right: State | None, Y: Array | None) -> StepOut:
     """One iteration of block i: W, U, Lam, V, then Gam (i < N). Inputs and statistics as in
     :func:`daskadmm.splitting.radmm3.block_update`."""
     Vt = spec.aug(Vleft)
@@ -194,4 +194,4 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         "dual_sq": dual_sq,
         "capped": float(capped),
     }
-    return new, stats
+    return StepOut(new, stats)
