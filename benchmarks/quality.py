@@ -20,9 +20,9 @@ Writes one JSON record per run (config, final and best test metric, the test met
 evaluation with its wall time, seconds, load average) to ``benchmarks/results/quality.json``,
 prints two markdown tables (final test metric, mean ± std over seeds; seconds each ADMM method
 took to reach tuned Adam's mean final test metric, and Adam's own seconds) and draws
-``quality-depth.png`` beside the JSON (digits accuracy against depth, and each regression
-set's test MSE relative to tuned Adam's, mean ± std over seeds). ``--table-only`` redraws
-both from an existing JSON.
+``quality-depth.png`` beside the JSON (digits accuracy against depth, and each other set's
+test error, MSE or 1 − accuracy, relative to tuned Adam's, mean ± std over seeds).
+``--table-only`` redraws both from an existing JSON.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def summarise(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """``path``: digits test accuracy against depth per method (mean ± std over seeds), and
-    each other set's test metric relative to tuned Adam's. None (nothing drawn) without rows."""
+    each other set's test error (MSE, or 1 - accuracy) relative to tuned Adam's. None (nothing
+    drawn) without rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +202,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             adam = values(sel, methods[-1])
             v = values(sel, m)
             if v and adam:
-                base = statistics.mean(adam)
-                rel = [u / base for u in v]
+                # errors, so that lower is better for every set: MSE, or 1 - accuracy
+                err = (lambda x: 1.0 - x) if sel[0]["metric"] == "accuracy" else (lambda x: x)
+                base = statistics.mean(err(u) for u in adam)
+                rel = [err(u) / base for u in v]
                 xs.append(x + j * width)
                 ys.append(statistics.mean(rel))
                 es.append(statistics.stdev(rel) if len(rel) > 1 else 0)
@@ -211,7 +214,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     right.axhline(1.0, color="k", lw=0.8)
     right.set_xticks([x + width * (len(methods) - 2) / 2 for x in range(len(others))],
                      [f"{data}" for data, _ in others])
-    right.set(ylabel="test metric / tuned Adam's", title="other sets (N = 4)")
+    right.set(ylabel="test error / tuned Adam's (MSE, or 1 - accuracy)",
+              title="other sets (N = 4; lower is better)")
     if others:
         right.legend(fontsize=8)
     fig.tight_layout()

@@ -185,7 +185,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         splitting = get_splitting(name)
         a = cfg.algorithm
         options = Options(step=a.step, backtrack_max=a.backtrack_max,
-                          newton_max_iter=a.newton_max_iter, output_init=a.output_init)
+                          newton_max_iter=a.newton_max_iter, output_init=a.output_init,
+                          relax=a.relax)
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .reference import solve

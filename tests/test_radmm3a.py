@@ -44,7 +44,7 @@ from daskadmm.data import load_dataset
 from daskadmm.errors import StoreError
 from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture, init_weights
-from daskadmm.splitting import get_splitting, radmm3a
+from daskadmm.splitting import get_splitting, radmm3, radmm3a
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 from daskadmm.storage import MANIFEST
 
@@ -288,3 +288,97 @@ def test_depth_scaling_bounds_forward_growth():
     assert growth(64, True) < 4.0
     assert growth(64, True) < 3.0 * growth(8, True)
     assert growth(64, False) > 100.0 * growth(64, True)
+
+
+def _plain_update(spec, pen, own, Vleft, right, Y):
+    """RADMM-3A's block update without over-relaxation, written out with its pieces."""
+    Vt = spec.aug(Vleft)
+    G, B = radmm3.weight_stats(Vt, own["U"], own["Lam"], pen.rho)
+    W = radmm3.update_weights(own["W"], G, B, pen, spec.n)
+    Z = W @ Vt
+    c = None if spec.is_output else radmm3a.prox_target(spec, pen, own["V"], Vleft, own["Gam"])
+    U, _ = radmm3.update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
+    out = {"W": W, "U": U, "Lam": radmm3.update_duals(own["Lam"], U, Z, pen.rho)}
+    if not spec.is_output:
+        out["V"] = radmm3a.update_activation(spec, pen, own["V"], Vleft, U, own["Gam"], right)
+        out["Gam"] = radmm3a.update_multiplier(
+            pen, own["Gam"], radmm3a.activation_residual(spec, out["V"], Vleft, U))
+    return out
+
+
+def _relax_case(i, relax):
+    prob = make_problem("relu", "resnet", True, "mse", depth=4, n=10)
+    states = random_gam(prob, random_state3(prob))
+    spec = BlockSpec(prob.arch, i, prob.n, Options(relax=relax))
+    right = None if i == prob.arch.depth else states[i]
+    Y = prob.Y if i == prob.arch.depth else None
+    return prob, spec, states[i - 1], left_value(prob, states, i), right, Y
+
+
+@pytest.mark.parametrize("i", [1, 2, 4])
+def test_over_relaxation_one_is_the_plain_update(i):
+    """relax = 1 gives the plain update bit for bit."""
+    _, spec, own, Vleft, right, Y = _relax_case(i, 1.0)
+    new, _ = radmm3a.block_update(spec, PEN, own, Vleft, right, Y)
+    expected = _plain_update(spec, PEN, own, Vleft, right, Y)
+    assert new.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(new[key], expected[key]), key
+
+
+def test_over_relaxed_output_block():
+    """Output block (MSE): W is the plain step; U and Lam use ``Z_a = a Z + (1 - a) U^k``:
+    ``U = (Y + rho Z_a - Lam + tau U^k) / (1 + rho + tau)``, ``Lam+ = Lam + rho (U - Z_a)``."""
+    prob, spec, own, Vleft, right, Y = _relax_case(4, 1.6)
+    new, _ = radmm3a.block_update(spec, PEN, own, Vleft, right, Y)
+    plain = _plain_update(spec, PEN, own, Vleft, right, Y)
+    assert np.array_equal(new["W"], plain["W"])
+    Za = 1.6 * (new["W"] @ spec.aug(Vleft)) - 0.6 * own["U"]
+    U = (Y + PEN.rho * Za - own["Lam"] + PEN.tau * own["U"]) / (1 + PEN.rho + PEN.tau)
+    assert np.abs(new["U"] - U).max() <= 1e-12 * np.abs(U).max()
+    assert np.abs(new["Lam"] - (own["Lam"] + PEN.rho * (U - Za))).max() <= 1e-12 * np.abs(
+        own["Lam"]).max()
+    assert np.abs(new["U"] - plain["U"]).max() >= 1e-3 * np.abs(U).max()
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_over_relaxed_activation_constraint(i):
+    """Hidden block: the V step and the multiplier step see ``sigma_a = a sigma(U) + (1 - a)
+    (V^k - s V_{i-1})`` for ``sigma(U)`` (U itself from the over-relaxed U step): ``Gam+ = Gam
+    + GAMMA_STEP beta (V - s V_{i-1} - sigma_a)``, and V is stationary for n L_A + the proximal
+    term with sigma_a in the own activation term."""
+    prob, spec, own, Vleft, right, Y = _relax_case(i, 1.7)
+    new, _ = radmm3a.block_update(spec, PEN, own, Vleft, right, Y)
+    sv = skip_term(prob.arch, i, Vleft)
+    sig_a = 1.7 * sigma("relu", new["U"]) - 0.7 * (own["V"] - sv)
+    expected = own["Gam"] + radmm3a.GAMMA_STEP * PEN.beta * (new["V"] - sv - sig_a)
+    assert np.abs(new["Gam"] - expected).max() <= 1e-12 * np.abs(expected).max()
+    # V: the same linear system as the plain step with sigma(U) replaced by sigma_a, so its
+    # residual is rounding; the plain V differs
+    rhs_a = radmm3a.update_activation(spec, PEN, own["V"], Vleft, new["U"], own["Gam"], right,
+                                      sigma_own=sig_a)
+    assert np.array_equal(new["V"], rhs_a)
+    plain_v = radmm3a.update_activation(spec, PEN, own["V"], Vleft, new["U"], own["Gam"], right)
+    assert np.abs(new["V"] - plain_v).max() >= 1e-3 * np.abs(plain_v).max()
+
+
+def test_over_relaxed_chunks_match_the_reference():
+    """The Zarr engine's chunk tasks apply both relaxations like the reference (1 and 3
+    chunks of a 20-iteration run agree to rounding); the default (1.8) is not the plain run."""
+    cfg = from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "reference"},
+                        "data": {"name": "synthetic", "n_samples": 100},
+                        "model": {"width": 6, "depth": 4, "activation": "relu"},
+                        "run": {"iterations": 20, "eval_every": 5, "progress": False}})
+    ds = load_dataset(cfg.data, seed=0)
+    assert cfg.algorithm.relax == 1.8  # radmm3a's default
+    ref = api.fit(cfg, dataset=ds)
+    plain = api.fit(replace_sections(cfg, algorithm={"relax": 1.0}), dataset=ds)
+    assert max(np.abs(a - b).max() for a, b in zip(ref.weights, plain.weights, strict=True)) > 1e-3
+    for chunk_size in (0, 30):
+        res = api.fit(replace_sections(cfg, cluster={"kind": "synchronous"},
+                                       storage={"chunk_size": chunk_size,
+                                                "url": f"memory://relax-{chunk_size}-{id(cfg)}"}),
+                      dataset=ds)
+        assert res.info["engine"] == "dask-zarr"
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()

@@ -180,8 +180,9 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
         else:
             c = V0 - Vleft if spec.s else V0
         sigma = np.empty(Z.shape, dtype=Z.dtype)
-    U, capped = radmm3.update_preactivation(spec, pen, U0, Z, Lam0, c, Y, sigma_out=sigma)
-    Lam = radmm3.update_duals(Lam0, U, Z, pen.rho)
+    Za = radmm3a.relaxed_product(spec, Z, U0) if gam else Z  # Z itself unless over-relaxed
+    U, capped = radmm3.update_preactivation(spec, pen, U0, Za, Lam0, c, Y, sigma_out=sigma)
+    Lam = radmm3.update_duals(Lam0, U, Za, pen.rho)
     r = U - Z
     objective = (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / spec.n
     if ct.c == 0:
@@ -194,7 +195,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
         assert Y is not None
         objective += _loss_sum(spec.arch.loss, U, Y) / spec.n
     else:
-        assert V0 is not None and W_right is not None  # a hidden block has both
+        assert V0 is not None and W_right is not None and sigma is not None  # hidden block
         right = {"W": W_right,
                  "U": _read(url, f"live/b{i + 1}/U", sl, old),
                  "Lam": _read(url, f"live/b{i + 1}/Lam", sl, old)}
@@ -202,8 +203,10 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
             right["V"] = _read(url, f"live/b{i + 1}/V", sl, old)
             if gam:
                 right["Gam"] = _read(url, f"live/b{i + 1}/Gam", sl, old)
+        sig = sigma
         if Gam0 is not None:
-            V = radmm3a.update_activation(spec, pen, V0, Vleft, U, Gam0, right, sigma_own=sigma)
+            sig = radmm3a.relaxed_activation(spec, sigma, V0, Vleft)
+            V = radmm3a.update_activation(spec, pen, V0, Vleft, U, Gam0, right, sigma_own=sig)
         elif name == "radmm3l":
             V = radmm3.update_activation_linearized(spec, pen, V0, Vleft, U, right,
                                                     sigma_own=sigma)
@@ -216,7 +219,8 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
             p -= Vleft
         objective += 0.5 * pen.beta * float(np.sum(p * p)) / spec.n
         if Gam0 is not None:
-            Gam = radmm3a.update_multiplier(pen, Gam0, p)
+            pa = p if sig is sigma else radmm3a.activation_residual(spec, V, Vleft, U, sig)
+            Gam = radmm3a.update_multiplier(pen, Gam0, pa)
             _write(url, f"live/b{i}/Gam", sl, Gam, new)
             objective += radmm3a.multiplier_objective(spec, Gam, p)
         Vn = augment(V, spec.bias)

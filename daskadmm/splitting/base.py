@@ -64,12 +64,14 @@ class Penalties:
 @dataclass(frozen=True)
 class Options:
     """Inner-solver options: step rule of linearized steps and every cap; how dlADMM's output
-    layer starts (``output_init``: ``forward`` or ``labels``)."""
+    layer starts (``output_init``: ``forward`` or ``labels``); RADMM-3A's over-relaxation
+    (``relax``, 1: none)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
     newton_max_iter: int = 100
     output_init: str = "forward"
+    relax: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,18 @@ within seed noise of 0.5. Shrinking the step of a block whose activation residua
 ``min(1, ||p^k|| / ||p^{k+1}||)``) changed nothing (digits, N = 16, seeds 0-4: mean test
 accuracy 0.940 either way at 60 iterations).
 
+**Over-relaxation** (``Options.relax``, the config's ``algorithm.relax``: 1.8 by default for
+RADMM-3A, 1 = none, the same bits as without it): as in ADMM's over-relaxed form, block i's U
+and Lam steps use ``Z_a = alpha W_i V~ + (1 - alpha) U_i^k`` in place of ``Z = W_i V~``, and its
+V and Gam steps use ``sigma_a = alpha sigma(U_i) + (1 - alpha) (V_i^k - s_i V_{i-1})`` in place
+of ``sigma(U_i)``. Both are elementwise, so the Zarr engine's chunk tasks apply them per chunk
+(:func:`relaxed_product`, :func:`relaxed_activation`); the objective and the residuals are
+those of the unrelaxed point. Measured (relu, lam 0.03, rho 2, 100 iterations; the README's
+"Deep networks" has the table): mnist_5k test accuracy 0.908 against 0.896 (seeds 0-4, better
+on every seed), synthetic MSE 0.078 against 0.081; digits and wine within seed noise; it makes
+each iteration count for more, not the end point better (mnist_5k at 300 iterations: 0.918
+against 0.915). 1.95, or 1.8 with rho 1, took digits N = 32 to 0.950.
+
 **Activation.** With tanh RADMM-3A trains worse than RADMM-3 (digits, width 64, N = 16, seed 0,
 60 iterations: 0.836 against 0.922): its training loss falls faster for ten iterations, then
 jumps (0.68 at iteration 10, 1.09 at 15) and stays near 0.55 for 30 iterations. The shifted
@@ -76,6 +88,8 @@ __all__ = [
     "init_state",
     "multiplier_objective",
     "prox_target",
+    "relaxed_activation",
+    "relaxed_product",
     "update_activation",
     "update_multiplier",
 ]
@@ -84,6 +98,25 @@ Array = np.ndarray
 State = dict[str, Array]
 
 GAMMA_STEP = 0.5
+
+
+def relaxed_product(spec: BlockSpec, Z: Array, U: Array) -> Array:
+    """``Z_a = alpha Z + (1 - alpha) U^k`` for the U and Lam steps (``Z = W_i V~`` with the new
+    ``W_i``, ``alpha = spec.options.relax``); ``Z`` itself when alpha is 1."""
+    alpha = spec.options.relax
+    if alpha == 1.0:
+        return Z
+    return alpha * Z + (1.0 - alpha) * U
+
+
+def relaxed_activation(spec: BlockSpec, sigma_U: Array, V: Array, Vleft: Array) -> Array:
+    """``alpha sigma(U_i) + (1 - alpha) (V_i^k - s_i V_{i-1})`` for the V and Gam steps (i < N;
+    ``sigma_U`` at the new ``U_i``, ``alpha = spec.options.relax``); ``sigma_U`` itself when
+    alpha is 1."""
+    alpha = spec.options.relax
+    if alpha == 1.0:
+        return sigma_U
+    return alpha * sigma_U + (1.0 - alpha) * (V - Vleft if spec.s else V)
 
 
 def activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array,
@@ -177,15 +210,18 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     c = None
     if not spec.is_output:
         c = prox_target(spec, pen, own["V"], Vleft, own["Gam"])
-    U, capped = radmm3.update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y)
-    Lam = radmm3.update_duals(own["Lam"], U, Z, pen.rho)
+    Za = relaxed_product(spec, Z, own["U"])
+    U, capped = radmm3.update_preactivation(spec, pen, own["U"], Za, own["Lam"], c, Y)
+    Lam = radmm3.update_duals(own["Lam"], U, Za, pen.rho)
     new: State = {"W": W, "U": U, "Lam": Lam}
     dual_sq = 0.0
     if not spec.is_output:
         assert right is not None  # every hidden block has a right neighbour
-        V = update_activation(spec, pen, own["V"], Vleft, U, own["Gam"], right)
+        sig = relaxed_activation(spec, spec.act.f(U), own["V"], Vleft)
+        V = update_activation(spec, pen, own["V"], Vleft, U, own["Gam"], right, sigma_own=sig)
         new["V"] = V
-        new["Gam"] = update_multiplier(pen, own["Gam"], activation_residual(spec, V, Vleft, U))
+        new["Gam"] = update_multiplier(pen, own["Gam"],
+                                       activation_residual(spec, V, Vleft, U, sigma_U=sig))
         dual_sq = float(np.sum((V - own["V"]) ** 2))
     r = U - Z
     stats = {
