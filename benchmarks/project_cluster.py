@@ -84,6 +84,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
 WORKERS = (1, 2, 4, 8, 16, 32, 64)
+ALGORITHM = "radmm3"  # what the projection builds, measures and validates (its task kinds)
 DEPTHS = (8, 32, 128)
 F64 = 8
 SMALL = 200  # bytes of a task output that holds a few floats (statistics, flags)
@@ -394,7 +395,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     rid, N = run_id, prob.depth
     # the runner's start for a fresh store (runner._ZarrCtx.start_nodes; the weights are not
     # needed to replay it)
-    nodes, prev, init_keys = chunk_graph.start_nodes("radmm3", arch, url, slices, rid, None,
+    nodes, prev, init_keys = chunk_graph.start_nodes(ALGORITHM, arch, url, slices, rid, None,
                                                      prob.n, None, Options(), pen.rho)
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
@@ -405,7 +406,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     stats: dict[int, str] = {}
     evals = set(eval_iters)
     for k in range(1, iterations + 1):
-        wg = chunk_graph.build_window("radmm3", specs, {k: pen}, k - 1, k, prev, rid, url,
+        wg = chunk_graph.build_window(ALGORITHM, specs, {k: pen}, k - 1, k, prev, rid, url,
                                       slices, [k] if k in evals else [],
                                       (arch, "classification", "accuracy", (), ()))
         gate = init if k <= window else (stats[k - window],)
@@ -648,10 +649,11 @@ def validation_run(workers: int, prob: Problem, iterations: int, activation: str
     """A real Dask run (``cluster=local``, ``workers`` worker processes of one thread, state
     in a Zarr store under ``run_dir``) with its task stream."""
     from daskadmm import api, outputs
-    from daskadmm.config import Config
+    from daskadmm.config import Config, algorithm_defaults
 
     ds = synthetic_classification(prob.n, prob.d_in, prob.d_out)
     cfg = Config()
+    cfg.algorithm = algorithm_defaults(ALGORITHM)  # the algorithm the projection rebuilds
     cfg.model.width, cfg.model.depth, cfg.model.activation = prob.width, prob.depth, activation
     cfg.run.iterations, cfg.run.eval_every = iterations, iterations
     cfg.run.progress = cfg.run.plot = False
@@ -737,11 +739,12 @@ def measure_tasks(prob: Problem, activation: str, iterations: int = 2,
     reduction of ``chunks`` partial statistics timed directly."""
     from daskadmm import api
     from daskadmm.chunks import radmm3 as chunked
-    from daskadmm.config import Config
+    from daskadmm.config import Config, algorithm_defaults
 
     chunk = math.ceil(prob.n / prob.chunks)
     ds = synthetic_classification(chunk, prob.d_in, prob.d_out)
     cfg = Config()
+    cfg.algorithm = algorithm_defaults(ALGORITHM)  # the algorithm the projection rebuilds
     cfg.model.width, cfg.model.depth, cfg.model.activation = prob.width, 4, activation
     cfg.run.iterations, cfg.run.eval_every = iterations, iterations
     cfg.run.progress = cfg.run.plot = False
@@ -773,7 +776,7 @@ def measure_tasks(prob: Problem, activation: str, iterations: int = 2,
         best = min(best, time.perf_counter() - t)
     return {
         "measured_depth": 4, "chunk_samples": chunk, "activation": activation,
-        "chunk": {r: fastest("radmm3_chunk", b) for r, b in roles.items()},
+        "chunk": {r: fastest(f"{ALGORITHM}_chunk", b) for r, b in roles.items()},
         "update_weights": {r: fastest("update_weights", roles[r])
                            for r in ("first", "hidden", "output")},
         "reduce_per_input": best / prob.chunks,

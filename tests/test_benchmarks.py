@@ -379,6 +379,17 @@ def _chain(durations, nbytes=10**6, pin=None):
             for i, d in enumerate(durations)]
 
 
+def test_the_projection_measures_the_algorithm_it_rebuilds():
+    """measure_tasks times a real run of the algorithm whose graph the projection rebuilds
+    (it timed the default algorithm's tasks and found none of the projection's kinds once the
+    default changed)."""
+    m = project.measure_tasks(project.Problem(depth=4, width=6, n=64, chunks=2, d_in=5,
+                                              d_out=3), "tanh", iterations=1, repeats=1)
+    assert set(m["chunk"]) == {"first", "hidden", "last_hidden", "output"}
+    assert all(v > 0 for v in m["chunk"].values())
+    assert any(k.startswith(f"{project.ALGORITHM}_chunk-") for k in m["all_tasks"])
+
+
 @pytest.mark.parametrize("workers", [1, 2, 5])
 def test_a_chain_takes_the_sum_of_its_durations_on_any_number_of_workers(workers):
     durations = [0.3, 1.0, 0.2, 2.5, 0.7]
