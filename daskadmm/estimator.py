@@ -9,9 +9,10 @@
 
 Rows are samples, as everywhere in scikit-learn. Every hyper-parameter is an ``__init__``
 argument (``get_params`` / ``set_params``, ``clone``, ``Pipeline``, ``GridSearchCV`` work as
-usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``lr`` means the algorithm's own default
-(the values of ``conf/algorithm/<name>.yaml``). Features are standardised with the training
-mean and standard deviation (regression targets centred), as the command line does.
+usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``relax``, ``lr`` means the
+algorithm's own default (the values of ``conf/algorithm/<name>.yaml``). Features are
+standardised with the training mean and standard deviation (regression targets centred), as
+the command line does.
 
 Where it runs (``cluster``):
 
@@ -65,7 +66,7 @@ __all__ = ["ADMMClassifier", "ADMMRegressor"]
 
 _A, _M, _R, _S = AlgorithmConfig(), ModelConfig(), RunConfig(), StorageConfig()
 # hyper-parameters that default to the algorithm's own value when None
-_PER_ALGORITHM = ("rho", "beta", "tau", "lam", "lr")
+_PER_ALGORITHM = ("rho", "beta", "tau", "lam", "relax", "lr")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class _ADMMEstimator(BaseEstimator):
         tau: float | None = None,
         lam: float | None = None,
         nu: float | None = _A.nu,
+        relax: float | None = None,
         schedule: str = _A.schedule,
         growth: float = _A.growth,
         step: str = _A.step,
@@ -147,6 +149,7 @@ class _ADMMEstimator(BaseEstimator):
         self.tau = tau
         self.lam = lam
         self.nu = nu
+        self.relax = relax
         self.schedule = schedule
         self.growth = growth
         self.step = step
@@ -391,6 +394,7 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
     rho, beta, tau, lam, nu : the ADMM penalties (None: the algorithm's default). ``rho``
         weights the linear constraints, ``beta`` the activation penalties, ``tau`` the proximal
         terms, ``lam`` the weight decay; ``nu`` dlADMM's/pdADMM's relaxed hidden constraints.
+    relax : RADMM-3A's over-relaxation in [1, 2) (None: its default, 1.8; 1: none).
     schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
     step : linearized steps, ``backtracking`` or ``lipschitz``.
     lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).

@@ -128,6 +128,10 @@ def test_none_penalties_take_the_algorithms_defaults():
     assert cfg.algorithm.rho == algorithm_defaults("pdadmm").rho == 0.1
     cfg, _ = ADMMClassifier(algorithm="pdadmm", rho=0.7)._config()
     assert cfg.algorithm.rho == 0.7
+    cfg, _ = ADMMClassifier()._config()  # radmm3a: its own over-relaxation
+    assert cfg.algorithm.relax == algorithm_defaults("radmm3a").relax == 1.8
+    cfg, _ = ADMMClassifier(relax=1.0)._config()
+    assert cfg.algorithm.relax == 1.0
 
 
 def test_engines_agree_through_the_estimator():
