@@ -205,6 +205,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
                 # errors, so that lower is better for every set: MSE, or 1 - accuracy
                 err = (lambda x: 1.0 - x) if sel[0]["metric"] == "accuracy" else (lambda x: x)
                 base = statistics.mean(err(u) for u in adam)
+                if base <= 0.0:  # Adam made no error: no ratio to draw
+                    continue
                 rel = [err(u) / base for u in v]
                 xs.append(x + j * width)
                 ys.append(statistics.mean(rel))
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"quality.py: error: no results at {out}")
         rows = json.loads(out.read_text())
         print(summarise(rows))
-        plot(rows, out.with_name(f"{out.stem}-depth.png"))
+        _draw(rows, out)
         return 0
     data = args.data.split(",")
     depths = [int(d) for d in args.depths.split(",")]
@@ -274,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     print(summarise(rows))
-    try:  # an optional artefact: the results are written already
+    _draw(rows, out)
+    return 0
+
+
+def _draw(rows: list[dict], out: Path) -> None:
+    """The figure beside ``out``: an optional artefact, so a failure is a warning."""
+    try:
         drawn = plot(rows, out.with_name(f"{out.stem}-depth.png"))
         if drawn is not None:
             print(f"figure: {drawn}")
     except Exception as exc:  # noqa: BLE001
         print(f"quality.py: warning: no figure ({type(exc).__name__}: {exc})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -794,11 +794,19 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return _jsonable(out)
 
 
+# Determining settings added after stores were first written, with the value that gives the
+# iterates those stores were made with: a store without the key resumes when the setting has
+# that value now, and is refused otherwise.
+ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0}
+
+
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key (stored -> now)`` for every determining setting that differs."""
+    """``key (stored -> now)`` for every determining setting that differs (a key the stored
+    settings predate counts as :data:`ADDED_DETERMINANTS` says)."""
     out = []
     for key in sorted(set(stored) | set(now)):
-        a, b = stored.get(key, "<unset>"), now.get(key, "<unset>")
+        a = stored.get(key, ADDED_DETERMINANTS.get(key, "<unset>"))
+        b = now.get(key, "<unset>")
         if a != b:
             out.append(f"{key} ({a} -> {b})")
     return out

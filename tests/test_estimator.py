@@ -132,6 +132,8 @@ def test_none_penalties_take_the_algorithms_defaults():
     assert cfg.algorithm.relax == algorithm_defaults("radmm3a").relax == 1.8
     cfg, _ = ADMMClassifier(relax=1.0)._config()
     assert cfg.algorithm.relax == 1.0
+    cfg, _ = ADMMClassifier(relax=np.float64(1.5), lam=np.float32(0.01))._config()
+    assert type(cfg.algorithm.relax) is float and type(cfg.algorithm.lam) is float  # noqa: E721
 
 
 def test_engines_agree_through_the_estimator():

@@ -99,7 +99,9 @@ def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act
     rng = np.random.default_rng(11)
     act = get_activation(act_name)
     c, m, u0 = (x.astype(dtype) for x in hard_inputs(rng, (5, 4001)))
-    for beta, kappa in PENALTIES:
+    bits = np.uint64 if dtype == np.float64 else np.uint32
+    # NumPy float64 penalties too (a scikit-learn grid): the same bits as Python floats'
+    for beta, kappa in [*PENALTIES, (np.float64(0.3), np.float64(1.7))]:
         got = []
         for compiled in (True, False):
             monkeypatch.setattr(fused, "AVAILABLE", compiled)
@@ -108,9 +110,30 @@ def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act
             got.append((u, sig, capped))
         (u1, s1, k1), (u2, s2, k2) = got
         assert u1.dtype == u2.dtype == dtype
-        np.testing.assert_array_equal(u1, u2)
-        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(u1.view(bits), u2.view(bits))  # NaN payloads, -0.0
+        np.testing.assert_array_equal(s1.view(bits), s2.view(bits))
         assert k1 == k2
+    sig = np.empty_like(c)
+    u_np, _ = prox_activation(c, m, np.float64(0.3), np.float64(1.7), u0, act, max_iter,
+                              sigma_out=sig)
+    u_py, _ = prox_activation(c, m, 0.3, 1.7, u0, act, max_iter)
+    np.testing.assert_array_equal(u_np.view(bits), u_py.view(bits))
+
+
+def test_a_numba_that_does_not_import_falls_back_to_numpy(monkeypatch):
+    """Numba installed but broken (e.g. too old for NumPy): the NumPy formulation runs."""
+    from daskadmm.splitting import fused
+
+    monkeypatch.setattr(fused, "AVAILABLE", True)
+    monkeypatch.setattr(fused, "_COMPILED", None)
+    monkeypatch.setitem(__import__("sys").modules, "numba", None)  # import raises
+    c, m, u0 = hard_inputs(np.random.default_rng(4), (3, 300))
+    act = get_activation("tanh")
+    u, capped = prox_activation(c, m, 1.0, 2.0, u0, act, 7)
+    assert fused.AVAILABLE is False
+    expected = prox_smooth_plain(c, m, 1.0, 2.0, u0, act, 7)
+    np.testing.assert_allclose(u, expected[0], rtol=1e-12, atol=0.0)
+    assert capped == expected[1]
 
 
 def test_the_compiled_prox_is_used_when_numba_is_installed(monkeypatch):

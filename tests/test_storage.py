@@ -633,3 +633,18 @@ def test_chunk_reads_per_write_are_what_the_updates_need(tmp_path, monkeypatch, 
     live = {k: w for k, w in writes.items() if k[0].startswith("live/")}
     assert live and all(reads[k] > 0 for k in live)
     assert max(reads[k] / w for k, w in live.items()) == most
+
+
+def test_a_store_older_than_a_setting_resumes_only_at_the_old_behaviour():
+    """A store written before ``algorithm.relax`` existed resumes when relax is 1 (what its
+    iterates were made with) and is refused otherwise."""
+    from daskadmm.config import Config, algorithm_defaults
+    from daskadmm.storage import changed_determinants, determinants
+
+    cfg = Config()
+    cfg.algorithm = algorithm_defaults("radmm3a")
+    now = determinants(cfg.to_dict())
+    old = {k: v for k, v in now.items() if k != "algorithm.relax"}
+    assert changed_determinants(old, now) == ["algorithm.relax (1.0 -> 1.8)"]
+    cfg.algorithm.relax = 1.0
+    assert changed_determinants(old, determinants(cfg.to_dict())) == []

@@ -219,6 +219,10 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     if out is not None and not (out.flags.c_contiguous and out.dtype == dt
                                 and out.shape == c.shape):
         raise ValueError(f"prox_activation: out must be C-contiguous {dt} of c's shape")
+    # Python floats: NumPy 2 computes with them in the arrays' type (a NumPy float64 scalar
+    # would turn float32 arithmetic into float64 rounded back), and the compiled path casts
+    # its constants to that type, so both paths compute the same bits
+    beta, kappa = float(beta), float(kappa)
     if act.piecewise_linear:
         u = _prox_piecewise(c, m, beta, kappa, act, out)
         if sigma_out is not None:
@@ -241,7 +245,8 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
         raise ValueError(f"prox_activation: the smooth activation {act.name!r} needs its "
                          "in-place kernels f_into and derivs_from_value")
     bufs = _SmoothBuffers(min(u.size, _BLOCK), dt)
-    solve = _prox_smooth_fused if fused.AVAILABLE and act.name in _FUSED else _prox_smooth_block
+    compiled = fused.AVAILABLE and act.name in _FUSED and fused.kernels() is not None
+    solve = _prox_smooth_fused if compiled else _prox_smooth_block
     capped = 0
     with np.errstate(all="ignore"):
         for lo in range(0, u.size, _BLOCK):
@@ -549,7 +554,9 @@ def _prox_smooth_fused(c: Array, m: Array, beta: float, kappa: float, u: Array, 
     step, phi, cand, sc = F["step"], F["phi"], F["cand"], F["sc"]
     idx, rejected, outright, done = B.idx, B.ispare, B.b1, B.b2
     kind = _FUSED[act.name]
-    newton_pass, accept_pass = fused.kernels()
+    compiled = fused.kernels()
+    assert compiled is not None  # prox_activation checked
+    newton_pass, accept_pass = compiled
     a = u.size
     uu[:a] = u
     cc[:a] = c

@@ -125,12 +125,18 @@ def _accept_pass(uu, ss, cc, mm, phi, outright, cand, sc, rejected, a, consts):
 _COMPILED: tuple[Callable, Callable] | None = None
 
 
-def kernels() -> tuple[Callable, Callable]:
+def kernels() -> tuple[Callable, Callable] | None:
     """``(newton_pass, accept_pass)`` compiled by Numba (on the first call in a process:
-    about a second per float type, cached on disk where Numba can write its cache)."""
-    global _COMPILED
+    about a second per float type, cached on disk where Numba can write its cache); None, and
+    :data:`AVAILABLE` False from then on, when Numba is installed but does not import (e.g. a
+    release too old for the installed NumPy): the NumPy formulation runs instead."""
+    global _COMPILED, AVAILABLE
     if _COMPILED is None:
-        import numba
+        try:
+            import numba
+        except ImportError:
+            AVAILABLE = False
+            return None
 
         def jit(fn: Callable) -> Callable:
             try:

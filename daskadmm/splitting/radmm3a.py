@@ -103,7 +103,7 @@ GAMMA_STEP = 0.5
 def relaxed_product(spec: BlockSpec, Z: Array, U: Array) -> Array:
     """``Z_a = alpha Z + (1 - alpha) U^k`` for the U and Lam steps (``Z = W_i V~`` with the new
     ``W_i``, ``alpha = spec.options.relax``); ``Z`` itself when alpha is 1."""
-    alpha = spec.options.relax
+    alpha = float(spec.options.relax)  # a Python float keeps float32 arrays float32
     if alpha == 1.0:
         return Z
     return alpha * Z + (1.0 - alpha) * U
@@ -113,7 +113,7 @@ def relaxed_activation(spec: BlockSpec, sigma_U: Array, V: Array, Vleft: Array) 
     """``alpha sigma(U_i) + (1 - alpha) (V_i^k - s_i V_{i-1})`` for the V and Gam steps (i < N;
     ``sigma_U`` at the new ``U_i``, ``alpha = spec.options.relax``); ``sigma_U`` itself when
     alpha is 1."""
-    alpha = spec.options.relax
+    alpha = float(spec.options.relax)
     if alpha == 1.0:
         return sigma_U
     return alpha * sigma_U + (1.0 - alpha) * (V - Vleft if spec.s else V)
