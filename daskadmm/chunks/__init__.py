@@ -56,25 +56,6 @@ def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Smal
     return ENGINES[name].init_small(arch, weights)
 
 
-def _layout_of(name: str) -> Callable[[Architecture], list[dict[str, tuple]]]:
-    """The layout of pdADMM, dlADMM or RADMM-2 from their state variables (pdADMM's ``p``,
-    ``u`` have the layer's input rows, and it adds the scratch ``ql``: ``q_{l-1}`` of the
-    pending phase)."""
-    def lay(arch: Architecture) -> list[dict[str, tuple]]:
-        out = []
-        for i in range(1, arch.depth + 1):
-            v: dict[str, tuple] = {"W": arch.weight_shape(i)}
-            for name_ in ENGINES[name].state_vars(arch, i):
-                rows = arch.in_dim(i) if name_ in ("p", "u") and name == "pdadmm" else \
-                    arch.out_dim(i)
-                v[name_] = (rows, "n")
-            if name == "pdadmm" and i > 1:
-                v["ql"] = (arch.in_dim(i), "n")
-            out.append(v)
-        return out
-    return lay
-
-
 @dataclass(frozen=True)
 class ChunkAlgorithm:
     """What the Zarr-resident engine needs of an algorithm:
@@ -124,12 +105,12 @@ def _radmm3_family(name: str) -> ChunkAlgorithm:
 
 ENGINES: dict[str, ChunkAlgorithm] = {
     **{name: _radmm3_family(name) for name in radmm3.ALGORITHMS},
-    "radmm2": ChunkAlgorithm(_layout_of("radmm2"), radmm2.state_vars,
+    "radmm2": ChunkAlgorithm(radmm2.layout, radmm2.state_vars,
                              radmm2.init_small, radmm2.plan_iteration,
                              eager=frozenset({radmm2.sum_w})),
-    "pdadmm": ChunkAlgorithm(_layout_of("pdadmm"), mlp._pd_state_vars, mlp._pd_init_small,
+    "pdadmm": ChunkAlgorithm(mlp._pd_layout, mlp._pd_state_vars, mlp._pd_init_small,
                              mlp.plan_pdadmm),
-    "dladmm": ChunkAlgorithm(_layout_of("dladmm"), mlp._dl_state_vars, mlp._dl_init_small,
+    "dladmm": ChunkAlgorithm(mlp._dl_layout, mlp._dl_state_vars, mlp._dl_init_small,
                              mlp.plan_dladmm, slots=3),
 }
 """Every ADMM algorithm's record for the Zarr-resident engine (what adding one takes here)."""

@@ -33,6 +33,7 @@ __all__ = [
     "put_live",
     "restore_chunk",
     "sample_vars",
+    "state_layout",
     "Small",
     "StatsGroup",
     "sum_partials",
@@ -41,6 +42,19 @@ __all__ = [
 Array = np.ndarray
 
 Small = dict
+
+
+def state_layout(arch: Architecture, state_vars: Callable[[Architecture, int], tuple[str, ...]],
+                 rows: Callable[[int, str], int] | None = None) -> list[dict[str, tuple]]:
+    """Each block's store variables: ``W`` (its shape) and every state variable of
+    ``state_vars(arch, i)`` as ``(rows, "n")``, ``rows(i, var)`` or the block's output rows."""
+    out = []
+    for i in range(1, arch.depth + 1):
+        v: dict[str, tuple] = {"W": arch.weight_shape(i)}
+        for var in state_vars(arch, i):
+            v[var] = (arch.out_dim(i) if rows is None else rows(i, var), "n")
+        out.append(v)
+    return out
 
 
 def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:

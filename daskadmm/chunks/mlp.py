@@ -60,6 +60,7 @@ from .common import (
     each_stats,
     get_live,
     put_live,
+    state_layout,
     sum_partials,
 )
 
@@ -84,6 +85,21 @@ def _pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
 
 def _dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", "a") if i < arch.depth else ("z", "u")
+
+
+def _pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
+    """pdADMM's store: its state variables (``p``, ``u`` with the layer's input rows) and the
+    scratch ``ql`` (``q_{l-1}`` of the pending phase) of every layer but the first."""
+    out = state_layout(arch, _pd_state_vars,
+                       lambda i, var: arch.in_dim(i) if var in ("p", "u") else arch.out_dim(i))
+    for i, v in enumerate(out, start=1):
+        if i > 1:
+            v["ql"] = (arch.in_dim(i), "n")
+    return out
+
+
+def _dl_layout(arch: Architecture) -> list[dict[str, tuple]]:
+    return state_layout(arch, _dl_state_vars)
 
 
 def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:

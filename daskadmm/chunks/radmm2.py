@@ -51,6 +51,7 @@ from .common import (
     _read,
     get_live,
     put_live,
+    state_layout,
     sum_partials,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "W_LADDER",
     "TrialOut",
     "init_small",
+    "layout",
     "plan_iteration",
     "state_vars",
 ]
@@ -78,6 +80,11 @@ trials in 70-82% of steps, within 3 in 92-100%, within 4 in 99.6-100%."""
 def state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     """The sample-sized variables of block i: ``V_i`` (hidden), ``U_N`` and ``Lam_N``."""
     return ("V",) if i < arch.depth else ("U", "Lam")
+
+
+def layout(arch: Architecture) -> list[dict[str, tuple]]:
+    """The store: ``W`` and the state variables of each block."""
+    return state_layout(arch, state_vars)
 
 
 def init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
