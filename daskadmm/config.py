@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 __all__ = [
@@ -420,8 +422,23 @@ def _finite_pos(name: str, value: float, allow_zero: bool = False) -> None:
     _check(ok, f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
 
 
+def _plain_floats(cfg: Config) -> None:
+    """NumPy float scalars (a scikit-learn grid's, a value computed with NumPy) become Python
+    floats, in place: NumPy 2 computes with a Python float in the arrays' type, with a NumPy
+    float64 in float64, so a float32 run given one would drift to float64."""
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(sec):
+            for f in dataclasses.fields(sec):
+                v = getattr(sec, f.name)
+                if isinstance(v, np.floating):
+                    setattr(sec, f.name, float(v))
+
+
 def validate(cfg: Config) -> Config:
-    """Check every value; raise :class:`ConfigError` (one line, naming the key) if one is bad."""
+    """Check every value; raise :class:`ConfigError` (one line, naming the key) if one is bad.
+    NumPy float scalars become Python floats first (:func:`_plain_floats`)."""
+    _plain_floats(cfg)
     a, m, d, r, c, s = cfg.algorithm, cfg.model, cfg.data, cfg.run, cfg.cluster, cfg.storage
     known = ADMM_ALGORITHMS + BASELINE_ALGORITHMS
     _check(a.name in known, f"algorithm.name must be one of {', '.join(known)}, got {a.name!r}")

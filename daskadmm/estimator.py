@@ -190,8 +190,8 @@ class _ADMMEstimator(BaseEstimator):
         a = cfg.algorithm
         for key in _PER_ALGORITHM:
             value = getattr(self, key)
-            if value is not None:  # (a NumPy scalar from a grid becomes a Python float)
-                setattr(a, key, float(value) if isinstance(value, np.floating) else value)
+            if value is not None:  # (validate turns a NumPy scalar into a Python float)
+                setattr(a, key, value)
         a.rho_max = max(a.rho_max, a.rho)
         a.beta_max = max(a.beta_max, a.beta)
         a.nu, a.schedule, a.growth, a.step = self.nu, self.schedule, self.growth, self.step

@@ -310,3 +310,19 @@ def test_unknown_key_in_mapping():
 def test_sweep_value_needs_multirun():
     with pytest.raises(HydraException, match="multirun"):
         build("model.depth=4,8")
+
+
+def test_numpy_float_scalars_become_python_floats():
+    """A NumPy float scalar in any section (a scikit-learn grid's) is a Python float after
+    validation: NumPy 2 would compute float32 arrays with a float64 scalar in float64."""
+    import numpy as np
+
+    from daskadmm.config import Config, validate
+
+    cfg = Config()
+    cfg.algorithm.rho, cfg.algorithm.relax = np.float64(0.5), np.float32(1.5)
+    cfg.model.residual_scale = np.float64(0.3)
+    validate(cfg)
+    for value, expected in ((cfg.algorithm.rho, 0.5), (cfg.model.residual_scale, 0.3),
+                            (cfg.algorithm.relax, 1.5)):
+        assert type(value) is float and value == expected
