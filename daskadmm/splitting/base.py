@@ -364,6 +364,23 @@ class _SmoothBuffers:
         self.b2 = np.empty(size, dtype=bool)
         self.b3 = np.empty(size, dtype=bool)
 
+    def load(self, c: Array, m: Array, u: Array, beta: float, f_into) -> int:
+        """Start a block of elements: the working set ``uu, cc, mm`` from ``u, c, m``, ``s =
+        sigma(uu)``, ``bc = beta (|c| + 1)`` (constant per element) and ``idx`` the identity;
+        returns its size."""
+        F = self.f
+        a = u.size
+        F["uu"][:a] = u
+        F["cc"][:a] = c
+        F["mm"][:a] = m
+        self.idx[:a] = self.iota[:a]
+        f_into(F["uu"][:a], F["s"][:a])
+        bc = F["bc"][:a]
+        np.abs(F["cc"][:a], out=bc)
+        bc += 1.0
+        bc *= beta
+        return a
+
     def compact(self, a: int, keep: Array, names: tuple[str, ...]) -> int:
         """Keep the working-set positions ``keep`` (ascending) of the arrays ``names`` and of
         ``idx``; returns the new size."""
@@ -404,16 +421,7 @@ def _prox_smooth_block(c: Array, m: Array, beta: float, kappa: float, u: Array, 
     assert f_into is not None and derivs is not None  # smooth activations have both
     hb, hk = 0.5 * beta, 0.5 * kappa
     F = B.f
-    a = u.size
-    F["uu"][:a] = u
-    F["cc"][:a] = c
-    F["mm"][:a] = m
-    B.idx[:a] = B.iota[:a]
-    f_into(F["uu"][:a], F["s"][:a])
-    bc = F["bc"][:a]  # beta (|c| + 1), constant per element
-    np.abs(F["cc"][:a], out=bc)
-    bc += 1.0
-    bc *= beta
+    a = B.load(c, m, u, beta, f_into)
     it = 0
     n_done = 0  # done elements still in the working set after the last iteration
     while a and it < max_iter:
@@ -557,15 +565,7 @@ def _prox_smooth_fused(c: Array, m: Array, beta: float, kappa: float, u: Array, 
     compiled = fused.kernels()
     assert compiled is not None  # prox_activation checked
     newton_pass, accept_pass = compiled
-    a = u.size
-    uu[:a] = u
-    cc[:a] = c
-    mm[:a] = m
-    idx[:a] = B.iota[:a]
-    f_into(uu[:a], ss[:a])
-    np.abs(cc[:a], out=bc[:a])
-    bc[:a] += 1.0
-    bc[:a] *= beta
+    a = B.load(c, m, u, beta, f_into)
     it = 0
     n_done = 0  # done elements still in the working set after the last iteration
     while a and it < max_iter:
