@@ -26,6 +26,7 @@ __all__ = [
     "each_stats",
     "evaluate_chunks",
     "evaluate_small",
+    "get_data",
     "get_live",
     "group_stats",
     "PlanContext",
@@ -68,6 +69,11 @@ def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array
 
 def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
     chunk_io(url, path).write(sl, value, slot)
+
+
+def get_data(ct: ChunkTask, name: str) -> Array:
+    """Chunk ``ct`` of the stored data array ``name`` (``X`` or ``Y``: the training set)."""
+    return _read(ct.url, f"data/{name}", ct.sl)
 
 
 def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:

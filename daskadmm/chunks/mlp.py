@@ -56,8 +56,8 @@ from .common import (
     Small,
     StartContext,
     _loss_sum,
-    _read,
     each_stats,
+    get_data,
     get_live,
     put_live,
     state_layout,
@@ -123,10 +123,6 @@ def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     return out
 
 
-def _X(ct: ChunkTask) -> Array:
-    return _read(ct.url, "data/X", ct.sl)
-
-
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
                n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...]) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
@@ -135,7 +131,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     the chunk's share of L^0 without the regulariser: the loss, plus the output constraint's
     terms when dlADMM's output layer does not start on the forward output
     (``options.output_init="labels"``, at iteration 1's ``rho``)."""
-    X, Y = _X(ct), _read(ct.url, "data/Y", ct.sl)
+    X, Y = get_data(ct, "X"), get_data(ct, "Y")
     states = get_splitting(name).init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
         for var in names[i - 1]:
@@ -150,7 +146,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
 
 def gram_chunk(ct: ChunkTask) -> tuple[Array, Array]:
     """``(X X^T, X 1)`` of one chunk: the constant statistics of layer 1's W steps."""
-    X = _X(ct)
+    X = get_data(ct, "X")
     return X @ X.T, X.sum(axis=1, keepdims=True)
 
 
@@ -294,7 +290,7 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     o, w = (k - 1) % 2, k % 2
     if i == 1:
         z = get_live(ct, i, "z", o)
-        return PassOut(w=_chunk_w_stats(1, _X(ct), z))
+        return PassOut(w=_chunk_w_stats(1, get_data(ct, "X"), z))
     nu, rho = penalty_nu(pen), pen.rho
     p_o = get_live(ct, i, "p", o)
     A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
@@ -337,11 +333,11 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     o, w = (k - 1) % 2, k % 2
     nu = penalty_nu(pen)
     A, b = spec.split_bias(small["W"])
-    p = _X(ct) if i == 1 else get_live(ct, i, "p", w)
+    p = get_data(ct, "X") if i == 1 else get_live(ct, i, "p", w)
     z_o = get_live(ct, i, "z", o)
     Z = _plus_bias(A @ p, b)
     if spec.is_output:
-        Y = _read(ct.url, "data/Y", ct.sl)
+        Y = get_data(ct, "Y")
         z, nc = pd.update_z_output(spec.arch.loss, Y, Z, nu, z_o, opt.newton_max_iter)
         obj = _loss_sum(spec.arch.loss, z, Y) / n
     else:
@@ -378,7 +374,7 @@ def _dl_grad(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: in
 
 
 def _dl_left(ct: ChunkTask, spec: BlockSpec, slot: int) -> Array:
-    return _X(ct) if spec.i == 1 else get_live(ct, spec.i - 1, "a", slot)
+    return get_data(ct, "X") if spec.i == 1 else get_live(ct, spec.i - 1, "a", slot)
 
 
 def _a_hessian(spec: BlockSpec, pen: Penalties) -> tuple[float, float]:
@@ -454,7 +450,7 @@ def dl_bwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     left = _dl_left(ct, spec, o)
     A, b = spec.split_bias(small["W"])
     u = get_live(ct, i, "u", o)
-    Y = _read(ct.url, "data/Y", ct.sl)
+    Y = get_data(ct, "Y")
     z, nc = dl.update_z_output(spec.arch.loss, Y, _plus_bias(A @ left, b), u, pen.rho,
                                get_live(ct, i, "z", o), opt.newton_max_iter)
     put_live(ct, i, "z", BWD, z)
@@ -527,7 +523,7 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     A, b = spec.split_bias(small["W"])
     Z = _plus_bias(A @ left, b)
     u = get_live(ct, i, "u", o)
-    Y = _read(ct.url, "data/Y", ct.sl)
+    Y = get_data(ct, "Y")
     z, nc = dl.update_z_output(spec.arch.loss, Y, Z, u, rho, get_live(ct, i, "z", BWD),
                                opt.newton_max_iter)
     u = dl.update_u(u, z, Z, rho)

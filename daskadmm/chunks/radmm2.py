@@ -45,10 +45,12 @@ from ..splitting import BlockSpec, Penalties
 from ..splitting import radmm2 as r2
 from ..splitting.radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 from .common import (
+    Array,
     ChunkTask,
     PlanContext,
+    Small,
     _loss_sum,
-    _read,
+    get_data,
     get_live,
     put_live,
     state_layout,
@@ -65,8 +67,6 @@ __all__ = [
     "state_vars",
 ]
 
-Array = np.ndarray
-Small = dict
 
 W_LADDER = 3
 V_LADDER = 2
@@ -116,7 +116,7 @@ class TrialOut(NamedTuple):
 def _left(ct: ChunkTask, spec: BlockSpec, k: int) -> Array:
     """``V_{i-1}`` of iteration k (X for block 1)."""
     if spec.i == 1:
-        return _read(ct.url, "data/X", ct.sl)
+        return get_data(ct, "X")
     return get_live(ct, spec.i - 1, "V", k % 2)
 
 
@@ -363,7 +363,7 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     """``U_N`` (prox of the loss) and ``Lam_N`` on the chunk; the loss and constraint terms."""
     o, w, N = (k - 1) % 2, k % 2, spec.N
     Vleft = _left(ct, spec, k)
-    Y = _read(ct.url, "data/Y", ct.sl)
+    Y = get_data(ct, "Y")
     Z = small["W"] @ spec.aug(Vleft)
     U0, Lam0 = get_live(ct, N, "U", o), get_live(ct, N, "Lam", o)
     U, capped = update_preactivation(spec, pen, U0, Z, Lam0, None, Y)

@@ -44,9 +44,10 @@ from .common import (
     Small,
     StartContext,
     _loss_sum,
-    _read,
-    _write,
     each_stats,
+    get_data,
+    get_live,
+    put_live,
     sample_vars,
     sum_partials,
 )
@@ -110,31 +111,31 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     and ``Lam_i``. Returns the chunk's share of L^0 without the regulariser (the constraints
     hold). (``options``, ``rho``, ``names``: the engine's start signature; this start depends
     on none of them.)"""
-    X = _read(ct.url, "data/X", ct.sl)
-    Y = _read(ct.url, "data/Y", ct.sl)
+    X = get_data(ct, "X")
+    Y = get_data(ct, "Y")
     U, V = forward(arch, weights, X)
     N = arch.depth
     Lam = -loss_grad_n(arch.loss, U[-1], Y)
-    _write(ct.url, f"live/b{N}/U", ct.sl, U[-1], 0)
-    _write(ct.url, f"live/b{N}/Lam", ct.sl, Lam, 0)
+    put_live(ct, N, "U", 0, U[-1])
+    put_live(ct, N, "Lam", 0, Lam)
     Gam = None
     for i in range(N - 1, 0, -1):  # backward: block i needs block i+1's Lam and Gam
         if name == "radmm3a":
             Gam, Lam = radmm3a.backward_step(arch, i, weights[i], Lam, Gam, U[i - 1])
-            _write(ct.url, f"live/b{i}/Gam", ct.sl, Gam, 0)
+            put_live(ct, i, "Gam", 0, Gam)
         else:
             Lam = np.zeros_like(U[i - 1])
-        _write(ct.url, f"live/b{i}/U", ct.sl, U[i - 1], 0)
-        _write(ct.url, f"live/b{i}/Lam", ct.sl, Lam, 0)
-        _write(ct.url, f"live/b{i}/V", ct.sl, V[i], 0)
+        put_live(ct, i, "U", 0, U[i - 1])
+        put_live(ct, i, "Lam", 0, Lam)
+        put_live(ct, i, "V", 0, V[i])
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
 
 def init_partials(ct: ChunkTask, bias: bool, slot: int, *order) -> tuple[Array, Array, Array]:
     """Chunk statistics for ``W_1``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` from ``slot``."""
-    Xt = augment(_read(ct.url, "data/X", ct.sl), bias)
-    U = _read(ct.url, "live/b1/U", ct.sl, slot)
-    Lam = _read(ct.url, "live/b1/Lam", ct.sl, slot)
+    Xt = augment(get_data(ct, "X"), bias)
+    U = get_live(ct, 1, "U", slot)
+    Lam = get_live(ct, 1, "Lam", slot)
     return Xt @ Xt.T, U @ Xt.T, Lam @ Xt.T
 
 
@@ -158,24 +159,24 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
 
     Returns a :class:`ChunkOut`.
     """
-    i, url, sl = spec.i, ct.url, ct.sl
+    i = spec.i
     W = small["W"]
     W_right = None if right_small is None else right_small["W"]
     new, old = k % 2, (k - 1) % 2
     gam = name == "radmm3a"
-    Vleft = _read(url, "data/X", sl) if i == 1 else _read(url, f"live/b{i - 1}/V", sl, new)
+    Vleft = get_data(ct, "X") if i == 1 else get_live(ct, i - 1, "V", new)
     Vt = augment(Vleft, spec.bias)
-    U0 = _read(url, f"live/b{i}/U", sl, old)
-    Lam0 = _read(url, f"live/b{i}/Lam", sl, old)
+    U0 = get_live(ct, i, "U", old)
+    Lam0 = get_live(ct, i, "Lam", old)
     Z = W @ Vt
-    Y = _read(url, "data/Y", sl) if spec.is_output else None
+    Y = get_data(ct, "Y") if spec.is_output else None
     c = None
     V0 = Gam0 = None
     sigma = None  # sigma(U) from the prox, reused by the V step and the objective
     if not spec.is_output:
-        V0 = _read(url, f"live/b{i}/V", sl, old)
+        V0 = get_live(ct, i, "V", old)
         if gam:
-            Gam0 = _read(url, f"live/b{i}/Gam", sl, old)
+            Gam0 = get_live(ct, i, "Gam", old)
             c = radmm3a.prox_target(spec, pen, V0, Vleft, Gam0)
         else:
             c = V0 - Vleft if spec.s else V0
@@ -189,20 +190,20 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
         objective += 0.5 * pen.lam * float(np.sum(W * W))
     w_next = w_first = None
     dual_sq = 0.0
-    _write(url, f"live/b{i}/U", sl, U, new)
-    _write(url, f"live/b{i}/Lam", sl, Lam, new)
+    put_live(ct, i, "U", new, U)
+    put_live(ct, i, "Lam", new, Lam)
     if spec.is_output:
         assert Y is not None
         objective += _loss_sum(spec.arch.loss, U, Y) / spec.n
     else:
         assert V0 is not None and W_right is not None and sigma is not None  # hidden block
         right = {"W": W_right,
-                 "U": _read(url, f"live/b{i + 1}/U", sl, old),
-                 "Lam": _read(url, f"live/b{i + 1}/Lam", sl, old)}
+                 "U": get_live(ct, i + 1, "U", old),
+                 "Lam": get_live(ct, i + 1, "Lam", old)}
         if spec.s_next:
-            right["V"] = _read(url, f"live/b{i + 1}/V", sl, old)
+            right["V"] = get_live(ct, i + 1, "V", old)
             if gam:
-                right["Gam"] = _read(url, f"live/b{i + 1}/Gam", sl, old)
+                right["Gam"] = get_live(ct, i + 1, "Gam", old)
         sig = sigma
         if Gam0 is not None:
             sig = radmm3a.relaxed_activation(spec, sigma, V0, Vleft)
@@ -212,7 +213,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
                                                     sigma_own=sigma)
         else:
             V = radmm3.update_activation(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
-        _write(url, f"live/b{i}/V", sl, V, new)
+        put_live(ct, i, "V", new, V)
         dual_sq = float(np.sum((V - V0) ** 2))
         p = V - sigma  # V_i - s_i V_{i-1} - sigma(U_i)
         if spec.s:
@@ -221,7 +222,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
         if Gam0 is not None:
             pa = p if sig is sigma else radmm3a.activation_residual(spec, V, Vleft, U, sig)
             Gam = radmm3a.update_multiplier(pen, Gam0, pa)
-            _write(url, f"live/b{i}/Gam", sl, Gam, new)
+            put_live(ct, i, "Gam", new, Gam)
             objective += radmm3a.multiplier_objective(spec, Gam, p)
         Vn = augment(V, spec.bias)
         w_next = (Vn @ Vn.T, right["U"] @ Vn.T, right["Lam"] @ Vn.T)

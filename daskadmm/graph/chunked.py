@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from ..chunks import ENGINES, state_vars
 from ..chunks.common import Array, ChunkTask, PlanContext, evaluate_small, group_stats
@@ -155,6 +156,15 @@ def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
     return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
 
 
+def _small_task(nodes: list[Node], k: int, run_id: str, base: str, i: int, fn, args: tuple,
+                tag: str = "") -> str:
+    """Append one task of iteration k on block i's worker to ``nodes`` (a plan's
+    ``small_task``); its key (:func:`_key`)."""
+    kk = _key(base, k, run_id, i, tag)
+    nodes.append(Node(kk, fn, args, block=i))
+    return kk
+
+
 @dataclass
 class ChunkWindow:
     """The nodes of a window of iterations; ``last``: the roles the next window depends on;
@@ -199,10 +209,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
         nodes.append(Node(kk, fn, (*args, *order), block=block))
         return Ref(kk)
 
-    def small_task(base: str, i: int, fn, args: tuple, tag: str = "") -> str:
-        kk = _key(base, k0, run_id, i, tag)
-        nodes.append(Node(kk, fn, args, block=i))
-        return kk
+    small_task = partial(_small_task, nodes, k0, run_id)
 
     ctx = StartContext(task, small_task, hz.replace, cts, k0 % 2, run_id)
     parts = []
@@ -279,10 +286,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             _parts[i].extend(refs)
             return refs
 
-        def small_task(base: str, i: int, fn, args: tuple, tag: str = "", _k=k) -> str:
-            kk = _key(base, _k, run_id, i, tag)
-            nodes.append(Node(kk, fn, args, block=i))
-            return kk
+        small_task = partial(_small_task, nodes, k, run_id)
 
         def reader(task_key: str, locs: list[str]) -> None:
             """``task_key`` may read ``locs`` of every chunk (a decision that goes on by
