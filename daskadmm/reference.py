@@ -4,7 +4,8 @@ This is the oracle every other execution path is tested against. One iteration r
 splitting's steps in order, each over the blocks in the step's order, handing every task exactly
 the inputs its :class:`~daskadmm.splitting.Input` s name (for RADMM: block i gets the left
 neighbour's ``V`` of this iteration and the right neighbour's state of the previous one). The
-Dask graph wires the same inputs as dependencies, so it reproduces these iterates bit for bit.
+Dask engines' chunk tasks (:mod:`daskadmm.chunks`) call the same update functions on the same
+values; with one chunk (the in-memory engine) they reproduce these iterates bit for bit.
 """
 
 from __future__ import annotations

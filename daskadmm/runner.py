@@ -15,8 +15,12 @@ blocks and iterations. Block b is pinned to worker ``(b-1) * workers // N`` (con
 so neighbour data crosses workers only at range boundaries. The synchronous and threaded
 schedulers have no futures: each window is one dict graph per ``get`` call.
 
-Either way the iterates are exactly the serial reference's: the tasks run the same functions on
-the same inputs. Global decisions (stopping, adaptive penalties) are taken at evaluation points;
+Both state backends run the same tasks from one graph builder (:mod:`.graph.chunked`) and one
+driver (:class:`_Ctx`): ``storage.state=zarr`` keeps every sample-sized variable in a chunked
+Zarr store (checkpoints, resume); ``storage.state=memory`` is the same plan with one chunk on
+the dataflow backend, whose tasks get what they read as inputs. With one chunk the iterates are
+the serial reference's bits; other chunkings change only the order of the W statistics' sums.
+Global decisions (stopping, adaptive penalties) are taken at evaluation points;
 iterations submitted speculatively past a stop are cancelled and discarded.
 """
 
@@ -43,7 +47,6 @@ from .errors import ClusterError
 from .graph import (
     Node,
     Ref,
-    build_window,
     default_window,
     to_dask_graph,
 )
@@ -52,7 +55,6 @@ from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule
 from .splitting import BlockSpec, Options, Splitting
-from .splitting.base import StepOut
 from .storage import StoreRef
 
 if TYPE_CHECKING:
@@ -312,7 +314,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _pens(schedule: PenaltySchedule, k0: int, k1: int):
-    return {k: schedule.at(k) for k in range(k0 + 1, k1 + 1)}
+    """The penalties of iterations k0+1..k1, and of k1+1 unless they depend on how k1 ends."""
+    out = {k: schedule.at(k) for k in range(k0 + 1, k1 + 1)}
+    if not schedule.is_barrier(k1):
+        out[k1 + 1] = schedule.at(k1 + 1)
+    return out
 
 
 def _window_end(k: int, window: int, K: int, schedule: PenaltySchedule) -> int:
@@ -335,26 +341,47 @@ def _setup(opts: EngineOptions, arch: Architecture, ds: Dataset, options: Option
 def run_dask(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
-    """Run the ADMM iterations on the configured Dask scheduler (``client``: an existing
-    distributed client to run on instead of starting a cluster)."""
-    from .reference import initial_objective
+    """Run the ADMM iterations on the configured Dask scheduler with the state in worker
+    memory (``client``: an existing distributed client to run on instead of starting a
+    cluster): the chunked engine's tasks with one chunk on the dataflow backend (each task
+    gets what it reads from the task that wrote it; no store)."""
+    from . import chunks
 
     n, specs, window, run_id = _setup(opts, arch, ds, options)
-    states = splitting.init_state(arch, weights0, ds.X_train, ds.Y_train, options)
-    pen1 = schedule.at(1)
-    monitor.start(initial_objective(splitting, specs, pen1, states, ds.X_train, ds.Y_train),
-                  [s["W"] for s in states], pen1.rho, pen1.beta)
     metric = "accuracy" if ds.task == "classification" else "mse"
     ctx = _Ctx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx.flow = True
+    ctx.url, ctx.task_url, ctx._store = "", None, None
+    n_test = ds.X_test.shape[1]
+    ctx.slices, ctx.test_slices = [slice(0, n)], ([slice(0, n_test)] if n_test else [])
+    ctx.layout = chunks.layout(splitting.name, arch)
+    ctx.manifest, ctx.ck_layout, ctx.resumed_from = None, [], None
     ctx.client = resolve_client(opts.cluster, client)
     if ctx.client is None and opts.cluster.kind in ("synchronous", "threads"):
-        result = ctx.run_local_scheduler(states)
-    else:
-        result = ctx.run_distributed(states, run_dir)
-    return result
+        return ctx.run_local(weights0)
+    return ctx.run_distributed(weights0, run_dir)
 
 
 class _Ctx:
+    """One run on Dask: the one driver of every algorithm and both state backends (a Zarr store,
+    or the dataflow backend: no store, the state in the task outputs). It builds a window of
+    iterations with :mod:`.graph.chunked`, runs it on the synchronous or threaded scheduler
+    (:meth:`run_local`) or submits it iteration by iteration to a distributed cluster
+    (:meth:`run_distributed`), feeds the statistics to the monitor, stops, checkpoints and
+    recovers from lost workers."""
+
+    # set by run_dask / run_zarr after construction (the store is opened after the run's
+    # inputs are checked)
+    url: str
+    task_url: StoreRef | None  # what the tasks name the store by
+    _store: StateStore | None
+    slices: list[slice]
+    test_slices: list[slice]
+    layout: list[dict[str, tuple]]
+    ck_layout: list[dict[str, tuple]]
+    resumed_from: int | None
+    flow = False  # the dataflow backend (run_dask): no store, the state in task outputs
+
     def __init__(self, opts: EngineOptions, splitting, arch, ds, specs, schedule, monitor,
                  window, run_id, metric):
         self.opts, self.splitting, self.arch, self.ds = opts, splitting, arch, ds
@@ -368,22 +395,14 @@ class _Ctx:
         self.client = None  # the caller's distributed client, if the run uses one
         self._replayed = False  # the restored history was reported to the callback
 
-    # -- helpers ---------------------------------------------------------------------------
-    def data_keys(self) -> dict[str, str]:
-        return {name: f"data_{name.lower()}-{self.run_id}" for name in
-                ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
-
-    def init_keys(self) -> dict[str, list[str]]:
-        keys = [f"init_state-b{b}-{self.run_id}" for b in range(1, self.N + 1)]
-        return {s.name: keys for s in self.splitting.steps}
+    @property
+    def store(self) -> StateStore:
+        """The run's Zarr store (the dataflow backend has none)."""
+        assert self._store is not None, "the dataflow backend has no store"
+        return self._store
 
     def eval_iters(self, k0: int, k1: int) -> list[int]:
         return [k for k in range(k0 + 1, k1 + 1) if self.monitor.is_eval(k)]
-
-    def build(self, k0: int, k1: int, prev: dict[str, list[str]]):
-        return build_window(self.splitting, self.specs, _pens(self.schedule, k0, k1), k0, k1,
-                            prev, self.run_id, self.data_keys(), self.eval_iters(k0, k1),
-                            (self.arch, self.ds.task, self.metric))
 
     def process(self, k: int, it, ev) -> str | None:
         """Feed iteration k's statistics (and evaluation) to the monitor; return a stop status."""
@@ -407,94 +426,6 @@ class _Ctx:
         return Result(status=status, message=self.monitor.message(status, k), iterations=k,
                       weights=self.weights, arch=self.arch, metric=self.metric,
                       history=self.monitor.history, wall_time=self.monitor.elapsed(), info=info)
-
-    def literals(self, states) -> dict[str, Any]:
-        dk = self.data_keys()
-        ds = self.ds
-        lit = {dk["X"]: ds.X_train, dk["Y"]: ds.Y_train, dk["X_train"]: ds.X_train,
-               dk["Y_train"]: ds.Y_train, dk["X_test"]: ds.X_test, dk["Y_test"]: ds.Y_test}
-        for kk, st in zip(self.init_keys()[self.splitting.steps[0].name], states, strict=True):
-            lit[kk] = StepOut(st, {})
-        return lit
-
-    # -- synchronous / threaded ------------------------------------------------------------
-    def run_local_scheduler(self, states) -> Result:
-        import dask
-        import dask.threaded
-
-        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
-        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
-        literals = self.literals(states)
-        prev = self.init_keys()
-        self.weights = [s["W"] for s in states]
-        k, status = 0, "max_iter"
-        while k < self.K:
-            k1 = _window_end(k, self.window, self.K, self.schedule)
-            wg = self.build(k, k1, prev)
-            dsk = to_dask_graph(wg.nodes, literals)
-            last_keys = sorted({kk for keys in wg.last.values() for kk in keys})
-            want = [*last_keys, *wg.stats.values(), *wg.evals.values()]
-            if scheduler == "sync":
-                values = dask.get(dsk, want)
-            else:
-                values = dask.threaded.get(dsk, want, num_workers=workers)
-            got = dict(zip(want, values, strict=True))
-            self.monitor.arrived(k1)  # the whole window's results arrive together
-            self.tasks_run += len(wg.nodes)
-            stop = None
-            for kk in range(k + 1, k1 + 1):
-                ev = got[wg.evals[kk]] if kk in wg.evals else None
-                stop = self.process(kk, got[wg.stats[kk]], ev)
-                if stop is not None:
-                    k = kk
-                    break
-            if stop is not None:
-                status = stop
-                break
-            k = k1
-            literals = {name: literals[name] for name in self.data_keys().values()}
-            for kk in last_keys:
-                literals[kk] = got[kk]
-            prev = wg.last
-        return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler})
-
-    # -- distributed -----------------------------------------------------------------------
-    def run_distributed(self, states, run_dir: Path | None) -> Result:
-        status, k, info = self.on_cluster(
-            lambda client, workers: self._recovering(client, workers, states), run_dir)
-        info["recoveries"] = self.recoveries
-        return self.result(status, k, info)
-
-    def _recovering(self, client, workers, states):
-        """The in-memory pipeline; when a worker is lost with inputs only it held, start
-        again from iteration 0 (its tasks are pure, so the result is the same bits)."""
-        from distributed import KilledWorker
-        from distributed.client import FutureCancelledError
-
-        self.recoveries = 0
-        self.old_run_ids: list[str] = []
-        start = self.monitor_snapshot()
-        while True:
-            lost = ""
-            self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
-            try:
-                return self._pipeline(client, workers, states)
-            except _WorkerLost as exc:
-                lost = str(exc)
-            except (KilledWorker, FutureCancelledError) as exc:
-                if _scheduler_lost(client, exc):
-                    raise
-                lost = type(exc).__name__
-            self.recoveries += 1
-            if self.recoveries > MAX_RECOVERIES:
-                raise ClusterError(_lost_worker_message(self.opts, lost))
-            self._quiesce(client)
-            workers = self._wait_for_workers(client, len(workers))
-            self.old_run_ids.append(self.run_id)
-            self.run_id = uuid.uuid4().hex[:8]
-            self.restore_monitor_snapshot(start)
-            say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
-                f"iteration 0 on {len(workers)} worker(s)")
 
     def _check_workers(self, client) -> None:
         """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
@@ -542,23 +473,6 @@ class _Ctx:
             raise
         except Exception as exc:
             raise ClusterError(_lost_scheduler_message(self.opts, exc)) from None
-
-    def monitor_snapshot(self) -> dict[str, Any]:
-        import copy
-
-        mon = self.monitor
-        return copy.deepcopy({"monitor": mon.state_dict(), "objective0": mon.objective0,
-                              "last_good": mon.last_good,
-                              "schedule": self.schedule.state_dict()})
-
-    def restore_monitor_snapshot(self, snap: dict[str, Any]) -> None:
-        import copy
-
-        snap = copy.deepcopy(snap)
-        mon = self.monitor
-        mon.load_state_dict(snap["monitor"])
-        mon.objective0, mon.last_good = snap["objective0"], snap["last_good"]
-        self.schedule.load_state_dict(snap["schedule"])
 
     def _quiesce(self, client, timeout: float = 300.0) -> None:
         """Cancel what this client still wants of the abandoned attempt and wait until none
@@ -647,60 +561,6 @@ class _Ctx:
         W = len(workers)
         return {b: workers[(b - 1) * W // self.N] for b in range(1, self.N + 1)}
 
-    def _pipeline(self, client, workers, states):
-        place = self._placement(workers)
-        dk = self.data_keys()
-        ds = self.ds
-        futures: dict[str, Any] = {}
-        # Big arrays travel once: scattered to where they are used, never embedded in tasks.
-        futures[dk["X"]] = futures[dk["X_train"]] = client.scatter(
-            ds.X_train, workers=[place[1]], hash=False)
-        futures[dk["Y"]] = futures[dk["Y_train"]] = client.scatter(
-            ds.Y_train, workers=[place[self.N]], hash=False)
-        futures[dk["X_test"]] = client.scatter(ds.X_test, workers=[place[1]], hash=False)
-        futures[dk["Y_test"]] = client.scatter(ds.Y_test, workers=[place[self.N]], hash=False)
-        for b, kk in enumerate(self.init_keys()[self.splitting.steps[0].name], start=1):
-            # (in a list: a tuple is scattered entry by entry)
-            futures[kk], = client.scatter([StepOut(states[b - 1], {})], workers=[place[b]],
-                                          hash=False)
-        self.weights = [s["W"] for s in states]
-        prev = self.init_keys()
-        pending: deque[tuple[int, Any, Any]] = deque()
-        submitted, k_done, status = 0, 0, "max_iter"
-        while k_done < self.K:
-            # keep `window` iterations in flight
-            while submitted < self.K and submitted - k_done < self.window:
-                if submitted > k_done and self.schedule.is_barrier(submitted):
-                    break  # the next penalties depend on this iteration's outcome
-                wg = self.build(submitted, submitted + 1, prev)
-                self._submit(client, wg.nodes, futures, place)
-                submitted += 1
-                kk = submitted
-                pending.append((kk, futures[wg.stats[kk]],
-                                futures[wg.evals[kk]] if kk in wg.evals else None))
-                # drop references the next iteration does not need
-                keep = {x for keys in wg.last.values() for x in keys} | set(dk.values())
-                for old in [x for x in futures if x not in keep and not x.startswith(
-                        ("iteration_stats", "evaluate"))]:
-                    del futures[old]
-                prev = wg.last
-            kk, fstats, fev = pending.popleft()
-            it = self._result(client, fstats)
-            ev = self._result(client, fev) if fev is not None else None
-            futures.pop(fstats.key, None)
-            if fev is not None:
-                futures.pop(fev.key, None)
-            stop = self.process(kk, it, ev)
-            k_done = kk
-            if stop is not None:
-                status = stop
-                break
-        # Release everything (speculative iterations past a stop included): the scheduler
-        # forgets tasks nobody wants. (A forced cancel trips an assertion in distributed.)
-        pending.clear()
-        futures.clear()
-        return status, k_done
-
     def _submit(self, client, nodes: list[Node], futures: dict[str, Any],
                 place: dict[int, str]) -> None:
         """Submit ``nodes``; their futures go into ``futures`` (the caller drops what later
@@ -711,6 +571,382 @@ class _Ctx:
             fut = client.submit(_call_aligned, node.fn, *args, key=node.key, workers=workers,
                                 pure=False, allow_other_workers=False)
             futures[node.key] = fut
+
+
+    # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
+    def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
+                                                                dict[str, str], int]:
+        """Nodes and literal values that bring the store to iteration k0; returns
+        (nodes, literals, prev roles, k0)."""
+        from . import chunks
+        from .graph import chunked as chunk_graph
+
+        name, rid = self.splitting.name, self.run_id
+        restore = None
+        cp = self.manifest
+        if cp is not None:
+            k0, states = self.store.read_checkpoint_states(
+                [{"W": v["W"]} for v in self.layout])
+            # (a RADMM-3 manifest written before its small state was {"W": W} has none)
+            scalars = cp.get("small") or [{} for _ in states]
+            small = [{**sc, "W": st["W"]} for sc, st in zip(scalars, states, strict=True)]
+            self._restore_monitor()
+            self._restore_last_good(k0, [st["W"] for st in states])
+            restore = (k0, cp["slot"])
+        else:
+            k0, small = 0, chunks.init_small(name, self.arch, weights0)
+        # W_1's first statistics with iteration k0+1's rho when it is known now (as every
+        # window computes them for its next iteration: a resumed run has the same bits)
+        rho_first = None if self.schedule.is_barrier(k0) else self.schedule.at(k0 + 1).rho
+        nodes, prev, _ = chunk_graph.start_nodes(name, self.arch, self.task_url, self.slices, rid,
+                                                 [s["W"] for s in small], self.n, restore,
+                                                 self.specs[0].options, self.schedule.at(1).rho,
+                                                 self.flow, rho_first)
+        literals: dict[str, Any] = dict(self.data_literals())
+        for i, sm in enumerate(small, start=1):
+            literals[f"init_small-b{i}-{rid}"] = sm
+            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
+        self.k0 = k0
+        self.weights = [s["W"] for s in small]
+        return nodes, literals, prev, k0
+
+    def data_literals(self) -> dict[str, np.ndarray]:
+        """The dataflow backend's data chunks, by key (none with a store)."""
+        if not self.flow:
+            return {}
+        from .graph.chunked import data_key
+
+        out = {}
+        ds = self.ds
+        for names, arrays, slices in ((("X", "Y"), (ds.X_train, ds.Y_train), self.slices),
+                                      (("X_test", "Y_test"), (ds.X_test, ds.Y_test),
+                                       self.test_slices)):
+            for c, sl in enumerate(slices):
+                for name, a in zip(names, arrays, strict=True):
+                    out[data_key(name, c, self.N, self.run_id)] = np.ascontiguousarray(a[:, sl])
+        return out
+
+    def _restore_monitor(self) -> None:
+        """Monitor and penalty schedule as they were at the manifest's checkpoint."""
+        cp = self.manifest
+        assert cp is not None  # only called when resuming from a committed checkpoint
+        mon = self.monitor
+        mon.load_state_dict(cp)  # the manifest holds the monitor's state_dict keys
+        if mon.callback is not None and not self._replayed:
+            for r in mon.history:  # the rows a resumed run's outputs start with
+                mon.callback(r)
+        self._replayed = True
+        self.schedule.load_state_dict(cp.get("schedule") or {})
+
+    def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
+        """The monitor's last good evaluation, as recorded in the manifest: its weights are
+        the checkpoint's when it is the checkpoint iteration, else stored in the manifest."""
+        assert self.manifest is not None  # only called when resuming from a checkpoint
+        good = self.manifest.get("last_good", "absent")
+        if good == "absent":  # a manifest without the record: the checkpoint, if finite
+            if all(np.all(np.isfinite(W)) for W in weights):
+                self.monitor.last_good = (k0, [np.array(W, copy=True) for W in weights])
+            return
+        if good is None:
+            self.monitor.last_good = None
+        elif good["weights"] is None:
+            self.monitor.last_good = (int(good["iteration"]),
+                                      [np.array(W, copy=True) for W in weights])
+        else:
+            self.monitor.last_good = (int(good["iteration"]),
+                                      [_decode_array(w) for w in good["weights"]])
+
+    def _manifest(self, k: int, slot: str, small: list[dict] | None,
+                  checksums: dict[str, list[int]]) -> dict[str, Any]:
+        mon = self.monitor
+        good = None
+        if mon.last_good is not None:
+            kg, wg = mon.last_good
+            good = {"iteration": kg,
+                    "weights": None if kg == k else [_encode_array(W) for W in wg]}
+        # the monitor's state_dict keys (history, increases, capped_total, last_objective,
+        # last_params) at the top level, as manifests have always held them
+        return {"iteration": k, "slot": slot, **mon.state_dict(),
+                "schedule": self.schedule.state_dict(), "small": small,
+                "last_good": good,
+                "determinants": self.store.attrs.get("determinants"),
+                "checksums": checksums}
+
+    def _chunk_checksums(self, keys: list[str], values: list[dict[str, int]],
+                         weights: list[np.ndarray]) -> dict[str, list[int]]:
+        """Per ``b<i>/<name>``: the checkpoint tasks' chunk checksums in chunk order, and the
+        W written by the driver."""
+        from .storage import checksum
+
+        out: dict[str, list[int]] = {}
+        by_chunk: dict[tuple[int, int], dict[str, int]] = {}
+        for key, val in zip(keys, values, strict=True):
+            i = int(key.split("-b", 1)[1].split("-", 1)[0])
+            c = int(key.split("-c", 1)[1].split("-", 1)[0])
+            by_chunk[(i, c)] = val
+        for i in range(1, self.N + 1):
+            for c in range(len(self.slices)):
+                for name, crc in by_chunk[(i, c)].items():
+                    out.setdefault(f"b{i}/{name}", []).append(crc)
+            out[f"b{i}/W"] = [checksum(weights[i - 1])]
+        return out
+
+    def ckpt_plan(self, k0: int, k1: int) -> dict[int, str]:
+        """The checkpoint of iterations k0+1..k1 (at most one: the drivers never build past
+        an uncommitted checkpoint) and its slot: the one the committed manifest does not
+        name."""
+        plan: dict[int, str] = {}
+        for k in range(k0 + 1, k1 + 1):
+            if self._is_ckpt(k):
+                assert not plan, "two checkpoints in one window"
+                plan[k] = self.store.next_checkpoint_slot()
+        return plan
+
+    def build(self, k0: int, k1: int, prev: dict[str, str]):
+        from .graph import chunked as chunk_graph
+
+        return chunk_graph.build_window(
+            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
+            self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
+            (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
+            self.ckpt_plan(k0, k1), self.flow)
+
+    def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
+               values: list[dict[str, int]]) -> None:
+        """Commit checkpoint k: each block's W into the slot, then the manifest with the rest
+        of the small states (the atomic commit)."""
+        scalars = []
+        for i, sm in enumerate(smalls, start=1):
+            self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
+            scalars.append({x: float(v) for x, v in sm.items()
+                            if x not in ("W", "step", "capped", "k", "lam")})
+        sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
+        self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
+
+    def initial_record(self, init_outs: list[dict]) -> None:
+        if self.manifest is not None:
+            return
+        obj = sum(_out(o)["objective"] for o in init_outs)
+        lam = self.schedule.at(1).lam
+        obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
+        pen = self.schedule.at(1)
+        mon = self.monitor
+        # after a recovery from iteration 0 the row was reported already
+        callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)
+        values = None
+        if lazy_arrays(self.ds):
+            # out-of-core data: the metrics of iteration 0 from the store, a chunk at a time
+            # (not a forward pass over the lazy arrays from this process)
+            from .chunks.common import evaluate_chunks
+
+            values, _ = evaluate_chunks(self.task_url, self.arch, self.ds.task, self.metric,
+                                        tuple(self.slices), tuple(self.test_slices),
+                                        *self.weights)
+        try:
+            mon.start(obj, self.weights, pen.rho, pen.beta, values)
+        finally:
+            mon.callback = callback
+
+    # -- synchronous / threaded ------------------------------------------------------------
+    def run_local(self, weights0) -> Result:
+        import dask
+        import dask.threaded
+
+        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
+        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
+
+        def get(dsk, keys):
+            if scheduler == "sync":
+                return dask.get(dsk, keys)
+            return dask.threaded.get(dsk, keys, num_workers=workers)
+
+        nodes, literals, prev, k = self.start_nodes(weights0)
+        init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
+        carry = list(prev.values())
+        vals = get(to_dask_graph(nodes, literals), [*init_keys, *carry])
+        got = dict(zip([*init_keys, *carry], vals, strict=True))
+        self.initial_record([got[x] for x in init_keys])
+        data = self.data_literals()
+        literals = {**data, **{x: got[x] for x in carry}}
+        self.tasks_run += len(nodes)
+        status = "max_iter"
+        while k < self.K:
+            # a window holds at most one checkpoint, at its end: the slot of the committed
+            # checkpoint is never written before the next manifest is committed
+            k1 = self._ckpt_end(k, _window_end(k, self.window, self.K, self.schedule))
+            wg = self.build(k, k1, prev)
+            carry = sorted(set(wg.last.values()))
+            ckeys = [x for kk in wg.checkpoints for x in wg.checkpoints[kk]]
+            want = [*carry, *wg.stats.values(), *wg.evals.values(),
+                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
+            vals = get(to_dask_graph(wg.nodes, literals), want)
+            got = dict(zip(want, vals, strict=True))
+            self.monitor.arrived(k1)  # the whole window's results arrive together
+            self.tasks_run += len(wg.nodes)
+            stop = None
+            for kk in range(k + 1, k1 + 1):
+                ev = got[wg.evals[kk]] if kk in wg.evals else None
+                stop = self.process(kk, got[wg.stats[kk]], ev)
+                if kk in wg.checkpoints and self._committable(stop, got[wg.stats[kk]],
+                                                               [got[w] for w in wg.weights[kk]]):
+                    slot = self.ckpt_slot_of(wg, kk)
+                    keys = wg.checkpoints[kk]
+                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]], keys,
+                                [got[x] for x in keys])
+                if stop is not None:
+                    k = kk
+                    break
+            if stop is not None:
+                status = stop
+                break
+            k = k1
+            literals = {**data, **{x: got[x] for x in carry}}
+            prev = wg.last
+        return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
+                                       **self.engine_info()})
+
+    def engine_info(self) -> dict[str, Any]:
+        if self.flow:
+            return {"engine": "dask"}
+        return {"engine": "dask-zarr", "chunks": len(self.slices),
+                "resumed_from": self.resumed_from}
+
+    @staticmethod
+    def _committable(stop: str | None, it, weights) -> bool:
+        """A failed or non-finite iteration is never checkpointed: the last committed
+        checkpoint stays the last good one."""
+        from .monitor import FAILED
+
+        small = [w["W"] if isinstance(w, dict) else w for w in weights]
+        return stop not in FAILED and math.isfinite(it.objective) and \
+            all(np.all(np.isfinite(W)) for W in small)
+
+    def _is_ckpt(self, k: int) -> bool:
+        every = self.opts.checkpoint_every
+        return bool(every) and k % every == 0
+
+    def _ckpt_end(self, k: int, end: int) -> int:
+        """``end``, or the first checkpoint iteration after k if that comes earlier."""
+        for j in range(k + 1, end):
+            if self._is_ckpt(j):
+                return j
+        return end
+
+    @staticmethod
+    def ckpt_slot_of(wg, k: int) -> str:
+        node = next(n for n in wg.nodes if n.key == wg.checkpoints[k][0])
+        return node.args[4]
+
+    # -- distributed -----------------------------------------------------------------------
+    def run_distributed(self, weights0, run_dir: Path | None) -> Result:
+        status, k, info = self.on_cluster(
+            lambda client, workers: self._recovering(client, workers, weights0), run_dir)
+        info.update({**self.engine_info(), "recoveries": self.recoveries})
+        return self.result(status, k, info)
+
+    def _recovering(self, client, workers, weights0):
+        """Run the pipeline; when a worker is lost, abandon the attempt, wait for its tasks
+        to stop, and start again from the last committed checkpoint (iteration 0 when there
+        is none). The iterates do not depend on placement, so the run ends bit-for-bit as an
+        uninterrupted one would."""
+        self.recoveries = 0
+        self.old_run_ids: list[str] = []
+        while True:
+            self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
+            lost = ""
+            try:
+                return self._attempt(client, workers, weights0)
+            except _WorkerLost as exc:
+                lost = str(exc)  # not the exception: its frames hold the attempt's futures
+            self.recoveries += 1
+            if self.recoveries > MAX_RECOVERIES:
+                raise ClusterError(f"Dask workers were lost {self.recoveries} times in this "
+                                   f"run ({lost}): giving up; "
+                                   + _lost_worker_message(self.opts, lost).split(": ", 1)[1])
+            self._quiesce(client)
+            workers = self._wait_for_workers(client, len(self._workers0))
+            self._rewind()
+            k0 = self.manifest["iteration"] if self.manifest is not None else 0
+            say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
+                f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
+                "worker(s)")
+
+    def _attempt(self, client, workers, weights0):
+        place = self._placement(workers)
+        nodes, literals, prev, k0 = self.start_nodes(weights0)
+        data = set(self.data_literals()) if self.flow else set()
+        futures: dict[str, Any] = {}
+        pending: deque = deque()
+        held: dict[int, tuple[list[str], list[Any], list[Any], str]] = {}
+        try:
+            for name, value in literals.items():
+                b = int(name.split("-b")[1].split("-")[0])
+                # in a list: scatter would split a dict (a small state) into one future per
+                # entry
+                futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
+            self._submit(client, nodes, futures, place)
+            init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
+            if self.flow:
+                # only the result comes here, not the state the start wrote (on the worker)
+                init = [client.submit(_out, f, key=f"init_out-{f.key}", pure=False)
+                        for f in init]
+            self.initial_record([self._result(client, f) for f in init])
+            submitted, k_done, status = k0, k0, "max_iter"
+            while k_done < self.K:
+                while submitted < self.K and submitted - k_done < self.window:
+                    if submitted > k_done and self.schedule.is_barrier(submitted):
+                        break
+                    if held and self._is_ckpt(submitted + 1):
+                        break  # one checkpoint in flight: the committed slot stays intact
+                    wg = self.build(submitted, submitted + 1, prev)
+                    self._submit(client, wg.nodes, futures, place)
+                    submitted += 1
+                    kk = submitted
+                    if kk in wg.checkpoints:
+                        held[kk] = (list(wg.checkpoints[kk]),
+                                    [futures[x] for x in wg.checkpoints[kk]],
+                                    [futures[x] for x in wg.weights[kk]],
+                                    self.ckpt_slot_of(wg, kk))
+                    pending.append((kk, futures[wg.stats[kk]],
+                                    futures[wg.evals[kk]] if kk in wg.evals else None))
+                    keep = set(wg.last.values()) | data
+                    for old in [x for x in futures if x not in keep]:
+                        del futures[old]
+                    prev = wg.last
+                kk, fstats, fev = pending.popleft()
+                it = self._result(client, fstats)
+                ev = self._result(client, fev) if fev is not None else None
+                stop = self.process(kk, it, ev)
+                if kk in held:
+                    keys, cks, wfs, slot = held.pop(kk)
+                    values = [self._result(client, f) for f in cks]
+                    weights = [self._result(client, f) for f in wfs]
+                    self._check_workers(client)  # nothing was recomputed behind our back
+                    if self._committable(stop, it, weights):
+                        self.commit(kk, slot, weights, keys, values)
+                k_done = kk
+                if stop is not None:
+                    status = stop
+                    break
+            self._check_workers(client)
+            return status, k_done
+        finally:
+            pending.clear()
+            futures.clear()
+            held.clear()
+
+    def _rewind(self) -> None:
+        """Back to the last committed checkpoint (verified), or to iteration 0."""
+        self.old_run_ids.append(self.run_id)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.manifest = self._store.checkpoint() if self._store is not None else None
+        mon, sch = self.monitor, self.schedule
+        if self.manifest is not None:
+            self.store.verify_checkpoint(self.ck_layout)  # start_nodes restores from it
+        else:
+            mon.history, mon.increases, mon.capped_total = [], [], 0
+            mon.last_good = None
+            sch.reset()
 
 
 def _aligned(x: Any) -> Any:
@@ -851,9 +1087,8 @@ def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, 
 
 
 # =============================================================================================
-# Zarr-resident state: one task per (block, chunk); checkpoints and resume
+# Zarr-resident state: the store, checkpoints and resume
 # =============================================================================================
-
 
 
 def store_url(opts: EngineOptions, run_dir: Path | None) -> str:
@@ -1021,8 +1256,8 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = _ZarrCtx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
-    ctx.url, ctx.store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
+    ctx = _Ctx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx.url, ctx._store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.task_url = store.ref
     ctx.manifest = cp
@@ -1036,7 +1271,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
         if client is None and opts.cluster.kind in ("synchronous", "threads"):
             result = ctx.run_local(weights0)
         else:
-            result = ctx.run_distributed_zarr(weights0, run_dir)
+            result = ctx.run_distributed(weights0, run_dir)
         status = result.status
         monitor.keep_good(result)
         store.save_model(arch, result.weights, task=ds.task, metric=metric, **dataset_meta(ds))
@@ -1064,364 +1299,14 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
             shutil.rmtree(url, ignore_errors=True)
 
 
-class _ZarrCtx(_Ctx):
-    # set by run_dask after construction (the store is opened after the context's inputs)
-    url: str
-    task_url: StoreRef  # what the tasks name the store by
-    store: StateStore
-    slices: list[slice]
-    test_slices: list[slice]
-    layout: list[dict[str, tuple]]
-    ck_layout: list[dict[str, tuple]]
-    resumed_from: int | None
-
-    # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
-    def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
-                                                                dict[str, str], int]:
-        """Nodes and literal values that bring the store to iteration k0; returns
-        (nodes, literals, prev roles, k0)."""
-        from . import chunks
-        from .graph import chunked as chunk_graph
-
-        name, rid = self.splitting.name, self.run_id
-        restore = None
-        cp = self.manifest
-        if cp is not None:
-            k0, states = self.store.read_checkpoint_states(
-                [{"W": v["W"]} for v in self.layout])
-            # (a RADMM-3 manifest written before its small state was {"W": W} has none)
-            scalars = cp.get("small") or [{} for _ in states]
-            small = [{**sc, "W": st["W"]} for sc, st in zip(scalars, states, strict=True)]
-            self._restore_monitor()
-            self._restore_last_good(k0, [st["W"] for st in states])
-            restore = (k0, cp["slot"])
-        else:
-            k0, small = 0, chunks.init_small(name, self.arch, weights0)
-        nodes, prev, _ = chunk_graph.start_nodes(name, self.arch, self.task_url, self.slices, rid,
-                                                 [s["W"] for s in small], self.n, restore,
-                                                 self.specs[0].options, self.schedule.at(1).rho)
-        literals: dict[str, Any] = {}
-        for i, sm in enumerate(small, start=1):
-            literals[f"init_small-b{i}-{rid}"] = sm
-            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
-        self.k0 = k0
-        self.weights = [s["W"] for s in small]
-        return nodes, literals, prev, k0
-
-    def _restore_monitor(self) -> None:
-        """Monitor and penalty schedule as they were at the manifest's checkpoint."""
-        cp = self.manifest
-        assert cp is not None  # only called when resuming from a committed checkpoint
-        mon = self.monitor
-        mon.load_state_dict(cp)  # the manifest holds the monitor's state_dict keys
-        if mon.callback is not None and not self._replayed:
-            for r in mon.history:  # the rows a resumed run's outputs start with
-                mon.callback(r)
-        self._replayed = True
-        self.schedule.load_state_dict(cp.get("schedule") or {})
-
-    def _restore_last_good(self, k0: int, weights: list[np.ndarray]) -> None:
-        """The monitor's last good evaluation, as recorded in the manifest: its weights are
-        the checkpoint's when it is the checkpoint iteration, else stored in the manifest."""
-        assert self.manifest is not None  # only called when resuming from a checkpoint
-        good = self.manifest.get("last_good", "absent")
-        if good == "absent":  # a manifest without the record: the checkpoint, if finite
-            if all(np.all(np.isfinite(W)) for W in weights):
-                self.monitor.last_good = (k0, [np.array(W, copy=True) for W in weights])
-            return
-        if good is None:
-            self.monitor.last_good = None
-        elif good["weights"] is None:
-            self.monitor.last_good = (int(good["iteration"]),
-                                      [np.array(W, copy=True) for W in weights])
-        else:
-            self.monitor.last_good = (int(good["iteration"]),
-                                      [_decode_array(w) for w in good["weights"]])
-
-    def _manifest(self, k: int, slot: str, small: list[dict] | None,
-                  checksums: dict[str, list[int]]) -> dict[str, Any]:
-        mon = self.monitor
-        good = None
-        if mon.last_good is not None:
-            kg, wg = mon.last_good
-            good = {"iteration": kg,
-                    "weights": None if kg == k else [_encode_array(W) for W in wg]}
-        # the monitor's state_dict keys (history, increases, capped_total, last_objective,
-        # last_params) at the top level, as manifests have always held them
-        return {"iteration": k, "slot": slot, **mon.state_dict(),
-                "schedule": self.schedule.state_dict(), "small": small,
-                "last_good": good,
-                "determinants": self.store.attrs.get("determinants"),
-                "checksums": checksums}
-
-    def _chunk_checksums(self, keys: list[str], values: list[dict[str, int]],
-                         weights: list[np.ndarray]) -> dict[str, list[int]]:
-        """Per ``b<i>/<name>``: the checkpoint tasks' chunk checksums in chunk order, and the
-        W written by the driver."""
-        from .storage import checksum
-
-        out: dict[str, list[int]] = {}
-        by_chunk: dict[tuple[int, int], dict[str, int]] = {}
-        for key, val in zip(keys, values, strict=True):
-            i = int(key.split("-b", 1)[1].split("-", 1)[0])
-            c = int(key.split("-c", 1)[1].split("-", 1)[0])
-            by_chunk[(i, c)] = val
-        for i in range(1, self.N + 1):
-            for c in range(len(self.slices)):
-                for name, crc in by_chunk[(i, c)].items():
-                    out.setdefault(f"b{i}/{name}", []).append(crc)
-            out[f"b{i}/W"] = [checksum(weights[i - 1])]
-        return out
-
-    def ckpt_plan(self, k0: int, k1: int) -> dict[int, str]:
-        """The checkpoint of iterations k0+1..k1 (at most one: the drivers never build past
-        an uncommitted checkpoint) and its slot: the one the committed manifest does not
-        name."""
-        plan: dict[int, str] = {}
-        for k in range(k0 + 1, k1 + 1):
-            if self._is_ckpt(k):
-                assert not plan, "two checkpoints in one window"
-                plan[k] = self.store.next_checkpoint_slot()
-        return plan
-
-    def build_z(self, k0: int, k1: int, prev: dict[str, str]):
-        from .graph import chunked as chunk_graph
-
-        return chunk_graph.build_window(
-            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
-            self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
-            (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
-            self.ckpt_plan(k0, k1))
-
-    def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
-               values: list[dict[str, int]]) -> None:
-        """Commit checkpoint k: each block's W into the slot, then the manifest with the rest
-        of the small states (the atomic commit)."""
-        scalars = []
-        for i, sm in enumerate(smalls, start=1):
-            self.store.write(f"ckpt/{slot}/b{i}/W", sm["W"])
-            scalars.append({x: float(v) for x, v in sm.items()
-                            if x not in ("W", "step", "capped", "k", "lam")})
-        sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
-        self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
-
-    def initial_record(self, init_outs: list[dict]) -> None:
-        if self.manifest is not None:
-            return
-        obj = sum(o["objective"] for o in init_outs)
-        lam = self.schedule.at(1).lam
-        obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
-        pen = self.schedule.at(1)
-        mon = self.monitor
-        # after a recovery from iteration 0 the row was reported already
-        callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)
-        values = None
-        if lazy_arrays(self.ds):
-            # out-of-core data: the metrics of iteration 0 from the store, a chunk at a time
-            # (not a forward pass over the lazy arrays from this process)
-            from .chunks.common import evaluate_chunks
-
-            values, _ = evaluate_chunks(self.task_url, self.arch, self.ds.task, self.metric,
-                                        tuple(self.slices), tuple(self.test_slices),
-                                        *self.weights)
-        try:
-            mon.start(obj, self.weights, pen.rho, pen.beta, values)
-        finally:
-            mon.callback = callback
-
-    # -- synchronous / threaded ------------------------------------------------------------
-    def run_local(self, weights0) -> Result:
-        import dask
-        import dask.threaded
-
-        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
-        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
-
-        def get(dsk, keys):
-            if scheduler == "sync":
-                return dask.get(dsk, keys)
-            return dask.threaded.get(dsk, keys, num_workers=workers)
-
-        nodes, literals, prev, k = self.start_nodes(weights0)
-        init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
-        carry = list(prev.values())
-        vals = get(to_dask_graph(nodes, literals), [*init_keys, *carry])
-        got = dict(zip([*init_keys, *carry], vals, strict=True))
-        self.initial_record([got[x] for x in init_keys])
-        literals = {x: got[x] for x in carry}
-        self.tasks_run += len(nodes)
-        status = "max_iter"
-        while k < self.K:
-            # a window holds at most one checkpoint, at its end: the slot of the committed
-            # checkpoint is never written before the next manifest is committed
-            k1 = self._ckpt_end(k, _window_end(k, self.window, self.K, self.schedule))
-            wg = self.build_z(k, k1, prev)
-            carry = sorted(set(wg.last.values()))
-            ckeys = [x for kk in wg.checkpoints for x in wg.checkpoints[kk]]
-            want = [*carry, *wg.stats.values(), *wg.evals.values(),
-                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
-            vals = get(to_dask_graph(wg.nodes, literals), want)
-            got = dict(zip(want, vals, strict=True))
-            self.monitor.arrived(k1)  # the whole window's results arrive together
-            self.tasks_run += len(wg.nodes)
-            stop = None
-            for kk in range(k + 1, k1 + 1):
-                ev = got[wg.evals[kk]] if kk in wg.evals else None
-                stop = self.process(kk, got[wg.stats[kk]], ev)
-                if kk in wg.checkpoints and self._committable(stop, got[wg.stats[kk]],
-                                                               [got[w] for w in wg.weights[kk]]):
-                    slot = self.ckpt_slot_of(wg, kk)
-                    keys = wg.checkpoints[kk]
-                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]], keys,
-                                [got[x] for x in keys])
-                if stop is not None:
-                    k = kk
-                    break
-            if stop is not None:
-                status = stop
-                break
-            k = k1
-            literals = {x: got[x] for x in carry}
-            prev = wg.last
-        return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
-                                       "engine": "dask-zarr", "chunks": len(self.slices),
-                                       "resumed_from": self.resumed_from})
-
-    @staticmethod
-    def _committable(stop: str | None, it, weights) -> bool:
-        """A failed or non-finite iteration is never checkpointed: the last committed
-        checkpoint stays the last good one."""
-        from .monitor import FAILED
-
-        small = [w["W"] if isinstance(w, dict) else w for w in weights]
-        return stop not in FAILED and math.isfinite(it.objective) and \
-            all(np.all(np.isfinite(W)) for W in small)
-
-    def _is_ckpt(self, k: int) -> bool:
-        every = self.opts.checkpoint_every
-        return bool(every) and k % every == 0
-
-    def _ckpt_end(self, k: int, end: int) -> int:
-        """``end``, or the first checkpoint iteration after k if that comes earlier."""
-        for j in range(k + 1, end):
-            if self._is_ckpt(j):
-                return j
-        return end
-
-    @staticmethod
-    def ckpt_slot_of(wg, k: int) -> str:
-        node = next(n for n in wg.nodes if n.key == wg.checkpoints[k][0])
-        return node.args[4]
-
-    # -- distributed -----------------------------------------------------------------------
-    def run_distributed_zarr(self, weights0, run_dir: Path | None) -> Result:
-        status, k, info = self.on_cluster(
-            lambda client, workers: self._pipeline_z(client, workers, weights0), run_dir)
-        info.update({"engine": "dask-zarr", "chunks": len(self.slices),
-                     "resumed_from": self.resumed_from, "recoveries": self.recoveries})
-        return self.result(status, k, info)
-
-    def _pipeline_z(self, client, workers, weights0):
-        """Run the pipeline; when a worker is lost, abandon the attempt, wait for its tasks
-        to stop, and start again from the last committed checkpoint (iteration 0 when there
-        is none). The iterates do not depend on placement, so the run ends bit-for-bit as an
-        uninterrupted one would."""
-        self.recoveries = 0
-        self.old_run_ids: list[str] = []
-        while True:
-            self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
-            lost = ""
-            try:
-                return self._attempt_z(client, workers, weights0)
-            except _WorkerLost as exc:
-                lost = str(exc)  # not the exception: its frames hold the attempt's futures
-            self.recoveries += 1
-            if self.recoveries > MAX_RECOVERIES:
-                raise ClusterError(f"Dask workers were lost {self.recoveries} times in this "
-                                   f"run ({lost}): giving up; "
-                                   + _lost_worker_message(self.opts, lost).split(": ", 1)[1])
-            self._quiesce(client)
-            workers = self._wait_for_workers(client, len(self._workers0))
-            self._rewind()
-            k0 = self.manifest["iteration"] if self.manifest is not None else 0
-            say(f"daskadmm: warning: a Dask worker was lost ({lost}); recomputing from "
-                f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
-                "worker(s)")
-
-    def _attempt_z(self, client, workers, weights0):
-        place = self._placement(workers)
-        nodes, literals, prev, k0 = self.start_nodes(weights0)
-        futures: dict[str, Any] = {}
-        pending: deque = deque()
-        held: dict[int, tuple[list[str], list[Any], list[Any], str]] = {}
-        try:
-            for name, value in literals.items():
-                b = int(name.split("-b")[1].split("-")[0])
-                # in a list: scatter would split a dict (a small state) into one future per
-                # entry
-                futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
-            self._submit(client, nodes, futures, place)
-            init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
-            self.initial_record([self._result(client, f) for f in init])
-            submitted, k_done, status = k0, k0, "max_iter"
-            while k_done < self.K:
-                while submitted < self.K and submitted - k_done < self.window:
-                    if submitted > k_done and self.schedule.is_barrier(submitted):
-                        break
-                    if held and self._is_ckpt(submitted + 1):
-                        break  # one checkpoint in flight: the committed slot stays intact
-                    wg = self.build_z(submitted, submitted + 1, prev)
-                    self._submit(client, wg.nodes, futures, place)
-                    submitted += 1
-                    kk = submitted
-                    if kk in wg.checkpoints:
-                        held[kk] = (list(wg.checkpoints[kk]),
-                                    [futures[x] for x in wg.checkpoints[kk]],
-                                    [futures[x] for x in wg.weights[kk]],
-                                    self.ckpt_slot_of(wg, kk))
-                    pending.append((kk, futures[wg.stats[kk]],
-                                    futures[wg.evals[kk]] if kk in wg.evals else None))
-                    keep = set(wg.last.values())
-                    for old in [x for x in futures if x not in keep]:
-                        del futures[old]
-                    prev = wg.last
-                kk, fstats, fev = pending.popleft()
-                it = self._result(client, fstats)
-                ev = self._result(client, fev) if fev is not None else None
-                stop = self.process(kk, it, ev)
-                if kk in held:
-                    keys, cks, wfs, slot = held.pop(kk)
-                    values = [self._result(client, f) for f in cks]
-                    weights = [self._result(client, f) for f in wfs]
-                    self._check_workers(client)  # nothing was recomputed behind our back
-                    if self._committable(stop, it, weights):
-                        self.commit(kk, slot, weights, keys, values)
-                k_done = kk
-                if stop is not None:
-                    status = stop
-                    break
-            self._check_workers(client)
-            return status, k_done
-        finally:
-            pending.clear()
-            futures.clear()
-            held.clear()
-
-    def _rewind(self) -> None:
-        """Back to the last committed checkpoint (verified), or to iteration 0."""
-        self.old_run_ids.append(self.run_id)
-        self.run_id = uuid.uuid4().hex[:8]
-        self.manifest = self.store.checkpoint()
-        mon, sch = self.monitor, self.schedule
-        if self.manifest is not None:
-            self.store.verify_checkpoint(self.ck_layout)  # start_nodes restores from it
-        else:
-            mon.history, mon.increases, mon.capped_total = [], [], 0
-            mon.last_good = None
-            sch.reset()
-
-
 MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
+
+
+def _out(value: Any) -> Any:
+    """A task's result (a dataflow task's output holds its writes besides)."""
+    from .chunks.common import Written
+
+    return value.out if isinstance(value, Written) else value
 
 
 def _encode_array(a: np.ndarray) -> dict[str, Any]:

@@ -203,34 +203,41 @@ def test_hazards_aliases_hold_until_the_markers_replace_them():
     assert sorted(r.key for r in hz.task("w3", (), ["x"])) == ["s1", "s2"]
 
 
-def _window(name: str, N: int, K: int, C: int = 3, ckpt_slots: dict[int, str] | None = None):
+def _window(name: str, N: int, K: int, C: int = 3, ckpt_slots: dict[int, str] | None = None,
+            flow: bool = False):
+    """A window of K iterations from the start; ``flow``: on the dataflow backend (the
+    in-memory engine's graph: inputs are the data dependencies), else on a store."""
     kind = "mlp" if name in ("pdadmm", "dladmm") else "resnet"
     arch = Architecture(kind=kind, depth=N, d_in=5, width=4, d_out=2)
     n = 30
     specs = [BlockSpec(arch, i, n, Options()) for i in range(1, N + 1)]
     slices = chunk_slices(n, -(-n // C))
-    _, prev, _ = chunk_graph.start_nodes(name, arch, "memory://x", slices, "r",
+    url = None if flow else "memory://x"
+    _, prev, _ = chunk_graph.start_nodes(name, arch, url, slices, "r",
                                          [np.zeros(arch.weight_shape(i))
-                                          for i in range(1, N + 1)], n, None, Options(), 1.0)
+                                          for i in range(1, N + 1)], n, None, Options(), 1.0,
+                                         flow)
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 1)}
-    return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", "memory://x", slices,
-                                    ckpt_slots=ckpt_slots)
+    return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", url, slices,
+                                    ckpt_slots=ckpt_slots, flow=flow)
 
 
+@pytest.mark.parametrize("flow", [False, True])
 @pytest.mark.parametrize("K", [1, 4])
-def test_pdadmm_chunked_chain_does_not_grow_with_depth(K):
+def test_pdadmm_chunked_chain_does_not_grow_with_depth(K, flow):
     # layer-parallel: per iteration a chain of five stages (pass A, p curvature, pass B, W, pass
     # C) whatever the depth; the next iteration needs only the neighbours' last values
     for N in (2, 4, 9):
-        assert critical_path_length(_window("pdadmm", N, K).nodes, "pd_") == 5 * K
+        assert critical_path_length(_window("pdadmm", N, K, flow=flow).nodes, "pd_") == 5 * K
 
 
-def test_radmm2_chunked_chain_is_a_pipelined_wavefront():
+@pytest.mark.parametrize("flow", [False, True])
+def test_radmm2_chunked_chain_is_a_pipelined_wavefront(flow):
     # block i of iteration k waits for block i-1 of k and block i+1 of k-1: K iterations of N
     # blocks take about N + 2K block steps, not N K
     def path(N: int, K: int) -> int:
-        return critical_path_length(_window("radmm2", N, K).nodes, "r2_")
+        return critical_path_length(_window("radmm2", N, K, flow=flow).nodes, "r2_")
 
     per_block = path(6, 1) - path(5, 1)
     assert per_block == 7  # W: gradient, its sum, trials, decision; V: trials, decision, step
@@ -253,18 +260,20 @@ def test_radmm2_statistics_of_w_n_travel_once():
                     ] == [d for d in n.deps() if d.startswith("r2_sum_w-")] != []
 
 
-def test_dladmm_chunked_chain_is_a_sweep():
-    short = critical_path_length(_window("dladmm", 3, 2).nodes, "dl_")
-    long = critical_path_length(_window("dladmm", 6, 2).nodes, "dl_")
+@pytest.mark.parametrize("flow", [False, True])
+def test_dladmm_chunked_chain_is_a_sweep(flow):
+    short = critical_path_length(_window("dladmm", 3, 2, flow=flow).nodes, "dl_")
+    long = critical_path_length(_window("dladmm", 6, 2, flow=flow).nodes, "dl_")
     assert long > short
     # per iteration and layer l < L: backward a-pass, a-curvature, az-pass, W; forward W,
     # z-pass, a-curvature, a-pass
     assert long - short == 2 * 3 * 8
 
 
+@pytest.mark.parametrize("flow", [False, True])
 @pytest.mark.parametrize("name", ["pdadmm", "radmm3", "radmm2"])
-def test_chunk_tasks_carry_no_sample_arrays(name):
-    wg = _window(name, 4, 2)
+def test_chunk_tasks_carry_no_sample_arrays(name, flow):
+    wg = _window(name, 4, 2, flow=flow)
     for node in wg.nodes:
         for a in node.args:
             assert not (isinstance(a, np.ndarray) and a.ndim == 2 and a.shape[1] >= 10), node.key

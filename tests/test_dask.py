@@ -13,11 +13,12 @@ from threadpoolctl import threadpool_limits
 from daskadmm import api
 from daskadmm.config import Config, algorithm_defaults
 from daskadmm.data import load_dataset
-from daskadmm.graph import Ref, build_window, critical_path_length
+from daskadmm.graph import chunked as chunk_graph
+from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture
-from daskadmm.splitting import BlockSpec, Penalties, get_splitting
+from daskadmm.splitting import BlockSpec, Options, Penalties
 
-TOL = 1e-10  # float64: every execution path equals the reference to this (in fact bitwise)
+TOL = 1e-10  # float64: the statistics equal the reference's to this (the weights bitwise)
 
 
 @pytest.fixture(autouse=True)
@@ -27,80 +28,107 @@ def _one_blas_thread():
 
 
 def _window(N: int, K: int, name: str = "radmm3", evals=(), kind: str = "resnet"):
+    """The in-memory engine's graph of K iterations: the chunk plan with one chunk on the
+    dataflow backend. Returns (start nodes, window)."""
     arch = Architecture(kind, N, 3, 4, 2)
-    specs = [BlockSpec(arch, i, 10) for i in range(1, N + 1)]
-    sp = get_splitting(name)
-    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 1)}
-    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
-    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
-    return build_window(sp, specs, pens, 0, K, init, "run", data, evals, ("a", "t", "m"))
+    n = 10
+    specs = [BlockSpec(arch, i, n) for i in range(1, N + 1)]
+    slices = [slice(0, n)]
+    weights = [np.zeros(arch.weight_shape(i)) for i in range(1, N + 1)]
+    start, prev, _ = chunk_graph.start_nodes(name, arch, None, slices, "run", weights, n, None,
+                                             Options(), 1.0, flow=True, rho_first=1.0)
+    prev.update({f"small-b{i}": f"init_small-b{i}-run" for i in range(1, N + 1)})
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 2)}
+    wg = chunk_graph.build_window(name, specs, pens, 0, K, prev, "run", None, slices, evals,
+                                  (arch, "regression", "mse", tuple(slices), (slice(0, 4),)),
+                                  flow=True)
+    return start, wg
 
 
 @pytest.mark.parametrize(("N", "K"), [(2, 1), (3, 5), (5, 4), (8, 10), (12, 3)])
 def test_task_count_and_longest_chain(N, K):
-    wg = _window(N, K)
-    updates = [n for n in wg.nodes if n.key.startswith("radmm3_block-")]
-    # one update and one block_stats task per block per iteration, one iteration_stats each
+    _, wg = _window(N, K)
+    updates = [n for n in wg.nodes if n.key.startswith("radmm3_chunk-")]
+    picks = {n.key for n in wg.nodes if n.key.startswith("pick-")}
+    # per block and iteration: its W, its chunk task, the reduction of the chunk's W
+    # statistics, its statistics; and one iteration_stats task per iteration
     assert len(updates) == K * N
-    assert len(wg.nodes) == K * (2 * N + 1)
-    # the dependency chain counted on the graph itself: 2K + N - 2 update tasks
-    assert critical_path_length(wg.nodes) <= 2 * K + N
-    assert critical_path_length(wg.nodes, "radmm3_block-") == 2 * K + N - 2
+    assert len(wg.nodes) - len(picks) == K * (4 * N + 1)
+    # of a neighbour's chunk task, only the left one's V travels (picked on its worker); the
+    # right neighbour's whole output is read
+    assert {p for p in picks if "-of-radmm3_chunk-" in p} == {
+        f"pick-b{b}V{k % 2}c0-of-radmm3_chunk-b{b}-c0-k{k}-run"
+        for k in range(1, K + 1) for b in range(1, N)}
+    # the wavefront, counted on the graph itself: 2K + N - 2 block updates in a chain (block i
+    # of iteration k waits for block i-1 of k and block i+1 of k-1), not K N
+    assert critical_path_length(wg.nodes, "radmm3_chunk-") == 2 * K + N - 2
 
 
 def test_each_task_depends_exactly_on_its_neighbours():
     N, K = 5, 4
-    wg = _window(N, K)
+    _, wg = _window(N, K)
+    picked = {n.key: n.args[0].key for n in wg.nodes if n.key.startswith("pick-")}
+
+    def chunk(bb, kk):
+        return "init_chunk-c0-run" if kk == 0 else f"radmm3_chunk-b{bb}-c0-k{kk}-run"
+
+    def small(bb, kk):
+        return f"init_small-b{bb}-run" if kk == 0 else f"update_weights-b{bb}-k{kk}-run"
+
+    seen = 0
     for node in wg.nodes:
-        if not node.key.startswith("radmm3_block-"):
+        if not node.key.startswith("radmm3_chunk-"):
             continue
         b, k = node.block, int(node.key.split("-k")[1].split("-")[0])
-
-        def name(bb, kk):
-            return f"init-b{bb}" if kk == 0 else f"radmm3_block-b{bb}-k{kk}-run"
-
-        expected = {name(b, k - 1)}  # itself, previous iteration
-        expected.add("X" if b == 1 else name(b - 1, k))  # left, same iteration
+        expected = {small(b, k), chunk(b, k - 1)}  # its W of k, its own values of k-1
+        # left, same iteration (the data for block 1)
+        expected.add("data_x-b1-c0-run" if b == 1 else chunk(b - 1, k))
         if b < N:
-            expected.add(name(b + 1, k - 1))  # right, previous iteration
+            expected |= {chunk(b + 1, k - 1), small(b + 1, k - 1)}  # right, previous iteration
         if b == N:
-            expected.add("Y")
-        assert set(node.deps()) == expected, node.key
+            expected.add(f"data_y-b{N}-c0-run")
+        assert {picked.get(d, d) for d in node.deps()} == expected, node.key
+        seen += 1
+    assert seen == N * K
 
 
 def test_keys_read_like_the_algorithm_and_are_unique():
-    wg = _window(4, 3, evals=[3])
-    keys = [n.key for n in wg.nodes]
+    start, wg = _window(4, 3, evals=[3])
+    keys = [n.key for n in start + wg.nodes]
     assert len(keys) == len(set(keys))
-    assert "radmm3_block-b3-k2-run" in keys
+    assert "radmm3_chunk-b3-c0-k2-run" in keys
     assert "evaluate-k3-run" in keys
     assert all(k.endswith("-run") for k in keys)
 
 
-def test_graph_holds_no_arrays():
-    # big arrays never travel inside the graph: only references, specs and scalars
-    wg = _window(4, 3, evals=[3])
-    for node in wg.nodes:
-        for a in node.args:
-            items = a if isinstance(a, tuple) else (a,)
-            for x in items:
-                assert not isinstance(x, np.ndarray), node.key
-                assert x is None or isinstance(x, Ref | str | int | float | tuple) or callable(
-                    x) or dataclasses.is_dataclass(x), (node.key, type(x))
+def test_graph_holds_no_sample_arrays():
+    # big arrays never travel inside the graph: only references, specs, scalars and (the
+    # start's) weights
+    start, wg = _window(4, 3, evals=[3])
+
+    def arrays(x):
+        if isinstance(x, np.ndarray):
+            yield x
+        elif isinstance(x, list | tuple):
+            for y in x:
+                yield from arrays(y)
+
+    for node in start + wg.nodes:
+        for a in arrays(node.args):
+            assert a.shape[-1] != 10, node.key  # nothing with the samples' dimension
 
 
 def test_graph_cost_does_not_grow_with_iteration():
     arch = Architecture("resnet", 6, 3, 4, 2)
     specs = [BlockSpec(arch, i, 10) for i in range(1, 7)]
-    sp = get_splitting("radmm3")
-    data = {x: x for x in ("X", "Y", "X_train", "Y_train", "X_test", "Y_test")}
+    _, wg = _window(6, 1)
     sizes = []
-    for k0 in (0, 499):
-        pens = {k0 + 1: Penalties(1.0, 1.0, 1e-3, 1e-3)}
-        prev = {"radmm3_block": [f"radmm3_block-b{b}-k{k0}-r" for b in range(1, 7)]}
-        wg = build_window(sp, specs, pens, k0, k0 + 1, prev, "r", data)
-        sizes.append((len(wg.nodes), sum(len(n.deps()) for n in wg.nodes)))
-    assert sizes[0] == sizes[1]
+    for k0 in range(1, 5):  # windows of one iteration, each from the last one's roles
+        pens = {k0 + 1: Penalties(1.0, 1.0, 1e-3, 1e-3), k0 + 2: Penalties(1.0, 1.0, 1e-3, 1e-3)}
+        wg = chunk_graph.build_window("radmm3", specs, pens, k0, k0 + 1, wg.last, "run", None,
+                                      [slice(0, 10)], flow=True)
+        sizes.append((len(wg.nodes), sum(len(n.deps()) for n in wg.nodes), len(wg.last)))
+    assert len(set(sizes)) == 1
 
 
 def _problem(activation="tanh", classification=False):
@@ -146,6 +174,9 @@ def test_local_schedulers_equal_reference(algorithm, kind, window):
     ref = _run(cfg, ds, "reference", algorithm=algorithm)
     res = _run(cfg, ds, kind, window, algorithm=algorithm)
     _assert_equal(ref, res)
+    # one chunk is the reference's arithmetic: the same bits
+    for a, b in zip(ref.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
     assert res.info["engine"] == "dask"
 
 
@@ -171,6 +202,8 @@ def test_process_cluster_equal_reference_and_bitwise_repeatable(local_cluster, a
     runs = [_run(cfg, ds, "address", w, algorithm=algorithm, address=addr) for w in (1, 3, 3)]
     for res in runs:
         _assert_equal(ref, res)
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert np.array_equal(a, b)  # one chunk: the reference's bits
     # two runs are bitwise identical
     for a, b in zip(runs[1].weights, runs[2].weights, strict=True):
         assert np.array_equal(a, b)
@@ -273,34 +306,6 @@ def test_stop_inside_window_matches_reference():
     ref = _run(cfg, ds, "reference")
     assert ref.status == "converged" and ref.iterations == 3
     _assert_equal(ref, _run(cfg, ds, "threads", 8))
-
-
-def _window_for(name: str, N: int, K: int):
-    return get_splitting(name), _window(N, K, name, kind="mlp")
-
-
-@pytest.mark.parametrize(("N", "K"), [(3, 4), (8, 10), (19, 5)])
-def test_pdadmm_graph_chain_is_one_layer_task_per_iteration(N, K):
-    sp, wg = _window_for("pdadmm", N, K)
-    step = sp.steps[0].name
-    assert len(sp.steps) == 1
-    assert len([n for n in wg.nodes if n.key.startswith(step + "-")]) == N * K
-    # Jacobi: every layer task needs only previous-iteration values -> the chain is K
-    assert critical_path_length(wg.nodes, step + "-") == K
-    for node in wg.nodes:
-        if node.key.startswith(step + "-") and "-k1-" not in node.key:
-            k = int(node.key.split("-k")[1].split("-")[0])
-            assert all(f"-k{k - 1}-" in d for d in node.deps() if d.startswith(step)), node.key
-
-
-def test_dladmm_graph_is_a_backward_then_forward_chain():
-    N, K = 4, 3
-    sp, wg = _window_for("dladmm", N, K)
-    assert [s.name for s in sp.steps] == ["dladmm_backward", "dladmm_forward"]
-    updates = [n for n in wg.nodes if n.key.startswith(("dladmm_backward-", "dladmm_forward-"))]
-    assert len(updates) == 2 * N * K
-    # each iteration's backward sweep (N tasks) then forward sweep (N tasks) is a chain
-    assert critical_path_length(updates) == 2 * N * K
 
 
 @pytest.mark.parametrize("algorithm", ["dladmm", "pdadmm"])

@@ -24,7 +24,6 @@ from daskadmm import api
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig, RunConfig, variant_config
 from daskadmm.data import load_dataset
-from daskadmm.graph import build_window
 from daskadmm.model import Architecture, get_activation, init_weights
 from daskadmm.monitor import Monitor
 from daskadmm.reference import initial_objective, solve
@@ -116,35 +115,6 @@ def test_registered_with_a_backward_and_a_forward_step():
     assert fwd.inputs == (Input(SELF, "dladmm_backward", 0), Input(SELF, "dladmm_forward", 1),
                           Input(LEFT, "dladmm_forward", 0, "a"), Input(RIGHT, "dladmm_backward", 0))
     assert sp.objective_left == "a"
-
-
-@pytest.mark.parametrize(("N", "K"), [(2, 3), (4, 5)])
-def test_graph_is_one_chain_of_2NK_tasks(N, K):
-    # backward L..1 then forward 1..L, and the next backward waits for the last forward
-    prob = make_problem(kind="mlp", depth=N)
-    sp = get_splitting("dladmm")
-    pens = {k: PEN for k in range(1, K + 1)}
-    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
-    data = {x: x for x in ("X", "Y")}
-    wg = build_window(sp, specs_of(prob), pens, 0, K, init, "run", data)
-    updates = [nd for nd in wg.nodes
-               if nd.key.startswith(("dladmm_backward-", "dladmm_forward-"))]
-    assert len(updates) == 2 * N * K
-    assert longest_chain(updates) == 2 * N * K
-
-
-def longest_chain(nodes) -> int:
-    """Longest dependency chain among ``nodes`` (any emission order)."""
-    by_key = {nd.key: nd for nd in nodes}
-    depth: dict[str, int] = {}
-
-    def d(key):
-        if key not in depth:
-            deps = [x for x in by_key[key].deps() if x in by_key]
-            depth[key] = 1 + max((d(x) for x in deps), default=0)
-        return depth[key]
-
-    return max(d(key) for key in by_key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from threadpoolctl import threadpool_limits
 
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
-from daskadmm.graph import build_window, critical_path_length
 from daskadmm.model import get_activation
 from daskadmm.monitor import Monitor
 from daskadmm.reference import initial_objective, solve
@@ -224,18 +223,6 @@ def test_registered_as_one_step_with_only_previous_iteration_inputs():
                                   Input(LEFT, "pdadmm_layer", 1, keys=("z", "q", "p")),
                                   Input(RIGHT, "pdadmm_layer", 1, keys=("p", "u")))
     assert sp.objective_left == "q"
-
-
-@pytest.mark.parametrize(("N", "K"), [(2, 3), (5, 4), (10, 7)])
-def test_longest_chain_of_K_iterations_is_K(N, K):
-    prob = make_problem(kind="mlp", depth=N)
-    sp = get_splitting("pdadmm")
-    pens = {k: PEN for k in range(1, K + 1)}
-    init = {s.name: [f"init-b{b}" for b in range(1, N + 1)] for s in sp.steps}
-    wg = build_window(sp, specs_of(prob), pens, 0, K, init, "run", {"X": "X", "Y": "Y"})
-    updates = [nd for nd in wg.nodes if nd.key.startswith("pdadmm_layer-")]
-    assert len(updates) == N * K
-    assert critical_path_length(updates) == K
 
 
 @pytest.mark.parametrize(("kind", "act", "loss_name"),

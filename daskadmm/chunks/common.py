@@ -7,12 +7,21 @@ algorithm's iteration plan appends its tasks through a :class:`PlanContext`, whi
 builder (:mod:`daskadmm.graph.chunked`) makes. Also here: the checkpoint copy and restore of a
 chunk, the true forward pass on the stored data, one chunk at a time, and the reductions
 every plan uses (:func:`sum_partials`, :func:`group_stats`).
+
+**Two backends, one set of tasks.** With a store (``ChunkTask.url``) a task reads and writes
+Zarr chunks. In the *dataflow* backend (the in-memory engine) there is no store: the graph
+builder hands each task the values it declared it reads, as inputs (the outputs of the tasks
+that wrote them, or the data chunks), and the task returns what it writes with its result
+(:func:`run_flow`, :class:`Written`). A location is named as the builder names it:
+``"b<i>/<var>/<slot>/c<c>"`` for block i's variable, ``"data/<name>/c<c>"`` for the data.
+The task bodies are the same for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,20 +33,24 @@ __all__ = [
     "checkpoint_chunk",
     "ChunkTask",
     "each_stats",
+    "FlowCall",
     "evaluate_chunks",
     "evaluate_small",
     "get_data",
     "get_live",
     "group_stats",
+    "pick_written",
     "PlanContext",
     "StartContext",
     "put_live",
     "restore_chunk",
+    "run_flow",
     "sample_vars",
     "state_layout",
     "Small",
     "StatsGroup",
     "sum_partials",
+    "Written",
 ]
 
 Array = np.ndarray
@@ -63,34 +76,137 @@ def sample_vars(variables: dict[str, tuple]) -> tuple[str, ...]:
     return tuple(v for v, shape in variables.items() if shape and shape[-1] == "n")
 
 
-def _read(url: StoreRef, path: str, sl: slice, slot: int | None = None) -> Array:
+@dataclass
+class _Frame:
+    """The values a dataflow task reads (by location) and the ones it writes."""
+
+    reads: dict[str, Array]
+    writes: dict[str, Array] = field(default_factory=dict)
+
+
+_FLOW: ContextVar[_Frame | None] = ContextVar("daskadmm_flow", default=None)
+
+
+def _read(url: StoreRef | None, path: str, sl: slice, slot: int | None = None) -> Array:
+    assert url is not None, f"{path}: no store (and not in a dataflow task)"
     return chunk_io(url, path).read(sl, slot)
 
 
-def _write(url: StoreRef, path: str, sl: slice, value: Array, slot: int | None = None) -> None:
+def _write(url: StoreRef | None, path: str, sl: slice, value: Array,
+           slot: int | None = None) -> None:
+    assert url is not None, f"{path}: no store (and not in a dataflow task)"
     chunk_io(url, path).write(sl, value, slot)
 
 
+def _flow_read(frame: _Frame, loc: str) -> Array:
+    try:
+        return frame.reads[loc]
+    except KeyError:
+        raise KeyError(f"a dataflow task read {loc}, which its plan did not declare") from None
+
+
 def get_data(ct: ChunkTask, name: str) -> Array:
-    """Chunk ``ct`` of the stored data array ``name`` (``X`` or ``Y``: the training set)."""
+    """Chunk ``ct`` of the stored data array ``name`` (``X`` or ``Y``: the training set;
+    ``X_test``, ``Y_test``)."""
+    frame = _FLOW.get()
+    if frame is not None:
+        return _flow_read(frame, f"data/{name}/c{ct.c}")
     return _read(ct.url, f"data/{name}", ct.sl)
 
 
 def get_live(ct: ChunkTask, i: int, var: str, slot: int) -> Array:
     """Chunk ``ct`` of block i's variable ``var`` in live slot ``slot``."""
+    frame = _FLOW.get()
+    if frame is not None:
+        return _flow_read(frame, f"b{i}/{var}/{slot}/c{ct.c}")
     return _read(ct.url, f"live/b{i}/{var}", ct.sl, slot)
 
 
 def put_live(ct: ChunkTask, i: int, var: str, slot: int, value: Array) -> None:
     """Write chunk ``ct`` of block i's variable ``var`` into live slot ``slot``."""
+    frame = _FLOW.get()
+    if frame is not None:
+        # handed on as it is: read-only, so neither this task nor a reader can change it
+        value = np.asarray(value)
+        value.flags.writeable = False
+        frame.writes[f"b{i}/{var}/{slot}/c{ct.c}"] = value
+        return
     _write(ct.url, f"live/b{i}/{var}", ct.sl, value, slot)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A dataflow task's output: its result and the chunks it wrote (by location)."""
+
+    out: Any
+    data: dict[str, Array]
+
+
+@dataclass(frozen=True)
+class FlowCall:
+    """How :func:`run_flow` calls ``fn``: its first ``n_args`` inputs are its arguments, the
+    rest the values of the locations ``reads`` (task outputs :class:`Written` that hold them,
+    or the arrays themselves; ``"<loc>?"``: a location it may leave as it is, handed on
+    unless it writes it); ``writes``: whether it writes (returns a :class:`Written`)."""
+
+    fn: Callable
+    n_args: int
+    reads: tuple[str, ...] = ()
+    writes: bool = False
+
+
+def pick_written(w: Written, locs: tuple[str, ...]) -> Written:
+    """The locations ``locs`` of a dataflow task's output (what a task of another block reads
+    of it: only that travels)."""
+    return Written(None, {loc: w.data[loc] for loc in locs})
+
+
+def _unwrap(x: Any) -> Any:
+    if isinstance(x, Written):
+        return x.out
+    if type(x) in (list, tuple):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+def _readable(a: Array) -> Array:
+    """``a`` aligned (a worker may deserialise at any byte offset; BLAS would not be used on it)
+    and read-only."""
+    if not a.flags.aligned:
+        a = a.copy()
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def run_flow(call: FlowCall, *inputs: Any) -> Any:
+    """Run a task of the dataflow backend: ``call.fn`` on its arguments (other tasks' outputs
+    as their results), with :func:`get_live` / :func:`get_data` answered from the values
+    handed in and :func:`put_live` collected; returns ``Written(result, writes)`` for a task
+    that writes, the result otherwise."""
+    args = [_unwrap(a) for a in inputs[:call.n_args]]
+    reads, kept = {}, {}
+    for loc, v in zip(call.reads, inputs[call.n_args:], strict=True):
+        if loc.endswith("?"):  # a location it may leave as it is: the value to hand on
+            kept[loc[:-1]] = v.data[loc[:-1]]
+        else:
+            reads[loc] = _readable(v.data[loc] if isinstance(v, Written) else v)
+    frame = _Frame(reads)
+    token = _FLOW.set(frame)
+    try:
+        out = call.fn(*args)
+    finally:
+        _FLOW.reset(token)
+    if not call.writes:
+        return out
+    return Written(out, {**kept, **frame.writes})
 
 
 @dataclass(frozen=True)
 class ChunkTask:
     """Where a task's chunk lives: store URL, sample range, chunk index."""
 
-    url: StoreRef  # the store (its URL and creation id)
+    url: StoreRef | None  # the store (its URL and creation id); None: the dataflow backend
     sl: slice
     c: int
 
@@ -102,13 +218,16 @@ class PlanContext:
 
     - ``chunk_tasks(base, block, fn, args, reads, writes, each=None)``: one task per chunk,
       ``fn(chunk, *args, [each[c],] *order)``, with the chunk locations (``"b<i>/<var>/<slot>"``)
-      it reads and writes; returns their refs;
+      it reads and writes (a write ending in ``?``: one it may leave out, keeping the value);
+      returns their refs;
     - ``small_task(base, block, fn, args, tag="")``: one task on the block's worker; its key;
     - ``reader(key, locs)``: task ``key`` may read ``locs`` of every chunk (later writers wait);
     - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
       that has to run after one of them may wait for it instead;
     - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
-      statistics for the next iteration (the plan updates it)."""
+      statistics for the next iteration (the plan updates it); ``rho_next``: the next
+      iteration's rho, or None while it is not known (an adaptive schedule decides it
+      after this iteration)."""
 
     chunk_tasks: Callable[..., list]
     small_task: Callable[..., str]
@@ -117,6 +236,7 @@ class PlanContext:
     gram: Any
     cts: tuple[ChunkTask, ...]
     first: str | None = None
+    rho_next: float | None = None
 
 
 @dataclass
@@ -131,7 +251,8 @@ class StartContext:
       ``fn(*args, *order)`` when it reads any; returns a :class:`~daskadmm.graph.nodes.Ref`;
     - ``small_task(base, block, fn, args, tag="")``: one task named like a plan's; its key;
     - ``replace(markers)``: later tasks wait for ``markers[key]`` instead of task ``key``;
-    - ``cts``: every chunk; ``run_id``: the run's key suffix."""
+    - ``cts``: every chunk; ``run_id``: the run's key suffix; ``rho_first``: the rho of
+      iteration k0+1, or None while it is not known (an adaptive schedule's barrier)."""
 
     task: Callable[..., Any]
     small_task: Callable[..., str]
@@ -139,6 +260,7 @@ class StartContext:
     cts: tuple[ChunkTask, ...]
     slot: int
     run_id: str
+    rho_first: float | None = None
 
 
 def _loss_sum(loss: str, U: Array, Y: Array) -> float:
@@ -172,6 +294,7 @@ def checkpoint_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: in
     what the run recovers from."""
     from ..storage import checksum
 
+    assert ct.url is not None  # checkpoints are the store's
     if committed_slot(ct.url) == ckpt:
         raise RuntimeError(f"checkpoint slot {ckpt} of {ct.url} holds the committed "
                            "checkpoint: not overwriting it")
@@ -191,19 +314,20 @@ def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
                _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
 
 
-def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
+def evaluate_chunks(url: StoreRef | None, arch: Architecture, task: str, metric: str,
                     train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
                     ) -> tuple[dict[str, float], list[Array]]:
     """True forward pass on the stored train and test data, one chunk at a time."""
     weights = list(Ws)
     rec: dict[str, float] = {}
-    for split, slices, xs, ys in (("train", train, "data/X", "data/Y"),
-                                  ("test", test, "data/X_test", "data/Y_test")):
+    for split, slices, xs, ys in (("train", train, "X", "Y"),
+                                  ("test", test, "X_test", "Y_test")):
         loss = err = 0.0
         count = 0
         with np.errstate(all="ignore"):
-            for sl in slices:
-                X, Y = _read(url, xs, sl), _read(url, ys, sl)
+            for c, sl in enumerate(slices):
+                ct = ChunkTask(url, sl, c)
+                X, Y = get_data(ct, xs), get_data(ct, ys)
                 out = forward(arch, weights, X)[0][-1]
                 loss += _loss_sum(arch.loss, out, Y)
                 if task == "classification":
@@ -216,7 +340,7 @@ def evaluate_chunks(url: StoreRef, arch: Architecture, task: str, metric: str,
     return rec, weights
 
 
-def evaluate_small(url: StoreRef, arch: Architecture, task: str, metric: str,
+def evaluate_small(url: StoreRef | None, arch: Architecture, task: str, metric: str,
                    train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
                    ) -> tuple[dict[str, float], list[Array]]:
     """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""

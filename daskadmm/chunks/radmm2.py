@@ -416,8 +416,9 @@ def plan_iteration(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: 
             sv = small_task("r2_v_decide", i, v_decide,
                             (spec, pen, k, Ref(sw), right, Ref(dec), cts, *t))
             reader(sv, [*own, *nxt])
+            # (writes V only when the decision is not the trial pass's guess, which it wrote)
             chunk_tasks("r2_v_step", i, v_step_pass, (spec, pen, k, Ref(sv), right),
-                        [*own, *nxt], [f"b{i}/V/{w}"], each=t)
+                        [*own, *nxt], [f"b{i}/V/{w}?"], each=t)
             new[i] = sv
         else:
             stats_in = chunk_tasks("r2_v_last", i, v_last_pass, (spec, pen, k, Ref(sw), right),

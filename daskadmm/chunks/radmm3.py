@@ -10,11 +10,14 @@ compute in parts and a reduction adds. Iteration k reads parity slot ``(k-1) % 2
 
 ``update_chunk`` of block i, chunk c, iteration k computes ``U_i``, ``Lam_i``, ``V_i`` of the
 chunk and, while it has them in hand, the chunk's share of the statistics the next W updates
-need: ``G = V~_i V~_i^T``, ``P = U_{i+1} V~_i^T`` and ``Q = Lam_{i+1} V~_i^T`` for
-``W_{i+1}`` of iteration k (right neighbour of iteration k-1 is read anyway), and for block 1
-``P = U_1 X~^T``, ``Q = Lam_1 X~^T`` for ``W_1`` of iteration k+1. A reduction on the same
+need: ``G = V~_i V~_i^T`` and ``B = (rho U_{i+1} + Lam_{i+1}) V~_i^T`` for ``W_{i+1}`` of
+iteration k (right neighbour of iteration k-1 is read anyway), and for block 1
+``B = (rho' U_1 + Lam_1) X~^T`` for ``W_1`` of iteration k+1, with that iteration's ``rho'``
+(when an adaptive schedule decides it only after iteration k: ``P = U_1 X~^T`` and
+``Q = Lam_1 X~^T``, and ``B = rho' P + Q`` at the W step). These are the reference's
+products, so with one chunk the iterates are the reference's bits. A reduction on the same
 worker sums these in a fixed order (:func:`pick_partials`, as a tree of fan-in
-:data:`FAN_IN`) and ``update_weights`` solves (``B = rho P + Q``). The small state of a block
+:data:`FAN_IN`) and ``update_weights`` solves. The small state of a block
 that travels through the graph is ``{"W": W_i}``; :func:`plan_iteration` wires an iteration
 for the window builder (:mod:`daskadmm.graph.chunked`), which derives the dependencies from the
 chunks each task declares it reads and writes. The U, Lam, V steps are column-separable
@@ -93,13 +96,13 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
 
 class ChunkOut(NamedTuple):
     """What :func:`update_chunk` returns for one chunk: its statistics (``objective``,
-    ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, P, Q)`` of the statistics of
-    ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(P, Q)`` of those of
-    ``W_1`` of the next iteration (block 1)."""
+    ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, B)`` of the statistics of
+    ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(B,)`` or ``(P, Q)`` of
+    those of ``W_1`` of the next iteration (block 1)."""
 
     stats: dict[str, float]
-    w_next: tuple[Array, Array, Array] | None = None
-    w_first: tuple[Array, Array] | None = None
+    w_next: tuple[Array, Array] | None = None
+    w_first: tuple[Array] | tuple[Array, Array] | None = None
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
@@ -131,12 +134,22 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
 
 
-def init_partials(ct: ChunkTask, bias: bool, slot: int, *order) -> tuple[Array, Array, Array]:
-    """Chunk statistics for ``W_1``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` from ``slot``."""
+def _first_stats(Xt: Array, U: Array, Lam: Array, rho: float | None
+                 ) -> tuple[Array] | tuple[Array, Array]:
+    """A chunk's share of ``W_1``'s ``B`` with the next iteration's ``rho``: ``(B,)``, or
+    ``(P, Q)`` when that ``rho`` is not known yet (None)."""
+    if rho is None:
+        return U @ Xt.T, Lam @ Xt.T
+    return (radmm3.weight_rhs(Xt, U, Lam, rho),)
+
+
+def init_partials(ct: ChunkTask, bias: bool, slot: int, rho: float | None, *order) -> tuple:
+    """Chunk statistics for ``W_1`` from ``slot``: ``(X~ X~^T, *share)``, the share of
+    ``B`` as :func:`_first_stats` (``rho``: the first iteration's, if known)."""
     Xt = augment(get_data(ct, "X"), bias)
     U = get_live(ct, 1, "U", slot)
     Lam = get_live(ct, 1, "Lam", slot)
-    return Xt @ Xt.T, U @ Xt.T, Lam @ Xt.T
+    return (Xt @ Xt.T, *_first_stats(Xt, U, Lam, rho))
 
 
 def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
@@ -144,18 +157,22 @@ def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
     """W step of algorithm ``name`` from the reduced statistics: ``B = rho P + Q`` (see
     radmm3.update_weights; RADMM-3A's W step is RADMM-3's). Returns the block's new small
     state."""
-    G, P, Q = stats
-    B = pen.rho * P + Q
+    if len(stats) == 2:
+        G, B = stats
+    else:
+        G, P, Q = stats
+        B = pen.rho * P + Q
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
     return {"W": step(small["W"], G, B, pen, spec.n)}
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-                 right_small: Small | None, name: str, *order) -> ChunkOut:
+                 right_small: Small | None, name: str, rho_next: float | None, *order
+                 ) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
     ``name``, with the block's ``W`` of iteration k and (hidden blocks) the right neighbour's
-    of k-1 (``order``: results of the tasks this one must run after; their values are not
-    used).
+    of k-1 (``rho_next``: iteration k+1's rho, if known: for W_1's statistics; ``order``:
+    results of the tasks this one must run after; their values are not used).
 
     Returns a :class:`ChunkOut`.
     """
@@ -224,10 +241,9 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
             Gam = radmm3a.update_multiplier(pen, Gam0, pa)
             put_live(ct, i, "Gam", new, Gam)
             objective += radmm3a.multiplier_objective(spec, Gam, p)
-        Vn = augment(V, spec.bias)
-        w_next = (Vn @ Vn.T, right["U"] @ Vn.T, right["Lam"] @ Vn.T)
+        w_next = radmm3.weight_stats(augment(V, spec.bias), right["U"], right["Lam"], pen.rho)
     if i == 1:
-        w_first = (U @ Vt.T, Lam @ Vt.T)
+        w_first = _first_stats(Vt, U, Lam, rho_next)
     stats = {"objective": objective, "primal_sq": float(np.sum(r * r)), "dual_sq": dual_sq,
              "capped": float(capped)}
     return ChunkOut(stats, w_next, w_first)
@@ -236,11 +252,11 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     """Sum, in the given order, the W statistics that chunk outputs carry.
 
-    ``which``: "next" (``G, P, Q`` for ``W_{i+1}`` of the same iteration), "first" (``P, Q``
-    for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or None inside the
-    reduction tree), "init" / "sum" (already ``(G, P, Q)`` triples: init_partials' outputs or
-    tree nodes). A tree node of "first" statistics carries ``G = None``; the root adds
-    ``gram_x`` once.
+    ``which``: "next" (``G, B`` for ``W_{i+1}`` of the same iteration), "first" (``B`` or
+    ``P, Q`` for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or None
+    inside the reduction tree), "init" / "sum" (already ``(G, ...)`` tuples: init_partials'
+    outputs or tree nodes). A tree node of "first" statistics carries ``G = None``; the root
+    adds ``gram_x`` once.
     """
     if which == "next":
         parts = [o.w_next for o in outs]
@@ -248,10 +264,10 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
         parts = [(None, *o.w_first) for o in outs]
     else:
         parts = list(outs)
-    G, P, Q = sum_partials(*parts)
+    G, *rest = sum_partials(*parts)
     if which == "first" or (which == "sum" and G is None):
         G = gram_x
-    return G, P, Q
+    return (G, *rest)
 
 
 def gram_add(acc: Array | None, part: tuple) -> Array:
@@ -330,7 +346,8 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
             if spec.s_next:
                 reads += [f"b{i + 1}/{v}/{o}" for v in own if v in ("V", "Gam")]
         prev_chunks = chunk_tasks(f"{name}_chunk", i, update_chunk,
-                                  (spec, pen, k, Ref(new[i]), right, name), reads,
+                                  (spec, pen, k, Ref(new[i]), right, name,
+                                   ctx.rho_next if i == 1 else None), reads,
                                   [f"b{i}/{v}/{w}" for v in own])
         if i == 1:
             ctx.first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks,
@@ -345,7 +362,8 @@ def start_chunk(ctx: StartContext, ct: ChunkTask, arch: Architecture) -> Any:
     ``ctx.slot`` (:func:`init_partials`)."""
     s = ctx.slot
     return ctx.task(f"init_partials-c{ct.c}-{ctx.run_id}", 1, init_partials,
-                    (ct, arch.bias, s), reads=[f"b1/U/{s}/c{ct.c}", f"b1/Lam/{s}/c{ct.c}"])
+                    (ct, arch.bias, s, ctx.rho_first),
+                    reads=[f"b1/U/{s}/c{ct.c}", f"b1/Lam/{s}/c{ct.c}"])
 
 
 def start_sum(ctx: StartContext, parts: list, arch: Architecture) -> tuple[str, str | None]:

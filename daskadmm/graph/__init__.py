@@ -1,15 +1,14 @@
 """Task graphs of ADMM iterations: wiring only, no arithmetic.
 
 - :mod:`.nodes`: graph nodes, task keys, the dict-graph conversion and the critical path;
-- :mod:`.memory`: a window of iterations with the state in worker memory (one task per block
-  and step);
-- :mod:`.chunked`: a window of iterations with the state in the chunked store (tasks per block
-  and chunk, dependencies derived from the chunks each task declares it reads and writes).
+- :mod:`.chunked`: the one builder of a window of iterations, for every algorithm (tasks per
+  block and chunk, dependencies derived from the chunks each task declares it reads and
+  writes), with the state in a chunked store or, on the dataflow backend, in the task
+  outputs (the in-memory engine: one chunk).
 """
 
 from __future__ import annotations
 
-from .memory import WindowGraph, build_window, evaluate_weights, run_step
 from .nodes import (
     Node,
     Ref,
@@ -23,13 +22,9 @@ from .nodes import (
 __all__ = [
     "Node",
     "Ref",
-    "WindowGraph",
-    "build_window",
     "critical_path_length",
     "default_window",
-    "evaluate_weights",
     "iteration_stats",
     "key",
-    "run_step",
     "to_dask_graph",
 ]

@@ -13,16 +13,33 @@ overwrite a chunk another task still has to read, whatever the scheduler does. A
 on a chunk task is taken through a small task that runs after it (its layer's statistics at
 the end of an iteration, or a task the plan names): a chunk task's output may hold ``d x d``
 statistics, which a dependent task would keep in memory or make travel.
+
+**Two backends.** With a store (``url``) tasks read and write its chunks and the dependencies
+above only order them. With ``flow=True`` (the in-memory engine: no store) every task that
+reads a location gets the output of the task that last wrote it as an input, and the data
+chunks as inputs (``X`` to block 1's tasks, ``Y`` to block N's, both to the start);
+:func:`~daskadmm.chunks.common.run_flow` runs the same task bodies on those values. Same
+plans, same tasks, same results; only where the values live differs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
 from ..chunks import ENGINES, state_vars
-from ..chunks.common import Array, ChunkTask, PlanContext, evaluate_small, group_stats
+from ..chunks.common import (
+    Array,
+    ChunkTask,
+    FlowCall,
+    PlanContext,
+    evaluate_small,
+    group_stats,
+    pick_written,
+    run_flow,
+)
 from ..model import Architecture
 from ..splitting import BlockSpec, Options, Penalties
 from ..storage import StoreRef
@@ -31,6 +48,7 @@ from .nodes import Node, Ref, iteration_stats, key
 __all__ = [
     "build_window",
     "ChunkWindow",
+    "data_key",
     "EAGER",
     "eager_order",
     "GROUP",
@@ -45,14 +63,22 @@ class Hazards:
     A location is ``"b<i>/<var>/<slot>/c<c>"``. A task that reads a location runs after its
     last writer; a task that writes it runs after its last writer and after every task that
     read the previous value. The state is carried between windows as roles
-    (``w|<loc>`` -> writer key, ``r|<loc>|<j>`` -> reader key)."""
+    (``w|<loc>`` -> writer key, ``r|<loc>|<j>`` -> reader key). With ``flow``, it also keeps
+    the task that wrote each location (never a marker: its output holds the value), as
+    ``d|<loc>``."""
 
-    def __init__(self, roles: dict[str, str]):
+    def __init__(self, roles: dict[str, str], flow: bool = False):
         self.writer: dict[str, str] = {}
         self.readers: dict[str, list[str]] = {}
         self.aliases: dict[str, str] = {}
+        self.flow = flow
+        self.data: dict[str, str] = {}
+        self.wrote: dict[str, set[str]] = {}  # with flow: task -> the locations it holds
         for role, value in roles.items():
-            if role.startswith("w|"):
+            if role.startswith("d|"):
+                self.data[role[2:]] = value
+                self.wrote.setdefault(value, set()).add(role[2:])
+            elif role.startswith("w|"):
                 self.writer[role[2:]] = value
             elif role.startswith("r|"):
                 self.readers.setdefault(role[2:].rpartition("|")[0], []).append(value)
@@ -72,6 +98,12 @@ class Hazards:
         for loc in writes:
             self.writer[loc] = task_key
             self.readers[loc] = []
+            if self.flow:
+                self.wrote.setdefault(task_key, set()).add(loc)
+                old = self.data.get(loc)
+                if old is not None and old != task_key:
+                    self.wrote[old].discard(loc)
+                self.data[loc] = task_key
         if self.aliases:
             deps = [self._alias_of(d) for d in dict.fromkeys(deps)]
         return [Ref(d) for d in dict.fromkeys(deps) if d != task_key]
@@ -95,8 +127,16 @@ class Hazards:
                         for loc, keys in self.readers.items()}
         self.aliases = {}
 
+    def source(self, loc: str) -> Ref:
+        """The task whose output holds location ``loc`` (with ``flow``)."""
+        try:
+            return Ref(self.data[loc])
+        except KeyError:
+            raise KeyError(f"{loc} is read before any task wrote it") from None
+
     def roles(self) -> dict[str, str]:
         out = {f"w|{loc}": v for loc, v in self.writer.items()}
+        out.update({f"d|{loc}": v for loc, v in self.data.items()})
         for loc, keys in self.readers.items():
             for j, v in enumerate(dict.fromkeys(keys)):
                 out[f"r|{loc}|{j}"] = v
@@ -156,6 +196,89 @@ def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
     return key(base, k, run_id, i) if not tag else f"{base}-b{i}-{tag}-k{k}-{run_id}"
 
 
+def data_key(name: str, c: int, N: int, run_id: str) -> str:
+    """The key of chunk c of data array ``name`` in the dataflow backend; the block in it
+    (1 for ``X``, ``X_test``; N for ``Y``, ``Y_test``) places it on that block's worker."""
+    block = 1 if name.startswith("X") else N
+    return f"data_{name.lower()}-b{block}-c{c}-{run_id}"
+
+
+def _data_names(block: int | None, N: int) -> tuple[str, ...]:
+    """The data a task of ``block`` may read (None: the start, which reads both)."""
+    if block is None:
+        return ("X", "Y")
+    return (("X",) if block == 1 else ()) + (("Y",) if block == N else ())
+
+
+def _key_block(task_key: str) -> int | None:
+    """The block in a task key (``<base>-b<i>-...``), None for one without (the start)."""
+    m = re.search(r"-b(\d+)-", task_key)
+    return None if m is None else int(m.group(1))
+
+
+class _Flow:
+    """The dataflow backend's inputs of each task (``key -> (locations, refs, writes)``).
+
+    A task's output holds everything it wrote. When a task reads from a task of another block
+    (a neighbour, or the start), a ``pick`` task on the writer's worker takes out just the
+    locations read, so only those travel."""
+
+    def __init__(self, hz: Hazards, N: int, run_id: str, nodes: list[Node]):
+        self.hz, self.N, self.run_id, self.out = hz, N, run_id, nodes
+        self.inputs: dict[str, tuple[list[str], list[Ref], bool]] = {}
+        self.picks: set[str] = set()
+
+    def add(self, key_: str, block: int | None, cs: Iterable[int], reads: Iterable[str],
+            writes: bool, data: Iterable[str] | None = None, keep: Iterable[str] = ()) -> None:
+        """Task ``key_`` (not appended yet) reads the locations ``reads`` (their last
+        writers' values), and the data chunks ``cs`` of its block's data (or of ``data``);
+        ``keep``: locations it may not write, whose values it then hands on."""
+        locs = [*reads, *(x + "?" for x in keep)]
+        srcs = [self.hz.source(loc.rstrip("?")).key for loc in locs]
+        away: dict[str, list[str]] = {}  # a writer of another block -> what is read of it
+        for loc, src in zip(locs, srcs, strict=True):
+            if _key_block(src) != block:
+                away.setdefault(src, []).append(loc.rstrip("?"))
+        # (a task that reads all a writer holds takes its output as it is)
+        away = {src: ls for src, ls in away.items() if not self.hz.wrote[src] <= set(ls)}
+        picked = {src: self._pick(src, tuple(sorted(set(ls)))) for src, ls in away.items()}
+        refs = [Ref(picked.get(src, src)) for src in srcs]
+        names = _data_names(block, self.N) if data is None else tuple(data)
+        for c in cs:
+            for name in names:
+                locs.append(f"data/{name}/c{c}")
+                refs.append(Ref(data_key(name, c, self.N, self.run_id)))
+        self.inputs[key_] = (locs, refs, writes)
+
+    def _pick(self, src: str, locs: tuple[str, ...]) -> str:
+        kk = f"pick-{'.'.join(x.replace('/', '') for x in locs)}-of-{src}"
+        if kk not in self.picks:
+            self.picks.add(kk)
+            self.out.append(Node(kk, pick_written, (Ref(src), locs), block=_key_block(src)))
+        return kk
+
+    def add_eval(self, key_: str, n_train: int, n_test: int) -> None:
+        """An evaluation reads every chunk of the train and the test data."""
+        self.add(key_, None, range(n_train), (), False)
+        locs, refs, _ = self.inputs[key_]
+        self.add(key_, None, range(n_test), (), False, ("X_test", "Y_test"))
+        more, more_refs, _ = self.inputs[key_]
+        self.inputs[key_] = (locs + more, refs + more_refs, False)
+
+    def nodes(self, nodes: list[Node]) -> list[Node]:
+        """Every node as a :func:`~daskadmm.chunks.common.run_flow` task (a pick as it is)."""
+        out = []
+        for n in nodes:
+            if n.fn is pick_written:
+                out.append(n)
+                continue
+            locs, refs, writes = self.inputs.get(n.key, ((), (), False))
+            out.append(Node(n.key, run_flow,
+                            (FlowCall(n.fn, len(n.args), tuple(locs), writes), *n.args, *refs),
+                            block=n.block))
+        return out
+
+
 def _small_task(nodes: list[Node], k: int, run_id: str, base: str, i: int, fn, args: tuple,
                 tag: str = "") -> str:
     """Append one task of iteration k on block i's worker to ``nodes`` (a plan's
@@ -183,35 +306,47 @@ class ChunkWindow:
         return len(self.nodes)
 
 
-def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice], run_id: str,
-                weights: list[Array], n: int, restore: tuple[int, str] | None,
-                options: Options, rho: float
+def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: list[slice],
+                run_id: str, weights: list[Array], n: int, restore: tuple[int, str] | None,
+                options: Options, rho: float, flow: bool = False,
+                rho_first: float | None = None
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
     ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
     checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), each followed by
     the chunk's start statistics, then their sums (``ChunkAlgorithm.start_chunk`` and
     ``start_sum``: X's constant statistics, role ``gram``, and for RADMM-3/3L/3A ``W_1``'s
-    statistics for iteration k0+1, role ``first``). Returns (nodes, roles, init task keys)."""
+    statistics for iteration k0+1, role ``first``, with ``rho_first``: that iteration's rho
+    if known). Returns (nodes, roles, init task keys).
+    ``flow``: the dataflow backend (no store, no restore; the data chunks are the keys of
+    :func:`data_key`)."""
     from ..chunks.common import StartContext, restore_chunk
 
     eng = ENGINES[name]
     N = arch.depth
     k0 = 0 if restore is None else restore[0]
+    assert not (flow and restore), "the dataflow backend has no checkpoints"
     nodes: list[Node] = []
-    hz = Hazards({})
+    hz = Hazards({}, flow)
+    fl = _Flow(hz, N, run_id, nodes)
     init_keys: list[str] = []
     block_vars = tuple(state_vars(name, arch, i) for i in range(1, N + 1))
     cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
 
     def task(kk: str, block: int, fn, args: tuple, reads: Iterable[str] = ()) -> Ref:
-        order = hz.task(kk, reads, ()) if reads else []
+        reads = list(reads)
+        if flow:
+            if args and isinstance(args[0], ChunkTask):
+                fl.add(kk, block, [args[0].c], reads, False)
+            order = []
+        else:
+            order = hz.task(kk, reads, ()) if reads else []
         nodes.append(Node(kk, fn, (*args, *order), block=block))
         return Ref(kk)
 
     small_task = partial(_small_task, nodes, k0, run_id)
 
-    ctx = StartContext(task, small_task, hz.replace, cts, k0 % 2, run_id)
+    ctx = StartContext(task, small_task, hz.replace, cts, k0 % 2, run_id, rho_first)
     parts = []
     for ct in cts:
         c = ct.c
@@ -219,6 +354,8 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
             kk = f"init_chunk-c{c}-{run_id}"
             hz.task(kk, (), [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
                              for v in block_vars[i - 1]])
+            if flow:
+                fl.add(kk, None, [c], (), True)
             nodes.append(Node(kk, eng.init, (ct, name, arch, weights, n, options, rho,
                                              block_vars)))
             init_keys.append(kk)
@@ -235,24 +372,30 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef, slices: list[slice
     if first is not None:
         roles["first"] = first
     roles.update(hz.roles())
-    return eager_order(nodes, EAGER), roles, init_keys
+    nodes = eager_order(nodes, EAGER)
+    return (fl.nodes(nodes) if flow else nodes), roles, init_keys
 
 
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
-                 k1: int, prev: dict[str, str], run_id: str, url: StoreRef, slices: list[slice],
-                 eval_iters: Iterable[int] = (), eval_args: tuple = (),
-                 ckpt_slots: dict[int, str] | None = None) -> ChunkWindow:
-    """Nodes of iterations ``k0+1 .. k1`` of the Zarr-resident graph of algorithm ``name``.
+                 k1: int, prev: dict[str, str], run_id: str, url: StoreRef | None,
+                 slices: list[slice], eval_iters: Iterable[int] = (), eval_args: tuple = (),
+                 ckpt_slots: dict[int, str] | None = None, flow: bool = False) -> ChunkWindow:
+    """Nodes of iterations ``k0+1 .. k1`` of the chunked graph of algorithm ``name``.
 
     ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
     (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
-    iteration k0+1) and the :class:`Hazards` roles."""
+    iteration k0+1) and the :class:`Hazards` roles. ``pens``: the penalties of every
+    iteration of the window and of the next one if they are known. ``eval_args``: ``(arch,
+    task, metric, train slices, test slices)``. ``flow``: the dataflow backend (no store, no
+    checkpoints)."""
     from ..chunks.common import checkpoint_chunk
 
     N = len(specs)
     arch = specs[0].arch
-    hz = Hazards(prev)
+    hz = Hazards(prev, flow)
     nodes: list[Node] = []
+    fl = _Flow(hz, N, run_id, nodes)
+    assert not (flow and ckpt_slots), "the dataflow backend has no checkpoints"
     small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
     gram = Ref(prev["gram"])
     first = prev.get("first")
@@ -277,8 +420,15 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             refs = []
             for c, sl in enumerate(slices):
                 kk = f"{base}-b{i}-c{c}-k{_k}-{run_id}"
-                order = hz.task(kk, _locs(c, *reads), _locs(c, *writes))
+                wlocs = _locs(c, *(x.rstrip("?") for x in writes))
+                if flow:
+                    # a write it may leave out ("?") hands on the value it had
+                    fl.add(kk, i, [c], _locs(c, *reads), bool(writes),
+                           keep=_locs(c, *(x[:-1] for x in writes if x.endswith("?"))))
+                order = hz.task(kk, _locs(c, *reads), wlocs)
                 _waits[kk] = [r.key for r in order]
+                if flow:
+                    order = []  # the inputs are the data dependencies
                 own = () if each is None else (each[c],)
                 nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
                                   block=i))
@@ -291,7 +441,13 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         def reader(task_key: str, locs: list[str]) -> None:
             """``task_key`` may read ``locs`` of every chunk (a decision that goes on by
             itself): later writers wait for it."""
-            hz.task(task_key, [loc for c in range(len(slices)) for loc in _locs(c, *locs)], ())
+            every = [loc for c in range(len(slices)) for loc in _locs(c, *locs)]
+            if flow:
+                at = next(j for j in range(len(nodes) - 1, -1, -1) if nodes[j].key == task_key)
+                node = nodes.pop(at)  # after the picks of what it reads
+                fl.add(task_key, node.block, range(len(slices)), every, False)
+                nodes.append(node)
+            hz.task(task_key, every, ())
 
         def after(marker: str, refs: list[Ref], _waits=waits) -> None:
             """Task ``marker`` runs after the chunk tasks ``refs``, so after everything they
@@ -299,7 +455,9 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             ``marker`` instead."""
             hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
 
-        ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first)
+        nxt = pens.get(k + 1)
+        ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first,
+                          None if nxt is None else nxt.rho)
         sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
         first = ctx.first
         # statistics: per layer, then one sum
@@ -328,6 +486,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             eval_keys[k] = key("evaluate", k, run_id)
             nodes.append(Node(eval_keys[k], evaluate_small,
                               (url, *eval_args, *[Ref(x) for x in w_keys[k]])))
+            if flow:
+                fl.add_eval(eval_keys[k], len(slices), len(eval_args[4]))
         if k in ckpt_slots:
             ck_keys[k] = []
             for i in range(1, N + 1):
@@ -346,6 +506,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     # layer's chunk tasks of its iteration (and its output is a few floats), so a later task
     # may wait for it instead.
     nodes = eager_order(nodes, EAGER)
+    if flow:
+        nodes = fl.nodes(nodes)
     last = hz.roles()
     last.update({f"small-b{i}": small[i] for i in range(1, N + 1)})
     last["gram"] = prev["gram"]

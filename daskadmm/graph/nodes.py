@@ -81,7 +81,7 @@ def to_dask_graph(nodes: list[Node], literals: dict[str, Any]) -> dict[str, Any]
 
 def critical_path_length(nodes: list[Node], prefix: str | None = None) -> int:
     """Longest dependency chain (in tasks) among ``nodes``, counted on the graph itself; with
-    ``prefix``, count only tasks whose key starts with it (e.g. ``"radmm3_block-"``) along
+    ``prefix``, count only tasks whose key starts with it (e.g. ``"radmm3_chunk-"``) along
     chains of such tasks."""
     by_key = {n.key: n for n in nodes}
     depth: dict[str, int] = {}

@@ -4,8 +4,9 @@ A :class:`Splitting` describes one iteration as an ordered tuple of :class:`Step
 runs one task per block; a task's inputs are named by :class:`Input` s: which block (self, left or
 right neighbour), which step produced the value, and from which iteration (``lag`` 0: the
 current one, 1: the previous one). The serial reference (:mod:`daskadmm.reference`) executes the
-steps in order, blocks ascending or descending; the Dask graph (:mod:`daskadmm.graph`) wires the
-very same inputs as task dependencies, so both compute bit-identical iterates.
+steps in order, blocks ascending or descending. The Dask engines run each algorithm's chunk plan
+(:mod:`daskadmm.chunks`), whose tasks call the same update functions on a chunk of the samples
+(with one chunk: the same products in the same order, so the same bits).
 
 Every task function has the signature ``fn(spec, pen, *inputs, Y=None) -> StepOut(state,
 stats)`` (:class:`~daskadmm.splitting.base.StepOut`):

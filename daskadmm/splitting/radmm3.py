@@ -44,6 +44,7 @@ __all__ = [
     "update_preactivation",
     "update_weights",
     "update_weights_linearized",
+    "weight_rhs",
     "weight_stats",
 ]
 
@@ -98,12 +99,18 @@ def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float,
 
     Returns ``G = V~ V~^T`` and ``B = (rho U + Lam) V~^T``.
     """
+    return Vt @ Vt.T, weight_rhs(Vt, U, Lam, rho, pool)
+
+
+def weight_rhs(Vt: Array, U: Array, Lam: Array, rho: float,
+               pool: Scratch | None = None) -> Array:
+    """``B = (rho U + Lam) V~^T`` of :func:`weight_stats`."""
     T = np.multiply(U, rho, out=_get(pool, U.shape, U))
     T += Lam
-    out = Vt @ Vt.T, T @ Vt.T
+    B = T @ Vt.T
     if pool is not None:
         pool.put(T)
-    return out
+    return B
 
 
 def update_weights(W: Array, G: Array, B: Array, pen: Penalties, n: int) -> Array:
