@@ -18,7 +18,9 @@ from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture
 from daskadmm.splitting import BlockSpec, Options, Penalties
 
-TOL = 1e-10  # float64: the statistics equal the reference's to this (the weights bitwise)
+TOL = 0.0  # one chunk: the reference's arithmetic, so every weight and statistic is the same bits
+# RADMM-2's chunk plan adds a few of its statistics' terms in another order (weights bitwise)
+RADMM2_STATS_TOL = 1e-15
 
 
 @pytest.fixture(autouse=True)
@@ -156,10 +158,11 @@ def _run(cfg, ds, kind, window=0, algorithm="radmm3", address=None):
 
 
 def _assert_equal(ref, res, tol=TOL):
+    """Same iterations, status and weights (bitwise); the history's columns to ``tol``."""
     assert res.iterations == ref.iterations
     assert res.status == ref.status
     for a, b in zip(ref.weights, res.weights, strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=tol)
+        assert np.array_equal(a, b)
     for ra, rb in zip(ref.history, res.history, strict=True):
         assert ra["iteration"] == rb["iteration"]
         for col in ("objective", "primal_residual", "dual_residual", "test_metric"):
@@ -173,10 +176,7 @@ def test_local_schedulers_equal_reference(algorithm, kind, window):
     cfg, ds = _problem("relu" if algorithm == "radmm2" else "tanh")
     ref = _run(cfg, ds, "reference", algorithm=algorithm)
     res = _run(cfg, ds, kind, window, algorithm=algorithm)
-    _assert_equal(ref, res)
-    # one chunk is the reference's arithmetic: the same bits
-    for a, b in zip(ref.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _assert_equal(ref, res, TOL if algorithm != "radmm2" else RADMM2_STATS_TOL)
     assert res.info["engine"] == "dask"
 
 
@@ -201,9 +201,7 @@ def test_process_cluster_equal_reference_and_bitwise_repeatable(local_cluster, a
     addr = local_cluster.scheduler_address
     runs = [_run(cfg, ds, "address", w, algorithm=algorithm, address=addr) for w in (1, 3, 3)]
     for res in runs:
-        _assert_equal(ref, res)
-        for a, b in zip(ref.weights, res.weights, strict=True):
-            assert np.array_equal(a, b)  # one chunk: the reference's bits
+        _assert_equal(ref, res, TOL if algorithm != "radmm2" else RADMM2_STATS_TOL)
     # two runs are bitwise identical
     for a, b in zip(runs[1].weights, runs[2].weights, strict=True):
         assert np.array_equal(a, b)

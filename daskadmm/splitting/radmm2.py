@@ -300,8 +300,9 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     Z = W @ spec.aug(Vleft)
     if spec.is_output:
         assert Y is not None  # the output block is given the targets
-        total += loss_value(spec.arch.loss, own["U"], Y)
-        total += output_constraint(spec, pen, own["Lam"], own["U"] - Z)
+        # (the loss and the constraint terms added first, as a chunk task adds them)
+        total += loss_value(spec.arch.loss, own["U"], Y) + output_constraint(
+            spec, pen, own["Lam"], own["U"] - Z)
     else:
         total += activation_penalty(spec, pen, own["V"], Z, Vleft)
     return total
