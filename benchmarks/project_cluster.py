@@ -393,10 +393,11 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     specs = [BlockSpec(arch, i, prob.n) for i in range(1, prob.depth + 1)]
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=1e-2)
     rid, N = run_id, prob.depth
-    # the runner's start for a fresh store (runner._ZarrCtx.start_nodes; the weights are not
+    # the runner's start for a fresh store (runner._Ctx.start_nodes; the weights are not
     # needed to replay it)
     nodes, prev, init_keys = chunk_graph.start_nodes(ALGORITHM, arch, url, slices, rid, None,
-                                                     prob.n, None, Options(), pen.rho)
+                                                     prob.n, None, Options(), pen.rho,
+                                                     rho_first=pen.rho)
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
         literals[f"init_small-b{i}-{rid}"] = i
@@ -406,8 +407,8 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     stats: dict[int, str] = {}
     evals = set(eval_iters)
     for k in range(1, iterations + 1):
-        wg = chunk_graph.build_window(ALGORITHM, specs, {k: pen}, k - 1, k, prev, rid, url,
-                                      slices, [k] if k in evals else [],
+        wg = chunk_graph.build_window(ALGORITHM, specs, {k: pen, k + 1: pen}, k - 1, k, prev,
+                                      rid, url, slices, [k] if k in evals else [],
                                       (arch, "classification", "accuracy", (), ()))
         gate = init if k <= window else (stats[k - window],)
         for node in wg.nodes:
@@ -434,20 +435,20 @@ def out_bytes(prob: Problem, key: str) -> int:
     if kind == "radmm3_chunk":
         assert i is not None
         total = SMALL
-        if i < N:  # G, P, Q for W_{i+1}
-            total += (d + prob.bias) ** 2 + 2 * prob.rows(i + 1) * prob.cols(i + 1)
-        if i == 1:  # P, Q for W_1 of the next iteration
-            total += 2 * prob.rows(1) * prob.cols(1)
+        if i < N:  # G, B for W_{i+1}
+            total += (d + prob.bias) ** 2 + prob.rows(i + 1) * prob.cols(i + 1)
+        if i == 1:  # B for W_1 of the next iteration
+            total += prob.rows(1) * prob.cols(1)
         return F64 * total if total > SMALL else SMALL
-    if kind in ("reduce_next", "reduce_first"):  # G, P, Q for W_{i+1} (W_1: G is X's Gram)
+    if kind in ("reduce_next", "reduce_first"):  # G, B for W_{i+1} (W_1: G is X's Gram)
         assert i is not None
         j = 1 if kind == "reduce_first" else i + 1
-        return F64 * (prob.cols(j) ** 2 + 2 * prob.rows(j) * prob.cols(j))
+        return F64 * (prob.cols(j) ** 2 + prob.rows(j) * prob.cols(j))
     if kind in ("update_weights", "init_small"):
         assert i is not None
         return F64 * prob.rows(i) * prob.cols(i)
     if kind == "init_partials":
-        return F64 * (prob.cols(1) ** 2 + 2 * prob.rows(1) * prob.cols(1))
+        return F64 * (prob.cols(1) ** 2 + prob.rows(1) * prob.cols(1))
     if kind == "gram_x":
         return F64 * prob.cols(1) ** 2
     if kind == "evaluate":  # the record and the weights it hands back
@@ -566,6 +567,8 @@ def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dic
             out[node.key] = m["reduce_per_input"] * len(node.deps())
         elif kind == "init_chunk":
             out[node.key] = m["init_chunk"] * prob.depth / m["measured_depth"]
+        elif kind == "init_out":  # hands on the start's result: nothing to compute
+            out[node.key] = 0.0
         else:
             out[node.key] = m[kind]
     return out

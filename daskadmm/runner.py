@@ -321,16 +321,6 @@ def _pens(schedule: PenaltySchedule, k0: int, k1: int):
     return out
 
 
-def _window_end(k: int, window: int, K: int, schedule: PenaltySchedule) -> int:
-    """Last iteration of the window that starts after k: at most ``window`` iterations, and
-    never past an adaptive-schedule barrier (its outcome sets the next penalties)."""
-    end = min(k + window, K)
-    for j in range(k + 1, end):
-        if schedule.is_barrier(j):
-            return j
-    return end
-
-
 def _setup(opts: EngineOptions, arch: Architecture, ds: Dataset, options: Options):
     """What every Dask engine starts from: n, the block specs, the window, a fresh run id."""
     n = ds.X_train.shape[1]
@@ -572,7 +562,6 @@ class _Ctx:
                                 pure=False, allow_other_workers=False)
             futures[node.key] = fut
 
-
     # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------
     def start_nodes(self, weights0: list[np.ndarray]) -> tuple[list[Node], dict[str, Any],
                                                                 dict[str, str], int]:
@@ -598,10 +587,9 @@ class _Ctx:
         # W_1's first statistics with iteration k0+1's rho when it is known now (as every
         # window computes them for its next iteration: a resumed run has the same bits)
         rho_first = None if self.schedule.is_barrier(k0) else self.schedule.at(k0 + 1).rho
-        nodes, prev, _ = chunk_graph.start_nodes(name, self.arch, self.task_url, self.slices, rid,
-                                                 [s["W"] for s in small], self.n, restore,
-                                                 self.specs[0].options, self.schedule.at(1).rho,
-                                                 self.flow, rho_first)
+        nodes, prev, self.init_keys = chunk_graph.start_nodes(
+            name, self.arch, self.task_url, self.slices, rid, [s["W"] for s in small], self.n,
+            restore, self.specs[0].options, self.schedule.at(1).rho, self.flow, rho_first)
         literals: dict[str, Any] = dict(self.data_literals())
         for i, sm in enumerate(small, start=1):
             literals[f"init_small-b{i}-{rid}"] = sm
@@ -726,7 +714,7 @@ class _Ctx:
     def initial_record(self, init_outs: list[dict]) -> None:
         if self.manifest is not None:
             return
-        obj = sum(_out(o)["objective"] for o in init_outs)
+        obj = sum(o["objective"] for o in init_outs)
         lam = self.schedule.at(1).lam
         obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
         pen = self.schedule.at(1)
@@ -749,60 +737,11 @@ class _Ctx:
 
     # -- synchronous / threaded ------------------------------------------------------------
     def run_local(self, weights0) -> Result:
-        import dask
-        import dask.threaded
-
-        scheduler = "sync" if self.opts.cluster.kind == "synchronous" else "threads"
-        workers = self.opts.cluster.n_workers * self.opts.cluster.threads_per_worker
-
-        def get(dsk, keys):
-            if scheduler == "sync":
-                return dask.get(dsk, keys)
-            return dask.threaded.get(dsk, keys, num_workers=workers)
-
-        nodes, literals, prev, k = self.start_nodes(weights0)
-        init_keys = [n.key for n in nodes if n.key.startswith("init_chunk")]
-        carry = list(prev.values())
-        vals = get(to_dask_graph(nodes, literals), [*init_keys, *carry])
-        got = dict(zip([*init_keys, *carry], vals, strict=True))
-        self.initial_record([got[x] for x in init_keys])
-        data = self.data_literals()
-        literals = {**data, **{x: got[x] for x in carry}}
-        self.tasks_run += len(nodes)
-        status = "max_iter"
-        while k < self.K:
-            # a window holds at most one checkpoint, at its end: the slot of the committed
-            # checkpoint is never written before the next manifest is committed
-            k1 = self._ckpt_end(k, _window_end(k, self.window, self.K, self.schedule))
-            wg = self.build(k, k1, prev)
-            carry = sorted(set(wg.last.values()))
-            ckeys = [x for kk in wg.checkpoints for x in wg.checkpoints[kk]]
-            want = [*carry, *wg.stats.values(), *wg.evals.values(),
-                    *{w for kk in wg.checkpoints for w in wg.weights[kk]}, *ckeys]
-            vals = get(to_dask_graph(wg.nodes, literals), want)
-            got = dict(zip(want, vals, strict=True))
-            self.monitor.arrived(k1)  # the whole window's results arrive together
-            self.tasks_run += len(wg.nodes)
-            stop = None
-            for kk in range(k + 1, k1 + 1):
-                ev = got[wg.evals[kk]] if kk in wg.evals else None
-                stop = self.process(kk, got[wg.stats[kk]], ev)
-                if kk in wg.checkpoints and self._committable(stop, got[wg.stats[kk]],
-                                                               [got[w] for w in wg.weights[kk]]):
-                    slot = self.ckpt_slot_of(wg, kk)
-                    keys = wg.checkpoints[kk]
-                    self.commit(kk, slot, [got[w] for w in wg.weights[kk]], keys,
-                                [got[x] for x in keys])
-                if stop is not None:
-                    k = kk
-                    break
-            if stop is not None:
-                status = stop
-                break
-            k = k1
-            literals = {**data, **{x: got[x] for x in carry}}
-            prev = wg.last
-        return self.result(status, k, {"tasks_run": self.tasks_run, "scheduler": scheduler,
+        """The run on Dask's synchronous or threaded scheduler in this process
+        (:class:`_LocalExecutor`): the same driver as on a cluster."""
+        ex = _LocalExecutor(self.opts.cluster)
+        status, k = self._attempt(ex, weights0)
+        return self.result(status, k, {"tasks_run": ex.tasks_run, "scheduler": ex.scheduler,
                                        **self.engine_info()})
 
     def engine_info(self) -> dict[str, Any]:
@@ -824,13 +763,6 @@ class _Ctx:
     def _is_ckpt(self, k: int) -> bool:
         every = self.opts.checkpoint_every
         return bool(every) and k % every == 0
-
-    def _ckpt_end(self, k: int, end: int) -> int:
-        """``end``, or the first checkpoint iteration after k if that comes earlier."""
-        for j in range(k + 1, end):
-            if self._is_ckpt(j):
-                return j
-        return end
 
     @staticmethod
     def ckpt_slot_of(wg, k: int) -> str:
@@ -855,7 +787,7 @@ class _Ctx:
             self._workers0 = set(client.run_on_scheduler(_worker_ids).items())
             lost = ""
             try:
-                return self._attempt(client, workers, weights0)
+                return self._attempt(_ClusterExecutor(self, client, workers), weights0)
             except _WorkerLost as exc:
                 lost = str(exc)  # not the exception: its frames hold the attempt's futures
             self.recoveries += 1
@@ -871,26 +803,21 @@ class _Ctx:
                 f"{'checkpoint ' + str(k0) if k0 else 'iteration 0'} on {len(workers)} "
                 "worker(s)")
 
-    def _attempt(self, client, workers, weights0):
-        place = self._placement(workers)
+    def _attempt(self, ex: _Executor, weights0) -> tuple[str, int]:
+        """The driver: start (fresh or from the checkpoint), then keep ``window`` iterations
+        submitted ahead of the last one processed, take each iteration's statistics and
+        evaluation in order, stop, and commit checkpoints. ``ex`` runs the tasks (on a
+        cluster, or in this process a window at a time). Returns (status, last iteration)."""
         nodes, literals, prev, k0 = self.start_nodes(weights0)
         data = set(self.data_literals()) if self.flow else set()
-        futures: dict[str, Any] = {}
         pending: deque = deque()
         held: dict[int, tuple[list[str], list[Any], list[Any], str]] = {}
         try:
-            for name, value in literals.items():
-                b = int(name.split("-b")[1].split("-")[0])
-                # in a list: scatter would split a dict (a small state) into one future per
-                # entry
-                futures[name] = client.scatter([value], workers=[place[b]], hash=False)[0]
-            self._submit(client, nodes, futures, place)
-            init = [futures[n.key] for n in nodes if n.key.startswith("init_chunk")]
-            if self.flow:
-                # only the result comes here, not the state the start wrote (on the worker)
-                init = [client.submit(_out, f, key=f"init_out-{f.key}", pure=False)
-                        for f in init]
-            self.initial_record([self._result(client, f) for f in init])
+            ex.put(literals)
+            ex.submit(nodes)
+            init = [ex.future(x) for x in self.init_keys]
+            ex.keep(set(prev.values()) | data)
+            self.initial_record([ex.result(f) for f in init])
             submitted, k_done, status = k0, k0, "max_iter"
             while k_done < self.K:
                 while submitted < self.K and submitted - k_done < self.window:
@@ -899,41 +826,41 @@ class _Ctx:
                     if held and self._is_ckpt(submitted + 1):
                         break  # one checkpoint in flight: the committed slot stays intact
                     wg = self.build(submitted, submitted + 1, prev)
-                    self._submit(client, wg.nodes, futures, place)
+                    ex.submit(wg.nodes)
                     submitted += 1
                     kk = submitted
                     if kk in wg.checkpoints:
                         held[kk] = (list(wg.checkpoints[kk]),
-                                    [futures[x] for x in wg.checkpoints[kk]],
-                                    [futures[x] for x in wg.weights[kk]],
+                                    [ex.future(x) for x in wg.checkpoints[kk]],
+                                    [ex.future(x) for x in wg.weights[kk]],
                                     self.ckpt_slot_of(wg, kk))
-                    pending.append((kk, futures[wg.stats[kk]],
-                                    futures[wg.evals[kk]] if kk in wg.evals else None))
-                    keep = set(wg.last.values()) | data
-                    for old in [x for x in futures if x not in keep]:
-                        del futures[old]
+                    pending.append((kk, ex.future(wg.stats[kk]),
+                                    ex.future(wg.evals[kk]) if kk in wg.evals else None))
+                    ex.keep(set(wg.last.values()) | data)
                     prev = wg.last
                 kk, fstats, fev = pending.popleft()
-                it = self._result(client, fstats)
-                ev = self._result(client, fev) if fev is not None else None
+                it = ex.result(fstats)
+                if ex.ran:  # a window's results arrive together
+                    self.monitor.arrived(submitted)
+                ev = ex.result(fev) if fev is not None else None
                 stop = self.process(kk, it, ev)
                 if kk in held:
                     keys, cks, wfs, slot = held.pop(kk)
-                    values = [self._result(client, f) for f in cks]
-                    weights = [self._result(client, f) for f in wfs]
-                    self._check_workers(client)  # nothing was recomputed behind our back
+                    values = [ex.result(f) for f in cks]
+                    weights = [ex.result(f) for f in wfs]
+                    ex.check()  # nothing was recomputed behind our back
                     if self._committable(stop, it, weights):
                         self.commit(kk, slot, weights, keys, values)
                 k_done = kk
                 if stop is not None:
                     status = stop
                     break
-            self._check_workers(client)
+            ex.check()
             return status, k_done
         finally:
             pending.clear()
-            futures.clear()
             held.clear()
+            ex.close()
 
     def _rewind(self) -> None:
         """Back to the last committed checkpoint (verified), or to iteration 0."""
@@ -947,6 +874,125 @@ class _Ctx:
             mon.history, mon.increases, mon.capped_total = [], [], 0
             mon.last_good = None
             sch.reset()
+
+
+class _Executor:
+    """Where the driver's tasks run: ``put`` literal values, ``submit`` nodes, ``future`` of
+    a key (to ask for its value later), ``result``, ``keep`` (every other key may go once
+    the tasks submitted so far no longer need it), ``check`` (raise if a worker was lost)."""
+
+    ran = False  # the last result() ran a batch of tasks (their results arrive together)
+
+    def put(self, literals: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def submit(self, nodes: list[Node]) -> None:
+        raise NotImplementedError
+
+    def future(self, key_: str) -> Any:
+        raise NotImplementedError
+
+    def result(self, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def keep(self, keys: set[str]) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalExecutor(_Executor):
+    """Dask's synchronous or threaded scheduler: submitted tasks wait until a result is
+    asked for, then everything submitted runs as one graph, which returns the values asked
+    for (futures) and the ones kept."""
+
+    def __init__(self, ccfg: ClusterConfig):
+        self.scheduler = "sync" if ccfg.kind == "synchronous" else "threads"
+        self.workers = ccfg.n_workers * ccfg.threads_per_worker
+        self.values: dict[str, Any] = {}
+        self.pending: list[Node] = []
+        self.wanted: set[str] = set()
+        self.kept: set[str] = set()
+        self.tasks_run = 0
+
+    def put(self, literals: dict[str, Any]) -> None:
+        self.values.update(literals)
+
+    def submit(self, nodes: list[Node]) -> None:
+        self.pending.extend(nodes)
+
+    def future(self, key_: str) -> str:
+        self.wanted.add(key_)
+        return key_
+
+    def keep(self, keys: set[str]) -> None:
+        self.kept = set(keys)
+
+    def result(self, handle: str) -> Any:
+        import dask
+        import dask.threaded
+
+        self.ran = False
+        if handle not in self.values:
+            done = {n.key for n in self.pending}
+            want = sorted((self.wanted | self.kept) & done)
+            dsk = to_dask_graph(self.pending, self.values)
+            if self.scheduler == "sync":
+                got = dask.get(dsk, want)
+            else:
+                got = dask.threaded.get(dsk, want, num_workers=self.workers)
+            self.values = {k: v for k, v in self.values.items()
+                           if k in self.kept or k in self.wanted}
+            self.values.update(zip(want, got, strict=True))
+            self.tasks_run += len(self.pending)
+            self.pending = []
+            self.ran = True
+        # (the value stays until the next batch has run: a task submitted since may need it)
+        self.wanted.discard(handle)
+        return self.values[handle]
+
+    def close(self) -> None:
+        self.values, self.pending = {}, []
+
+
+class _ClusterExecutor(_Executor):
+    """A distributed cluster: each node a future on its block's worker (blocks in contiguous
+    ranges of the workers), literals scattered there; results watched for lost workers."""
+
+    def __init__(self, ctx: _Ctx, client, workers: list[str]):
+        self.ctx, self.client = ctx, client
+        self.place = ctx._placement(workers)
+        self.futures: dict[str, Any] = {}
+
+    def put(self, literals: dict[str, Any]) -> None:
+        for name, value in literals.items():
+            b = int(name.split("-b")[1].split("-")[0])
+            # in a list: scatter would split a dict (a small state) into one future per entry
+            self.futures[name] = self.client.scatter([value], workers=[self.place[b]],
+                                                     hash=False)[0]
+
+    def submit(self, nodes: list[Node]) -> None:
+        self.ctx._submit(self.client, nodes, self.futures, self.place)
+
+    def future(self, key_: str) -> Any:
+        return self.futures[key_]
+
+    def keep(self, keys: set[str]) -> None:
+        for old in [x for x in self.futures if x not in keys]:
+            del self.futures[old]
+
+    def result(self, handle: Any) -> Any:
+        return self.ctx._result(self.client, handle)
+
+    def check(self) -> None:
+        self.ctx._check_workers(self.client)
+
+    def close(self) -> None:
+        self.futures.clear()
 
 
 def _aligned(x: Any) -> Any:
@@ -1300,13 +1346,6 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
 
 
 MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
-
-
-def _out(value: Any) -> Any:
-    """A task's result (a dataflow task's output holds its writes besides)."""
-    from .chunks.common import Written
-
-    return value.out if isinstance(value, Written) else value
 
 
 def _encode_array(a: np.ndarray) -> dict[str, Any]:

@@ -42,6 +42,7 @@ __all__ = [
     "pick_written",
     "PlanContext",
     "StartContext",
+    "start_result",
     "put_live",
     "restore_chunk",
     "run_flow",
@@ -153,6 +154,11 @@ class FlowCall:
     n_args: int
     reads: tuple[str, ...] = ()
     writes: bool = False
+
+
+def start_result(out: Any) -> Any:
+    """A start task's result, without the state it wrote (what the driver fetches)."""
+    return out.out if isinstance(out, Written) else out
 
 
 def pick_written(w: Written, locs: tuple[str, ...]) -> Written:

@@ -39,6 +39,7 @@ from ..chunks.common import (
     group_stats,
     pick_written,
     run_flow,
+    start_result,
 )
 from ..model import Architecture
 from ..splitting import BlockSpec, Options, Penalties
@@ -317,7 +318,8 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     the chunk's start statistics, then their sums (``ChunkAlgorithm.start_chunk`` and
     ``start_sum``: X's constant statistics, role ``gram``, and for RADMM-3/3L/3A ``W_1``'s
     statistics for iteration k0+1, role ``first``, with ``rho_first``: that iteration's rho
-    if known). Returns (nodes, roles, init task keys).
+    if known). Returns (nodes, roles, the keys of the fresh start's results: each chunk's
+    share of L^0).
     ``flow``: the dataflow backend (no store, no restore; the data chunks are the keys of
     :func:`data_key`)."""
     from ..chunks.common import StartContext, restore_chunk
@@ -373,7 +375,11 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
         roles["first"] = first
     roles.update(hz.roles())
     nodes = eager_order(nodes, EAGER)
-    return (fl.nodes(nodes) if flow else nodes), roles, init_keys
+    # the start's results (its share of L^0) apart from the state it wrote: what the driver
+    # fetches (a dataflow start's output holds the whole state of its chunk)
+    outs = [f"init_out-{kk}" for kk in init_keys]
+    nodes += [Node(o, start_result, (Ref(kk),)) for o, kk in zip(outs, init_keys, strict=True)]
+    return (fl.nodes(nodes) if flow else nodes), roles, outs
 
 
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
