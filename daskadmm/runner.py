@@ -13,14 +13,16 @@ futures without waiting for the previous iteration, keeping ``run.window`` itera
 and reads each iteration's statistics as it completes, so the scheduler runs a wavefront across
 blocks and iterations. Block b is pinned to worker ``(b-1) * workers // N`` (contiguous ranges),
 so neighbour data crosses workers only at range boundaries. The synchronous and threaded
-schedulers have no futures: each window is one dict graph per ``get`` call.
+schedulers have no futures: the same driver loop hands them the tasks of ``run.window``
+iterations, which run as one dict graph when the first of their results is asked for
+(:class:`_LocalExecutor`; on a cluster, :class:`_ClusterExecutor`).
 
 Both state backends run the same tasks from one graph builder (:mod:`.graph.chunked`) and one
-driver (:class:`_Ctx`): ``storage.state=zarr`` keeps every sample-sized variable in a chunked
-Zarr store (checkpoints, resume); ``storage.state=memory`` is the same plan with one chunk on
-the dataflow backend, whose tasks get what they read as inputs. With one chunk the iterates are
-the serial reference's bits; other chunkings change only the order of the W statistics' sums.
-Global decisions (stopping, adaptive penalties) are taken at evaluation points;
+driver (:meth:`_Ctx._attempt`): ``storage.state=zarr`` keeps every sample-sized variable in a
+chunked Zarr store (checkpoints, resume); ``storage.state=memory`` is the same plan with one
+chunk on the dataflow backend, whose tasks get what they read as inputs. With one chunk the
+iterates are the serial reference's bits; other chunkings change only the order of the W
+statistics' sums. Global decisions (stopping, adaptive penalties) are taken at evaluation points;
 iterations submitted speculatively past a stop are cancelled and discarded.
 """
 
