@@ -29,7 +29,7 @@ from suite_flops import radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
-from daskadmm.splitting import get_splitting
+from daskadmm.algorithms import get_algorithm
 
 
 def _cast(outs, dtype):
@@ -45,7 +45,7 @@ def _cast(outs, dtype):
 def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, log) -> dict:
     arch, X, Y, specs, pen, outs = kernels.problem(activation, width, n, depth)
     flops = radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
-    sp = get_splitting("radmm3")
+    sp = get_algorithm("radmm3").splitting
     cases = {"float64": (X, Y, outs),
              "float32": (X.astype(np.float32), Y.astype(np.float32), _cast(outs, np.float32))}
     times: dict[str, list[float]] = {k: [] for k in cases}

@@ -48,8 +48,9 @@ from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
+from daskadmm.algorithms import get_algorithm
 from daskadmm.model import Architecture, init_weights, loss_value
-from daskadmm.splitting import BlockSpec, Options, Penalties, get_splitting, radmm3
+from daskadmm.splitting import BlockSpec, Options, Penalties, radmm3
 from daskadmm.splitting.base import prox_activation, prox_output
 
 Array = np.ndarray
@@ -172,7 +173,7 @@ def old_block_update(spec, pen, own, Vleft, right, Y):
 
 def _with_block_update(fn):
     """The radmm3 splitting with ``fn`` as its block update."""
-    sp = get_splitting("radmm3")
+    sp = get_algorithm("radmm3").splitting
     step = sp.steps[0]
     return dataclasses.replace(
         sp, name=f"radmm3[{fn.__name__}]",
@@ -228,7 +229,7 @@ def problem(activation: str, width: int, n: int, depth: int, d_in: int = 64,
     arch = Architecture("resnet", depth, d_in, width, d_out, activation, loss="cross_entropy")
     X = rng.standard_normal((d_in, n))
     Y = np.eye(d_out)[(rng.standard_normal((d_out, d_in)) @ X).argmax(axis=0)].T.copy()
-    sp = get_splitting("radmm3")
+    sp = get_algorithm("radmm3").splitting
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.01)
     specs = [BlockSpec(arch, i, n, Options()) for i in range(1, depth + 1)]
     outs = reference.initial_outputs(sp, sp.init_state(arch, init_weights(arch, rng), X, Y))
@@ -239,8 +240,8 @@ def problem(activation: str, width: int, n: int, depth: int, d_in: int = 64,
 
 def _max_rel_diff(a: dict, b: dict) -> float:
     worst = 0.0
-    for sa, sb in zip(reference.block_states(get_splitting("radmm3"), a),
-                      reference.block_states(get_splitting("radmm3"), b), strict=True):
+    for sa, sb in zip(reference.block_states(get_algorithm("radmm3").splitting, a),
+                      reference.block_states(get_algorithm("radmm3").splitting, b), strict=True):
         for key in sa:
             x, y = sa[key], sb[key]
             worst = max(worst, float(np.max(np.abs(x - y)) / max(np.max(np.abs(x)), 1e-300)))
@@ -252,7 +253,7 @@ def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, lo
     flops = radmm3_iteration_flops(depth, arch.d_in, width, arch.d_out, n)["total"]
     extra = sum(gemm_flops(arch.out_dim(i), arch.in_dim(i) + 1, n)
                 for i in range(1, depth + 1))  # the old objective's W V~
-    variants = {"new": get_splitting("radmm3"),
+    variants = {"new": get_algorithm("radmm3").splitting,
                 "old": _with_block_update(old_block_update),
                 "old_prox": _with_block_update(_old_prox_block_update)}
     times: dict[str, list] = {k: [] for k in variants}
@@ -298,7 +299,7 @@ def bench_prox(X, Y, specs, pen, outs, repeats: int) -> dict:
 
     radmm3.prox_activation = grab
     try:
-        reference.sweep(get_splitting("radmm3"), specs, pen, outs, X, Y)
+        reference.sweep(get_algorithm("radmm3").splitting, specs, pen, outs, X, Y)
     finally:
         radmm3.prox_activation = saved
     c, m, beta, kappa, u0, act, max_iter = captured[min(2, len(captured) - 1)]

@@ -128,11 +128,10 @@ def make_config(algorithm: str, width: int, depth: int, iterations: int) -> Conf
 def state_layout(cfg: Config, ds: Dataset) -> tuple[list[dict[str, tuple]], int]:
     """The engine's own store layout (the sample-sized variables of every block / layer, as
     :meth:`StateStore.create_state` allocates them) and its number of live slots."""
-    from daskadmm import chunks
+    from daskadmm.algorithms import get_algorithm
 
-    arch = api.build_architecture(cfg, ds)
-    name = cfg.algorithm.name
-    return chunks.layout(name, arch), chunks.slots(name)
+    plan = get_algorithm(cfg.algorithm.name).plan
+    return plan.layout(api.build_architecture(cfg, ds)), plan.slots
 
 
 def state_bytes(cfg: Config, ds: Dataset) -> dict:

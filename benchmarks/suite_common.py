@@ -346,9 +346,9 @@ def summarize_run(run: dict[str, Any], target: float, higher: bool, reference_ti
 
 def _splitting_available(name: str) -> tuple[bool, str]:
     try:
-        from daskadmm.splitting import get_splitting
+        from daskadmm.algorithms import get_algorithm
 
-        get_splitting(name)
+        get_algorithm(name)
         return True, ""
     except Exception as exc:  # noqa: BLE001
         return False, _error_string(exc)

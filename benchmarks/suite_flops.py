@@ -15,6 +15,7 @@ from suite_common import make_config, synthetic_problem, timed_fit
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
+from daskadmm.algorithms import get_algorithm
 
 
 def potrf_flops(m: int) -> float:
@@ -174,10 +175,10 @@ def profile_iteration(depth: int, width: int, n: int, top: int = 12) -> dict[str
                       eval_every=2)
     from daskadmm.model import init_weights
     from daskadmm.reference import initial_outputs, sweep
-    from daskadmm.splitting import BlockSpec, get_splitting
+    from daskadmm.splitting import BlockSpec
 
     arch = api.build_architecture(cfg, ds)
-    splitting = get_splitting("radmm3")
+    splitting = get_algorithm("radmm3").splitting
     states = splitting.init_state(arch, init_weights(arch, np.random.default_rng(0)),
                                   ds.X_train, ds.Y_train)
     specs = [BlockSpec(arch, i, n) for i in range(1, depth + 1)]

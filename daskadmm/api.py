@@ -180,9 +180,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         result = baseline.fit(cfg.algorithm, arch, ds, weights0, monitor, seed=cfg.run.seed,
                               dtype=cfg.run.dtype, threads=cfg.cluster.blas_threads)
     else:
-        from .splitting import get_splitting
+        from .algorithms import get_algorithm
 
-        splitting = get_splitting(name)
+        algorithm = get_algorithm(name)
         a = cfg.algorithm
         options = Options(step=a.step, backtrack_max=a.backtrack_max,
                           newton_max_iter=a.newton_max_iter, output_init=a.output_init,
@@ -191,17 +191,17 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         if cfg.cluster.kind == "reference":
             from .reference import solve
 
-            result = solve(splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
+            result = solve(algorithm.splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
                            monitor, options)
         elif cfg.storage.state == "zarr":
             from .runner import run_zarr
 
-            result = run_zarr(engine_options(cfg), splitting, arch, ds, weights0, schedule,
+            result = run_zarr(engine_options(cfg), algorithm, arch, ds, weights0, schedule,
                               monitor, options, run_dir=run_dir, client=client)
         else:
             from .runner import run_dask
 
-            result = run_dask(engine_options(cfg), splitting, arch, ds, weights0, schedule,
+            result = run_dask(engine_options(cfg), algorithm, arch, ds, weights0, schedule,
                               monitor, options, run_dir=run_dir, client=client)
     if data_note:
         result.info["data_note"] = data_note

@@ -33,6 +33,7 @@ __all__ = [
     "get_activation",
     "init_weights",
     "loss_grad_n",
+    "loss_sum",
     "loss_value",
     "metrics",
     "predict",
@@ -307,14 +308,19 @@ def softmax(Z: Array) -> Array:
     return E / E.sum(axis=0, keepdims=True)
 
 
-def loss_value(loss: str, out: Array, Y: Array) -> float:
-    """``l(out; Y)``: ``(1/2n)||out - Y||^2`` or the mean softmax cross-entropy."""
-    n = Y.shape[1]
+def loss_sum(loss: str, out: Array, Y: Array) -> float:
+    """``n l(out; Y)`` over the columns given (a sum, not a mean: additive over chunks of
+    samples): ``(1/2)||out - Y||^2`` or the summed softmax cross-entropy."""
     if loss == "mse":
-        return 0.5 * float(np.sum((out - Y) ** 2)) / n
+        return 0.5 * float(np.sum((out - Y) ** 2))
     zmax = out.max(axis=0, keepdims=True)
     logz = zmax[0] + np.log(np.exp(out - zmax).sum(axis=0))
-    return float(np.sum(logz - np.sum(Y * out, axis=0))) / n
+    return float(np.sum(logz - np.sum(Y * out, axis=0)))
+
+
+def loss_value(loss: str, out: Array, Y: Array) -> float:
+    """``l(out; Y)``: ``(1/2n)||out - Y||^2`` or the mean softmax cross-entropy."""
+    return loss_sum(loss, out, Y) / Y.shape[1]
 
 
 def loss_grad_n(loss: str, out: Array, Y: Array) -> Array:

@@ -56,10 +56,11 @@ from .model import Architecture
 from .monitor import Monitor
 from .result import Result
 from .schedules import PenaltySchedule
-from .splitting import BlockSpec, Options, Splitting
+from .splitting import BlockSpec, Options
 from .storage import StoreRef
 
 if TYPE_CHECKING:
+    from .algorithms import Algorithm
     from .storage import StateStore
 
 __all__ = ["ClusterError", "SharedCluster", "connect", "run_dask"]
@@ -330,23 +331,21 @@ def _setup(opts: EngineOptions, arch: Architecture, ds: Dataset, options: Option
     return n, specs, opts.window or default_window(arch.depth), uuid.uuid4().hex[:8]
 
 
-def run_dask(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
+def run_dask(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run the ADMM iterations on the configured Dask scheduler with the state in worker
     memory (``client``: an existing distributed client to run on instead of starting a
     cluster): the chunked engine's tasks with one chunk on the dataflow backend (each task
     gets what it reads from the task that wrote it; no store)."""
-    from . import chunks
-
     n, specs, window, run_id = _setup(opts, arch, ds, options)
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = _Ctx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx = _Ctx(opts, algorithm, arch, ds, specs, schedule, monitor, window, run_id, metric)
     ctx.flow = True
     ctx.url, ctx.task_url, ctx._store = "", None, None
     n_test = ds.X_test.shape[1]
     ctx.slices, ctx.test_slices = [slice(0, n)], ([slice(0, n_test)] if n_test else [])
-    ctx.layout = chunks.layout(splitting.name, arch)
+    ctx.layout = algorithm.plan.layout(arch)
     ctx.manifest, ctx.ck_layout, ctx.resumed_from = None, [], None
     ctx.client = resolve_client(opts.cluster, client)
     if ctx.client is None and opts.cluster.kind in ("synchronous", "threads"):
@@ -374,9 +373,9 @@ class _Ctx:
     resumed_from: int | None
     flow = False  # the dataflow backend (run_dask): no store, the state in task outputs
 
-    def __init__(self, opts: EngineOptions, splitting, arch, ds, specs, schedule, monitor,
+    def __init__(self, opts: EngineOptions, algorithm, arch, ds, specs, schedule, monitor,
                  window, run_id, metric):
-        self.opts, self.splitting, self.arch, self.ds = opts, splitting, arch, ds
+        self.opts, self.algorithm, self.arch, self.ds = opts, algorithm, arch, ds
         self.specs, self.schedule, self.monitor = specs, schedule, monitor
         self.window, self.run_id, self.metric = window, run_id, metric
         self.K = opts.iterations
@@ -569,10 +568,9 @@ class _Ctx:
                                                                 dict[str, str], int]:
         """Nodes and literal values that bring the store to iteration k0; returns
         (nodes, literals, prev roles, k0)."""
-        from . import chunks
         from .graph import chunked as chunk_graph
 
-        name, rid = self.splitting.name, self.run_id
+        name, rid = self.algorithm.name, self.run_id
         restore = None
         cp = self.manifest
         if cp is not None:
@@ -585,7 +583,7 @@ class _Ctx:
             self._restore_last_good(k0, [st["W"] for st in states])
             restore = (k0, cp["slot"])
         else:
-            k0, small = 0, chunks.init_small(name, self.arch, weights0)
+            k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
         # W_1's first statistics with iteration k0+1's rho when it is known now (as every
         # window computes them for its next iteration: a resumed run has the same bits)
         rho_first = None if self.schedule.is_barrier(k0) else self.schedule.at(k0 + 1).rho
@@ -696,7 +694,7 @@ class _Ctx:
         from .graph import chunked as chunk_graph
 
         return chunk_graph.build_window(
-            self.splitting.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
+            self.algorithm.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
             self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
             self.ckpt_plan(k0, k1), self.flow)
@@ -1219,13 +1217,12 @@ def preflight_store(opts: EngineOptions) -> None:
         StateStore.check_new(url, overwrite=opts.storage.overwrite)
 
 
-def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: Dataset,
+def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: Dataset,
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
     :mod:`.chunks`, wired by :mod:`.graph.chunked`); ``client`` as for
     :func:`run_dask`."""
-    from . import chunks
     from .storage import (
         StateStore,
         StoreError,
@@ -1239,10 +1236,10 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
     url = store_url(opts, run_dir)
     slices = chunk_slices(n, opts.storage.chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], opts.storage.chunk_size)
-    lay = chunks.layout(splitting.name, arch)
+    lay = algorithm.plan.layout(arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
     ck_lay = [{v: shape for v, shape in block.items()
-               if v == "W" or v in chunks.state_vars(splitting.name, arch, i)}
+               if v == "W" or v in algorithm.plan.state_vars(arch, i)}
               for i, block in enumerate(lay, start=1)]
     scratch = None
     client = resolve_client(opts.cluster, client)
@@ -1292,7 +1289,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
                 store.write_data(data, opts.storage.chunk_size, opts.storage.compressor,
                                  sums=data_sums)
             store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
-                               chunks.slots(splitting.name),
+                               algorithm.plan.slots,
                                dtype=opts.dtype)
             store.set_attrs({"ready": True})
     except BaseException:
@@ -1304,7 +1301,7 @@ def run_zarr(opts: EngineOptions, splitting: Splitting, arch: Architecture, ds: 
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     metric = "accuracy" if ds.task == "classification" else "mse"
-    ctx = _Ctx(opts, splitting, arch, ds, specs, schedule, monitor, window, run_id, metric)
+    ctx = _Ctx(opts, algorithm, arch, ds, specs, schedule, monitor, window, run_id, metric)
     ctx.url, ctx._store, ctx.slices, ctx.test_slices, ctx.layout = url, store, slices, \
         test_slices, lay
     ctx.task_url = store.ref

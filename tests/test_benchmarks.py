@@ -20,9 +20,10 @@ import scipy.linalg
 from support import load_benchmark
 
 from daskadmm import api
+from daskadmm.algorithms import get_algorithm
 from daskadmm.model import Architecture, init_weights
 from daskadmm.reference import initial_outputs, sweep
-from daskadmm.splitting import BlockSpec, Penalties, get_splitting
+from daskadmm.splitting import BlockSpec, Penalties
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,7 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
     weights = init_weights(arch, rng)
     X = rng.standard_normal((d_in, n)).view(_Counted)
     Y = rng.standard_normal((d_out, n)).view(_Counted)
-    splitting = get_splitting("radmm3")
+    splitting = get_algorithm("radmm3").splitting
     states = splitting.init_state(arch, weights, X, Y)
     states = [{k: np.asarray(v).view(_Counted) for k, v in s.items()} for s in states]
     specs = [BlockSpec(arch, i, n) for i in range(1, depth + 1)]

@@ -21,6 +21,7 @@ from helpers import aug, fd_grad, forward_objective, loss, make_problem, sigma, 
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api
+from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig, RunConfig, variant_config
 from daskadmm.data import load_dataset
@@ -28,7 +29,7 @@ from daskadmm.model import Architecture, get_activation, init_weights
 from daskadmm.monitor import Monitor
 from daskadmm.reference import initial_objective, solve
 from daskadmm.schedules import PenaltySchedule
-from daskadmm.splitting import LEFT, RIGHT, SELF, Input, get_splitting
+from daskadmm.splitting import LEFT, RIGHT, SELF, Input
 from daskadmm.splitting import dladmm as dl
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 
@@ -106,7 +107,7 @@ def sufficient_decrease(f, x0, x1, grad, theta, rtol=1e-12) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def test_registered_with_a_backward_and_a_forward_step():
-    sp = get_splitting("dladmm")
+    sp = get_algorithm("dladmm").splitting
     assert [s.name for s in sp.steps] == ["dladmm_backward", "dladmm_forward"]
     bwd, fwd = sp.steps
     assert bwd.order == "descending" and fwd.order == "ascending"
@@ -363,7 +364,7 @@ def test_every_task_descends_L_and_the_dual_step_adds_its_exact_increase(kind, a
 @pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
 def test_initial_objective_is_forward_loss_plus_regulariser(kind, loss_name):
     prob = make_problem(kind=kind, loss=loss_name, depth=4)
-    sp = get_splitting("dladmm")
+    sp = get_algorithm("dladmm").splitting
     states = sp.init_state(prob.arch, prob.weights, prob.X, prob.Y)
     expected = forward_objective(prob.arch, prob.weights, prob.X, prob.Y, PEN.lam)
     assert initial_objective(sp, specs_of(prob), PEN, states, prob.X, prob.Y) == \
@@ -376,7 +377,7 @@ def test_initial_objective_is_forward_loss_plus_regulariser(kind, loss_name):
 def test_block_objectives_sum_to_L(kind):
     prob = make_problem(kind=kind, depth=4, loss="cross_entropy")
     states = random_state(prob, seed=4)
-    sp = get_splitting("dladmm")
+    sp = get_algorithm("dladmm").splitting
     total = initial_objective(sp, specs_of(prob), PEN, states, prob.X, prob.Y)
     assert total == pytest.approx(lagrangian(prob.arch, states, prob.X, prob.Y, PEN), rel=1e-13)
 
@@ -386,7 +387,7 @@ def test_nu_defaults_to_rho():
     assert dl.penalty_nu(pen) == pen.rho
     prob = make_problem(kind="mlp", depth=3)
     states = random_state(prob)
-    sp = get_splitting("dladmm")
+    sp = get_algorithm("dladmm").splitting
     total = initial_objective(sp, specs_of(prob), pen, states, prob.X, prob.Y)
     assert total == pytest.approx(lagrangian(prob.arch, states, prob.X, prob.Y, pen), rel=1e-13)
 
@@ -399,7 +400,7 @@ def _solve(prob, iterations, rho=4.0, nu=1.0, lam=1e-3):
     cfg = AlgorithmConfig(name="dladmm", rho=rho, nu=nu, lam=lam)
     traces = []
     monitor = Monitor(iterations=iterations, eval_every=1, evaluate=lambda w: {})
-    res = solve(get_splitting("dladmm"), prob.arch, prob.X, prob.Y, prob.weights,
+    res = solve(get_algorithm("dladmm").splitting, prob.arch, prob.X, prob.Y, prob.weights,
                 PenaltySchedule(schedule_options(cfg)), monitor, Options(),
                 state_callback=lambda k, s: traces.append(s))
     return res, traces
@@ -557,7 +558,7 @@ def test_labels_output_init(loss_name):
     # the authors' start: z_L = +-1 from the one-hot labels (MSE: the targets), u = 0; the
     # hidden layers forward-consistent; L_rho then holds the output constraint's penalty
     prob = make_problem(kind="mlp", loss=loss_name, depth=3)
-    sp = get_splitting("dladmm")
+    sp = get_algorithm("dladmm").splitting
     states = sp.init_state(prob.arch, prob.weights, prob.X, prob.Y,
                            Options(output_init="labels"))
     out = states[-1]
@@ -614,7 +615,7 @@ def test_variant_starts_from_the_normal_init():
     w0 = init_weights(arch, np.random.default_rng(cfg.run.seed), normal_std=0.1)
     assert res.history[0]["train_loss"] == api.evaluator(arch, ds)(w0)["train_loss"]
     # L_0: the forward network's hidden layers, z_L = +-1 (u = 0) at rho = 1e-6
-    sp, pen = get_splitting("dladmm"), Penalties(rho=1e-6, beta=1.0, tau=1e-3, lam=0.0)
+    sp, pen = get_algorithm("dladmm").splitting, Penalties(rho=1e-6, beta=1.0, tau=1e-3, lam=0.0)
     states = sp.init_state(arch, w0, ds.X_train, ds.Y_train, Options(output_init="labels"))
     specs = [BlockSpec(arch, i, ds.n_train, Options()) for i in range(1, 5)]
     assert res.history[0]["objective"] == pytest.approx(

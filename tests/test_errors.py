@@ -62,31 +62,24 @@ def test_one_line_names_the_type_when_asked_or_when_the_message_is_empty():
 # ------------------------------------------------------------------ the algorithm registry
 
 
-@pytest.mark.parametrize(("body", "error", "match"), [
-    ("import daskadmm_no_such_dependency\n", ModuleNotFoundError, "daskadmm_no_such_dependency"),
-    ("from math import no_such_name\n", ImportError, "no_such_name"),
-])
-def test_a_broken_algorithm_module_raises_its_own_import_error(tmp_path, monkeypatch, body,
-                                                               error, match):
-    """An algorithm module that exists but fails to import must not read "unknown algorithm"."""
-    import sys
+def test_the_registry_holds_the_configs_algorithms():
+    """One record per algorithm the configuration offers, each under its own name (its
+    splitting's too); the registry imports every algorithm module, so a broken import fails
+    at ``import daskadmm.algorithms`` with its own error, never as "unknown algorithm"."""
+    from daskadmm.algorithms import ALGORITHMS
+    from daskadmm.config import ADMM_ALGORITHMS
 
-    from daskadmm import splitting
-
-    (tmp_path / "brokenalg.py").write_text(body)
-    monkeypatch.setattr(splitting, "__path__", [*splitting.__path__, str(tmp_path)])
-    monkeypatch.delitem(sys.modules, "daskadmm.splitting.brokenalg", raising=False)
-    with pytest.raises(error, match=match):
-        splitting.get_splitting("brokenalg")
-    assert "brokenalg" not in splitting.SPLITTINGS
+    assert sorted(ALGORITHMS) == sorted(ADMM_ALGORITHMS)
+    for name, alg in ALGORITHMS.items():
+        assert alg.name == name == alg.splitting.name
 
 
 @pytest.mark.parametrize("name", ["no_such_algorithm", "../radmm3", "radmm3.x"])
 def test_an_unknown_algorithm_is_a_value_error(name):
-    from daskadmm.splitting import get_splitting
+    from daskadmm.algorithms import get_algorithm
 
     with pytest.raises(ValueError, match="unknown ADMM algorithm .*known: radmm3, "):
-        get_splitting(name)
+        get_algorithm(name)
 
 
 # ------------------------------------------------------------------------- PyTorch missing

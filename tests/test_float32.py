@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from daskadmm import Config, api
+from daskadmm.algorithms import get_algorithm
 from daskadmm.config import ADMM_ALGORITHMS, ConfigError, validate
 from daskadmm.model import init_weights
 from daskadmm.monitor import Monitor
 from daskadmm.reference import solve
 from daskadmm.schedules import PenaltySchedule
-from daskadmm.splitting import Options, get_splitting
+from daskadmm.splitting import Options
 from daskadmm.storage import StateStore
 
 MLP_ONLY = ("pdadmm", "dladmm")
@@ -46,7 +47,7 @@ def _reference(cfg: Config):
 
     monitor = Monitor(iterations=cfg.run.iterations, eval_every=1,
                       evaluate=api.evaluator(arch, ds))
-    res = solve(get_splitting(cfg.algorithm.name), arch, ds.X_train, ds.Y_train, w0,
+    res = solve(get_algorithm(cfg.algorithm.name).splitting, arch, ds.X_train, ds.Y_train, w0,
                 PenaltySchedule(api.schedule_options(cfg.algorithm)), monitor, Options(),
                 state_callback=inspect)
     return res, seen

@@ -16,13 +16,14 @@ import pytest
 from helpers import aug, fd_grad, forward_objective, loss, make_problem, sigma, skip_term
 from threadpoolctl import threadpool_limits
 
+from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
 from daskadmm.model import get_activation
 from daskadmm.monitor import Monitor
 from daskadmm.reference import initial_objective, solve
 from daskadmm.schedules import PenaltySchedule
-from daskadmm.splitting import LEFT, RIGHT, SELF, Input, get_splitting
+from daskadmm.splitting import LEFT, RIGHT, SELF, Input
 from daskadmm.splitting import pdadmm as pd
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 
@@ -194,7 +195,7 @@ def two_phase(prob, pens, K, options=None, check_descent=False):
 def pipelined(prob, pens, K, options=None):
     """The library's one-task-per-layer iterates through the serial reference."""
     cfg_states = []
-    sp = get_splitting("pdadmm")
+    sp = get_algorithm("pdadmm").splitting
 
     class _Schedule:
         changes = ()
@@ -216,7 +217,7 @@ def pipelined(prob, pens, K, options=None):
 # ---------------------------------------------------------------------------------------------
 
 def test_registered_as_one_step_with_only_previous_iteration_inputs():
-    sp = get_splitting("pdadmm")
+    sp = get_algorithm("pdadmm").splitting
     assert len(sp.steps) == 1
     # only what the task reads of its neighbours travels (the reference passes the same subsets)
     assert sp.steps[0].inputs == (Input(SELF, "pdadmm_layer", 1),
@@ -408,7 +409,7 @@ def test_output_z_minimises_L(loss_name):
 @pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
 def test_initial_objective_is_forward_loss_plus_regulariser(kind, loss_name):
     prob = make_problem(kind=kind, loss=loss_name, depth=4)
-    sp = get_splitting("pdadmm")
+    sp = get_algorithm("pdadmm").splitting
     states = sp.init_state(prob.arch, prob.weights, prob.X, prob.Y)
     expected = forward_objective(prob.arch, prob.weights, prob.X, prob.Y, PEN.lam)
     assert initial_objective(sp, specs_of(prob), PEN, states, prob.X, prob.Y) == \
@@ -421,7 +422,7 @@ def test_initial_objective_is_forward_loss_plus_regulariser(kind, loss_name):
 def test_block_objectives_sum_to_L_and_the_task_reports_its_share(kind):
     prob = make_problem(kind=kind, depth=4, loss="cross_entropy")
     states = random_state(prob, seed=4)
-    sp = get_splitting("pdadmm")
+    sp = get_algorithm("pdadmm").splitting
     specs = specs_of(prob)
     total = initial_objective(sp, specs, PEN, states, prob.X, prob.Y)
     assert total == pytest.approx(lagrangian(prob.arch, states, prob.X, prob.Y, PEN), rel=1e-13)
@@ -453,7 +454,7 @@ def _solve(prob, iterations, rho=4.0, nu=1.0, lam=1e-3):
     cfg = AlgorithmConfig(name="pdadmm", rho=rho, nu=nu, lam=lam)
     traces = []
     monitor = Monitor(iterations=iterations, eval_every=1, evaluate=lambda w: {})
-    res = solve(get_splitting("pdadmm"), prob.arch, prob.X, prob.Y, prob.weights,
+    res = solve(get_algorithm("pdadmm").splitting, prob.arch, prob.X, prob.Y, prob.weights,
                 PenaltySchedule(schedule_options(cfg)), monitor, Options(),
                 state_callback=lambda k, s: traces.append(s))
     return res, traces

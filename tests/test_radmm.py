@@ -38,12 +38,13 @@ from helpers import (
 from threadpoolctl import threadpool_limits
 
 from daskadmm import reference
+from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
 from daskadmm.model import Architecture, init_weights
 from daskadmm.monitor import IterationStats, Monitor
 from daskadmm.schedules import PenaltySchedule
-from daskadmm.splitting import get_splitting, radmm2, radmm3
+from daskadmm.splitting import radmm2, radmm3
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 
 TOL = tol(np.float64)
@@ -64,7 +65,7 @@ def solve(name, prob, iterations, *, options=None, eval_every=1, callback=None, 
     schedule = PenaltySchedule(schedule_options(AlgorithmConfig(name=name, **cfg)))
     monitor = Monitor(iterations=iterations, eval_every=eval_every, evaluate=no_metrics,
                       **(monitor_kw or {}))
-    result = reference.solve(get_splitting(name), prob.arch, prob.X, prob.Y,
+    result = reference.solve(get_algorithm(name).splitting, prob.arch, prob.X, prob.Y,
                              prob.weights if weights is None else weights, schedule, monitor,
                              options or Options(), state_callback=callback)
     return result, schedule
@@ -128,7 +129,7 @@ def checked_sweep3(prob, states, pen, linearized, options=None):
     V_{i-1} of this iteration and block i+1's state of the previous one."""
     arch, n, N = prob.arch, prob.n, prob.arch.depth
     options = options or Options()
-    split = get_splitting("radmm3l" if linearized else "radmm3")
+    split = get_algorithm("radmm3l" if linearized else "radmm3").splitting
     ledger = Ledger(prob, pen, split)
     cur = [dict(s) for s in states]
     step_w = radmm3.update_weights_linearized if linearized else radmm3.update_weights
@@ -162,7 +163,8 @@ def checked_sweep3(prob, states, pen, linearized, options=None):
             cur[i - 1]["V"] = V
             ledger.primal("V", L3, ledger(cur), V - old["V"])
         # the library's block task is the same composition
-        new, stats = radmm3.block_update(spec, pen, old, Vl, right, Y, linearized=linearized)
+        new, stats = radmm3.block_update(spec, pen, old, Vl, right, Y,
+                                          variant="radmm3l" if linearized else "radmm3")
         assert new.keys() == cur[i - 1].keys()
         for key in new:
             assert np.array_equal(new[key], cur[i - 1][key]), (i, key)
@@ -174,7 +176,7 @@ def checked_sweep2(prob, states, pen, options=None):
     """One RADMM-2 iteration from the update functions, checked the same way."""
     arch, n, N = prob.arch, prob.n, prob.arch.depth
     options = options or Options()
-    ledger = Ledger(prob, pen, get_splitting("radmm2"))
+    ledger = Ledger(prob, pen, get_algorithm("radmm2").splitting)
     cur = [dict(s) for s in states]
     for i in range(1, N + 1):
         spec = BlockSpec(arch, i, n, options)
@@ -220,7 +222,7 @@ def checked_sweep2(prob, states, pen, options=None):
 
 def reference_states(name, prob, start, pen, iterations, options=None):
     """The reference sweep's states after ``iterations`` iterations from ``start``."""
-    split = get_splitting(name)
+    split = get_algorithm(name).splitting
     options = options or Options()
     specs = [BlockSpec(prob.arch, i, prob.n, options) for i in range(1, prob.arch.depth + 1)]
     outputs = reference.initial_outputs(split, start)
@@ -276,7 +278,7 @@ def test_radmm2_substeps(act, kind, bias, loss_name):
 @pytest.mark.parametrize("name", ["radmm3", "radmm2"])
 def test_initial_objective_is_forward_loss_plus_regulariser(name, act, kind, bias, loss_name):
     prob = make_problem(act, kind, bias, loss=loss_name, d_out=3)
-    split = get_splitting(name)
+    split = get_algorithm(name).splitting
     states = split.init_state(prob.arch, prob.weights, prob.X, prob.Y)
     lagr = lagrangian3 if name == "radmm3" else lagrangian2
     expected = forward_objective(prob.arch, prob.weights, prob.X, prob.Y, PEN.lam)
@@ -592,8 +594,8 @@ def test_solver_stops_with_status():
 
     schedule = PenaltySchedule(schedule_options(AlgorithmConfig(**kw)))
     monitor = Monitor(iterations=50, eval_every=1, evaluate=nan_from_iteration_4)
-    res = reference.solve(get_splitting("radmm3"), prob.arch, prob.X, prob.Y, prob.weights,
-                          schedule, monitor)
+    res = reference.solve(get_algorithm("radmm3").splitting, prob.arch, prob.X, prob.Y,
+                          prob.weights, schedule, monitor)
     assert (res.status, res.iterations) == ("nonfinite", 4)
     # a genuinely non-finite state (inf targets) is caught too
     Y = prob.Y.copy()

@@ -39,12 +39,13 @@ from support import chunked_window, replace_sections
 from threadpoolctl import threadpool_limits
 
 from daskadmm import api, reference
+from daskadmm.algorithms import get_algorithm
 from daskadmm.config import from_mapping
 from daskadmm.data import load_dataset
 from daskadmm.errors import StoreError
 from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture, init_weights
-from daskadmm.splitting import get_splitting, radmm3, radmm3a
+from daskadmm.splitting import radmm3, radmm3a
 from daskadmm.splitting.base import BlockSpec, Options, Penalties
 from daskadmm.storage import MANIFEST
 
@@ -163,7 +164,7 @@ def test_block_update_steps(act, kind, bias, loss_name, i):
 
 
 def _one_iteration(name, prob, pen):
-    split = get_splitting(name)
+    split = get_algorithm(name).splitting
     specs = [BlockSpec(prob.arch, i, prob.n, Options()) for i in range(1, prob.arch.depth + 1)]
     states = split.init_state(prob.arch, prob.weights, prob.X, prob.Y)
     outs, _ = reference.sweep(split, specs, pen, reference.initial_outputs(split, states),

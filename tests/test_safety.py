@@ -310,7 +310,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
     url = str(tmp_path / "s.zarr")
     # what a run killed before its first checkpoint leaves: created (maybe not even "ready")
-    from daskadmm import chunks
+    from daskadmm.algorithms import get_algorithm
     from daskadmm.runner import _data_arrays, _store_meta
     from daskadmm.storage import chunk_slices, data_digest
 
@@ -321,7 +321,8 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     store = StateStore.create(url, meta=meta, owner="killed")
     if ready:
         store.write_data(_data_arrays(ds), 30)
-        store.create_state(chunks.layout(cfg.algorithm.name, arch), ds.n_train, 30)
+        store.create_state(get_algorithm(cfg.algorithm.name).plan.layout(arch), ds.n_train,
+                           30)
         store.set_attrs({"ready": True})
     store.set_attrs({"owner": {"run_id": "killed", "pid": 2**22 + 12345,
                                "host": socket.gethostname(), "since": 0}})

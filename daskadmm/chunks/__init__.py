@@ -8,8 +8,8 @@ between them and each algorithm's iteration plan (NumPy only: the graph is wired
 - :mod:`.radmm2`: RADMM-2 (backtracked steps as trial passes and decisions);
 - :mod:`.mlp`: pdADMM and dlADMM.
 
-:data:`ENGINES` holds one :class:`ChunkAlgorithm` record per ADMM algorithm: what adding an
-algorithm to the engine takes here.
+A :class:`ChunkAlgorithm` is what the engine needs of an algorithm; the functions below make
+each algorithm's, for its record in :data:`daskadmm.algorithms.ALGORITHMS`.
 """
 
 from __future__ import annotations
@@ -22,38 +22,18 @@ from typing import Any
 import numpy as np
 
 from ..model import Architecture
+from ..splitting import dladmm, pdadmm
+from ..splitting import radmm2 as radmm2_splitting
 from . import mlp, radmm2, radmm3
 from .common import Array, Small, sample_vars
 
 __all__ = [
     "ChunkAlgorithm",
-    "ENGINES",
-    "init_small",
-    "layout",
-    "slots",
-    "state_vars",
+    "dladmm_plan",
+    "pdadmm_plan",
+    "radmm2_plan",
+    "radmm3_plan",
 ]
-
-
-def slots(name: str) -> int:
-    """Live slots of each variable of algorithm ``name`` in the store."""
-    return ENGINES[name].slots
-
-
-def state_vars(name: str, arch: Architecture, i: int) -> tuple[str, ...]:
-    """The sample-sized variables of layer i that make up its state (checkpointed)."""
-    return ENGINES[name].state_vars(arch, i)
-
-
-def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
-    """Variables of each layer for :meth:`StateStore.create_state`: ``(rows, "n")`` for the
-    sample-sized ones, the weight shape for ``W``."""
-    return ENGINES[name].layout(arch)
-
-
-def init_small(name: str, arch: Architecture, weights: list[Array]) -> list[Small]:
-    """The small state of iteration 0 (as the splitting's ``init_state`` sets it)."""
-    return ENGINES[name].init_small(arch, weights)
 
 
 @dataclass(frozen=True)
@@ -65,6 +45,8 @@ class ChunkAlgorithm:
     - ``state_vars``: the sample-sized variables that make up block i's state (what a
       checkpoint copies);
     - ``init_small``: the small state of iteration 0;
+    - ``plan``: its iteration plan, ``plan(ctx, specs, pen, k, small)`` (see
+      :class:`~daskadmm.chunks.common.PlanContext`);
     - ``init``: the task that starts one chunk, ``init(chunk, name, arch, weights, n, options,
       rho, names)`` (``names[i - 1]``: block i's state variables), writing slot 0 and returning
       its share of L^0;
@@ -72,8 +54,6 @@ class ChunkAlgorithm:
       :class:`~daskadmm.chunks.common.StartContext`): ``start_chunk(ctx, chunk, arch)``
       appends a chunk's statistics task and returns its ref; ``start_sum(ctx, refs, arch) ->
       (gram key, W_1 statistics key or None)`` appends their sums;
-    - ``plan``: its iteration plan, ``plan(ctx, specs, pen, k, small)`` (see
-      :class:`~daskadmm.chunks.common.PlanContext`);
     - ``stats``: the task that sums a block's statistics of one iteration, ``stats(small,
       *chunk outputs or StatsGroups)``;
     - ``slots``: the live slots of each variable;
@@ -84,7 +64,7 @@ class ChunkAlgorithm:
     state_vars: Callable[[Architecture, int], tuple[str, ...]]
     init_small: Callable[[Architecture, list[Array]], list[Small]]
     plan: Callable[..., dict[int, str]]
-    init: Callable[..., dict] = mlp.init_chunk
+    init: Callable[..., dict]
     start_chunk: Callable[..., Any] = mlp.start_chunk
     start_sum: Callable[..., tuple[str, str | None]] = mlp.start_sum
     stats: Callable[..., dict[str, float]] = mlp.layer_stats
@@ -92,7 +72,8 @@ class ChunkAlgorithm:
     eager: frozenset[Callable] = frozenset()
 
 
-def _radmm3_family(name: str) -> ChunkAlgorithm:
+def radmm3_plan(name: str) -> ChunkAlgorithm:
+    """RADMM-3's, RADMM-3L's or RADMM-3A's (``name``): :mod:`.radmm3`."""
     return ChunkAlgorithm(
         layout=partial(radmm3.layout, name),
         state_vars=lambda arch, i: sample_vars(radmm3.layout(name, arch)[i - 1]),
@@ -103,14 +84,21 @@ def _radmm3_family(name: str) -> ChunkAlgorithm:
         eager=frozenset({radmm3.pick_partials, radmm3.gram_add}))
 
 
-ENGINES: dict[str, ChunkAlgorithm] = {
-    **{name: _radmm3_family(name) for name in radmm3.ALGORITHMS},
-    "radmm2": ChunkAlgorithm(radmm2.layout, radmm2.state_vars,
-                             radmm2.init_small, radmm2.plan_iteration,
-                             eager=frozenset({radmm2.sum_w})),
-    "pdadmm": ChunkAlgorithm(mlp._pd_layout, mlp._pd_state_vars, mlp._pd_init_small,
-                             mlp.plan_pdadmm),
-    "dladmm": ChunkAlgorithm(mlp._dl_layout, mlp._dl_state_vars, mlp._dl_init_small,
-                             mlp.plan_dladmm, slots=3),
-}
-"""Every ADMM algorithm's record for the Zarr-resident engine (what adding one takes here)."""
+def radmm2_plan() -> ChunkAlgorithm:
+    """RADMM-2's: :mod:`.radmm2`, started by its splitting's ``init_state`` per chunk."""
+    return ChunkAlgorithm(radmm2.layout, radmm2.state_vars, radmm2.init_small,
+                          radmm2.plan_iteration,
+                          partial(mlp.init_chunk, init_state=radmm2_splitting.init_state),
+                          eager=frozenset({radmm2.sum_w}))
+
+
+def pdadmm_plan() -> ChunkAlgorithm:
+    """pdADMM's: :mod:`.mlp`."""
+    return ChunkAlgorithm(mlp.pd_layout, mlp.pd_state_vars, mlp.pd_init_small, mlp.plan_pdadmm,
+                          partial(mlp.init_chunk, init_state=pdadmm.init_state))
+
+
+def dladmm_plan() -> ChunkAlgorithm:
+    """dlADMM's: :mod:`.mlp`, three live slots."""
+    return ChunkAlgorithm(mlp.dl_layout, mlp.dl_state_vars, mlp.dl_init_small, mlp.plan_dladmm,
+                          partial(mlp.init_chunk, init_state=dladmm.init_state), slots=3)

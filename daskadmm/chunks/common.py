@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..model import Architecture, forward
+from ..model import Architecture, forward, loss_sum
 from ..storage import StoreRef, chunk_io, committed_slot
 
 __all__ = [
@@ -269,15 +269,6 @@ class StartContext:
     rho_first: float | None = None
 
 
-def _loss_sum(loss: str, U: Array, Y: Array) -> float:
-    """``n_c * l`` over the chunk's columns (sum, not mean)."""
-    if loss == "mse":
-        return 0.5 * float(np.sum((U - Y) ** 2))
-    zmax = U.max(axis=0, keepdims=True)
-    logz = zmax[0] + np.log(np.exp(U - zmax).sum(axis=0))
-    return float(np.sum(logz - np.sum(Y * U, axis=0)))
-
-
 def sum_partials(*parts: tuple) -> tuple:
     """Sum chunk statistics (equal-length tuples of arrays) entry by entry in the given (fixed)
     order: a node of a reduction tree. A None entry (a statistic the chunks do not carry, e.g.
@@ -335,7 +326,7 @@ def evaluate_chunks(url: StoreRef | None, arch: Architecture, task: str, metric:
                 ct = ChunkTask(url, sl, c)
                 X, Y = get_data(ct, xs), get_data(ct, ys)
                 out = forward(arch, weights, X)[0][-1]
-                loss += _loss_sum(arch.loss, out, Y)
+                loss += loss_sum(arch.loss, out, Y)
                 if task == "classification":
                     err += float(np.sum(out.argmax(axis=0) == Y.argmax(axis=0)))
                 else:

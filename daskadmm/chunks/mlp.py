@@ -27,14 +27,14 @@ The window builder (:mod:`daskadmm.graph.chunked`) wires the tasks of these plan
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..graph.nodes import Ref
-from ..model import Architecture, augment
-from ..splitting import BlockSpec, Options, Penalties, get_splitting
+from ..model import Architecture, augment, loss_sum
+from ..splitting import BlockSpec, Options, Penalties
 from ..splitting import dladmm as dl
 from ..splitting import pdadmm as pd
 from ..splitting.dladmm import (
@@ -55,7 +55,6 @@ from .common import (
     PlanContext,
     Small,
     StartContext,
-    _loss_sum,
     each_stats,
     get_data,
     get_live,
@@ -79,18 +78,18 @@ __all__ = [
 BWD = 2  # dlADMM: the slot of the backward sweep's output
 
 
-def _pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
+def pd_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", *(("q",) if i < arch.depth else ()), *(("p", "u") if i > 1 else ()))
 
 
-def _dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
+def dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
     return ("z", "a") if i < arch.depth else ("z", "u")
 
 
-def _pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
+def pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
     """pdADMM's store: its state variables (``p``, ``u`` with the layer's input rows) and the
     scratch ``ql`` (``q_{l-1}`` of the pending phase) of every layer but the first."""
-    out = state_layout(arch, _pd_state_vars,
+    out = state_layout(arch, pd_state_vars,
                        lambda i, var: arch.in_dim(i) if var in ("p", "u") else arch.out_dim(i))
     for i, v in enumerate(out, start=1):
         if i > 1:
@@ -98,11 +97,11 @@ def _pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
     return out
 
 
-def _dl_layout(arch: Architecture) -> list[dict[str, tuple]]:
-    return state_layout(arch, _dl_state_vars)
+def dl_layout(arch: Architecture) -> list[dict[str, tuple]]:
+    return state_layout(arch, dl_state_vars)
 
 
-def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
+def pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
     for i, W in enumerate(weights, start=1):
         s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0, "rho": 0.0, "nu": 0.0,
@@ -113,7 +112,7 @@ def _pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     return out
 
 
-def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
+def dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
     out = []
     for i, W in enumerate(weights, start=1):
         s: Small = {"W": np.array(W, copy=True), "theta_W": 0.0}
@@ -124,7 +123,8 @@ def _dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...]) -> dict:
+               n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...], *,
+               init_state: Callable[..., list[dict]]) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
     (a forward pass; every initial value is column-separable), written into slot 0 (block i's
     variables ``names[i - 1]``). Returns
@@ -132,12 +132,12 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     terms when dlADMM's output layer does not start on the forward output
     (``options.output_init="labels"``, at iteration 1's ``rho``)."""
     X, Y = get_data(ct, "X"), get_data(ct, "Y")
-    states = get_splitting(name).init_state(arch, weights, X, Y, options)
+    states = init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
         for var in names[i - 1]:
             put_live(ct, i, var, 0, st[var])
     out = states[-1]
-    obj = _loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
+    obj = loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
     if name == "dladmm" and options.output_init == "labels":
         r = out["z"] - weights[-1] @ augment(states[-2]["a"], arch.bias)
         obj += (float(np.sum(out["u"] * r)) + 0.5 * rho * float(np.sum(r * r))) / n
@@ -339,7 +339,7 @@ def pd_pass_c(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     if spec.is_output:
         Y = get_data(ct, "Y")
         z, nc = pd.update_z_output(spec.arch.loss, Y, Z, nu, z_o, opt.newton_max_iter)
-        obj = _loss_sum(spec.arch.loss, z, Y) / n
+        obj = loss_sum(spec.arch.loss, z, Y) / n
     else:
         q = get_live(ct, i, "q", w)
         c = q - p if spec.s else q
@@ -531,7 +531,7 @@ def dl_fwd_out(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sm
     put_live(ct, i, "u", w, u)
     r = z - Z
     rr = float(np.sum(r * r))
-    obj = _loss_sum(spec.arch.loss, z, Y) / spec.n + \
+    obj = loss_sum(spec.arch.loss, z, Y) / spec.n + \
         (float(np.sum(u * r)) + 0.5 * rho * rr) / spec.n
     return PassOut(stats=_stats(objective=obj, primal_sq=rr,
                                 dual_sq=float(np.sum((z - get_live(ct, i, "z", o)) ** 2)),

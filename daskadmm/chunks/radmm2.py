@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..model import Architecture
+from ..model import Architecture, loss_sum
 from ..splitting import BlockSpec, Penalties
 from ..splitting import radmm2 as r2
 from ..splitting.radmm3 import update_duals, update_preactivation, update_weights, weight_stats
@@ -49,7 +49,6 @@ from .common import (
     ChunkTask,
     PlanContext,
     Small,
-    _loss_sum,
     get_data,
     get_live,
     put_live,
@@ -372,7 +371,7 @@ def out_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     put_live(ct, N, "Lam", w, Lam)
     r = U - Z
     return TrialOut(stats={
-        "objective": _loss_sum(spec.arch.loss, U, Y) / spec.n + r2.output_constraint(
+        "objective": loss_sum(spec.arch.loss, U, Y) / spec.n + r2.output_constraint(
             spec, pen, Lam, r),
         "primal_sq": float(np.sum(r * r)), "capped": float(capped)})
 

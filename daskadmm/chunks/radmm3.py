@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..model import Architecture, augment, forward, loss_grad_n
+from ..model import Architecture, augment, forward, loss_grad_n, loss_sum
 from ..splitting import BlockSpec, Penalties, radmm3, radmm3a
 from .common import (
     Array,
@@ -46,7 +46,6 @@ from .common import (
     PlanContext,
     Small,
     StartContext,
-    _loss_sum,
     each_stats,
     get_data,
     get_live,
@@ -56,7 +55,6 @@ from .common import (
 )
 
 __all__ = [
-    "ALGORITHMS",
     "block_stats",
     "ChunkOut",
     "FAN_IN",
@@ -72,9 +70,6 @@ __all__ = [
     "update_chunk",
     "update_weights",
 ]
-
-
-ALGORITHMS = ("radmm3", "radmm3l", "radmm3a")
 
 
 FAN_IN = 4  # inputs of a node of the reduction tree of chunk statistics
@@ -131,7 +126,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
         put_live(ct, i, "U", 0, U[i - 1])
         put_live(ct, i, "Lam", 0, Lam)
         put_live(ct, i, "V", 0, V[i])
-    return {"objective": _loss_sum(arch.loss, U[-1], Y) / n}
+    return {"objective": loss_sum(arch.loss, U[-1], Y) / n}
 
 
 def _first_stats(Xt: Array, U: Array, Lam: Array, rho: float | None
@@ -170,83 +165,44 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
                  right_small: Small | None, name: str, rho_next: float | None, *order
                  ) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
-    ``name``, with the block's ``W`` of iteration k and (hidden blocks) the right neighbour's
-    of k-1 (``rho_next``: iteration k+1's rho, if known: for W_1's statistics; ``order``:
-    results of the tasks this one must run after; their values are not used).
+    ``name`` (:func:`daskadmm.splitting.radmm3.column_update`, as the reference calls it on
+    all the samples), with the block's ``W`` of iteration k and (hidden blocks) the right
+    neighbour's of k-1 (``rho_next``: iteration k+1's rho, if known: for W_1's statistics;
+    ``order``: results of the tasks this one must run after; their values are not used).
 
     Returns a :class:`ChunkOut`.
     """
     i = spec.i
-    W = small["W"]
-    W_right = None if right_small is None else right_small["W"]
     new, old = k % 2, (k - 1) % 2
-    gam = name == "radmm3a"
     Vleft = get_data(ct, "X") if i == 1 else get_live(ct, i - 1, "V", new)
-    Vt = augment(Vleft, spec.bias)
-    U0 = get_live(ct, i, "U", old)
-    Lam0 = get_live(ct, i, "Lam", old)
-    Z = W @ Vt
+    own = {v: get_live(ct, i, v, old) for v in ("U", "Lam")}
     Y = get_data(ct, "Y") if spec.is_output else None
-    c = None
-    V0 = Gam0 = None
-    sigma = None  # sigma(U) from the prox, reused by the V step and the objective
+    right = None
     if not spec.is_output:
-        V0 = get_live(ct, i, "V", old)
-        if gam:
-            Gam0 = get_live(ct, i, "Gam", old)
-            c = radmm3a.prox_target(spec, pen, V0, Vleft, Gam0)
-        else:
-            c = V0 - Vleft if spec.s else V0
-        sigma = np.empty(Z.shape, dtype=Z.dtype)
-    Za = radmm3a.relaxed_product(spec, Z, U0) if gam else Z  # Z itself unless over-relaxed
-    U, capped = radmm3.update_preactivation(spec, pen, U0, Za, Lam0, c, Y, sigma_out=sigma)
-    Lam = radmm3.update_duals(Lam0, U, Za, pen.rho)
-    r = U - Z
-    objective = (float(np.sum(Lam * r)) + 0.5 * pen.rho * float(np.sum(r * r))) / spec.n
-    if ct.c == 0:
-        objective += 0.5 * pen.lam * float(np.sum(W * W))
-    w_next = w_first = None
-    dual_sq = 0.0
-    put_live(ct, i, "U", new, U)
-    put_live(ct, i, "Lam", new, Lam)
-    if spec.is_output:
-        assert Y is not None
-        objective += _loss_sum(spec.arch.loss, U, Y) / spec.n
-    else:
-        assert V0 is not None and W_right is not None and sigma is not None  # hidden block
-        right = {"W": W_right,
+        own["V"] = get_live(ct, i, "V", old)
+        if name == "radmm3a":
+            own["Gam"] = get_live(ct, i, "Gam", old)
+        assert right_small is not None  # a hidden block has a right neighbour
+        right = {"W": right_small["W"],
                  "U": get_live(ct, i + 1, "U", old),
                  "Lam": get_live(ct, i + 1, "Lam", old)}
         if spec.s_next:
             right["V"] = get_live(ct, i + 1, "V", old)
-            if gam:
+            if name == "radmm3a":
                 right["Gam"] = get_live(ct, i + 1, "Gam", old)
-        sig = sigma
-        if Gam0 is not None:
-            sig = radmm3a.relaxed_activation(spec, sigma, V0, Vleft)
-            V = radmm3a.update_activation(spec, pen, V0, Vleft, U, Gam0, right, sigma_own=sig)
-        elif name == "radmm3l":
-            V = radmm3.update_activation_linearized(spec, pen, V0, Vleft, U, right,
-                                                    sigma_own=sigma)
-        else:
-            V = radmm3.update_activation(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
-        put_live(ct, i, "V", new, V)
-        dual_sq = float(np.sum((V - V0) ** 2))
-        p = V - sigma  # V_i - s_i V_{i-1} - sigma(U_i)
-        if spec.s:
-            p -= Vleft
-        objective += 0.5 * pen.beta * float(np.sum(p * p)) / spec.n
-        if Gam0 is not None:
-            pa = p if sig is sigma else radmm3a.activation_residual(spec, V, Vleft, U, sig)
-            Gam = radmm3a.update_multiplier(pen, Gam0, pa)
-            put_live(ct, i, "Gam", new, Gam)
-            objective += radmm3a.multiplier_objective(spec, Gam, p)
-        w_next = radmm3.weight_stats(augment(V, spec.bias), right["U"], right["Lam"], pen.rho)
+    pool = radmm3.Scratch(like=own["U"])
+    Vt = augment(Vleft, spec.bias)
+    out = radmm3.column_update(spec, pen, small["W"], own, Vleft, Vt, right, Y, variant=name,
+                               regulariser=ct.c == 0, pool=pool)
+    for v, a in out.state.items():
+        put_live(ct, i, v, new, a)
+    w_next = w_first = None
+    if right is not None:
+        w_next = radmm3.weight_stats(augment(out.state["V"], spec.bias), right["U"],
+                                     right["Lam"], pen.rho, pool)
     if i == 1:
-        w_first = _first_stats(Vt, U, Lam, rho_next)
-    stats = {"objective": objective, "primal_sq": float(np.sum(r * r)), "dual_sq": dual_sq,
-             "capped": float(capped)}
-    return ChunkOut(stats, w_next, w_first)
+        w_first = _first_stats(Vt, out.state["U"], out.state["Lam"], rho_next)
+    return ChunkOut(out.stats, w_next, w_first)
 
 
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:

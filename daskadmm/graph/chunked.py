@@ -1,9 +1,10 @@
 """The task graph of a window of ADMM iterations with the state in the chunked store (the
 Zarr-resident engine): wiring only.
 
-Every algorithm plugs in as an iteration plan (:data:`daskadmm.chunks.ENGINES`): it appends
-its chunk tasks, with the chunks each reads and writes, and its small tasks through a
-:class:`~daskadmm.chunks.common.PlanContext` that :func:`build_window` makes. The builder adds
+Every algorithm plugs in as an iteration plan (the ``plan`` of its record in
+:data:`daskadmm.algorithms.ALGORITHMS`): it appends its chunk tasks, with the chunks each reads
+and writes, and its small tasks through a :class:`~daskadmm.chunks.common.PlanContext` that
+:func:`build_window` makes. The builder adds
 the start (a forward pass per chunk, or a restore from a checkpoint), the statistics of each
 iteration, the evaluations and the checkpoint copies.
 
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-from ..chunks import ENGINES, state_vars
+from ..algorithms import ALGORITHMS
 from ..chunks.common import (
     Array,
     ChunkTask,
@@ -151,7 +152,7 @@ def _locs(c: int, *names: str) -> list[str]:
 GROUP = 4  # chunk outputs per statistics group (:func:`daskadmm.chunks.common.group_stats`)
 
 EAGER: frozenset[Callable] = frozenset({group_stats}).union(
-    *(eng.eager for eng in ENGINES.values()))
+    *(alg.plan.eager for alg in ALGORITHMS.values()))
 """The reductions submitted right after their inputs: the statistics groups and every
 algorithm's own (``ChunkAlgorithm.eager``)."""
 
@@ -324,7 +325,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     :func:`data_key`)."""
     from ..chunks.common import StartContext, restore_chunk
 
-    eng = ENGINES[name]
+    eng = ALGORITHMS[name].plan
     N = arch.depth
     k0 = 0 if restore is None else restore[0]
     assert not (flow and restore), "the dataflow backend has no checkpoints"
@@ -332,7 +333,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     hz = Hazards({}, flow)
     fl = _Flow(hz, N, run_id, nodes)
     init_keys: list[str] = []
-    block_vars = tuple(state_vars(name, arch, i) for i in range(1, N + 1))
+    block_vars = tuple(eng.state_vars(arch, i) for i in range(1, N + 1))
     cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
 
     def task(kk: str, block: int, fn, args: tuple, reads: Iterable[str] = ()) -> Ref:
@@ -464,7 +465,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         nxt = pens.get(k + 1)
         ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first,
                           None if nxt is None else nxt.rho)
-        sm_keys = ENGINES[name].plan(ctx, specs, pen, k, small)
+        sm_keys = ALGORITHMS[name].plan.plan(ctx, specs, pen, k, small)
         first = ctx.first
         # statistics: per layer, then one sum
         lstats = []
@@ -477,7 +478,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                 ins = [Ref(small_task("group_stats", i, group_stats,
                                       tuple(ins[j:j + GROUP]), tag=f"g{j // GROUP}"))
                        for j in range(0, len(ins), GROUP)]
-            nodes.append(Node(lk, ENGINES[name].stats,
+            nodes.append(Node(lk, ALGORITHMS[name].plan.stats,
                               (Ref(sm_keys[i]), *ins), block=i))
             lstats.append(Ref(lk))
             done.update({r.key: lk for r in parts[i]})
@@ -497,7 +498,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         if k in ckpt_slots:
             ck_keys[k] = []
             for i in range(1, N + 1):
-                names = state_vars(name, arch, i)
+                names = ALGORITHMS[name].plan.state_vars(arch, i)
                 for c, sl in enumerate(slices):
                     kk = f"checkpoint-b{i}-c{c}-k{k}-{run_id}"
                     order = hz.task(kk, [f"b{i}/{v}/{w}/c{c}" for v in names], ())

@@ -25,26 +25,22 @@ Nothing here imports dask, zarr or hydra.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
-from . import radmm2, radmm3, radmm3a
 from .base import BlockSpec, Options, Penalties
 
 __all__ = [
     "LEFT",
     "RIGHT",
     "SELF",
-    "SPLITTINGS",
     "BlockSpec",
     "Input",
     "Options",
     "Penalties",
     "Splitting",
     "Step",
-    "get_splitting",
+    "gauss_seidel",
     "select",
 ]
 
@@ -99,48 +95,8 @@ class Splitting:
     objective_left: str = "V"
 
 
-def _gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
+def gauss_seidel(name: str, fn: Callable) -> tuple[Step, ...]:
     """RADMM's one-step sweep: block i needs ``V_{i-1}`` of this iteration, block i+1's state
     of the previous one, and its own previous state."""
     return (Step(name, fn, (Input(SELF, name, 1), Input(LEFT, name, 0, "V"),
                             Input(RIGHT, name, 1))),)
-
-
-SPLITTINGS: dict[str, Splitting] = {
-    "radmm3": Splitting("radmm3", radmm3.init_state,
-                        _gauss_seidel("radmm3_block", radmm3.block_update),
-                        radmm3.block_objective),
-    "radmm3l": Splitting("radmm3l", radmm3.init_state,
-                         _gauss_seidel("radmm3l_block",
-                                       partial(radmm3.block_update, linearized=True)),
-                         radmm3.block_objective),
-    "radmm3a": Splitting("radmm3a", radmm3a.init_state,
-                         _gauss_seidel("radmm3a_block", radmm3a.block_update),
-                         radmm3a.block_objective),
-    "radmm2": Splitting("radmm2", radmm2.init_state,
-                        _gauss_seidel("radmm2_block", radmm2.block_update),
-                        radmm2.block_objective),
-}
-
-
-def register(splitting: Splitting) -> Splitting:
-    SPLITTINGS[splitting.name] = splitting
-    return splitting
-
-
-def get_splitting(name: str) -> Splitting:
-    if name not in SPLITTINGS and name.isidentifier():
-        # formulations in modules of their own register themselves on import. Only a module
-        # that does not exist means "unknown algorithm"; a module that exists but fails to
-        # import (a broken import inside it, a missing dependency) raises its own error.
-        module = f"{__name__}.{name}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    try:
-        return SPLITTINGS[name]
-    except KeyError:
-        raise ValueError(f"unknown ADMM algorithm {name!r} (known: {', '.join(SPLITTINGS)})") \
-            from None

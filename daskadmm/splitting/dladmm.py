@@ -109,7 +109,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_grad_n, loss_value
-from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
+from . import LEFT, RIGHT, SELF, Input, Splitting, Step
 from .base import BlockSpec, Options, Penalties, StepOut, lambda_max, prox_activation, prox_output
 
 __all__ = [
@@ -572,7 +572,7 @@ def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
     return states
 
 
-register(Splitting(
+SPLITTING = Splitting(
     "dladmm",
     init_state,
     (
@@ -590,4 +590,5 @@ register(Splitting(
     ),
     block_objective,
     objective_left="a",
-))
+)
+"""The serial iteration (the reference engine runs it)."""

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_value
-from . import LEFT, RIGHT, SELF, Input, Splitting, Step, register
+from . import LEFT, RIGHT, SELF, Input, Splitting, Step
 from .base import BlockSpec, Options, Penalties, StepOut, prox_activation, prox_output
 from .dladmm import (
     _plus_bias,
@@ -327,7 +327,7 @@ def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,
     return states
 
 
-register(Splitting(
+SPLITTING = Splitting(
     "pdadmm",
     init_state,
     # one task per layer and iteration; every input is of the previous iteration
@@ -337,4 +337,5 @@ register(Splitting(
            Input(RIGHT, "pdadmm_layer", 1, keys=("p", "u")))),),
     block_objective,
     objective_left="q",
-))
+)
+"""The serial iteration (the reference engine runs it)."""

@@ -13,14 +13,15 @@ the current iteration (its left neighbour) and block i+1's state of the previous
 right neighbour): :func:`block_update` takes exactly those.
 
 The update functions are split so that the sample-sized work can run per chunk of samples:
-``weight_stats`` (per chunk, summed), ``update_weights`` (d x d), then the per-column updates.
+``weight_stats`` (per chunk, summed), ``update_weights`` (d x d), then :func:`column_update`
+(every step after W, one sample at a time), which the reference and the chunked engine share.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..model import Architecture, forward, loss_grad_n, loss_value
+from ..model import Architecture, forward, loss_grad_n, loss_sum
 from .base import (
     BlockSpec,
     Options,
@@ -37,6 +38,7 @@ from .base import (
 __all__ = [
     "block_objective",
     "block_update",
+    "column_update",
     "init_state",
     "update_activation",
     "update_activation_linearized",
@@ -276,33 +278,36 @@ def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vlef
 
 def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
                     Y: Array | None, *, r: Array | None = None, r_sq: float | None = None,
-                    sigma_U: Array | None = None, pool: Scratch | None = None) -> float:
+                    p: Array | None = None, regulariser: bool = True,
+                    pool: Scratch | None = None) -> float:
     """Block i's share of L (in L units, not n-units): ``(lam/2)||W_i||^2``, the constraint
     terms of ``U_i = W_i V~_{i-1}``, the activation penalty of ``V_i`` (i < N), and the loss
-    (i = N). Summed over blocks this is L.
+    (i = N). Summed over blocks this is L. Every term but the regulariser is a sum over the
+    samples, so on a chunk of the samples (with ``n`` the whole set's) it is the chunk's share;
+    ``regulariser=False`` leaves ``(lam/2)||W_i||^2`` out (every chunk but the first).
 
     A caller that has them passes ``r = U_i - W_i V~_{i-1}`` (computed with the same product,
-    so the same numbers), ``r_sq = sum(r * r)`` and ``sigma_U = sigma(U_i)``; they are not
-    recomputed then (``sigma_U`` is overwritten)."""
+    so the same numbers), ``r_sq = sum(r * r)`` and ``p = V_i - s_i V_{i-1} - sigma(U_i)``;
+    they are not recomputed then (``p`` is overwritten)."""
     n = spec.n
     W, U, Lam = own["W"], own["U"], own["Lam"]
     if r is None:
         r = U - W @ spec.aug(Vleft)
     if r_sq is None:
         r_sq = float(np.sum(r * r))
-    total = 0.5 * pen.lam * float(np.sum(W * W))
+    total = 0.5 * pen.lam * float(np.sum(W * W)) if regulariser else 0.0
     work = np.multiply(Lam, r, out=_get(pool, r.shape, r))
     total += (float(np.sum(work)) + 0.5 * pen.rho * r_sq) / n
     if pool is not None:
         pool.put(work)
     if spec.is_output:
         assert Y is not None  # the output block is given the targets
-        total += loss_value(spec.arch.loss, U, Y)
+        total += loss_sum(spec.arch.loss, U, Y) / n
     else:
-        p = np.subtract(own["V"], spec.act.f(U) if sigma_U is None else sigma_U,
-                        out=_get(pool, U.shape, U) if sigma_U is None else sigma_U)
-        if spec.s:
-            p -= Vleft
+        if p is None:
+            p = np.subtract(own["V"], spec.act.f(U), out=_get(pool, U.shape, U))
+            if spec.s:
+                p -= Vleft
         p *= p
         total += 0.5 * pen.beta * float(np.sum(p)) / n
         if pool is not None:
@@ -310,10 +315,100 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     return total
 
 
+def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: Array,
+                  Vt: Array, right: State | None, Y: Array | None, *,
+                  variant: str = "radmm3", regulariser: bool = True,
+                  pool: Scratch | None = None) -> StepOut:
+    """Block i's steps after W (U, Lam, then V and, for RADMM-3A, Gam; i < N) on a set of
+    samples, with block i's new ``W``: every one of them acts on each sample (column) on its
+    own, so the serial reference calls this on all the samples (:func:`block_update`) and the
+    chunked engine on one chunk at a time (:mod:`daskadmm.chunks.radmm3`), the same operations
+    in the same order.
+
+    ``own``: block i's ``U``, ``Lam`` (and ``V``, ``Gam``) of iteration k on these samples;
+    ``Vleft``: ``V_{i-1}`` of iteration k+1 (X for i = 1) and ``Vt`` its augmented form
+    (:meth:`BlockSpec.aug`); ``right``: block i+1's ``W``, ``U``, ``Lam`` (and, when
+    ``s_{i+1} = 1``, ``V``, ``Gam``) of iteration k (None for i = N); ``Y``: the targets
+    (output block only). ``variant``: "radmm3" (exact steps), "radmm3l" (linearized V step;
+    W's is the caller's) or "radmm3a" (:mod:`~daskadmm.splitting.radmm3a`: the multiplier
+    ``Gam_i`` and over-relaxation). ``regulariser``: include ``(lam/2)||W_i||^2`` in the
+    objective (see :func:`block_objective`). ``pool``: where the temporaries come from.
+
+    Returns ``StepOut`` of the new ``U``, ``Lam`` (``V``, ``Gam``) and the statistics of
+    :func:`block_update` on these samples."""
+    from . import radmm3a  # RADMM-3A's pieces are built on this module's
+
+    gam = variant == "radmm3a"
+    U0, Lam0 = own["U"], own["Lam"]
+    Z = np.matmul(W, Vt, out=_get(pool, (W.shape[0], Vt.shape[1]), U0))
+    c = sigma = V0 = None
+    if not spec.is_output:
+        V0 = own["V"]
+        if gam:
+            c = radmm3a.prox_target(spec, pen, V0, Vleft, own["Gam"])
+        elif spec.s:
+            c = np.subtract(V0, Vleft, out=_get(pool, Z.shape, U0))
+        else:
+            c = V0
+        sigma = _get(pool, Z.shape, U0)  # sigma(U) from the prox, for the V step and p
+    Za = radmm3a.relaxed_product(spec, Z, U0) if gam else Z  # Z itself unless over-relaxed
+    U, capped = update_preactivation(spec, pen, U0, Za, Lam0, c, Y, sigma_out=sigma, pool=pool)
+    if pool is not None and c is not V0:
+        pool.put(c)
+    if Za is Z:
+        r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
+        Lam = update_duals(Lam0, U, Z, pen.rho, r=r, out=_get(pool, r.shape, U0))
+    else:
+        Lam = update_duals(Lam0, U, Za, pen.rho, out=_get(pool, Z.shape, U0))
+        r = np.subtract(U, Z, out=Z)
+    new: State = {"U": U, "Lam": Lam}
+    dual_sq = 0.0
+    p = None
+    mult = 0.0
+    if not spec.is_output:
+        assert right is not None and V0 is not None and sigma is not None  # a hidden block
+        sig = radmm3a.relaxed_activation(spec, sigma, V0, Vleft) if gam else sigma
+        if gam:
+            V = radmm3a.update_activation(spec, pen, V0, Vleft, U, own["Gam"], right,
+                                          sigma_own=sig, pool=pool)
+        elif variant == "radmm3l":
+            V = update_activation_linearized(spec, pen, V0, Vleft, U, right, sigma_own=sigma)
+        else:
+            V = update_activation(spec, pen, V0, Vleft, U, right, sigma_own=sigma, pool=pool)
+        new["V"] = V
+        dv = np.subtract(V, V0, out=_get(pool, V.shape, U0))
+        dv *= dv
+        dual_sq = float(np.sum(dv))
+        if pool is not None:
+            pool.put(dv)
+        p = np.subtract(V, sigma, out=sigma)  # V_i - s_i V_{i-1} - sigma(U_i)
+        if spec.s:
+            p -= Vleft
+        if gam:
+            pa = p if sig is sigma else radmm3a.activation_residual(spec, V, Vleft, U, sig)
+            new["Gam"] = radmm3a.update_multiplier(pen, own["Gam"], pa)
+            mult = radmm3a.multiplier_objective(spec, new["Gam"], p)
+    rr = np.multiply(r, r, out=_get(pool, r.shape, U0))
+    primal_sq = float(np.sum(rr))
+    if pool is not None:
+        pool.put(rr)
+    objective = block_objective(spec, pen, {"W": W, **new}, Vleft, Y, r=r, r_sq=primal_sq,
+                                p=p, regulariser=regulariser, pool=pool)
+    if gam and not spec.is_output:
+        objective += mult
+    if pool is not None:
+        pool.put(r)
+    stats = {"objective": objective, "primal_sq": primal_sq, "dual_sq": dual_sq,
+             "capped": float(capped)}
+    return StepOut(new, stats)
+
+
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
-                 right: State | None, Y: Array | None, *, linearized: bool = False
+                 right: State | None, Y: Array | None, *, variant: str = "radmm3"
                  ) -> StepOut:
-    """One iteration of block i: W, U, Lam, then V (i < N).
+    """One iteration of block i: W, then :func:`column_update` (U, Lam, then V for i < N;
+    RADMM-3A's ``Gam`` after V). ``variant``: "radmm3", "radmm3l" (linearized W and V steps)
+    or "radmm3a".
 
     ``own`` is block i's state at iteration k, ``Vleft`` is ``V_{i-1}`` at iteration k+1 (X
     for i = 1), ``right`` is block i+1's state at iteration k (None for i = N) and ``Y`` the
@@ -321,7 +416,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     share of L at the new point), ``primal_sq`` (``||U_i - W_i V~_{i-1}||^2``), ``dual_sq``
     (``||V_i^{k+1} - V_i^k||^2``) and ``capped`` (inner solves that hit their cap).
     """
-    pool = Scratch(like=own["U"])  # the temporaries below reuse a few arrays
+    pool = Scratch(like=own["U"])  # the temporaries reuse a few arrays
     if spec.bias:  # V~ = [V; 1^T]
         Vt = pool.get((Vleft.shape[0] + 1, Vleft.shape[1]))
         Vt[:-1] = Vleft
@@ -329,48 +424,10 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     else:
         Vt = Vleft
     G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho, pool)
-    step_w = update_weights_linearized if linearized else update_weights
+    step_w = update_weights_linearized if variant == "radmm3l" else update_weights
     W = step_w(own["W"], G, B, pen, spec.n)
-    Z = np.matmul(W, Vt, out=pool.get((W.shape[0], Vt.shape[1])))
-    if Vt is not Vleft:
-        pool.put(Vt)
-    c = None
-    sigma = None
-    if not spec.is_output:
-        c = np.subtract(own["V"], Vleft, out=pool.get(Z.shape)) if spec.s else own["V"]
-        sigma = pool.get(Z.shape)
-    U, capped = update_preactivation(spec, pen, own["U"], Z, own["Lam"], c, Y, sigma_out=sigma,
-                                     pool=pool)
-    if spec.s:
-        pool.put(c)
-    r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
-    Lam = update_duals(own["Lam"], U, Z, pen.rho, r=r, out=pool.get(r.shape))
-    new: State = {"W": W, "U": U, "Lam": Lam}
-    dual_sq = 0.0
-    if not spec.is_output:
-        assert right is not None  # every block but the output one has a right neighbour
-        if linearized:
-            V = update_activation_linearized(spec, pen, own["V"], Vleft, U, right,
-                                             sigma_own=sigma)
-        else:
-            V = update_activation(spec, pen, own["V"], Vleft, U, right, sigma_own=sigma,
-                                  pool=pool)
-        new["V"] = V
-        dv = np.subtract(V, own["V"], out=pool.get(V.shape))
-        dv *= dv
-        dual_sq = float(np.sum(dv))
-        pool.put(dv)
-    rr = np.multiply(r, r, out=pool.get(r.shape))
-    primal_sq = float(np.sum(rr))
-    pool.put(rr)
-    stats = {
-        "objective": block_objective(spec, pen, new, Vleft, Y, r=r, r_sq=primal_sq,
-                                     sigma_U=sigma, pool=pool),
-        "primal_sq": primal_sq,
-        "dual_sq": dual_sq,
-        "capped": float(capped),
-    }
-    return StepOut(new, stats)
+    out = column_update(spec, pen, W, own, Vleft, Vt, right, Y, variant=variant, pool=pool)
+    return StepOut({"W": W, **out.state}, out.stats)
 
 
 def init_state(arch: Architecture, weights: list[Array], X: Array, Y: Array,

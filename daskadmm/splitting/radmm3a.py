@@ -179,19 +179,22 @@ def prox_target(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Gam: Ar
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U: Array,
-                      Gam: Array, right: State, sigma_own: Array | None = None) -> Array:
+                      Gam: Array, right: State, sigma_own: Array | None = None,
+                      pool: radmm3.Scratch | None = None) -> Array:
     """Exact V step (i < N): RADMM-3's (:func:`daskadmm.splitting.radmm3.update_activation`)
     with ``- Gam_i + s' Gam_{i+1}`` on the right-hand side. ``right``: block i+1's ``W``, ``U``,
     ``Lam`` and, when ``s' = 1``, ``V`` and ``Gam`` (previous iteration); ``sigma_own``:
-    ``sigma(U_i)`` if already computed."""
-    A, rhs, _ = radmm3._activation_rhs(spec, pen, Vleft, U, right, sigma_own)
+    ``sigma(U_i)`` if already computed; ``pool``: where the work arrays come from."""
+    A, rhs, work = radmm3._activation_rhs(spec, pen, Vleft, U, right, sigma_own, pool)
     rhs -= Gam
     if spec.s_next:
         rhs += right["Gam"]
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-    rhs += pen.tau * V
-    return spd_solve(M, rhs)
+    rhs += np.multiply(V, pen.tau, out=work)
+    if pool is not None:
+        pool.put(work)
+    return spd_solve(M, rhs, overwrite_r=True)
 
 
 def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
@@ -202,33 +205,7 @@ def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
                  right: State | None, Y: Array | None) -> StepOut:
-    """One iteration of block i: W, U, Lam, V, then Gam (i < N). Inputs and statistics as in
-    :func:`daskadmm.splitting.radmm3.block_update`."""
-    Vt = spec.aug(Vleft)
-    G, B = radmm3.weight_stats(Vt, own["U"], own["Lam"], pen.rho)
-    W = radmm3.update_weights(own["W"], G, B, pen, spec.n)
-    Z = W @ Vt
-    c = None
-    if not spec.is_output:
-        c = prox_target(spec, pen, own["V"], Vleft, own["Gam"])
-    Za = relaxed_product(spec, Z, own["U"])
-    U, capped = radmm3.update_preactivation(spec, pen, own["U"], Za, own["Lam"], c, Y)
-    Lam = radmm3.update_duals(own["Lam"], U, Za, pen.rho)
-    new: State = {"W": W, "U": U, "Lam": Lam}
-    dual_sq = 0.0
-    if not spec.is_output:
-        assert right is not None  # every hidden block has a right neighbour
-        sig = relaxed_activation(spec, spec.act.f(U), own["V"], Vleft)
-        V = update_activation(spec, pen, own["V"], Vleft, U, own["Gam"], right, sigma_own=sig)
-        new["V"] = V
-        new["Gam"] = update_multiplier(pen, own["Gam"],
-                                       activation_residual(spec, V, Vleft, U, sigma_U=sig))
-        dual_sq = float(np.sum((V - own["V"]) ** 2))
-    r = U - Z
-    stats = {
-        "objective": block_objective(spec, pen, new, Vleft, Y),
-        "primal_sq": float(np.sum(r * r)),
-        "dual_sq": dual_sq,
-        "capped": float(capped),
-    }
-    return StepOut(new, stats)
+    """One iteration of block i: W, U, Lam, V, then Gam (i < N):
+    :func:`daskadmm.splitting.radmm3.block_update` with ``variant="radmm3a"``, whose
+    :func:`~daskadmm.splitting.radmm3.column_update` calls the functions above."""
+    return radmm3.block_update(spec, pen, own, Vleft, right, Y, variant="radmm3a")
