@@ -28,8 +28,8 @@ from suite_common import write_results
 from suite_flops import radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
-from daskadmm import reference
 from daskadmm.algorithms import get_algorithm
+from daskadmm.engines import reference
 
 
 def _cast(outs, dtype):

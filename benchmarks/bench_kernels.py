@@ -47,8 +47,8 @@ from suite_common import write_results
 from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
-from daskadmm import reference
 from daskadmm.algorithms import get_algorithm
+from daskadmm.engines import reference
 from daskadmm.model import Architecture, init_weights, loss_value
 from daskadmm.splitting import BlockSpec, Options, Penalties, radmm3
 from daskadmm.splitting.base import prox_activation, prox_output

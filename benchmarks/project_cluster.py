@@ -393,7 +393,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     specs = [BlockSpec(arch, i, prob.n) for i in range(1, prob.depth + 1)]
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=1e-2)
     rid, N = run_id, prob.depth
-    # the runner's start for a fresh store (runner._Ctx.start_nodes; the weights are not
+    # the runner's start for a fresh store (engines.driver._Ctx.start_nodes; the weights are not
     # needed to replay it)
     nodes, prev, init_keys = chunk_graph.start_nodes(ALGORITHM, arch, url, slices, rid, None,
                                                      prob.n, None, Options(), pen.rho,

@@ -173,8 +173,8 @@ def profile_iteration(depth: int, width: int, n: int, top: int = 12) -> dict[str
     ds = synthetic_problem(n)
     cfg = make_config("radmm3", depth=depth, width=width, activation="relu", iterations=2,
                       eval_every=2)
+    from daskadmm.engines.reference import initial_outputs, sweep
     from daskadmm.model import init_weights
-    from daskadmm.reference import initial_outputs, sweep
     from daskadmm.splitting import BlockSpec
 
     arch = api.build_architecture(cfg, ds)

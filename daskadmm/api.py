@@ -129,7 +129,7 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         from .lazy import materialise
 
         if client is None:
-            from .runner import current_client
+            from .engines.cluster import current_client
 
             client = current_client() if cfg.cluster.kind in ("local", "address") else None
         ds = materialise(ds, client)
@@ -139,9 +139,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         ds = with_dtype(ds, np.dtype(cfg.run.dtype))
     engine_note = None
     asked = cfg  # the configuration as given (what the stored model records)
-    if cfg.cluster.kind == "local" and not lazy_arrays(ds):  # (no runner import otherwise)
+    if cfg.cluster.kind == "local" and not lazy_arrays(ds):  # (no engine import otherwise)
         from .config import state_bytes
-        from .runner import in_process_reason, say
+        from .engines.cluster import in_process_reason, say
 
         engine_note = in_process_reason(engine_options(cfg), state_bytes(cfg, ds.n_train),
                                         client)
@@ -189,17 +189,17 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                           relax=a.relax)
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
-            from .reference import solve
+            from .engines.reference import solve
 
             result = solve(algorithm.splitting, arch, ds.X_train, ds.Y_train, weights0, schedule,
                            monitor, options)
         elif cfg.storage.state == "zarr":
-            from .runner import run_zarr
+            from .engines.driver import run_zarr
 
             result = run_zarr(engine_options(cfg), algorithm, arch, ds, weights0, schedule,
                               monitor, options, run_dir=run_dir, client=client)
         else:
-            from .runner import run_dask
+            from .engines.driver import run_dask
 
             result = run_dask(engine_options(cfg), algorithm, arch, ds, weights0, schedule,
                               monitor, options, run_dir=run_dir, client=client)

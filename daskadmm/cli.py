@@ -319,9 +319,9 @@ def _preflight(args: Any) -> list[Config]:
 
 def _check_stores(configs: list[Config]) -> None:
     """Refuse, before anything is written, a ``storage.url`` a job may not use (see
-    :func:`daskadmm.runner.preflight_store`), and one store shared by several jobs."""
+    :func:`daskadmm.engines.driver.preflight_store`), and one store shared by several jobs."""
     from . import api
-    from .runner import preflight_store
+    from .engines.driver import preflight_store
 
     seen: dict[str, int] = {}
     for num, cfg in enumerate(configs):
@@ -340,11 +340,11 @@ def _check_stores(configs: list[Config]) -> None:
 def _shared_cluster(args: Any, configs: list[Config]):
     """A multirun whose jobs use ``cluster=local`` shares one LocalCluster (started here, once,
     with the first such job's settings) instead of starting one per job; jobs that run in
-    process (small ADMM problems, see :func:`daskadmm.runner.in_process_reason`) or need no
+    process (small ADMM problems, see :func:`daskadmm.engines.cluster.in_process_reason`) or need no
     cluster (the backprop baselines) do not count."""
     from . import api
     from .config import ADMM_ALGORITHMS, state_bytes
-    from .runner import SharedCluster, in_process_reason
+    from .engines.cluster import SharedCluster, in_process_reason
 
     local = [c.cluster for c in configs if c.cluster.kind == "local"
              and c.algorithm.name in ADMM_ALGORITHMS  # the baselines use no cluster
@@ -495,7 +495,7 @@ def _task(dcfg: DictConfig) -> None:
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if cfg.cluster.kind in ("local", "address"):
-        from .runner import set_up_library_logging
+        from .engines.cluster import set_up_library_logging
 
         set_up_library_logging()  # distributed's loggers exist now; redirected next
     _library_logs_to_job_log()

@@ -1,7 +1,7 @@
 """What the Dask engines read of a run's configuration: :class:`EngineOptions`.
 
 Only :func:`daskadmm.api.fit` (and the CLI's checks) read the whole
-:class:`~daskadmm.config.Config`; they hand the engines in :mod:`daskadmm.runner` this small,
+:class:`~daskadmm.config.Config`; they hand the engines in :mod:`daskadmm.engines` this small,
 typed object instead (built by :func:`daskadmm.api.engine_options`).
 """
 

@@ -216,7 +216,7 @@ class _ADMMEstimator(BaseEstimator):
             raise ValueError(f"cluster must be a string, got {where!r}")
         if where == "auto":
             if client is None:
-                from .runner import current_client
+                from .engines.cluster import current_client
 
                 client = current_client()
             c.kind = "local" if client is not None else "reference"

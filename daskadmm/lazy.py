@@ -10,7 +10,7 @@ digest, CRC-32 for the resume check) computed from the same chunk. Only small ve
 sums, per-chunk fingerprints) travel to the client. The in-memory engines need the data in
 memory; for them :func:`materialise` reads it (the result says so).
 
-This module and :mod:`daskadmm.runner` are the package's only Dask importers.
+This module and :mod:`daskadmm.engines` are the package's only Dask importers.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from support import load_benchmark
 
 from daskadmm import api
 from daskadmm.algorithms import get_algorithm
+from daskadmm.engines.reference import initial_outputs, sweep
 from daskadmm.model import Architecture, init_weights
-from daskadmm.reference import initial_outputs, sweep
 from daskadmm.splitting import BlockSpec, Penalties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -461,7 +461,7 @@ def test_engine_graph_is_the_runners():
     the script's Dask callback), and the runner's placement."""
     from types import SimpleNamespace
 
-    from daskadmm.runner import _Ctx
+    from daskadmm.engines.driver import _Ctx
 
     prob = project.Problem(depth=5, width=6, n=50, chunks=3, d_in=4, d_out=3)
     ds = project.synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=10)

@@ -255,7 +255,7 @@ def test_small_local_run_goes_in_process_and_says_so(tmp_path):
                                     "memory_limit", "baseline"])
 def test_in_process_only_where_nothing_asks_for_the_cluster(change):
     from daskadmm.config import state_bytes
-    from daskadmm.runner import in_process_reason
+    from daskadmm.engines.cluster import in_process_reason
 
     cfg, ds = _problem()
     cfg.cluster.kind = "local"
@@ -335,7 +335,7 @@ def test_mlp_algorithms_on_process_cluster_bitwise(local_cluster, algorithm):
 def test_tasks_get_aligned_arrays():
     # a worker deserialises arrays at any byte offset in its network frames; numpy multiplies
     # unaligned arrays without BLAS (other rounding), so tasks run on aligned copies
-    from daskadmm.runner import _aligned, _call_aligned
+    from daskadmm.engines.executors import _aligned, _call_aligned
 
     X = np.random.default_rng(0).standard_normal((10, 128))
     buf = np.empty(X.nbytes + 16, dtype=np.uint8)
@@ -357,7 +357,7 @@ def test_local_cluster_workers_start_with_default_malloc_and_pinned_blas(monkeyp
     from distributed import Client
 
     from daskadmm.config import ClusterConfig
-    from daskadmm.runner import _start_local_cluster
+    from daskadmm.engines.cluster import _start_local_cluster
 
     def worker_env(**kw):
         with _start_local_cluster(ClusterConfig(n_workers=1, blas_threads=1,
@@ -412,7 +412,7 @@ def test_lost_workers_are_recomputed_to_the_same_bits(tmp_path, state):
 def test_the_size_probe_warning_is_dropped_and_nothing_else():
     import logging
 
-    from daskadmm.runner import _quiet_sizeof_probe
+    from daskadmm.engines.cluster import _quiet_sizeof_probe
 
     _quiet_sizeof_probe()
     _quiet_sizeof_probe()  # idempotent
@@ -455,7 +455,7 @@ def test_local_schedulers_record_window_arrivals(state):
 
 
 def test_stream_summary_counts_the_run_s_tasks_and_how_busy_the_workers_were():
-    from daskadmm.runner import _stream_summary
+    from daskadmm.engines.executors import _stream_summary
 
     def rec(key, *spans):
         return {"key": key, "startstops": [{"action": a, "start": s, "stop": e}

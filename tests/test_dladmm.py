@@ -25,9 +25,9 @@ from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig, RunConfig, variant_config
 from daskadmm.data import load_dataset
+from daskadmm.engines.reference import initial_objective, solve
 from daskadmm.model import Architecture, get_activation, init_weights
 from daskadmm.monitor import Monitor
-from daskadmm.reference import initial_objective, solve
 from daskadmm.schedules import PenaltySchedule
 from daskadmm.splitting import LEFT, RIGHT, SELF, Input
 from daskadmm.splitting import dladmm as dl

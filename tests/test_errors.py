@@ -14,7 +14,7 @@ WHERE = [
     ("ConfigError", "daskadmm.config", ValueError),
     ("DataError", "daskadmm.data", ValueError),
     ("StoreError", "daskadmm.storage", RuntimeError),
-    ("ClusterError", "daskadmm.runner", RuntimeError),
+    ("ClusterError", "daskadmm.engines.driver", RuntimeError),
     ("TorchMissingError", "daskadmm.baseline", ImportError),
     ("UsageError", "daskadmm.cli", Exception),
     ("ReportError", "daskadmm.report", Exception),

@@ -182,7 +182,7 @@ def user_client():
 
 
 def _no_new_cluster(monkeypatch):
-    from daskadmm import runner
+    from daskadmm.engines import cluster as runner
 
     def refuse(*a, **k):
         raise AssertionError("a second cluster was started")

@@ -10,9 +10,9 @@ import pytest
 from daskadmm import Config, api
 from daskadmm.algorithms import get_algorithm
 from daskadmm.config import ADMM_ALGORITHMS, ConfigError, validate
+from daskadmm.engines.reference import solve
 from daskadmm.model import init_weights
 from daskadmm.monitor import Monitor
-from daskadmm.reference import solve
 from daskadmm.schedules import PenaltySchedule
 from daskadmm.splitting import Options
 from daskadmm.storage import StateStore

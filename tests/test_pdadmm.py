@@ -19,9 +19,9 @@ from threadpoolctl import threadpool_limits
 from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
+from daskadmm.engines.reference import initial_objective, solve
 from daskadmm.model import get_activation
 from daskadmm.monitor import Monitor
-from daskadmm.reference import initial_objective, solve
 from daskadmm.schedules import PenaltySchedule
 from daskadmm.splitting import LEFT, RIGHT, SELF, Input
 from daskadmm.splitting import pdadmm as pd

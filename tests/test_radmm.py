@@ -37,10 +37,10 @@ from helpers import (
 )
 from threadpoolctl import threadpool_limits
 
-from daskadmm import reference
 from daskadmm.algorithms import get_algorithm
 from daskadmm.api import schedule_options
 from daskadmm.config import AlgorithmConfig
+from daskadmm.engines import reference
 from daskadmm.model import Architecture, init_weights
 from daskadmm.monitor import IterationStats, Monitor
 from daskadmm.schedules import PenaltySchedule

@@ -38,10 +38,11 @@ from helpers import (
 from support import chunked_window, replace_sections
 from threadpoolctl import threadpool_limits
 
-from daskadmm import api, reference
+from daskadmm import api
 from daskadmm.algorithms import get_algorithm
 from daskadmm.config import from_mapping
 from daskadmm.data import load_dataset
+from daskadmm.engines import reference
 from daskadmm.errors import StoreError
 from daskadmm.graph import critical_path_length
 from daskadmm.model import Architecture, init_weights

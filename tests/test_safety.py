@@ -311,7 +311,7 @@ def test_store_without_checkpoint_resumes_from_zero(tmp_path, ready):
     url = str(tmp_path / "s.zarr")
     # what a run killed before its first checkpoint leaves: created (maybe not even "ready")
     from daskadmm.algorithms import get_algorithm
-    from daskadmm.runner import _data_arrays, _store_meta
+    from daskadmm.engines.driver import _data_arrays, _store_meta
     from daskadmm.storage import chunk_slices, data_digest
 
     arch = api.build_architecture(cfg, ds)

@@ -3,10 +3,11 @@
 A :class:`Splitting` describes one iteration as an ordered tuple of :class:`Step` s. Each step
 runs one task per block; a task's inputs are named by :class:`Input` s: which block (self, left or
 right neighbour), which step produced the value, and from which iteration (``lag`` 0: the
-current one, 1: the previous one). The serial reference (:mod:`daskadmm.reference`) executes the
-steps in order, blocks ascending or descending. The Dask engines run each algorithm's chunk plan
-(:mod:`daskadmm.chunks`), whose tasks call the same update functions on a chunk of the samples
-(with one chunk: the same products in the same order, so the same bits).
+current one, 1: the previous one). The serial reference (:mod:`daskadmm.engines.reference`)
+executes the steps in order, blocks ascending or descending. The Dask engine runs each
+algorithm's chunk plan (:mod:`daskadmm.chunks`), whose tasks call the same update functions on a
+chunk of the samples (with one chunk: the same products in the same order, so the same bits).
+Each algorithm's record (its splitting and its chunk plan) is in :mod:`daskadmm.algorithms`.
 
 Every task function has the signature ``fn(spec, pen, *inputs, Y=None) -> StepOut(state,
 stats)`` (:class:`~daskadmm.splitting.base.StepOut`):

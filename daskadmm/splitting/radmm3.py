@@ -249,6 +249,13 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
               + A^T (rho (U_{i+1} - b 1^T) + Lam_{i+1}) + tau V^k
     """
     A, rhs, work = _activation_rhs(spec, pen, Vleft, Uown, right, sigma_own, pool)
+    return solve_activation(spec, pen, A, rhs, work, V, pool)
+
+
+def solve_activation(spec: BlockSpec, pen: Penalties, A: Array, rhs: Array, work: Array,
+                     V: Array, pool: Scratch | None = None) -> Array:
+    """The exact V step's solve: ``[(beta (1 + s') + tau) I + rho A^T A] V+ = rhs + tau V``
+    (``rhs``, ``work``: from :func:`_activation_rhs`, both overwritten)."""
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
     rhs += np.multiply(V, pen.tau, out=work)

@@ -78,7 +78,7 @@ import numpy as np
 
 from ..model import Architecture
 from . import radmm3
-from .base import BlockSpec, Options, Penalties, StepOut, spd_solve
+from .base import BlockSpec, Options, Penalties, StepOut
 
 __all__ = [
     "GAMMA_STEP",
@@ -189,12 +189,7 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
     rhs -= Gam
     if spec.s_next:
         rhs += right["Gam"]
-    M = pen.rho * (A.T @ A)
-    M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-    rhs += np.multiply(V, pen.tau, out=work)
-    if pool is not None:
-        pool.put(work)
-    return spd_solve(M, rhs, overwrite_r=True)
+    return radmm3.solve_activation(spec, pen, A, rhs, work, V, pool)
 
 
 def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:

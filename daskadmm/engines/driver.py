@@ -15,7 +15,7 @@ blocks and iterations. Block b is pinned to worker ``(b-1) * workers // N`` (con
 so neighbour data crosses workers only at range boundaries. The synchronous and threaded
 schedulers have no futures: the same driver loop hands them the tasks of ``run.window``
 iterations, which run as one dict graph when the first of their results is asked for
-(:class:`_LocalExecutor`; on a cluster, :class:`_ClusterExecutor`).
+(:class:`.executors._LocalExecutor`; on a cluster, :class:`.executors._ClusterExecutor`).
 
 Both state backends run the same tasks from one graph builder (:mod:`.graph.chunked`) and one
 driver (:meth:`_Ctx._attempt`): ``storage.state=zarr`` keeps every sample-sized variable in a
@@ -29,11 +29,8 @@ iterations submitted speculatively past a stop are cancelled and discarded.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import sys
 import time
 import uuid
 from collections import deque
@@ -42,279 +39,49 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ADMM_ALGORITHMS, ClusterConfig
-from .data import Dataset, lazy_arrays
-from .engine_options import EngineOptions
-from .errors import ClusterError
-from .graph import (
-    Node,
-    Ref,
-    default_window,
-    to_dask_graph,
-)
-from .model import Architecture
-from .monitor import Monitor
-from .result import Result
-from .schedules import PenaltySchedule
-from .splitting import BlockSpec, Options
-from .storage import StoreRef
+from ..config import ADMM_ALGORITHMS
+from ..data import Dataset, lazy_arrays
+from ..engine_options import EngineOptions
+from ..errors import ClusterError
+from ..graph import Node, default_window
+from ..model import Architecture
+from ..monitor import Monitor
+from ..result import Result
+from ..schedules import PenaltySchedule
+from ..splitting import BlockSpec, Options
+from ..storage import StoreRef
 
 if TYPE_CHECKING:
-    from .algorithms import Algorithm
-    from .storage import StateStore
+    from ..algorithms import Algorithm
+    from ..storage import StateStore
 
-__all__ = ["ClusterError", "SharedCluster", "connect", "run_dask"]
+from .cluster import client_is_local, connect, resolve_client, say
+from .executors import (
+    MAX_RECOVERIES,
+    _call_aligned,
+    _ClusterExecutor,
+    _decode_array,
+    _encode_array,
+    _executing_on_workers,
+    _Executor,
+    _LocalExecutor,
+    _lost_scheduler_message,
+    _lost_worker_message,
+    _optional,
+    _resolve,
+    _scheduler_lost,
+    _stream_summary,
+    _tasks_alive,
+    _tasks_wanted,
+    _wait_for_workers,
+    _worker_ids,
+    _WorkerLost,
+    _write_task_stream,
+)
+
+__all__ = ["preflight_store", "run_dask", "run_zarr", "store_url"]
 
 log = logging.getLogger(__name__)
-
-# A cluster shared by every job of a Hydra multirun (set by the CLI's callback).
-_SHARED: dict[str, Any] = {}
-
-
-class SharedCluster:
-    """Start one LocalCluster and let every ``run_dask`` with ``cluster.kind=local`` in this
-    process use it (Hydra multirun jobs run one after another in one process)."""
-
-    def __init__(self, ccfg: ClusterConfig):
-        self.ccfg = ccfg
-        self.cluster: Any = None  # a distributed.LocalCluster while entered
-
-    def __enter__(self) -> SharedCluster:
-        self.cluster = _start_local_cluster(self.ccfg)
-        _SHARED["address"] = self.cluster.scheduler_address
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _SHARED.clear()
-        if self.cluster is not None:
-            self.cluster.close()
-            self.cluster = None
-
-
-def set_up_library_logging() -> None:
-    """Import distributed, which sets up its loggers (and their terminal handlers) on import,
-    so that a caller can redirect them before a cluster starts."""
-    import distributed  # noqa: F401
-
-
-def say(message: str) -> None:
-    """One line for the user on stderr, written around a progress bar (tqdm's write), not
-    into it."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(message, file=sys.stderr)
-    sys.stderr.flush()
-
-
-def _prepare_worker(blas_threads: int) -> None:
-    """Run on every worker at the start: ``blas_threads`` BLAS threads, and distributed's
-    size-probe warning filtered (:class:`_SizeofProbeFilter`)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=blas_threads, user_api="blas")
-    _quiet_sizeof_probe()
-
-
-class _SizeofProbeFilter(logging.Filter):
-    """Drops distributed's warning that it could not measure a message before sending it
-    ("Sizeof calculation ... failed. Defaulting to -1 B"): the comm layer probes each message's
-    size to decide whether to serialise it off the event loop, and the deeply nested profile
-    trees the performance report collects from the workers exceed dask.sizeof's recursion
-    limit. The message is sent all the same (serialised off the loop); nothing is wrong."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Defaulting to -1 B" not in record.getMessage()
-
-
-def _quiet_sizeof_probe() -> None:
-    logger = logging.getLogger("distributed.sizeof")
-    if not any(isinstance(f, _SizeofProbeFilter) for f in logger.filters):
-        logger.addFilter(_SizeofProbeFilter())
-
-
-def _start_local_cluster(ccfg: ClusterConfig):
-    import dask
-    from distributed import LocalCluster
-
-    env = {k: str(ccfg.blas_threads) for k in
-           ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    dash = ccfg.dashboard_address or None
-    # Set before the worker processes start (glibc and OpenBLAS read them at start-up).
-    # distributed sets MALLOC_TRIM_THRESHOLD_=65536 for its workers, which also pins glibc's
-    # mmap threshold at 128 KiB: then every n-sized temporary is a fresh mmap whose pages fault
-    # in, and the same block update ran 1.4-1.6x slower in a worker than in the driver
-    # (measured). Unset, glibc adapts its thresholds as in any Python process, at the price of
-    # keeping some freed memory: with an explicit cluster.memory_limit (out-of-core runs) the
-    # workers keep distributed's setting.
-    # A nanny also writes its pre-spawn variables into this process's environment, so an
-    # earlier cluster in this process leaves distributed's value behind: drop that one too.
-    trim = "MALLOC_TRIM_THRESHOLD_"
-    spawn: dict[str, str | None] = {f"distributed.nanny.pre-spawn-environ.{k}": v
-                                    for k, v in env.items()}
-    if ccfg.memory_limit in ("auto", None):
-        inherited = os.environ.get(trim)
-        default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
-        if inherited is not None and inherited == str(default):
-            del os.environ[trim]
-        spawn[f"distributed.nanny.pre-spawn-environ.{trim}"] = None
-    with dask.config.set(spawn):
-        return LocalCluster(
-            n_workers=ccfg.n_workers,
-            threads_per_worker=ccfg.threads_per_worker,
-            processes=True,
-            memory_limit=ccfg.memory_limit,
-            dashboard_address=dash,
-            host="127.0.0.1",
-            env=env,
-            silence_logs=logging.WARNING,
-        )
-
-
-def current_client():
-    """The active ``distributed.Client`` of this process (``Client.current()``), or None."""
-    try:
-        from distributed import Client
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return None
-    try:
-        client = Client.current(allow_global=True)
-    except ValueError:
-        return None
-    return client if client.status == "running" else None
-
-
-def resolve_client(ccfg: ClusterConfig, client=None):
-    """The client a run uses without starting a cluster: ``client`` if given, else, for
-    ``cluster.kind=local``, the active client of this process (a notebook's ``Client()``);
-    None: the run starts its own cluster (or connects to ``cluster.address``)."""
-    if client is not None:
-        if getattr(client, "status", None) != "running":
-            raise ConnectionError(f"the Dask client passed to fit is not running (status "
-                                  f"{getattr(client, 'status', '?')!r})")
-        return client
-    if ccfg.kind == "local" and not _SHARED.get("address"):
-        return current_client()
-    return None
-
-
-def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | None:
-    """Why a ``cluster.kind=local`` run goes in-process instead (None: it starts or joins a
-    LocalCluster). A small problem runs faster on Dask's threaded scheduler in this process,
-    with its state in memory, than on worker processes: they add start-up (seconds), a copy of
-    every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
-    than the math. It applies only to the ADMM algorithms (the backprop baselines use no
-    cluster), and only where nothing else asks for the cluster or the Zarr store: no
-    client given or active, no checkpoints, no resume, no ``storage.url``, no
-    ``storage.keep_state``, ``chunk_size``, ``compressor`` or ``cluster.memory_limit`` set, and an
-    ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
-    c, s = opts.cluster, opts.storage
-    if c.kind != "local" or opts.algorithm not in ADMM_ALGORITHMS or c.in_process_mb <= 0 or \
-            state > c.in_process_mb * 2**20:
-        return None
-    if client is not None or current_client() is not None:
-        return None
-    if opts.checkpoint_every or opts.resume or s.url or s.keep_state or s.chunk_size or \
-            s.compressor != "none" or c.memory_limit != "auto":
-        return None
-    return (f"small problem (ADMM state {state / 2**20:.1f} MiB <= cluster.in_process_mb="
-            f"{c.in_process_mb:g}): running in this process on Dask's threaded scheduler "
-            f"({c.n_workers * c.threads_per_worker} threads, state in memory), no LocalCluster "
-            f"and no dashboard; cluster.in_process_mb=0 starts the LocalCluster")
-
-
-def client_is_local(client) -> bool:
-    """Whether every worker of ``client`` runs on this machine (so they share its disk)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
-    with contextlib.suppress(OSError):
-        here.add(socket.gethostbyname(socket.gethostname()))
-    with contextlib.suppress(Exception):
-        from distributed.utils import get_ip
-
-        here.add(get_ip())
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    for address in workers:
-        if address.startswith("inproc://"):
-            continue
-        host = urlsplit(address).hostname
-        if host not in here:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def connect(ccfg: ClusterConfig, client=None):
-    """Yield a distributed ``Client`` for ``cluster.kind`` local or address.
-
-    With ``client`` (the caller's own, see :func:`resolve_client`) no cluster is started and
-    the client is left open at the end: it belongs to the caller."""
-    from distributed import Client
-
-    _quiet_sizeof_probe()
-    owned = client is None  # a caller's client is used as it is and left open
-    cluster = None
-    if client is None:
-        if ccfg.kind == "address":
-            try:
-                client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
-            except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
-                raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
-                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
-        elif _SHARED.get("address"):
-            client = Client(_SHARED["address"])
-        else:
-            cluster = _start_local_cluster(ccfg)
-            client = Client(cluster)
-    try:
-        try:
-            client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
-        except Exception:
-            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
-                                  "workers (none joined within 60 s)") from None
-        # one BLAS thread per worker (spinning BLAS pools slow small solves ~100x); a caller's
-        # workers keep this setting after the run
-        client.run(_prepare_worker, ccfg.blas_threads)
-        if owned and ccfg.kind != "address":
-            # our own worker processes share the terminal's process group: Ctrl-C is for the
-            # driver (it stops the run at the next evaluation), not a way to kill workers
-            client.register_plugin(_IgnoreSigint(), name="daskadmm-ignore-sigint")
-        yield client
-    finally:
-        if owned:
-            with contextlib.suppress(Exception):
-                client.close()
-        if cluster is not None:
-            with contextlib.suppress(Exception):
-                cluster.close()
-
-
-def _ignore_sigint() -> None:
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover - distributed is a dependency
-    _WorkerPlugin = object  # type: ignore[misc,assignment]
-
-
-class _IgnoreSigint(_WorkerPlugin):
-    """Worker plugin: the worker process ignores SIGINT (also after a nanny restart)."""
-
-    def setup(self, worker) -> None:
-        _ignore_sigint()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
 
 def _pens(schedule: PenaltySchedule, k0: int, k1: int):
     """The penalties of iterations k0+1..k1, and of k1+1 unless they depend on how k1 ends."""
@@ -535,7 +302,7 @@ class _Ctx:
                 **_stream_summary(stream, self.run_ids(), len(workers))}
         if run_dir is not None:
             try:
-                from .outputs import STREAM_FILE
+                from ..outputs import STREAM_FILE
 
                 _write_task_stream(run_dir / STREAM_FILE, stream, self.run_ids())
             except OSError as exc:
@@ -568,7 +335,7 @@ class _Ctx:
                                                                 dict[str, str], int]:
         """Nodes and literal values that bring the store to iteration k0; returns
         (nodes, literals, prev roles, k0)."""
-        from .graph import chunked as chunk_graph
+        from ..graph import chunked as chunk_graph
 
         name, rid = self.algorithm.name, self.run_id
         restore = None
@@ -602,7 +369,7 @@ class _Ctx:
         """The dataflow backend's data chunks, by key (none with a store)."""
         if not self.flow:
             return {}
-        from .graph.chunked import data_key
+        from ..graph.chunked import data_key
 
         out = {}
         ds = self.ds
@@ -664,7 +431,7 @@ class _Ctx:
                          weights: list[np.ndarray]) -> dict[str, list[int]]:
         """Per ``b<i>/<name>``: the checkpoint tasks' chunk checksums in chunk order, and the
         W written by the driver."""
-        from .storage import checksum
+        from ..storage import checksum
 
         out: dict[str, list[int]] = {}
         by_chunk: dict[tuple[int, int], dict[str, int]] = {}
@@ -691,7 +458,7 @@ class _Ctx:
         return plan
 
     def build(self, k0: int, k1: int, prev: dict[str, str]):
-        from .graph import chunked as chunk_graph
+        from ..graph import chunked as chunk_graph
 
         return chunk_graph.build_window(
             self.algorithm.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
@@ -725,7 +492,7 @@ class _Ctx:
         if lazy_arrays(self.ds):
             # out-of-core data: the metrics of iteration 0 from the store, a chunk at a time
             # (not a forward pass over the lazy arrays from this process)
-            from .chunks.common import evaluate_chunks
+            from ..chunks.common import evaluate_chunks
 
             values, _ = evaluate_chunks(self.task_url, self.arch, self.ds.task, self.metric,
                                         tuple(self.slices), tuple(self.test_slices),
@@ -754,7 +521,7 @@ class _Ctx:
     def _committable(stop: str | None, it, weights) -> bool:
         """A failed or non-finite iteration is never checkpointed: the last committed
         checkpoint stays the last good one."""
-        from .monitor import FAILED
+        from ..monitor import FAILED
 
         small = [w["W"] if isinstance(w, dict) else w for w in weights]
         return stop not in FAILED and math.isfinite(it.objective) and \
@@ -876,267 +643,6 @@ class _Ctx:
             sch.reset()
 
 
-class _Executor:
-    """Where the driver's tasks run: ``put`` literal values, ``submit`` nodes, ``future`` of
-    a key (to ask for its value later), ``result``, ``keep`` (every other key may go once
-    the tasks submitted so far no longer need it), ``check`` (raise if a worker was lost)."""
-
-    ran = False  # the last result() ran a batch of tasks (their results arrive together)
-
-    def put(self, literals: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def submit(self, nodes: list[Node]) -> None:
-        raise NotImplementedError
-
-    def future(self, key_: str) -> Any:
-        raise NotImplementedError
-
-    def result(self, handle: Any) -> Any:
-        raise NotImplementedError
-
-    def keep(self, keys: set[str]) -> None:
-        raise NotImplementedError
-
-    def check(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _LocalExecutor(_Executor):
-    """Dask's synchronous or threaded scheduler: submitted tasks wait until a result is
-    asked for, then everything submitted runs as one graph, which returns the values asked
-    for (futures) and the ones kept."""
-
-    def __init__(self, ccfg: ClusterConfig):
-        self.scheduler = "sync" if ccfg.kind == "synchronous" else "threads"
-        self.workers = ccfg.n_workers * ccfg.threads_per_worker
-        self.values: dict[str, Any] = {}
-        self.pending: list[Node] = []
-        self.wanted: set[str] = set()
-        self.kept: set[str] = set()
-        self.tasks_run = 0
-
-    def put(self, literals: dict[str, Any]) -> None:
-        self.values.update(literals)
-
-    def submit(self, nodes: list[Node]) -> None:
-        self.pending.extend(nodes)
-
-    def future(self, key_: str) -> str:
-        self.wanted.add(key_)
-        return key_
-
-    def keep(self, keys: set[str]) -> None:
-        self.kept = set(keys)
-
-    def result(self, handle: str) -> Any:
-        import dask
-        import dask.threaded
-
-        self.ran = False
-        if handle not in self.values:
-            done = {n.key for n in self.pending}
-            want = sorted((self.wanted | self.kept) & done)
-            dsk = to_dask_graph(self.pending, self.values)
-            if self.scheduler == "sync":
-                got = dask.get(dsk, want)
-            else:
-                got = dask.threaded.get(dsk, want, num_workers=self.workers)
-            self.values = {k: v for k, v in self.values.items()
-                           if k in self.kept or k in self.wanted}
-            self.values.update(zip(want, got, strict=True))
-            self.tasks_run += len(self.pending)
-            self.pending = []
-            self.ran = True
-        # (the value stays until the next batch has run: a task submitted since may need it)
-        self.wanted.discard(handle)
-        return self.values[handle]
-
-    def close(self) -> None:
-        self.values, self.pending = {}, []
-
-
-class _ClusterExecutor(_Executor):
-    """A distributed cluster: each node a future on its block's worker (blocks in contiguous
-    ranges of the workers), literals scattered there; results watched for lost workers."""
-
-    def __init__(self, ctx: _Ctx, client, workers: list[str]):
-        self.ctx, self.client = ctx, client
-        self.place = ctx._placement(workers)
-        self.futures: dict[str, Any] = {}
-
-    def put(self, literals: dict[str, Any]) -> None:
-        for name, value in literals.items():
-            b = int(name.split("-b")[1].split("-")[0])
-            # in a list: scatter would split a dict (a small state) into one future per entry
-            self.futures[name] = self.client.scatter([value], workers=[self.place[b]],
-                                                     hash=False)[0]
-
-    def submit(self, nodes: list[Node]) -> None:
-        self.ctx._submit(self.client, nodes, self.futures, self.place)
-
-    def future(self, key_: str) -> Any:
-        return self.futures[key_]
-
-    def keep(self, keys: set[str]) -> None:
-        for old in [x for x in self.futures if x not in keys]:
-            del self.futures[old]
-
-    def result(self, handle: Any) -> Any:
-        return self.ctx._result(self.client, handle)
-
-    def check(self) -> None:
-        self.ctx._check_workers(self.client)
-
-    def close(self) -> None:
-        self.futures.clear()
-
-
-def _aligned(x: Any) -> Any:
-    """``x`` with every array in it (through dicts, lists, tuples) memory-aligned."""
-    if isinstance(x, np.ndarray):
-        return x if x.flags.aligned else x.copy()
-    if isinstance(x, dict):
-        return {k: _aligned(v) for k, v in x.items()}
-    if type(x) in (list, tuple):
-        return type(x)(_aligned(v) for v in x)
-    return x
-
-
-def _call_aligned(fn, *args):
-    """Run a task on aligned inputs. A worker deserialises arrays in place in its network
-    frames, at any byte offset; numpy does not hand unaligned arrays to BLAS but multiplies them
-    with its own loop, which rounds differently. Copying those (rare, cheap next to the task)
-    keeps every scheduler bit-for-bit equal to the serial reference."""
-    return fn(*[_aligned(a) for a in args])
-
-
-class _Optional:
-    """Enter a context manager whose failure must not cost the run (a report, a recorder):
-    errors on entry or exit become logged warnings. ``value`` is what it yielded (None if it
-    failed to start)."""
-
-    def __init__(self, cm, what: str):
-        self.cm, self.what, self.value = cm, what, None
-        try:
-            self.value = cm.__enter__()
-            self.active = True
-        except Exception as exc:
-            self.active = False
-            log.warning("the %s could not start: %s: %s", what, type(exc).__name__,
-                        _first_line(exc))
-
-    def close(self, quiet: bool = False) -> None:
-        """Exit; ``quiet``: the run failed anyway, so only log a failure here."""
-        if not self.active:
-            return
-        self.active = False
-        try:
-            self.cm.__exit__(None, None, None)
-        except Exception as exc:
-            if quiet:
-                log.debug("the %s failed too: %s", self.what, exc)
-                return
-            say(f"daskadmm: warning: the {self.what} failed ({type(exc).__name__}: "
-                f"{_first_line(exc)}); the results are kept")
-            log.warning("the %s failed: %s", self.what, exc)
-
-
-def _optional(cm, what: str) -> _Optional:
-    return _Optional(cm, what)
-
-
-def _scheduler_lost(client, exc: BaseException) -> bool:
-    """Whether ``exc`` means the connection to the scheduler is gone."""
-    from distributed.comm.core import CommClosedError
-
-    if isinstance(exc, CommClosedError):
-        return True
-    if getattr(client, "status", "running") not in ("running", "connecting"):
-        return True
-    if isinstance(exc, OSError | TimeoutError):  # a disk error is not a lost scheduler
-        try:
-            client.run_on_scheduler(_worker_ids)
-        except Exception:
-            return True
-    return False
-
-
-def _lost_scheduler_message(opts: EngineOptions, exc: BaseException) -> str:
-    where = opts.cluster.address if opts.cluster.kind == "address" else "the local cluster"
-    hint = ""
-    if opts.checkpoint_every and opts.storage.url:
-        hint = f": continue from the last checkpoint with run.resume=true " \
-               f"storage.url={opts.storage.url}"
-    return f"lost the Dask scheduler at {where} mid-run ({type(exc).__name__}){hint}"
-
-
-def _lost_worker_message(opts: EngineOptions, exc: BaseException | str) -> str:
-    what = exc if isinstance(exc, str) else type(exc).__name__
-    hint = "raise cluster.memory_limit or lower storage.chunk_size"
-    if opts.checkpoint_every and opts.storage.url:
-        hint += f"; continue from the last checkpoint with run.resume=true " \
-                f"storage.url={opts.storage.url}"
-    return (f"a Dask worker was lost mid-run (killed for memory or crashed; "
-            f"{what}): {hint}")
-
-
-def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
-    if isinstance(arg, Ref):
-        return futures[arg.key]
-    if isinstance(arg, tuple) and any(isinstance(a, Ref) for a in arg):
-        return [_resolve(a, futures) for a in arg]
-    return arg
-
-
-def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...],
-                    workers: int = 0) -> dict[str, Any]:
-    """Tasks run, seconds spent computing vs transferring (summed over workers), and
-    ``workers_busy``: the compute seconds over ``workers`` x the span from the first task's
-    start to the last one's end (pipeline fill and drain included; None without tasks)."""
-    compute = transfer = 0.0
-    tasks = 0
-    first, last = float("inf"), float("-inf")
-    ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
-    for rec in stream:
-        if not str(rec.get("key", "")).endswith(ids):
-            continue
-        tasks += 1
-        for ss in rec.get("startstops", ()):
-            dt = ss["stop"] - ss["start"]
-            if ss["action"] == "compute":
-                compute += dt
-                first, last = min(first, ss["start"]), max(last, ss["stop"])
-            elif ss["action"] == "transfer":
-                transfer += dt
-    busy = compute / (workers * (last - first)) if workers and last > first else None
-    return {"tasks_run": tasks, "compute_seconds": compute, "transfer_seconds": transfer,
-            "workers_busy": busy}
-
-
-def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, ...]) -> None:
-    rows = []
-    ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
-    for rec in stream:
-        k = str(rec.get("key", ""))
-        if not k.endswith(ids):
-            continue
-        for ss in rec.get("startstops", ()):
-            rows.append({"key": k, "worker": rec.get("worker"), "action": ss["action"],
-                         "start": ss["start"], "stop": ss["stop"]})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, path)
-
-
-# =============================================================================================
-# Zarr-resident state: the store, checkpoints and resume
-# =============================================================================================
-
-
 def store_url(opts: EngineOptions, run_dir: Path | None) -> str:
     if opts.storage.url:
         return opts.storage.url
@@ -1149,7 +655,7 @@ def _store_meta(opts: EngineOptions, arch: Architecture, digest: str, n: int, sl
                 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .storage import _jsonable
+    from ..storage import _jsonable
 
     return {"config": _jsonable(opts.config), "determinants": opts.determinants,
             "data_sha256": digest, "algorithm": opts.algorithm,
@@ -1167,7 +673,7 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
     (every setting that determines the iterates, the same data), an intact checkpoint (every
     chunk against the manifest's checksums) and intact stored data. Returns
     ``(store, manifest or None)``; a store with no complete checkpoint resumes from 0."""
-    from .storage import StateStore, StoreError, changed_determinants
+    from ..storage import StateStore, StoreError, changed_determinants
 
     # everything is checked on a read-only view first: a refused resume changes nothing
     probe = StateStore.open(url, mode="check")
@@ -1205,7 +711,7 @@ def preflight_store(opts: EngineOptions) -> None:
     """The checks of the state store that need no data and write nothing (the CLI runs them
     before Hydra creates a run directory): a fresh run's ``storage.url`` must be new, empty
     or (``storage.overwrite``) a daskadmm store; a resumed one must be a usable store."""
-    from .storage import StateStore
+    from ..storage import StateStore
 
     url = opts.storage.url
     if not url or opts.cluster.kind == "reference" or opts.storage.state != "zarr" or \
@@ -1223,7 +729,7 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
     """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
     :mod:`.chunks`, wired by :mod:`.graph.chunked`); ``client`` as for
     :func:`run_dask`."""
-    from .storage import (
+    from ..storage import (
         StateStore,
         StoreError,
         array_fingerprints,
@@ -1248,7 +754,7 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
     # each data chunk's SHA-256 (the data set's digest) and CRC-32 (the resume check) from one
     # pass; out-of-core input by Dask tasks, chunk by chunk (and later written the same way)
     if lazy:
-        from .lazy import fingerprints
+        from ..lazy import fingerprints
 
         fps = fingerprints(data, opts.storage.chunk_size, client)
     else:
@@ -1281,7 +787,7 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
         if not store.attrs.get("ready"):
             # a new store, or one whose run was killed while it was being made
             if lazy:
-                from .lazy import write_data
+                from ..lazy import write_data
 
                 write_data(store, data, opts.storage.chunk_size, opts.storage.compressor,
                            data_sums, client)
@@ -1344,71 +850,3 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
             shutil.rmtree(url, ignore_errors=True)
 
 
-MAX_RECOVERIES = 10  # lost-worker recoveries in one run before it gives up
-
-
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
-    """A float64 or float32 array as JSON: shape, type and base64 of its bytes (exact)."""
-    import base64
-
-    a = np.ascontiguousarray(a, dtype="<f4" if np.asarray(a).dtype == np.float32 else "<f8")
-    return {"shape": list(a.shape), "dtype": a.dtype.str,
-            "b64": base64.b64encode(a.tobytes()).decode("ascii")}
-
-
-def _decode_array(d: dict[str, Any]) -> np.ndarray:
-    import base64
-
-    return np.frombuffer(base64.b64decode(d["b64"]), dtype=d.get("dtype", "<f8")
-                         ).reshape(d["shape"]).copy()
-
-
-class _WorkerLost(Exception):
-    """A worker of the running attempt is gone (internal: triggers a recovery)."""
-
-
-def _tasks_alive(run_id: str, dask_scheduler=None) -> int:
-    """On the scheduler: tasks of ``run_id`` that are running or may still run."""
-    states = ("processing", "waiting", "queued", "no-worker")
-    return sum(1 for key, ts in dask_scheduler.tasks.items()
-               if str(key).endswith(run_id) and ts.state in states)
-
-
-def _tasks_executing(run_id: str, dask_worker=None) -> int:
-    """On a worker: tasks of ``run_id`` a thread is still executing (cancelled ones too)."""
-    states = ("executing", "cancelled", "resumed", "long-running")
-    return sum(1 for key, ts in list(dask_worker.state.tasks.items())
-               if str(key).endswith(run_id) and ts.state in states)
-
-
-def _executing_on_workers(client, run_id: str) -> int:
-    total = 0
-    for value in client.run(_tasks_executing, run_id, on_error="return").values():
-        if isinstance(value, int):
-            total += value  # a worker that cannot answer is gone: it writes nothing more
-    return total
-
-
-def _worker_ids(dask_scheduler=None) -> dict[str, str]:
-    """On the scheduler: address -> server id of every worker (a restarted worker on the
-    same address has a new id)."""
-    return {addr: ws.server_id for addr, ws in dask_scheduler.workers.items()}
-
-
-def _tasks_wanted(run_id: str, client_id: str, dask_scheduler=None) -> list:
-    """On the scheduler: keys of ``run_id`` that client ``client_id`` still wants."""
-    return [key for key, ts in dask_scheduler.tasks.items() if str(key).endswith(run_id)
-            and any(c.client_key == client_id for c in ts.who_wants)]
-
-
-def _wait_for_workers(client, want: int, timeout: float = 60.0) -> list[str]:
-    """The cluster's workers once ``want`` are back (a nanny restarts a killed worker), or
-    whatever is there after ``timeout`` (at least one)."""
-    deadline = time.time() + timeout
-    while True:
-        workers = sorted(client.nthreads())
-        if len(workers) >= want or (workers and time.time() > deadline):
-            return workers
-        if time.time() > deadline + timeout:
-            raise ClusterError("no Dask worker came back after a worker was lost")
-        time.sleep(0.2)

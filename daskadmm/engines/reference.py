@@ -15,11 +15,11 @@ from typing import cast
 
 import numpy as np
 
-from .model import Architecture
-from .monitor import IterationStats, Monitor
-from .result import Result
-from .schedules import PenaltySchedule
-from .splitting import BlockSpec, Input, Options, Splitting, select
+from ..model import Architecture
+from ..monitor import IterationStats, Monitor
+from ..result import Result
+from ..schedules import PenaltySchedule
+from ..splitting import BlockSpec, Input, Options, Splitting, select
 
 __all__ = ["block_states", "initial_objective", "initial_outputs", "solve", "sweep"]
 

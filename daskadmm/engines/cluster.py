@@ -1,0 +1,271 @@
+"""Dask clusters for the engine: starting a LocalCluster (workers prepared: BLAS threads,
+SIGINT ignored, distributed's size-probe warning filtered), connecting to one by address, the
+client a caller already has, one cluster shared by the jobs of a Hydra multirun, and the choice
+to run a small problem in this process instead (:func:`in_process_reason`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Any
+
+from ..config import ADMM_ALGORITHMS, ClusterConfig
+from ..engine_options import EngineOptions
+
+__all__ = ["SharedCluster", "connect", "current_client", "in_process_reason", "resolve_client",
+           "say", "set_up_library_logging"]
+
+log = logging.getLogger(__name__)
+
+# A cluster shared by every job of a Hydra multirun (set by the CLI's callback).
+_SHARED: dict[str, Any] = {}
+
+
+class SharedCluster:
+    """Start one LocalCluster and let every ``run_dask`` with ``cluster.kind=local`` in this
+    process use it (Hydra multirun jobs run one after another in one process)."""
+
+    def __init__(self, ccfg: ClusterConfig):
+        self.ccfg = ccfg
+        self.cluster: Any = None  # a distributed.LocalCluster while entered
+
+    def __enter__(self) -> SharedCluster:
+        self.cluster = _start_local_cluster(self.ccfg)
+        _SHARED["address"] = self.cluster.scheduler_address
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _SHARED.clear()
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def set_up_library_logging() -> None:
+    """Import distributed, which sets up its loggers (and their terminal handlers) on import,
+    so that a caller can redirect them before a cluster starts."""
+    import distributed  # noqa: F401
+
+
+def say(message: str) -> None:
+    """One line for the user on stderr, written around a progress bar (tqdm's write), not
+    into it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _prepare_worker(blas_threads: int) -> None:
+    """Run on every worker at the start: ``blas_threads`` BLAS threads, and distributed's
+    size-probe warning filtered (:class:`_SizeofProbeFilter`)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=blas_threads, user_api="blas")
+    _quiet_sizeof_probe()
+
+
+class _SizeofProbeFilter(logging.Filter):
+    """Drops distributed's warning that it could not measure a message before sending it
+    ("Sizeof calculation ... failed. Defaulting to -1 B"): the comm layer probes each message's
+    size to decide whether to serialise it off the event loop, and the deeply nested profile
+    trees the performance report collects from the workers exceed dask.sizeof's recursion
+    limit. The message is sent all the same (serialised off the loop); nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Defaulting to -1 B" not in record.getMessage()
+
+
+def _quiet_sizeof_probe() -> None:
+    logger = logging.getLogger("distributed.sizeof")
+    if not any(isinstance(f, _SizeofProbeFilter) for f in logger.filters):
+        logger.addFilter(_SizeofProbeFilter())
+
+
+def _start_local_cluster(ccfg: ClusterConfig):
+    import dask
+    from distributed import LocalCluster
+
+    env = {k: str(ccfg.blas_threads) for k in
+           ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    dash = ccfg.dashboard_address or None
+    # Set before the worker processes start (glibc and OpenBLAS read them at start-up).
+    # distributed sets MALLOC_TRIM_THRESHOLD_=65536 for its workers, which also pins glibc's
+    # mmap threshold at 128 KiB: then every n-sized temporary is a fresh mmap whose pages fault
+    # in, and the same block update ran 1.4-1.6x slower in a worker than in the driver
+    # (measured). Unset, glibc adapts its thresholds as in any Python process, at the price of
+    # keeping some freed memory: with an explicit cluster.memory_limit (out-of-core runs) the
+    # workers keep distributed's setting.
+    # A nanny also writes its pre-spawn variables into this process's environment, so an
+    # earlier cluster in this process leaves distributed's value behind: drop that one too.
+    trim = "MALLOC_TRIM_THRESHOLD_"
+    spawn: dict[str, str | None] = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                                    for k, v in env.items()}
+    if ccfg.memory_limit in ("auto", None):
+        inherited = os.environ.get(trim)
+        default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
+        if inherited is not None and inherited == str(default):
+            del os.environ[trim]
+        spawn[f"distributed.nanny.pre-spawn-environ.{trim}"] = None
+    with dask.config.set(spawn):
+        return LocalCluster(
+            n_workers=ccfg.n_workers,
+            threads_per_worker=ccfg.threads_per_worker,
+            processes=True,
+            memory_limit=ccfg.memory_limit,
+            dashboard_address=dash,
+            host="127.0.0.1",
+            env=env,
+            silence_logs=logging.WARNING,
+        )
+
+
+def current_client():
+    """The active ``distributed.Client`` of this process (``Client.current()``), or None."""
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        client = Client.current(allow_global=True)
+    except ValueError:
+        return None
+    return client if client.status == "running" else None
+
+
+def resolve_client(ccfg: ClusterConfig, client=None):
+    """The client a run uses without starting a cluster: ``client`` if given, else, for
+    ``cluster.kind=local``, the active client of this process (a notebook's ``Client()``);
+    None: the run starts its own cluster (or connects to ``cluster.address``)."""
+    if client is not None:
+        if getattr(client, "status", None) != "running":
+            raise ConnectionError(f"the Dask client passed to fit is not running (status "
+                                  f"{getattr(client, 'status', '?')!r})")
+        return client
+    if ccfg.kind == "local" and not _SHARED.get("address"):
+        return current_client()
+    return None
+
+
+def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | None:
+    """Why a ``cluster.kind=local`` run goes in-process instead (None: it starts or joins a
+    LocalCluster). A small problem runs faster on Dask's threaded scheduler in this process,
+    with its state in memory, than on worker processes: they add start-up (seconds), a copy of
+    every block's inputs per task and a Zarr round trip per chunk, which at this size cost more
+    than the math. It applies only to the ADMM algorithms (the backprop baselines use no
+    cluster), and only where nothing else asks for the cluster or the Zarr store: no
+    client given or active, no checkpoints, no resume, no ``storage.url``, no
+    ``storage.keep_state``, ``chunk_size``, ``compressor`` or ``cluster.memory_limit`` set, and an
+    ADMM state (``state`` bytes) of at most ``cluster.in_process_mb`` MiB."""
+    c, s = opts.cluster, opts.storage
+    if c.kind != "local" or opts.algorithm not in ADMM_ALGORITHMS or c.in_process_mb <= 0 or \
+            state > c.in_process_mb * 2**20:
+        return None
+    if client is not None or current_client() is not None:
+        return None
+    if opts.checkpoint_every or opts.resume or s.url or s.keep_state or s.chunk_size or \
+            s.compressor != "none" or c.memory_limit != "auto":
+        return None
+    return (f"small problem (ADMM state {state / 2**20:.1f} MiB <= cluster.in_process_mb="
+            f"{c.in_process_mb:g}): running in this process on Dask's threaded scheduler "
+            f"({c.n_workers * c.threads_per_worker} threads, state in memory), no LocalCluster "
+            f"and no dashboard; cluster.in_process_mb=0 starts the LocalCluster")
+
+
+def client_is_local(client) -> bool:
+    """Whether every worker of ``client`` runs on this machine (so they share its disk)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        here.add(socket.gethostbyname(socket.gethostname()))
+    with contextlib.suppress(Exception):
+        from distributed.utils import get_ip
+
+        here.add(get_ip())
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    for address in workers:
+        if address.startswith("inproc://"):
+            continue
+        host = urlsplit(address).hostname
+        if host not in here:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def connect(ccfg: ClusterConfig, client=None):
+    """Yield a distributed ``Client`` for ``cluster.kind`` local or address.
+
+    With ``client`` (the caller's own, see :func:`resolve_client`) no cluster is started and
+    the client is left open at the end: it belongs to the caller."""
+    from distributed import Client
+
+    _quiet_sizeof_probe()
+    owned = client is None  # a caller's client is used as it is and left open
+    cluster = None
+    if client is None:
+        if ccfg.kind == "address":
+            try:
+                client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
+            except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
+                raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+        elif _SHARED.get("address"):
+            client = Client(_SHARED["address"])
+        else:
+            cluster = _start_local_cluster(ccfg)
+            client = Client(cluster)
+    try:
+        try:
+            client.wait_for_workers(1, timeout=max(60.0, ccfg.connect_timeout))
+        except Exception:
+            raise ConnectionError(f"the Dask cluster at {client.scheduler.address} has no "
+                                  "workers (none joined within 60 s)") from None
+        # one BLAS thread per worker (spinning BLAS pools slow small solves ~100x); a caller's
+        # workers keep this setting after the run
+        client.run(_prepare_worker, ccfg.blas_threads)
+        if owned and ccfg.kind != "address":
+            # our own worker processes share the terminal's process group: Ctrl-C is for the
+            # driver (it stops the run at the next evaluation), not a way to kill workers
+            client.register_plugin(_IgnoreSigint(), name="daskadmm-ignore-sigint")
+        yield client
+    finally:
+        if owned:
+            with contextlib.suppress(Exception):
+                client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close()
+
+
+def _ignore_sigint() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPlugin = object  # type: ignore[misc,assignment]
+
+
+class _IgnoreSigint(_WorkerPlugin):
+    """Worker plugin: the worker process ignores SIGINT (also after a nanny restart)."""
+
+    def setup(self, worker) -> None:
+        _ignore_sigint()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
