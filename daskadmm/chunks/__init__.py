@@ -24,6 +24,7 @@ import numpy as np
 from ..model import Architecture
 from ..splitting import dladmm, pdadmm
 from ..splitting import radmm2 as radmm2_splitting
+from ..splitting.base import Stats
 from . import mlp, radmm2, radmm3
 from .common import Array, Small, sample_vars
 
@@ -67,7 +68,7 @@ class ChunkAlgorithm:
     init: Callable[..., dict]
     start_chunk: Callable[..., Any] = mlp.start_chunk
     start_sum: Callable[..., tuple[str, str | None]] = mlp.start_sum
-    stats: Callable[..., dict[str, float]] = mlp.layer_stats
+    stats: Callable[..., Stats] = mlp.layer_stats
     slots: int = 2
     eager: frozenset[Callable] = frozenset()
 

@@ -28,7 +28,7 @@ The window builder (:mod:`daskadmm.graph.chunked`) wires the tasks of these plan
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from ..model import Architecture, augment, loss_sum
 from ..splitting import BlockSpec, Options, Penalties
 from ..splitting import dladmm as dl
 from ..splitting import pdadmm as pd
+from ..splitting.base import Stats
 from ..splitting.dladmm import (
     _plus_bias,
     a_grad,
@@ -124,7 +125,7 @@ def dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
                n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...], *,
-               init_state: Callable[..., list[dict]]) -> dict:
+               init_state: Callable[..., list[Any]]) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
     (a forward pass; every initial value is column-separable), written into slot 0 (block i's
     variables ``names[i - 1]``). Returns
@@ -196,9 +197,9 @@ def _chunk_w_stats(i: int, V: Array, T: Array) -> tuple:
     return w_stats(V, T)
 
 
-def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
-    """Layer statistics of one iteration: the chunk shares in a fixed order, the regulariser,
-    and the caps counted by the small tasks."""
+def layer_stats(small: Small, *outs: PassOut) -> Stats:
+    """Layer statistics of one iteration: the chunk shares (each pass carries some of the
+    entries) in a fixed order, the regulariser, and the caps counted by the small tasks."""
     lam = small["lam"]
     W = small["W"]
     total = {"objective": 0.5 * lam * float(np.sum(W * W)), "primal_sq": 0.0, "dual_sq": 0.0,
@@ -206,7 +207,7 @@ def layer_stats(small: Small, *outs: PassOut) -> dict[str, float]:
     for st in each_stats(outs):
         for k, v in (st or {}).items():
             total[k] += v
-    return total
+    return cast(Stats, total)
 
 
 def _decide(sums: Iterable[PassOut], theta0: float, max_trials: int) -> tuple[float, bool]:

@@ -328,7 +328,8 @@ def v_last_pass(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: S
     o, N = (k - 1) % 2, spec.N
     Vleft = _left(ct, spec, k)
     V0 = get_live(ct, spec.i, "V", o)
-    nxt = {"W": right["W"], "U": get_live(ct, N, "U", o), "Lam": get_live(ct, N, "Lam", o)}
+    nxt: r2.State = {"W": right["W"], "U": get_live(ct, N, "U", o),
+                     "Lam": get_live(ct, N, "Lam", o)}
     Z = small["W"] @ spec.aug(Vleft)
     V = r2.update_activation_last(spec, pen, {"V": V0}, small["W"], Vleft, nxt, Z)
     put_live(ct, spec.i, "V", k % 2, V)

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..model import Architecture, augment, forward, loss_grad_n, loss_sum
 from ..splitting import BlockSpec, Penalties, radmm3, radmm3a
+from ..splitting.base import Stats
 from .common import (
     Array,
     ChunkTask,
@@ -95,7 +96,7 @@ class ChunkOut(NamedTuple):
     ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(B,)`` or ``(P, Q)`` of
     those of ``W_1`` of the next iteration (block 1)."""
 
-    stats: dict[str, float]
+    stats: Stats
     w_next: tuple[Array, Array] | None = None
     w_first: tuple[Array] | tuple[Array, Array] | None = None
 
@@ -175,9 +176,9 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
     i = spec.i
     new, old = k % 2, (k - 1) % 2
     Vleft = get_data(ct, "X") if i == 1 else get_live(ct, i - 1, "V", new)
-    own = {v: get_live(ct, i, v, old) for v in ("U", "Lam")}
+    own: radmm3.State = {"U": get_live(ct, i, "U", old), "Lam": get_live(ct, i, "Lam", old)}
     Y = get_data(ct, "Y") if spec.is_output else None
-    right = None
+    right: radmm3.State | None = None
     if not spec.is_output:
         own["V"] = get_live(ct, i, "V", old)
         if name == "radmm3a":
@@ -232,14 +233,16 @@ def gram_add(acc: Array | None, part: tuple) -> Array:
     return part[0].copy() if acc is None else acc + part[0]
 
 
-def block_stats(small: Small, *outs) -> dict[str, float]:
+def block_stats(small: Small, *outs) -> Stats:
     """Sum the per-chunk statistics of one block (in chunk order; the regulariser is in chunk
     0's, so ``small`` is not used: the task runs after the block's W of the iteration)."""
-    total = {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": 0.0}
+    total: Stats = {"objective": 0.0, "primal_sq": 0.0, "dual_sq": 0.0, "capped": 0.0}
     for st in each_stats(outs):
         assert st is not None  # every RADMM-3 chunk output has statistics
-        for key in total:
-            total[key] += st[key]
+        total["objective"] += st["objective"]
+        total["primal_sq"] += st["primal_sq"]
+        total["dual_sq"] += st["dual_sq"]
+        total["capped"] += st["capped"]
     return total
 
 

@@ -15,7 +15,8 @@ stats)`` (:class:`~daskadmm.splitting.base.StepOut`):
 - ``inputs`` in the order of ``Step.inputs``; an input that points left of block 1 is the data
   ``X``, one that points right of block N is ``None``;
 - ``Y`` is the targets for the last block and ``None`` elsewhere;
-- ``state`` is the block's whole new state (a dict of arrays); after the last step of an
+- ``state`` is the block's whole new state (the module's ``State``, a TypedDict of its
+  variables, so mypy checks every name a function reads); after the last step of an
   iteration it is the block's state of that iteration;
 - ``stats`` has ``objective`` (the block's share of L after the update), ``primal_sq``,
   ``dual_sq`` and ``capped`` (inner solves that hit their cap). Only the last step's

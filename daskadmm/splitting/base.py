@@ -15,8 +15,9 @@ not depend on how the samples are chunked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import scipy.linalg as sla
@@ -39,12 +40,23 @@ __all__ = [
 Array = np.ndarray
 
 
-class StepOut(NamedTuple):
-    """What a step's task returns: the block's whole new ``state`` (a dict of arrays) and its
-    ``stats`` (``objective``, ``primal_sq``, ``dual_sq``, ``capped``)."""
+class Stats(TypedDict):
+    """A block's statistics of one iteration (or one chunk's share): ``objective`` (its share
+    of L at the new point), ``primal_sq``, ``dual_sq`` (squared residual norms) and
+    ``capped`` (inner solves that hit their cap)."""
 
-    state: dict
-    stats: dict[str, float]
+    objective: float
+    primal_sq: float
+    dual_sq: float
+    capped: float
+
+
+class StepOut(NamedTuple):
+    """What a step's task returns: the block's whole new ``state`` (the algorithm's ``State``,
+    a TypedDict of its variables) and its :class:`Stats`."""
+
+    state: Mapping[str, Any]
+    stats: Stats
 
 
 @dataclass(frozen=True)

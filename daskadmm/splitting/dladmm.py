@@ -104,13 +104,22 @@ their ``theta``, ``tau`` are the n-unit curvatures of :func:`quad_theta`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_grad_n, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step
-from .base import BlockSpec, Options, Penalties, StepOut, lambda_max, prox_activation, prox_output
+from .base import (
+    BlockSpec,
+    Options,
+    Penalties,
+    Stats,
+    StepOut,
+    lambda_max,
+    prox_activation,
+    prox_output,
+)
 
 __all__ = [
     "a_grad",
@@ -136,7 +145,17 @@ __all__ = [
 
 Array = np.ndarray
 # arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
-State = dict[str, Any]
+
+class State(TypedDict, total=False):
+    """Layer l's variables: arrays ``W``, ``z``, ``a`` (l < L), ``u`` (l = L) and the last
+    accepted curvatures ``theta_W``, ``theta_a`` (0-d float64)."""
+
+    W: Array
+    z: Array
+    a: Array
+    u: Array
+    theta_W: Any
+    theta_a: Any
 
 def penalty_nu(pen: Penalties) -> float:
     """The relaxation weight ``nu`` (``rho`` when unset, as in the authors' code)."""
@@ -460,7 +479,7 @@ def backward_update(spec: BlockSpec, pen: Penalties, own: State, left: Array,
     o, nu = spec.options, penalty_nu(pen)
     A, b = spec.split_bias(own["W"])
     capped = 0
-    new: State = dict(own)
+    new: State = own.copy()
     if spec.is_output:
         rho, u = pen.rho, own["u"]
         AV = A @ left
@@ -507,7 +526,7 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
     """
     o, nu = spec.options, penalty_nu(pen)
     A, b = spec.split_bias(own["W"])
-    new: State = dict(own)
+    new: State = own.copy()
     if spec.is_output:
         rho, u = pen.rho, own["u"]
         T, kappa = own["z"] + u / rho, rho
@@ -539,7 +558,7 @@ def forward_update(spec: BlockSpec, pen: Penalties, own: State, prev: State, lef
     new["W"] = A if b is None else np.hstack([A, b])
     new["z"], new["theta_W"] = z, np.float64(th_w)
     capped += nc
-    stats = {"objective": _objective(spec, pen, new, left, Y, Z), "primal_sq": primal_sq,
+    stats: Stats = {"objective": _objective(spec, pen, new, left, Y, Z), "primal_sq": primal_sq,
              "dual_sq": dual_sq, "capped": float(capped)}
     return StepOut(new, stats)
 

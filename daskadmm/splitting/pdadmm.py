@@ -51,13 +51,13 @@ n-scaled), which is the code's summed loss divided by n.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..model import Activation, Architecture, forward, loss_value
 from . import LEFT, RIGHT, SELF, Input, Splitting, Step
-from .base import BlockSpec, Options, Penalties, StepOut, prox_activation, prox_output
+from .base import BlockSpec, Options, Penalties, Stats, StepOut, prox_activation, prox_output
 from .dladmm import (
     _plus_bias,
     penalty_nu,
@@ -85,7 +85,22 @@ __all__ = [
 
 Array = np.ndarray
 # arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
-State = dict[str, Any]
+
+class State(TypedDict, total=False):
+    """Layer l's variables (see the module's docstring): arrays ``W``, ``z``, ``p``, ``u``,
+    ``q`` and 0-d float64 scalars ``theta_W``, ``theta_p`` (accepted curvatures) and ``rho``,
+    ``nu``, ``pending`` (the penalties of a p step still to be applied)."""
+
+    W: Array
+    z: Array
+    p: Array
+    u: Array
+    q: Array
+    theta_W: Any
+    theta_p: Any
+    rho: Any
+    nu: Any
+    pending: Any
 
 
 def update_p(p: Array, A: Array, b: Array | None, z: Array, R: Array | None, s: int,
@@ -247,7 +262,7 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
     p_old = _input(spec, own, left)
     pending = float(own["pending"]) > 0
     rho0, nu0 = float(own["rho"]), float(own["nu"])
-    new: State = dict(own)
+    new: State = own.copy()
     capped = 0
     dual_sq = 0.0
 
@@ -301,7 +316,7 @@ def layer_update(spec: BlockSpec, pen: Penalties, own: State, left: State | Arra
     if i > 1:
         d = p - q_left
         primal_sq = float(np.sum(d * d))
-    stats = {"objective": _objective(spec, pen, new, q_left if i > 1 else left, Y, Z),
+    stats: Stats = {"objective": _objective(spec, pen, new, q_left if i > 1 else left, Y, Z),
              "primal_sq": primal_sq, "dual_sq": dual_sq, "capped": float(capped)}
     return StepOut(new, stats)
 

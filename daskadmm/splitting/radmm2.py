@@ -20,12 +20,12 @@ checked this way. ``W_N``, ``U_N``, ``Lam_N`` and ``V_{N-1}`` are exact, as in R
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_value
-from .base import BlockSpec, Options, Penalties, StepOut, lambda_max, spd_solve
+from .base import BlockSpec, Options, Penalties, Stats, StepOut, lambda_max, spd_solve
 from .radmm3 import update_duals, update_preactivation, update_weights, weight_stats
 
 __all__ = [
@@ -39,7 +39,17 @@ __all__ = [
 
 Array = np.ndarray
 # arrays, and 0-d float64 scalars (accepted curvatures, penalties) under their own keys
-State = dict[str, Any]
+
+class State(TypedDict, total=False):
+    """Block i's variables: ``W_i``; hidden blocks ``V_i`` and the last accepted step
+    constants ``eta_W``, ``eta_V`` (0-d float64); the output block ``U_N``, ``Lam_N``."""
+
+    W: Array
+    V: Array
+    U: Array
+    Lam: Array
+    eta_W: Any
+    eta_V: Any
 
 
 def trial_etas(eta0: float, start: int, stop: int) -> Iterator[tuple[int, float]]:
@@ -320,7 +330,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         Lam = update_duals(own["Lam"], U, Z, pen.rho)
         new: State = {"W": W, "U": U, "Lam": Lam}
         r = U - Z
-        stats = {"primal_sq": float(np.sum(r * r)), "dual_sq": 0.0, "capped": float(capped)}
+        primal_sq, dual_sq = float(np.sum(r * r)), 0.0
     else:
         assert right is not None  # every block but the output one has a right neighbour
         W, eta_w, _, cap_w = update_weights_hidden(spec, pen, own, Vleft)
@@ -332,9 +342,9 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
             V, eta_v, _, cap_v = update_activation(spec, pen, own, W, Vleft, right)
             capped += int(cap_v)
         new = {"W": W, "V": V, "eta_W": np.float64(eta_w), "eta_V": np.float64(eta_v)}
-        stats = {"primal_sq": 0.0, "dual_sq": float(np.sum((V - own["V"]) ** 2)),
-                 "capped": float(capped)}
-    stats["objective"] = block_objective(spec, pen, new, Vleft, Y)
+        primal_sq, dual_sq = 0.0, float(np.sum((V - own["V"]) ** 2))
+    stats: Stats = {"primal_sq": primal_sq, "dual_sq": dual_sq, "capped": float(capped),
+                    "objective": block_objective(spec, pen, new, Vleft, Y)}
     return StepOut(new, stats)
 
 

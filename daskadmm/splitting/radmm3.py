@@ -19,6 +19,8 @@ The update functions are split so that the sample-sized work can run per chunk o
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_sum
@@ -26,6 +28,7 @@ from .base import (
     BlockSpec,
     Options,
     Penalties,
+    Stats,
     StepOut,
     float_type,
     lambda_max,
@@ -51,7 +54,17 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+
+
+class State(TypedDict, total=False):
+    """Block i's variables: ``W_i``, ``U_i``, ``Lam_i``; ``V_i`` (i < N); RADMM-3A's ``Gam_i``
+    (i < N). A set of samples' columns of them where a function takes a part."""
+
+    W: Array
+    U: Array
+    Lam: Array
+    V: Array
+    Gam: Array
 
 
 class Scratch:
@@ -405,7 +418,7 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
         objective += mult
     if pool is not None:
         pool.put(r)
-    stats = {"objective": objective, "primal_sq": primal_sq, "dual_sq": dual_sq,
+    stats: Stats = {"objective": objective, "primal_sq": primal_sq, "dual_sq": dual_sq,
              "capped": float(capped)}
     return StepOut(new, stats)
 

@@ -96,7 +96,7 @@ __all__ = [
 ]
 
 Array = np.ndarray
-State = dict[str, Array]
+State = radmm3.State
 
 GAMMA_STEP = 0.5
 
