@@ -94,6 +94,11 @@ class Monitor:
     # (k, seconds): when the results of iterations up to k arrived, for engines that deliver a
     # whole window at once (dask's synchronous and threaded schedulers)
     arrivals: list[tuple[int, float]] = field(default_factory=list)
+    # iterations at the start whose results can arrive bunched together: a pipelined engine
+    # submits its first window at once and the workers run it as one wavefront, so its last
+    # iterations' results come in quick succession after the whole window's work (the Dask
+    # engines set their window); the steady time per iteration is measured after them
+    ramp: int = 0
     objective0: float = math.nan
     _last_objective: float = math.nan
     _last_params: tuple[float, float] | None = None
@@ -254,21 +259,24 @@ class Monitor:
         self.arrivals.append((k, self.elapsed()))
 
     def steady_seconds_per_iteration(self) -> float | None:
-        """Time per iteration over the second half of the run: excludes start-up and the
-        pipelined wavefront's fill (NaN with fewer than 4 iterations). Where results arrive a
-        window at a time, measured between window ends (from the last one in the first half to
-        the last one; NaN if the run was one window)."""
+        """Time per iteration over the second half of the run, and after the first ``ramp``
+        iterations: excludes start-up and the pipelined wavefront's fill, whose results arrive
+        bunched (NaN with fewer than 4 iterations, or fewer than 2 past the ramp: a run of one
+        window has no steady state to measure). Where results arrive a window at a time,
+        measured between window ends (from the last one in the first half, and not before the
+        ramp's end, to the last one)."""
         if self.arrivals:
             k_last, t_last = self.arrivals[-1]
-            first = [(k, t) for k, t in self.arrivals if k <= k_last / 2]
+            first = [(k, t) for k, t in self.arrivals
+                     if self.ramp <= k <= max(k_last / 2, self.ramp)]
             if not first or k_last - first[-1][0] < 2:
                 return float("nan")
             k0, t0 = first[-1]
             return (t_last - t0) / (k_last - k0)
         t = self.step_times
-        if len(t) < 4:
+        h = max(len(t) // 2, self.ramp)
+        if len(t) < 4 or len(t) - h < 2:
             return float("nan")
-        h = len(t) // 2
         return (t[-1] - t[h - 1]) / (len(t) - h)
 
     def message(self, status: str, k: int) -> str:

@@ -444,6 +444,36 @@ def test_steady_time_per_iteration_counts_whole_windows(monkeypatch):
     assert np.isnan(one.steady_seconds_per_iteration())  # a single window: not measurable
 
 
+def test_steady_time_per_iteration_starts_after_the_first_window(monkeypatch):
+    """A pipelined engine's first window runs as one wavefront, so its last results arrive
+    bunched after the whole window's work: the steady time per iteration is measured from the
+    end of that window (``Monitor.ramp``), and a run of one window has none."""
+    from daskadmm.monitor import Monitor
+
+    # window 4: iterations 1-4 all done at t = 4 (one wavefront), then one every second
+    times = [1.0, 3.9, 3.95, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    mon = Monitor(iterations=10, eval_every=1, evaluate=lambda w: {}, ramp=4)
+    mon.step_times = list(times)
+    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
+    mon.ramp = 0  # the second half only: the bunched results are not in it here either
+    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
+    mon.step_times = times[:6]  # 6 iterations: the second half is the bunched ones
+    mon.ramp = 0
+    assert mon.steady_seconds_per_iteration() == pytest.approx((6.0 - 3.95) / 3)
+    mon.ramp = 4
+    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
+    short = Monitor(iterations=8, eval_every=1, evaluate=lambda w: {}, ramp=8)
+    short.step_times = [1.0] * 8
+    assert np.isnan(short.steady_seconds_per_iteration())  # one window: not measurable
+    # window ends (the local schedulers): none counted before the ramp's end
+    clock = iter([4.0, 5.0, 6.0, 7.0])
+    win = Monitor(iterations=8, eval_every=1, evaluate=lambda w: {}, ramp=4)
+    monkeypatch.setattr(win, "elapsed", lambda: next(clock))
+    for k1 in (2, 4, 6, 8):
+        win.arrived(k1)
+    assert win.steady_seconds_per_iteration() == pytest.approx((7.0 - 5.0) / (8 - 4))
+
+
 @pytest.mark.parametrize("state", ["memory", "zarr"])
 def test_local_schedulers_record_window_arrivals(state):
     cfg, ds = _problem()

@@ -145,6 +145,7 @@ class _Ctx:
         self.opts, self.algorithm, self.arch, self.ds = opts, algorithm, arch, ds
         self.specs, self.schedule, self.monitor = specs, schedule, monitor
         self.window, self.run_id, self.metric = window, run_id, metric
+        monitor.ramp = window  # the first window's results arrive bunched (see Monitor.ramp)
         self.K = opts.iterations
         self.N = arch.depth
         self.n = ds.X_train.shape[1]
