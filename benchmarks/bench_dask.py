@@ -6,8 +6,9 @@
 Writes ``benchmarks/results/dask-<timestamp>.json`` with the per-iteration times and the ratios
 measured in the same run (the machines are shared and noisy: compare ratios, not seconds):
 ``dask1_over_reference`` (target <= 1.15) and ``speedup_2_over_1`` (target >= 1.6), over the
-whole run and in the steady state (second half of the iterations: without the start-up and the
-wavefront's fill, which a short run is dominated by).
+whole run and in the steady state (second half of the iterations and after the first window:
+without the start-up and the wavefront's fill, which a short run is dominated by; NaN for a run
+of fewer than two iterations past its first window).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--depth", type=int, default=10, help="weight layers (8 residual blocks)")
     ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--algorithm", default="radmm3")
     ap.add_argument("--activation", default="relu", help="relu: closed-form U prox")
     ap.add_argument("--window", type=int, default=0)

@@ -320,9 +320,11 @@ def simulate(tasks: Sequence[Task], workers: int, net: Network, threads: int = 1
 
 
 def steady_per_iteration(done: dict[int, float]) -> float:
-    """Seconds per iteration over the second half of the run, as the engine's monitor measures
-    it: from the arrival of the last iteration of the first half to the arrival of the last
-    (``done``: iteration -> arrival time of its statistics)."""
+    """Seconds per iteration over the second half of the run: from the arrival of the last
+    iteration of the first half to the arrival of the last (``done``: iteration -> arrival time
+    of its statistics). The engine's monitor measures the same way, and also starts no earlier
+    than the end of the first window (``Monitor.ramp``); with the runs this script makes, at
+    least four windows long, the two agree."""
     K = max(done)
     k0 = max(k for k in done if k <= K / 2)
     if K - k0 < 2:

@@ -90,14 +90,17 @@ class Monitor:
     history: list[dict[str, float]] = field(default_factory=list)
     increases: list[tuple[int, float]] = field(default_factory=list)
     capped_total: int = 0
-    step_times: list[float] = field(default_factory=list)  # when each iteration was processed
+    # (k, seconds): when each iteration was processed
+    step_times: list[tuple[int, float]] = field(default_factory=list)
     # (k, seconds): when the results of iterations up to k arrived, for engines that deliver a
     # whole window at once (dask's synchronous and threaded schedulers)
     arrivals: list[tuple[int, float]] = field(default_factory=list)
-    # iterations at the start whose results can arrive bunched together: a pipelined engine
-    # submits its first window at once and the workers run it as one wavefront, so its last
-    # iterations' results come in quick succession after the whole window's work (the Dask
-    # engines set their window); the steady time per iteration is measured after them
+    # The iteration this run started from (a resumed run: its checkpoint's), and the last one
+    # whose results can arrive bunched: a pipelined engine submits its first window at once and
+    # the workers run it as one wavefront, so that window's last results come in quick
+    # succession after the whole window's work (the Dask engines set k_start + their window);
+    # the steady time per iteration is measured after it.
+    k_start: int = 0
     ramp: int = 0
     objective0: float = math.nan
     _last_objective: float = math.nan
@@ -125,7 +128,7 @@ class Monitor:
 
     def step(self, k: int, it: IterationStats, rho: float, beta: float) -> None:
         """Log iteration k's objective; an increase at unchanged penalties is recorded."""
-        self.step_times.append(self.elapsed())
+        self.step_times.append((k, self.elapsed()))
         self.capped_total += it.capped
         last = self._last_objective
         if (self._last_params == (rho, beta) and math.isfinite(it.objective)
@@ -259,25 +262,23 @@ class Monitor:
         self.arrivals.append((k, self.elapsed()))
 
     def steady_seconds_per_iteration(self) -> float | None:
-        """Time per iteration over the second half of the run, and after the first ``ramp``
-        iterations: excludes start-up and the pipelined wavefront's fill, whose results arrive
-        bunched (NaN with fewer than 4 iterations, or fewer than 2 past the ramp: a run of one
-        window has no steady state to measure). Where results arrive a window at a time,
-        measured between window ends (from the last one in the first half, and not before the
-        ramp's end, to the last one)."""
-        if self.arrivals:
-            k_last, t_last = self.arrivals[-1]
-            first = [(k, t) for k, t in self.arrivals
-                     if self.ramp <= k <= max(k_last / 2, self.ramp)]
-            if not first or k_last - first[-1][0] < 2:
-                return float("nan")
-            k0, t0 = first[-1]
-            return (t_last - t0) / (k_last - k0)
-        t = self.step_times
-        h = max(len(t) // 2, self.ramp)
-        if len(t) < 4 or len(t) - h < 2:
+        """Time per iteration over the second half of this run's iterations and after
+        ``ramp``: excludes start-up and the pipelined wavefront's fill, whose results arrive
+        bunched. Measured from the last result in hand at the half-way point (or, if none is
+        past the ramp by then, the first one after it) to the last one; where results arrive a
+        window at a time (``arrivals``), between window ends. NaN with fewer than two
+        iterations to measure over (a run of one window has none)."""
+        points = self.arrivals or self.step_times
+        if not points:
             return float("nan")
-        return (t[-1] - t[h - 1]) / (len(t) - h)
+        k_last, t_last = points[-1]
+        mid = max((self.k_start + k_last) / 2, self.ramp)
+        start = [(k, t) for k, t in points if self.ramp <= k <= mid] or \
+            [(k, t) for k, t in points if k >= self.ramp][:1]
+        if not start or k_last - start[-1][0] < 2:
+            return float("nan")
+        k0, t0 = start[-1]
+        return (t_last - t0) / (k_last - k0)
 
     def message(self, status: str, k: int) -> str:
         if status == "converged":

@@ -447,24 +447,26 @@ def test_steady_time_per_iteration_counts_whole_windows(monkeypatch):
 def test_steady_time_per_iteration_starts_after_the_first_window(monkeypatch):
     """A pipelined engine's first window runs as one wavefront, so its last results arrive
     bunched after the whole window's work: the steady time per iteration is measured from the
-    end of that window (``Monitor.ramp``), and a run of one window has none."""
+    end of that window (``Monitor.ramp``) over the second half of this run's iterations (a
+    resumed run's too), and a run of one window has none."""
     from daskadmm.monitor import Monitor
+
+    def mon(times, ramp, k_start=0):
+        m = Monitor(iterations=99, eval_every=1, evaluate=lambda w: {}, ramp=ramp,
+                    k_start=k_start)
+        m.step_times = [(k_start + j, t) for j, t in enumerate(times, start=1)]
+        return m
 
     # window 4: iterations 1-4 all done at t = 4 (one wavefront), then one every second
     times = [1.0, 3.9, 3.95, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
-    mon = Monitor(iterations=10, eval_every=1, evaluate=lambda w: {}, ramp=4)
-    mon.step_times = list(times)
-    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
-    mon.ramp = 0  # the second half only: the bunched results are not in it here either
-    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
-    mon.step_times = times[:6]  # 6 iterations: the second half is the bunched ones
-    mon.ramp = 0
-    assert mon.steady_seconds_per_iteration() == pytest.approx((6.0 - 3.95) / 3)
-    mon.ramp = 4
-    assert mon.steady_seconds_per_iteration() == pytest.approx(1.0)
-    short = Monitor(iterations=8, eval_every=1, evaluate=lambda w: {}, ramp=8)
-    short.step_times = [1.0] * 8
-    assert np.isnan(short.steady_seconds_per_iteration())  # one window: not measurable
+    assert mon(times, 4).steady_seconds_per_iteration() == pytest.approx(1.0)
+    assert mon(times, 0).steady_seconds_per_iteration() == pytest.approx(1.0)
+    # 6 iterations: the second half holds bunched results; past the ramp it does not
+    assert mon(times[:6], 0).steady_seconds_per_iteration() == pytest.approx((6 - 3.95) / 3)
+    assert mon(times[:6], 4).steady_seconds_per_iteration() == pytest.approx(1.0)
+    # a run resumed at iteration 40: the same, counted from there
+    assert mon(times[:6], 44, k_start=40).steady_seconds_per_iteration() == pytest.approx(1.0)
+    assert np.isnan(mon([1.0] * 8, 8).steady_seconds_per_iteration())  # one window
     # window ends (the local schedulers): none counted before the ramp's end
     clock = iter([4.0, 5.0, 6.0, 7.0])
     win = Monitor(iterations=8, eval_every=1, evaluate=lambda w: {}, ramp=4)
@@ -472,6 +474,13 @@ def test_steady_time_per_iteration_starts_after_the_first_window(monkeypatch):
     for k1 in (2, 4, 6, 8):
         win.arrived(k1)
     assert win.steady_seconds_per_iteration() == pytest.approx((7.0 - 5.0) / (8 - 4))
+    # a first window cut short by a barrier: no window ends on the ramp; the first one past it
+    clock = iter([3.0, 11.0, 16.0])
+    cut = Monitor(iterations=16, eval_every=1, evaluate=lambda w: {}, ramp=8)
+    monkeypatch.setattr(cut, "elapsed", lambda: next(clock))
+    for k1 in (3, 11, 16):
+        cut.arrived(k1)
+    assert cut.steady_seconds_per_iteration() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("state", ["memory", "zarr"])

@@ -257,6 +257,15 @@ def test_radmm3_substeps(linearized, act, kind, bias, loss_name, pen):
         assert_same_states(states, reference_states(name, prob, start, pen, 3))
 
 
+def test_an_unknown_radmm3_variant_is_refused():
+    """A misspelt variant is an error, not a silent run of plain RADMM-3."""
+    prob = make_problem()
+    states = radmm3.init_state(prob.arch, prob.weights, prob.X, prob.Y)
+    spec = BlockSpec(prob.arch, 1, prob.n)
+    with pytest.raises(ValueError, match="unknown RADMM-3 variant 'radmm3x'"):
+        radmm3.block_update(spec, PEN, states[0], prob.X, states[1], None, variant="radmm3x")
+
+
 @pytest.mark.parametrize(("kind", "bias", "loss_name"), VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_radmm2_substeps(act, kind, bias, loss_name):

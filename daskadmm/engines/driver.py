@@ -5,7 +5,7 @@ Cluster choices (``cluster.kind``):
 - ``synchronous``: Dask's single-threaded scheduler (debugging);
 - ``threads``: the threaded scheduler in this process;
 - ``local`` (default): a ``LocalCluster`` of worker processes with the dashboard on 127.0.0.1
-  (a small problem runs on the threaded scheduler instead: :func:`in_process_reason`);
+  (a small problem runs on the threaded scheduler instead: :func:`.cluster.in_process_reason`);
 - ``address``: an existing cluster at ``cluster.address`` (nothing is started).
 
 On a distributed cluster (``local``/``address``) the runner submits each iteration's tasks as
@@ -17,13 +17,13 @@ schedulers have no futures: the same driver loop hands them the tasks of ``run.w
 iterations, which run as one dict graph when the first of their results is asked for
 (:class:`.executors._LocalExecutor`; on a cluster, :class:`.executors._ClusterExecutor`).
 
-Both state backends run the same tasks from one graph builder (:mod:`.graph.chunked`) and one
-driver (:meth:`_Ctx._attempt`): ``storage.state=zarr`` keeps every sample-sized variable in a
-chunked Zarr store (checkpoints, resume); ``storage.state=memory`` is the same plan with one
-chunk on the dataflow backend, whose tasks get what they read as inputs. With one chunk the
-iterates are the serial reference's bits; other chunkings change only the order of the W
-statistics' sums. Global decisions (stopping, adaptive penalties) are taken at evaluation points;
-iterations submitted speculatively past a stop are cancelled and discarded.
+Both state backends run the same tasks from one graph builder (:mod:`daskadmm.graph.chunked`)
+and one driver (:meth:`_Ctx._attempt`): ``storage.state=zarr`` keeps every sample-sized
+variable in a chunked Zarr store (checkpoints, resume); ``storage.state=memory`` is the same
+plan with one chunk on the dataflow backend, whose tasks get what they read as inputs. With one
+chunk the iterates are the serial reference's bits; other chunkings change only the order of
+the W statistics' sums. Global decisions (stopping, adaptive penalties) are taken at evaluation
+points; iterations submitted speculatively past a stop are cancelled and discarded.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def run_dask(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
 class _Ctx:
     """One run on Dask: the one driver of every algorithm and both state backends (a Zarr store,
     or the dataflow backend: no store, the state in the task outputs). It builds a window of
-    iterations with :mod:`.graph.chunked`, runs it on the synchronous or threaded scheduler
+    iterations with :mod:`daskadmm.graph.chunked`, runs it on the synchronous or threaded scheduler
     (:meth:`run_local`) or submits it iteration by iteration to a distributed cluster
     (:meth:`run_distributed`), feeds the statistics to the monitor, stops, checkpoints and
     recovers from lost workers."""
@@ -145,7 +145,6 @@ class _Ctx:
         self.opts, self.algorithm, self.arch, self.ds = opts, algorithm, arch, ds
         self.specs, self.schedule, self.monitor = specs, schedule, monitor
         self.window, self.run_id, self.metric = window, run_id, metric
-        monitor.ramp = window  # the first window's results arrive bunched (see Monitor.ramp)
         self.K = opts.iterations
         self.N = arch.depth
         self.n = ds.X_train.shape[1]
@@ -187,7 +186,7 @@ class _Ctx:
                       history=self.monitor.history, wall_time=self.monitor.elapsed(), info=info)
 
     def _check_workers(self, client) -> None:
-        """Raise :class:`_WorkerLost` if a worker this attempt started with is gone."""
+        """Raise :class:`.executors._WorkerLost` if a worker this attempt started with is gone."""
         try:
             now = set(client.run_on_scheduler(_worker_ids).items())
         except Exception as exc:
@@ -363,6 +362,8 @@ class _Ctx:
             literals[f"init_small-b{i}-{rid}"] = sm
             prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
         self.k0 = k0
+        # the first window after the start (or the resume) arrives bunched: see Monitor.ramp
+        self.monitor.k_start, self.monitor.ramp = k0, k0 + self.window
         self.weights = [s["W"] for s in small]
         return nodes, literals, prev, k0
 
@@ -506,7 +507,7 @@ class _Ctx:
     # -- synchronous / threaded ------------------------------------------------------------
     def run_local(self, weights0) -> Result:
         """The run on Dask's synchronous or threaded scheduler in this process
-        (:class:`_LocalExecutor`): the same driver as on a cluster."""
+        (:class:`.executors._LocalExecutor`): the same driver as on a cluster."""
         ex = _LocalExecutor(self.opts.cluster)
         status, k = self._attempt(ex, weights0)
         return self.result(status, k, {"tasks_run": ex.tasks_run, "scheduler": ex.scheduler,
@@ -728,7 +729,7 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
              weights0: list[np.ndarray], schedule: PenaltySchedule, monitor: Monitor,
              options: Options, run_dir: Path | None = None, client=None) -> Result:
     """Run an ADMM algorithm with every sample-sized variable in a chunked Zarr store (see
-    :mod:`.chunks`, wired by :mod:`.graph.chunked`); ``client`` as for
+    :mod:`daskadmm.chunks`, wired by :mod:`daskadmm.graph.chunked`); ``client`` as for
     :func:`run_dask`."""
     from ..storage import (
         StateStore,

@@ -43,6 +43,7 @@ __all__ = [
     "block_update",
     "column_update",
     "init_state",
+    "solve_activation",
     "update_activation",
     "update_activation_linearized",
     "update_duals",
@@ -71,9 +72,10 @@ class Scratch:
     """Work arrays of one block update: handed out by shape, given back when dead, handed out
     again. A fresh array of tens of MB is page-faulting, zero-filled memory (a third of an
     iteration's CPU time at width 512 went to the kernel), so a block update allocates each
-    shape a few times instead of once per temporary. Nothing outlives the update. New arrays
-    are C-ordered, of the type of ``like`` (an ndarray subclass stays one) and its float type
-    (float32 or float64)."""
+    shape a few times instead of once per temporary. Only the arrays handed out and never given
+    back (the update's results) outlive the update. New arrays are C-ordered, of the type of
+    ``like`` (an ndarray subclass stays one) and its float type (float32 or float64); what is
+    given back must be C-ordered arrays of that type."""
 
     def __init__(self, like: Array | None = None) -> None:
         self._free: dict[tuple, list[Array]] = {}
@@ -335,6 +337,9 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     return total
 
 
+VARIANTS = ("radmm3", "radmm3l", "radmm3a")
+
+
 def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: Array,
                   Vt: Array, right: State | None, Y: Array | None, *,
                   variant: str = "radmm3", regulariser: bool = True,
@@ -358,6 +363,8 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
     :func:`block_update` on these samples."""
     from . import radmm3a  # RADMM-3A's pieces are built on this module's
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown RADMM-3 variant {variant!r} (known: {', '.join(VARIANTS)})")
     gam = variant == "radmm3a"
     U0, Lam0 = own["U"], own["Lam"]
     Z = np.matmul(W, Vt, out=_get(pool, (W.shape[0], Vt.shape[1]), U0))
