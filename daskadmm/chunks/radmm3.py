@@ -192,15 +192,15 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
             if name == "radmm3a":
                 right["Gam"] = get_live(ct, i + 1, "Gam", old)
     pool = radmm3.Scratch(like=own["U"])
-    Vt = augment(Vleft, spec.bias)
+    Vt = radmm3.augmented(Vleft, spec.bias, pool)
     out = radmm3.column_update(spec, pen, small["W"], own, Vleft, Vt, right, Y, variant=name,
                                regulariser=ct.c == 0, pool=pool)
     for v, a in out.state.items():
         put_live(ct, i, v, new, a)
     w_next = w_first = None
     if right is not None:
-        w_next = radmm3.weight_stats(augment(out.state["V"], spec.bias), right["U"],
-                                     right["Lam"], pen.rho, pool)
+        w_next = radmm3.weight_stats(radmm3.augmented(out.state["V"], spec.bias, pool),
+                                     right["U"], right["Lam"], pen.rho, pool)
     if i == 1:
         w_first = _first_stats(Vt, out.state["U"], out.state["Lam"], rho_next)
     return ChunkOut(out.stats, w_next, w_first)

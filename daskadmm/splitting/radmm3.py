@@ -41,6 +41,7 @@ from .base import (
 __all__ = [
     "block_objective",
     "block_update",
+    "augmented",
     "column_update",
     "init_state",
     "solve_activation",
@@ -101,6 +102,17 @@ def _get(pool: Scratch | None, shape: tuple, like: Array | None = None) -> Array
     if pool is not None:
         return pool.get(shape)
     return np.empty(shape, dtype=float_type(like) if like is not None else np.float64)
+
+
+def augmented(V: Array, bias: bool, pool: Scratch | None = None) -> Array:
+    """``V~ = [V; 1^T]`` with a bias (an array from ``pool``, if given), else ``V`` itself:
+    :func:`daskadmm.model.augment`'s values."""
+    if not bias:
+        return V
+    Vt = _get(pool, (V.shape[0] + 1, V.shape[1]), V)
+    Vt[:-1] = V
+    Vt[-1] = 1.0
+    return Vt
 
 
 def _sigma_into(act, U: Array, out: Array) -> Array:
@@ -426,7 +438,7 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
     if pool is not None:
         pool.put(r)
     stats: Stats = {"objective": objective, "primal_sq": primal_sq, "dual_sq": dual_sq,
-             "capped": float(capped)}
+                    "capped": float(capped)}
     return StepOut(new, stats)
 
 
@@ -444,12 +456,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     (``||V_i^{k+1} - V_i^k||^2``) and ``capped`` (inner solves that hit their cap).
     """
     pool = Scratch(like=own["U"])  # the temporaries reuse a few arrays
-    if spec.bias:  # V~ = [V; 1^T]
-        Vt = pool.get((Vleft.shape[0] + 1, Vleft.shape[1]))
-        Vt[:-1] = Vleft
-        Vt[-1] = 1.0
-    else:
-        Vt = Vleft
+    Vt = augmented(Vleft, spec.bias, pool)
     G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho, pool)
     step_w = update_weights_linearized if variant == "radmm3l" else update_weights
     W = step_w(own["W"], G, B, pen, spec.n)
