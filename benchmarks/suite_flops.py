@@ -28,6 +28,11 @@ def potrs_flops(m: int, rhs: int) -> float:
     return 2.0 * m * m * rhs
 
 
+def potri_flops(m: int) -> float:
+    """Inverse from the Cholesky factor (LAPACK potri: trtri then lauum, m^3/3 each)."""
+    return 2.0 * m ** 3 / 3
+
+
 def gemm_flops(m: int, k: int, n: int) -> float:
     """``(m x k) @ (k x n)``."""
     return 2.0 * m * k * n
@@ -43,7 +48,7 @@ RADMM3_FLOP_FORMULAS = {
     "conventions": (
         "gemm (m x k)@(k x n): 2mkn; syrk C = A A^T (C m x m, inner k): m(m+1)k (NumPy computes "
         "X @ X.T and A.T @ A of one buffer with BLAS syrk, one triangle); Cholesky potrf(m): "
-        "m^3/3 + m^2/2 + m/6; potrs(m, r): 2 m^2 r. Elementwise work (prox, duals, residuals; "
+        "m^3/3 + m^2/2 + m/6; potrs(m, r): 2 m^2 r; potri(m): 2 m^3/3. Elementwise work (prox, duals, residuals; "
         "O(d n) per block, memory-bound) is not counted. gemm_equivalent counts the two Gram "
         "products as full gemms (2m^2 k)."),
     "per_block": {
@@ -58,7 +63,9 @@ RADMM3_FLOP_FORMULAS = {
         "v_rhs": "A_{i+1}^T (rho (U_{i+1} - b 1^T) + Lam_{i+1}): gemm(q, q', n)   (i < N)",
         "v_gram": "A_{i+1}^T A_{i+1}: syrk(q, q')   (i < N)",
         "v_factor": "chol((beta(1+s') + tau) I + rho A^T A): potrf(q)   (i < N)",
-        "v_solve": "V = M^{-1} rhs, n right-hand sides: potrs(q, n)   (i < N)",
+        "v_inverse": "M^{-1} from the factor: potri(q)   (i < N; n >= q/2)",
+        "v_solve": "V = M^{-1} rhs, n right-hand sides: gemm(q, q, n) (potrs(q, n) below "
+                   "q/2 columns; the same count)   (i < N)",
         "hidden_block_leading_order": "9 d^2 n + O(d^3) (gemm_equivalent: 10 d^2 n); the "
                                       "objective reuses U - Z of the forward product",
     },
@@ -87,7 +94,11 @@ def radmm3_block_flops(p: int, q: int, q_next: int | None, n: int, *, bias: bool
         terms["v_rhs"] = gemm_flops(q, q_next, n)
         terms["v_gram"] = syrk_flops(q, q_next) if syrk else gemm_flops(q, q_next, q)
         terms["v_factor"] = potrf_flops(q)
-        terms["v_solve"] = potrs_flops(q, n)
+        if n >= q / 2:  # base.spd_solve: the explicit inverse and one product
+            terms["v_inverse"] = potri_flops(q)
+            terms["v_solve"] = gemm_flops(q, q, n)
+        else:
+            terms["v_solve"] = potrs_flops(q, n)
     return terms
 
 

@@ -23,7 +23,7 @@ from daskadmm import api
 from daskadmm.algorithms import get_algorithm
 from daskadmm.engines.reference import initial_outputs, sweep
 from daskadmm.model import Architecture, init_weights
-from daskadmm.splitting import BlockSpec, Penalties
+from daskadmm.splitting import BlockSpec, Penalties, base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,7 @@ class _Log:
     factors: list[int] = []
     solves: list[tuple[int, int]] = []
     trsms: list[tuple[int, int]] = []  # (m, right-hand sides): m^2 r flops each
+    inverses: list[int] = []  # spd_inverse of an m x m matrix: potri's 2 m^3 / 3 flops
 
 
 def _plain(x):
@@ -90,7 +91,9 @@ def _count(monkeypatch, fn):
     """Run ``fn()`` with the factorisations and solves logged; return (executed, gemm-equivalent)
     flops counted from the log."""
     _Log.products, _Log.factors, _Log.solves, _Log.trsms = [], [], [], []
+    _Log.inverses = []
     cho_factor, cho_solve = scipy.linalg.cho_factor, scipy.linalg.cho_solve
+    spd_inverse = base.spd_inverse
     dtrsm = scipy.linalg.blas.dtrsm
 
     def factor(a, *args, **kwargs):
@@ -108,6 +111,12 @@ def _count(monkeypatch, fn):
         _Log.trsms.append((m, b.shape[0] if side else b.shape[1]))
         return _wrap(dtrsm(alpha, _plain(a), b, *args, side=side, **kwargs))
 
+    def inverse(M):  # potrf then potri (base.spd_solve's many-right-hand-side path)
+        _Log.factors.append(np.shape(M)[0])
+        _Log.inverses.append(np.shape(M)[0])
+        return spd_inverse(_plain(M))
+
+    monkeypatch.setattr(base, "spd_inverse", inverse)
     monkeypatch.setattr(scipy.linalg, "cho_factor", factor)
     monkeypatch.setattr(scipy.linalg, "cho_solve", solve)
     monkeypatch.setattr(scipy.linalg.blas, "dtrsm", trsm)
@@ -116,6 +125,7 @@ def _count(monkeypatch, fn):
     chol = sum(m ** 3 / 3 + m ** 2 / 2 + m / 6 for m in _Log.factors)
     chol += sum(2 * m * m * r for m, r in _Log.solves)
     chol += sum(m * m * r for m, r in _Log.trsms)
+    chol += sum(2 * m ** 3 / 3 for m in _Log.inverses)
     executed = chol + sum(m * (m + 1) * k if same else 2 * m * k * n
                           for m, k, n, same in _Log.products)
     gemm = chol + sum(2 * m * k * n for m, k, n, _ in _Log.products)
@@ -142,7 +152,7 @@ def test_radmm3_flops_match_a_brute_force_count(monkeypatch, kind, bias):
         out["cur"], _ = sweep(splitting, specs, pen, initial_outputs(splitting, states), X, Y)
 
     executed, gemm = _count(monkeypatch, one_iteration)
-    assert _Log.products and _Log.factors and _Log.solves and _Log.trsms
+    assert _Log.products and _Log.factors and _Log.solves and _Log.inverses
     assert len(_Log.factors) == 2 * depth - 1  # a W solve per block, a V solve per hidden block
     # and it really was the solver's iteration: the iterate is finite and W changed
     assert all(np.all(np.isfinite(s["W"])) for s in out["cur"]["radmm3_block"])
@@ -158,14 +168,18 @@ def test_hidden_block_flops_by_hand():
     d, n = 7, 50
     potrf = d ** 3 / 3 + d ** 2 / 2 + d / 6
     # gemm-equivalent: five (d x d)(d x n)-sized products, W and V Grams, two factorisations,
-    # the W solve with d right-hand sides and the V solve with n
-    expected = 5 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d
+    # the W solve with d right-hand sides and the V solve with n (by the inverse: potri, then
+    # the product, as many flops as potrs)
+    expected = 5 * 2 * d * d * n + 2 * d ** 3 + 2 * potrf + 2 * d * d * d + 2 * d ** 3 / 3
     block = suite_flops.radmm3_block_flops(d, d, d, n, bias=False, syrk=False)
     assert sum(block.values()) == pytest.approx(expected)
     # syrk halves (plus the diagonal) the two Gram products
     block = suite_flops.radmm3_block_flops(d, d, d, n, bias=False)
     expected_syrk = expected - 2 * d * d * n + d * (d + 1) * n - 2 * d ** 3 + d * (d + 1) * d
     assert sum(block.values()) == pytest.approx(expected_syrk)
+    # fewer than d/2 samples: the V solve by triangular solves, no inverse
+    narrow = suite_flops.radmm3_block_flops(d, d, d, 3, bias=False)
+    assert "v_inverse" not in narrow and narrow["v_solve"] == 2 * d * d * 3
     out_block = suite_flops.radmm3_block_flops(d, 3, None, n, bias=True)
     assert "v_solve" not in out_block and out_block["gram"] == (d + 1) * (d + 2) * n
 

@@ -248,25 +248,68 @@ def test_activation_kernels_equal_the_plain_functions(name):
 
 
 def test_spd_solve_of_c_ordered_rhs_is_c_ordered_and_equals_potrs():
-    """The V step's solve works on R^T (no transposing copies) and returns X in R's order."""
+    """Few C-ordered right-hand sides go through triangular solves on R^T (no transposing
+    copies) and come back in R's order; many go through the inverse and one product."""
     rng = np.random.default_rng(11)
-    d, n = 37, 501
+    d = 37
     A = rng.standard_normal((d, d))
     M = A @ A.T + 0.5 * np.eye(d)
-    R = rng.standard_normal((d, n))
+    # few columns (< d/2): triangular solves
+    R = rng.standard_normal((d, 15))
     R0 = R.copy()
     X = base.spd_solve(M, R)
     assert X.flags.c_contiguous and np.array_equal(R, R0)  # R kept without overwrite_r
     ref = np.linalg.solve(M, R0)
     np.testing.assert_allclose(X, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
     # a chunk of the columns gives those columns of the whole, bit for bit
-    np.testing.assert_array_equal(base.spd_solve(M, np.ascontiguousarray(R0[:, 100:300])),
-                                  X[:, 100:300])
+    np.testing.assert_array_equal(base.spd_solve(M, np.ascontiguousarray(R0[:, 3:9])),
+                                  X[:, 3:9])
     X2 = base.spd_solve(M, R, overwrite_r=True)
     assert np.shares_memory(X2, R) and np.array_equal(X2, X)
     # Fortran-ordered right-hand sides (the W step's) still go through potrs
     XF = base.spd_solve(M, np.asfortranarray(R0))
     np.testing.assert_allclose(XF, X, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+
+
+def test_spd_solve_with_many_right_hand_sides_uses_the_inverse():
+    """At least d/2 C-ordered columns (the V steps): X = M^{-1} R into ``out``, R kept, the
+    inverse exactly symmetric, and the same solution as the triangular solves to rounding."""
+    rng = np.random.default_rng(12)
+    d, n = 37, 501
+    A = rng.standard_normal((d, d))
+    M = A @ A.T + 0.5 * np.eye(d)
+    Mi = base.spd_inverse(M)
+    assert np.array_equal(Mi, Mi.T)
+    np.testing.assert_allclose(Mi @ M, np.eye(d), atol=1e-10)
+    R = rng.standard_normal((d, n))
+    R0 = R.copy()
+    out = np.empty_like(R)
+    X = base.spd_solve(M, R, overwrite_r=True, out=out)
+    assert X is out and np.array_equal(R, R0) and X.flags.c_contiguous
+    np.testing.assert_array_equal(X, Mi @ R0)
+    ref = np.linalg.solve(M, R0)
+    np.testing.assert_allclose(X, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    # the triangular solves, column by column (few columns each), agree to rounding
+    tri = np.hstack([base.spd_solve(M, np.ascontiguousarray(R0[:, j:j + 10]))
+                     for j in range(0, n, 10)])
+    assert np.abs(tri - X).max() <= 1e-12 * np.abs(X).max()
+    # float32 stays float32
+    X32 = base.spd_solve(M.astype(np.float32), R0.astype(np.float32))
+    assert X32.dtype == np.float32
+    np.testing.assert_allclose(X32, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n", [5, 501])
+def test_spd_solve_of_a_matrix_that_is_not_spd_is_nan(n):
+    """Both paths answer NaN (the run then stops as nonfinite) instead of raising."""
+    rng = np.random.default_rng(13)
+    M = -np.eye(6)
+    R = rng.standard_normal((6, n))
+    assert np.isnan(base.spd_solve(M, R)).all()
+    M2 = np.eye(6)
+    M2[0, 0] = np.inf
+    assert np.isnan(base.spd_solve(M2, R)).all()
+    assert np.isnan(base.spd_inverse(-np.eye(3))).all()
 
 
 @pytest.mark.parametrize("act_name", ["tanh", "relu"])

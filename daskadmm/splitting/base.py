@@ -33,6 +33,7 @@ __all__ = [
     "lambda_max",
     "prox_activation",
     "prox_output",
+    "spd_inverse",
     "spd_solve",
     "spd_solve_right",
 ]
@@ -139,28 +140,64 @@ def lambda_max(G: Array) -> float:
     return float(sla.eigvalsh(G, subset_by_index=[m - 1, m - 1], check_finite=False)[0])
 
 
-def spd_solve(M: Array, R: Array, *, overwrite_r: bool = False) -> Array:
-    """Solve ``M X = R`` for symmetric positive definite ``M`` (Cholesky).
+def spd_inverse(M: Array) -> Array:
+    """``M^{-1}`` of a symmetric positive definite ``M`` (LAPACK ``potrf`` then ``potri``),
+    exactly symmetric; NaN where ``M`` is not SPD numerically (see :func:`spd_solve`)."""
+    nan = np.full(M.shape, np.nan, dtype=M.dtype)
+    if not np.all(np.isfinite(M)):
+        return nan
+    potrf, potri = sla.get_lapack_funcs(("potrf", "potri"), (M,))
+    L, info = potrf(M, lower=1, clean=1)
+    if info != 0:
+        return nan
+    Mi, info = potri(L, lower=1)
+    if info != 0:
+        return nan
+    Mi = np.tril(Mi)
+    Mi += np.tril(Mi, -1).T
+    return Mi
+
+
+# A right-hand side with at least this many columns per row of M is solved through the
+# explicit inverse and one matrix product; with fewer, by triangular solves (see spd_solve).
+INVERSE_MIN_COLUMNS_PER_ROW = 0.5
+
+
+def spd_solve(M: Array, R: Array, *, overwrite_r: bool = False,
+              out: Array | None = None) -> Array:
+    """Solve ``M X = R`` for symmetric positive definite ``M``.
 
     ``M`` is SPD in exact arithmetic for every system here; if it is not numerically (entries
     overflowing after an exploding forward pass), the result is NaN, so the run stops with
     status ``nonfinite`` instead of raising.
 
-    A C-ordered ``R`` (the ``d x n`` right-hand sides of the V steps) is solved as
-    ``X^T M = R^T``, two right-side triangular solves (BLAS ``trsm``) on ``R^T``, which is
-    Fortran-ordered in the same memory: no transposing copies in or out, and ``X`` comes back
-    C-ordered like ``R`` (LAPACK's ``potrs`` would copy ``R`` to Fortran order and return a
-    Fortran-ordered ``X``, which makes every later elementwise operation that mixes it with
-    C-ordered arrays several times slower). Each column of ``X`` depends only on its column
-    of ``R``. ``overwrite_r``: ``R`` may be overwritten (it then holds ``X``)."""
+    Many right-hand sides (the ``d x n`` V steps: at least half as many columns as ``M`` has
+    rows, C-ordered) are solved as ``X = M^{-1} R`` with :func:`spd_inverse`: the inverse
+    costs ``d^3`` flops once, and one matrix product runs at the machine's matmul rate, where
+    the two triangular solves (BLAS ``trsm``, the same ``2 d^2 n`` flops) ran at half of it
+    (measured at d = 512, n = 8,192: 0.146 s against 0.075 s). The systems here are well
+    conditioned (``M = c I + rho A^T A`` with ``c >= beta``), and the two ways agree to the
+    rounding of ``cond(M) * eps`` (tested). ``out`` (C-ordered, ``R``'s shape and type, not
+    ``R``): where that product goes; without it a new array. ``R`` is then left as it is.
+
+    Fewer right-hand sides, C-ordered, are solved as ``X^T M = R^T``: two right-side
+    triangular solves on ``R^T``, which is Fortran-ordered in the same memory: no transposing
+    copies in or out, and ``X`` comes back C-ordered like ``R`` (LAPACK's ``potrs`` would
+    copy ``R`` to Fortran order and return a Fortran-ordered ``X``, which makes every later
+    elementwise operation that mixes it with C-ordered arrays several times slower).
+    ``overwrite_r``: ``R`` may be overwritten (it then holds ``X``). Other right-hand sides go
+    through ``potrs``. Each column of ``X`` depends only on its column of ``R``."""
     if not np.all(np.isfinite(M)):
         return np.full(R.shape, np.nan, dtype=R.dtype)
+    c_rhs = (R.ndim == 2 and R.dtype in (np.float64, np.float32) and M.dtype == R.dtype
+             and R.flags.c_contiguous and not R.flags.f_contiguous)
+    if c_rhs and R.shape[1] >= INVERSE_MIN_COLUMNS_PER_ROW * M.shape[0]:
+        return np.matmul(spd_inverse(M), R, out=out)
     try:
         c = sla.cho_factor(M, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return np.full(R.shape, np.nan, dtype=R.dtype)
-    if (R.ndim == 2 and R.dtype in (np.float64, np.float32) and c[0].dtype == R.dtype
-            and R.flags.c_contiguous and not R.flags.f_contiguous):
+    if c_rhs and c[0].dtype == R.dtype:
         B = (R if overwrite_r else R.copy()).T  # n x d, Fortran-ordered
         trsm = sla.blas.dtrsm if R.dtype == np.float64 else sla.blas.strsm
         B = trsm(1.0, c[0], B, side=1, lower=1, trans_a=1, overwrite_b=1)

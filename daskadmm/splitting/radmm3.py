@@ -282,13 +282,16 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
 def solve_activation(spec: BlockSpec, pen: Penalties, A: Array, rhs: Array, work: Array,
                      V: Array, pool: Scratch | None = None) -> Array:
     """The exact V step's solve: ``[(beta (1 + s') + tau) I + rho A^T A] V+ = rhs + tau V``
-    (``rhs``, ``work``: from :func:`_activation_rhs`, both overwritten)."""
+    (``rhs``, ``work``: from :func:`_activation_rhs`, both overwritten; the result is one of
+    them, see :func:`~daskadmm.splitting.base.spd_solve`, and the other goes back to
+    ``pool``)."""
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
     rhs += np.multiply(V, pen.tau, out=work)
-    if pool is not None:
-        pool.put(work)
-    return spd_solve(M, rhs, overwrite_r=True)
+    V_new = spd_solve(M, rhs, overwrite_r=True, out=work)
+    if pool is not None:  # the one of rhs and work that does not hold the result
+        pool.put(rhs if np.shares_memory(V_new, work) else work)
+    return V_new
 
 
 def update_activation_linearized(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array,
