@@ -14,6 +14,9 @@ figure:
   samples) from the same state (after 3 warm-up iterations):
 
   - ``new``: the library's block update;
+  - ``new_fresh_heap``: the same without ``daskadmm.heap``'s reuse of freed memory (glibc's
+    default for arrays over 32 MiB: a fresh, page-faulting mapping each time); every other
+    variant runs with the reuse, as ``daskadmm.fit`` sets it;
   - ``old``: the block update as it was before issue 13, copied below (the plain activation
     prox: three sigma evaluations per Newton step, per-iteration gathers of the active
     elements, n-sized temporaries; LAPACK ``potrs`` for the V step, which returns a
@@ -47,6 +50,7 @@ from suite_common import write_results
 from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
+from daskadmm import heap
 from daskadmm.algorithms import get_algorithm
 from daskadmm.engines import reference
 from daskadmm.model import Architecture, init_weights, loss_value
@@ -238,6 +242,21 @@ def problem(activation: str, width: int, n: int, depth: int, d_in: int = 64,
     return arch, X, Y, specs, pen, outs
 
 
+def _heap_mode(reuse: bool) -> None:
+    """``reuse``: freed memory kept for reuse (``daskadmm.heap``, what ``fit`` sets); else
+    glibc's default for arrays over 32 MiB (its adaptive mmap threshold's ceiling, and the
+    trim threshold it pairs with it), which map fresh memory every time."""
+    libc = heap._libc()
+    if libc is None:
+        return
+    if reuse:
+        heap.reuse_freed_memory()
+    else:
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        heap.give_back()
+
+
 def _max_rel_diff(a: dict, b: dict) -> float:
     worst = 0.0
     for sa, sb in zip(reference.block_states(get_algorithm("radmm3").splitting, a),
@@ -254,6 +273,7 @@ def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, lo
     extra = sum(gemm_flops(arch.out_dim(i), arch.in_dim(i) + 1, n)
                 for i in range(1, depth + 1))  # the old objective's W V~
     variants = {"new": get_algorithm("radmm3").splitting,
+                "new_fresh_heap": get_algorithm("radmm3").splitting,
                 "old": _with_block_update(old_block_update),
                 "old_prox": _with_block_update(_old_prox_block_update)}
     times: dict[str, list] = {k: [] for k in variants}
@@ -262,9 +282,11 @@ def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, lo
         for name, sp in variants.items():
             rates.append(matmul_rate())
             loads.append(_load())
+            _heap_mode(reuse=name != "new_fresh_heap")
             t0 = time.perf_counter()
             results[name], _ = reference.sweep(sp, specs, pen, outs, X, Y)
             times[name].append(time.perf_counter() - t0)
+            _heap_mode(reuse=True)
             log(f"  {activation} d={width} rep {rep}: {name} {times[name][-1]:.3f} s "
                 f"(matmul {rates[-1] / 1e9:.1f} Gflop/s, load {loads[-1][0]})")
     rate = max(rates)
@@ -281,6 +303,8 @@ def bench_case(activation: str, width: int, n: int, depth: int, repeats: int, lo
         if name == "old":
             row[name]["fraction_executed"] = (flops + extra) / (best * rate)
     row["speedup_best"] = row["old"]["best"] / row["new"]["best"]
+    row["heap_reuse_speedup_pairs_median"] = float(np.median(
+        np.array(times["new_fresh_heap"]) / np.array(times["new"])))
     # ratios of the interleaved pairs (each pair ran back to back)
     row["speedup_pairs_median"] = float(np.median(np.array(times["old"]) /
                                                   np.array(times["new"])))
@@ -339,6 +363,7 @@ def main(argv=None) -> dict:
         print(msg, flush=True)
 
     rows = []
+    heap.reuse_freed_memory()  # as daskadmm.fit does
     with threadpool_limits(limits=1, user_api="blas"):
         for width in args.widths:
             for act in args.activations:
@@ -346,6 +371,8 @@ def main(argv=None) -> dict:
                 rows.append(bench_case(act, width, args.n, args.depth, args.repeats, log))
                 r = rows[-1]
                 log(f"  -> new {r['new']['best']:.3f} s = {r['new']['fraction']:.0%} of matmul; "
+                    f"without heap reuse {r['new_fresh_heap']['best']:.3f} s = "
+                    f"{r['new_fresh_heap']['fraction']:.0%}; "
                     f"old {r['old']['best']:.3f} s = {r['old']['fraction']:.0%} "
                     f"({r['speedup_best']:.2f}x); prox alone {r['prox']['speedup_best']:.2f}x "
                     f"({r['prox']['ns_per_element_new']:.0f} ns/element)")
@@ -354,11 +381,14 @@ def main(argv=None) -> dict:
               "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas_threads": 1,
               "target_fraction": 0.5, "rows": rows}
     log(f"wrote {write_results(result, args.out, 'kernels')}")
-    log("| activation | width | new s/it | fraction | old s/it | fraction | speed-up | load |")
-    log("|---|---|---|---|---|---|---|---|")
+    log("| activation | width | new s/it | fraction | without heap reuse | fraction | "
+        "old s/it | fraction | speed-up | load |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        fresh = r["new_fresh_heap"]
         log(f"| {r['activation']} | {r['width']} | {r['new']['best']:.3f} | "
-            f"{r['new']['fraction']:.0%} | {r['old']['best']:.3f} | {r['old']['fraction']:.0%} | "
+            f"{r['new']['fraction']:.0%} | {fresh['best']:.3f} | {fresh['fraction']:.0%} | "
+            f"{r['old']['best']:.3f} | {r['old']['fraction']:.0%} | "
             f"{r['speedup_best']:.2f}x | {r['loadavg'][0][0]}-{max(x[0] for x in r['loadavg'])} |")
     return result
 

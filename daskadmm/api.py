@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from . import heap
 from .config import (
     ADMM_ALGORITHMS,
     AlgorithmConfig,
@@ -114,8 +115,16 @@ def fit(cfg: Config, *, run_dir: Path | None = None,
     validate(cfg)
     # numpy and scipy each bundle an OpenBLAS whose idle threads spin; on a small machine two
     # spinning pools slow small factorizations ~100x. One BLAS thread per process unless asked.
-    with threadpool_limits(limits=cfg.cluster.blas_threads, user_api="blas"):
-        return _fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset, client=client)
+    # Sample-sized arrays from the heap instead of fresh page-faulting mappings (see
+    # daskadmm.heap); the free memory goes back to the system at the end of the run.
+    reuse = cfg.cluster.reuse_memory and heap.reuse_freed_memory()
+    try:
+        with threadpool_limits(limits=cfg.cluster.blas_threads, user_api="blas"):
+            return _fit(cfg, run_dir=run_dir, callback=callback, dataset=dataset,
+                        client=client)
+    finally:
+        if reuse:
+            heap.give_back()
 
 
 def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,

@@ -277,6 +277,8 @@ class ClusterConfig:
     dashboard_address: str = "127.0.0.1:8787"  # a busy port makes Dask pick another one
     connect_timeout: float = 10.0  # seconds, for cluster.kind=address
     blas_threads: int = 1
+    # keep freed memory in the run's processes for reuse (glibc malloc; see daskadmm.heap)
+    reuse_memory: bool = True
     # cluster.kind=local: a run whose ADMM state (estimated in float64) is at most this many
     # MiB runs in this process on Dask's threaded scheduler with the state in memory instead
     # of starting a LocalCluster (faster there; no dashboard); 0: always start the LocalCluster

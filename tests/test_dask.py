@@ -350,27 +350,37 @@ def test_tasks_get_aligned_arrays():
         assert np.array_equal(_call_aligned(lambda A: A @ A.T, Xu), X @ X.T)
 
 
-def test_local_cluster_workers_start_with_default_malloc_and_pinned_blas(monkeypatch):
+def test_local_cluster_workers_start_with_heap_reuse_and_pinned_blas(monkeypatch):
     # distributed's MALLOC_TRIM_THRESHOLD_=65536 made every n-sized temporary a fresh mmap
     # (block updates 1.4-1.6x slower in a worker than in the driver); also when an earlier
-    # cluster left it in this process's environment
+    # cluster left it in this process's environment. With cluster.reuse_memory the workers
+    # keep freed memory for reuse (daskadmm.heap), from their start.
     from distributed import Client
 
     from daskadmm.config import ClusterConfig
     from daskadmm.engines.cluster import _start_local_cluster
+    from daskadmm.heap import worker_environ
+
+    keys = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX",
+            "OPENBLAS_NUM_THREADS")
 
     def worker_env(**kw):
         with _start_local_cluster(ClusterConfig(n_workers=1, blas_threads=1,
                                                 dashboard_address="127.0.0.1:0", **kw)) as cl, \
                 Client(cl) as client:
-            return list(client.run(lambda: {k: os.environ.get(k) for k in (
-                "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values())[0]
+            return list(client.run(lambda: {k: os.environ.get(k) for k in keys}).values())[0]
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    assert worker_env() == {"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": "1"}
+    assert worker_env() == {**worker_environ(), "OPENBLAS_NUM_THREADS": "1"}
+    # reuse off: glibc's adaptive defaults (and not what the cluster before left behind)
+    assert worker_env(reuse_memory=False) == {
+        "MALLOC_TRIM_THRESHOLD_": None, "MALLOC_MMAP_THRESHOLD_": None,
+        "MALLOC_ARENA_MAX": None, "OPENBLAS_NUM_THREADS": "1"}
     # an explicit memory limit (out-of-core runs): memory before speed, distributed's setting
-    assert worker_env(memory_limit="1GB") == {"MALLOC_TRIM_THRESHOLD_": "65536",
-                                              "OPENBLAS_NUM_THREADS": "1"}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert worker_env(memory_limit="1GB") == {
+        "MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": None,
+        "MALLOC_ARENA_MAX": None, "OPENBLAS_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("state", ["memory", "zarr"])

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from .. import heap
 from ..config import ADMM_ALGORITHMS, ClusterConfig
 from ..engine_options import EngineOptions
 
@@ -99,17 +100,26 @@ def _start_local_cluster(ccfg: ClusterConfig):
     # (measured). Unset, glibc adapts its thresholds as in any Python process, at the price of
     # keeping some freed memory: with an explicit cluster.memory_limit (out-of-core runs) the
     # workers keep distributed's setting.
+    # With cluster.reuse_memory (the default) the workers go further and keep freed memory
+    # for reuse (daskadmm.heap: sample-sized arrays above glibc's adaptive 32 MiB limit
+    # page-faulted in afresh every time).
     # A nanny also writes its pre-spawn variables into this process's environment, so an
     # earlier cluster in this process leaves distributed's value behind: drop that one too.
     trim = "MALLOC_TRIM_THRESHOLD_"
     spawn: dict[str, str | None] = {f"distributed.nanny.pre-spawn-environ.{k}": v
                                     for k, v in env.items()}
+    for key, value in heap.worker_environ().items():  # an earlier cluster's, as above
+        if os.environ.get(key) == value:
+            del os.environ[key]
     if ccfg.memory_limit in ("auto", None):
         inherited = os.environ.get(trim)
         default = dask.config.get(f"distributed.nanny.pre-spawn-environ.{trim}", None)
         if inherited is not None and inherited == str(default):
             del os.environ[trim]
         spawn[f"distributed.nanny.pre-spawn-environ.{trim}"] = None
+        if ccfg.reuse_memory:
+            spawn.update({f"distributed.nanny.pre-spawn-environ.{k}": v
+                          for k, v in heap.worker_environ().items()})
     with dask.config.set(spawn):
         return LocalCluster(
             n_workers=ccfg.n_workers,
