@@ -666,6 +666,7 @@ def validation_run(workers: int, prob: Problem, iterations: int, activation: str
     cfg.cluster.kind, cfg.cluster.n_workers, cfg.cluster.threads_per_worker = "local", workers, 1
     cfg.cluster.dashboard_address = "127.0.0.1:0"
     cfg.cluster.in_process_mb = 0  # the worker processes are what is measured
+    cfg.cluster.placement = "blocks"  # what the replay models (placement())
     cfg.storage.chunk_size = math.ceil(prob.n / prob.chunks) if prob.chunks > 1 else 0
     t0 = time.perf_counter()
     res = api.fit(cfg, dataset=ds, run_dir=run_dir)

@@ -48,9 +48,9 @@ RADMM3_FLOP_FORMULAS = {
     "conventions": (
         "gemm (m x k)@(k x n): 2mkn; syrk C = A A^T (C m x m, inner k): m(m+1)k (NumPy computes "
         "X @ X.T and A.T @ A of one buffer with BLAS syrk, one triangle); Cholesky potrf(m): "
-        "m^3/3 + m^2/2 + m/6; potrs(m, r): 2 m^2 r; potri(m): 2 m^3/3. Elementwise work (prox, duals, residuals; "
-        "O(d n) per block, memory-bound) is not counted. gemm_equivalent counts the two Gram "
-        "products as full gemms (2m^2 k)."),
+        "m^3/3 + m^2/2 + m/6; potrs(m, r): 2 m^2 r; potri(m): 2 m^3/3. Elementwise work "
+        "(prox, duals, residuals; O(d n) per block, memory-bound) is not counted. "
+        "gemm_equivalent counts the two Gram products as full gemms (2m^2 k)."),
     "per_block": {
         "symbols": ("block i: p = rows of V_{i-1} (d_in for i = 1, else d), p~ = p + bias, "
                     "q = rows of U_i (d, or d_out for i = N), q' = rows of U_{i+1} (i < N), "

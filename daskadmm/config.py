@@ -61,6 +61,7 @@ SCHEDULES = ("constant", "grow", "adaptive", "rises")
 INITS = ("scaled", "normal")
 OUTPUT_INITS = ("forward", "labels")
 CLUSTERS = ("reference", "synchronous", "threads", "local", "address")
+PLACEMENTS = ("auto", "blocks", "chunks")
 # Dask's comm schemes a scheduler address may use (``inproc`` only works inside one process).
 ADDRESS_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and scikit-learn's random_state) take 32 bits
@@ -279,6 +280,10 @@ class ClusterConfig:
     blas_threads: int = 1
     # keep freed memory in the run's processes for reuse (glibc malloc; see daskadmm.heap)
     reuse_memory: bool = True
+    # where the Zarr-resident engine's chunk tasks run: "blocks" (every task of a block on
+    # one worker, blocks in contiguous ranges), "chunks" (chunk c of every block on one
+    # worker) or "auto" (chunks when every worker gets a chunk, else blocks)
+    placement: str = "auto"
     # cluster.kind=local: a run whose ADMM state (estimated in float64) is at most this many
     # MiB runs in this process on Dask's threaded scheduler with the state in memory instead
     # of starting a LocalCluster (faster there; no dashboard); 0: always start the LocalCluster
@@ -544,6 +549,8 @@ def validate(cfg: Config) -> Config:
     _check(c.threads_per_worker >= 1,
            f"cluster.threads_per_worker must be >= 1, got {c.threads_per_worker}")
     _check(c.blas_threads >= 1, f"cluster.blas_threads must be >= 1, got {c.blas_threads}")
+    _check(c.placement in PLACEMENTS, f"cluster.placement must be one of "
+           f"{', '.join(PLACEMENTS)}, got {c.placement!r}")
     _check(_memory_limit_ok(c.memory_limit),
            "cluster.memory_limit must be auto, a number of bytes, a fraction in (0, 1] of the "
            f"machine's memory or a size such as 4GB or '512 MiB', got {c.memory_limit!r}")

@@ -491,8 +491,9 @@ def test_engine_graph_is_the_runners():
         k for k in timer.seconds if k.startswith(("data_", "init_small"))}
     for N, W in [(5, 2), (8, 3), (4, 7), (128, 64)]:
         workers = [f"w{i}" for i in range(W)]
-        runner = _Ctx._placement(SimpleNamespace(N=N), workers)
-        assert {b: workers[w] for b, w in project.placement(N, W).items()} == runner
+        runner = _Ctx._placement(SimpleNamespace(N=N, by_chunk=lambda W: False), workers)
+        assert {b: workers[w] for b, w in project.placement(N, W).items()} == runner.blocks
+        assert runner.chunks is None
 
 
 def _uniform(g, chunk=1.0):

@@ -79,12 +79,14 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
     cfg = _mlp_cfg(algorithm, iterations=6)
     ds = load_dataset(cfg.data, seed=0)
     runs = []
-    for kind in ("synchronous", "threads", "address"):
-        url = str(tmp_path / f"{kind}.zarr")
-        runs.append(api.fit(_with(cfg, cluster={"kind": kind,
+    for kind, placement in (("synchronous", "auto"), ("threads", "auto"), ("address", "auto"),
+                            ("address", "blocks")):
+        url = str(tmp_path / f"{kind}-{placement}.zarr")
+        runs.append(api.fit(_with(cfg, cluster={"kind": kind, "placement": placement,
                                                 "address": local_cluster.scheduler_address},
                                   storage={"chunk_size": 23, "url": url}), dataset=ds))
     assert runs[0].info["chunks"] == 4
+    assert runs[2].info["placement"] == "chunks" and runs[3].info["placement"] == "blocks"
     for res in runs[1:]:
         for a, b in zip(runs[0].weights, res.weights, strict=True):
             assert np.array_equal(a, b)

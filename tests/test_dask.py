@@ -517,3 +517,37 @@ def test_stream_summary_counts_the_run_s_tasks_and_how_busy_the_workers_were():
     assert (s["tasks_run"], s["compute_seconds"], s["transfer_seconds"]) == (2, 3.0, 1.0)
     assert s["workers_busy"] == 3.0 / (2 * 4.0)  # 3 compute seconds in 2 workers x 4 s
     assert _stream_summary([], "r1", workers=2)["workers_busy"] is None
+
+
+def test_placement_by_block_or_by_chunk():
+    """Blocks in contiguous ranges; by chunk, chunk c of every block on worker c * W // C and
+    the small per-block tasks still on their block's worker; ``auto`` places by chunk only
+    with the Zarr-resident state and at least one chunk per worker."""
+    from types import SimpleNamespace
+
+    from daskadmm.config import ClusterConfig
+    from daskadmm.engines.driver import _Ctx
+    from daskadmm.graph.nodes import Node
+
+    workers = ["w0", "w1", "w2"]
+
+    def ctx(placement, chunks, flow=False):
+        c = SimpleNamespace(N=4, slices=[slice(i, i + 1) for i in range(chunks)], flow=flow,
+                            opts=SimpleNamespace(cluster=ClusterConfig(placement=placement)))
+        c.by_chunk = lambda W: _Ctx.by_chunk(c, W)
+        return c
+
+    place = _Ctx._placement(ctx("auto", 6), workers)
+    assert place.blocks == {1: "w0", 2: "w0", 3: "w1", 4: "w2"}
+    assert place.chunks == {0: "w0", 1: "w0", 2: "w1", 3: "w1", 4: "w2", 5: "w2"}
+    assert place.of(Node("chunk", print, (), block=4, chunk=1)) == ["w0"]
+    assert place.of(Node("small", print, (), block=4)) == ["w2"]
+    assert place.of(Node("init", print, (), chunk=5)) == ["w2"]
+    assert place.of(Node("sum", print, ())) is None
+    assert _Ctx._placement(ctx("auto", 2), workers).chunks is None  # fewer chunks than workers
+    assert _Ctx._placement(ctx("auto", 6, flow=True), workers).chunks is None  # in memory
+    assert _Ctx._placement(ctx("blocks", 6), workers).chunks is None
+    assert _Ctx._placement(ctx("chunks", 2), workers).chunks == {0: "w0", 1: "w1"}
+    by_block = _Ctx._placement(ctx("blocks", 6), workers)
+    assert by_block.of(Node("chunk", print, (), block=4, chunk=1)) == ["w2"]
+    assert by_block.of(Node("init", print, (), chunk=5)) is None

@@ -102,12 +102,15 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
     ds = load_dataset(cfg.data, seed=0)
     chunk = 12  # 7 chunks of the 80 training samples, the last one uneven
     runs = []
-    for kind in ("synchronous", "threads", "address"):
-        url = str(tmp_path / f"{kind}.zarr")
-        runs.append(api.fit(_with(cfg, cluster={"kind": kind,
+    # on the cluster: the chunk tasks placed by chunk (auto: 7 chunks, 2 workers) and by block
+    for kind, placement in (("synchronous", "auto"), ("threads", "auto"), ("address", "auto"),
+                            ("address", "blocks")):
+        url = str(tmp_path / f"{kind}-{placement}.zarr")
+        runs.append(api.fit(_with(cfg, cluster={"kind": kind, "placement": placement,
                                                 "address": local_cluster.scheduler_address},
                                   storage={"chunk_size": chunk, "url": url}), dataset=ds))
     assert runs[0].info["chunks"] == 7 and runs[2].info["engine"] == "dask-zarr"
+    assert runs[2].info["placement"] == "chunks" and runs[3].info["placement"] == "blocks"
     for res in runs[1:]:
         for a, b in zip(runs[0].weights, res.weights, strict=True):
             assert np.array_equal(a, b)

@@ -12,7 +12,9 @@ On a distributed cluster (``local``/``address``) the runner submits each iterati
 futures without waiting for the previous iteration, keeping ``run.window`` iterations in flight,
 and reads each iteration's statistics as it completes, so the scheduler runs a wavefront across
 blocks and iterations. Block b is pinned to worker ``(b-1) * workers // N`` (contiguous ranges),
-so neighbour data crosses workers only at range boundaries. The synchronous and threaded
+so neighbour data crosses workers only at range boundaries; with the state in Zarr chunks and
+at least one chunk per worker, the chunk tasks are pinned by chunk instead (:class:`Placement`,
+``cluster.placement``). The synchronous and threaded
 schedulers have no futures: the same driver loop hands them the tasks of ``run.window``
 iterations, which run as one dict graph when the first of their results is asked for
 (:class:`.executors._LocalExecutor`; on a cluster, :class:`.executors._ClusterExecutor`).
@@ -34,6 +36,7 @@ import math
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +121,28 @@ def run_dask(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
     if ctx.client is None and opts.cluster.kind in ("synchronous", "threads"):
         return ctx.run_local(weights0)
     return ctx.run_distributed(weights0, run_dir)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's tasks run on a cluster. By block (``cluster.placement=blocks``): every
+    task of block b on ``blocks[b]``, blocks in contiguous ranges of the workers, so
+    neighbour data crosses workers only at range boundaries; a block's cost is then one
+    worker's, and blocks of unequal cost (the input and output blocks are cheaper than the
+    residual ones) leave a worker idle part of each iteration. By chunk (``chunks`` given):
+    the per-chunk tasks of every block on ``chunks[c]`` instead, so each worker does its share
+    of every block and the load is even; the small per-block tasks (W steps, statistics) stay
+    on ``blocks[b]``, and the chunks go through the shared store. The iterates do not depend
+    on placement."""
+
+    blocks: dict[int, str]
+    chunks: dict[int, str] | None = None
+
+    def of(self, node: Node) -> list[str] | None:
+        """The worker ``node`` is pinned to (None: any)."""
+        if self.chunks is not None and node.chunk is not None:
+            return [self.chunks[node.chunk]]
+        return None if node.block is None else [self.blocks[node.block]]
 
 
 class _Ctx:
@@ -299,6 +324,7 @@ class _Ctx:
                 ts_cm.close(quiet=failed)
             stream = ts_cm.value.data if ts_cm.value is not None else []
         info = {"dashboard": dashboard, "workers": len(workers),
+                "placement": "chunks" if self.by_chunk(len(workers)) else "blocks",
                 **_stream_summary(stream, self.run_ids(), len(workers))}
         if run_dir is not None:
             try:
@@ -315,19 +341,34 @@ class _Ctx:
         """Every run id this run's task keys end with (a recovery starts a new one)."""
         return (self.run_id, *getattr(self, "old_run_ids", ()))
 
-    def _placement(self, workers: list[str]) -> dict[int, str]:
+    def _placement(self, workers: list[str]) -> Placement:
+        """Where each task runs (see :class:`Placement`): block b on worker
+        ``(b-1) * W // N``; with placement by chunks, chunk c of every block on worker
+        ``c * W // C``."""
         W = len(workers)
-        return {b: workers[(b - 1) * W // self.N] for b in range(1, self.N + 1)}
+        blocks = {b: workers[(b - 1) * W // self.N] for b in range(1, self.N + 1)}
+        if not self.by_chunk(W):
+            return Placement(blocks)
+        C = len(self.slices)
+        return Placement(blocks, {c: workers[c * W // C] for c in range(C)})
+
+    def by_chunk(self, workers: int) -> bool:
+        """Whether the chunk tasks are placed by chunk (``cluster.placement``; ``auto``: when
+        every worker gets a chunk of each block, on the Zarr-resident state)."""
+        how = self.opts.cluster.placement
+        if how == "auto":
+            return not self.flow and workers >= 2 and len(self.slices) >= workers
+        return how == "chunks"
 
     def _submit(self, client, nodes: list[Node], futures: dict[str, Any],
-                place: dict[int, str]) -> None:
+                place: Placement) -> None:
         """Submit ``nodes``; their futures go into ``futures`` (the caller drops what later
         iterations no longer need, so the cluster can release old states)."""
         for node in nodes:
             args = tuple(_resolve(a, futures) for a in node.args)
-            workers = [place[node.block]] if node.block is not None else None
-            fut = client.submit(_call_aligned, node.fn, *args, key=node.key, workers=workers,
-                                pure=False, allow_other_workers=False)
+            fut = client.submit(_call_aligned, node.fn, *args, key=node.key,
+                                workers=place.of(node), pure=False,
+                                allow_other_workers=False)
             futures[node.key] = fut
 
     # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------

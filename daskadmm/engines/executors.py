@@ -112,8 +112,9 @@ class _LocalExecutor(_Executor):
 
 
 class _ClusterExecutor(_Executor):
-    """A distributed cluster: each node a future on its block's worker (blocks in contiguous
-    ranges of the workers), literals scattered there; results watched for lost workers."""
+    """A distributed cluster: each node a future on its worker (:class:`.driver.Placement`:
+    by block, or the chunk tasks by chunk), literals scattered to their block's worker;
+    results watched for lost workers."""
 
     def __init__(self, ctx: _Ctx, client, workers: list[str]):
         self.ctx, self.client = ctx, client
@@ -124,7 +125,7 @@ class _ClusterExecutor(_Executor):
         for name, value in literals.items():
             b = int(name.split("-b")[1].split("-")[0])
             # in a list: scatter would split a dict (a small state) into one future per entry
-            self.futures[name] = self.client.scatter([value], workers=[self.place[b]],
+            self.futures[name] = self.client.scatter([value], workers=[self.place.blocks[b]],
                                                      hash=False)[0]
 
     def submit(self, nodes: list[Node]) -> None:

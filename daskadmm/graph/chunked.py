@@ -277,7 +277,7 @@ class _Flow:
             locs, refs, writes = self.inputs.get(n.key, ((), (), False))
             out.append(Node(n.key, run_flow,
                             (FlowCall(n.fn, len(n.args), tuple(locs), writes), *n.args, *refs),
-                            block=n.block))
+                            block=n.block, chunk=n.chunk))
         return out
 
 
@@ -344,7 +344,8 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
             order = []
         else:
             order = hz.task(kk, reads, ()) if reads else []
-        nodes.append(Node(kk, fn, (*args, *order), block=block))
+        chunk = args[0].c if args and isinstance(args[0], ChunkTask) else None
+        nodes.append(Node(kk, fn, (*args, *order), block=block, chunk=chunk))
         return Ref(kk)
 
     small_task = partial(_small_task, nodes, k0, run_id)
@@ -360,7 +361,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
             if flow:
                 fl.add(kk, None, [c], (), True)
             nodes.append(Node(kk, eng.init, (ct, name, arch, weights, n, options, rho,
-                                             block_vars)))
+                                             block_vars), chunk=c))
             init_keys.append(kk)
         else:
             for i in range(1, N + 1):
@@ -368,7 +369,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
                 kk = f"restore_chunk-b{i}-c{c}-{run_id}"
                 hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for v in names])
                 nodes.append(Node(kk, restore_chunk, (ct, i, names, k0 % 2, restore[1]),
-                                  block=i))
+                                  block=i, chunk=c))
         parts.append(eng.start_chunk(ctx, ct, arch))
     gram, first = eng.start_sum(ctx, parts, arch)
     roles: dict[str, str] = {"gram": gram}
@@ -438,7 +439,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                     order = []  # the inputs are the data dependencies
                 own = () if each is None else (each[c],)
                 nodes.append(Node(kk, fn, (ChunkTask(url, sl, c), *args, *own, *order),
-                                  block=i))
+                                  block=i, chunk=c))
                 refs.append(Ref(kk))
             _parts[i].extend(refs)
             return refs
@@ -504,7 +505,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
                     order = hz.task(kk, [f"b{i}/{v}/{w}/c{c}" for v in names], ())
                     nodes.append(Node(kk, checkpoint_chunk,
                                       (ChunkTask(url, sl, c), i, names, w, ckpt_slots[k],
-                                       *order), block=i))
+                                       *order), block=i, chunk=c))
                     ck_keys[k].append(kk)
         small = sm_keys
     # Carry completion markers, not chunk tasks: a chunk task's output holds d x d statistics,

@@ -40,6 +40,7 @@ class Node:
     fn: Callable
     args: tuple
     block: int | None = None  # 1-based block the task belongs to (for worker placement)
+    chunk: int | None = None  # the sample chunk a per-chunk task works on (placement by chunk)
 
     def deps(self) -> list[str]:
         return [a.key for a in _walk(self.args) if isinstance(a, Ref)]
