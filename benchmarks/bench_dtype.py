@@ -28,6 +28,7 @@ from suite_common import write_results
 from suite_flops import radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
+from daskadmm import heap
 from daskadmm.algorithms import get_algorithm
 from daskadmm.engines import reference
 
@@ -82,6 +83,7 @@ def main(argv=None) -> dict:
     kernels.add_case_arguments(ap)
     args = ap.parse_args(argv)
     rows = []
+    heap.reuse_freed_memory()  # as daskadmm.fit does
     with threadpool_limits(limits=1, user_api="blas"):
         for width in args.widths:
             for act in args.activations:

@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
                            res.info.get("steady_seconds_per_iteration"),
                        "workers_busy": res.info.get("workers_busy"),
                        "placement_used": res.info.get("placement"),
-                       "chunks": res.info.get("chunks"), "test_metric": res.final.get("test_metric")}
+                       "chunks": res.info.get("chunks"),
+                       "test_metric": res.final.get("test_metric")}
                 runs[placement].append(run)
                 print(f"depth {depth} round {rnd} {placement:6s}: wall {wall:.1f} s, steady "
                       f"{run['steady_seconds_per_iteration']:.3f} s/it, busy "
