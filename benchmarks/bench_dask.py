@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--state", default="memory", help="memory (issue 3's path) or zarr")
     ap.add_argument("--windows", default="1,2,4,8",
                     help="also time 2 workers with these run.window values ('' to skip)")
+    ap.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="cluster.reuse_memory: freed memory kept for reuse in this process "
+                         "and the workers (daskadmm.heap)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
@@ -79,6 +82,7 @@ def main() -> None:
     cfg.cluster.dashboard_address = "127.0.0.1:0"
     cfg.cluster.in_process_mb = 0  # the worker processes are what is measured
     cfg.storage.state = args.state
+    cfg.cluster.reuse_memory = args.reuse_memory
 
     runs = {}
     for name, kind, workers in (("reference", "reference", 0), ("dask1", "local", 1),
@@ -108,7 +112,7 @@ def main() -> None:
         "problem": {"algorithm": args.algorithm, "state": args.state, "width": args.width,
                     "depth": args.depth,
                     "residual_blocks": args.depth - 2, "n": args.n,
-                    "iterations": args.iterations},
+                    "iterations": args.iterations, "reuse_memory": args.reuse_memory},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "runs": runs,
