@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,11 +107,26 @@ def test_same_chunking_bitwise_on_every_scheduler(tmp_path, local_cluster, algor
     for kind, placement in (("synchronous", "auto"), ("threads", "auto"), ("address", "auto"),
                             ("address", "blocks")):
         url = str(tmp_path / f"{kind}-{placement}.zarr")
+        run_dir = tmp_path / f"run-{kind}-{placement}"
+        run_dir.mkdir()
         runs.append(api.fit(_with(cfg, cluster={"kind": kind, "placement": placement,
                                                 "address": local_cluster.scheduler_address},
-                                  storage={"chunk_size": chunk, "url": url}), dataset=ds))
+                                  storage={"chunk_size": chunk, "url": url}), dataset=ds,
+                            run_dir=run_dir))
     assert runs[0].info["chunks"] == 7 and runs[2].info["engine"] == "dask-zarr"
     assert runs[2].info["placement"] == "chunks" and runs[3].info["placement"] == "blocks"
+    # where the chunk tasks ran (the task stream): one worker per chunk, or per block
+    for placement, group in (("auto", r"-c(\d+)-k"), ("blocks", r"-b(\d+)-c\d+-k")):
+        ran: dict[str, set] = {}
+        stream = json.loads((tmp_path / f"run-address-{placement}" / "task-stream.json")
+                            .read_text())
+        for row in stream:
+            m = re.search(group, row["key"])
+            if m and row["key"].startswith(f"{algorithm}_chunk"):
+                ran.setdefault(m.group(1), set()).add(row["worker"])
+        assert len(ran) == (7 if placement == "auto" else cfg.model.depth)
+        assert all(len(ws) == 1 for ws in ran.values())
+        assert len(set.union(*ran.values())) == 2  # both workers at work
     for res in runs[1:]:
         for a, b in zip(runs[0].weights, res.weights, strict=True):
             assert np.array_equal(a, b)
