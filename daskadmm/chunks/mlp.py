@@ -99,7 +99,14 @@ def pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
 
 
 def dl_layout(arch: Architecture) -> list[dict[str, tuple]]:
-    return state_layout(arch, dl_state_vars)
+    """dlADMM's store: its state variables and the scratch ``g`` (the a step's gradient,
+    written by the pass that sums its curvature, read by the pass that takes the step, in
+    slot ``BWD`` only, in both sweeps) of every layer but the last."""
+    out = state_layout(arch, dl_state_vars)
+    for i, v in enumerate(out, start=1):
+        if i < arch.depth:
+            v["g"] = (arch.out_dim(i), "n")
+    return out
 
 
 def pd_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
@@ -389,14 +396,13 @@ def _curv(spec: BlockSpec, pen: Penalties, g: Array, A: Array) -> PassOut:
     return PassOut(curv=curv, sq=sq)
 
 
-def _dl_a_step(ct: ChunkTask, spec: BlockSpec, pen: Penalties, right: Small, o: int,
-               step: tuple[float, bool], a0: Array, z: Array, left: Array) -> Array:
-    """The decided a step on one chunk: the gradient recomputed (same inputs, same bits)."""
+def _dl_a_step(ct: ChunkTask, spec: BlockSpec, step: tuple[float, bool], a0: Array) -> Array:
+    """The decided a step on one chunk, with the gradient its curvature pass wrote into
+    ``g``: the reference's values (the same inputs gave it), read, not recomputed."""
     theta, capped = step
     if capped:
         return a0
-    g, _ = _dl_grad(ct, spec, pen, right, o, a0, z, left)
-    return a0 - g / theta
+    return a0 - get_live(ct, spec.i, "g", BWD) / theta
 
 
 def _caps(small: Small, k: int) -> float:
@@ -426,6 +432,7 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
     left = _dl_left(ct, spec, o)
     g, A = _dl_grad(ct, spec, pen, right, o, get_live(ct, spec.i, "a", o),
                     get_live(ct, spec.i, "z", o), left)
+    put_live(ct, spec.i, "g", BWD, g)
     return _curv(spec, pen, g, A)
 
 
@@ -435,7 +442,7 @@ def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, o)
     z_o = get_live(ct, i, "z", o)
-    a = _dl_a_step(ct, spec, pen, right, o, small["step"], get_live(ct, i, "a", o), z_o, left)
+    a = _dl_a_step(ct, spec, small["step"], get_live(ct, i, "a", o))
     A, b = spec.split_bias(small["W"])
     c = a - left if spec.s else a
     z, nc = dl.update_z(c, _plus_bias(A @ left, b), nu, z_o, spec.act, opt.newton_max_iter)
@@ -491,6 +498,7 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     z, nc = dl.update_z(c, Z, nu, get_live(ct, i, "z", BWD), spec.act, opt.newton_max_iter)
     put_live(ct, i, "z", w, z)
     g, Ar = _dl_grad(ct, spec, pen, right, o, a, z, left)
+    put_live(ct, i, "g", BWD, g)
     r = z - Z
     return _curv(spec, pen, g, Ar)._replace(
         stats=_stats(objective=0.5 * nu * float(np.sum(r * r)) / spec.n,
@@ -503,7 +511,7 @@ def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
     i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
     left = _dl_left(ct, spec, w)
     z = get_live(ct, i, "z", w)
-    a = _dl_a_step(ct, spec, pen, right, o, small["step"], get_live(ct, i, "a", BWD), z, left)
+    a = _dl_a_step(ct, spec, small["step"], get_live(ct, i, "a", BWD))
     put_live(ct, i, "a", w, a)
     p = a - spec.act.f(z)
     if spec.s:
@@ -612,12 +620,13 @@ def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
             own = [f"b{i}/a/{o}", f"b{i}/z/{o}"]
             a_refs = chunk_tasks("dl_bwd_a", i, dl_bwd_a,
                                  (spec, pen, k, Ref(bwd[i + 1])), [*left, *own, *right],
-                                 ())
+                                 [f"b{i}/g/{BWD}"])
             sm_a = small_task("dl_decide_bwd", i, dl_decide_a,
                               (spec, pen, k, Ref(small[i]), Ref(bwd[i + 1]), *a_refs))
             outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az,
                                (spec, pen, k, Ref(sm_a), Ref(bwd[i + 1])),
-                               [*left, *own, *right], [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
+                               [*left, f"b{i}/a/{o}", f"b{i}/z/{o}", f"b{i}/g/{BWD}"],
+                               [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
         b_outs[i] = outs
         bwd[i] = small_task("dl_update_w_bwd", i, dl_update_w,
                             (spec, pen, k, Ref(sm_a), gram if i == 1 else None, True,
@@ -643,10 +652,12 @@ def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
         z_refs = chunk_tasks("dl_fwd_z", i, dl_fwd_z,
                              (spec, pen, k, Ref(fw), Ref(bwd[i + 1])),
                              [*left, f"b{i}/a/{BWD}", f"b{i}/z/{BWD}", f"b{i}/z/{o}",
-                              *right], [f"b{i}/z/{w}"])
+                              *right], [f"b{i}/z/{w}", f"b{i}/g/{BWD}"])
         fin = small_task("dl_decide_fwd", i, dl_decide_a,
                          (spec, pen, k, Ref(fw), Ref(bwd[i + 1]), *z_refs))
-        reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", *right]
+        # (the a step's gradient is in g: of layer l+1 only what its W statistics read)
+        reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", f"b{i}/g/{BWD}",
+                 *right[:2 if i + 1 == N else 1]]
         stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a,
                                (spec, pen, k, Ref(fin), Ref(bwd[i + 1])), reads,
                                [f"b{i}/a/{w}"])
