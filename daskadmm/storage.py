@@ -13,10 +13,11 @@ Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any f
     data/       X, Y (training data), X_test, Y_test: samples chunked like the state
     live/b<i>/  the working state of block i, double-buffered by iteration parity: the
                 sample-sized variables (RADMM: U, V, Lam, and RADMM-3A's Gam; pdADMM: z,
-                q, p, u and the scratch ql; dlADMM: z, a, u and the scratch g, the a
-                step's gradient) have shape (slots, rows, n), chunked (1, rows,
-                chunk_size). Iteration k reads slot (k-1) % 2 and writes slot k % 2 (dlADMM
-                has a third slot for its backward sweep, the only one g uses). The small W
+                q, p, u and the scratches ql and g (slot 0 only); dlADMM: z, a, u and the
+                scratch g) have shape (slots, rows, n), chunked (1, rows, chunk_size).
+                Iteration k reads slot (k-1) % 2 and writes slot k % 2 (dlADMM has a third
+                slot for its backward sweep, the only one its g uses; g is a gradient a
+                first pass computes for the second, never checkpointed). The small W
                 (d x d) and the scalars travel through the task graph as values.
     ckpt/<s>/b<i>/  two checkpoint slots s in {a, b}: the state variables chunked like live,
                 and W (one chunk)

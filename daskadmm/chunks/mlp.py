@@ -89,12 +89,14 @@ def dl_state_vars(arch: Architecture, i: int) -> tuple[str, ...]:
 
 def pd_layout(arch: Architecture) -> list[dict[str, tuple]]:
     """pdADMM's store: its state variables (``p``, ``u`` with the layer's input rows) and the
-    scratch ``ql`` (``q_{l-1}`` of the pending phase) of every layer but the first."""
+    scratches ``ql`` (``q_{l-1}`` of the pending phase) and ``g`` (the p step's gradient,
+    written by pass A, read by pass B; slot 0 only) of every layer but the first."""
     out = state_layout(arch, pd_state_vars,
                        lambda i, var: arch.in_dim(i) if var in ("p", "u") else arch.out_dim(i))
     for i, v in enumerate(out, start=1):
         if i > 1:
             v["ql"] = (arch.in_dim(i), "n")
+            v["g"] = (arch.in_dim(i), "n")
     return out
 
 
@@ -231,15 +233,6 @@ def _stats(**kw: float) -> dict[str, float]:
     return {k: float(v) for k, v in kw.items()}
 
 
-def _pd_p_inputs(ct: ChunkTask, spec: BlockSpec, small: Small, o: int, w: int):
-    """What the p gradient of layer l >= 2 needs (pending phases already written to slot w)."""
-    i, s = spec.i, spec.s
-    A, b = spec.split_bias(small["W"])
-    z = get_live(ct, i, "z", o)
-    R = get_live(ct, i, "q", w) - spec.act.f(z) if s else None
-    return A, b, z, R, get_live(ct, i, "u", w), get_live(ct, i, "ql", w)
-
-
 def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
               *order) -> PassOut:
     """The q and u phases of iteration k-1 (when pending) and the chunk's share of the p
@@ -272,11 +265,12 @@ def pd_pass_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
             q_left = get_live(ct, i - 1, "q", o)
         put_live(ct, i, "u", w, u)
         put_live(ct, i, "ql", w, q_left)
-        # the same inputs pass B reads back from the store (float64, stored bit for bit)
+        # the p step's gradient: pass B takes the step with it (from g) once theta is known
         nu, rho = penalty_nu(pen), pen.rho
         A, b = spec.split_bias(small["W"])
         R = q - act.f(z) if spec.s else None
         g = pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho)
+        put_live(ct, i, "g", 0, g)
         curv, sq = shifted_curv(g, A, *pd.p_hessian(spec.s, nu, rho))
         out = out._replace(curv=curv, sq=sq)
     return out
@@ -299,14 +293,14 @@ def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Sma
     if i == 1:
         z = get_live(ct, i, "z", o)
         return PassOut(w=_chunk_w_stats(1, get_data(ct, "X"), z))
-    nu, rho = penalty_nu(pen), pen.rho
+    rho = pen.rho
     p_o = get_live(ct, i, "p", o)
-    A, b, z, R, u, q_left = _pd_p_inputs(ct, spec, small, o, w)
+    z, u, q_left = get_live(ct, i, "z", o), get_live(ct, i, "u", w), get_live(ct, i, "ql", w)
     assert dec is not None  # layers >= 2 are given the p step's decision
     if dec["capped"]:
         p = p_o
-    else:
-        p = p_o - pd.p_grad(p_o, A, b, z, R, spec.s, u, q_left, nu, rho) / dec["theta"]
+    else:  # the gradient pass A computed (and wrote into g)
+        p = p_o - get_live(ct, i, "g", 0) / dec["theta"]
     put_live(ct, i, "p", w, p)
     d = p - q_left
     dd = float(np.sum(d * d))
@@ -566,7 +560,7 @@ def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
             reads += [f"b{i}/p/{o}", f"b{i}/u/{o}", f"b{i - 1}/z/{o}", f"b{i - 1}/q/{o}"]
             if arch.skip(i - 1):
                 reads.append(f"b{i - 1}/p/{o}")
-            writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}"]
+            writes += [f"b{i}/u/{w}", f"b{i}/ql/{w}", f"b{i}/g/0"]
         a_refs = chunk_tasks("pd_a", i, pd_pass_a, (spec, pen, k, Ref(small[i])),
                              reads, writes)
         dec = None
@@ -576,9 +570,7 @@ def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
         reads = [f"b{i}/z/{o}"]
         writes = []
         if i > 1:
-            reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}"]
-            if spec.s:
-                reads.append(f"b{i}/q/{w}")
+            reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}", f"b{i}/g/0"]
             writes.append(f"b{i}/p/{w}")
         b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
                              reads, writes)
