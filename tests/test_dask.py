@@ -516,7 +516,19 @@ def test_stream_summary_counts_the_run_s_tasks_and_how_busy_the_workers_were():
     s = _stream_summary(stream, "r1", workers=2)
     assert (s["tasks_run"], s["compute_seconds"], s["transfer_seconds"]) == (2, 3.0, 1.0)
     assert s["workers_busy"] == 3.0 / (2 * 4.0)  # 3 compute seconds in 2 workers x 4 s
+    assert s["workers_busy_steady"] is None  # no iterations: no pipelined window
     assert _stream_summary([], "r1", workers=2)["workers_busy"] is None
+    # inside the pipelined window: from the end of iteration 1's last task (at 4) to the
+    # start of iteration 3's first task (at 10); the start task and the drain count only there
+    stream = [rec("init_chunk-c0-r1", ("compute", 0.0, 1.0)),
+              rec("x-b1-k1-r1", ("compute", 1.0, 3.0)), rec("x-b2-k1-r1", ("compute", 3.0, 4.0)),
+              rec("x-b1-k2-r1", ("compute", 3.0, 6.0)), rec("x-b2-k2-r1", ("compute", 6.0, 9.0)),
+              rec("x-b1-k3-r1", ("compute", 10.0, 11.0)),
+              rec("x-b2-k3-r1", ("compute", 11.0, 12.0))]
+    s = _stream_summary(stream, "r1", workers=2)
+    assert s["workers_busy"] == 12.0 / (2 * 12.0)
+    # 4..6 of the first k2 task, 6..9 of the second: 5 compute seconds in 2 workers x 6 s
+    assert s["workers_busy_steady"] == 5.0 / (2 * 6.0)
 
 
 def test_placement_by_block_or_by_chunk():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,29 +246,52 @@ def _resolve(arg: Any, futures: dict[str, Any]) -> Any:
     return arg
 
 
+_ITERATION = re.compile(r"-k(\d+)-")
+
+
 def _stream_summary(stream: list[dict], run_id: str | tuple[str, ...],
                     workers: int = 0) -> dict[str, Any]:
-    """Tasks run, seconds spent computing vs transferring (summed over workers), and
-    ``workers_busy``: the compute seconds over ``workers`` x the span from the first task's
-    start to the last one's end (pipeline fill and drain included; None without tasks)."""
+    """Tasks run, seconds spent computing vs transferring (summed over workers), and how
+    busy the workers were: ``workers_busy``, the compute seconds over ``workers`` x the span
+    from the first task's start to the last one's end (pipeline fill and drain included;
+    None without tasks), and ``workers_busy_steady``, the same inside the pipelined window:
+    from the end of the first iteration's last task (the wavefront has filled every block)
+    to the start of the last iteration's first task (the drain begins); None when a run is
+    too short to have one."""
     compute = transfer = 0.0
     tasks = 0
     first, last = float("inf"), float("-inf")
+    spans: list[tuple[float, float]] = []
+    ends: dict[int, float] = {}  # iteration -> its last task's end
+    starts: dict[int, float] = {}  # iteration -> its first task's start
     ids = (run_id,) if isinstance(run_id, str) else tuple(run_id)
     for rec in stream:
-        if not str(rec.get("key", "")).endswith(ids):
+        key_ = str(rec.get("key", ""))
+        if not key_.endswith(ids):
             continue
         tasks += 1
+        m = _ITERATION.search(key_)
         for ss in rec.get("startstops", ()):
             dt = ss["stop"] - ss["start"]
             if ss["action"] == "compute":
                 compute += dt
                 first, last = min(first, ss["start"]), max(last, ss["stop"])
+                spans.append((ss["start"], ss["stop"]))
+                if m:
+                    k = int(m.group(1))
+                    ends[k] = max(ends.get(k, ss["stop"]), ss["stop"])
+                    starts[k] = min(starts.get(k, ss["start"]), ss["start"])
             elif ss["action"] == "transfer":
                 transfer += dt
     busy = compute / (workers * (last - first)) if workers and last > first else None
+    steady = None
+    if workers and ends:
+        a, b = ends[min(ends)], starts[max(starts)]
+        if b > a:
+            inside = sum(max(0.0, min(t1, b) - max(t0, a)) for t0, t1 in spans)
+            steady = inside / (workers * (b - a))
     return {"tasks_run": tasks, "compute_seconds": compute, "transfer_seconds": transfer,
-            "workers_busy": busy}
+            "workers_busy": busy, "workers_busy_steady": steady}
 
 
 def _write_task_stream(path: Path, stream: list[dict], run_id: str | tuple[str, ...]) -> None:
