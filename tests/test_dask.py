@@ -563,3 +563,22 @@ def test_placement_by_block_or_by_chunk():
     by_block = _Ctx._placement(ctx("blocks", 6), workers)
     assert by_block.of(Node("chunk", print, (), block=4, chunk=1)) == ["w2"]
     assert by_block.of(Node("init", print, (), chunk=5)) is None
+
+
+def test_automatic_window_is_one_where_tasks_run_one_at_a_time():
+    """A window only overlaps iterations where tasks can run at once; elsewhere it keeps more
+    iterations' values alive (the synchronous scheduler, one thread)."""
+    from types import SimpleNamespace
+
+    from daskadmm.config import ClusterConfig
+    from daskadmm.engines.driver import auto_window
+    from daskadmm.graph import default_window
+
+    def window(kind, workers=2, threads=1, asked=0):
+        opts = SimpleNamespace(window=asked, cluster=ClusterConfig(
+            kind=kind, n_workers=workers, threads_per_worker=threads))
+        return auto_window(opts, 8)
+
+    assert window("synchronous") == window("threads", 1, 1) == 1
+    assert window("threads") == window("threads", 1, 2) == window("local") == default_window(8)
+    assert window("synchronous", asked=3) == window("local", asked=3) == 3
