@@ -252,8 +252,8 @@ def _heap_mode(reuse: bool) -> None:
     if reuse:
         heap.reuse_freed_memory()
     else:
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(heap._M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(heap._M_TRIM_THRESHOLD, 64 << 20)
         heap.give_back()
 
 

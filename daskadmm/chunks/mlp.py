@@ -285,8 +285,8 @@ def pd_decide_p(spec: BlockSpec, pen: Penalties, small: Small, *outs: PassOut) -
     return {"theta": theta, "capped": capped}
 
 
-def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              dec: dict | None, *order) -> PassOut:
+def pd_pass_b(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, dec: dict | None,
+              *order) -> PassOut:
     """The p step (l >= 2) and the chunk's W statistics; the constraint terms of L."""
     i, n = spec.i, spec.n
     o, w = (k - 1) % 2, k % 2
@@ -431,7 +431,7 @@ def dl_bwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, right: Smal
 
 
 def dl_bwd_az(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-              right: Small, *order) -> PassOut:
+              *order) -> PassOut:
     """Backward sweep, layer l < L, pass 2: the a step, then z (old W); W statistics."""
     i, o, nu, opt = spec.i, (k - 1) % 2, penalty_nu(pen), spec.options
     left = _dl_left(ct, spec, o)
@@ -500,7 +500,7 @@ def dl_fwd_z(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Smal
 
 
 def dl_fwd_a(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-             right: Small, *order) -> PassOut:
+             *order) -> PassOut:
     """Forward sweep, layer l < L, pass 2: the a step; statistics of layer l+1's W step."""
     i, o, w, nu = spec.i, (k - 1) % 2, k % 2, penalty_nu(pen)
     left = _dl_left(ct, spec, w)
@@ -572,7 +572,7 @@ def plan_pdadmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
         if i > 1:
             reads += [f"b{i}/p/{o}", f"b{i}/u/{w}", f"b{i}/ql/{w}", f"b{i}/g/0"]
             writes.append(f"b{i}/p/{w}")
-        b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, Ref(small[i]), dec),
+        b_refs = chunk_tasks("pd_b", i, pd_pass_b, (spec, pen, k, dec),
                              reads, writes)
         sm = small_task("pd_update_w", i, pd_update_w,
                         (spec, pen, Ref(small[i]), dec, gram if i == 1 else None,
@@ -615,8 +615,7 @@ def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
                                  [f"b{i}/g/{BWD}"])
             sm_a = small_task("dl_decide_bwd", i, dl_decide_a,
                               (spec, pen, k, Ref(small[i]), Ref(bwd[i + 1]), *a_refs))
-            outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az,
-                               (spec, pen, k, Ref(sm_a), Ref(bwd[i + 1])),
+            outs = chunk_tasks("dl_bwd_az", i, dl_bwd_az, (spec, pen, k, Ref(sm_a)),
                                [*left, f"b{i}/a/{o}", f"b{i}/z/{o}", f"b{i}/g/{BWD}"],
                                [f"b{i}/a/{BWD}", f"b{i}/z/{BWD}"])
         b_outs[i] = outs
@@ -647,11 +646,11 @@ def plan_dladmm(ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int
                               *right], [f"b{i}/z/{w}", f"b{i}/g/{BWD}"])
         fin = small_task("dl_decide_fwd", i, dl_decide_a,
                          (spec, pen, k, Ref(fw), Ref(bwd[i + 1]), *z_refs))
-        # (the a step's gradient is in g: of layer l+1 only what its W statistics read)
+        # the a step's gradient is in g; of layer l+1 only what its W statistics read
+        t_next = [f"b{i + 1}/z/{BWD}", *([f"b{N}/u/{o}"] if i + 1 == N else [])]
         reads = [*left, f"b{i}/a/{BWD}", f"b{i}/z/{w}", f"b{i}/a/{o}", f"b{i}/g/{BWD}",
-                 *right[:2 if i + 1 == N else 1]]
-        stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a,
-                               (spec, pen, k, Ref(fin), Ref(bwd[i + 1])), reads,
+                 *t_next]
+        stats_in = chunk_tasks("dl_fwd_a", i, dl_fwd_a, (spec, pen, k, Ref(fin)), reads,
                                [f"b{i}/a/{w}"])
         sm_keys[i] = fin
     return sm_keys

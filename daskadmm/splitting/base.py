@@ -143,16 +143,14 @@ def lambda_max(G: Array) -> float:
 def spd_inverse(M: Array) -> Array:
     """``M^{-1}`` of a symmetric positive definite ``M`` (LAPACK ``potrf`` then ``potri``),
     exactly symmetric; NaN where ``M`` is not SPD numerically (see :func:`spd_solve`)."""
-    nan = np.full(M.shape, np.nan, dtype=M.dtype)
     if not np.all(np.isfinite(M)):
-        return nan
+        return np.full(M.shape, np.nan, dtype=M.dtype)
     potrf, potri = sla.get_lapack_funcs(("potrf", "potri"), (M,))
     L, info = potrf(M, lower=1, clean=1)
+    if info == 0:
+        Mi, info = potri(L, lower=1)
     if info != 0:
-        return nan
-    Mi, info = potri(L, lower=1)
-    if info != 0:
-        return nan
+        return np.full(M.shape, np.nan, dtype=M.dtype)
     Mi = np.tril(Mi)
     Mi += np.tril(Mi, -1).T
     return Mi
