@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -582,3 +583,60 @@ def test_automatic_window_is_one_where_tasks_run_one_at_a_time():
     assert window("synchronous") == window("threads", 1, 1) == 1
     assert window("threads") == window("threads", 1, 2) == window("local") == default_window(8)
     assert window("synchronous", asked=3) == window("local", asked=3) == 3
+
+
+def test_a_result_whose_worker_dies_after_the_task_ends_is_a_lost_worker():
+    """The task has finished but the gather of its result never returns (the worker holding it
+    died, and distributed reschedules the task onto that pinned, dead worker): the wait keeps
+    watching the workers and reports the loss instead of hanging."""
+    import threading
+
+    from daskadmm.engines.driver import _Ctx
+    from daskadmm.engines.executors import _WorkerLost
+
+    release = threading.Event()
+
+    class StuckFuture:
+        def result(self):
+            release.wait(30)
+            raise AssertionError("the wait should have given up first")
+
+    class Client:
+        calls = 0
+
+        def run_on_scheduler(self, fn, *args):
+            Client.calls += 1
+            return {"w0": "a"} if Client.calls > 2 else {"w0": "a", "w1": "b"}
+
+    ctx = object.__new__(_Ctx)
+    ctx._workers0 = {("w0", "a"), ("w1", "b")}
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(_WorkerLost, match="1 of 2 workers gone"):
+            ctx._result(Client(), StuckFuture())
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_result_is_returned_and_a_task_error_raised_as_it_is():
+    from daskadmm.engines.driver import _Ctx
+
+    class Done:
+        def __init__(self, value=None, error=None):
+            self.value, self.error = value, error
+
+        def result(self):
+            if self.error is not None:
+                raise self.error
+            return self.value
+
+    class Client:
+        def run_on_scheduler(self, fn, *args):
+            return {"w0": "a"}
+
+    ctx = object.__new__(_Ctx)
+    ctx._workers0 = {("w0", "a")}
+    assert ctx._result(Client(), Done(value=41)) == 41
+    with pytest.raises(ValueError, match="bad chunk"):
+        ctx._result(Client(), Done(error=ValueError("bad chunk")))

@@ -239,20 +239,36 @@ class _Ctx:
         """``fut.result()``, watching for lost workers (distributed would silently recompute
         lost tasks, and a chunk task re-run after its input slot was overwritten is wrong).
 
-        The wait is a done-callback and a thread event, not ``result(timeout=...)``: an
-        asyncio timeout racing the result can surface as ``CancelledError``."""
+        The fetch runs in a helper thread and this one polls the worker set until it ends: the
+        task finishing is not the end of the wait, since the gather that follows hangs for good
+        if the worker holding the result dies first (distributed reschedules the task onto its
+        pinned, dead worker). Not ``result(timeout=...)`` either: an asyncio timeout racing the
+        result can surface as ``CancelledError``. An abandoned fetch ends when the recovery
+        cancels the attempt's futures."""
         import asyncio
         import threading
 
         from distributed import KilledWorker
         from distributed.client import FutureCancelledError
 
-        done = threading.Event()
-        fut.add_done_callback(lambda _f: done.set())
-        while not done.wait(0.5):
+        box: dict[str, Any] = {}
+        got = threading.Event()
+
+        def fetch() -> None:
+            try:
+                box["value"] = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = exc
+            finally:
+                got.set()
+
+        threading.Thread(target=fetch, name="daskadmm-fetch", daemon=True).start()
+        while not got.wait(0.5):
             self._check_workers(client)
+        if "value" in box:
+            return box["value"]
         try:
-            return fut.result()
+            raise box["error"]
         except (KilledWorker, FutureCancelledError, asyncio.CancelledError) as exc:
             if _scheduler_lost(client, exc):
                 raise ConnectionError(f"lost the Dask scheduler ({type(exc).__name__})") \
