@@ -10,9 +10,9 @@ Everything runs through the ``daskadmm`` console script of this interpreter's en
 subprocesses, as a user would (``cluster=local``, Zarr-resident state, checkpoints every
 ``--checkpoint-every`` iterations):
 
-1. One uninterrupted reference run per algorithm (radmm3 on the residual network, pdadmm on an
-   MLP with relu and the ``pdadmm_digits`` experiment's lambda); its wall time and start-up
-   time (until the first metrics row) set the window of the random kills.
+1. One uninterrupted reference run per algorithm (the RADMM variants on the residual network,
+   pdadmm and dladmm on an MLP with relu and their digits experiments' lambda); its wall time
+   and start-up time (until the first metrics row) set the window of the random kills.
 2. Kill trials (``--kills``, algorithms alternating): a fresh run, in its own process group, is
    SIGKILLed as a whole (driver and workers) at a random moment. Half of the trials aim at the
    ``--after-checkpoint`` seconds after a checkpoint commit: the script polls the manifest
@@ -60,18 +60,19 @@ from typing import Any
 
 import numpy as np
 
-ALGORITHMS = ("radmm3a", "radmm3", "radmm2", "pdadmm")
+ALGORITHMS = ("radmm3a", "radmm3", "radmm2", "pdadmm", "dladmm")
 OUTCOMES = ("equal", "different", "failed")
 MANIFEST = "checkpoint.json"
 METRICS = "metrics.csv"
 POLL_S = 0.02
-# Per-algorithm overrides on top of the common ones: pdadmm trains an MLP with the
-# pdadmm_digits experiment's settings (relu, lambda 1e-3; rho 0.1 is conf/algorithm's default).
+# Per-algorithm overrides on top of the common ones: pdadmm and dladmm train an MLP with their
+# digits experiments' settings (relu, lambda 1e-3; rho 0.1 is conf/algorithm's default).
 ALGORITHM_OVERRIDES = {
     "radmm3a": (),  # the project default
     "radmm3": (),
     "radmm2": (),
     "pdadmm": ("model.kind=mlp", "model.activation=relu", "algorithm.lam=0.001"),
+    "dladmm": ("model.kind=mlp", "model.activation=relu", "algorithm.lam=0.001"),
 }
 # A resume that finds nothing to resume from (the new engine resumes a store without a complete
 # checkpoint from iteration 0, so this must not happen).

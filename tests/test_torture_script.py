@@ -186,7 +186,7 @@ def test_count_outcomes_and_json_safe():
 def test_parse_args_quick():
     a = torture.parse_args(["--quick"])
     assert (a.kills, a.lost_workers) == (4, 2)
-    assert a.algorithms == ("radmm3a", "radmm3", "radmm2", "pdadmm")
+    assert a.algorithms == ("radmm3a", "radmm3", "radmm2", "pdadmm", "dladmm")
     a = torture.parse_args(["--quick", "--kills", "1", "--algorithms", "pdadmm"])
     assert (a.kills, a.lost_workers, a.algorithms) == (1, 2, ("pdadmm",))
     a = torture.parse_args([])
@@ -202,3 +202,8 @@ def test_rows_counts_complete_lines(tmp_path):
     assert torture._rows(path) == 0
     path.write_text("iteration,objective\n0,1.5\n1,1.2\n2,1.")  # a row being written
     assert torture._rows(path) == 2
+
+
+def test_build_command_dladmm_is_an_mlp():
+    cmd = torture.build_command("daskadmm", "dladmm", torture.RunConfig(), "s", "r")
+    assert "algorithm=dladmm" in cmd and "model.kind=mlp" in cmd
