@@ -29,6 +29,10 @@ the store keeps 2 live slots of each (dlADMM 3), recorded as
    the floor wins (state is a few MB), so that run only checks that the path works.
 3. time: time per iteration of the Zarr-resident engine against the all-in-memory Dask path on
    the same problem and cluster (target: within 1.3x).
+5. speed (only when asked: ``--only speed --chunks 1,2,4,8,16 --rounds 2``): time per iteration
+   of the Zarr-resident engine against the number of chunks, the counts interleaved (in
+   alternating order) and repeated ``--rounds`` times, each on a fresh cluster; with
+   ``--chunks`` including 0, also ``storage.chunk_size=auto`` (what it chose is recorded).
 4. io (only when asked: ``--only io --rounds 3 --io-chunks 8``): the same ratio with the chunk
    files read and written directly (the default) and through Zarr's own path
    (``daskadmm.storage.DIRECT_IO = False`` in the workers), the three runs interleaved and
@@ -227,6 +231,30 @@ def io_section(cfg: Config, ds: Dataset, args: argparse.Namespace, work: Path) -
     return out
 
 
+def speed_section(cfg: Config, ds: Dataset, args: argparse.Namespace, work: Path) -> dict:
+    """Time per iteration against the chunk count (0: ``storage.chunk_size=auto``), the counts
+    interleaved in alternating order, ``--rounds`` times, each run on a fresh cluster."""
+    import statistics
+
+    runs: dict[int, list[dict]] = {c: [] for c in args.chunks}
+    for r in range(args.rounds):
+        for chunks in args.chunks if r % 2 == 0 else args.chunks[::-1]:
+            cs = "auto" if chunks == 0 else (0 if chunks == 1 else -(-args.n // chunks))
+            run = run_once(cfg, ds, cs, "zarr", "auto", work)
+            run["loadavg"] = list(os.getloadavg())
+            runs[chunks].append(run)
+            print(f"speed round {r}: {'auto' if chunks == 0 else chunks:>4} chunks "
+                  f"({run['chunks']} run) {run['per_iteration']:.3f} s/iteration, peak state "
+                  f"per worker {max(run['peak_state_mb']):.0f} MB (load "
+                  f"{run['loadavg'][0]:.1f})", flush=True)
+    best = min(args.chunks, key=lambda c: statistics.median(x["per_iteration"]
+                                                            for x in runs[c]))
+    return {"runs": {str(c): v for c, v in runs.items()},
+            "median_per_iteration": {str(c): statistics.median(x["per_iteration"] for x in v)
+                                     for c, v in runs.items()},
+            "fastest": best}
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
 
@@ -234,10 +262,10 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3,
-                    help="io: rounds of the interleaved in-memory / Zarr runs")
+                    help="io, speed: rounds of the interleaved runs")
     ap.add_argument("--io-chunks", type=int, default=8, help="io: chunks of the Zarr runs")
     ap.add_argument("--only", default="memory,outofcore,time",
-                    help="comma-separated: memory, outofcore, time")
+                    help="comma-separated: memory, outofcore, time (default); io, speed")
     ap.add_argument("--algorithm", default="radmm3", choices=ALGORITHMS)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
@@ -251,7 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "MNIST shape)")
     ap.add_argument("--d-out", type=int, default=4, help="outputs (classes)")
     ap.add_argument("--chunks", default=None,
-                    help="chunk counts of the memory sweep, default 1,2,4,8,16")
+                    help="chunk counts of the memory and speed sweeps, default 1,2,4,8,16 "
+                    "(speed: 0 is storage.chunk_size=auto)")
     ap.add_argument("--outofcore-chunks", type=int, default=None,
                     help="chunks of the out-of-core run, default 32")
     ap.add_argument("--min-limit-mb", type=int, default=None,
@@ -264,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.chunks = _ints(args.chunks)
-    bad = set(args.only.split(",")) - {"memory", "outofcore", "time", "io"}
+    bad = set(args.only.split(",")) - {"memory", "outofcore", "time", "io", "speed"}
     if bad:
         ap.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}")
     return args
@@ -327,6 +356,8 @@ def main(argv: list[str] | None = None) -> Path:
                   f" s/it (1 chunk), {zar8['per_iteration']:.2f} s/it (8 chunks)", flush=True)
         if "io" in only:
             result["io"] = io_section(cfg, ds, args, work)
+        if "speed" in only:
+            result["speed"] = speed_section(cfg, ds, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
