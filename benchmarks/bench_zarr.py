@@ -159,7 +159,7 @@ def _set_direct_io(on: bool) -> None:
     storage.DIRECT_IO = on
 
 
-def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit: str,
+def run_once(cfg: Config, ds: Dataset, chunk_size: int | str, state: str, memory_limit: str,
              workdir: Path, direct_io: bool = True) -> dict:
     from distributed import Client, LocalCluster
 
@@ -187,6 +187,7 @@ def run_once(cfg: Config, ds: Dataset, chunk_size: int, state: str, memory_limit
     h = res.history
     return {
         "chunk_size": chunk_size, "chunks": res.info.get("chunks", 1), "state": state,
+        "chunking": res.info.get("chunking"),
         "direct_io": direct_io,
         "engine": res.info.get("engine"), "status": res.status, "wall": wall,
         "per_iteration": (h[-1]["wall_time"] - h[0]["wall_time"]) / max(1, res.iterations),
@@ -282,7 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="chunk counts of the memory and speed sweeps, default 1,2,4,8,16 "
                     "(speed: 0 is storage.chunk_size=auto)")
     ap.add_argument("--outofcore-chunks", type=int, default=None,
-                    help="chunks of the out-of-core run, default 32")
+                    help="chunks of the out-of-core run, default 32 (0: "
+                    "storage.chunk_size=auto)")
     ap.add_argument("--min-limit-mb", type=int, default=None,
                     help="floor of the out-of-core memory_limit, default 64")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -335,14 +337,15 @@ def main(argv: list[str] | None = None) -> Path:
             result["memory"] = rows
         if "outofcore" in only:
             limit_mb = max(args.min_limit_mb, int(total / 2**20 / 3.2))
-            cs = -(-args.n // args.outofcore_chunks)
+            cs = "auto" if args.outofcore_chunks == 0 else -(-args.n // args.outofcore_chunks)
             r = run_once(cfg, ds, cs, "zarr", f"{limit_mb}MiB", work)
             r["memory_limit_mb"] = limit_mb
             r["state_over_limit"] = total / 2**20 / limit_mb
             r["live_state_over_limit"] = sizes["live"] / 2**20 / limit_mb
             result["outofcore"] = r
             print(f"out-of-core: state {total / 2**20:.0f} MB = {r['state_over_limit']:.1f}x "
-                  f"limit {limit_mb} MB: status {r['status']}, spilled {r['spilled_keys']}, "
+                  f"limit {limit_mb} MB, {r['chunks']} chunks: status {r['status']}, "
+                  f"spilled {r['spilled_keys']}, "
                   f"restarted {r['workers_restarted']}", flush=True)
         if "time" in only:
             mem = run_once(cfg, ds, 0, "memory", "auto", work)

@@ -127,6 +127,33 @@ def fit(cfg: Config, *, run_dir: Path | None = None,
             heap.give_back()
 
 
+def _resolve_chunk_size(cfg: Config, ds: Dataset, client: Any) -> tuple[Config, str | None]:
+    """``storage.chunk_size=auto`` made a number: for the Zarr-resident engine, the choice of
+    :func:`daskadmm.engines.cluster.chunk_size_for` (said on stderr), or, resuming, the store's
+    own chunk size; 0 (one chunk) for every other engine, which keeps no chunked store."""
+    size: int = 0
+    note = None
+    if cfg.cluster.kind != "reference" and cfg.storage.state == "zarr" and \
+            cfg.algorithm.name in ADMM_ALGORITHMS:
+        if cfg.run.resume:
+            from .storage import StateStore
+
+            try:  # an unusable store is refused, with its reason, where the resume opens it
+                size = int(StateStore.open(str(cfg.storage.url), mode="check")
+                           .attrs.get("chunk_size", 0))
+            except Exception:
+                size = 0
+        else:
+            from .config import state_bytes
+            from .engines.cluster import chunk_size_for, say
+
+            size, note = chunk_size_for(cfg.cluster, ds.n_train, state_bytes(cfg, ds.n_train),
+                                        client)
+            say(f"daskadmm: {note}")
+    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage,
+                                                                chunk_size=size)), note
+
+
 def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] | None,
          dataset: Dataset | None, client: Any) -> Result:
     ds = dataset if dataset is not None else load_data(cfg)
@@ -159,6 +186,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
             cfg = dataclasses.replace(
                 cfg, cluster=dataclasses.replace(cfg.cluster, kind="threads"),
                 storage=dataclasses.replace(cfg.storage, state="memory"))
+    chunk_note = None
+    if cfg.storage.chunk_size == "auto":
+        cfg, chunk_note = _resolve_chunk_size(cfg, ds, client)
     from .config import check_resources
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
@@ -216,6 +246,8 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         result.info["data_note"] = data_note
     if engine_note:
         result.info["engine_note"] = engine_note
+    if chunk_note:
+        result.info["chunking"] = chunk_note
     result.metric = metric_name(ds)
     monitor.keep_good(result)
     if run_dir is not None and "store" not in result.info:

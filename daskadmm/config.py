@@ -294,7 +294,8 @@ class ClusterConfig:
 class StorageConfig:
     """Where the ADMM variables live on Dask clusters. ``state=zarr``: a chunked Zarr store
     (every ADMM algorithm); ``state=memory``: in worker memory. ``chunk_size`` samples per
-    chunk (0: one chunk).
+    chunk (0: one chunk; ``auto``: chosen from the data, the workers and their memory, see
+    :func:`daskadmm.engines.cluster.auto_chunk_size`; a resumed run keeps its store's).
 
     ``overwrite``: replace an existing daskadmm state store at ``storage.url`` (never anything
     else). ``keep_state``: keep the data and solver state in the store after the run (None:
@@ -304,7 +305,9 @@ class StorageConfig:
 
     state: str = "zarr"
     url: str | None = None  # None: <run dir>/state.zarr
-    chunk_size: int = 0  # samples per chunk (0: one chunk)
+    # samples per chunk (0: one chunk; auto: one chunk per worker thread, more where a
+    # worker's memory asks for it, none below 8,192 samples)
+    chunk_size: int | str = "auto"
     compressor: str = "none"
     # replace an existing daskadmm state store at storage.url (never anything else)
     overwrite: bool = False
@@ -361,6 +364,11 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if annotation == "int | str" and isinstance(value, str):  # an integer, or a word
+        try:
+            return int(value)
+        except ValueError:
+            return value
     if "int" in annotation and "float" not in annotation:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -557,7 +565,8 @@ def validate(cfg: Config) -> Config:
     _finite_pos("cluster.connect_timeout", c.connect_timeout)
 
     _check(s.state in ("zarr", "memory"), f"storage.state must be zarr or memory, got {s.state!r}")
-    _check(s.chunk_size >= 0, f"storage.chunk_size must be >= 0, got {s.chunk_size}")
+    _check(s.chunk_size == "auto" or (isinstance(s.chunk_size, int) and s.chunk_size >= 0),
+           f"storage.chunk_size must be auto or an integer >= 0, got {s.chunk_size!r}")
     if r.resume:
         _check(bool(s.url), "run.resume=true needs storage.url=<the state store to resume>")
         _check(not s.overwrite, "storage.overwrite=true contradicts run.resume=true: resume "

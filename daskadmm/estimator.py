@@ -28,10 +28,10 @@ A client given or found is used as it is and never closed.
 Input arrays may be NumPy arrays, Dask arrays or Zarr arrays. With the Zarr-resident state on
 Dask (``state="zarr"``, the default, on a client or ``cluster="local"``), a Dask or Zarr ``X`` is
 never gathered on the client: its column statistics are computed by tasks, and its chunks are
-written into the run's store by tasks (see :mod:`daskadmm.lazy`); ``chunk_size=0`` then takes
-``X``'s row chunks as the store's. ``y`` (one value or row per sample) is read into memory. The
-other engines read ``X`` into memory first. ``predict`` and ``predict_proba`` of a Dask or Zarr
-``X`` return a lazy Dask array with ``X``'s row chunks.
+written into the run's store by tasks (see :mod:`daskadmm.lazy`); ``chunk_size="auto"`` (the
+default) or 0 then takes ``X``'s row chunks as the store's. ``y`` (one value or row per
+sample) is read into memory. The other engines read ``X`` into memory first. ``predict`` and
+``predict_proba`` of a Dask or Zarr ``X`` return a lazy Dask array with ``X``'s row chunks.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class _ADMMEstimator(BaseEstimator):
         client: Any = None,
         n_workers: int = 2,
         state: str = _S.state,
-        chunk_size: int = _S.chunk_size,
+        chunk_size: int | str = _S.chunk_size,
         dtype: str = _R.dtype,
         random_state: Any = 0,
     ):
@@ -271,7 +271,7 @@ class _ADMMEstimator(BaseEstimator):
         self.n_features_in_ = d
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        if cfg.storage.chunk_size == 0:  # the input's row chunks become the store's
+        if cfg.storage.chunk_size in (0, "auto"):  # the input's row chunks become the store's
             cfg.storage.chunk_size = int(max(Xd.chunks[0]))
         return Xd
 
@@ -406,7 +406,8 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
     cluster, client, n_workers : where to run (see the module docstring).
     state, chunk_size : where a Dask run keeps its ADMM variables (``zarr``: a chunked Zarr
         store in a scratch directory removed after the fit; ``memory``: worker memory) and the
-        samples per chunk (0: one chunk).
+        samples per chunk (0: one chunk; ``"auto"``: one per worker thread, more where worker
+        memory needs it, none below 8,192 samples).
     dtype : ``float64`` (default) or ``float32`` (half the memory, about twice the matrix-product
         rate; ``coefs_`` are then float32).
     random_state : seed of the initial weights (and of the validation split).

@@ -812,10 +812,13 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
         dataset_meta,
     )
 
+    chunk_size = opts.storage.chunk_size
+    if not isinstance(chunk_size, int):  # daskadmm.api.fit resolves auto before it calls this
+        raise ValueError(f"run_zarr needs a resolved storage.chunk_size, got {chunk_size!r}")
     n, specs, window, run_id = _setup(opts, arch, ds, options)
     url = store_url(opts, run_dir)
-    slices = chunk_slices(n, opts.storage.chunk_size)
-    test_slices = chunk_slices(ds.X_test.shape[1], opts.storage.chunk_size)
+    slices = chunk_slices(n, chunk_size)
+    test_slices = chunk_slices(ds.X_test.shape[1], chunk_size)
     lay = algorithm.plan.layout(arch)
     # what a checkpoint holds: W and the state (not pdADMM's scratch)
     ck_lay = [{v: shape for v, shape in block.items()
@@ -830,9 +833,9 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
     if lazy:
         from ..lazy import fingerprints
 
-        fps = fingerprints(data, opts.storage.chunk_size, client)
+        fps = fingerprints(data, chunk_size, client)
     else:
-        fps = {k: (a.shape, *array_fingerprints(a, opts.storage.chunk_size))
+        fps = {k: (a.shape, *array_fingerprints(a, chunk_size))
                for k, a in data.items()}
     digest = combine_digest({k: (shape, shas) for k, (shape, shas, _) in fps.items()})
     data_sums = {k: crcs for k, (_, _, crcs) in fps.items()}
@@ -863,12 +866,12 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
             if lazy:
                 from ..lazy import write_data
 
-                write_data(store, data, opts.storage.chunk_size, opts.storage.compressor,
+                write_data(store, data, chunk_size, opts.storage.compressor,
                            data_sums, client)
             else:
-                store.write_data(data, opts.storage.chunk_size, opts.storage.compressor,
+                store.write_data(data, chunk_size, opts.storage.compressor,
                                  sums=data_sums)
-            store.create_state(lay, n, opts.storage.chunk_size, opts.storage.compressor,
+            store.create_state(lay, n, chunk_size, opts.storage.compressor,
                                algorithm.plan.slots,
                                dtype=opts.dtype)
             store.set_attrs({"ready": True})
