@@ -230,6 +230,72 @@ def test_piecewise_prox_equals_plain_formulation(act_name, beta, kappa):
     np.testing.assert_array_equal(u2, u)
 
 
+@pytest.mark.parametrize(("act_name", "slope"), [("relu", 0.01), ("leaky_relu", 0.1),
+                                               ("leaky_relu", 1.5), ("leaky_relu", -0.2),
+                                               ("identity", 0.01)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_piecewise_prox_gives_the_numpy_formulations_bits(monkeypatch, act_name,
+                                                                    slope, dtype):
+    """With Numba the piecewise-linear prox (relu, leaky_relu of every slope kind, identity)
+    and sigma of its result run in one compiled loop: bit for bit the NumPy formulation's,
+    signed zeros, ties, infinities and NaN included, in float32 too, with sigma written into a
+    C-ordered array directly and into any other through act.f."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused
+
+    rng = np.random.default_rng(21)
+    act = get_activation(act_name, slope)
+    c, m, u0 = (x.astype(dtype) for x in hard_inputs(rng, (7, 3001)))
+    c.ravel()[:40] = m.ravel()[:40]  # ties
+    m.ravel()[40:80] = 0.0
+    c.ravel()[80:120] = -0.0
+    m.ravel()[100:140] = -0.0
+    c.ravel()[140:150] = np.inf
+    m.ravel()[150:160] = -np.inf
+    c.ravel()[160:170] = np.nan
+    bits = np.uint64 if dtype == np.float64 else np.uint32
+    for beta, kappa in [*PENALTIES, (np.float64(0.3), np.float64(1.7))]:
+        got = []
+        for compiled in (True, False):
+            monkeypatch.setattr(fused, "AVAILABLE", compiled)
+            sig = np.empty_like(c)
+            sig_f = np.empty_like(c, order="F")
+            with np.errstate(all="ignore"):  # the planted infinities and NaN
+                u, capped = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig)
+                u_f, _ = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig_f,
+                                         out=np.empty_like(c))
+            got.append((u, sig, u_f, sig_f, capped))
+        for a, b in zip(*got, strict=True):
+            if isinstance(a, np.ndarray):
+                assert a.dtype == dtype
+                np.testing.assert_array_equal(np.ascontiguousarray(a).view(bits),
+                                              np.ascontiguousarray(b).view(bits))
+            else:
+                assert a == b == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_u_step_target_compiled_gives_the_numpy_bits(monkeypatch, dtype):
+    """``m = ((Z rho - Lam) + U tau) / kappa`` in one compiled loop equals the NumPy passes
+    bit for bit (NumPy float64 penalties too); non-contiguous input takes the NumPy path."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused
+    from daskadmm.splitting.radmm3 import preactivation_target
+
+    rng = np.random.default_rng(5)
+    Z, Lam, U = (x.astype(dtype) for x in hard_inputs(rng, (6, 2001)))
+    bits = np.uint64 if dtype == np.float64 else np.uint32
+    for rho, tau in [(2.0, 1e-3), (np.float64(0.37), np.float64(0.011))]:
+        got = []
+        for compiled in (True, False):
+            monkeypatch.setattr(fused, "AVAILABLE", compiled)
+            got.append(preactivation_target(Z, Lam, U, rho, tau, np.empty_like(Z)))
+        np.testing.assert_array_equal(got[0].view(bits), got[1].view(bits))
+        strided = preactivation_target(Z, Lam, np.asfortranarray(U), rho, tau,
+                                       np.empty_like(Z))
+        np.testing.assert_array_equal(strided.view(bits), got[0].view(bits))
+
+
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])
 def test_activation_kernels_equal_the_plain_functions(name):
     rng = np.random.default_rng(9)

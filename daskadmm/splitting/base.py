@@ -271,6 +271,8 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     # its constants to that type, so both paths compute the same bits
     beta, kappa = float(beta), float(kappa)
     if act.piecewise_linear:
+        if fused.AVAILABLE and fused.elementwise() is not None:
+            return _prox_piecewise_fused(c, m, beta, kappa, act, dt, out, sigma_out), 0
         u = _prox_piecewise(c, m, beta, kappa, act, out)
         if sigma_out is not None:
             if act.f_into is not None and sigma_out.flags.c_contiguous:
@@ -359,6 +361,41 @@ def _prox_piecewise(c: Array, m: Array, beta: float, kappa: float, act: Activati
         np.less_equal(ppk, kmk, out=mask[:k])
         out[lo:hi] = np.where(mask[:k], upk, umk)  # (copyto's where= is 2x slower)
     return out.reshape(shape)
+
+
+def piecewise_kind(alpha: float) -> int:
+    """The :mod:`~daskadmm.splitting.fused` code of a piecewise-linear activation's sigma."""
+    if alpha == 0.0:
+        return fused.RELU
+    if alpha == 1.0:
+        return fused.IDENTITY
+    return fused.LEAKY_MAX if 0.0 < alpha < 1.0 else fused.LEAKY_WHERE
+
+
+def _prox_piecewise_fused(c: Array, m: Array, beta: float, kappa: float, act: Activation,
+                          dt: np.dtype, out: Array | None, sigma_out: Array | None) -> Array:
+    """:func:`_prox_piecewise` and ``sigma`` of its result in one compiled loop
+    (:func:`daskadmm.splitting.fused._piecewise_pass`): the same operations per element, so
+    the same bits, in one pass over memory instead of a dozen over cache-sized blocks."""
+    a = act.slope
+    assert a is not None  # every piecewise-linear activation has a slope
+    shape = c.shape
+    cf = np.ascontiguousarray(c, dtype=dt).ravel()
+    mf = np.ascontiguousarray(m, dtype=dt).ravel()
+    u = np.empty(shape, dtype=dt) if out is None else out
+    direct = False
+    sig = u.reshape(-1)  # (not written unless direct)
+    if sigma_out is not None and sigma_out.flags.c_contiguous and sigma_out.dtype == dt:
+        direct, sig = True, sigma_out.reshape(-1)
+    f = np.dtype(dt).type
+    consts = (f(beta), f(kappa), f(a * beta), f(beta + kappa), f(a * a * beta + kappa),
+              f(0.5 * beta), f(0.5 * kappa), f(a), f(0.0))
+    compiled = fused.elementwise()
+    assert compiled is not None  # the caller checked
+    compiled[0](piecewise_kind(a), cf, mf, u.reshape(-1), sig, direct, consts)
+    if sigma_out is not None and not direct:
+        sigma_out[...] = act.f(u)
+    return u
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,135 @@ def _accept_pass(uu, ss, cc, mm, phi, outright, cand, sc, rejected, a, consts):
     return nrej
 
 
+# Piecewise-linear activations in :func:`piecewise_pass`: sigma(u) is
+RELU = 0  # np.maximum(u, 0.0)
+LEAKY_MAX = 1  # 0 < alpha < 1: np.maximum(u, alpha u)
+LEAKY_WHERE = 2  # any other alpha but 1: alpha u, with u where u > 0
+IDENTITY = 3  # alpha = 1: u
+
+
+def _piecewise_pass(kind, c, m, out, sig, with_sig, consts):
+    """The piecewise-linear prox of :func:`~daskadmm.splitting.base._prox_piecewise`, one
+    element at a time: both branch candidates, their phi, the one with the smaller (ties and
+    NaN as ``np.where(phi+ <= phi-, u+, u-)``), and ``sigma`` of it into ``sig`` when
+    ``with_sig``. ``consts = (beta, kappa, alpha beta, beta + kappa, alpha^2 beta + kappa,
+    beta/2, kappa/2, alpha, 0)``, scalars of the arrays' type.
+
+    ``np.maximum(a, b)`` is written ``a if (a > b or a != a) else b``: NaN from either, and of
+    two equal values (0.0 and -0.0) the second, as NumPy's vector loops give it (tested
+    against NumPy, signed zeros and NaN included); ``np.minimum`` likewise."""
+    beta, kappa, ab, den_p, den_m, hb, hk, alpha, zero = consts
+    for j in range(c.size):
+        cj = c[j]
+        mj = m[j]
+        km = mj * kappa
+        x = ((cj * beta) + km) / den_p
+        up = zero if (zero > x or zero != zero) else x  # np.maximum(0.0, x)
+        x = ((cj * ab) + km) / den_m
+        um = zero if (zero < x or zero != zero) else x  # np.minimum(0.0, x)
+        pp = zero
+        pm = zero
+        for branch in range(2):
+            x = up if branch == 0 else um
+            if kind == 0:  # np.maximum(x, 0.0)
+                f = x if (x > zero or x != x) else zero
+            elif kind == 1:  # np.maximum(x, alpha x)
+                y = x * alpha
+                f = x if (x > y or x != x) else y
+            elif kind == 2:  # alpha x, x where x > 0
+                f = x if x > zero else x * alpha
+            else:
+                f = x
+            r = cj - f
+            d = x - mj
+            if branch == 0:
+                pp = ((r * hb) * r) + ((d * hk) * d)
+            else:
+                pm = ((r * hb) * r) + ((d * hk) * d)
+        u = up if pp <= pm else um
+        out[j] = u
+        if with_sig:
+            if kind == 0:
+                sig[j] = u if (u > zero or u != u) else zero
+            elif kind == 1:
+                y = u * alpha
+                sig[j] = u if (u > y or u != u) else y
+            elif kind == 2:
+                sig[j] = u if u > zero else u * alpha
+            else:
+                sig[j] = u
+
+
+def _preactivation_target(Z, Lam, U, out, rho, tau, kappa):
+    """``((Z rho - Lam) + U tau) / kappa`` elementwise into ``out`` (the U step's ``m``,
+    :func:`~daskadmm.splitting.radmm3.update_preactivation`, operation for operation)."""
+    for j in range(Z.size):
+        out[j] = ((Z[j] * rho - Lam[j]) + U[j] * tau) / kappa
+
+
+def _activation_rhs_pass(kind, sig_own, Vleft, Vr, Ur, out, s, s2, beta, alpha, zero):
+    """The V step's right-hand side before its product,
+    ``(sig_own beta + Vleft beta) + (Vr - sigma(Ur)) beta`` elementwise into ``out`` (the
+    middle term only with ``s``, the last only with ``s2``), operation for operation
+    :func:`~daskadmm.splitting.radmm3._activation_rhs`'s NumPy passes. ``kind``: a
+    :func:`_piecewise_pass` activation, or -1 where ``Ur`` already holds ``sigma(U_{i+1})``."""
+    for j in range(out.size):
+        x = sig_own[j] * beta
+        if s:
+            x = x + Vleft[j] * beta
+        if s2:
+            u = Ur[j]
+            if kind == 0:
+                f = u if (u > zero or u != u) else zero
+            elif kind == 1:
+                y = u * alpha
+                f = u if (u > y or u != u) else y
+            elif kind == 2:
+                f = u if u > zero else u * alpha
+            else:  # identity, or sigma given
+                f = u
+            x = x + (Vr[j] - f) * beta
+        out[j] = x
+
+
+def _shifted_target(U, b, Lam, out, with_b, rho):
+    """``(U - b) rho + Lam`` (``U rho + Lam`` without ``with_b``) elementwise into ``out``,
+    ``b`` one value per row, as the NumPy passes compute it."""
+    rows, cols = U.shape
+    for i in range(rows):
+        bi = b[i]
+        for j in range(cols):
+            if with_b:
+                out[i, j] = (U[i, j] - bi) * rho + Lam[i, j]
+            else:
+                out[i, j] = U[i, j] * rho + Lam[i, j]
+
+
 _COMPILED: tuple[Callable, Callable] | None = None
+_COMPILED_PW: tuple[Callable, ...] | None = None
+
+
+def _jit(numba, fn: Callable) -> Callable:
+    try:
+        return numba.njit(cache=True, error_model="numpy", nogil=True)(fn)
+    except RuntimeError:  # no writable cache location: compile in memory
+        return numba.njit(error_model="numpy", nogil=True)(fn)
+
+
+def elementwise() -> tuple[Callable, ...] | None:
+    """``(piecewise_pass, preactivation_target, activation_rhs_pass, shifted_target)``
+    compiled by Numba (as :func:`kernels`), on views of C-contiguous arrays; None without
+    Numba."""
+    global _COMPILED_PW, AVAILABLE
+    if _COMPILED_PW is None:
+        try:
+            import numba
+        except ImportError:
+            AVAILABLE = False
+            return None
+        _COMPILED_PW = tuple(_jit(numba, f) for f in (
+            _piecewise_pass, _preactivation_target, _activation_rhs_pass, _shifted_target))
+    return _COMPILED_PW
 
 
 def kernels() -> tuple[Callable, Callable] | None:

@@ -24,6 +24,7 @@ from typing import TypedDict
 import numpy as np
 
 from ..model import Architecture, forward, loss_grad_n, loss_sum
+from . import fused
 from .base import (
     BlockSpec,
     Options,
@@ -32,6 +33,7 @@ from .base import (
     StepOut,
     float_type,
     lambda_max,
+    piecewise_kind,
     prox_activation,
     prox_output,
     spd_solve,
@@ -193,13 +195,8 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     Returns ``(U, n_capped)``; a hidden block writes ``sigma(U)`` into ``sigma_out`` if given.
     """
     kappa = pen.rho + pen.tau
-    m = np.multiply(Z, pen.rho, out=_get(pool, Z.shape, Z))  # (rho Z - Lam + tau U^k) / kappa
-    m -= Lam
-    tmp = sigma_out if sigma_out is not None else _get(pool, U.shape, U)  # free until the prox
-    m += np.multiply(U, pen.tau, out=tmp)
-    m /= kappa
-    if pool is not None and tmp is not sigma_out:
-        pool.put(tmp)
+    m = preactivation_target(Z, Lam, U, pen.rho, pen.tau, _get(pool, Z.shape, Z), sigma_out,
+                             pool)
     if spec.is_output:
         assert Y is not None  # the output block is given the targets
         out = prox_output(spec.arch.loss, Y, m, kappa, U, spec.options.newton_max_iter)
@@ -211,6 +208,33 @@ def update_preactivation(spec: BlockSpec, pen: Penalties, U: Array, Z: Array, La
     if pool is not None:
         pool.put(m)  # the results are new arrays
     return out
+
+
+def preactivation_target(Z: Array, Lam: Array, U: Array, rho: float, tau: float, out: Array,
+                         spare: Array | None = None, pool: Scratch | None = None) -> Array:
+    """The U step's ``m = (rho Z - Lam + tau U^k) / kappa`` (``kappa = rho + tau``) into
+    ``out``, computed as ``((Z rho - Lam) + U tau) / kappa``: in one compiled loop with Numba
+    (:mod:`daskadmm.splitting.fused`) where every array is C-contiguous of one type, else in
+    NumPy, with ``spare`` (or a pool array) for ``U tau``; the same bits either way (the
+    penalties as Python floats: NumPy 2 computes with them in the arrays' type)."""
+    rho, tau = float(rho), float(tau)
+    kappa = rho + tau
+    dt = out.dtype
+    compiled = fused.elementwise() if fused.AVAILABLE else None
+    if compiled is not None and all(a.flags.c_contiguous and a.dtype == dt
+                                    for a in (Z, Lam, U, out)):
+        f = dt.type
+        compiled[1](Z.reshape(-1), Lam.reshape(-1), U.reshape(-1), out.reshape(-1), f(rho),
+                    f(tau), f(kappa))
+        return out
+    m = np.multiply(Z, rho, out=out)
+    m -= Lam
+    tmp = spare if spare is not None else _get(pool, U.shape, U)  # free until the prox
+    m += np.multiply(U, tau, out=tmp)
+    m /= kappa
+    if pool is not None and tmp is not spare:
+        pool.put(tmp)
+    return m
 
 
 def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None,
@@ -239,22 +263,42 @@ def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
     A, b = spec.split_bias(right["W"])
     shape = Uown.shape
     rhs = _get(pool, shape, Uown)  # C-ordered: the result (V, after the solve)
-    np.multiply(act.f(Uown) if sigma_own is None else sigma_own, pen.beta, out=rhs)
     work = _get(pool, shape, Uown)  # C-ordered: the product below goes into it
-    if s:
-        rhs += np.multiply(Vleft, pen.beta, out=work)
-    if s2:
-        _sigma_into(act, right["U"], work)
-        np.subtract(right["V"], work, out=work)
-        work *= pen.beta
-        rhs += work
+    sig = act.f(Uown) if sigma_own is None else sigma_own
+    beta, rho = float(pen.beta), float(pen.rho)  # computed in the arrays' type, as fused
     T = _get(pool, right["U"].shape, right["U"])
-    if b is None:
-        np.multiply(right["U"], pen.rho, out=T)
+    compiled = fused.elementwise() if fused.AVAILABLE else None
+    dt = rhs.dtype
+    if compiled is not None and all(
+            a.flags.c_contiguous and a.dtype == dt
+            for a in (sig, Vleft, right["U"], right["V"] if s2 else Vleft, right["Lam"], T)) \
+            and (b is None or b.dtype == dt):
+        f = dt.type
+        if s2 and act.slope is None:  # a smooth sigma(U_{i+1}): NumPy's, then the loop
+            kind, Ur = -1, _sigma_into(act, right["U"], work)
+        else:
+            kind, Ur = (piecewise_kind(act.slope) if act.slope is not None else -1), right["U"]
+        Vr = right["V"] if s2 else Vleft
+        compiled[2](kind, sig.reshape(-1), Vleft.reshape(-1), Vr.reshape(-1), Ur.reshape(-1),
+                    rhs.reshape(-1), bool(s), bool(s2), f(beta),
+                    f(act.slope if act.slope is not None else 0.0), f(0.0))
+        compiled[3](right["U"], (b if b is not None else A[:, :1]).reshape(-1),
+                    right["Lam"], T, b is not None, f(rho))
     else:
-        np.subtract(right["U"], b, out=T)
-        T *= pen.rho
-    T += right["Lam"]
+        np.multiply(sig, beta, out=rhs)
+        if s:
+            rhs += np.multiply(Vleft, beta, out=work)
+        if s2:
+            _sigma_into(act, right["U"], work)
+            np.subtract(right["V"], work, out=work)
+            work *= beta
+            rhs += work
+        if b is None:
+            np.multiply(right["U"], rho, out=T)
+        else:
+            np.subtract(right["U"], b, out=T)
+            T *= rho
+        T += right["Lam"]
     rhs += np.matmul(A.T, T, out=work)
     if pool is not None:
         pool.put(T)
