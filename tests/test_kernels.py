@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from support import load_benchmark
 
-from daskadmm.model import get_activation
-from daskadmm.splitting import base
+from daskadmm.model import Architecture, get_activation, init_weights
+from daskadmm.splitting import BlockSpec, Options, Penalties, base
 from daskadmm.splitting.base import prox_activation
 
 # The plain formulations: the old prox, which benchmarks/bench_kernels.py keeps to time the new
@@ -294,6 +294,73 @@ def test_the_u_step_target_compiled_gives_the_numpy_bits(monkeypatch, dtype):
         strided = preactivation_target(Z, Lam, np.asfortranarray(U), rho, tau,
                                        np.empty_like(Z))
         np.testing.assert_array_equal(strided.view(bits), got[0].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("skip", [True, False])
+def test_radmm3a_compiled_combinations_give_the_numpy_bits(monkeypatch, dtype, skip):
+    """RADMM-3A's over-relaxed combinations, prox target and multiplier steps: compiled (one
+    loop each) and in NumPy, bit for bit, with and without the skip connection (block 1's
+    ``Vleft`` is X, of another shape, and is not read)."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused, radmm3a
+
+    rng = np.random.default_rng(8)
+    arch = Architecture("resnet", 3, 5, 4, 2, "relu")
+    spec = BlockSpec(arch, 2 if skip else 1, 301, Options(relax=1.8))
+    assert bool(spec.s) == skip
+    pen = Penalties(rho=2.0, beta=np.float64(0.7), tau=1e-3, lam=0.03)
+    Z, U, V, G, S = (x.astype(dtype) for x in (*hard_inputs(rng, (4, 301)),
+                                               *hard_inputs(rng, (4, 301))[:2]))
+    Vleft = V[::-1].copy() if skip else rng.standard_normal((5, 301)).astype(dtype)
+    bits = np.uint64 if dtype == np.float64 else np.uint32
+    got = []
+    for compiled in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", compiled)
+        got.append([radmm3a.relaxed_product(spec, Z, U),
+                    radmm3a.relaxed_activation(spec, S, V, Vleft),
+                    radmm3a.prox_target(spec, pen, V, Vleft, G),
+                    radmm3a.update_multiplier(pen, G, U),
+                    radmm3a.update_multiplier_at(spec, pen, G, V, Vleft, S)])
+    for a, b in zip(*got, strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a.view(bits), b.view(bits))
+    # the multiplier step at the residual is update_multiplier at activation_residual
+    p = radmm3a.activation_residual(spec, V, Vleft, U, S)
+    np.testing.assert_array_equal(got[0][4].view(bits),
+                                  radmm3a.update_multiplier(pen, G, p).view(bits))
+
+
+@pytest.mark.parametrize(("variant", "act_name"), [("radmm3", "relu"), ("radmm3a", "relu"),
+                                                   ("radmm3a", "tanh"),
+                                                   ("radmm3", "leaky_relu")])
+def test_a_sweep_with_the_compiled_kernels_gives_the_numpy_bits(monkeypatch, variant,
+                                                                 act_name):
+    """Whole iterations of the serial reference, compiled kernels on and off: the same bits
+    (resnet with a bias, cross-entropy; RADMM-3A over-relaxed)."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.algorithms import get_algorithm
+    from daskadmm.engines import reference
+    from daskadmm.splitting import fused
+
+    rng = np.random.default_rng(3)
+    n = 700
+    arch = Architecture("resnet", 4, 6, 8, 3, act_name, loss="cross_entropy")
+    X = rng.standard_normal((6, n))
+    Y = np.eye(3)[rng.integers(0, 3, n)].T.copy()
+    sp = get_algorithm(variant).splitting
+    pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.03)
+    specs = [BlockSpec(arch, i, n, Options(relax=1.8)) for i in range(1, 5)]
+    w0 = init_weights(arch, rng)
+    runs = []
+    for compiled in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", compiled)
+        outs = reference.initial_outputs(sp, sp.init_state(arch, [w.copy() for w in w0], X, Y))
+        for _ in range(3):
+            outs, _ = reference.sweep(sp, specs, pen, outs, X, Y)
+        runs.append([v for blk in reference.block_states(sp, outs) for v in blk.values()])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])

@@ -226,6 +226,39 @@ def _shifted_target(U, b, Lam, out, with_b, rho):
                 out[i, j] = U[i, j] * rho + Lam[i, j]
 
 
+def _relaxed(x, y, z, s, a, b, out):
+    """``x a + (y - z) b`` elementwise into ``out`` (``x a + y b`` without ``s``): RADMM-3A's
+    over-relaxed combinations, as ``alpha x + (1 - alpha) (y - z)`` computes them in NumPy."""
+    for j in range(out.size):
+        t = y[j] - z[j] if s else y[j]
+        out[j] = x[j] * a + t * b
+
+
+def _shifted_quotient(y, z, g, s, beta, out):
+    """``(y - z) + g / beta`` elementwise into ``out`` (``y + g / beta`` without ``s``):
+    RADMM-3A's prox target ``V_i - s_i V_{i-1} + Gam_i / beta``."""
+    for j in range(out.size):
+        t = y[j] - z[j] if s else y[j]
+        out[j] = t + g[j] / beta
+
+
+def _plus_scaled(x, y, c, out):
+    """``x + c y`` elementwise into ``out`` (RADMM-3A's multiplier step)."""
+    for j in range(out.size):
+        out[j] = x[j] + y[j] * c
+
+
+def _multiplier_step(g, v, sig, z, s, c, out):
+    """``g + ((v - sig) - z) c`` elementwise into ``out`` (without ``s``: ``g + (v - sig) c``):
+    RADMM-3A's multiplier step at the over-relaxed residual, as NumPy computes
+    ``p = v - sig; p -= z; g + c * p``."""
+    for j in range(out.size):
+        p = v[j] - sig[j]
+        if s:
+            p = p - z[j]
+        out[j] = g[j] + p * c
+
+
 _COMPILED: tuple[Callable, Callable] | None = None
 _COMPILED_PW: tuple[Callable, ...] | None = None
 
@@ -238,9 +271,9 @@ def _jit(numba, fn: Callable) -> Callable:
 
 
 def elementwise() -> tuple[Callable, ...] | None:
-    """``(piecewise_pass, preactivation_target, activation_rhs_pass, shifted_target)``
-    compiled by Numba (as :func:`kernels`), on views of C-contiguous arrays; None without
-    Numba."""
+    """``(piecewise_pass, preactivation_target, activation_rhs_pass, shifted_target,
+    relaxed, shifted_quotient, plus_scaled, multiplier_step)`` compiled by Numba (as
+    :func:`kernels`), on views of C-contiguous arrays; None without Numba."""
     global _COMPILED_PW, AVAILABLE
     if _COMPILED_PW is None:
         try:
@@ -249,7 +282,8 @@ def elementwise() -> tuple[Callable, ...] | None:
             AVAILABLE = False
             return None
         _COMPILED_PW = tuple(_jit(numba, f) for f in (
-            _piecewise_pass, _preactivation_target, _activation_rhs_pass, _shifted_target))
+            _piecewise_pass, _preactivation_target, _activation_rhs_pass, _shifted_target,
+            _relaxed, _shifted_quotient, _plus_scaled, _multiplier_step))
     return _COMPILED_PW
 
 

@@ -269,17 +269,18 @@ def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
     T = _get(pool, right["U"].shape, right["U"])
     compiled = fused.elementwise() if fused.AVAILABLE else None
     dt = rhs.dtype
+    Vl = Vleft if s else sig  # (X, for block 1, has another shape: not read then)
+    Vr = right["V"] if s2 else sig
     if compiled is not None and all(
             a.flags.c_contiguous and a.dtype == dt
-            for a in (sig, Vleft, right["U"], right["V"] if s2 else Vleft, right["Lam"], T)) \
+            for a in (sig, Vl, right["U"], Vr, right["Lam"], T)) \
             and (b is None or b.dtype == dt):
         f = dt.type
         if s2 and act.slope is None:  # a smooth sigma(U_{i+1}): NumPy's, then the loop
             kind, Ur = -1, _sigma_into(act, right["U"], work)
         else:
             kind, Ur = (piecewise_kind(act.slope) if act.slope is not None else -1), right["U"]
-        Vr = right["V"] if s2 else Vleft
-        compiled[2](kind, sig.reshape(-1), Vleft.reshape(-1), Vr.reshape(-1), Ur.reshape(-1),
+        compiled[2](kind, sig.reshape(-1), Vl.reshape(-1), Vr.reshape(-1), Ur.reshape(-1),
                     rhs.reshape(-1), bool(s), bool(s2), f(beta),
                     f(act.slope if act.slope is not None else 0.0), f(0.0))
         compiled[3](right["U"], (b if b is not None else A[:, :1]).reshape(-1),
@@ -471,8 +472,10 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
         if spec.s:
             p -= Vleft
         if gam:
-            pa = p if sig is sigma else radmm3a.activation_residual(spec, V, Vleft, U, sig)
-            new["Gam"] = radmm3a.update_multiplier(pen, own["Gam"], pa)
+            if sig is sigma:
+                new["Gam"] = radmm3a.update_multiplier(pen, own["Gam"], p)
+            else:  # at the over-relaxed residual V - s V_{i-1} - sig
+                new["Gam"] = radmm3a.update_multiplier_at(spec, pen, own["Gam"], V, Vleft, sig)
             mult = radmm3a.multiplier_objective(spec, new["Gam"], p)
     rr = np.multiply(r, r, out=_get(pool, r.shape, U0))
     primal_sq = float(np.sum(rr))

@@ -77,7 +77,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model import Architecture
-from . import radmm3
+from . import fused, radmm3
 from .base import BlockSpec, Options, Penalties, StepOut
 
 __all__ = [
@@ -101,12 +101,31 @@ State = radmm3.State
 GAMMA_STEP = 0.5
 
 
+def _compiled(*arrays: Array):
+    """The compiled elementwise kernels (:func:`daskadmm.splitting.fused.elementwise`) when
+    Numba is there and every array is C-contiguous of the first one's type, else None: the
+    NumPy expressions run (the same bits)."""
+    if not fused.AVAILABLE:
+        return None
+    dt = arrays[0].dtype
+    if not all(a.flags.c_contiguous and a.dtype == dt for a in arrays):
+        return None
+    return fused.elementwise()
+
+
 def relaxed_product(spec: BlockSpec, Z: Array, U: Array) -> Array:
     """``Z_a = alpha Z + (1 - alpha) U^k`` for the U and Lam steps (``Z = W_i V~`` with the new
     ``W_i``, ``alpha = spec.options.relax``); ``Z`` itself when alpha is 1."""
     alpha = float(spec.options.relax)  # a Python float keeps float32 arrays float32
     if alpha == 1.0:
         return Z
+    k = _compiled(Z, U)
+    if k is not None:
+        out = np.empty_like(Z)
+        f = Z.dtype.type
+        k[4](Z.reshape(-1), U.reshape(-1), U.reshape(-1), False, f(alpha), f(1.0 - alpha),
+             out.reshape(-1))
+        return out
     return alpha * Z + (1.0 - alpha) * U
 
 
@@ -117,6 +136,14 @@ def relaxed_activation(spec: BlockSpec, sigma_U: Array, V: Array, Vleft: Array) 
     alpha = float(spec.options.relax)
     if alpha == 1.0:
         return sigma_U
+    z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
+    k = _compiled(sigma_U, V, z)
+    if k is not None:
+        out = np.empty_like(sigma_U)
+        f = out.dtype.type
+        k[4](sigma_U.reshape(-1), V.reshape(-1), z.reshape(-1), bool(spec.s), f(alpha),
+             f(1.0 - alpha), out.reshape(-1))
+        return out
     return alpha * sigma_U + (1.0 - alpha) * (V - Vleft if spec.s else V)
 
 
@@ -175,7 +202,15 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
 def prox_target(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Gam: Array) -> Array:
     """``c`` of the U prox (i < N): ``V_i - s_i V_{i-1} + Gam_i / beta`` (completing the
     square of the multiplier term)."""
-    return (V - Vleft if spec.s else V) + Gam / pen.beta
+    beta = float(pen.beta)
+    z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
+    k = _compiled(V, z, Gam)
+    if k is not None:
+        out = np.empty_like(V)
+        k[5](V.reshape(-1), z.reshape(-1), Gam.reshape(-1), bool(spec.s),
+             out.dtype.type(beta), out.reshape(-1))
+        return out
+    return (V - Vleft if spec.s else V) + Gam / beta
 
 
 def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U: Array,
@@ -192,10 +227,34 @@ def update_activation(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, U
     return radmm3.solve_activation(spec, pen, A, rhs, work, V, pool)
 
 
+def update_multiplier_at(spec: BlockSpec, pen: Penalties, Gam: Array, V: Array, Vleft: Array,
+                         sigma_U: Array) -> Array:
+    """:func:`update_multiplier` at ``p`` = :func:`activation_residual` ``(V, Vleft, sigma_U)``
+    (the over-relaxed residual: ``sigma_U`` from :func:`relaxed_activation`), in one compiled
+    loop with Numba (the same bits), without the residual as an array."""
+    z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
+    k = _compiled(Gam, V, sigma_U, z)
+    if k is None:
+        p = V - sigma_U  # activation_residual's operations
+        if spec.s:
+            p -= Vleft
+        return update_multiplier(pen, Gam, p)
+    out = np.empty_like(Gam)
+    k[7](Gam.reshape(-1), V.reshape(-1), sigma_U.reshape(-1), z.reshape(-1), bool(spec.s),
+         out.dtype.type(GAMMA_STEP * float(pen.beta)), out.reshape(-1))
+    return out
+
+
 def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
     """``Gam_i + GAMMA_STEP * beta * p`` with ``p`` = :func:`activation_residual` at the new
     ``V_i``, ``U_i`` and ``V_{i-1}``."""
-    return Gam + GAMMA_STEP * pen.beta * p
+    c = GAMMA_STEP * float(pen.beta)
+    k = _compiled(Gam, p)
+    if k is not None:
+        out = np.empty_like(Gam)
+        k[6](Gam.reshape(-1), p.reshape(-1), out.dtype.type(c), out.reshape(-1))
+        return out
+    return Gam + c * p
 
 
 def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
