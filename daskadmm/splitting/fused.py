@@ -1,4 +1,5 @@
-"""Fused kernels of the smooth activation prox, compiled with Numba when it is installed.
+"""Fused elementwise kernels, compiled with Numba when it is installed: the smooth activation
+prox (:func:`kernels`) and the block updates' other elementwise steps (:func:`elementwise`).
 
 :func:`~daskadmm.splitting.base.prox_activation` with tanh or sigmoid runs a safeguarded
 Newton per element. In NumPy every line of an iteration is a pass over the working set (about
@@ -12,6 +13,13 @@ before):
   elements out and compacts the set;
 - ``accept_pass``: the full step's acceptance test, per element; returns the rejected
   positions for the (rare) line search.
+
+:func:`elementwise` holds one loop per elementwise step that would otherwise take several
+NumPy passes over sample-sized arrays: the piecewise-linear prox (relu, leaky_relu, identity)
+with sigma of its result, the U step's target, the V step's right-hand side and shifted
+target, and RADMM-3A's over-relaxed combinations, prox target and multiplier step. Each is
+one pass over memory instead of several; reductions (sums) stay in NumPy, whose pairwise
+summation they would not reproduce.
 
 Each element's operations are those of the NumPy formulation (see
 :func:`~daskadmm.splitting.base._prox_smooth_block`), in the same order and type, with no
