@@ -306,7 +306,7 @@ class StorageConfig:
     state: str = "zarr"
     url: str | None = None  # None: <run dir>/state.zarr
     # samples per chunk (0: one chunk; auto: one chunk per worker thread, more where a
-    # worker's memory asks for it, none below 8,192 samples)
+    # worker's memory asks for it, none below 4,096 samples)
     chunk_size: int | str = "auto"
     compressor: str = "none"
     # replace an existing daskadmm state store at storage.url (never anything else)

@@ -407,7 +407,7 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
     state, chunk_size : where a Dask run keeps its ADMM variables (``zarr``: a chunked Zarr
         store in a scratch directory removed after the fit; ``memory``: worker memory) and the
         samples per chunk (0: one chunk; ``"auto"``: one per worker thread, more where worker
-        memory needs it, none below 8,192 samples).
+        memory needs it, none below 4,096 samples).
     dtype : ``float64`` (default) or ``float32`` (half the memory, about twice the matrix-product
         rate; ``coefs_`` are then float32).
     random_state : seed of the initial weights (and of the validation split).
