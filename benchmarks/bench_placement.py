@@ -33,7 +33,8 @@ from daskadmm.config import Config
 PLACEMENTS = ("blocks", "chunks")
 
 
-def config(depth: int, placement: str, iterations: int, n: int, chunk: int) -> Config:
+def config(depth: int, placement: str, iterations: int, n: int, chunk: int,
+           window: int = 0) -> Config:
     cfg = Config()
     cfg.data.name, cfg.data.n_samples = "synthetic", n
     cfg.model.width, cfg.model.depth = 128, depth
@@ -42,6 +43,7 @@ def config(depth: int, placement: str, iterations: int, n: int, chunk: int) -> C
     cfg.cluster.dashboard_address = "127.0.0.1:0"
     cfg.cluster.placement = placement
     cfg.storage.chunk_size = chunk
+    cfg.run.window = window
     return cfg
 
 
@@ -52,6 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=0,
+                    help="run.window (0: the automatic one)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -62,7 +66,8 @@ def main(argv=None) -> dict:
             for placement in PLACEMENTS:
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
-                res = api.fit(config(depth, placement, args.iterations, args.n, args.chunk))
+                res = api.fit(config(depth, placement, args.iterations, args.n, args.chunk,
+                                        args.window))
                 wall = time.perf_counter() - t0
                 weights[placement] = res.weights
                 run = {"round": rnd, "wall": wall, "load": load,
