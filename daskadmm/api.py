@@ -189,6 +189,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
     chunk_note = None
     if cfg.storage.chunk_size == "auto":
         cfg, chunk_note = _resolve_chunk_size(cfg, ds, client)
+    elif not isinstance(cfg.storage.chunk_size, int):  # a NumPy integer (a search grid's)
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
+            cfg.storage, chunk_size=int(cfg.storage.chunk_size)))
     from .config import check_resources
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,

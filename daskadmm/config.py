@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import re
 import shutil
@@ -565,7 +566,9 @@ def validate(cfg: Config) -> Config:
     _finite_pos("cluster.connect_timeout", c.connect_timeout)
 
     _check(s.state in ("zarr", "memory"), f"storage.state must be zarr or memory, got {s.state!r}")
-    _check(s.chunk_size == "auto" or (isinstance(s.chunk_size, int) and s.chunk_size >= 0),
+    _check(s.chunk_size == "auto" or (isinstance(s.chunk_size, numbers.Integral)
+                                      and not isinstance(s.chunk_size, bool)
+                                      and s.chunk_size >= 0),
            f"storage.chunk_size must be auto or an integer >= 0, got {s.chunk_size!r}")
     if r.resume:
         _check(bool(s.url), "run.resume=true needs storage.url=<the state store to resume>")

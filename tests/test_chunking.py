@@ -48,6 +48,8 @@ def test_memory_asks_for_more_chunks():
 
 
 class _Client:
+    status = "running"
+
     def __init__(self, workers):
         self.workers = workers
 
@@ -59,14 +61,67 @@ def test_the_cluster_s_threads_and_smallest_memory_limit_come_from_the_client():
     ccfg = Config().cluster
     client = _Client({"a": {"nthreads": 2, "memory_limit": 8 * GiB},
                       "b": {"nthreads": 2, "memory_limit": 4 * GiB},
-                      "c": {"nthreads": 4, "memory_limit": 8 * GiB}})
-    cs, note = chunk_size_for(ccfg, 80_000, 10**6, client)
-    assert cs == 10_000 and "8 chunks of 10000 samples, one per worker thread" in note
-    assert "8 worker threads, 4.0 GiB per worker" in note
+                      "c": {"nthreads": 4, "memory_limit": 8 * GiB},
+                      "d": {"nthreads": 1, "memory_limit": 0}})  # no limit: not the smallest
+    cs, note = chunk_size_for(ccfg, 90_000, 10**6, client)
+    assert cs == 10_000 and "9 chunks of 10000 samples, one per worker thread" in note
+    assert "9 worker threads, 4.0 GiB per worker" in note
     # workers without a memory limit: only the threads count
     cs, note = chunk_size_for(ccfg, 80_000, 10**12, _Client({"a": {"nthreads": 1,
                                                                     "memory_limit": 0}}))
     assert cs == 0 and "no memory limit" in note
+    # a worker's threads each hold a chunk task's arrays: its memory is shared among them
+    state = 3 * GiB
+    one = chunk_size_for(ccfg, 100_000, state, _Client({"a": {"nthreads": 1,
+                                                               "memory_limit": 4 * GiB}}))[0]
+    four = chunk_size_for(ccfg, 100_000, state, _Client({"a": {"nthreads": 4,
+                                                                "memory_limit": 4 * GiB}}))[0]
+    usable = 4 * GiB - WORKER_BASELINE
+    assert -(-100_000 // one) == int(np.ceil(AUTO_CHUNK_MEMORY * state / usable))  # 4
+    assert -(-100_000 // four) == int(np.ceil(AUTO_CHUNK_MEMORY * state / (usable / 4)))  # 13
+
+
+def test_an_active_client_is_the_cluster_the_rule_sizes(monkeypatch):
+    """cluster=local with a notebook's Client() running: the run uses that client, and so
+    does the rule (not the configuration's n_workers)."""
+    from daskadmm.engines import cluster
+
+    active = _Client({f"w{i}": {"nthreads": 1, "memory_limit": 8 * GiB} for i in range(5)})
+    monkeypatch.setattr(cluster, "current_client", lambda: active)
+    cs, note = chunk_size_for(Config().cluster, 50_000, 10**6)
+    assert cs == 10_000 and "5 worker threads" in note
+
+
+def test_a_local_cluster_with_memory_limit_auto_shares_the_machine_s_memory(monkeypatch):
+    """memory_limit=auto is left to LocalCluster (the machine's memory over the workers), and
+    the rule assumes the same per worker."""
+    from distributed.system import MEMORY_LIMIT
+
+    from daskadmm.engines import cluster
+
+    seen = {}
+
+    class FakeCluster:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr("distributed.LocalCluster", FakeCluster)
+    cluster._start_local_cluster(Config().cluster)
+    assert "memory_limit" not in seen
+    cluster._start_local_cluster(_with(Config(), cluster={"memory_limit": "2GB"}).cluster)
+    assert seen["memory_limit"] == "2GB"
+    assert cluster._worker_memory("auto", 4, 1) == pytest.approx(MEMORY_LIMIT / 4, rel=1e-6)
+    assert cluster._worker_memory("2GB", 4, 1) == 2e9
+
+
+def test_a_numpy_integer_chunk_size_is_a_chunk_size(tmp_path):
+    """A search grid's np.int64 is accepted, as an int."""
+    from daskadmm.config import validate
+
+    validate(_with(Config(), storage={"chunk_size": np.int64(4096)}))
+    cfg = _with(_cfg(tmp_path), storage={"chunk_size": np.int64(30)})
+    res = api.fit(cfg, dataset=load_dataset(cfg.data, seed=0))
+    assert res.info["chunks"] == 3
 
 
 def test_the_configured_cluster_when_there_is_no_client():

@@ -603,20 +603,27 @@ def test_a_result_whose_worker_dies_after_the_task_ends_is_a_lost_worker():
 
     class Client:
         calls = 0
+        cancelled: list = []
 
         def run_on_scheduler(self, fn, *args):
             Client.calls += 1
             return {"w0": "a"} if Client.calls > 2 else {"w0": "a", "w1": "b"}
 
+        def cancel(self, futures):
+            Client.cancelled.extend(futures)
+            release.set()  # a cancelled future's fetch ends
+
     ctx = object.__new__(_Ctx)
     ctx._workers0 = {("w0", "a"), ("w1", "b")}
+    stuck = StuckFuture()
     t0 = time.perf_counter()
     try:
         with pytest.raises(_WorkerLost, match="1 of 2 workers gone"):
-            ctx._result(Client(), StuckFuture())
+            ctx._result(Client(), stuck)
     finally:
         release.set()
     assert time.perf_counter() - t0 < 10
+    assert Client.cancelled == [stuck]  # the abandoned fetch is released
 
 
 def test_a_result_is_returned_and_a_task_error_raised_as_it_is():

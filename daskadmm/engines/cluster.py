@@ -121,12 +121,16 @@ def _start_local_cluster(ccfg: ClusterConfig):
         if ccfg.reuse_memory:
             spawn.update({f"distributed.nanny.pre-spawn-environ.{k}": v
                           for k, v in heap.worker_environ().items()})
+    # memory_limit=auto is left to LocalCluster, which shares the machine's memory out over
+    # the workers; passed on as "auto", each worker would take its thread share of the
+    # machine's cores instead (1/16 of the memory for 2 one-thread workers on 16 cores)
+    limit = {} if ccfg.memory_limit == "auto" else {"memory_limit": ccfg.memory_limit}
     with dask.config.set(spawn):
         return LocalCluster(
             n_workers=ccfg.n_workers,
             threads_per_worker=ccfg.threads_per_worker,
             processes=True,
-            memory_limit=ccfg.memory_limit,
+            **limit,
             dashboard_address=dash,
             host="127.0.0.1",
             env=env,
@@ -206,10 +210,12 @@ WORKER_BASELINE = 256 * 2**20
 before the state is shared out (at most 3/4 of the limit)."""
 
 
-def auto_chunk_size(n: int, state: int, threads: int, memory: float | None) -> int:
+def auto_chunk_size(n: int, state: int, threads: int, memory: float | None,
+                    per_worker: int = 1) -> int:
     """The chunk size ``storage.chunk_size=auto`` picks (0: one chunk) for ``n`` samples whose
     ADMM state is estimated at ``state`` bytes, on ``threads`` worker threads in all whose
-    smallest memory limit is ``memory`` bytes (None: no limit).
+    smallest memory limit is ``memory`` bytes (None: no limit), at most ``per_worker`` threads
+    in one worker (each may hold a chunk task's arrays at once).
 
     One chunk per worker thread, so that every worker gets one when the chunk tasks are placed
     by chunk (fastest measured: on 2 workers with 32,768 samples, width 128, depth 6, 2 chunks
@@ -219,31 +225,34 @@ def auto_chunk_size(n: int, state: int, threads: int, memory: float | None) -> i
     (:data:`AUTO_CHUNK_MEMORY`)."""
     chunks = max(1, min(threads, n // AUTO_CHUNK_MIN))
     if memory is not None and memory > 0:
-        usable = max(memory - WORKER_BASELINE, memory / 4)
+        usable = max(memory - WORKER_BASELINE, memory / 4) / max(1, per_worker)
         chunks = max(chunks, math.ceil(AUTO_CHUNK_MEMORY * state / usable))
     chunks = min(chunks, n)
     return 0 if chunks <= 1 else -(-n // chunks)
 
 
-def _worker_memory(value: Any, n_workers: int) -> float | None:
-    """A LocalCluster worker's memory limit in bytes for ``cluster.memory_limit`` (None: none)."""
-    from distributed.system import MEMORY_LIMIT
-
-    if value in ("auto", None):
-        return MEMORY_LIMIT / max(1, n_workers)
+def _worker_memory(value: Any, n_workers: int, threads_per_worker: int) -> float | None:
+    """The memory limit in bytes (None: none) of a worker of the LocalCluster
+    :func:`_start_local_cluster` starts for ``cluster.memory_limit=value``: ``auto`` shares
+    the machine's memory out over the workers, as LocalCluster does."""
     from distributed.worker_memory import parse_memory_limit
 
-    limit = parse_memory_limit(value, 1, logger=log)
+    if value == "auto":
+        limit = parse_memory_limit("auto", 1, max(1, n_workers), logger=log)
+    else:
+        limit = parse_memory_limit(value, threads_per_worker, logger=log)
     return float(limit) if limit else None
 
 
-def _client_shape(client) -> tuple[int, float | None]:
-    """(worker threads in all, the smallest worker memory limit or None) of a client's
-    cluster."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    threads = sum(int(w.get("nthreads", 1)) for w in workers)
-    limits = [w.get("memory_limit") or 0 for w in workers]
-    return max(1, threads), (float(min(limits)) if limits and min(limits) > 0 else None)
+def _client_shape(client) -> tuple[int, float | None, int]:
+    """(worker threads in all, the smallest worker memory limit or None, the most threads
+    of one worker) of a client's cluster; waits for a first worker to join."""
+    with contextlib.suppress(Exception):
+        client.wait_for_workers(1, timeout=60)
+    workers = list(client.scheduler_info(n_workers=-1)["workers"].values())
+    threads = [int(w.get("nthreads", 1)) for w in workers]
+    limits = [float(w["memory_limit"]) for w in workers if w.get("memory_limit")]
+    return max(1, sum(threads)), (min(limits) if limits else None), max(threads, default=1)
 
 
 def chunk_size_for(ccfg: ClusterConfig, n: int, state: int, client=None) -> tuple[int, str]:
@@ -255,12 +264,14 @@ def chunk_size_for(ccfg: ClusterConfig, n: int, state: int, client=None) -> tupl
     the threaded one: its threads, the machine's memory)."""
     from distributed.system import MEMORY_LIMIT
 
+    client = resolve_client(ccfg, client)  # the active client too, as the run will use it
+    per_worker = ccfg.threads_per_worker
     if client is None and ccfg.kind == "address":
         from distributed import Client
 
         try:
             with Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s") as probe:
-                threads, memory = _client_shape(probe)
+                threads, memory, per_worker = _client_shape(probe)
         except Exception as exc:
             raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
                                   f"{type(exc).__name__}: {_first_line(exc)}") from None
@@ -268,17 +279,18 @@ def chunk_size_for(ccfg: ClusterConfig, n: int, state: int, client=None) -> tupl
         from distributed import Client
 
         with Client(_SHARED["address"]) as probe:
-            threads, memory = _client_shape(probe)
+            threads, memory, per_worker = _client_shape(probe)
     elif client is not None:
-        threads, memory = _client_shape(client)
+        threads, memory, per_worker = _client_shape(client)
     elif ccfg.kind == "synchronous":
-        threads, memory = 1, float(MEMORY_LIMIT)
-    elif ccfg.kind == "threads":
-        threads, memory = ccfg.n_workers * ccfg.threads_per_worker, float(MEMORY_LIMIT)
+        threads, memory, per_worker = 1, float(MEMORY_LIMIT), 1
+    elif ccfg.kind == "threads":  # one process: all its threads share the machine's memory
+        threads = ccfg.n_workers * ccfg.threads_per_worker
+        memory, per_worker = float(MEMORY_LIMIT), threads
     else:
         threads = ccfg.n_workers * ccfg.threads_per_worker
-        memory = _worker_memory(ccfg.memory_limit, ccfg.n_workers)
-    cs = auto_chunk_size(n, state, threads, memory)
+        memory = _worker_memory(ccfg.memory_limit, ccfg.n_workers, ccfg.threads_per_worker)
+    cs = auto_chunk_size(n, state, threads, memory, per_worker)
     chunks = 1 if cs == 0 else -(-n // cs)
     mem = "no memory limit" if memory is None else f"{memory / 2**30:.1f} GiB per worker"
     if chunks > threads:

@@ -243,8 +243,9 @@ class _Ctx:
         task finishing is not the end of the wait, since the gather that follows hangs for good
         if the worker holding the result dies first (distributed reschedules the task onto its
         pinned, dead worker). Not ``result(timeout=...)`` either: an asyncio timeout racing the
-        result can surface as ``CancelledError``. An abandoned fetch ends when the recovery
-        cancels the attempt's futures."""
+        result can surface as ``CancelledError``. When the wait ends by an exception (a lost
+        worker, the scheduler gone, Ctrl-C) the future is cancelled, which ends the fetch too:
+        a caller's client stays open after the run, and the fetch would wait on it for good."""
         import asyncio
         import threading
 
@@ -263,8 +264,15 @@ class _Ctx:
                 got.set()
 
         threading.Thread(target=fetch, name="daskadmm-fetch", daemon=True).start()
-        while not got.wait(0.5):
-            self._check_workers(client)
+        try:
+            while not got.wait(0.5):
+                self._check_workers(client)
+        except BaseException:
+            # the run leaves (a lost worker, the scheduler gone, Ctrl-C): release the fetch
+            # (a caller's client stays open, so it would wait for good) and the key
+            with contextlib.suppress(Exception):
+                client.cancel([fut])
+            raise
         if "value" in box:
             return box["value"]
         try:
