@@ -62,6 +62,28 @@ def hard_inputs(rng, shape):
     return c, m, u0
 
 
+def on_and_off(monkeypatch, run, *args):
+    """``run(*args)`` with the compiled kernels (splitting.fused), then with the NumPy
+    formulation: both results."""
+    from daskadmm.splitting import fused
+
+    got = []
+    for compiled in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", compiled)
+        got.append(run(*args))
+    return got
+
+
+def assert_same_bits(a, b, dtype=None):
+    """``a`` and ``b`` equal bit for bit (NaN payloads and signed zeros included), both of
+    ``dtype`` when given."""
+    if dtype is not None:
+        assert a.dtype == b.dtype == dtype
+    bits = np.uint64 if a.dtype.itemsize == 8 else np.uint32
+    np.testing.assert_array_equal(np.ascontiguousarray(a).view(bits),
+                                  np.ascontiguousarray(b).view(bits))
+
+
 @pytest.mark.parametrize("act_name", ["tanh", "sigmoid"])
 @pytest.mark.parametrize(("beta", "kappa"), PENALTIES)
 @pytest.mark.parametrize("max_iter", [100, 1, 3, 5000])
@@ -94,30 +116,26 @@ def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act
     sigma and cap count is bit for bit the NumPy formulation's, at every penalty, in float32
     too, with hard inputs (saturation, NaN, line searches that stall, capped elements)."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
-    from daskadmm.splitting import fused
-
     rng = np.random.default_rng(11)
     act = get_activation(act_name)
     c, m, u0 = (x.astype(dtype) for x in hard_inputs(rng, (5, 4001)))
-    bits = np.uint64 if dtype == np.float64 else np.uint32
+
+    def run(beta, kappa):
+        sig = np.empty_like(c)
+        u, capped = prox_activation(c, m, beta, kappa, u0, act, max_iter, sigma_out=sig)
+        return u, sig, capped
+
     # NumPy float64 penalties too (a scikit-learn grid): the same bits as Python floats'
     for beta, kappa in [*PENALTIES, (np.float64(0.3), np.float64(1.7))]:
-        got = []
-        for compiled in (True, False):
-            monkeypatch.setattr(fused, "AVAILABLE", compiled)
-            sig = np.empty_like(c)
-            u, capped = prox_activation(c, m, beta, kappa, u0, act, max_iter, sigma_out=sig)
-            got.append((u, sig, capped))
-        (u1, s1, k1), (u2, s2, k2) = got
-        assert u1.dtype == u2.dtype == dtype
-        np.testing.assert_array_equal(u1.view(bits), u2.view(bits))  # NaN payloads, -0.0
-        np.testing.assert_array_equal(s1.view(bits), s2.view(bits))
+        (u1, s1, k1), (u2, s2, k2) = on_and_off(monkeypatch, run, beta, kappa)
+        assert_same_bits(u1, u2, dtype)
+        assert_same_bits(s1, s2)
         assert k1 == k2
     sig = np.empty_like(c)
     u_np, _ = prox_activation(c, m, np.float64(0.3), np.float64(1.7), u0, act, max_iter,
                               sigma_out=sig)
     u_py, _ = prox_activation(c, m, 0.3, 1.7, u0, act, max_iter)
-    np.testing.assert_array_equal(u_np.view(bits), u_py.view(bits))
+    assert_same_bits(u_np, u_py)
 
 
 def test_a_numba_that_does_not_import_falls_back_to_numpy(monkeypatch):
@@ -241,8 +259,6 @@ def test_compiled_piecewise_prox_gives_the_numpy_formulations_bits(monkeypatch, 
     signed zeros, ties, infinities and NaN included, in float32 too, with sigma written into a
     C-ordered array directly and into any other through act.f."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
-    from daskadmm.splitting import fused
-
     rng = np.random.default_rng(21)
     act = get_activation(act_name, slope)
     c, m, u0 = (x.astype(dtype) for x in hard_inputs(rng, (7, 3001)))
@@ -253,23 +269,20 @@ def test_compiled_piecewise_prox_gives_the_numpy_formulations_bits(monkeypatch, 
     c.ravel()[140:150] = np.inf
     m.ravel()[150:160] = -np.inf
     c.ravel()[160:170] = np.nan
-    bits = np.uint64 if dtype == np.float64 else np.uint32
+
+    def run(beta, kappa):
+        sig = np.empty_like(c)
+        sig_f = np.empty_like(c, order="F")
+        with np.errstate(all="ignore"):  # the planted infinities and NaN
+            u, capped = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig)
+            u_f, _ = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig_f,
+                                     out=np.empty_like(c))
+        return u, sig, u_f, sig_f, capped
+
     for beta, kappa in [*PENALTIES, (np.float64(0.3), np.float64(1.7))]:
-        got = []
-        for compiled in (True, False):
-            monkeypatch.setattr(fused, "AVAILABLE", compiled)
-            sig = np.empty_like(c)
-            sig_f = np.empty_like(c, order="F")
-            with np.errstate(all="ignore"):  # the planted infinities and NaN
-                u, capped = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig)
-                u_f, _ = prox_activation(c, m, beta, kappa, u0, act, sigma_out=sig_f,
-                                         out=np.empty_like(c))
-            got.append((u, sig, u_f, sig_f, capped))
-        for a, b in zip(*got, strict=True):
+        for a, b in zip(*on_and_off(monkeypatch, run, beta, kappa), strict=True):
             if isinstance(a, np.ndarray):
-                assert a.dtype == dtype
-                np.testing.assert_array_equal(np.ascontiguousarray(a).view(bits),
-                                              np.ascontiguousarray(b).view(bits))
+                assert_same_bits(a, b, dtype)
             else:
                 assert a == b == 0
 
@@ -279,21 +292,20 @@ def test_the_u_step_target_compiled_gives_the_numpy_bits(monkeypatch, dtype):
     """``m = ((Z rho - Lam) + U tau) / kappa`` in one compiled loop equals the NumPy passes
     bit for bit (NumPy float64 penalties too); non-contiguous input takes the NumPy path."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
-    from daskadmm.splitting import fused
     from daskadmm.splitting.radmm3 import preactivation_target
 
     rng = np.random.default_rng(5)
     Z, Lam, U = (x.astype(dtype) for x in hard_inputs(rng, (6, 2001)))
-    bits = np.uint64 if dtype == np.float64 else np.uint32
+
+    def run(rho, tau):
+        return preactivation_target(Z, Lam, U, rho, tau, np.empty_like(Z))
+
     for rho, tau in [(2.0, 1e-3), (np.float64(0.37), np.float64(0.011))]:
-        got = []
-        for compiled in (True, False):
-            monkeypatch.setattr(fused, "AVAILABLE", compiled)
-            got.append(preactivation_target(Z, Lam, U, rho, tau, np.empty_like(Z)))
-        np.testing.assert_array_equal(got[0].view(bits), got[1].view(bits))
+        got = on_and_off(monkeypatch, run, rho, tau)
+        assert_same_bits(got[0], got[1])
         strided = preactivation_target(Z, Lam, np.asfortranarray(U), rho, tau,
                                        np.empty_like(Z))
-        np.testing.assert_array_equal(strided.view(bits), got[0].view(bits))
+        assert_same_bits(strided, got[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -303,7 +315,7 @@ def test_radmm3a_compiled_combinations_give_the_numpy_bits(monkeypatch, dtype, s
     loop each) and in NumPy, bit for bit, with and without the skip connection (block 1's
     ``Vleft`` is X, of another shape, and is not read)."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
-    from daskadmm.splitting import fused, radmm3a
+    from daskadmm.splitting import radmm3a
 
     rng = np.random.default_rng(8)
     arch = Architecture("resnet", 3, 5, 4, 2, "relu")
@@ -313,22 +325,17 @@ def test_radmm3a_compiled_combinations_give_the_numpy_bits(monkeypatch, dtype, s
     Z, U, V, G, S = (x.astype(dtype) for x in (*hard_inputs(rng, (4, 301)),
                                                *hard_inputs(rng, (4, 301))[:2]))
     Vleft = V[::-1].copy() if skip else rng.standard_normal((5, 301)).astype(dtype)
-    bits = np.uint64 if dtype == np.float64 else np.uint32
-    got = []
-    for compiled in (True, False):
-        monkeypatch.setattr(fused, "AVAILABLE", compiled)
-        got.append([radmm3a.relaxed_product(spec, Z, U),
-                    radmm3a.relaxed_activation(spec, S, V, Vleft),
-                    radmm3a.prox_target(spec, pen, V, Vleft, G),
-                    radmm3a.update_multiplier(pen, G, U),
-                    radmm3a.update_multiplier_at(spec, pen, G, V, Vleft, S)])
+    got = on_and_off(monkeypatch, lambda: [
+        radmm3a.relaxed_product(spec, Z, U),
+        radmm3a.relaxed_activation(spec, S, V, Vleft),
+        radmm3a.prox_target(spec, pen, V, Vleft, G),
+        radmm3a.update_multiplier(pen, G, U),
+        radmm3a.update_multiplier_at(spec, pen, G, V, Vleft, S)])
     for a, b in zip(*got, strict=True):
-        assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(a.view(bits), b.view(bits))
+        assert_same_bits(a, b, dtype)
     # the multiplier step at the residual is update_multiplier at activation_residual
     p = radmm3a.activation_residual(spec, V, Vleft, U, S)
-    np.testing.assert_array_equal(got[0][4].view(bits),
-                                  radmm3a.update_multiplier(pen, G, p).view(bits))
+    assert_same_bits(got[0][4], radmm3a.update_multiplier(pen, G, p))
 
 
 @pytest.mark.parametrize(("variant", "act_name"), [("radmm3", "relu"), ("radmm3a", "relu"),
@@ -341,7 +348,6 @@ def test_a_sweep_with_the_compiled_kernels_gives_the_numpy_bits(monkeypatch, var
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
     from daskadmm.algorithms import get_algorithm
     from daskadmm.engines import reference
-    from daskadmm.splitting import fused
 
     rng = np.random.default_rng(3)
     n = 700
@@ -352,14 +358,14 @@ def test_a_sweep_with_the_compiled_kernels_gives_the_numpy_bits(monkeypatch, var
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.03)
     specs = [BlockSpec(arch, i, n, Options(relax=1.8)) for i in range(1, 5)]
     w0 = init_weights(arch, rng)
-    runs = []
-    for compiled in (True, False):
-        monkeypatch.setattr(fused, "AVAILABLE", compiled)
+
+    def run():
         outs = reference.initial_outputs(sp, sp.init_state(arch, [w.copy() for w in w0], X, Y))
         for _ in range(3):
             outs, _ = reference.sweep(sp, specs, pen, outs, X, Y)
-        runs.append([v for blk in reference.block_states(sp, outs) for v in blk.values()])
-    for a, b in zip(*runs, strict=True):
+        return [v for blk in reference.block_states(sp, outs) for v in blk.values()]
+
+    for a, b in zip(*on_and_off(monkeypatch, run), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -392,7 +392,7 @@ def _prox_piecewise_fused(c: Array, m: Array, beta: float, kappa: float, act: Ac
               f(0.5 * beta), f(0.5 * kappa), f(a), f(0.0))
     compiled = fused.elementwise()
     assert compiled is not None  # the caller checked
-    compiled[0](piecewise_kind(a), cf, mf, u.reshape(-1), sig, direct, consts)
+    compiled.piecewise_pass(piecewise_kind(a), cf, mf, u.reshape(-1), sig, direct, consts)
     if sigma_out is not None and not direct:
         sigma_out[...] = act.f(u)
     return u

@@ -36,8 +36,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from importlib.util import find_spec
+from typing import NamedTuple
 
-__all__ = ["AVAILABLE", "SIGMOID", "TANH", "kernels"]
+__all__ = ["AVAILABLE", "SIGMOID", "TANH", "Elementwise", "elementwise", "elementwise_for",
+           "kernels"]
 
 AVAILABLE = find_spec("numba") is not None and not os.environ.get("DASKADMM_NO_NUMBA")
 """Numba is installed (and not switched off): the smooth prox uses :func:`kernels`. Numba is
@@ -156,8 +158,7 @@ def _piecewise_pass(kind, c, m, out, sig, with_sig, consts):
         up = zero if (zero > x or zero != zero) else x  # np.maximum(0.0, x)
         x = ((cj * ab) + km) / den_m
         um = zero if (zero < x or zero != zero) else x  # np.minimum(0.0, x)
-        pp = zero
-        pm = zero
+        pp = pm = fp = fm = zero
         for branch in range(2):
             x = up if branch == 0 else um
             if kind == 0:  # np.maximum(x, 0.0)
@@ -173,20 +174,14 @@ def _piecewise_pass(kind, c, m, out, sig, with_sig, consts):
             d = x - mj
             if branch == 0:
                 pp = ((r * hb) * r) + ((d * hk) * d)
+                fp = f
             else:
                 pm = ((r * hb) * r) + ((d * hk) * d)
-        u = up if pp <= pm else um
-        out[j] = u
-        if with_sig:
-            if kind == 0:
-                sig[j] = u if (u > zero or u != u) else zero
-            elif kind == 1:
-                y = u * alpha
-                sig[j] = u if (u > y or u != u) else y
-            elif kind == 2:
-                sig[j] = u if u > zero else u * alpha
-            else:
-                sig[j] = u
+                fm = f
+        keep_plus = pp <= pm
+        out[j] = up if keep_plus else um
+        if with_sig:  # sigma of the chosen candidate, already evaluated
+            sig[j] = fp if keep_plus else fm
 
 
 def _preactivation_target(Z, Lam, U, out, rho, tau, kappa):
@@ -267,8 +262,21 @@ def _multiplier_step(g, v, sig, z, s, c, out):
         out[j] = g[j] + p * c
 
 
+class Elementwise(NamedTuple):
+    """The compiled kernels of :func:`elementwise`, by name."""
+
+    piecewise_pass: Callable
+    preactivation_target: Callable
+    activation_rhs_pass: Callable
+    shifted_target: Callable
+    relaxed: Callable
+    shifted_quotient: Callable
+    plus_scaled: Callable
+    multiplier_step: Callable
+
+
 _COMPILED: tuple[Callable, Callable] | None = None
-_COMPILED_PW: tuple[Callable, ...] | None = None
+_COMPILED_PW: Elementwise | None = None
 
 
 def _jit(numba, fn: Callable) -> Callable:
@@ -278,10 +286,10 @@ def _jit(numba, fn: Callable) -> Callable:
         return numba.njit(error_model="numpy", nogil=True)(fn)
 
 
-def elementwise() -> tuple[Callable, ...] | None:
-    """``(piecewise_pass, preactivation_target, activation_rhs_pass, shifted_target,
-    relaxed, shifted_quotient, plus_scaled, multiplier_step)`` compiled by Numba (as
-    :func:`kernels`), on views of C-contiguous arrays; None without Numba."""
+def elementwise() -> Elementwise | None:
+    """The elementwise kernels (:class:`Elementwise`: ``_piecewise_pass`` and the others)
+    compiled by Numba (as :func:`kernels`), on views of C-contiguous arrays; None without
+    Numba."""
     global _COMPILED_PW, AVAILABLE
     if _COMPILED_PW is None:
         try:
@@ -289,10 +297,22 @@ def elementwise() -> tuple[Callable, ...] | None:
         except ImportError:
             AVAILABLE = False
             return None
-        _COMPILED_PW = tuple(_jit(numba, f) for f in (
+        _COMPILED_PW = Elementwise(*(_jit(numba, f) for f in (
             _piecewise_pass, _preactivation_target, _activation_rhs_pass, _shifted_target,
-            _relaxed, _shifted_quotient, _plus_scaled, _multiplier_step))
+            _relaxed, _shifted_quotient, _plus_scaled, _multiplier_step)))
     return _COMPILED_PW
+
+
+def elementwise_for(*arrays) -> Elementwise | None:
+    """:func:`elementwise` when Numba is there and every array is C-contiguous of the first
+    one's type (the kernels' element-by-element view), else None: the caller's NumPy
+    formulation runs (the same bits)."""
+    if not AVAILABLE:
+        return None
+    dt = arrays[0].dtype
+    if not all(a.flags.c_contiguous and a.dtype == dt for a in arrays):
+        return None
+    return elementwise()
 
 
 def kernels() -> tuple[Callable, Callable] | None:

@@ -219,13 +219,11 @@ def preactivation_target(Z: Array, Lam: Array, U: Array, rho: float, tau: float,
     penalties as Python floats: NumPy 2 computes with them in the arrays' type)."""
     rho, tau = float(rho), float(tau)
     kappa = rho + tau
-    dt = out.dtype
-    compiled = fused.elementwise() if fused.AVAILABLE else None
-    if compiled is not None and all(a.flags.c_contiguous and a.dtype == dt
-                                    for a in (Z, Lam, U, out)):
-        f = dt.type
-        compiled[1](Z.reshape(-1), Lam.reshape(-1), U.reshape(-1), out.reshape(-1), f(rho),
-                    f(tau), f(kappa))
+    compiled = fused.elementwise_for(out, Z, Lam, U)
+    if compiled is not None:
+        f = out.dtype.type
+        compiled.preactivation_target(Z.reshape(-1), Lam.reshape(-1), U.reshape(-1),
+                                      out.reshape(-1), f(rho), f(tau), f(kappa))
         return out
     m = np.multiply(Z, rho, out=out)
     m -= Lam
@@ -267,24 +265,21 @@ def _activation_rhs(spec: BlockSpec, pen: Penalties, Vleft: Array, Uown: Array,
     sig = act.f(Uown) if sigma_own is None else sigma_own
     beta, rho = float(pen.beta), float(pen.rho)  # computed in the arrays' type, as fused
     T = _get(pool, right["U"].shape, right["U"])
-    compiled = fused.elementwise() if fused.AVAILABLE else None
-    dt = rhs.dtype
     Vl = Vleft if s else sig  # (X, for block 1, has another shape: not read then)
     Vr = right["V"] if s2 else sig
-    if compiled is not None and all(
-            a.flags.c_contiguous and a.dtype == dt
-            for a in (sig, Vl, right["U"], Vr, right["Lam"], T)) \
-            and (b is None or b.dtype == dt):
-        f = dt.type
+    compiled = fused.elementwise_for(rhs, sig, Vl, right["U"], Vr, right["Lam"], T)
+    if compiled is not None and (b is None or b.dtype == rhs.dtype):
+        f = rhs.dtype.type
         if s2 and act.slope is None:  # a smooth sigma(U_{i+1}): NumPy's, then the loop
             kind, Ur = -1, _sigma_into(act, right["U"], work)
         else:
             kind, Ur = (piecewise_kind(act.slope) if act.slope is not None else -1), right["U"]
-        compiled[2](kind, sig.reshape(-1), Vl.reshape(-1), Vr.reshape(-1), Ur.reshape(-1),
-                    rhs.reshape(-1), bool(s), bool(s2), f(beta),
-                    f(act.slope if act.slope is not None else 0.0), f(0.0))
-        compiled[3](right["U"], (b if b is not None else A[:, :1]).reshape(-1),
-                    right["Lam"], T, b is not None, f(rho))
+        compiled.activation_rhs_pass(
+            kind, sig.reshape(-1), Vl.reshape(-1), Vr.reshape(-1), Ur.reshape(-1),
+            rhs.reshape(-1), bool(s), bool(s2), f(beta),
+            f(act.slope if act.slope is not None else 0.0), f(0.0))
+        compiled.shifted_target(right["U"], (b if b is not None else A[:, :1]).reshape(-1),
+                                right["Lam"], T, b is not None, f(rho))
     else:
         np.multiply(sig, beta, out=rhs)
         if s:

@@ -101,30 +101,18 @@ State = radmm3.State
 GAMMA_STEP = 0.5
 
 
-def _compiled(*arrays: Array):
-    """The compiled elementwise kernels (:func:`daskadmm.splitting.fused.elementwise`) when
-    Numba is there and every array is C-contiguous of the first one's type, else None: the
-    NumPy expressions run (the same bits)."""
-    if not fused.AVAILABLE:
-        return None
-    dt = arrays[0].dtype
-    if not all(a.flags.c_contiguous and a.dtype == dt for a in arrays):
-        return None
-    return fused.elementwise()
-
-
 def relaxed_product(spec: BlockSpec, Z: Array, U: Array) -> Array:
     """``Z_a = alpha Z + (1 - alpha) U^k`` for the U and Lam steps (``Z = W_i V~`` with the new
     ``W_i``, ``alpha = spec.options.relax``); ``Z`` itself when alpha is 1."""
     alpha = float(spec.options.relax)  # a Python float keeps float32 arrays float32
     if alpha == 1.0:
         return Z
-    k = _compiled(Z, U)
+    k = fused.elementwise_for(Z, U)
     if k is not None:
         out = np.empty_like(Z)
         f = Z.dtype.type
-        k[4](Z.reshape(-1), U.reshape(-1), U.reshape(-1), False, f(alpha), f(1.0 - alpha),
-             out.reshape(-1))
+        k.relaxed(Z.reshape(-1), U.reshape(-1), U.reshape(-1), False, f(alpha), f(1.0 - alpha),
+                  out.reshape(-1))
         return out
     return alpha * Z + (1.0 - alpha) * U
 
@@ -137,21 +125,24 @@ def relaxed_activation(spec: BlockSpec, sigma_U: Array, V: Array, Vleft: Array) 
     if alpha == 1.0:
         return sigma_U
     z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
-    k = _compiled(sigma_U, V, z)
+    k = fused.elementwise_for(sigma_U, V, z)
     if k is not None:
         out = np.empty_like(sigma_U)
         f = out.dtype.type
-        k[4](sigma_U.reshape(-1), V.reshape(-1), z.reshape(-1), bool(spec.s), f(alpha),
-             f(1.0 - alpha), out.reshape(-1))
+        k.relaxed(sigma_U.reshape(-1), V.reshape(-1), z.reshape(-1), bool(spec.s), f(alpha),
+                  f(1.0 - alpha), out.reshape(-1))
         return out
     return alpha * sigma_U + (1.0 - alpha) * (V - Vleft if spec.s else V)
 
 
-def activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array,
+def activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array | None,
                         sigma_U: Array | None = None) -> Array:
     """``V_i - s_i V_{i-1} - sigma(U_i)`` (a new array); ``sigma_U``: ``sigma(U_i)`` if already
-    computed (bit for bit ``act.f(U_i)``, so the same numbers)."""
-    p = V - (spec.act.f(U) if sigma_U is None else sigma_U)
+    computed (bit for bit ``act.f(U_i)``, so the same numbers; ``U`` is not needed then)."""
+    if sigma_U is None:
+        assert U is not None  # sigma(U_i) comes from one of them
+        sigma_U = spec.act.f(U)
+    p = V - sigma_U
     if spec.s:
         p -= Vleft
     return p
@@ -204,11 +195,11 @@ def prox_target(spec: BlockSpec, pen: Penalties, V: Array, Vleft: Array, Gam: Ar
     square of the multiplier term)."""
     beta = float(pen.beta)
     z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
-    k = _compiled(V, z, Gam)
+    k = fused.elementwise_for(V, z, Gam)
     if k is not None:
         out = np.empty_like(V)
-        k[5](V.reshape(-1), z.reshape(-1), Gam.reshape(-1), bool(spec.s),
-             out.dtype.type(beta), out.reshape(-1))
+        k.shifted_quotient(V.reshape(-1), z.reshape(-1), Gam.reshape(-1), bool(spec.s),
+                           out.dtype.type(beta), out.reshape(-1))
         return out
     return (V - Vleft if spec.s else V) + Gam / beta
 
@@ -233,15 +224,13 @@ def update_multiplier_at(spec: BlockSpec, pen: Penalties, Gam: Array, V: Array, 
     (the over-relaxed residual: ``sigma_U`` from :func:`relaxed_activation`), in one compiled
     loop with Numba (the same bits), without the residual as an array."""
     z = Vleft if spec.s else V  # (X, for block 1, has another shape: not read then)
-    k = _compiled(Gam, V, sigma_U, z)
+    k = fused.elementwise_for(Gam, V, sigma_U, z)
     if k is None:
-        p = V - sigma_U  # activation_residual's operations
-        if spec.s:
-            p -= Vleft
-        return update_multiplier(pen, Gam, p)
+        return update_multiplier(pen, Gam, activation_residual(spec, V, Vleft, None, sigma_U))
     out = np.empty_like(Gam)
-    k[7](Gam.reshape(-1), V.reshape(-1), sigma_U.reshape(-1), z.reshape(-1), bool(spec.s),
-         out.dtype.type(GAMMA_STEP * float(pen.beta)), out.reshape(-1))
+    k.multiplier_step(Gam.reshape(-1), V.reshape(-1), sigma_U.reshape(-1), z.reshape(-1),
+                      bool(spec.s), out.dtype.type(GAMMA_STEP * float(pen.beta)),
+                      out.reshape(-1))
     return out
 
 
@@ -249,10 +238,10 @@ def update_multiplier(pen: Penalties, Gam: Array, p: Array) -> Array:
     """``Gam_i + GAMMA_STEP * beta * p`` with ``p`` = :func:`activation_residual` at the new
     ``V_i``, ``U_i`` and ``V_{i-1}``."""
     c = GAMMA_STEP * float(pen.beta)
-    k = _compiled(Gam, p)
+    k = fused.elementwise_for(Gam, p)
     if k is not None:
         out = np.empty_like(Gam)
-        k[6](Gam.reshape(-1), p.reshape(-1), out.dtype.type(c), out.reshape(-1))
+        k.plus_scaled(Gam.reshape(-1), p.reshape(-1), out.dtype.type(c), out.reshape(-1))
         return out
     return Gam + c * p
 
