@@ -290,6 +290,12 @@ class ClusterConfig:
     # of starting a LocalCluster (faster there; no dashboard); 0: always start the LocalCluster
     in_process_mb: float = 256.0
 
+    @property
+    def threads(self) -> int:
+        """Worker threads in all of the configured LocalCluster (or threaded scheduler):
+        ``n_workers x threads_per_worker``."""
+        return self.n_workers * self.threads_per_worker
+
 
 @dataclass
 class StorageConfig:

@@ -188,7 +188,7 @@ def in_process_reason(opts: EngineOptions, state: int, client=None) -> str | Non
         return None
     return (f"small problem (ADMM state {state / 2**20:.1f} MiB <= cluster.in_process_mb="
             f"{c.in_process_mb:g}): running in this process on Dask's threaded scheduler "
-            f"({c.n_workers * c.threads_per_worker} threads, state in memory), no LocalCluster "
+            f"({c.threads} threads, state in memory), no LocalCluster "
             f"and no dashboard; cluster.in_process_mb=0 starts the LocalCluster")
 
 
@@ -267,14 +267,8 @@ def chunk_size_for(ccfg: ClusterConfig, n: int, state: int, client=None) -> tupl
     client = resolve_client(ccfg, client)  # the active client too, as the run will use it
     per_worker = ccfg.threads_per_worker
     if client is None and ccfg.kind == "address":
-        from distributed import Client
-
-        try:
-            with Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s") as probe:
-                threads, memory, per_worker = _client_shape(probe)
-        except Exception as exc:
-            raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
-                                  f"{type(exc).__name__}: {_first_line(exc)}") from None
+        with _client_at_address(ccfg) as probe:
+            threads, memory, per_worker = _client_shape(probe)
     elif client is None and ccfg.kind == "local" and _SHARED.get("address"):
         from distributed import Client
 
@@ -285,10 +279,10 @@ def chunk_size_for(ccfg: ClusterConfig, n: int, state: int, client=None) -> tupl
     elif ccfg.kind == "synchronous":
         threads, memory, per_worker = 1, float(MEMORY_LIMIT), 1
     elif ccfg.kind == "threads":  # one process: all its threads share the machine's memory
-        threads = ccfg.n_workers * ccfg.threads_per_worker
+        threads = ccfg.threads
         memory, per_worker = float(MEMORY_LIMIT), threads
     else:
-        threads = ccfg.n_workers * ccfg.threads_per_worker
+        threads = ccfg.threads
         memory = _worker_memory(ccfg.memory_limit, ccfg.n_workers, ccfg.threads_per_worker)
     cs = auto_chunk_size(n, state, threads, memory, per_worker)
     chunks = 1 if cs == 0 else -(-n // cs)
@@ -327,6 +321,18 @@ def client_is_local(client) -> bool:
     return True
 
 
+def _client_at_address(ccfg: ClusterConfig):
+    """A new ``Client`` of the scheduler at ``cluster.address``; ConnectionError (one line)
+    when it cannot be reached."""
+    from distributed import Client
+
+    try:
+        return Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
+    except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
+        raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
 @contextlib.contextmanager
 def connect(ccfg: ClusterConfig, client=None):
     """Yield a distributed ``Client`` for ``cluster.kind`` local or address.
@@ -340,11 +346,7 @@ def connect(ccfg: ClusterConfig, client=None):
     cluster = None
     if client is None:
         if ccfg.kind == "address":
-            try:
-                client = Client(ccfg.address, timeout=f"{ccfg.connect_timeout}s")
-            except Exception as exc:  # OSError, TimeoutError, or garbage from a non-Dask server
-                raise ConnectionError(f"cannot reach the Dask scheduler at {ccfg.address}: "
-                                      f"{type(exc).__name__}: {_first_line(exc)}") from None
+            client = _client_at_address(ccfg)
         elif _SHARED.get("address"):
             client = Client(_SHARED["address"])
         else:

@@ -103,8 +103,7 @@ def auto_window(opts: EngineOptions, depth: int) -> int:
     if opts.window:
         return opts.window
     c = opts.cluster
-    if c.kind == "synchronous" or (c.kind == "threads" and c.n_workers * c.threads_per_worker
-                                   == 1):
+    if c.kind == "synchronous" or (c.kind == "threads" and c.threads == 1):
         return 1
     return default_window(depth)
 

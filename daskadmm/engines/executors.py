@@ -65,7 +65,7 @@ class _LocalExecutor(_Executor):
 
     def __init__(self, ccfg: ClusterConfig):
         self.scheduler = "sync" if ccfg.kind == "synchronous" else "threads"
-        self.workers = ccfg.n_workers * ccfg.threads_per_worker
+        self.workers = ccfg.threads
         self.values: dict[str, Any] = {}
         self.pending: list[Node] = []
         self.wanted: set[str] = set()
