@@ -562,9 +562,12 @@ def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dic
             assert i is not None
             out[node.key] = m["chunk"][block_role(i, prob.depth)]
         elif kind == "update_weights":
-            assert i is not None
-            role = block_role(i, prob.depth)
+            b = _field(node.key, "b")  # its block (a fused one runs on block b-1's worker)
+            assert b is not None
+            role = block_role(b, prob.depth)
             out[node.key] = m["update_weights"]["hidden" if role == "last_hidden" else role]
+            if b > 1:  # the root of block b-1's reduction: it also sums its inputs
+                out[node.key] += m["reduce_per_input"] * (len(node.deps()) - 1)
         elif kind in ("reduce_next", "reduce_first"):
             out[node.key] = m["reduce_per_input"] * len(node.deps())
         elif kind == "init_chunk":

@@ -53,10 +53,11 @@ def test_task_count_and_longest_chain(N, K):
     _, wg = _window(N, K)
     updates = [n for n in wg.nodes if n.key.startswith("radmm3_chunk-")]
     picks = {n.key for n in wg.nodes if n.key.startswith("pick-")}
-    # per block and iteration: its W, its chunk task, the reduction of the chunk's W
-    # statistics, its statistics; and one iteration_stats task per iteration
+    # per block and iteration: its W (for i > 1 also the reduction of block i-1's chunk
+    # statistics), its chunk task, its statistics; the reduction of block 1's statistics for
+    # the next W_1; and one iteration_stats task per iteration
     assert len(updates) == K * N
-    assert len(wg.nodes) - len(picks) == K * (4 * N + 1)
+    assert len(wg.nodes) - len(picks) == K * (3 * N + 2)
     # of a neighbour's chunk task, only the left one's V travels (picked on its worker); the
     # right neighbour's whole output is read
     assert {p for p in picks if "-of-radmm3_chunk-" in p} == {

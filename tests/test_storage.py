@@ -144,9 +144,10 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     futures the driver keeps for the next window) wait for a task with a small output that
     runs after it instead, and still run after every chunk task whose writes they read or
     overwrite. The reductions run on the
-    chunks' worker (a tree of fan-in 4 when there are more than 4 chunks), so one reduced
-    triple travels to the W update: ``W_{i+1}`` of iteration k sums block i's chunk outputs of
-    k, ``W_1`` of k+1 block 1's of k and X's Gram matrix, reduced right after block 1's chunk
+    chunks' worker (a tree of fan-in 4 when there are more than 4 chunks), and the root of
+    block i's is ``W_{i+1}``'s update itself (on block i's worker: only W travels onwards):
+    ``W_{i+1}`` of iteration k sums block i's chunk outputs of k; ``W_1`` of k+1 takes the
+    reduction of block 1's of k and X's Gram matrix, reduced right after block 1's chunk
     tasks of k."""
     from daskadmm.chunks import common
     from daskadmm.chunks import radmm3 as chunked
@@ -159,24 +160,28 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
     for x in wg.nodes:
         takes = {d for d in x.deps() if d in big}
         if takes:
-            assert x.fn in (chunked.pick_partials, chunked.block_stats, common.group_stats), \
-                (x.key, takes)
-            assert (x.fn is chunked.block_stats) == (C <= 4 and x.fn is not chunked.pick_partials)
-            # on the chunks' worker: only sums travel
+            assert x.fn in (chunked.pick_partials, chunked.reduce_weights, chunked.block_stats,
+                            common.group_stats), (x.key, takes)
+            assert (x.fn is chunked.block_stats) == (
+                C <= 4 and x.fn not in (chunked.pick_partials, chunked.reduce_weights))
+            # on the chunks' worker: only sums (or W) travel
             assert {by_key[d].block for d in takes} == {x.block}, (x.key, takes)
+        if x.fn is chunked.reduce_weights:  # W_{i+1} on block i's worker, keyed as block i+1's
+            assert x.key.startswith(f"update_weights-b{x.block + 1}-"), x.key
         # a reduction's partial sums stay on its worker; only the root goes to the W update
         for d in set(x.deps()) & reductions:
-            if x.fn is chunked.pick_partials:
+            if x.fn in (chunked.pick_partials, chunked.reduce_weights):
                 assert by_key[d].block == x.block, (x.key, d)
             else:
                 assert x.fn is chunked.update_weights, (x.key, d)
-        if x.fn is chunked.pick_partials:
+        if x.fn in (chunked.pick_partials, chunked.reduce_weights):
             assert 1 <= len([d for d in x.deps() if d in big | reductions]) <= chunked.FAN_IN
     assert not set(wg.last.values()) & big
     assert (C > chunked.FAN_IN) == any("-r1x" in x or "-r0x" in x for x in reductions)
     at = {x.key: j for j, x in enumerate(wg.nodes)}
     for x in wg.nodes:
-        if x.fn in (chunked.pick_partials, common.group_stats) and any(d in at for d in x.deps()):
+        if x.fn in (chunked.pick_partials, chunked.reduce_weights, common.group_stats) and any(
+                d in at for d in x.deps()):
             last = max(at[d] for d in x.deps() if d in at)
             assert not [y.key for y in wg.nodes[last + 1:at[x.key]] if y.key in big], x.key
 
@@ -196,8 +201,9 @@ def test_chunk_statistics_are_held_only_by_their_reductions(N, K, chunk):
                                                             f"init_small-b{i}-r"}
             if i > 1:
                 assert stats == {chunk_key(i - 1, c, k) for c in range(C)}
-                assert {by_key[d].block for d in by_key[f"update_weights-b{i}-k{k}-r"].deps()
-                        if d in reductions} == {i - 1}
+                wk = by_key[f"update_weights-b{i}-k{k}-r"]
+                assert wk.fn is chunked.reduce_weights and wk.block == i - 1
+                assert {by_key[d].block for d in wk.deps() if d in reductions} <= {i - 1}
             elif k > 1:
                 assert stats == {chunk_key(1, c, k - 1) for c in range(C)} | {"gram_x-r"}
         # W_1's statistics for k+1 are reduced as block 1's chunk tasks of k finish: no chunk

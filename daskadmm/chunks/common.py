@@ -226,7 +226,8 @@ class PlanContext:
       ``fn(chunk, *args, [each[c],] *order)``, with the chunk locations (``"b<i>/<var>/<slot>"``)
       it reads and writes (a write ending in ``?``: one it may leave out, keeping the value);
       returns their refs;
-    - ``small_task(base, block, fn, args, tag="")``: one task on the block's worker; its key;
+    - ``small_task(base, block, fn, args, tag="", on=None)``: one task of the block, on its
+      worker (or block ``on``'s: where its inputs are); its key;
     - ``reader(key, locs)``: task ``key`` may read ``locs`` of every chunk (later writers wait);
     - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
       that has to run after one of them may wait for it instead;

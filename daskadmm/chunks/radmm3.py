@@ -68,6 +68,7 @@ __all__ = [
     "start_chunk",
     "start_sum",
     "reduce_tree",
+    "reduce_weights",
     "update_chunk",
     "update_weights",
 ]
@@ -246,12 +247,23 @@ def block_stats(small: Small, *outs) -> Stats:
     return total
 
 
-def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> str:
+def reduce_weights(spec: BlockSpec, pen: Penalties, small: Small, name: str, kind: str,
+                   gram: Array | None, *outs) -> Small:
+    """:func:`update_weights` on :func:`pick_partials` ``(kind, gram, *outs)``: a reduction's
+    root and the W step it feeds in one task (one hop less on the wavefront's path)."""
+    return update_weights(spec, pen, small, pick_partials(kind, gram, *outs), name)
+
+
+def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram,
+                solve: tuple | None = None) -> str:
     """Append the reduction of chunk statistics ``refs`` (``kind``, see :func:`pick_partials`)
     on block i's worker through the builder's ``small_task``: with more than :data:`FAN_IN`
     inputs, a tree of fan-in :data:`FAN_IN` whose nodes sum their inputs in a fixed order (so a
     chunk output can go as soon as its node has run, and the root sums at most ``FAN_IN``
-    inputs); the root adds ``gram``. Returns the root's key."""
+    inputs); the root adds ``gram``. ``solve = (spec, pen, small, name)``: the root is the W
+    step of block ``spec.i`` on these statistics (:func:`reduce_weights`, keyed as that
+    block's ``update_weights``, still on block i's worker, so only ``W`` travels). Returns the
+    root's key."""
     from ..graph.nodes import Ref
 
     level = 0
@@ -261,7 +273,11 @@ def reduce_tree(small_task, base: str, i: int, kind: str, refs: list, gram) -> s
                                tag=f"r{level}x{j // FAN_IN}"))
                 for j in range(0, len(refs), FAN_IN)]
         level += 1
-    return small_task(base, i, pick_partials, (kind if level == 0 else "sum", gram, *refs))
+    args = (kind if level == 0 else "sum", gram, *refs)
+    if solve is None:
+        return small_task(base, i, pick_partials, args)
+    spec = solve[0]
+    return small_task("update_weights", spec.i, reduce_weights, (*solve, *args), on=i)
 
 
 def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Penalties, k: int,
@@ -273,12 +289,13 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
 
     Per block i: ``W_i`` from the statistics that block i-1's chunk tasks of k returned
     (``W_1``: block 1's of k-1), then one chunk task per chunk. Block i's chunk statistics are
-    reduced on block i's worker, right after its chunk tasks, so one ``d x d`` triple travels
-    to ``W_{i+1}``'s worker; block 1's are reduced twice (for ``W_2`` of k and ``W_1`` of
-    k+1). A chunk task reads ``V_{i-1}`` of iteration k, which block i-1's chunk task of the
-    same chunk wrote; ``W_i`` runs after all of those, and the chunk task takes ``W_i``
-    anyway, so it waits for ``W_i`` rather than for a chunk output (``d x d`` statistics that
-    would have to travel)."""
+    reduced on block i's worker, right after its chunk tasks, and the reduction's root is
+    ``W_{i+1}``'s step (:func:`reduce_weights`), so only ``W_{i+1}`` travels and the chain
+    from block i's chunk tasks to block i+1's has one task between them; block 1's are also
+    reduced for ``W_1`` of k+1. A chunk task reads ``V_{i-1}`` of iteration k, which block i-1's
+    chunk task of the same chunk wrote; ``W_i`` runs after all of those, and the chunk task
+    takes ``W_i`` anyway, so it waits for ``W_i`` rather than for a chunk output (``d x d``
+    statistics that would have to travel)."""
     from ..graph.nodes import Ref
 
     N = len(specs)
@@ -291,9 +308,12 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
     prev_chunks: list = []
     for i in range(1, N + 1):
         spec = specs[i - 1]
-        new[i] = small_task("update_weights", i, update_weights,
-                            (spec, pen, Ref(small[i]), Ref(stats), name))
-        if prev_chunks:
+        if i == 1:
+            new[i] = small_task("update_weights", i, update_weights,
+                                (spec, pen, Ref(small[i]), Ref(stats), name))
+        else:  # the root of block i-1's reduction solves (on block i-1's worker)
+            new[i] = reduce_tree(small_task, "reduce_next", i - 1, "next", prev_chunks, None,
+                                 solve=(spec, pen, Ref(small[i]), name))
             ctx.after(new[i], prev_chunks)
         own = sample_vars(lay[i - 1])
         reads = [f"b{i - 1}/V/{w}"] if i > 1 else []
@@ -311,8 +331,6 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
         if i == 1:
             ctx.first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks,
                                     ctx.gram)
-        if i < N:
-            stats = reduce_tree(small_task, "reduce_next", i, "next", prev_chunks, None)
     return new
 
 

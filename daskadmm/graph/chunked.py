@@ -282,11 +282,11 @@ class _Flow:
 
 
 def _small_task(nodes: list[Node], k: int, run_id: str, base: str, i: int, fn, args: tuple,
-                tag: str = "") -> str:
-    """Append one task of iteration k on block i's worker to ``nodes`` (a plan's
-    ``small_task``); its key (:func:`_key`)."""
+                tag: str = "", on: int | None = None) -> str:
+    """Append one task of iteration k of block i to ``nodes`` (a plan's ``small_task``), on
+    block i's worker, or block ``on``'s (where its inputs are); its key (:func:`_key`)."""
     kk = _key(base, k, run_id, i, tag)
-    nodes.append(Node(kk, fn, args, block=i))
+    nodes.append(Node(kk, fn, args, block=i if on is None else on))
     return kk
 
 
