@@ -553,8 +553,10 @@ def block_role(i: int, depth: int) -> str:
 
 def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dict[str, float]:
     """Seconds of every task of ``g`` from the measurements ``m`` (see :func:`measure_tasks`):
-    chunk updates and W updates by block role, a reduction by its number of inputs, the start
-    tasks scaled from the measured depth-4 network."""
+    chunk updates and W updates by block role, a reduction by its number of inputs (a W update
+    that is the root of one adds that), the start tasks scaled from the measured depth-4
+    network, a group of chunks' statistics (more than 4 chunks) as a layer's (the timed run has
+    one chunk, so no groups)."""
     out = {}
     for node in g.nodes:
         kind, i = _kind(node.key), node.block
@@ -574,6 +576,8 @@ def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dic
             out[node.key] = m["init_chunk"] * prob.depth / m["measured_depth"]
         elif kind == "init_out":  # hands on the start's result: nothing to compute
             out[node.key] = 0.0
+        elif kind == "group_stats":  # past 4 chunks: a layer's statistics, 4 chunks at a time
+            out[node.key] = m["layer_stats"]
         else:
             out[node.key] = m[kind]
     return out

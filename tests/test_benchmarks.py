@@ -579,6 +579,25 @@ def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
         assert out[3]["seconds_per_iteration"] < one
 
 
+def test_projected_durations_cover_every_task_of_a_many_chunk_graph():
+    """Past 4 chunks the graph has reduction trees and groups of chunk statistics: every task
+    gets a duration, and a W update that is a reduction's root pays for its inputs."""
+    prob = project.Problem(depth=4, width=4, n=40, chunks=10, d_in=3, d_out=2)
+    m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
+         "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
+         "reduce_per_input": 0.01, "layer_stats": 0.001, "iteration_stats": 0.002,
+         "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+    g = project.engine_graph(prob, 2, 2)
+    durations = project.projected_durations(g, prob, m)
+    assert set(durations) == {n.key for n in g.nodes}
+    assert any(k.startswith("group_stats-") for k in durations)
+    # W_3 is the root of block 2's tree (3 nodes of 10 chunks) and takes W_3 of k-1
+    assert durations["update_weights-b3-k2-sim"] == pytest.approx(0.0625 + 3 * 0.01)
+    assert durations["update_weights-b1-k2-sim"] == 0.125
+    assert project.simulate_admm(prob, m, FREE, (1, 2), 2, 4, "none")[2][
+        "seconds_per_iteration"] > 0
+
+
 def test_bench_default_smoke(tmp_path):
     """The default-run benchmark runs whole commands in turn and compares them in one report:
     the same iterates (same test metric), the default in process for a small problem."""
