@@ -568,8 +568,9 @@ def projected_durations(g: EngineGraph, prob: Problem, m: dict[str, Any]) -> dic
             assert b is not None
             role = block_role(b, prob.depth)
             out[node.key] = m["update_weights"]["hidden" if role == "last_hidden" else role]
-            if b > 1:  # the root of block b-1's reduction: it also sums its inputs
-                out[node.key] += m["reduce_per_input"] * (len(node.deps()) - 1)
+            if b > 1:  # the root of block b-1's reduction: it also sums its inputs (the
+                # timed one, on one chunk, summed one: its W of k-1 and one input are priced)
+                out[node.key] += m["reduce_per_input"] * (len(node.deps()) - 2)
         elif kind in ("reduce_next", "reduce_first"):
             out[node.key] = m["reduce_per_input"] * len(node.deps())
         elif kind == "init_chunk":

@@ -82,7 +82,7 @@ def radmm3_plan(name: str) -> ChunkAlgorithm:
         plan=partial(radmm3.plan_iteration, name),
         init=radmm3.init_chunk, start_chunk=radmm3.start_chunk, start_sum=radmm3.start_sum,
         stats=radmm3.block_stats,
-        eager=frozenset({radmm3.pick_partials, radmm3.gram_add}))
+        eager=frozenset({radmm3.pick_partials, radmm3.reduce_weights, radmm3.gram_add}))
 
 
 def radmm2_plan() -> ChunkAlgorithm:

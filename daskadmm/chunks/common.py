@@ -256,7 +256,8 @@ class StartContext:
     - ``task(key, block, fn, args, reads=())``: one task, after the writers of the chunk
       locations ``reads`` (``"b<i>/<var>/<slot>/c<c>"``; later writers wait for it), called
       ``fn(*args, *order)`` when it reads any; returns a :class:`~daskadmm.graph.nodes.Ref`;
-    - ``small_task(base, block, fn, args, tag="")``: one task named like a plan's; its key;
+    - ``small_task(base, block, fn, args, tag="", on=None)``: one task named like a plan's
+      (on block ``on``'s worker if given); its key;
     - ``replace(markers)``: later tasks wait for ``markers[key]`` instead of task ``key``;
     - ``cts``: every chunk; ``run_id``: the run's key suffix; ``rho_first``: the rho of
       iteration k0+1, or None while it is not known (an adaptive schedule's barrier)."""

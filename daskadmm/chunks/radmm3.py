@@ -17,7 +17,8 @@ iteration k (right neighbour of iteration k-1 is read anyway), and for block 1
 ``Q = Lam_1 X~^T``, and ``B = rho' P + Q`` at the W step). These are the reference's
 products, so with one chunk the iterates are the reference's bits. A reduction on the same
 worker sums these in a fixed order (:func:`pick_partials`, as a tree of fan-in
-:data:`FAN_IN`) and ``update_weights`` solves. The small state of a block
+:data:`FAN_IN`), and the tree's root solves (:func:`reduce_weights`: block i's statistics
+give ``W_{i+1}``, on block i's worker). The small state of a block
 that travels through the graph is ``{"W": W_i}``; :func:`plan_iteration` wires an iteration
 for the window builder (:mod:`daskadmm.graph.chunked`), which derives the dependencies from the
 chunks each task declares it reads and writes. The U, Lam, V steps are column-separable

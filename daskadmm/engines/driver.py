@@ -146,8 +146,9 @@ class Placement:
     residual ones) leave a worker idle part of each iteration. By chunk (``chunks`` given):
     the per-chunk tasks of every block on ``chunks[c]`` instead, so each worker does its share
     of every block and the load is even; the small per-block tasks (W steps, statistics) stay
-    on ``blocks[b]``, and the chunks go through the shared store. The iterates do not depend
-    on placement."""
+    on ``blocks[b]`` (``W_{b+1}``'s step, the root of block b's reduction, too: a node's
+    ``block`` says where it runs), and the chunks go through the shared store. The iterates
+    do not depend on placement."""
 
     blocks: dict[int, str]
     chunks: dict[int, str] | None = None
