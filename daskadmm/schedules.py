@@ -78,6 +78,19 @@ class PenaltySchedule:
         return Penalties(rho=rho, beta=beta, tau=c.tau, lam=c.lam, nu=c.nu,
                          backtrack_start=self._start)
 
+    def next_rhos(self, k: int) -> tuple[float, ...]:
+        """The values iteration k+1's rho can take, as known before iteration k ends: that
+        rho where it is known (:meth:`is_barrier` false), else the rho in force and its
+        raised value (an adaptive or rises schedule keeps rho or raises it, see
+        :meth:`_raise`; the same expression, so the same float), in that order, once if
+        equal. The Zarr engine computes ``W_1``'s statistics for each, so the W step can take
+        the one in force with the reference's arithmetic."""
+        if not self.is_barrier(k):
+            return (self.at(k + 1).rho,)
+        c = self.options
+        raised = min(self._rho * c.adapt_factor, c.rho_max)
+        return (self._rho,) if raised == self._rho else (self._rho, raised)
+
     def is_barrier(self, k: int) -> bool:
         """Whether iteration k+1's penalties depend on the outcome of iteration k."""
         if self.kind == "adaptive":

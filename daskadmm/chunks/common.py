@@ -232,9 +232,10 @@ class PlanContext:
     - ``after(marker, refs)``: task ``marker`` runs after the chunk tasks ``refs``, so a task
       that has to run after one of them may wait for it instead;
     - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
-      statistics for the next iteration (the plan updates it); ``rho_next``: the next
-      iteration's rho, or None while it is not known (an adaptive schedule decides it
-      after this iteration)."""
+      statistics for the next iteration (the plan updates it), and ``first_rhos``: the
+      candidate rhos it was made for (None: one ``B``, for the rho of that iteration);
+      ``rho_next``: the next iteration's rho, or the values it can take (a tuple: an adaptive
+      or rises schedule decides it after this iteration)."""
 
     chunk_tasks: Callable[..., list]
     small_task: Callable[..., str]
@@ -243,7 +244,8 @@ class PlanContext:
     gram: Any
     cts: tuple[ChunkTask, ...]
     first: str | None = None
-    rho_next: float | None = None
+    rho_next: float | tuple[float, ...] | None = None
+    first_rhos: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -260,7 +262,8 @@ class StartContext:
       (on block ``on``'s worker if given); its key;
     - ``replace(markers)``: later tasks wait for ``markers[key]`` instead of task ``key``;
     - ``cts``: every chunk; ``run_id``: the run's key suffix; ``rho_first``: the rho of
-      iteration k0+1, or None while it is not known (an adaptive schedule's barrier)."""
+      iteration k0+1, or the values it can take while it is not decided (a tuple: an
+      adaptive or rises schedule's barrier)."""
 
     task: Callable[..., Any]
     small_task: Callable[..., str]
@@ -268,7 +271,7 @@ class StartContext:
     cts: tuple[ChunkTask, ...]
     slot: int
     run_id: str
-    rho_first: float | None = None
+    rho_first: float | tuple[float, ...] | None = None
 
 
 def sum_partials(*parts: tuple) -> tuple:

@@ -13,8 +13,8 @@ chunk and, while it has them in hand, the chunk's share of the statistics the ne
 need: ``G = V~_i V~_i^T`` and ``B = (rho U_{i+1} + Lam_{i+1}) V~_i^T`` for ``W_{i+1}`` of
 iteration k (right neighbour of iteration k-1 is read anyway), and for block 1
 ``B = (rho' U_1 + Lam_1) X~^T`` for ``W_1`` of iteration k+1, with that iteration's ``rho'``
-(when an adaptive schedule decides it only after iteration k: ``P = U_1 X~^T`` and
-``Q = Lam_1 X~^T``, and ``B = rho' P + Q`` at the W step). These are the reference's
+(when an adaptive or rises schedule decides it only after iteration k: one ``B`` for each
+value it can take, and the W step takes the one in force). These are the reference's
 products, so with one chunk the iterates are the reference's bits. A reduction on the same
 worker sums these in a fixed order (:func:`pick_partials`, as a tree of fan-in
 :data:`FAN_IN`), and the tree's root solves (:func:`reduce_weights`: block i's statistics
@@ -95,12 +95,12 @@ def layout(name: str, arch: Architecture) -> list[dict[str, tuple]]:
 class ChunkOut(NamedTuple):
     """What :func:`update_chunk` returns for one chunk: its statistics (``objective``,
     ``primal_sq``, ``dual_sq``, ``capped``), its share ``(G, B)`` of the statistics of
-    ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(B,)`` or ``(P, Q)`` of
-    those of ``W_1`` of the next iteration (block 1)."""
+    ``W_{i+1}`` of the same iteration (hidden blocks) and its share ``(B,)`` (one ``B`` per
+    candidate rho) of those of ``W_1`` of the next iteration (block 1)."""
 
     stats: Stats
     w_next: tuple[Array, Array] | None = None
-    w_first: tuple[Array] | tuple[Array, Array] | None = None
+    w_first: tuple[Array, ...] | None = None
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
@@ -132,18 +132,20 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     return {"objective": loss_sum(arch.loss, U[-1], Y) / n}
 
 
-def _first_stats(Xt: Array, U: Array, Lam: Array, rho: float | None
-                 ) -> tuple[Array] | tuple[Array, Array]:
-    """A chunk's share of ``W_1``'s ``B`` with the next iteration's ``rho``: ``(B,)``, or
-    ``(P, Q)`` when that ``rho`` is not known yet (None)."""
-    if rho is None:
-        return U @ Xt.T, Lam @ Xt.T
-    return (radmm3.weight_rhs(Xt, U, Lam, rho),)
+def _first_stats(Xt: Array, U: Array, Lam: Array, rho: float | tuple[float, ...]
+                 ) -> tuple[Array, ...]:
+    """A chunk's share of ``W_1``'s ``B = (rho U_1 + Lam_1) X~^T`` with the next iteration's
+    ``rho``: ``(B,)``, or one ``B`` per candidate when that ``rho`` is not decided yet (a
+    tuple: :meth:`~daskadmm.schedules.PenaltySchedule.next_rhos`), each with the reference's
+    arithmetic."""
+    rhos = rho if isinstance(rho, tuple) else (rho,)
+    return tuple(radmm3.weight_rhs(Xt, U, Lam, r) for r in rhos)
 
 
-def init_partials(ct: ChunkTask, bias: bool, slot: int, rho: float | None, *order) -> tuple:
+def init_partials(ct: ChunkTask, bias: bool, slot: int, rho: float | tuple[float, ...],
+                  *order) -> tuple:
     """Chunk statistics for ``W_1`` from ``slot``: ``(X~ X~^T, *share)``, the share of
-    ``B`` as :func:`_first_stats` (``rho``: the first iteration's, if known)."""
+    ``B`` as :func:`_first_stats` (``rho``: the first iteration's, or its candidates)."""
     Xt = augment(get_data(ct, "X"), bias)
     U = get_live(ct, 1, "U", slot)
     Lam = get_live(ct, 1, "Lam", slot)
@@ -151,26 +153,31 @@ def init_partials(ct: ChunkTask, bias: bool, slot: int, rho: float | None, *orde
 
 
 def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
-                   name: str) -> Small:
-    """W step of algorithm ``name`` from the reduced statistics: ``B = rho P + Q`` (see
-    radmm3.update_weights; RADMM-3A's W step is RADMM-3's). Returns the block's new small
-    state."""
-    if len(stats) == 2:
+                   name: str, rhos: tuple[float, ...] | None = None) -> Small:
+    """W step of algorithm ``name`` from the reduced statistics ``(G, B)`` (see
+    radmm3.update_weights; RADMM-3A's W step is RADMM-3's), or ``(G, B_1, ..., B_m)`` made
+    for the candidate rhos ``rhos`` (``W_1`` after a schedule's barrier): the ``B`` of the
+    rho in force. Returns the block's new small state."""
+    if rhos is None:
         G, B = stats
     else:
-        G, P, Q = stats
-        B = pen.rho * P + Q
+        if pen.rho not in rhos:
+            raise RuntimeError(f"W_1's statistics were made for rho in {rhos}, but the "
+                               f"schedule set rho = {pen.rho}")
+        G, B = stats[0], stats[1 + rhos.index(pen.rho)]
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
     return {"W": step(small["W"], G, B, pen, spec.n)}
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-                 right_small: Small | None, name: str, rho_next: float | None, *order
+                 right_small: Small | None, name: str,
+                 rho_next: float | tuple[float, ...] | None, *order
                  ) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
     ``name`` (:func:`daskadmm.splitting.radmm3.column_update`, as the reference calls it on
     all the samples), with the block's ``W`` of iteration k and (hidden blocks) the right
-    neighbour's of k-1 (``rho_next``: iteration k+1's rho, if known: for W_1's statistics;
+    neighbour's of k-1 (``rho_next``: iteration k+1's rho, or the values it can take, a
+    tuple: for W_1's statistics;
     ``order``: results of the tasks this one must run after; their values are not used).
 
     Returns a :class:`ChunkOut`.
@@ -204,6 +211,7 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
         w_next = radmm3.weight_stats(radmm3.augmented(out.state["V"], spec.bias, pool),
                                      right["U"], right["Lam"], pen.rho, pool)
     if i == 1:
+        assert rho_next is not None  # block 1 is given W_1's next rho (or its candidates)
         w_first = _first_stats(Vt, out.state["U"], out.state["Lam"], rho_next)
     return ChunkOut(out.stats, w_next, w_first)
 
@@ -311,7 +319,7 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
         spec = specs[i - 1]
         if i == 1:
             new[i] = small_task("update_weights", i, update_weights,
-                                (spec, pen, Ref(small[i]), Ref(stats), name))
+                                (spec, pen, Ref(small[i]), Ref(stats), name, ctx.first_rhos))
         else:  # the root of block i-1's reduction solves (on block i-1's worker)
             new[i] = reduce_tree(small_task, "reduce_next", i - 1, "next", prev_chunks, None,
                                  solve=(spec, pen, Ref(small[i]), name))
@@ -332,6 +340,7 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
         if i == 1:
             ctx.first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks,
                                     ctx.gram)
+            ctx.first_rhos = ctx.rho_next if isinstance(ctx.rho_next, tuple) else None
     return new
 
 

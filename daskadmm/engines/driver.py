@@ -431,9 +431,11 @@ class _Ctx:
             restore = (k0, cp["slot"])
         else:
             k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
-        # W_1's first statistics with iteration k0+1's rho when it is known now (as every
-        # window computes them for its next iteration: a resumed run has the same bits)
-        rho_first = None if self.schedule.is_barrier(k0) else self.schedule.at(k0 + 1).rho
+        # W_1's first statistics with iteration k0+1's rho, or each value it can take while a
+        # schedule has not decided it (as every window computes them for its next iteration:
+        # a resumed run has the same bits)
+        rhos = self.schedule.next_rhos(k0)
+        rho_first = rhos if self.schedule.is_barrier(k0) else rhos[0]
         nodes, prev, self.init_keys = chunk_graph.start_nodes(
             name, self.arch, self.task_url, self.slices, rid, [s["W"] for s in small], self.n,
             restore, self.specs[0].options, self.schedule.at(1).rho, self.flow, rho_first)
@@ -546,7 +548,7 @@ class _Ctx:
             self.algorithm.name, self.specs, _pens(self.schedule, k0, k1), k0, k1, prev,
             self.run_id, self.task_url, self.slices, self.eval_iters(k0, k1),
             (self.arch, self.ds.task, self.metric, tuple(self.slices), tuple(self.test_slices)),
-            self.ckpt_plan(k0, k1), self.flow)
+            self.ckpt_plan(k0, k1), self.flow, self.schedule.next_rhos(k1))
 
     def commit(self, k: int, slot: str, smalls: list[dict], keys: list[str],
                values: list[dict[str, int]]) -> None:

@@ -25,6 +25,7 @@ plans, same tasks, same results; only where the values live differs.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -192,6 +193,16 @@ def eager_order(nodes: list[Node], eager: frozenset[Callable]) -> list[Node]:
     return out
 
 
+def rhos_role(rhos: tuple[float, ...]) -> str:
+    """Candidate rhos as a role value (the roles are strings): their exact decimal forms."""
+    return json.dumps([float(r) for r in rhos])
+
+
+def rhos_of_role(value: str | None) -> tuple[float, ...] | None:
+    """:func:`rhos_role` back to the floats (the same bits: JSON keeps a float's repr)."""
+    return None if value is None else tuple(float(r) for r in json.loads(value))
+
+
 def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
     """``<base>-b<i>-k<k>-<runid>``, or ``<base>-b<i>-<tag>-k<k>-<runid>`` (one of several
     tasks of that kind, e.g. a node of a reduction tree)."""
@@ -311,18 +322,18 @@ class ChunkWindow:
 def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: list[slice],
                 run_id: str, weights: list[Array], n: int, restore: tuple[int, str] | None,
                 options: Options, rho: float, flow: bool = False,
-                rho_first: float | None = None
+                rho_first: float | tuple[float, ...] | None = None
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
     ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
     checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), each followed by
     the chunk's start statistics, then their sums (``ChunkAlgorithm.start_chunk`` and
     ``start_sum``: X's constant statistics, role ``gram``, and for RADMM-3/3L/3A ``W_1``'s
-    statistics for iteration k0+1, role ``first``, with ``rho_first``: that iteration's rho
-    if known). Returns (nodes, roles, the keys of the fresh start's results: each chunk's
-    share of L^0).
-    ``flow``: the dataflow backend (no store, no restore; the data chunks are the keys of
-    :func:`data_key`)."""
+    statistics for iteration k0+1, role ``first``, with ``rho_first``: that iteration's rho, or
+    the values it can take, a tuple, kept as role ``first_rhos``). Returns (nodes, roles, the
+    keys of the fresh start's results: each chunk's share of L^0). ``flow``: the dataflow
+    backend (no store, no restore; the data chunks are the keys of :func:`data_key`).
+    """
     from ..chunks.common import StartContext, restore_chunk
 
     eng = ALGORITHMS[name].plan
@@ -375,6 +386,8 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     roles: dict[str, str] = {"gram": gram}
     if first is not None:
         roles["first"] = first
+        if isinstance(rho_first, tuple):
+            roles["first_rhos"] = rhos_role(rho_first)
     roles.update(hz.roles())
     nodes = eager_order(nodes, EAGER)
     # the start's results (its share of L^0) apart from the state it wrote: what the driver
@@ -387,15 +400,18 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
 def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], k0: int,
                  k1: int, prev: dict[str, str], run_id: str, url: StoreRef | None,
                  slices: list[slice], eval_iters: Iterable[int] = (), eval_args: tuple = (),
-                 ckpt_slots: dict[int, str] | None = None, flow: bool = False) -> ChunkWindow:
+                 ckpt_slots: dict[int, str] | None = None, flow: bool = False,
+                 next_rhos: tuple[float, ...] = ()) -> ChunkWindow:
     """Nodes of iterations ``k0+1 .. k1`` of the chunked graph of algorithm ``name``.
 
     ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
     (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
-    iteration k0+1) and the :class:`Hazards` roles. ``pens``: the penalties of every
-    iteration of the window and of the next one if they are known. ``eval_args``: ``(arch,
-    task, metric, train slices, test slices)``. ``flow``: the dataflow backend (no store, no
-    checkpoints)."""
+    iteration k0+1; ``first_rhos``: the candidate rhos they were made for, if several) and
+    the :class:`Hazards` roles. ``pens``: the penalties of every iteration of the window and
+    of the next one if they are known; ``next_rhos``: otherwise the values the next one's rho
+    can take (:meth:`~daskadmm.schedules.PenaltySchedule.next_rhos`). ``eval_args``:
+    ``(arch, task, metric, train slices, test slices)``. ``flow``: the dataflow backend (no
+    store, no checkpoints)."""
     from ..chunks.common import checkpoint_chunk
 
     N = len(specs)
@@ -407,6 +423,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     small = {i: prev[f"small-b{i}"] for i in range(1, N + 1)}
     gram = Ref(prev["gram"])
     first = prev.get("first")
+    first_rhos = rhos_of_role(prev.get("first_rhos"))
     eval_iters = set(eval_iters)
     ckpt_slots = ckpt_slots or {}
     stats_keys: dict[int, str] = {}
@@ -464,10 +481,13 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             hz.alias({d: marker for r in refs for d in [r.key, *_waits[r.key]]})
 
         nxt = pens.get(k + 1)
+        if nxt is None and first is not None and not next_rhos:
+            raise ValueError(f"iteration {k + 1}'s rho is neither known nor given as "
+                             "candidates (next_rhos)")
         ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first,
-                          None if nxt is None else nxt.rho)
+                          next_rhos if nxt is None else nxt.rho, first_rhos)
         sm_keys = ALGORITHMS[name].plan.plan(ctx, specs, pen, k, small)
-        first = ctx.first
+        first, first_rhos = ctx.first, ctx.first_rhos
         # statistics: per layer, then one sum
         lstats = []
         for i in range(1, N + 1):
@@ -521,4 +541,6 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     last["gram"] = prev["gram"]
     if first is not None:
         last["first"] = first
+        if first_rhos is not None:
+            last["first_rhos"] = rhos_role(first_rhos)
     return ChunkWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)
