@@ -459,6 +459,34 @@ def test_resume_from_a_manifest_without_small_states(tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("chunk_size", [0, 30])
+def test_resume_at_a_schedule_barrier_is_bitwise_equal(tmp_path, chunk_size):
+    """A checkpoint at an adaptive schedule's barrier (iteration 4 of adapt_every 2): the
+    resumed run's start makes W_1's statistics for both values the next rho can take, and
+    ends where the uninterrupted run does, bit for bit, with the same penalty changes (on one
+    chunk also the reference's bits)."""
+    cfg = _with(_cfg(iterations=8, activation="relu"), cluster={"kind": "synchronous"},
+                algorithm={"name": "radmm3a", "schedule": "adaptive", "adapt_every": 2,
+                           "adapt_tol": 1e-12, "adapt_factor": 1.5, "rho_max": 20.0,
+                           "beta_max": 20.0},
+                run={"checkpoint_every": 4}, storage={"chunk_size": chunk_size})
+    ds = load_dataset(cfg.data, seed=0)
+    full = api.fit(_with(cfg, storage={"url": str(tmp_path / "full.zarr")}), dataset=ds)
+    assert len(full.info["schedule_changes"]) >= 2
+    url = str(tmp_path / "part.zarr")
+    api.fit(_with(cfg, storage={"url": url}, run={"iterations": 4}), dataset=ds)
+    res = api.fit(_with(cfg, storage={"url": url}, run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] == 4 and res.iterations == 8
+    assert res.info["schedule_changes"] == full.info["schedule_changes"]
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    if chunk_size == 0:
+        ref = api.fit(_with(cfg, cluster={"kind": "reference"}, run={"checkpoint_every": 0},
+                            storage={"url": None}), dataset=ds)
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert np.array_equal(a, b)
+
+
 def test_resume_refuses_a_different_problem(tmp_path):
     cfg = _with(_cfg(iterations=4), cluster={"kind": "threads"}, run={"checkpoint_every": 2},
                 storage={"url": str(tmp_path / "s.zarr")})
