@@ -88,22 +88,24 @@ def test_results_independent_of_chunking(algorithm, classification):
             assert abs(ra["test_metric"] - rb["test_metric"]) <= 1e-8
 
 
-@pytest.mark.parametrize(("algorithm", "schedule", "rho"), [("radmm3", "adaptive", 2.0),
-                                                          ("radmm3l", "adaptive", 2.0),
-                                                          ("radmm3a", "rises", 0.1)])
-def test_a_deciding_schedule_on_the_zarr_engine_equals_the_reference(algorithm, schedule, rho):
+@pytest.mark.parametrize(("algorithm", "schedule", "rho", "rho_max", "eval_every"), [
+    ("radmm3", "adaptive", 2.0, 20.0, 1), ("radmm3l", "adaptive", 2.0, 20.0, 1),
+    ("radmm3a", "rises", 0.1, 20.0, 1), ("radmm3a", "rises", 0.1, 20.0, 2),
+    ("radmm3", "adaptive", 2.0, 3.0, 1)])  # the last: rho capped while beta still rises
+def test_a_deciding_schedule_on_the_zarr_engine_equals_the_reference(algorithm, schedule, rho,
+                                                                     rho_max, eval_every):
     """An adaptive or rises schedule decides iteration k+1's rho only after iteration k, so
     block 1's chunk tasks make ``W_1``'s statistics for each rho it can take (kept or raised)
     and the W step takes the one in force: one chunk gives the reference's bits, 3 chunks
     agree to rounding, and the penalties change at the same iterations."""
     cfg = _with(_cfg(iterations=12, activation="relu"), algorithm={
         "name": algorithm, "schedule": schedule, "rho": rho, "adapt_every": 2,
-        "adapt_tol": 1e-12, "rise_count": 1, "adapt_factor": 1.5, "rho_max": 20.0,
-        "beta_max": 20.0}, run={"eval_every": 1})
+        "adapt_tol": 1e-12, "rise_count": 1, "adapt_factor": 1.5, "rho_max": rho_max,
+        "beta_max": 20.0}, run={"eval_every": eval_every})
     ds = load_dataset(cfg.data, seed=0)
     ref = api.fit(_with(cfg, cluster={"kind": "reference"}), dataset=ds)
     changes = ref.info["schedule_changes"]
-    assert len(changes) >= 2
+    assert changes
     for chunk_size in (0, 30):
         res = api.fit(_with(cfg, cluster={"kind": "synchronous"},
                             storage={"chunk_size": chunk_size, "url": _mem_url()}), dataset=ds)

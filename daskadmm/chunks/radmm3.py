@@ -219,8 +219,8 @@ def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: 
 def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     """Sum, in the given order, the W statistics that chunk outputs carry.
 
-    ``which``: "next" (``G, B`` for ``W_{i+1}`` of the same iteration), "first" (``B`` or
-    ``P, Q`` for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or None
+    ``which``: "next" (``G, B`` for ``W_{i+1}`` of the same iteration), "first" (one ``B``
+    per candidate rho for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or None
     inside the reduction tree), "init" / "sum" (already ``(G, ...)`` tuples: init_partials'
     outputs or tree nodes). A tree node of "first" statistics carries ``G = None``; the root
     adds ``gram_x`` once.
@@ -345,8 +345,11 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
 
 
 def start_chunk(ctx: StartContext, ct: ChunkTask, arch: Architecture) -> Any:
-    """The start's statistics of chunk ``ct``: ``(X~ X~^T, U_1 X~^T, Lam_1 X~^T)`` of slot
-    ``ctx.slot`` (:func:`init_partials`)."""
+    """The start's statistics of chunk ``ct``: ``(X~ X~^T, B...)`` of slot ``ctx.slot``, one
+    ``B`` per candidate of iteration k0+1's rho (:func:`init_partials`)."""
+    if ctx.rho_first is None:
+        raise ValueError("the start of RADMM-3/3L/3A needs rho_first: iteration k0+1's rho "
+                         "or the values it can take")
     s = ctx.slot
     return ctx.task(f"init_partials-c{ct.c}-{ctx.run_id}", 1, init_partials,
                     (ct, arch.bias, s, ctx.rho_first),
