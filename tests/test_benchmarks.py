@@ -560,12 +560,17 @@ def test_store_traffic_of_a_chunk_update():
         literals=lits).makespan
 
 
+def _task_seconds() -> dict:
+    """Made-up measurements of every task kind (``project_cluster.measure_tasks``' shape)."""
+    return {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
+            "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
+            "reduce_per_input": 0.01, "layer_stats": 0.001, "iteration_stats": 0.002,
+            "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+
+
 def test_projected_seconds_per_iteration_on_one_worker_is_an_iterations_work():
     prob = project.Problem(depth=6, width=4, n=12, chunks=2, d_in=3, d_out=2)
-    m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
-         "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
-         "reduce_per_input": 0.01, "layer_stats": 0.001, "iteration_stats": 0.002,
-         "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+    m = _task_seconds()
     g = project.engine_graph(prob, 2, 2)
     durations = project.projected_durations(g, prob, m)
     one = sum(v for k, v in durations.items() if "-k2-" in k)  # (W_1's reduction grows by one
@@ -583,10 +588,7 @@ def test_projected_durations_cover_every_task_of_a_many_chunk_graph():
     """Past 4 chunks the graph has reduction trees and groups of chunk statistics: every task
     gets a duration, and a W update that is a reduction's root pays for its inputs."""
     prob = project.Problem(depth=4, width=4, n=40, chunks=10, d_in=3, d_out=2)
-    m = {"chunk": {"first": 1.0, "hidden": 0.75, "last_hidden": 0.5, "output": 0.25},
-         "update_weights": {"first": 0.125, "hidden": 0.0625, "output": 0.03125},
-         "reduce_per_input": 0.01, "layer_stats": 0.001, "iteration_stats": 0.002,
-         "init_chunk": 3.0, "measured_depth": 4, "init_partials": 0.5, "gram_x": 0.25}
+    m = _task_seconds()
     g = project.engine_graph(prob, 2, 2)
     durations = project.projected_durations(g, prob, m)
     assert set(durations) == {n.key for n in g.nodes}
