@@ -399,7 +399,7 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     # needed to replay it)
     nodes, prev, init_keys = chunk_graph.start_nodes(ALGORITHM, arch, url, slices, rid, None,
                                                      prob.n, None, Options(), pen.rho,
-                                                     rho_first=pen.rho)
+                                                     rho_first=(pen.rho,))
     literals: dict[str, int] = {}
     for i in range(1, N + 1):
         literals[f"init_small-b{i}-{rid}"] = i

@@ -82,7 +82,7 @@ def chunked_window(N: int, K: int, n: int, chunk: int, name: str = "radmm3"):
     url = StoreRef("memory://x")
     weights = [np.zeros(arch.weight_shape(i)) for i in range(1, N + 1)]
     _, prev, _ = chunk_graph.start_nodes(name, arch, url, slices, "r", weights, n, None,
-                                         Options(), 1.0, rho_first=1.0)
+                                         Options(), 1.0, rho_first=(1.0,))
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 2)}
     return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", url, slices,

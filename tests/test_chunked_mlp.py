@@ -218,7 +218,7 @@ def _window(name: str, N: int, K: int, C: int = 3, ckpt_slots: dict[int, str] | 
     _, prev, _ = chunk_graph.start_nodes(name, arch, url, slices, "r",
                                          [np.zeros(arch.weight_shape(i))
                                           for i in range(1, N + 1)], n, None, Options(), 1.0,
-                                         flow, rho_first=1.0)
+                                         flow, rho_first=(1.0,))
     prev.update({f"small-b{i}": f"init_small-b{i}-r" for i in range(1, N + 1)})
     pens = {k: Penalties(rho=1.0, beta=1.0, tau=0.0, lam=0.0) for k in range(1, K + 2)}
     return chunk_graph.build_window(name, specs, pens, 0, K, prev, "r", url, slices,

@@ -39,7 +39,7 @@ def _window(N: int, K: int, name: str = "radmm3", evals=(), kind: str = "resnet"
     slices = [slice(0, n)]
     weights = [np.zeros(arch.weight_shape(i)) for i in range(1, N + 1)]
     start, prev, _ = chunk_graph.start_nodes(name, arch, None, slices, "run", weights, n, None,
-                                             Options(), 1.0, flow=True, rho_first=1.0)
+                                             Options(), 1.0, flow=True, rho_first=(1.0,))
     prev.update({f"small-b{i}": f"init_small-b{i}-run" for i in range(1, N + 1)})
     pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, K + 2)}
     wg = chunk_graph.build_window(name, specs, pens, 0, K, prev, "run", None, slices, evals,

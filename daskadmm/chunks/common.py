@@ -233,9 +233,9 @@ class PlanContext:
       that has to run after one of them may wait for it instead;
     - ``gram``: X's constant statistics; ``cts``: every chunk; ``first``: RADMM-3's ``W_1``
       statistics for the next iteration (the plan updates it), and ``first_rhos``: the
-      candidate rhos it was made for (None: one ``B``, for the rho of that iteration);
-      ``rho_next``: the next iteration's rho, or the values it can take (a tuple: an adaptive
-      or rises schedule decides it after this iteration)."""
+      candidate rhos it was made for; ``rho_next``: the values the next iteration's rho can
+      take (one where it is known; two while an adaptive or rises schedule has not decided
+      it)."""
 
     chunk_tasks: Callable[..., list]
     small_task: Callable[..., str]
@@ -244,8 +244,8 @@ class PlanContext:
     gram: Any
     cts: tuple[ChunkTask, ...]
     first: str | None = None
-    rho_next: float | tuple[float, ...] | None = None
-    first_rhos: tuple[float, ...] | None = None
+    rho_next: tuple[float, ...] = ()
+    first_rhos: tuple[float, ...] = ()
 
 
 @dataclass
@@ -261,9 +261,8 @@ class StartContext:
     - ``small_task(base, block, fn, args, tag="", on=None)``: one task named like a plan's
       (on block ``on``'s worker if given); its key;
     - ``replace(markers)``: later tasks wait for ``markers[key]`` instead of task ``key``;
-    - ``cts``: every chunk; ``run_id``: the run's key suffix; ``rho_first``: the rho of
-      iteration k0+1, or the values it can take while it is not decided (a tuple: an
-      adaptive or rises schedule's barrier)."""
+    - ``cts``: every chunk; ``run_id``: the run's key suffix; ``rho_first``: the values
+      iteration k0+1's rho can take (one where it is known)."""
 
     task: Callable[..., Any]
     small_task: Callable[..., str]
@@ -271,7 +270,7 @@ class StartContext:
     cts: tuple[ChunkTask, ...]
     slot: int
     run_id: str
-    rho_first: float | tuple[float, ...] | None = None
+    rho_first: tuple[float, ...] = ()
 
 
 def sum_partials(*parts: tuple) -> tuple:

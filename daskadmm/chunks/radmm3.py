@@ -132,32 +132,31 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     return {"objective": loss_sum(arch.loss, U[-1], Y) / n}
 
 
-def _first_stats(Xt: Array, U: Array, Lam: Array, rho: float | tuple[float, ...]
+def _first_stats(Xt: Array, U: Array, Lam: Array, rhos: tuple[float, ...]
                  ) -> tuple[Array, ...]:
-    """A chunk's share of ``W_1``'s ``B = (rho U_1 + Lam_1) X~^T`` with the next iteration's
-    ``rho``: ``(B,)``, or one ``B`` per candidate when that ``rho`` is not decided yet (a
-    tuple: :meth:`~daskadmm.schedules.PenaltySchedule.next_rhos`), each with the reference's
-    arithmetic."""
-    rhos = rho if isinstance(rho, tuple) else (rho,)
+    """A chunk's share of ``W_1``'s ``B = (rho U_1 + Lam_1) X~^T`` for each value ``rhos`` the
+    next iteration's rho can take (one where it is known; kept and raised while a schedule
+    has not decided it: :meth:`~daskadmm.schedules.PenaltySchedule.next_rhos`), each with the
+    reference's arithmetic."""
     return tuple(radmm3.weight_rhs(Xt, U, Lam, r) for r in rhos)
 
 
-def init_partials(ct: ChunkTask, bias: bool, slot: int, rho: float | tuple[float, ...],
+def init_partials(ct: ChunkTask, bias: bool, slot: int, rhos: tuple[float, ...],
                   *order) -> tuple:
     """Chunk statistics for ``W_1`` from ``slot``: ``(X~ X~^T, *share)``, the share of
-    ``B`` as :func:`_first_stats` (``rho``: the first iteration's, or its candidates)."""
+    ``B`` as :func:`_first_stats` (``rhos``: the first iteration's rho candidates)."""
     Xt = augment(get_data(ct, "X"), bias)
     U = get_live(ct, 1, "U", slot)
     Lam = get_live(ct, 1, "Lam", slot)
-    return (Xt @ Xt.T, *_first_stats(Xt, U, Lam, rho))
+    return (Xt @ Xt.T, *_first_stats(Xt, U, Lam, rhos))
 
 
 def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
                    name: str, rhos: tuple[float, ...] | None = None) -> Small:
     """W step of algorithm ``name`` from the reduced statistics ``(G, B)`` (see
-    radmm3.update_weights; RADMM-3A's W step is RADMM-3's), or ``(G, B_1, ..., B_m)`` made
-    for the candidate rhos ``rhos`` (``W_1`` after a schedule's barrier): the ``B`` of the
-    rho in force. Returns the block's new small state."""
+    radmm3.update_weights; RADMM-3A's W step is RADMM-3's), or, for ``W_1``, ``(G, B_1, ...,
+    B_m)`` made for the candidate rhos ``rhos``: the ``B`` of the rho in force. Returns the
+    block's new small state."""
     if rhos is None:
         G, B = stats
     else:
@@ -170,14 +169,14 @@ def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,
-                 right_small: Small | None, name: str,
-                 rho_next: float | tuple[float, ...] | None, *order
+                 right_small: Small | None, name: str, rho_next: tuple[float, ...] | None,
+                 *order
                  ) -> ChunkOut:
     """U, Lam, V (and RADMM-3A's Gam) of block i on one chunk for iteration k of algorithm
     ``name`` (:func:`daskadmm.splitting.radmm3.column_update`, as the reference calls it on
     all the samples), with the block's ``W`` of iteration k and (hidden blocks) the right
-    neighbour's of k-1 (``rho_next``: iteration k+1's rho, or the values it can take, a
-    tuple: for W_1's statistics;
+    neighbour's of k-1 (``rho_next``: the values iteration k+1's rho can take, for W_1's
+    statistics (block 1 only);
     ``order``: results of the tasks this one must run after; their values are not used).
 
     Returns a :class:`ChunkOut`.
@@ -220,8 +219,8 @@ def pick_partials(which: str, gram_x: Array | None, *outs) -> tuple:
     """Sum, in the given order, the W statistics that chunk outputs carry.
 
     ``which``: "next" (``G, B`` for ``W_{i+1}`` of the same iteration), "first" (one ``B``
-    per candidate rho for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or None
-    inside the reduction tree), "init" / "sum" (already ``(G, ...)`` tuples: init_partials'
+    per candidate rho for ``W_1`` of the next iteration; ``G`` is the constant ``gram_x``, or
+    None inside the reduction tree), "init" / "sum" (already ``(G, ...)`` tuples: init_partials'
     outputs or tree nodes). A tree node of "first" statistics carries ``G = None``; the root
     adds ``gram_x`` once.
     """
@@ -340,14 +339,14 @@ def plan_iteration(name: str, ctx: PlanContext, specs: list[BlockSpec], pen: Pen
         if i == 1:
             ctx.first = reduce_tree(small_task, "reduce_first", 1, "first", prev_chunks,
                                     ctx.gram)
-            ctx.first_rhos = ctx.rho_next if isinstance(ctx.rho_next, tuple) else None
+            ctx.first_rhos = ctx.rho_next
     return new
 
 
 def start_chunk(ctx: StartContext, ct: ChunkTask, arch: Architecture) -> Any:
     """The start's statistics of chunk ``ct``: ``(X~ X~^T, B...)`` of slot ``ctx.slot``, one
     ``B`` per candidate of iteration k0+1's rho (:func:`init_partials`)."""
-    if ctx.rho_first is None:
+    if not ctx.rho_first:
         raise ValueError("the start of RADMM-3/3L/3A needs rho_first: iteration k0+1's rho "
                          "or the values it can take")
     s = ctx.slot

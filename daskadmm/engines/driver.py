@@ -434,11 +434,10 @@ class _Ctx:
         # W_1's first statistics with iteration k0+1's rho, or each value it can take while a
         # schedule has not decided it (as every window computes them for its next iteration:
         # a resumed run has the same bits)
-        rhos = self.schedule.next_rhos(k0)
-        rho_first = rhos if self.schedule.is_barrier(k0) else rhos[0]
         nodes, prev, self.init_keys = chunk_graph.start_nodes(
             name, self.arch, self.task_url, self.slices, rid, [s["W"] for s in small], self.n,
-            restore, self.specs[0].options, self.schedule.at(1).rho, self.flow, rho_first)
+            restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
+            self.schedule.next_rhos(k0))
         literals: dict[str, Any] = dict(self.data_literals())
         for i, sm in enumerate(small, start=1):
             literals[f"init_small-b{i}-{rid}"] = sm

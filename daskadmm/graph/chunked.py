@@ -198,9 +198,10 @@ def rhos_role(rhos: tuple[float, ...]) -> str:
     return json.dumps([float(r) for r in rhos])
 
 
-def rhos_of_role(value: str | None) -> tuple[float, ...] | None:
-    """:func:`rhos_role` back to the floats (the same bits: JSON keeps a float's repr)."""
-    return None if value is None else tuple(float(r) for r in json.loads(value))
+def rhos_of_role(value: str | None) -> tuple[float, ...]:
+    """:func:`rhos_role` back to the floats (the same bits: JSON keeps a float's repr); none
+    without a role."""
+    return () if value is None else tuple(float(r) for r in json.loads(value))
 
 
 def _key(base: str, k: int, run_id: str, i: int, tag: str = "") -> str:
@@ -322,15 +323,15 @@ class ChunkWindow:
 def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: list[slice],
                 run_id: str, weights: list[Array], n: int, restore: tuple[int, str] | None,
                 options: Options, rho: float, flow: bool = False,
-                rho_first: float | tuple[float, ...] | None = None
+                rho_first: tuple[float, ...] = ()
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
     ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
     checkpoint back into slot ``k0 % 2`` (``restore = (k0, ckpt slot)``), each followed by
     the chunk's start statistics, then their sums (``ChunkAlgorithm.start_chunk`` and
     ``start_sum``: X's constant statistics, role ``gram``, and for RADMM-3/3L/3A ``W_1``'s
-    statistics for iteration k0+1, role ``first``, with ``rho_first``: that iteration's rho, or
-    the values it can take, a tuple, kept as role ``first_rhos``). Returns (nodes, roles, the
+    statistics for iteration k0+1, role ``first``, with ``rho_first``: the values that
+    iteration's rho can take, kept as role ``first_rhos``). Returns (nodes, roles, the
     keys of the fresh start's results: each chunk's share of L^0). ``flow``: the dataflow
     backend (no store, no restore; the data chunks are the keys of :func:`data_key`).
     """
@@ -386,8 +387,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     roles: dict[str, str] = {"gram": gram}
     if first is not None:
         roles["first"] = first
-        if isinstance(rho_first, tuple):
-            roles["first_rhos"] = rhos_role(rho_first)
+        roles["first_rhos"] = rhos_role(rho_first)
     roles.update(hz.roles())
     nodes = eager_order(nodes, EAGER)
     # the start's results (its share of L^0) apart from the state it wrote: what the driver
@@ -406,9 +406,9 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
 
     ``prev``: ``small-b<i>`` (the key of layer i's small state of iteration k0), ``gram``
     (the constant X statistics), ``first`` (RADMM-3/3L/3A: ``W_1``'s statistics for
-    iteration k0+1; ``first_rhos``: the candidate rhos they were made for, if several) and
-    the :class:`Hazards` roles. ``pens``: the penalties of every iteration of the window and
-    of the next one if they are known; ``next_rhos``: otherwise the values the next one's rho
+    iteration k0+1; ``first_rhos``: the candidate rhos they were made for) and the
+    :class:`Hazards` roles. ``pens``: the penalties of every iteration of the window and of
+    the next one if they are known; ``next_rhos``: otherwise the values the next one's rho
     can take (:meth:`~daskadmm.schedules.PenaltySchedule.next_rhos`). ``eval_args``:
     ``(arch, task, metric, train slices, test slices)``. ``flow``: the dataflow backend (no
     store, no checkpoints)."""
@@ -485,7 +485,7 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
             raise ValueError(f"iteration {k + 1}'s rho is neither known nor given as "
                              "candidates (next_rhos)")
         ctx = PlanContext(chunk_tasks, small_task, reader, after, gram, cts, first,
-                          next_rhos if nxt is None else nxt.rho, first_rhos)
+                          next_rhos if nxt is None else (nxt.rho,), first_rhos)
         sm_keys = ALGORITHMS[name].plan.plan(ctx, specs, pen, k, small)
         first, first_rhos = ctx.first, ctx.first_rhos
         # statistics: per layer, then one sum
@@ -541,6 +541,5 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
     last["gram"] = prev["gram"]
     if first is not None:
         last["first"] = first
-        if first_rhos is not None:
-            last["first_rhos"] = rhos_role(first_rhos)
+        last["first_rhos"] = rhos_role(first_rhos)
     return ChunkWindow(nodes, last, stats_keys, eval_keys, w_keys, ck_keys)
