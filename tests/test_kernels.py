@@ -138,6 +138,34 @@ def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act
     assert_same_bits(u_np, u_py)
 
 
+def test_compiled_prox_reads_its_start_in_place_or_from_a_copy_with_the_same_bits():
+    """The compiled prox reads a C-contiguous start of the problem's type where it is (no copy
+    into the result first) and copies any other (Fortran-ordered, strided, another float
+    type); either way, with or without ``out``, the same bits, every element written, and the
+    start left as it was."""
+    pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    rng = np.random.default_rng(21)
+    act = get_activation("tanh")
+    c, m, u0 = hard_inputs(rng, (7, 3001))
+    u0 = u0.astype(np.float32).astype(np.float64)  # exact in float32 too
+    keep = u0.copy()
+    ref, k_ref = prox_activation(c, m, 1.0, 2.001, u0, act, 5)
+    wide = np.zeros((7, 6002))
+    wide[:, ::2] = u0
+    for start in (u0, np.asfortranarray(u0), u0.astype(np.float32), wide[:, ::2]):
+        out = np.full(c.shape, np.nan)  # every element must be written
+        sig = np.full(c.shape, np.nan)
+        u, k = prox_activation(c, m, 1.0, 2.001, start, act, 5, out=out, sigma_out=sig)
+        assert np.shares_memory(u, out)
+        assert_same_bits(u, ref)
+        assert k == k_ref
+        assert_same_bits(sig, np.tanh(ref))
+        np.testing.assert_array_equal(u0, keep)
+    u_new, _ = prox_activation(c, m, 1.0, 2.001, u0, act, 5)  # no out: a new array
+    assert not np.shares_memory(u_new, u0)
+    assert_same_bits(u_new, ref)
+
+
 def test_a_numba_that_does_not_import_falls_back_to_numpy(monkeypatch):
     """Numba installed but broken (e.g. too old for NumPy): the NumPy formulation runs."""
     from daskadmm.splitting import fused
@@ -338,13 +366,16 @@ def test_radmm3a_compiled_combinations_give_the_numpy_bits(monkeypatch, dtype, s
     assert_same_bits(got[0][4], radmm3a.update_multiplier(pen, G, p))
 
 
-@pytest.mark.parametrize(("variant", "act_name"), [("radmm3", "relu"), ("radmm3a", "relu"),
-                                                   ("radmm3a", "tanh"),
-                                                   ("radmm3", "leaky_relu")])
+@pytest.mark.parametrize(("variant", "act_name", "dtype"), [
+    ("radmm3", "relu", np.float64), ("radmm3a", "relu", np.float64),
+    ("radmm3a", "tanh", np.float64), ("radmm3", "leaky_relu", np.float64),
+    ("radmm3", "tanh", np.float64), ("radmm3", "tanh", np.float32),
+    ("radmm3a", "tanh", np.float32)])
 def test_a_sweep_with_the_compiled_kernels_gives_the_numpy_bits(monkeypatch, variant,
-                                                                 act_name):
-    """Whole iterations of the serial reference, compiled kernels on and off: the same bits
-    (resnet with a bias, cross-entropy; RADMM-3A over-relaxed)."""
+                                                                 act_name, dtype):
+    """Whole iterations of the serial reference, compiled kernels on and off: the same bits,
+    states and statistics (objective, residuals) alike (resnet with a bias, cross-entropy;
+    RADMM-3A over-relaxed; float64 and float32)."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
     from daskadmm.algorithms import get_algorithm
     from daskadmm.engines import reference
@@ -352,21 +383,23 @@ def test_a_sweep_with_the_compiled_kernels_gives_the_numpy_bits(monkeypatch, var
     rng = np.random.default_rng(3)
     n = 700
     arch = Architecture("resnet", 4, 6, 8, 3, act_name, loss="cross_entropy")
-    X = rng.standard_normal((6, n))
-    Y = np.eye(3)[rng.integers(0, 3, n)].T.copy()
+    X = rng.standard_normal((6, n)).astype(dtype)
+    Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, n)].T.copy()
     sp = get_algorithm(variant).splitting
     pen = Penalties(rho=2.0, beta=1.0, tau=1e-3, lam=0.03)
     specs = [BlockSpec(arch, i, n, Options(relax=1.8)) for i in range(1, 5)]
-    w0 = init_weights(arch, rng)
+    w0 = [w.astype(dtype) for w in init_weights(arch, rng)]
 
     def run():
         outs = reference.initial_outputs(sp, sp.init_state(arch, [w.copy() for w in w0], X, Y))
         for _ in range(3):
-            outs, _ = reference.sweep(sp, specs, pen, outs, X, Y)
-        return [v for blk in reference.block_states(sp, outs) for v in blk.values()]
+            outs, stats = reference.sweep(sp, specs, pen, outs, X, Y)
+        states = [v for blk in reference.block_states(sp, outs) for v in blk.values()]
+        assert all(v.dtype == dtype for v in states)
+        return states + [np.array([s[k] for s in stats for k in sorted(s)])]
 
     for a, b in zip(*on_and_off(monkeypatch, run), strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same_bits(a, b)
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid"])

@@ -284,23 +284,33 @@ def prox_activation(c: Array, m: Array, beta: float, kappa: float, u0: Array,
     shape = c.shape
     c = np.ascontiguousarray(c, dtype=dt).ravel()
     m = np.ascontiguousarray(m, dtype=dt).ravel()
-    if out is None:
-        u = np.array(u0, dtype=dt).ravel()  # a copy: the result
-    else:
-        u = out.reshape(-1)
-        u[...] = np.asarray(u0).reshape(-1)
-    s = np.empty_like(u) if sigma_out is None else sigma_out.reshape(-1)
     if act.f_into is None or act.derivs_from_value is None:
         raise ValueError(f"prox_activation: the smooth activation {act.name!r} needs its "
                          "in-place kernels f_into and derivs_from_value")
-    bufs = _SmoothBuffers(min(u.size, _BLOCK), dt)
     compiled = fused.AVAILABLE and act.name in _FUSED and fused.kernels() is not None
-    solve = _prox_smooth_fused if compiled else _prox_smooth_block
+    u0 = np.asarray(u0)
+    # the compiled solver reads the start from u0 and writes every element of the result, so
+    # a C-contiguous u0 of the type needs no copy into the result first
+    direct = compiled and u0.dtype == dt and u0.flags.c_contiguous and u0.size == c.size
+    if out is None:
+        u = np.empty(c.size, dtype=dt) if direct else np.array(u0, dtype=dt).ravel()
+    else:
+        u = out.reshape(-1)
+        if not direct:
+            u[...] = u0.reshape(-1)
+    start = u0.reshape(-1) if direct else u
+    s = np.empty_like(u) if sigma_out is None else sigma_out.reshape(-1)
+    bufs = _SmoothBuffers(min(u.size, _BLOCK), dt)
     capped = 0
     with np.errstate(all="ignore"):
         for lo in range(0, u.size, _BLOCK):
             sl = slice(lo, min(lo + _BLOCK, u.size))
-            capped += solve(c[sl], m[sl], beta, kappa, u[sl], s[sl], act, max_iter, bufs)
+            if compiled:
+                capped += _prox_smooth_fused(c[sl], m[sl], beta, kappa, u[sl], s[sl], act,
+                                             max_iter, bufs, start[sl])
+            else:
+                capped += _prox_smooth_block(c[sl], m[sl], beta, kappa, u[sl], s[sl], act,
+                                             max_iter, bufs)
     if sigma_out is not None and not np.shares_memory(s, sigma_out):
         sigma_out[...] = s.reshape(shape)
     return u.reshape(shape), capped
@@ -629,10 +639,12 @@ _FUSED = {"tanh": fused.TANH, "sigmoid": fused.SIGMOID}
 
 
 def _prox_smooth_fused(c: Array, m: Array, beta: float, kappa: float, u: Array, s_out: Array,
-                       act: Activation, max_iter: int, B: _SmoothBuffers) -> int:
+                       act: Activation, max_iter: int, B: _SmoothBuffers,
+                       u0: Array | None = None) -> int:
     """:func:`_prox_smooth_block` with the arithmetic of an iteration in two compiled loops
     (:mod:`daskadmm.splitting.fused`) around the vectorised activation: the same operations
-    per element, so the same bits. Returns how many elements hit the cap."""
+    per element, so the same bits. ``u0``: the start (``u``'s values if None); every element
+    of ``u`` is written. Returns how many elements hit the cap."""
     f_into = act.f_into
     assert f_into is not None  # smooth activations have it
     F = B.f
@@ -648,8 +660,10 @@ def _prox_smooth_fused(c: Array, m: Array, beta: float, kappa: float, u: Array, 
     kind = _FUSED[act.name]
     compiled = fused.kernels()
     assert compiled is not None  # prox_activation checked
-    newton_pass, accept_pass = compiled
-    a = B.load(c, m, u, beta, f_into)
+    newton_pass, accept_pass, load_pass = compiled
+    a = u.size
+    load_pass(c, m, u if u0 is None else u0, uu, cc, mm, bc, idx, dt(beta), dt(1.0))
+    f_into(uu[:a], ss[:a])
     it = 0
     n_done = 0  # done elements still in the working set after the last iteration
     while a and it < max_iter:

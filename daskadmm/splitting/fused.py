@@ -11,15 +11,22 @@ before):
   outright test and the full-step candidate, per element, in a loop without branches (so it
   vectorises); once half of the working set has finished, a second loop writes the finished
   elements out and compacts the set;
-- ``accept_pass``: the full step's acceptance test, per element; returns the rejected
-  positions for the (rare) line search.
+- ``accept_pass``: the full step's acceptance test and move, per element, without branches
+  (so it vectorises too); returns the rejected positions for the (rare) line search;
+- ``load_pass``: a block's working set and its constant ``beta (|c| + 1)`` in one loop,
+  read from the start where it is (no copy of it into the result first).
+
+When every element of the working set is done (the usual end), the last Newton pass only
+writes them out.
 
 :func:`elementwise` holds one loop per elementwise step that would otherwise take several
 NumPy passes over sample-sized arrays: the piecewise-linear prox (relu, leaky_relu, identity)
 with sigma of its result, the U step's target, the V step's right-hand side and shifted
 target, and RADMM-3A's over-relaxed combinations, prox target and multiplier step. Each is
-one pass over memory instead of several; reductions (sums) stay in NumPy, whose pairwise
-summation they would not reproduce.
+one pass over memory instead of several, as are the W step's ``rho U + Lam``, the
+multiplier step with its residual, the dual residual's ``(V - V^k)^2``, the V step's
+``rhs + tau V^k`` and the activation residual; reductions (sums) stay in NumPy,
+whose pairwise summation they would not reproduce.
 
 Each element's operations are those of the NumPy formulation (see
 :func:`~daskadmm.splitting.base._prox_smooth_block`), in the same order and type, with no
@@ -59,9 +66,10 @@ def _newton_pass(kind, uu, ss, cc, mm, bc, idx, step, phi, outright, cand, done,
     (``done``), without branches, so that it vectorises. A done element's candidate is its
     point, taken outright, so it stays where it is (and is done again at the next iteration:
     the same numbers give the same test). When at least half of the set is done, the second
-    loop writes every element's point to ``u_out[idx]``, ``s_out[idx]`` (the final value of a
-    finished one; a later write replaces the others') and moves the unfinished ones down to
-    the front, in order. Returns ``(new size, done elements still in the set)``."""
+    loop writes the finished elements' points to ``u_out[idx]``, ``s_out[idx]`` and moves the
+    unfinished ones down to the front, in order; when all are done (the usual end), it only
+    writes them out. Returns
+    ``(new size, done elements still in the set)``."""
     (beta, kappa, hb, hk, neg_beta, grad_tol, outright_tol, newton_min, sup_df2, sup_d2f,
      sup_abs, one, two) = consts
     n_done = 0
@@ -93,29 +101,41 @@ def _newton_pass(kind, uu, ss, cc, mm, bc, idx, step, phi, outright, cand, done,
         n_done += dn
     if 2 * n_done < a:
         return a, n_done
+    if n_done == a:  # all finished (the usual end): write them out, nothing to move
+        for j in range(a):
+            i = idx[j]
+            u_out[i] = uu[j]
+            s_out[i] = ss[j]
+        return 0, 0
     w = 0
     for j in range(a):
         i = idx[j]
-        u_out[i] = uu[j]
-        s_out[i] = ss[j]
-        uu[w] = uu[j]
-        ss[w] = ss[j]
-        cc[w] = cc[j]
-        mm[w] = mm[j]
-        bc[w] = bc[j]
-        idx[w] = i
-        step[w] = step[j]
-        phi[w] = phi[j]
-        outright[w] = outright[j]
-        cand[w] = cand[j]
-        w += not done[j]
+        if done[j]:
+            u_out[i] = uu[j]
+            s_out[i] = ss[j]
+        else:
+            uu[w] = uu[j]
+            ss[w] = ss[j]
+            cc[w] = cc[j]
+            mm[w] = mm[j]
+            bc[w] = bc[j]
+            idx[w] = i
+            step[w] = step[j]
+            phi[w] = phi[j]
+            outright[w] = outright[j]
+            cand[w] = cand[j]
+            w += 1
     return w, 0
 
 
 def _accept_pass(uu, ss, cc, mm, phi, outright, cand, sc, rejected, a, consts):
     """The full step's test on ``[0, a)``: where ``phi(cand) <= phi + slack |phi|`` (or the
     step is outright), the candidate becomes the element's point; the others' positions go to
-    ``rejected``. Returns how many were rejected. ``consts = (hb, hk, slack)``."""
+    ``rejected``. Returns how many were rejected. ``consts = (hb, hk, slack)``.
+
+    The test and the move are one loop without branches (it vectorises); ``outright`` is
+    overwritten with the test's result, from which a second loop, only where some were
+    rejected (rarely), gathers their positions."""
     hb, hk, slack = consts
     nrej = 0
     for j in range(a):
@@ -123,13 +143,31 @@ def _accept_pass(uu, ss, cc, mm, phi, outright, cand, sc, rejected, a, consts):
         d = cand[j] - mm[j]
         pc = (r * hb) * r + (d * hk) * d
         p = phi[j]
-        if pc <= abs(p) * slack + p or outright[j]:
-            uu[j] = cand[j]
-            ss[j] = sc[j]
-        else:
-            rejected[nrej] = j
-            nrej += 1
+        ok = (pc <= abs(p) * slack + p) | outright[j]
+        uu[j] = cand[j] if ok else uu[j]
+        ss[j] = sc[j] if ok else ss[j]
+        outright[j] = ok
+        nrej += not ok
+    if nrej:
+        w = 0
+        for j in range(a):
+            if not outright[j]:
+                rejected[w] = j
+                w += 1
     return nrej
+
+
+def _load_pass(c, m, u, uu, cc, mm, bc, idx, beta, one):
+    """Start a block of the smooth prox: ``uu, cc, mm`` from ``u, c, m``, ``bc = (|c| + 1)
+    beta`` and ``idx`` the identity, in one loop (as the NumPy copies and passes of
+    ``_SmoothBuffers.load`` compute them)."""
+    for j in range(u.size):
+        x = c[j]
+        uu[j] = u[j]
+        cc[j] = x
+        mm[j] = m[j]
+        bc[j] = (abs(x) + one) * beta
+        idx[j] = j
 
 
 # Piecewise-linear activations in :func:`piecewise_pass`: sigma(u) is
@@ -262,6 +300,40 @@ def _multiplier_step(g, v, sig, z, s, c, out):
         out[j] = g[j] + p * c
 
 
+def _scaled_sum(x, c, y, out):
+    """``x c + y`` elementwise into ``out`` (NumPy's ``t = x * c; t += y``): the W step's
+    ``rho U + Lam``."""
+    for j in range(out.size):
+        out[j] = x[j] * c + y[j]
+
+
+def _dual_step(u, z, c, lam, r_out, out):
+    """``r = u - z`` into ``r_out`` (if it is not None) and ``r c + lam`` into ``out``,
+    elementwise (NumPy's ``r = u - z``, then ``out = r * c; out += lam``): the multiplier step
+    and the residual it is taken at."""
+    for j in range(out.size):
+        r = u[j] - z[j]
+        if r_out is not None:
+            r_out[j] = r
+        out[j] = r * c + lam[j]
+
+
+def _square_of_difference(x, y, out):
+    """``(x - y)^2`` elementwise into ``out`` (NumPy's ``d = x - y; d *= d``): the V step's
+    dual residual before its sum."""
+    for j in range(out.size):
+        d = x[j] - y[j]
+        out[j] = d * d
+
+
+def _residual(v, sig, z, s, out):
+    """``(v - sig) - z`` elementwise into ``out`` (``v - sig`` without ``s``): the activation
+    residual ``V_i - sigma(U_i) - s_i V_{i-1}`` as NumPy's ``p = v - sig; p -= z``."""
+    for j in range(out.size):
+        p = v[j] - sig[j]
+        out[j] = p - z[j] if s else p
+
+
 class Elementwise(NamedTuple):
     """The compiled kernels of :func:`elementwise`, by name."""
 
@@ -273,9 +345,13 @@ class Elementwise(NamedTuple):
     shifted_quotient: Callable
     plus_scaled: Callable
     multiplier_step: Callable
+    scaled_sum: Callable
+    dual_step: Callable
+    square_of_difference: Callable
+    residual: Callable
 
 
-_COMPILED: tuple[Callable, Callable] | None = None
+_COMPILED: tuple[Callable, Callable, Callable] | None = None
 _COMPILED_PW: Elementwise | None = None
 
 
@@ -299,7 +375,8 @@ def elementwise() -> Elementwise | None:
             return None
         _COMPILED_PW = Elementwise(*(_jit(numba, f) for f in (
             _piecewise_pass, _preactivation_target, _activation_rhs_pass, _shifted_target,
-            _relaxed, _shifted_quotient, _plus_scaled, _multiplier_step)))
+            _relaxed, _shifted_quotient, _plus_scaled, _multiplier_step,
+            _scaled_sum, _dual_step, _square_of_difference, _residual)))
     return _COMPILED_PW
 
 
@@ -315,8 +392,8 @@ def elementwise_for(*arrays) -> Elementwise | None:
     return elementwise()
 
 
-def kernels() -> tuple[Callable, Callable] | None:
-    """``(newton_pass, accept_pass)`` compiled by Numba (on the first call in a process:
+def kernels() -> tuple[Callable, Callable, Callable] | None:
+    """``(newton_pass, accept_pass, load_pass)`` compiled by Numba (on the first call in a process:
     about a second per float type, cached on disk where Numba can write its cache); None, and
     :data:`AVAILABLE` False from then on, when Numba is installed but does not import (e.g. a
     release too old for the installed NumPy): the NumPy formulation runs instead."""
@@ -334,5 +411,5 @@ def kernels() -> tuple[Callable, Callable] | None:
             except RuntimeError:  # no writable cache location: compile in memory
                 return numba.njit(error_model="numpy", nogil=True)(fn)
 
-        _COMPILED = (jit(_newton_pass), jit(_accept_pass))
+        _COMPILED = (jit(_newton_pass), jit(_accept_pass), jit(_load_pass))
     return _COMPILED

@@ -135,9 +135,15 @@ def weight_stats(Vt: Array, U: Array, Lam: Array, rho: float,
 
 def weight_rhs(Vt: Array, U: Array, Lam: Array, rho: float,
                pool: Scratch | None = None) -> Array:
-    """``B = (rho U + Lam) V~^T`` of :func:`weight_stats`."""
-    T = np.multiply(U, rho, out=_get(pool, U.shape, U))
-    T += Lam
+    """``B = (rho U + Lam) V~^T`` of :func:`weight_stats` (``rho U + Lam`` in one compiled
+    loop where :mod:`~daskadmm.splitting.fused` has one, the same bits)."""
+    T = _get(pool, U.shape, U)
+    compiled = fused.elementwise_for(T, U, Lam)
+    if compiled is not None:
+        compiled.scaled_sum(U.reshape(-1), T.dtype.type(rho), Lam.reshape(-1), T.reshape(-1))
+    else:
+        np.multiply(U, float(rho), out=T)
+        T += Lam
     B = T @ Vt.T
     if pool is not None:
         pool.put(T)
@@ -236,12 +242,28 @@ def preactivation_target(Z: Array, Lam: Array, U: Array, rho: float, tau: float,
 
 
 def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = None,
-                 out: Array | None = None) -> Array:
-    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n); ``r``:
-    ``U - W V~`` if already computed; ``out``: an array for the result."""
+                 out: Array | None = None, r_out: Array | None = None) -> Array:
+    """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n),
+    computed as ``(U - Z) rho + Lam``; ``r``: ``U - W V~`` if already computed; ``r_out``:
+    where to write ``U - Z`` as well (without ``r``; it may be ``Z``); ``out``: an array for
+    the result. One compiled loop where :mod:`~daskadmm.splitting.fused` has one (the same
+    bits as the NumPy passes)."""
+    rho = float(rho)
+    if out is None:
+        out = np.empty(U.shape, dtype=float_type(U, Z, Lam))
+    compiled = fused.elementwise_for(out, U, Z, Lam, *(() if r is None else (r,)),
+                                     *(() if r_out is None else (r_out,)))
+    if compiled is not None:
+        f = out.dtype.type(rho)
+        if r is None:
+            compiled.dual_step(U.reshape(-1), Z.reshape(-1), f, Lam.reshape(-1),
+                               None if r_out is None else r_out.reshape(-1), out.reshape(-1))
+        else:
+            compiled.scaled_sum(r.reshape(-1), f, Lam.reshape(-1), out.reshape(-1))
+        return out
     if r is None:
-        out = np.subtract(U, Z, out=out)
-        out *= rho
+        r = np.subtract(U, Z, out=r_out)
+        out = np.multiply(r, rho, out=out)
     else:
         out = np.multiply(r, rho, out=out)
     out += Lam
@@ -327,7 +349,12 @@ def solve_activation(spec: BlockSpec, pen: Penalties, A: Array, rhs: Array, work
     ``pool``)."""
     M = pen.rho * (A.T @ A)
     M[np.diag_indices_from(M)] += pen.beta * (1 + spec.s_next) + pen.tau
-    rhs += np.multiply(V, pen.tau, out=work)
+    compiled = fused.elementwise_for(rhs, V)
+    if compiled is not None:  # rhs + V tau in one loop, the same bits
+        compiled.plus_scaled(rhs.reshape(-1), V.reshape(-1), rhs.dtype.type(pen.tau),
+                             rhs.reshape(-1))
+    else:
+        rhs += np.multiply(V, float(pen.tau), out=work)
     V_new = spd_solve(M, rhs, overwrite_r=True, out=work)
     if pool is not None:  # the one of rhs and work that does not hold the result
         pool.put(rhs if np.shares_memory(V_new, work) else work)
@@ -392,6 +419,37 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     return total
 
 
+def _sum_of_squared_difference(x: Array, y: Array, pool: Scratch | None = None) -> float:
+    """``sum((x - y)^2)``: the squares in one compiled loop where there is one, the sum in
+    NumPy (its pairwise summation), so the same bits either way."""
+    dv = _get(pool, x.shape, x)
+    compiled = fused.elementwise_for(dv, x, y)
+    if compiled is not None:
+        compiled.square_of_difference(x.reshape(-1), y.reshape(-1), dv.reshape(-1))
+    else:
+        np.subtract(x, y, out=dv)
+        dv *= dv
+    total = float(np.sum(dv))
+    if pool is not None:
+        pool.put(dv)
+    return total
+
+
+def activation_residual_into(V: Array, sigma: Array, Vleft: Array, s: bool) -> Array:
+    """``V_i - sigma(U_i) - s_i V_{i-1}`` into ``sigma`` (overwritten; it is returned), as
+    ``p = V - sigma; p -= Vleft`` computes it (one compiled loop where there is one)."""
+    z = Vleft if s else V  # (X, for block 1, has another shape: not read then)
+    compiled = fused.elementwise_for(sigma, V, z)
+    if compiled is not None:
+        compiled.residual(V.reshape(-1), sigma.reshape(-1), z.reshape(-1), s,
+                          sigma.reshape(-1))
+        return sigma
+    p = np.subtract(V, sigma, out=sigma)
+    if s:
+        p -= Vleft
+    return p
+
+
 VARIANTS = ("radmm3", "radmm3l", "radmm3a")
 
 
@@ -437,9 +495,9 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
     U, capped = update_preactivation(spec, pen, U0, Za, Lam0, c, Y, sigma_out=sigma, pool=pool)
     if pool is not None and c is not V0:
         pool.put(c)
-    if Za is Z:
-        r = np.subtract(U, Z, out=Z)  # U - W V~ (Z is not needed any more)
-        Lam = update_duals(Lam0, U, Z, pen.rho, r=r, out=_get(pool, r.shape, U0))
+    if Za is Z:  # r = U - W V~ into Z (not needed any more), and the step at it
+        Lam = update_duals(Lam0, U, Z, pen.rho, out=_get(pool, Z.shape, U0), r_out=Z)
+        r = Z
     else:
         Lam = update_duals(Lam0, U, Za, pen.rho, out=_get(pool, Z.shape, U0))
         r = np.subtract(U, Z, out=Z)
@@ -458,14 +516,8 @@ def column_update(spec: BlockSpec, pen: Penalties, W: Array, own: State, Vleft: 
         else:
             V = update_activation(spec, pen, V0, Vleft, U, right, sigma_own=sigma, pool=pool)
         new["V"] = V
-        dv = np.subtract(V, V0, out=_get(pool, V.shape, U0))
-        dv *= dv
-        dual_sq = float(np.sum(dv))
-        if pool is not None:
-            pool.put(dv)
-        p = np.subtract(V, sigma, out=sigma)  # V_i - s_i V_{i-1} - sigma(U_i)
-        if spec.s:
-            p -= Vleft
+        dual_sq = _sum_of_squared_difference(V, V0, pool)
+        p = activation_residual_into(V, sigma, Vleft, bool(spec.s))
         if gam:
             if sig is sigma:
                 new["Gam"] = radmm3a.update_multiplier(pen, own["Gam"], p)
