@@ -775,10 +775,20 @@ _BASELINE_KEYS = ("lr", "momentum", "batch_size", "weight_decay")
 _DATA_LOCATION_KEYS = ("path", "cache_dir", "download")
 
 
+# The revision of the updates' arithmetic: raised whenever a change to the library alters
+# the iterates of a run with unchanged settings (an update's floating-point operations), so a
+# store resumes only under the arithmetic that made it (anything else would give the iterates
+# of neither). 1: stores from before the key; 2: the cross-entropy output prox's Newton step
+# solved by Sherman-Morrison instead of a dense LU per column.
+ARITHMETIC = 2
+ARITHMETIC_KEY = "daskadmm.arithmetic"
+
+
 def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The settings that determine a run's iterates, flattened to ``section.key``: what a
-    resumed run must share with the run that made the store."""
-    out: dict[str, Any] = {}
+    resumed run must share with the run that made the store. The library's own arithmetic
+    (:data:`ARITHMETIC`) is one of them."""
+    out: dict[str, Any] = {ARITHMETIC_KEY: ARITHMETIC}
     for key, v in cfg_dict["algorithm"].items():
         if key not in _BASELINE_KEYS:
             out[f"algorithm.{key}"] = v
@@ -799,7 +809,7 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 # Determining settings added after stores were first written, with the value that gives the
 # iterates those stores were made with: a store without the key resumes when the setting has
 # that value now, and is refused otherwise.
-ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0}
+ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, ARITHMETIC_KEY: 1}
 
 
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -555,3 +555,30 @@ def test_bench_dtype_smoke(tmp_path):
     assert row["float32"]["state_bytes"] * 2 == row["float64"]["state_bytes"]
     assert row["float32"]["best"] > 0 and row["float64"]["fraction"] > 0
     assert row["speedup_pairs_median"] > 0 and row["loadavg"]
+
+
+@pytest.mark.parametrize(("d", "scale", "kappa"), [(10, 1.0, 2.001), (10, 30.0, 2.001),
+                                                   (3, 5.0, 0.01), (50, 10.0, 1e-3),
+                                                   (2, 100.0, 1e3)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cross_entropy_newton_step_equals_the_dense_solve(d, scale, kappa, dtype):
+    """The output prox's Newton step through Sherman-Morrison (O(d) per column) equals the
+    batched dense solve of ``(diag(p) - p p^T + kappa I) x = g`` to the rounding of its
+    condition number, near-one-hot columns included, and keeps the arrays' type. (The step
+    takes ``sum(p) = 1`` exactly, the dense matrix the rounded ``p``; they differ by about
+    ``|1 - sum(p)| / kappa``, hence the ``1/kappa``.)"""
+    from daskadmm.model import softmax
+    from daskadmm.splitting.base import _ce_newton_step
+
+    rng = np.random.default_rng(d)
+    p = softmax(rng.standard_normal((d, 500)) * scale).astype(dtype)
+    g = rng.standard_normal((d, 500)).astype(dtype)
+    P = p.astype(np.float64)
+    H = (P.T[:, :, None] * np.eye(d)[None] - P.T[:, :, None] * P.T[:, None, :]
+         + kappa * np.eye(d)[None])
+    ref = np.linalg.solve(H, g.astype(np.float64).T[:, :, None])[:, :, 0].T
+    got = _ce_newton_step(p, g, kappa)
+    assert got.dtype == dtype
+    eps = np.finfo(dtype).eps
+    err = np.abs(got - ref).max(axis=0) / np.abs(ref).max(axis=0)
+    assert np.all(err <= 10 * eps * np.linalg.cond(H) * (1 + 1 / kappa))

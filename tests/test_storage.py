@@ -731,3 +731,36 @@ def test_a_store_older_than_a_setting_resumes_only_at_the_old_behaviour():
     assert changed_determinants(old, now) == ["algorithm.relax (1.0 -> 1.8)"]
     cfg.algorithm.relax = 1.0
     assert changed_determinants(old, determinants(cfg.to_dict())) == []
+
+
+def test_a_store_made_under_other_arithmetic_is_refused(tmp_path, monkeypatch):
+    """A store made by a daskadmm whose updates computed differently (an older arithmetic
+    revision, or a store from before the revision was recorded) is refused with a message
+    that says so, before anything is written; under the same revision it resumes."""
+    from daskadmm import storage
+
+    url = str(tmp_path / "s.zarr")
+    cfg = _with(_cfg(n_samples=60, iterations=2), cluster={"kind": "synchronous"},
+                storage={"url": url}, run={"checkpoint_every": 2})
+    data = load_dataset(cfg.data, seed=0)
+    api.fit(cfg, dataset=data)
+    attrs_file = tmp_path / "s.zarr" / "zarr.json"
+    resume = _with(cfg, run={"iterations": 3, "resume": True})
+    for stored in (storage.ARITHMETIC - 1, None):  # an older revision; no revision recorded
+        st = storage.StateStore.open(url, mode="r+")
+        det = dict(st.attrs["determinants"])
+        if stored is None:
+            det.pop(storage.ARITHMETIC_KEY)
+        else:
+            det[storage.ARITHMETIC_KEY] = stored
+        st.set_attrs({"determinants": det})
+        st.close()
+        before = attrs_file.read_bytes()
+        with pytest.raises(storage.StoreError, match="arithmetic differs"):
+            api.fit(resume, dataset=data)
+        assert attrs_file.read_bytes() == before
+    st = storage.StateStore.open(url, mode="r+")
+    det = dict(st.attrs["determinants"], **{storage.ARITHMETIC_KEY: storage.ARITHMETIC})
+    st.set_attrs({"determinants": det})
+    st.close()
+    assert api.fit(resume, dataset=data).iterations == 3

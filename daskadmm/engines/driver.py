@@ -756,7 +756,7 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
     (every setting that determines the iterates, the same data), an intact checkpoint (every
     chunk against the manifest's checksums) and intact stored data. Returns
     ``(store, manifest or None)``; a store with no complete checkpoint resumes from 0."""
-    from ..storage import StateStore, StoreError, changed_determinants
+    from ..storage import ARITHMETIC_KEY, StateStore, StoreError, changed_determinants
 
     # everything is checked on a read-only view first: a refused resume changes nothing
     probe = StateStore.open(url, mode="check")
@@ -767,6 +767,12 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
                          "(its state was not kept: run with run.checkpoint_every or "
                          "storage.keep_state=true to keep it)")
     changed = changed_determinants(attrs.get("determinants") or {}, meta["determinants"])
+    arith = [c for c in changed if c.startswith(ARITHMETIC_KEY + " ")]
+    if arith:
+        raise StoreError(f"cannot resume {url}: it was made by a daskadmm whose arithmetic "
+                         f"differs from this one's (revision {arith[0].split(' ', 1)[1]}), so "
+                         "the resumed run would match neither; resume it with the daskadmm "
+                         "that made it, or start a new run")
     if changed:
         raise StoreError(f"cannot resume {url}: settings that determine the iterates differ "
                          f"from the stored run's: {'; '.join(changed)}")

@@ -744,6 +744,23 @@ def _ce_column_objective(u: Array, y: Array, m: Array, kappa: float,
     return f
 
 
+def _ce_newton_step(p: Array, g: Array, kappa: float) -> Array:
+    """``H^{-1} g`` per column for ``H = diag(p) - p p^T + kappa I`` (softmax ``p``, every
+    column at once).
+
+    ``H`` is a diagonal ``D = diag(p + kappa)`` minus a rank-one term, so by Sherman-Morrison::
+
+        H^{-1} g = D^{-1} g + D^{-1} p (p^T D^{-1} g) / (1 - p^T D^{-1} p)
+
+    in O(d) per column (a batched d x d LU costs O(d^3) and, at d = 10, most of the output
+    block's time). With ``sum(p) = 1`` the denominator is ``kappa sum(p / (p + kappa))``, a sum
+    of positive terms, so nothing cancels however close the columns are to one-hot."""
+    D = p + kappa
+    Dg = g / D
+    Dp = p / D
+    return Dg + Dp * (np.sum(p * Dg, axis=0) / (kappa * np.sum(Dp, axis=0)))
+
+
 def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
                 max_iter: int = 50) -> tuple[Array, int]:
     """``argmin_U  n l(U; Y) + (kappa/2) ||U - m||^2`` (columns independent).
@@ -754,10 +771,11 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
 
     Softmax cross-entropy: per column, Newton on ``CE(u; y) + (kappa/2)||u - m||^2`` from ``u0``
     with gradient ``softmax(u) - y + kappa (u - m)`` and Hessian ``diag(p) - p p^T + kappa I``
-    (positive definite), halving the step while the column objective rises (a step whose predicted
-    decrease ``g^T H^-1 g`` is below ``1e-8`` times the size of the objective's summands is taken
-    outright); a column stops when
-    ``||g||_inf <= 1e-13 (1 + kappa ||u||_inf)`` or after ``max_iter`` iterations.
+    (positive definite; its step costs O(d) per column, see :func:`_ce_newton_step`), halving
+    the step while the column objective rises (a step whose predicted decrease
+    ``g^T H^-1 g`` is below ``1e-8`` times the size of the objective's summands is taken
+    outright); a column stops when ``||g||_inf <= 1e-13 (1 + kappa ||u||_inf)`` or after
+    ``max_iter`` iterations.
 
     Returns ``(U, n_capped)``.
     """
@@ -766,9 +784,7 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
     dt = float_type(Y, m)
     tol = TOLERANCES[dt]
     U = np.array(u0, dtype=dt, copy=True)
-    dy = U.shape[0]
     active = np.arange(U.shape[1])
-    eye = np.eye(dy, dtype=dt)
     for _ in range(max_iter):
         if active.size == 0:
             break
@@ -776,8 +792,7 @@ def prox_output(loss: str, Y: Array, m: Array, kappa: float, u0: Array,
         p = softmax(u)
         g = p - y + kappa * (u - mm)
         done = np.abs(g).max(axis=0) <= tol.output * (1.0 + kappa * np.abs(u).max(axis=0))
-        H = (p.T[:, :, None] * eye[None]) - p.T[:, :, None] * p.T[:, None, :] + kappa * eye[None]
-        step = np.linalg.solve(H, g.T[:, :, None])[:, :, 0].T
+        step = _ce_newton_step(p, g, kappa)
         f0, scale = _ce_column_objective(u, y, mm, kappa, with_scale=True)
         # Near the solution the decrease g^T H^-1 g falls below the rounding error of f (about
         # 1e-16 x the size of its summands): take the full Newton step outright there
