@@ -72,7 +72,6 @@ def _newton_pass(kind, uu, ss, cc, mm, bc, idx, step, phi, outright, cand, done,
     ``(new size, done elements still in the set)``."""
     (beta, kappa, hb, hk, neg_beta, grad_tol, outright_tol, newton_min, sup_df2, sup_d2f,
      sup_abs, one, two) = consts
-    n_done = 0
     for j in range(a):
         u = uu[j]
         s = ss[j]
@@ -98,7 +97,9 @@ def _newton_pass(kind, uu, ss, cc, mm, bc, idx, step, phi, outright, cand, done,
         phi[j] = p
         cand[j] = u if dn else u - st
         done[j] = dn
-        n_done += dn
+    n_done = 0
+    for j in range(a):  # a loop of its own: the float loop above vectorises at full width
+        n_done += done[j]
     if 2 * n_done < a:
         return a, n_done
     if n_done == a:  # all finished (the usual end): write them out, nothing to move
