@@ -3,7 +3,8 @@
 Layout (Zarr v3, any store URL: a local path, ``memory://name`` for tests, any fsspec URL)::
 
     attrs       schema, schema_version, config (of the run that created the store),
-                determinants (every setting that determines the iterates), data_sha256 and
+                determinants (every setting that determines the iterates), arithmetic (the
+                revision of the updates' arithmetic it was made with), data_sha256 and
                 data_checksums (identity and integrity of the stored data), algorithm, arch, n,
                 chunk_size, n_chunks, ready (data and state arrays complete), owner (the run
                 writing it: run id, pid, process start time, host), status
@@ -775,20 +776,23 @@ _BASELINE_KEYS = ("lr", "momentum", "batch_size", "weight_decay")
 _DATA_LOCATION_KEYS = ("path", "cache_dir", "download")
 
 
-# The revision of the updates' arithmetic: raised whenever a change to the library alters
-# the iterates of a run with unchanged settings (an update's floating-point operations), so a
-# store resumes only under the arithmetic that made it (anything else would give the iterates
-# of neither). 1: stores from before the key; 2: the cross-entropy output prox's Newton step
-# solved by Sherman-Morrison instead of a dense LU per column.
-ARITHMETIC = 2
-ARITHMETIC_KEY = "daskadmm.arithmetic"
+# The revision of the updates' arithmetic, per loss: raised whenever a change to the library
+# alters the iterates of a run with unchanged settings (an update's floating-point operations),
+# so a store resumes only under the arithmetic that made it (anything else would give the
+# iterates of neither). A store without the record counts as revision 1. cross_entropy 2: the
+# output prox's Newton step solved by Sherman-Morrison instead of a dense LU per column.
+ARITHMETIC: dict[str, int] = {"mse": 1, "cross_entropy": 2}
+
+
+def arithmetic_revision(loss: str) -> int:
+    """The revision of the arithmetic of runs with this loss (see :data:`ARITHMETIC`)."""
+    return ARITHMETIC[loss]
 
 
 def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The settings that determine a run's iterates, flattened to ``section.key``: what a
-    resumed run must share with the run that made the store. The library's own arithmetic
-    (:data:`ARITHMETIC`) is one of them."""
-    out: dict[str, Any] = {ARITHMETIC_KEY: ARITHMETIC}
+    resumed run must share with the run that made the store."""
+    out: dict[str, Any] = {}
     for key, v in cfg_dict["algorithm"].items():
         if key not in _BASELINE_KEYS:
             out[f"algorithm.{key}"] = v
@@ -809,7 +813,7 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 # Determining settings added after stores were first written, with the value that gives the
 # iterates those stores were made with: a store without the key resumes when the setting has
 # that value now, and is refused otherwise.
-ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, ARITHMETIC_KEY: 1}
+ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0}
 
 
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -733,34 +733,47 @@ def test_a_store_older_than_a_setting_resumes_only_at_the_old_behaviour():
     assert changed_determinants(old, determinants(cfg.to_dict())) == []
 
 
-def test_a_store_made_under_other_arithmetic_is_refused(tmp_path, monkeypatch):
-    """A store made by a daskadmm whose updates computed differently (an older arithmetic
-    revision, or a store from before the revision was recorded) is refused with a message
-    that says so, before anything is written; under the same revision it resumes."""
+def test_a_store_made_under_other_arithmetic_is_refused(tmp_path):
+    """A store made by a daskadmm whose updates computed this problem differently (an older
+    arithmetic revision for its loss, or a store from before revisions were recorded, which
+    counts as 1) is refused with a line that says so, before anything is written; under the
+    same revision it resumes. A regression store without the record resumes: its loss's
+    arithmetic is still revision 1."""
     from daskadmm import storage
 
-    url = str(tmp_path / "s.zarr")
-    cfg = _with(_cfg(n_samples=60, iterations=2), cluster={"kind": "synchronous"},
-                storage={"url": url}, run={"checkpoint_every": 2})
-    data = load_dataset(cfg.data, seed=0)
-    api.fit(cfg, dataset=data)
-    attrs_file = tmp_path / "s.zarr" / "zarr.json"
-    resume = _with(cfg, run={"iterations": 3, "resume": True})
-    for stored in (storage.ARITHMETIC - 1, None):  # an older revision; no revision recorded
+    def made(name, classification):
+        url = str(tmp_path / name)
+        cfg = _with(_cfg(n_samples=60, iterations=2, classification=classification),
+                    cluster={"kind": "synchronous"}, storage={"url": url},
+                    run={"checkpoint_every": 2})
+        data = load_dataset(cfg.data, seed=0)
+        api.fit(cfg, dataset=data)
+        return url, _with(cfg, run={"iterations": 3, "resume": True}), data
+
+    def set_record(url, value):
         st = storage.StateStore.open(url, mode="r+")
-        det = dict(st.attrs["determinants"])
-        if stored is None:
-            det.pop(storage.ARITHMETIC_KEY)
+        if value is None:
+            st.group.attrs.pop("arithmetic")
         else:
-            det[storage.ARITHMETIC_KEY] = stored
-        st.set_attrs({"determinants": det})
+            st.set_attrs({"arithmetic": value})
         st.close()
+        attrs = zarr.open_group(url, mode="r").attrs
+        assert attrs.get("arithmetic") == value and (value is not None or "arithmetic" not in attrs)
+
+    url, resume, data = made("ce.zarr", True)
+    assert zarr.open_group(url, mode="r").attrs["arithmetic"] == storage.ARITHMETIC[
+        "cross_entropy"] == 2
+    attrs_file = tmp_path / "ce.zarr" / "zarr.json"
+    for stored in (1, None):  # an older revision; no revision recorded
+        set_record(url, stored)
         before = attrs_file.read_bytes()
-        with pytest.raises(storage.StoreError, match="arithmetic differs"):
+        with pytest.raises(storage.StoreError,
+                           match=r"arithmetic for this problem differs .*revision 1, now 2"):
             api.fit(resume, dataset=data)
         assert attrs_file.read_bytes() == before
-    st = storage.StateStore.open(url, mode="r+")
-    det = dict(st.attrs["determinants"], **{storage.ARITHMETIC_KEY: storage.ARITHMETIC})
-    st.set_attrs({"determinants": det})
-    st.close()
+    set_record(url, 2)
+    assert api.fit(resume, dataset=data).iterations == 3
+
+    url, resume, data = made("mse.zarr", False)
+    set_record(url, None)
     assert api.fit(resume, dataset=data).iterations == 3

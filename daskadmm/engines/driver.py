@@ -738,9 +738,10 @@ def _store_meta(opts: EngineOptions, arch: Architecture, digest: str, n: int, sl
                 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from ..storage import _jsonable
+    from ..storage import _jsonable, arithmetic_revision
 
     return {"config": _jsonable(opts.config), "determinants": opts.determinants,
+            "arithmetic": arithmetic_revision(arch.loss),
             "data_sha256": digest, "algorithm": opts.algorithm,
             "arch": asdict(arch), "n": n, "chunk_size": opts.storage.chunk_size,
             "n_chunks": len(slices)}
@@ -756,7 +757,7 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
     (every setting that determines the iterates, the same data), an intact checkpoint (every
     chunk against the manifest's checksums) and intact stored data. Returns
     ``(store, manifest or None)``; a store with no complete checkpoint resumes from 0."""
-    from ..storage import ARITHMETIC_KEY, StateStore, StoreError, changed_determinants
+    from ..storage import StateStore, StoreError, changed_determinants
 
     # everything is checked on a read-only view first: a refused resume changes nothing
     probe = StateStore.open(url, mode="check")
@@ -767,12 +768,6 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
                          "(its state was not kept: run with run.checkpoint_every or "
                          "storage.keep_state=true to keep it)")
     changed = changed_determinants(attrs.get("determinants") or {}, meta["determinants"])
-    arith = [c for c in changed if c.startswith(ARITHMETIC_KEY + " ")]
-    if arith:
-        raise StoreError(f"cannot resume {url}: it was made by a daskadmm whose arithmetic "
-                         f"differs from this one's (revision {arith[0].split(' ', 1)[1]}), so "
-                         "the resumed run would match neither; resume it with the daskadmm "
-                         "that made it, or start a new run")
     if changed:
         raise StoreError(f"cannot resume {url}: settings that determine the iterates differ "
                          f"from the stored run's: {'; '.join(changed)}")
@@ -780,6 +775,12 @@ def _open_for_resume(opts: EngineOptions, url: str, run_id: str, meta: dict[str,
         if attrs.get(keyname) != meta[keyname]:
             raise StoreError(f"cannot resume {url}: its {keyname} ({attrs.get(keyname)}) "
                              f"differs from this run's ({meta[keyname]})")
+    made_with = attrs.get("arithmetic", 1)  # (stores from before the record: revision 1)
+    if made_with != meta["arithmetic"]:
+        raise StoreError(f"cannot resume {url}: it was made by a daskadmm whose arithmetic for "
+                         f"this problem differs from this one's (revision {made_with}, now "
+                         f"{meta['arithmetic']}), so the resumed run would match neither; resume "
+                         "it with the daskadmm that made it, or start a new run")
     if attrs.get("data_sha256") != meta["data_sha256"]:
         raise StoreError(f"cannot resume {url}: the data set differs from the one the store "
                          "was made with (its digest does not match)")

@@ -246,8 +246,9 @@ def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = N
     """Multiplier step ``Lam <- Lam + rho (U - W V~)`` (dual ascent with step rho n),
     computed as ``(U - Z) rho + Lam``; ``r``: ``U - W V~`` if already computed; ``r_out``:
     where to write ``U - Z`` as well (without ``r``; it may be ``Z``); ``out``: an array for
-    the result. One compiled loop where :mod:`~daskadmm.splitting.fused` has one (the same
-    bits as the NumPy passes)."""
+    the result (not ``Lam``: the NumPy passes overwrite it before they add it). One compiled
+    loop where :mod:`~daskadmm.splitting.fused` has one (the same bits as the NumPy
+    passes)."""
     rho = float(rho)
     if out is None:
         out = np.empty(U.shape, dtype=float_type(U, Z, Lam))
