@@ -138,30 +138,40 @@ def test_compiled_smooth_prox_gives_the_numpy_formulations_bits(monkeypatch, act
     assert_same_bits(u_np, u_py)
 
 
-def test_compiled_prox_reads_its_start_in_place_or_from_a_copy_with_the_same_bits():
+@pytest.mark.parametrize("max_iter", [0, 1, 5, 100])
+def test_compiled_prox_reads_its_start_in_place_or_from_a_copy_with_the_same_bits(
+        monkeypatch, max_iter):
     """The compiled prox reads a C-contiguous start of the problem's type where it is (no copy
     into the result first) and copies any other (Fortran-ordered, strided, another float
-    type); either way, with or without ``out``, the same bits, every element written, and the
-    start left as it was."""
+    type); either way, with or without ``out``, the NumPy formulation's bits, every element
+    written (no iteration at all included, and NaN and infinite starts), and the start left as
+    it was."""
     pytest.importorskip("numba", reason="the compiled path needs the fast extra")
+    from daskadmm.splitting import fused
+
     rng = np.random.default_rng(21)
     act = get_activation("tanh")
     c, m, u0 = hard_inputs(rng, (7, 3001))
     u0 = u0.astype(np.float32).astype(np.float64)  # exact in float32 too
+    u0.ravel()[201:204] = [np.nan, np.inf, -np.inf]
     keep = u0.copy()
-    ref, k_ref = prox_activation(c, m, 1.0, 2.001, u0, act, 5)
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    ref, k_ref = prox_activation(c, m, 1.0, 2.001, u0, act, max_iter)  # NumPy formulation
+    monkeypatch.setattr(fused, "AVAILABLE", True)
+    if max_iter == 0:
+        assert_same_bits(ref, u0)
     wide = np.zeros((7, 6002))
     wide[:, ::2] = u0
     for start in (u0, np.asfortranarray(u0), u0.astype(np.float32), wide[:, ::2]):
-        out = np.full(c.shape, np.nan)  # every element must be written
-        sig = np.full(c.shape, np.nan)
-        u, k = prox_activation(c, m, 1.0, 2.001, start, act, 5, out=out, sigma_out=sig)
+        out = np.full(c.shape, 7.0)  # every element must be written
+        sig = np.full(c.shape, 7.0)
+        u, k = prox_activation(c, m, 1.0, 2.001, start, act, max_iter, out=out, sigma_out=sig)
         assert np.shares_memory(u, out)
         assert_same_bits(u, ref)
         assert k == k_ref
         assert_same_bits(sig, np.tanh(ref))
         np.testing.assert_array_equal(u0, keep)
-    u_new, _ = prox_activation(c, m, 1.0, 2.001, u0, act, 5)  # no out: a new array
+    u_new, _ = prox_activation(c, m, 1.0, 2.001, u0, act, max_iter)  # no out: a new array
     assert not np.shares_memory(u_new, u0)
     assert_same_bits(u_new, ref)
 
