@@ -82,14 +82,17 @@ class PenaltySchedule:
         """The values iteration k+1's rho can take, as known before iteration k ends: that
         rho where it is known (:meth:`is_barrier` false), else the rho in force and its
         raised value (an adaptive or rises schedule keeps rho or raises it, see
-        :meth:`_raise`; the same expression, so the same float), in that order, once if
+        :meth:`_raised_rho`, as :meth:`_raise` computes it), in that order, once if
         equal. The Zarr engine computes ``W_1``'s statistics for each, so the W step can take
         the one in force with the reference's arithmetic."""
         if not self.is_barrier(k):
             return (self.at(k + 1).rho,)
-        c = self.options
-        raised = min(self._rho * c.adapt_factor, c.rho_max)
+        raised = self._raised_rho()
         return (self._rho,) if raised == self._rho else (self._rho, raised)
+
+    def _raised_rho(self) -> float:
+        """rho after a raise (:meth:`_raise`; :meth:`next_rhos` needs the same float)."""
+        return min(self._rho * self.options.adapt_factor, self.options.rho_max)
 
     def is_barrier(self, k: int) -> bool:
         """Whether iteration k+1's penalties depend on the outcome of iteration k."""
@@ -126,7 +129,7 @@ class PenaltySchedule:
         """Multiply rho, beta (capped) and the backtracking start (uncapped) by the factor,
         from iteration k+1 on; a change is logged as ``(k + 1, rho, beta)``."""
         c = self.options
-        rho = min(self._rho * c.adapt_factor, c.rho_max)
+        rho = self._raised_rho()
         beta = min(self._beta * c.adapt_factor, c.beta_max)
         start = None if self._start is None else self._start * c.adapt_factor
         if (rho, beta, start) != (self._rho, self._beta, self._start):
