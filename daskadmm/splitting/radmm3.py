@@ -252,8 +252,8 @@ def update_duals(Lam: Array, U: Array, Z: Array, rho: float, r: Array | None = N
     rho = float(rho)
     if out is None:
         out = np.empty(U.shape, dtype=float_type(U, Z, Lam))
-    compiled = fused.elementwise_for(out, U, Z, Lam, *(() if r is None else (r,)),
-                                     *(() if r_out is None else (r_out,)))
+    compiled = fused.elementwise_for(out, U, Z, Lam,
+                                     *(a for a in (r, r_out) if a is not None))
     if compiled is not None:
         f = out.dtype.type(rho)
         if r is None:

@@ -141,11 +141,10 @@ def activation_residual(spec: BlockSpec, V: Array, Vleft: Array, U: Array | None
     computed (bit for bit ``act.f(U_i)``, so the same numbers; ``U`` is not needed then)."""
     if sigma_U is None:
         assert U is not None  # sigma(U_i) comes from one of them
-        sigma_U = spec.act.f(U)
-    p = V - sigma_U
-    if spec.s:
-        p -= Vleft
-    return p
+        work = spec.act.f(U)  # a new array: the result goes into it
+    else:
+        work = np.array(sigma_U, dtype=np.result_type(V, sigma_U), order="C")
+    return radmm3.activation_residual_into(V, work, Vleft, bool(spec.s))
 
 
 def backward_step(arch: Architecture, i: int, W_next: Array, Lam_next: Array,
