@@ -347,6 +347,7 @@ class Problem:
     d_in: int = 784
     d_out: int = 10
     bias: bool = True
+    n_test: int = 256
 
     def arch(self, activation: str = "tanh", loss: str = "cross_entropy"):
         from daskadmm.model import Architecture
@@ -357,7 +358,18 @@ class Problem:
     def slices(self) -> list[slice]:
         from daskadmm.storage import chunk_slices
 
-        return chunk_slices(self.n, math.ceil(self.n / self.chunks) if self.chunks > 1 else 0)
+        return chunk_slices(self.n, self.chunk_size())
+
+    def test_slices(self) -> list[slice]:
+        """The test data's chunks (of the training data's chunk size, as the runner makes
+        them): what an evaluation's parts read."""
+        from daskadmm.storage import chunk_slices
+
+        return chunk_slices(self.n_test, self.chunk_size())
+
+    def chunk_size(self) -> int:
+        """``storage.chunk_size`` of the run (0: one chunk)."""
+        return math.ceil(self.n / self.chunks) if self.chunks > 1 else 0
 
     def rows(self, i: int) -> int:
         return self.d_out if i == self.depth else self.width
@@ -411,7 +423,8 @@ def engine_graph(prob: Problem, iterations: int, window: int, run_id: str = "sim
     for k in range(1, iterations + 1):
         wg = chunk_graph.build_window(ALGORITHM, specs, {k: pen, k + 1: pen}, k - 1, k, prev,
                                       rid, url, slices, [k] if k in evals else [],
-                                      (arch, "classification", "accuracy", (), ()))
+                                      (arch, "classification", "accuracy", tuple(slices),
+                                       tuple(prob.test_slices())))
         gate = init if k <= window else (stats[k - window],)
         for node in wg.nodes:
             gates[node.key] = gate
@@ -664,7 +677,7 @@ def validation_run(workers: int, prob: Problem, iterations: int, activation: str
     from daskadmm import api, outputs
     from daskadmm.config import Config, algorithm_defaults
 
-    ds = synthetic_classification(prob.n, prob.d_in, prob.d_out)
+    ds = synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=prob.n_test)
     cfg = Config()
     cfg.algorithm = algorithm_defaults(ALGORITHM)  # the algorithm the projection rebuilds
     cfg.model.width, cfg.model.depth, cfg.model.activation = prob.width, prob.depth, activation
@@ -675,7 +688,7 @@ def validation_run(workers: int, prob: Problem, iterations: int, activation: str
     cfg.cluster.dashboard_address = "127.0.0.1:0"
     cfg.cluster.in_process_mb = 0  # the worker processes are what is measured
     cfg.cluster.placement = "blocks"  # what the replay models (placement())
-    cfg.storage.chunk_size = math.ceil(prob.n / prob.chunks) if prob.chunks > 1 else 0
+    cfg.storage.chunk_size = prob.chunk_size()
     t0 = time.perf_counter()
     res = api.fit(cfg, dataset=ds, run_dir=run_dir)
     wall = time.perf_counter() - t0

@@ -477,8 +477,8 @@ def test_engine_graph_is_the_runners():
 
     from daskadmm.engines.driver import _Ctx
 
-    prob = project.Problem(depth=5, width=6, n=50, chunks=3, d_in=4, d_out=3)
-    ds = project.synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=10)
+    prob = project.Problem(depth=5, width=6, n=50, chunks=3, d_in=4, d_out=3, n_test=10)
+    ds = project.synthetic_classification(prob.n, prob.d_in, prob.d_out, n_test=prob.n_test)
     cfg = suite_common.make_config("radmm3", depth=prob.depth, width=prob.width, iterations=5)
     cfg.cluster.kind = "synchronous"
     cfg.storage.chunk_size = math.ceil(prob.n / prob.chunks)

@@ -648,3 +648,90 @@ def test_a_result_is_returned_and_a_task_error_raised_as_it_is():
     assert ctx._result(Client(), Done(value=41)) == 41
     with pytest.raises(ValueError, match="bad chunk"):
         ctx._result(Client(), Done(error=ValueError("bad chunk")))
+
+
+@pytest.mark.parametrize(("n_train", "n_test"), [(1, 1), (2, 1), (3, 5), (4, 2), (7, 3)])
+def test_eval_split_visits_every_chunk_once_in_order(n_train, n_test):
+    parts = chunk_graph.eval_split(n_train, n_test)
+    assert [p[0] for p in parts] == [[c] for c in range(n_train)]
+    assert [j for p in parts for j in p[1]] == list(range(n_test))
+    sizes = [len(p[1]) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 + (n_test < n_train)  # spread, not all on one part
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize(("n_train", "n_test"), [(1, 1), (2, 1), (3, 5)])
+def test_an_evaluation_in_parts_gives_the_one_pass_figures_bit_for_bit(loss, n_train, n_test):
+    from daskadmm.chunks.common import (
+        FlowCall,
+        evaluate_chunks,
+        evaluate_combine,
+        evaluate_part,
+        run_flow,
+    )
+
+    rng = np.random.default_rng(3)
+    arch = Architecture("resnet", 3, 5, 7, 3, loss=loss)
+    Ws = [rng.standard_normal(arch.weight_shape(i)) for i in range(1, 4)]
+    smalls = [{"W": W} for W in Ws]
+    task = "classification" if loss == "cross_entropy" else "regression"
+
+    def chunks(n_chunks, size):
+        sl = [slice(c * size, (c + 1) * size - (c % 2)) for c in range(n_chunks)]
+        X = [rng.standard_normal((5, s.stop - s.start)) for s in sl]
+        Y = [np.eye(3)[:, rng.integers(0, 3, x.shape[1])] if task == "classification"
+             else rng.standard_normal((3, x.shape[1])) for x in X]
+        return sl, X, Y
+
+    train, Xtr, Ytr = chunks(n_train, 40)
+    test, Xte, Yte = chunks(n_test, 17)
+    data = {}
+    for c in range(n_train):
+        data[f"data/X/c{c}"], data[f"data/Y/c{c}"] = Xtr[c], Ytr[c]
+    for j in range(n_test):
+        data[f"data/X_test/c{j}"], data[f"data/Y_test/c{j}"] = Xte[j], Yte[j]
+
+    def flow(fn, args, locs):
+        return run_flow(FlowCall(fn, len(args), tuple(locs), False), *args,
+                        *[data[loc] for loc in locs])
+
+    whole, W_out = flow(evaluate_chunks, (None, arch, task, "m", tuple(train), tuple(test),
+                                          *Ws), list(data))
+    parts = []
+    for cs, js in chunk_graph.eval_split(n_train, n_test):
+        locs = [f"data/{v}/c{c}" for c in cs for v in ("X", "Y")]
+        locs += [f"data/{v}/c{j}" for j in js for v in ("X_test", "Y_test")]
+        parts.append(flow(evaluate_part, (None, arch, task, tuple((c, train[c]) for c in cs),
+                                          tuple((j, test[j]) for j in js), *smalls), locs))
+    split, W_split = evaluate_combine(len(parts), *parts, *smalls)
+    assert split == whole  # the same floats, bit for bit
+    assert set(whole) == {"train_loss", "train_metric", "test_loss", "test_metric"}
+    assert all(a is b for a, b in zip(W_out + W_split, Ws + Ws, strict=True))
+    # and the figures are those of the network on all the data at once (up to rounding)
+    from daskadmm.model import forward, loss_sum
+    out = forward(arch, Ws, np.hstack(Xte))[0][-1]
+    assert whole["test_loss"] == pytest.approx(loss_sum(loss, out, np.hstack(Yte))
+                                               / out.shape[1], rel=1e-12)
+
+
+def test_an_evaluation_runs_in_parts_placed_with_the_chunks_behind_the_wavefront():
+    arch = Architecture("resnet", 3, 3, 4, 2)
+    n = 12
+    specs = [BlockSpec(arch, i, n) for i in range(1, 4)]
+    slices = [slice(0, 4), slice(4, 8), slice(8, 12)]
+    weights = [np.zeros(arch.weight_shape(i)) for i in range(1, 4)]
+    _, prev, _ = chunk_graph.start_nodes("radmm3", arch, None, slices, "run", weights, n,
+                                         None, Options(), 1.0, flow=True, rho_first=(1.0,))
+    prev.update({f"small-b{i}": f"init_small-b{i}-run" for i in range(1, 4)})
+    pens = {k: Penalties(1.0, 1.0, 1e-3, 1e-3) for k in range(1, 4)}
+    wg = chunk_graph.build_window("radmm3", specs, pens, 0, 2, prev, "run", None, slices, [2],
+                                  (arch, "regression", "mse", tuple(slices), (slice(0, 5),)),
+                                  flow=True)
+    ev = {n.key: n for n in wg.nodes if n.key.startswith("evaluate")}
+    assert set(ev) == {"evaluate-k2-run"} | {f"evaluate_part-c{c}-k2-run" for c in range(3)}
+    assert all(n.priority == -1 for n in ev.values())
+    assert [ev[f"evaluate_part-c{c}-k2-run"].chunk for c in range(3)] == [0, 1, 2]
+    assert all(n.priority == 0 for n in wg.nodes if not n.key.startswith("evaluate"))
+    assert set(ev["evaluate-k2-run"].deps()) == (
+        {f"evaluate_part-c{c}-k2-run" for c in range(3)} | set(wg.weights[2]))
+    assert wg.evals == {2: "evaluate-k2-run"}

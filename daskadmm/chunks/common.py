@@ -35,7 +35,8 @@ __all__ = [
     "each_stats",
     "FlowCall",
     "evaluate_chunks",
-    "evaluate_small",
+    "evaluate_combine",
+    "evaluate_part",
     "get_data",
     "get_live",
     "group_stats",
@@ -315,37 +316,72 @@ def restore_chunk(ct: ChunkTask, block: int, names: tuple[str, ...], slot: int,
                _read(ct.url, f"ckpt/{ckpt}/b{block}/{name}", ct.sl), slot)
 
 
-def evaluate_chunks(url: StoreRef | None, arch: Architecture, task: str, metric: str,
-                    train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
-                    ) -> tuple[dict[str, float], list[Array]]:
-    """True forward pass on the stored train and test data, one chunk at a time."""
-    weights = list(Ws)
+EvalRecord = tuple[float, float, int]
+"""One chunk's share of an evaluation: (loss sum, metric sum, samples)."""
+
+
+def _eval_records(url: StoreRef | None, arch: Architecture, task: str,
+                  chunks: tuple[tuple[int, slice], ...], xs: str, ys: str,
+                  weights: list[Array]) -> list[EvalRecord]:
+    """The true forward pass on each chunk ``(c, slice)`` of the stored ``xs`` / ``ys``."""
+    out: list[EvalRecord] = []
+    with np.errstate(all="ignore"):
+        for c, sl in chunks:
+            ct = ChunkTask(url, sl, c)
+            X, Y = get_data(ct, xs), get_data(ct, ys)
+            pred = forward(arch, weights, X)[0][-1]
+            if task == "classification":
+                err = float(np.sum(pred.argmax(axis=0) == Y.argmax(axis=0)))
+            else:
+                err = float(np.sum((pred - Y) ** 2))
+            out.append((loss_sum(arch.loss, pred, Y), err, Y.shape[1]))
+    return out
+
+
+def evaluate_part(url: StoreRef | None, arch: Architecture, task: str,
+                  train: tuple[tuple[int, slice], ...], test: tuple[tuple[int, slice], ...],
+                  *smalls: Small) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """Part of an evaluation: the true forward pass, with the blocks' small states (their
+    ``W``), on some chunks ``(c, slice)`` of the train and the test data; the records of
+    each chunk in order (:func:`evaluate_combine` adds them). One part per train chunk, on
+    that chunk's worker, so an evaluation is spread over the workers as the chunk tasks
+    are, in pieces no longer than one chunk's forward pass."""
+    weights = [s["W"] for s in smalls]
+    return (_eval_records(url, arch, task, train, "X", "Y", weights),
+            _eval_records(url, arch, task, test, "X_test", "Y_test", weights))
+
+
+def evaluate_combine(n_parts: int, *items: Any) -> tuple[dict[str, float], list[Array]]:
+    """The train and test loss and metric from ``n_parts`` :func:`evaluate_part` outputs
+    (``items[:n_parts]``, in chunk order; the sums are added as one pass over the chunks
+    would, so the figures do not depend on how the chunks are split into parts), and the
+    weights of the small states ``items[n_parts:]`` they were made with."""
+    parts: tuple[tuple[list[EvalRecord], list[EvalRecord]], ...] = items[:n_parts]
+    smalls: tuple[Small, ...] = items[n_parts:]
     rec: dict[str, float] = {}
-    for split, slices, xs, ys in (("train", train, "X", "Y"),
-                                  ("test", test, "X_test", "Y_test")):
+    for split, j in (("train", 0), ("test", 1)):
         loss = err = 0.0
         count = 0
         with np.errstate(all="ignore"):
-            for c, sl in enumerate(slices):
-                ct = ChunkTask(url, sl, c)
-                X, Y = get_data(ct, xs), get_data(ct, ys)
-                out = forward(arch, weights, X)[0][-1]
-                loss += loss_sum(arch.loss, out, Y)
-                if task == "classification":
-                    err += float(np.sum(out.argmax(axis=0) == Y.argmax(axis=0)))
-                else:
-                    err += float(np.sum((out - Y) ** 2))
-                count += Y.shape[1]
+            for part in parts:
+                for chunk_loss, chunk_err, n in part[j]:
+                    loss += chunk_loss
+                    err += chunk_err
+                    count += n
         rec[f"{split}_loss"] = loss / count
         rec[f"{split}_metric"] = err / count
-    return rec, weights
+    return rec, [s["W"] for s in smalls]
 
 
-def evaluate_small(url: StoreRef | None, arch: Architecture, task: str, metric: str,
-                   train: tuple[slice, ...], test: tuple[slice, ...], *smalls: Small
-                   ) -> tuple[dict[str, float], list[Array]]:
-    """:func:`evaluate_chunks` with the blocks' small states (their ``W``)."""
-    return evaluate_chunks(url, arch, task, metric, train, test, *[s["W"] for s in smalls])
+def evaluate_chunks(url: StoreRef | None, arch: Architecture, task: str, metric: str,
+                    train: tuple[slice, ...], test: tuple[slice, ...], *Ws: Array
+                    ) -> tuple[dict[str, float], list[Array]]:
+    """True forward pass on the stored train and test data, one chunk at a time, in one
+    task (``metric``: the run's metric, named for the record; the sums are the same)."""
+    smalls = [{"W": W} for W in Ws]
+    part = evaluate_part(url, arch, task, tuple(enumerate(train)), tuple(enumerate(test)),
+                         *smalls)
+    return evaluate_combine(1, part, *smalls)
 
 
 class StatsGroup(NamedTuple):

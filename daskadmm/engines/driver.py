@@ -407,7 +407,7 @@ class _Ctx:
             args = tuple(_resolve(a, futures) for a in node.args)
             fut = client.submit(_call_aligned, node.fn, *args, key=node.key,
                                 workers=place.of(node), pure=False,
-                                allow_other_workers=False)
+                                allow_other_workers=False, priority=node.priority)
             futures[node.key] = fut
 
     # -- start: fresh (forward pass per chunk) or resumed (copy the checkpoint back) -------

@@ -37,7 +37,8 @@ from ..chunks.common import (
     ChunkTask,
     FlowCall,
     PlanContext,
-    evaluate_small,
+    evaluate_combine,
+    evaluate_part,
     group_stats,
     pick_written,
     run_flow,
@@ -271,11 +272,12 @@ class _Flow:
             self.out.append(Node(kk, pick_written, (Ref(src), locs), block=_key_block(src)))
         return kk
 
-    def add_eval(self, key_: str, n_train: int, n_test: int) -> None:
-        """An evaluation reads every chunk of the train and the test data."""
-        self.add(key_, None, range(n_train), (), False)
+    def add_eval_part(self, key_: str, train: Iterable[int], test: Iterable[int]) -> None:
+        """A part of an evaluation reads the train data's chunks ``train`` and the test
+        data's chunks ``test``."""
+        self.add(key_, None, train, (), False)
         locs, refs, _ = self.inputs[key_]
-        self.add(key_, None, range(n_test), (), False, ("X_test", "Y_test"))
+        self.add(key_, None, test, (), False, ("X_test", "Y_test"))
         more, more_refs, _ = self.inputs[key_]
         self.inputs[key_] = (locs + more, refs + more_refs, False)
 
@@ -289,7 +291,7 @@ class _Flow:
             locs, refs, writes = self.inputs.get(n.key, ((), (), False))
             out.append(Node(n.key, run_flow,
                             (FlowCall(n.fn, len(n.args), tuple(locs), writes), *n.args, *refs),
-                            block=n.block, chunk=n.chunk))
+                            block=n.block, chunk=n.chunk, priority=n.priority))
         return out
 
 
@@ -300,6 +302,41 @@ def _small_task(nodes: list[Node], k: int, run_id: str, base: str, i: int, fn, a
     kk = _key(base, k, run_id, i, tag)
     nodes.append(Node(kk, fn, args, block=i if on is None else on))
     return kk
+
+
+def eval_split(n_train: int, n_test: int) -> list[tuple[list[int], list[int]]]:
+    """The chunks of each part of an evaluation: one part per train chunk, the test chunks
+    shared out in order over the parts (test chunk j to part ``j * n_train // n_test``), so
+    the parts in order visit the train chunks and the test chunks each in order."""
+    parts: list[tuple[list[int], list[int]]] = [([c], []) for c in range(n_train)]
+    for j in range(n_test):
+        parts[j * n_train // n_test][1].append(j)
+    return parts
+
+
+def _evaluation(eval_key: str, url: StoreRef | None, eval_args: tuple, w_keys: list[str],
+                fl: _Flow | None) -> list[Node]:
+    """An evaluation as one :func:`~daskadmm.chunks.common.evaluate_part` per train chunk
+    (placed with that chunk's tasks) and their sum, ``eval_key``
+    (:func:`~daskadmm.chunks.common.evaluate_combine`: the same figures as one pass over
+    every chunk). Both at priority -1: nothing in the wavefront waits for them, so a
+    worker runs them when it has no chunk task ready. ``eval_args``: ``(arch, task, metric,
+    train slices, test slices)``; ``fl``: the dataflow backend's inputs (None with a
+    store)."""
+    arch, task, _metric, train, test = eval_args
+    smalls = [Ref(x) for x in w_keys]
+    nodes, parts = [], []
+    for c, (cs, js) in enumerate(eval_split(len(train), len(test))):
+        pk = eval_key.replace("evaluate-", f"evaluate_part-c{c}-", 1)
+        if fl is not None:
+            fl.add_eval_part(pk, cs, js)
+        nodes.append(Node(pk, evaluate_part,
+                          (url, arch, task, tuple((i, train[i]) for i in cs),
+                           tuple((j, test[j]) for j in js), *smalls), chunk=c,
+                          priority=-1))
+        parts.append(Ref(pk))
+    nodes.append(Node(eval_key, evaluate_combine, (len(parts), *parts, *smalls), priority=-1))
+    return nodes
 
 
 @dataclass
@@ -512,10 +549,8 @@ def build_window(name: str, specs: list[BlockSpec], pens: dict[int, Penalties], 
         w_keys[k] = [sm_keys[i] for i in range(1, N + 1)]
         if k in eval_iters:
             eval_keys[k] = key("evaluate", k, run_id)
-            nodes.append(Node(eval_keys[k], evaluate_small,
-                              (url, *eval_args, *[Ref(x) for x in w_keys[k]])))
-            if flow:
-                fl.add_eval(eval_keys[k], len(slices), len(eval_args[4]))
+            nodes.extend(_evaluation(eval_keys[k], url, eval_args, w_keys[k], fl if flow
+                                     else None))
         if k in ckpt_slots:
             ck_keys[k] = []
             for i in range(1, N + 1):

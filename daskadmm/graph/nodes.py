@@ -41,6 +41,9 @@ class Node:
     args: tuple
     block: int | None = None  # 1-based block the task belongs to (for worker placement)
     chunk: int | None = None  # the sample chunk a per-chunk task works on (placement by chunk)
+    # Dask's priority on a cluster: among the tasks ready on a worker, lower runs later (-1:
+    # an evaluation, which nothing in the wavefront waits for, fills a worker's gaps)
+    priority: int = 0
 
     def deps(self) -> list[str]:
         return [a.key for a in _walk(self.args) if isinstance(a, Ref)]
