@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from . import heap
 from .config import (
     ADMM_ALGORITHMS,
+    ALGORITHM_KEYS,
     AlgorithmConfig,
     Config,
     RunConfig,
@@ -226,9 +227,11 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
         algorithm = get_algorithm(name)
         a = cfg.algorithm
+        # (hidden_lam_scale: RADMM-3/3L/3A's only; the other algorithms keep lam everywhere)
+        hidden = a.hidden_lam_scale if "hidden_lam_scale" in ALGORITHM_KEYS[name] else 1.0
         options = Options(step=a.step, backtrack_max=a.backtrack_max,
                           newton_max_iter=a.newton_max_iter, output_init=a.output_init,
-                          relax=a.relax)
+                          relax=a.relax, hidden_lam_scale=hidden)
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .engines.reference import solve

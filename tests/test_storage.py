@@ -731,6 +731,12 @@ def test_a_store_older_than_a_setting_resumes_only_at_the_old_behaviour():
     assert changed_determinants(old, now) == ["algorithm.relax (1.0 -> 1.8)"]
     cfg.algorithm.relax = 1.0
     assert changed_determinants(old, determinants(cfg.to_dict())) == []
+    # and one from before algorithm.hidden_lam_scale: its hidden blocks had lam itself
+    older = {k: v for k, v in old.items() if k != "algorithm.hidden_lam_scale"}
+    assert changed_determinants(older, determinants(cfg.to_dict())) == [
+        "algorithm.hidden_lam_scale (1.0 -> 0.1)"]
+    cfg.algorithm.hidden_lam_scale = 1.0
+    assert changed_determinants(older, determinants(cfg.to_dict())) == []
 
 
 def test_a_store_made_under_other_arithmetic_is_refused(tmp_path):

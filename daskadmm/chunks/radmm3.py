@@ -41,7 +41,7 @@ import numpy as np
 
 from ..model import Architecture, augment, forward, loss_grad_n, loss_sum
 from ..splitting import BlockSpec, Penalties, radmm3, radmm3a
-from ..splitting.base import Stats
+from ..splitting.base import Stats, block_penalties
 from .common import (
     Array,
     ChunkTask,
@@ -165,7 +165,7 @@ def update_weights(spec: BlockSpec, pen: Penalties, small: Small, stats: tuple,
                                f"schedule set rho = {pen.rho}")
         G, B = stats[0], stats[1 + rhos.index(pen.rho)]
     step = radmm3.update_weights_linearized if name == "radmm3l" else radmm3.update_weights
-    return {"W": step(small["W"], G, B, pen, spec.n)}
+    return {"W": step(small["W"], G, B, block_penalties(spec, pen), spec.n)}
 
 
 def update_chunk(ct: ChunkTask, spec: BlockSpec, pen: Penalties, k: int, small: Small,

@@ -52,6 +52,7 @@ from ..monitor import Monitor
 from ..result import Result
 from ..schedules import PenaltySchedule
 from ..splitting import BlockSpec, Options
+from ..splitting.base import block_lam
 from ..storage import StoreRef
 
 if TYPE_CHECKING:
@@ -566,7 +567,8 @@ class _Ctx:
             return
         obj = sum(o["objective"] for o in init_outs)
         lam = self.schedule.at(1).lam
-        obj += sum(0.5 * lam * float(np.sum(W * W)) for W in self.weights)
+        obj += sum(0.5 * block_lam(spec, lam) * float(np.sum(W * W))
+                   for spec, W in zip(self.specs, self.weights, strict=True))
         pen = self.schedule.at(1)
         mon = self.monitor
         # after a recovery from iteration 0 the row was reported already

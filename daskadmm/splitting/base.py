@@ -16,7 +16,7 @@ not depend on how the samples are chunked.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
@@ -28,6 +28,8 @@ from . import fused
 __all__ = [
     "StepOut",
     "BlockSpec",
+    "block_lam",
+    "block_penalties",
     "Options",
     "Penalties",
     "lambda_max",
@@ -78,13 +80,16 @@ class Penalties:
 class Options:
     """Inner-solver options: step rule of linearized steps and every cap; how dlADMM's output
     layer starts (``output_init``: ``forward`` or ``labels``); RADMM-3A's over-relaxation
-    (``relax``, 1: none)."""
+    (``relax``, 1: none); the weight decay of the hidden blocks 2..N-1 as a multiple of
+    ``lam`` (``hidden_lam_scale``, RADMM-3/3L/3A; 1: every block ``lam``, see
+    :func:`block_lam`)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
     newton_max_iter: int = 100
     output_init: str = "forward"
     relax: float = 1.0
+    hidden_lam_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,26 @@ class BlockSpec:
             return W[:, :-1], W[:, -1:]
         return W, None
 
+
+def _hidden_scale(spec: BlockSpec) -> float | None:
+    """``hidden_lam_scale`` where it applies to block i (a hidden block, scale not 1)."""
+    scale = spec.options.hidden_lam_scale
+    return scale if scale != 1.0 and 1 < spec.i < spec.N else None
+
+
+def block_lam(spec: BlockSpec, lam: float) -> float:
+    """Block i's weight decay: ``lam``, times ``spec.options.hidden_lam_scale`` for the hidden
+    blocks ``2..N-1`` (the input and output blocks keep ``lam``). With the scale 1 this is
+    ``lam`` itself, so the arithmetic is that of one ``lam`` for every block."""
+    scale = _hidden_scale(spec)
+    return lam if scale is None else lam * scale
+
+
+def block_penalties(spec: BlockSpec, pen: Penalties) -> Penalties:
+    """``pen`` with block i's weight decay (:func:`block_lam`): ``pen`` itself where that is
+    ``pen.lam``."""
+    scale = _hidden_scale(spec)
+    return pen if scale is None else replace(pen, lam=pen.lam * scale)
 
 def lambda_max(G: Array) -> float:
     """Largest eigenvalue of a symmetric PSD matrix (exact, via LAPACK's ``syevr``)."""

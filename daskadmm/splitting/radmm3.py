@@ -31,6 +31,8 @@ from .base import (
     Penalties,
     Stats,
     StepOut,
+    block_lam,
+    block_penalties,
     float_type,
     lambda_max,
     piecewise_kind,
@@ -400,7 +402,7 @@ def block_objective(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
         r = U - W @ spec.aug(Vleft)
     if r_sq is None:
         r_sq = float(np.sum(r * r))
-    total = 0.5 * pen.lam * float(np.sum(W * W)) if regulariser else 0.0
+    total = 0.5 * block_lam(spec, pen.lam) * float(np.sum(W * W)) if regulariser else 0.0
     work = np.multiply(Lam, r, out=_get(pool, r.shape, r))
     total += (float(np.sum(work)) + 0.5 * pen.rho * r_sq) / n
     if pool is not None:
@@ -557,7 +559,7 @@ def block_update(spec: BlockSpec, pen: Penalties, own: State, Vleft: Array,
     Vt = augmented(Vleft, spec.bias, pool)
     G, B = weight_stats(Vt, own["U"], own["Lam"], pen.rho, pool)
     step_w = update_weights_linearized if variant == "radmm3l" else update_weights
-    W = step_w(own["W"], G, B, pen, spec.n)
+    W = step_w(own["W"], G, B, block_penalties(spec, pen), spec.n)
     out = column_update(spec, pen, W, own, Vleft, Vt, right, Y, variant=variant, pool=pool)
     return StepOut({"W": W, **out.state}, out.stats)
 
