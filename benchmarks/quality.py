@@ -192,6 +192,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     left.set(xscale="log", xlabel="residual blocks N (digits, width 64)",
              ylabel="test accuracy", title="digits")
     left.set_xticks(depths or [4], [str(d) for d in depths] or ["4"])
+    left.set_xticks([], minor=True)  # (the log axis' minor labels would overlap the depths)
     left.legend(fontsize=8)
     others = [(data, d) for data, d in settings if data != "digits"]
     width = 0.8 / max(1, len(methods) - 1)
