@@ -227,11 +227,13 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
         algorithm = get_algorithm(name)
         a = cfg.algorithm
-        # (hidden_lam_scale: RADMM-3/3L/3A's only; the other algorithms keep lam everywhere)
-        hidden = a.hidden_lam_scale if "hidden_lam_scale" in ALGORITHM_KEYS[name] else 1.0
+        # (the per-block decay: RADMM-3/3L/3A's only; the others keep lam everywhere)
+        per_block = "hidden_lam_scale" in ALGORITHM_KEYS[name]
         options = Options(step=a.step, backtrack_max=a.backtrack_max,
                           newton_max_iter=a.newton_max_iter, output_init=a.output_init,
-                          relax=a.relax, hidden_lam_scale=hidden)
+                          relax=a.relax,
+                          input_lam_scale=a.input_lam_scale if per_block else 1.0,
+                          hidden_lam_scale=a.hidden_lam_scale if per_block else 1.0)
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .engines.reference import solve

@@ -124,8 +124,9 @@ class AlgorithmConfig:
     # RADMM-3A: over-relaxation alpha in [1, 2) of both constraint families (U_i = W_i V~ in
     # the U and Lam steps, the activation constraint in the V and Gam steps); 1: none.
     relax: float = 1.0
-    # RADMM-3/3L/3A: the weight decay of the hidden blocks 2..N-1 as a multiple of lam (the
-    # input and output blocks keep lam); 1: every block lam.
+    # RADMM-3/3L/3A: the weight decay of the input block 1 and of the hidden blocks 2..N-1 as
+    # multiples of lam (the output block keeps lam); 1: every block lam.
+    input_lam_scale: float = 1.0
     hidden_lam_scale: float = 1.0
     # Backprop baseline (algorithm=adam|sgd).
     lr: float = 1e-3
@@ -158,11 +159,11 @@ _NU_SCHEDULE_KEYS = tuple(k for k in _SCHEDULE_KEYS if k != "beta_max")
 # ignored. conf/algorithm/<name>.yaml lists them in its ``# reads:`` comment (tested).
 ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
     "radmm3": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
-               "hidden_lam_scale"),
+               "input_lam_scale", "hidden_lam_scale"),
     "radmm3a": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter", "relax",
-                "hidden_lam_scale"),
+                "input_lam_scale", "hidden_lam_scale"),
     "radmm3l": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
-                "hidden_lam_scale"),
+                "input_lam_scale", "hidden_lam_scale"),
     "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
                "newton_max_iter"),
     "dladmm": ("rho", "nu", "lam", *_NU_SCHEDULE_KEYS, "step", "backtrack_max",
@@ -498,8 +499,10 @@ def validate(cfg: Config) -> Config:
            f"algorithm.newton_max_iter must be >= 1, got {a.newton_max_iter}")
     _check(math.isfinite(a.relax) and 1.0 <= a.relax < 2.0,
            f"algorithm.relax must be in [1, 2), got {a.relax!r}")
-    _check(math.isfinite(a.hidden_lam_scale) and a.hidden_lam_scale > 0,
-           f"algorithm.hidden_lam_scale must be a positive number, got {a.hidden_lam_scale!r}")
+    for key in ("input_lam_scale", "hidden_lam_scale"):
+        value = getattr(a, key)
+        _check(math.isfinite(value) and value > 0,
+               f"algorithm.{key} must be a positive number, got {value!r}")
     if a.backtrack_start is not None:
         _finite_pos("algorithm.backtrack_start", a.backtrack_start)
         _check(a.step == "backtracking", "algorithm.backtrack_start is where the backtracking "

@@ -9,10 +9,10 @@
 
 Rows are samples, as everywhere in scikit-learn. Every hyper-parameter is an ``__init__``
 argument (``get_params`` / ``set_params``, ``clone``, ``Pipeline``, ``GridSearchCV`` work as
-usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``relax``, ``hidden_lam_scale``,
-``lr`` means the algorithm's own default (the values of ``conf/algorithm/<name>.yaml``).
-Features are standardised with the training mean and standard deviation (regression targets
-centred), as the command line does.
+usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``relax``, ``input_lam_scale``,
+``hidden_lam_scale``, ``lr`` means the algorithm's own default (the values of
+``conf/algorithm/<name>.yaml``). Features are standardised with the training mean and standard
+deviation (regression targets centred), as the command line does.
 
 Where it runs (``cluster``):
 
@@ -66,7 +66,8 @@ __all__ = ["ADMMClassifier", "ADMMRegressor"]
 
 _A, _M, _R, _S = AlgorithmConfig(), ModelConfig(), RunConfig(), StorageConfig()
 # hyper-parameters that default to the algorithm's own value when None
-_PER_ALGORITHM = ("rho", "beta", "tau", "lam", "relax", "hidden_lam_scale", "lr")
+_PER_ALGORITHM = ("rho", "beta", "tau", "lam", "relax", "input_lam_scale", "hidden_lam_scale",
+                  "lr")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class _ADMMEstimator(BaseEstimator):
         lam: float | None = None,
         nu: float | None = _A.nu,
         relax: float | None = None,
+        input_lam_scale: float | None = None,
         hidden_lam_scale: float | None = None,
         schedule: str = _A.schedule,
         growth: float = _A.growth,
@@ -151,6 +153,7 @@ class _ADMMEstimator(BaseEstimator):
         self.lam = lam
         self.nu = nu
         self.relax = relax
+        self.input_lam_scale = input_lam_scale
         self.hidden_lam_scale = hidden_lam_scale
         self.schedule = schedule
         self.growth = growth
@@ -397,8 +400,9 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
         weights the linear constraints, ``beta`` the activation penalties, ``tau`` the proximal
         terms, ``lam`` the weight decay; ``nu`` dlADMM's/pdADMM's relaxed hidden constraints.
     relax : RADMM-3A's over-relaxation in [1, 2) (None: its default, 1.8; 1: none).
-    hidden_lam_scale : the weight decay of the hidden blocks 2..N-1 as a multiple of ``lam``
-        (RADMM-3/3L/3A; None: the algorithm's default, 0.1 for RADMM-3A, 1 for the others).
+    input_lam_scale, hidden_lam_scale : the weight decay of the input block and of the hidden
+        blocks 2..N-1 as multiples of ``lam`` (RADMM-3/3L/3A; None: the algorithm's default:
+        1 and 0.1 for RADMM-3A, 1 and 1 for the others).
     schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
     step : linearized steps, ``backtracking`` or ``lipschitz``.
     lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).

@@ -813,7 +813,8 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 # Determining settings added after stores were first written, with the value that gives the
 # iterates those stores were made with: a store without the key resumes when the setting has
 # that value now, and is refused otherwise.
-ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, "algorithm.hidden_lam_scale": 1.0}
+ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, "algorithm.input_lam_scale": 1.0,
+                                       "algorithm.hidden_lam_scale": 1.0}
 
 
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

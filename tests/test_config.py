@@ -285,6 +285,7 @@ def test_mnist_subsampled():
         (["algorithm.output_init=zeros"], "algorithm.output_init"),
         (["algorithm.hidden_lam_scale=0"], "algorithm.hidden_lam_scale"),
         (["algorithm.hidden_lam_scale=.nan"], "algorithm.hidden_lam_scale"),
+        (["algorithm.input_lam_scale=-1"], "algorithm.input_lam_scale"),
         (["model.init=uniform"], "model.init"),
         (["model.init_std=0"], "model.init_std"),
     ],

@@ -80,15 +80,16 @@ class Penalties:
 class Options:
     """Inner-solver options: step rule of linearized steps and every cap; how dlADMM's output
     layer starts (``output_init``: ``forward`` or ``labels``); RADMM-3A's over-relaxation
-    (``relax``, 1: none); the weight decay of the hidden blocks 2..N-1 as a multiple of
-    ``lam`` (``hidden_lam_scale``, RADMM-3/3L/3A; 1: every block ``lam``, see
-    :func:`block_lam`)."""
+    (``relax``, 1: none); the weight decay of the input block and of the hidden blocks
+    2..N-1 as multiples of ``lam`` (``input_lam_scale``, ``hidden_lam_scale``, RADMM-3/3L/3A;
+    1: every block ``lam``, see :func:`block_lam`)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
     newton_max_iter: int = 100
     output_init: str = "forward"
     relax: float = 1.0
+    input_lam_scale: float = 1.0
     hidden_lam_scale: float = 1.0
 
 
@@ -137,24 +138,27 @@ class BlockSpec:
         return W, None
 
 
-def _hidden_scale(spec: BlockSpec) -> float | None:
-    """``hidden_lam_scale`` where it applies to block i (a hidden block, scale not 1)."""
-    scale = spec.options.hidden_lam_scale
-    return scale if scale != 1.0 and 1 < spec.i < spec.N else None
+def _lam_scale(spec: BlockSpec) -> float | None:
+    """The multiple of ``lam`` that block i's weight decay is (None: ``lam`` itself)."""
+    o = spec.options
+    scale = (o.input_lam_scale if spec.i == 1 else
+             o.hidden_lam_scale if spec.i < spec.N else 1.0)
+    return None if scale == 1.0 else scale
 
 
 def block_lam(spec: BlockSpec, lam: float) -> float:
-    """Block i's weight decay: ``lam``, times ``spec.options.hidden_lam_scale`` for the hidden
-    blocks ``2..N-1`` (the input and output blocks keep ``lam``). With the scale 1 this is
-    ``lam`` itself, so the arithmetic is that of one ``lam`` for every block."""
-    scale = _hidden_scale(spec)
+    """Block i's weight decay: ``lam``, times ``spec.options.input_lam_scale`` for the input
+    block 1 and ``spec.options.hidden_lam_scale`` for the hidden blocks ``2..N-1`` (the output
+    block keeps ``lam``). Where the scale is 1 this is ``lam`` itself, so the arithmetic is
+    that of one ``lam`` for every block."""
+    scale = _lam_scale(spec)
     return lam if scale is None else lam * scale
 
 
 def block_penalties(spec: BlockSpec, pen: Penalties) -> Penalties:
     """``pen`` with block i's weight decay (:func:`block_lam`): ``pen`` itself where that is
     ``pen.lam``."""
-    scale = _hidden_scale(spec)
+    scale = _lam_scale(spec)
     return pen if scale is None else replace(pen, lam=pen.lam * scale)
 
 def lambda_max(G: Array) -> float:
