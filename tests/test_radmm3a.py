@@ -364,6 +364,22 @@ def test_over_relaxed_activation_constraint(i):
     assert np.abs(new["V"] - plain_v).max() >= 1e-3 * np.abs(plain_v).max()
 
 
+def _chunked_runs_match(cfg, ds, ref, tag: str) -> list:
+    """``cfg`` on the Zarr engine with 1 and 3 chunks (of 100 samples): each run's weights
+    agree with the reference run ``ref`` to 1e-8 relative. Returns the runs."""
+    runs = []
+    for chunk_size in (0, 30):
+        res = api.fit(replace_sections(cfg, cluster={"kind": "synchronous"},
+                                       storage={"chunk_size": chunk_size,
+                                                "url": f"memory://{tag}-{chunk_size}-{id(cfg)}"}),
+                      dataset=ds)
+        assert res.info["engine"] == "dask-zarr"
+        for a, b in zip(ref.weights, res.weights, strict=True):
+            assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
+        runs.append(res)
+    return runs
+
+
 def test_over_relaxed_chunks_match_the_reference():
     """The Zarr engine's chunk tasks apply both relaxations like the reference (1 and 3
     chunks of a 20-iteration run agree to rounding); the default (1.8) is not the plain run."""
@@ -376,14 +392,7 @@ def test_over_relaxed_chunks_match_the_reference():
     ref = api.fit(cfg, dataset=ds)
     plain = api.fit(replace_sections(cfg, algorithm={"relax": 1.0}), dataset=ds)
     assert max(np.abs(a - b).max() for a, b in zip(ref.weights, plain.weights, strict=True)) > 1e-3
-    for chunk_size in (0, 30):
-        res = api.fit(replace_sections(cfg, cluster={"kind": "synchronous"},
-                                       storage={"chunk_size": chunk_size,
-                                                "url": f"memory://relax-{chunk_size}-{id(cfg)}"}),
-                      dataset=ds)
-        assert res.info["engine"] == "dask-zarr"
-        for a, b in zip(ref.weights, res.weights, strict=True):
-            assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
+    _chunked_runs_match(cfg, ds, ref, "relax")
 
 
 @pytest.mark.parametrize("variant", ["radmm3", "radmm3l", "radmm3a"])
@@ -451,14 +460,7 @@ def test_hidden_lam_scale_reaches_every_engine_and_the_objective():
     # iteration 0: the constraints hold, so L^0 = loss + sum_i (lam_i / 2) ||W_i||^2, which
     # the blocks' own lam_i change
     assert one.history[0]["objective"] != ref.history[0]["objective"]
-    for chunk_size in (0, 30):
-        res = api.fit(replace_sections(cfg, cluster={"kind": "synchronous"},
-                                       storage={"chunk_size": chunk_size,
-                                                "url": f"memory://hls-{chunk_size}-{id(cfg)}"}),
-                      dataset=ds)
-        assert res.info["engine"] == "dask-zarr"
-        for a, b in zip(ref.weights, res.weights, strict=True):
-            assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
+    for res in _chunked_runs_match(cfg, ds, ref, "hls"):
         assert res.history[0]["objective"] == pytest.approx(ref.history[0]["objective"],
                                                              rel=1e-12)
 

@@ -565,11 +565,10 @@ class _Ctx:
     def initial_record(self, init_outs: list[dict]) -> None:
         if self.manifest is not None:
             return
-        obj = sum(o["objective"] for o in init_outs)
-        lam = self.schedule.at(1).lam
-        obj += sum(0.5 * block_lam(spec, lam) * float(np.sum(W * W))
-                   for spec, W in zip(self.specs, self.weights, strict=True))
         pen = self.schedule.at(1)
+        obj = sum(o["objective"] for o in init_outs)
+        obj += sum(0.5 * block_lam(spec, pen.lam) * float(np.sum(W * W))
+                   for spec, W in zip(self.specs, self.weights, strict=True))
         mon = self.monitor
         # after a recovery from iteration 0 the row was reported already
         callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)

@@ -158,8 +158,8 @@ def block_lam(spec: BlockSpec, lam: float) -> float:
 def block_penalties(spec: BlockSpec, pen: Penalties) -> Penalties:
     """``pen`` with block i's weight decay (:func:`block_lam`): ``pen`` itself where that is
     ``pen.lam``."""
-    scale = _lam_scale(spec)
-    return pen if scale is None else replace(pen, lam=pen.lam * scale)
+    return pen if _lam_scale(spec) is None else replace(pen, lam=block_lam(spec, pen.lam))
+
 
 def lambda_max(G: Array) -> float:
     """Largest eigenvalue of a symmetric PSD matrix (exact, via LAPACK's ``syevr``)."""
