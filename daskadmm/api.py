@@ -233,7 +233,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                           newton_max_iter=a.newton_max_iter, output_init=a.output_init,
                           relax=a.relax,
                           input_lam_scale=a.input_lam_scale if per_block else 1.0,
-                          hidden_lam_scale=a.hidden_lam_scale if per_block else 1.0)
+                          hidden_lam_scale=a.hidden_lam_scale if per_block else 1.0,
+                          restart_every=(a.restart_every if "restart_every" in ALGORITHM_KEYS[name]
+                                         else 0))
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .engines.reference import solve

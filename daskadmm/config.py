@@ -128,6 +128,9 @@ class AlgorithmConfig:
     # multiples of lam (the output block keeps lam); 1: every block lam.
     input_lam_scale: float = 1.0
     hidden_lam_scale: float = 1.0
+    # RADMM-3A: every this many iterations start again from the current weights (the
+    # auxiliaries from a forward pass, the multipliers from one backward pass); 0: never.
+    restart_every: int = 0
     # Backprop baseline (algorithm=adam|sgd).
     lr: float = 1e-3
     momentum: float = 0.9
@@ -161,7 +164,7 @@ ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
     "radmm3": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
                "input_lam_scale", "hidden_lam_scale"),
     "radmm3a": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter", "relax",
-                "input_lam_scale", "hidden_lam_scale"),
+                "input_lam_scale", "hidden_lam_scale", "restart_every"),
     "radmm3l": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
                 "input_lam_scale", "hidden_lam_scale"),
     "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
@@ -503,6 +506,8 @@ def validate(cfg: Config) -> Config:
         value = getattr(a, key)
         _check(math.isfinite(value) and value > 0,
                f"algorithm.{key} must be a positive number, got {value!r}")
+    _check(a.restart_every >= 0,
+           f"algorithm.restart_every must be >= 0 (0: never), got {a.restart_every}")
     if a.backtrack_start is not None:
         _finite_pos("algorithm.backtrack_start", a.backtrack_start)
         _check(a.step == "backtracking", "algorithm.backtrack_start is where the backtracking "

@@ -10,7 +10,7 @@
 Rows are samples, as everywhere in scikit-learn. Every hyper-parameter is an ``__init__``
 argument (``get_params`` / ``set_params``, ``clone``, ``Pipeline``, ``GridSearchCV`` work as
 usual); ``None`` for ``rho``, ``beta``, ``tau``, ``lam``, ``relax``, ``input_lam_scale``,
-``hidden_lam_scale``, ``lr`` means the algorithm's own default (the values of
+``hidden_lam_scale``, ``restart_every``, ``lr`` means the algorithm's own default (the values of
 ``conf/algorithm/<name>.yaml``). Features are standardised with the training mean and standard
 deviation (regression targets centred), as the command line does.
 
@@ -67,7 +67,7 @@ __all__ = ["ADMMClassifier", "ADMMRegressor"]
 _A, _M, _R, _S = AlgorithmConfig(), ModelConfig(), RunConfig(), StorageConfig()
 # hyper-parameters that default to the algorithm's own value when None
 _PER_ALGORITHM = ("rho", "beta", "tau", "lam", "relax", "input_lam_scale", "hidden_lam_scale",
-                  "lr")
+                  "restart_every", "lr")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class _ADMMEstimator(BaseEstimator):
         relax: float | None = None,
         input_lam_scale: float | None = None,
         hidden_lam_scale: float | None = None,
+        restart_every: int | None = None,
         schedule: str = _A.schedule,
         growth: float = _A.growth,
         step: str = _A.step,
@@ -155,6 +156,7 @@ class _ADMMEstimator(BaseEstimator):
         self.relax = relax
         self.input_lam_scale = input_lam_scale
         self.hidden_lam_scale = hidden_lam_scale
+        self.restart_every = restart_every
         self.schedule = schedule
         self.growth = growth
         self.step = step
@@ -403,6 +405,9 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
     input_lam_scale, hidden_lam_scale : the weight decay of the input block and of the hidden
         blocks 2..N-1 as multiples of ``lam`` (RADMM-3/3L/3A; None: the algorithm's default:
         1 and 0.1 for RADMM-3A, 1 and 1 for the others).
+    restart_every : RADMM-3A starts again from the current weights every this many
+        iterations (a forward pass for its auxiliaries, a backward pass for its multipliers;
+        None: its default; 0: never).
     schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
     step : linearized steps, ``backtracking`` or ``lipschitz``.
     lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).

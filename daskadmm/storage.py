@@ -814,7 +814,8 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 # iterates those stores were made with: a store without the key resumes when the setting has
 # that value now, and is refused otherwise.
 ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, "algorithm.input_lam_scale": 1.0,
-                                       "algorithm.hidden_lam_scale": 1.0}
+                                       "algorithm.hidden_lam_scale": 1.0,
+                                       "algorithm.restart_every": 0}
 
 
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

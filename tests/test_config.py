@@ -286,6 +286,7 @@ def test_mnist_subsampled():
         (["algorithm.hidden_lam_scale=0"], "algorithm.hidden_lam_scale"),
         (["algorithm.hidden_lam_scale=.nan"], "algorithm.hidden_lam_scale"),
         (["algorithm.input_lam_scale=-1"], "algorithm.input_lam_scale"),
+        (["algorithm.restart_every=-1"], "algorithm.restart_every"),
         (["model.init=uniform"], "model.init"),
         (["model.init_std=0"], "model.init_std"),
     ],

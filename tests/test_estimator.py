@@ -136,6 +136,10 @@ def test_none_penalties_take_the_algorithms_defaults():
     assert cfg.algorithm.hidden_lam_scale == algorithm_defaults("radmm3a").hidden_lam_scale
     cfg, _ = ADMMClassifier(hidden_lam_scale=1.0, input_lam_scale=3)._config()
     assert cfg.algorithm.hidden_lam_scale == 1.0 and cfg.algorithm.input_lam_scale == 3.0
+    cfg, _ = ADMMClassifier()._config()  # restarts: off unless asked for
+    assert cfg.algorithm.restart_every == algorithm_defaults("radmm3a").restart_every == 0
+    cfg, _ = ADMMClassifier(restart_every=3)._config()
+    assert cfg.algorithm.restart_every == 3
     cfg, _ = ADMMClassifier(algorithm="radmm3")._config()
     assert cfg.algorithm.hidden_lam_scale == 1.0
     cfg, _ = ADMMClassifier(relax=np.float64(1.5), lam=np.float32(0.01))._config()

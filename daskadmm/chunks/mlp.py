@@ -133,10 +133,10 @@ def dl_init_small(arch: Architecture, weights: list[Array]) -> list[Small]:
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...], *,
-               init_state: Callable[..., list[Any]]) -> dict:
+               n: int, options: Options, rho: float, names: tuple[tuple[str, ...], ...],
+               slot: int = 0, *, init_state: Callable[..., list[Any]]) -> dict:
     """Iteration 0 of one chunk: the splitting's ``init_state`` on the chunk's samples
-    (a forward pass; every initial value is column-separable), written into slot 0 (block i's
+    (a forward pass; every initial value is column-separable), written into ``slot`` (block i's
     variables ``names[i - 1]``). Returns
     the chunk's share of L^0 without the regulariser: the loss, plus the output constraint's
     terms when dlADMM's output layer does not start on the forward output
@@ -145,7 +145,7 @@ def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array
     states = init_state(arch, weights, X, Y, options)
     for i, st in enumerate(states, start=1):
         for var in names[i - 1]:
-            put_live(ct, i, var, 0, st[var])
+            put_live(ct, i, var, slot, st[var])
     out = states[-1]
     obj = loss_sum(arch.loss, out["U" if name == "radmm2" else "z"], Y) / n
     if name == "dladmm" and options.output_init == "labels":

@@ -104,31 +104,33 @@ class ChunkOut(NamedTuple):
 
 
 def init_chunk(ct: ChunkTask, name: str, arch: Architecture, weights: list[Array],
-               n: int, options: Any = None, rho: float | None = None, names: Any = None
-               ) -> dict:
-    """The start of algorithm ``name`` on one chunk, written into slot 0: the forward pass
-    gives U, V; ``Lam_N = -n grad l``; RADMM-3/3L: ``Lam_i = 0`` (i < N); RADMM-3A: one backward
-    pass over the blocks (:func:`daskadmm.splitting.radmm3a.backward_step`) gives ``Gam_i``
-    and ``Lam_i``. Returns the chunk's share of L^0 without the regulariser (the constraints
-    hold). (``options``, ``rho``, ``names``: the engine's start signature; this start depends
-    on none of them.)"""
+               n: int, options: Any = None, rho: float | None = None, names: Any = None,
+               slot: int = 0) -> dict:
+    """The start of algorithm ``name`` on one chunk, written into ``slot`` (0; a restart
+    after iteration k writes k's: :func:`~daskadmm.splitting.base.restarts_after`): the
+    forward pass gives U, V; ``Lam_N = -n grad l``; RADMM-3/3L: ``Lam_i = 0`` (i < N);
+    RADMM-3A: one backward pass over the blocks
+    (:func:`daskadmm.splitting.radmm3a.backward_step`) gives ``Gam_i`` and ``Lam_i``.
+    Returns the chunk's share of L^0 without the regulariser (the constraints hold).
+    (``options``, ``rho``, ``names``: the engine's start signature; this start depends on
+    none of them.)"""
     X = get_data(ct, "X")
     Y = get_data(ct, "Y")
     U, V = forward(arch, weights, X)
     N = arch.depth
     Lam = -loss_grad_n(arch.loss, U[-1], Y)
-    put_live(ct, N, "U", 0, U[-1])
-    put_live(ct, N, "Lam", 0, Lam)
+    put_live(ct, N, "U", slot, U[-1])
+    put_live(ct, N, "Lam", slot, Lam)
     Gam = None
     for i in range(N - 1, 0, -1):  # backward: block i needs block i+1's Lam and Gam
         if name == "radmm3a":
             Gam, Lam = radmm3a.backward_step(arch, i, weights[i], Lam, Gam, U[i - 1])
-            put_live(ct, i, "Gam", 0, Gam)
+            put_live(ct, i, "Gam", slot, Gam)
         else:
             Lam = np.zeros_like(U[i - 1])
-        put_live(ct, i, "U", 0, U[i - 1])
-        put_live(ct, i, "Lam", 0, Lam)
-        put_live(ct, i, "V", 0, V[i])
+        put_live(ct, i, "U", slot, U[i - 1])
+        put_live(ct, i, "Lam", slot, Lam)
+        put_live(ct, i, "V", slot, V[i])
     return {"objective": loss_sum(arch.loss, U[-1], Y) / n}
 
 

@@ -52,7 +52,7 @@ from ..monitor import Monitor
 from ..result import Result
 from ..schedules import PenaltySchedule
 from ..splitting import BlockSpec, Options
-from ..splitting.base import block_lam
+from ..splitting.base import block_lam, restarts_after
 from ..storage import StoreRef
 
 if TYPE_CHECKING:
@@ -449,6 +449,26 @@ class _Ctx:
         self.weights = [s["W"] for s in small]
         return nodes, literals, prev, k0
 
+    def restart(self, ex: _Executor, k: int, prev: dict[str, str], data: set[str]
+                ) -> dict[str, str]:
+        """Start again from ``W^k`` after iteration k (done, its checkpoint committed:
+        nothing reads its slot any more): the algorithm's start on every chunk, into slot
+        ``k % 2`` (:func:`~daskadmm.splitting.base.restarts_after`). Returns the roles
+        iteration k+1 starts from (the blocks' small states stay iteration k's)."""
+        from ..graph import chunked as chunk_graph
+
+        small = {f"small-b{i}": prev[f"small-b{i}"] for i in range(1, self.N + 1)}
+        weights = [ex.result(ex.future(small[f"small-b{i}"]))["W"]
+                   for i in range(1, self.N + 1)]
+        nodes, roles, _ = chunk_graph.start_nodes(
+            self.algorithm.name, self.arch, self.task_url, self.slices, self.run_id, weights,
+            self.n, None, self.specs[0].options, self.schedule.at(1).rho, self.flow,
+            self.schedule.next_rhos(k), restart=k)
+        ex.submit(nodes)
+        roles.update(small)
+        ex.keep(set(roles.values()) | data)
+        return roles
+
     def data_literals(self) -> dict[str, np.ndarray]:
         """The dataflow backend's data chunks, by key (none with a store)."""
         if not self.flow:
@@ -670,12 +690,19 @@ class _Ctx:
             ex.keep(set(prev.values()) | data)
             self.initial_record([ex.result(f) for f in init])
             submitted, k_done, status = k0, k0, "max_iter"
+            restarted = -1
             while k_done < self.K:
                 while submitted < self.K and submitted - k_done < self.window:
                     if submitted > k_done and self.schedule.is_barrier(submitted):
                         break
                     if held and self._is_ckpt(submitted + 1):
                         break  # one checkpoint in flight: the committed slot stays intact
+                    if restarts_after(self.specs[0].options, submitted) and \
+                            restarted != submitted:
+                        if submitted > k_done:
+                            break  # the restart starts from iteration `submitted`, done
+                        prev = self.restart(ex, submitted, prev, data)
+                        restarted = submitted
                     wg = self.build(submitted, submitted + 1, prev)
                     ex.submit(wg.nodes)
                     submitted += 1

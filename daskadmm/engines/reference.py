@@ -20,6 +20,7 @@ from ..monitor import IterationStats, Monitor
 from ..result import Result
 from ..schedules import PenaltySchedule
 from ..splitting import BlockSpec, Input, Options, Splitting, select
+from ..splitting.base import restarts_after
 
 __all__ = ["block_states", "initial_objective", "initial_outputs", "solve", "sweep"]
 
@@ -106,6 +107,9 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
                   [s["W"] for s in states], pen.rho, pen.beta)
     status, k = "max_iter", 0
     for k in range(1, monitor.iterations + 1):
+        if restarts_after(options, k - 1):  # start again from W^{k-1}
+            states = splitting.init_state(arch, [s["W"] for s in states], X, Y, options)
+            outputs = initial_outputs(splitting, states)
         pen = schedule.at(k)
         outputs, stats = sweep(splitting, specs, pen, outputs, X, Y)
         states = block_states(splitting, outputs)

@@ -360,7 +360,7 @@ class ChunkWindow:
 def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: list[slice],
                 run_id: str, weights: list[Array], n: int, restore: tuple[int, str] | None,
                 options: Options, rho: float, flow: bool = False,
-                rho_first: tuple[float, ...] = ()
+                rho_first: tuple[float, ...] = (), restart: int | None = None
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
     ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
@@ -371,16 +371,23 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     iteration's rho can take, kept as role ``first_rhos``). Returns (nodes, roles, the
     keys of the fresh start's results: each chunk's share of L^0). ``flow``: the dataflow
     backend (no store, no restore; the data chunks are the keys of :func:`data_key`).
+    ``restart``: k, a restart after iteration k
+    (:func:`~daskadmm.splitting.base.restarts_after`): the fresh start on ``weights``
+    (``W^k``) into slot ``k % 2``, its keys tagged with k; the caller submits it once
+    iteration k is done.
     """
     from ..chunks.common import StartContext, restore_chunk
 
     eng = ALGORITHMS[name].plan
     N = arch.depth
-    k0 = 0 if restore is None else restore[0]
+    k0 = restart if restart is not None else 0 if restore is None else restore[0]
     assert not (flow and restore), "the dataflow backend has no checkpoints"
+    assert restart is None or restore is None, "a restart is a fresh start"
     nodes: list[Node] = []
     hz = Hazards({}, flow)
-    fl = _Flow(hz, N, run_id, nodes)
+    fl = _Flow(hz, N, run_id, nodes)  # (the data chunks' keys: the run's)
+    if restart is not None:
+        run_id = f"{run_id}r{restart}"
     init_keys: list[str] = []
     block_vars = tuple(eng.state_vars(arch, i) for i in range(1, N + 1))
     cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
@@ -405,12 +412,12 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
         c = ct.c
         if restore is None:
             kk = f"init_chunk-c{c}-{run_id}"
-            hz.task(kk, (), [f"b{i}/{v}/0/c{c}" for i in range(1, N + 1)
+            hz.task(kk, (), [f"b{i}/{v}/{k0 % 2}/c{c}" for i in range(1, N + 1)
                              for v in block_vars[i - 1]])
             if flow:
                 fl.add(kk, None, [c], (), True)
             nodes.append(Node(kk, eng.init, (ct, name, arch, weights, n, options, rho,
-                                             block_vars), chunk=c))
+                                             block_vars, k0 % 2), chunk=c))
             init_keys.append(kk)
         else:
             for i in range(1, N + 1):

@@ -35,6 +35,7 @@ __all__ = [
     "lambda_max",
     "prox_activation",
     "prox_output",
+    "restarts_after",
     "spd_inverse",
     "spd_solve",
     "spd_solve_right",
@@ -82,7 +83,9 @@ class Options:
     layer starts (``output_init``: ``forward`` or ``labels``); RADMM-3A's over-relaxation
     (``relax``, 1: none); the weight decay of the input block and of the hidden blocks
     2..N-1 as multiples of ``lam`` (``input_lam_scale``, ``hidden_lam_scale``, RADMM-3/3L/3A;
-    1: every block ``lam``, see :func:`block_lam`)."""
+    1: every block ``lam``, see :func:`block_lam`); RADMM-3A's restarts (``restart_every``:
+    iteration k+1 starts again from ``W^k`` when k is a multiple of it, see
+    :func:`restarts_after`; 0: never)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
@@ -91,6 +94,17 @@ class Options:
     relax: float = 1.0
     input_lam_scale: float = 1.0
     hidden_lam_scale: float = 1.0
+    restart_every: int = 0
+
+
+def restarts_after(options: Options, k: int) -> bool:
+    """Whether iteration k+1 starts again from the weights of iteration k (``k >= 1`` a
+    multiple of ``options.restart_every``): the algorithm's start (its ``init_state``: for
+    RADMM-3A a forward pass for the auxiliaries and one backward pass for the multipliers) on
+    ``W^k``, in place of iteration k's auxiliaries and multipliers. It depends on ``W^k`` and
+    the data only, so a run resumed from a checkpoint at such a k restarts the same way."""
+    r = options.restart_every
+    return r > 0 and k >= 1 and k % r == 0
 
 
 @dataclass(frozen=True)
