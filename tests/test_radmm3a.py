@@ -553,3 +553,62 @@ def test_restarts_on_dask_match_the_reference(tmp_path):
     for a, b in zip(full.weights, res.weights, strict=True):
         assert np.array_equal(a, b)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
+
+
+def test_restart_keys_end_with_the_run_id():
+    """Every task of a restart's start ends with the run id, like every other task of the run
+    (what the driver's task accounting and its recovery's quiesce go by), and is tagged with
+    the iteration it restarts after, so two restarts' keys differ."""
+    from daskadmm.graph import chunked as chunk_graph
+
+    arch = Architecture(kind="resnet", depth=4, d_in=3, width=5, d_out=1, activation="relu")
+    weights = init_weights(arch, np.random.default_rng(0))
+    slices = [slice(0, 10), slice(10, 20)]
+    keys = {}
+    for k in (3, 6):
+        nodes, roles, outs = chunk_graph.start_nodes(
+            "radmm3a", arch, "memory://keys", slices, "abcd1234", weights, 20, None,
+            Options(restart_every=3), 2.0, rho_first=(2.0,), restart=k)
+        keys[k] = {n.key for n in nodes}
+        assert keys[k] and all(kk.endswith("-abcd1234") for kk in keys[k])
+        assert all(f"r{k}-" in kk for kk in keys[k])
+        assert all(v.endswith("-abcd1234") for v in roles.values() if "-" in v)
+    assert not keys[3] & keys[6]
+
+
+def test_resume_at_a_restart_starts_from_the_checkpoints_weights(tmp_path, monkeypatch):
+    """A run resumed from a checkpoint taken at a restart iteration does not copy the
+    checkpoint's state back (on a cluster that copy and the restart would write the same slot
+    with nothing ordering them): its start is the restart on the checkpoint's weights, into
+    that iteration's slot. On a distributed cluster (in this process) it ends on the
+    uninterrupted run's bits."""
+    from distributed import Client, LocalCluster
+
+    from daskadmm.graph import chunked as chunk_graph
+
+    calls = []
+    real = chunk_graph.start_nodes
+
+    def spy(*args, **kw):
+        calls.append((args[7], kw.get("restart")))  # (restore, restart)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(chunk_graph, "start_nodes", spy)
+    zcfg = replace_sections(_zarr_cfg(), algorithm={"restart_every": 3},
+                            cluster={"kind": "local"})
+    ds = load_dataset(zcfg.data, seed=0)
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        full = api.fit(replace_sections(zcfg, storage={"url": str(tmp_path / "full.zarr")}),
+                       dataset=ds, client=client)
+        url = str(tmp_path / "part.zarr")
+        api.fit(replace_sections(zcfg, storage={"url": url}, run={"iterations": 7}),
+                dataset=ds, client=client)
+        calls.clear()
+        res = api.fit(replace_sections(zcfg, storage={"url": url}, run={"resume": True}),
+                      dataset=ds, client=client)
+    assert res.info["resumed_from"] == 6 and res.iterations == 12
+    assert calls[0] == (None, 6)  # the start: the restart after 6, no copy of the state
+    assert [r for _, r in calls[1:]] == [9]  # then the restart after 9
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)

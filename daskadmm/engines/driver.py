@@ -432,13 +432,20 @@ class _Ctx:
             restore = (k0, cp["slot"])
         else:
             k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
+        restart = None
+        if restore is not None and restarts_after(self.specs[0].options, k0):
+            # iteration k0+1 starts again from W^{k0}: the start on the checkpoint's weights
+            # takes the place of copying its state back (which nothing would order the
+            # restart's writes of the same slot after)
+            restore, restart = None, k0
+        self.restarted = -1 if restart is None else k0
         # W_1's first statistics with iteration k0+1's rho, or each value it can take while a
         # schedule has not decided it (as every window computes them for its next iteration:
         # a resumed run has the same bits)
         nodes, prev, self.init_keys = chunk_graph.start_nodes(
             name, self.arch, self.task_url, self.slices, rid, [s["W"] for s in small], self.n,
             restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
-            self.schedule.next_rhos(k0))
+            self.schedule.next_rhos(k0), restart=restart)
         literals: dict[str, Any] = dict(self.data_literals())
         for i, sm in enumerate(small, start=1):
             literals[f"init_small-b{i}-{rid}"] = sm
@@ -690,7 +697,7 @@ class _Ctx:
             ex.keep(set(prev.values()) | data)
             self.initial_record([ex.result(f) for f in init])
             submitted, k_done, status = k0, k0, "max_iter"
-            restarted = -1
+            restarted = self.restarted  # k0 when the start was the restart after it
             while k_done < self.K:
                 while submitted < self.K and submitted - k_done < self.window:
                     if submitted > k_done and self.schedule.is_barrier(submitted):

@@ -373,8 +373,9 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     backend (no store, no restore; the data chunks are the keys of :func:`data_key`).
     ``restart``: k, a restart after iteration k
     (:func:`~daskadmm.splitting.base.restarts_after`): the fresh start on ``weights``
-    (``W^k``) into slot ``k % 2``, its keys tagged with k; the caller submits it once
-    iteration k is done.
+    (``W^k``) into slot ``k % 2``, its keys tagged ``r<k>`` before the run id (so they still
+    end with it, as every task of the run does); the caller submits it once nothing reads or
+    writes that slot any more (nothing orders it after earlier tasks).
     """
     from ..chunks.common import StartContext, restore_chunk
 
@@ -387,7 +388,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     hz = Hazards({}, flow)
     fl = _Flow(hz, N, run_id, nodes)  # (the data chunks' keys: the run's)
     if restart is not None:
-        run_id = f"{run_id}r{restart}"
+        run_id = f"r{restart}-{run_id}"
     init_keys: list[str] = []
     block_vars = tuple(eng.state_vars(arch, i) for i in range(1, N + 1))
     cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))
