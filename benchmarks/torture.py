@@ -5,6 +5,7 @@ uninterrupted run does.
     python benchmarks/torture.py --quick            # 4 kill trials, 2 lost-worker trials
     python benchmarks/torture.py --kills 10 --lost-workers 0 --algorithms pdadmm
     python benchmarks/torture.py --width 64 --depth 6 --iterations 30 --chunk-size 300
+    python benchmarks/torture.py --algorithms radmm3a --set algorithm.restart_every=3
 
 Everything runs through the ``daskadmm`` console script of this interpreter's environment, in
 subprocesses, as a user would (``cluster=local``, Zarr-resident state, checkpoints every
@@ -95,6 +96,7 @@ class RunConfig:
     chunk_size: int = 400
     workers: int = 2
     data: str = "digits"
+    extra: tuple[str, ...] = ()  # more overrides, on every run (--set)
 
 
 def daskadmm_executable() -> str:
@@ -121,6 +123,7 @@ def build_command(exe: str, algorithm: str, cfg: RunConfig, store: str | os.Path
         f"model.width={cfg.width}",
         f"model.depth={cfg.depth}",
         *ALGORITHM_OVERRIDES[algorithm],
+        *cfg.extra,
         f"run.iterations={cfg.iterations}",
         f"run.checkpoint_every={cfg.checkpoint_every}",
         "run.progress=false",
@@ -486,7 +489,8 @@ class Bench:
         self.exe = daskadmm_executable()
         self.cfg = RunConfig(width=args.width, depth=args.depth, iterations=args.iterations,
                              checkpoint_every=args.checkpoint_every,
-                             chunk_size=args.chunk_size, workers=args.workers)
+                             chunk_size=args.chunk_size, workers=args.workers,
+                             extra=tuple(args.set))
         self.rng = np.random.default_rng(args.seed)
         self.refs: dict[str, Reference] = {}
 
@@ -692,6 +696,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seed of the kill moments (default %(default)s)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="where the JSON goes (default benchmarks/results)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more override on every run, e.g. algorithm.restart_every=3 "
+                         "(repeatable)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temp dir of stores, run dirs and logs")
     args = ap.parse_args(argv)

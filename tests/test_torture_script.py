@@ -49,6 +49,9 @@ def test_build_command_radmm3_and_resume():
 def test_build_command_pdadmm_is_an_mlp():
     cmd = torture.build_command("daskadmm", "pdadmm", torture.RunConfig(), "s", "r")
     assert "algorithm=pdadmm" in cmd and "model.kind=mlp" in cmd
+    more = torture.RunConfig(extra=("algorithm.restart_every=3",))  # --set
+    cmd = torture.build_command("daskadmm", "radmm3a", more, "s", "r", resume=True)
+    assert "algorithm.restart_every=3" in cmd and cmd[-1] == "run.resume=true"
     with pytest.raises(ValueError):
         torture.build_command("daskadmm", "sgd", torture.RunConfig(), "s", "r")
 
