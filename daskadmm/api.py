@@ -227,15 +227,16 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
         algorithm = get_algorithm(name)
         a = cfg.algorithm
-        # (the per-block decay: RADMM-3/3L/3A's only; the others keep lam everywhere)
-        per_block = "hidden_lam_scale" in ALGORITHM_KEYS[name]
+        # (a key the algorithm does not read keeps the value that changes nothing: the
+        # per-block decay is RADMM-3/3L/3A's only, the restarts RADMM-3A's)
+        reads = ALGORITHM_KEYS[name]
         options = Options(step=a.step, backtrack_max=a.backtrack_max,
                           newton_max_iter=a.newton_max_iter, output_init=a.output_init,
                           relax=a.relax,
-                          input_lam_scale=a.input_lam_scale if per_block else 1.0,
-                          hidden_lam_scale=a.hidden_lam_scale if per_block else 1.0,
-                          restart_every=(a.restart_every if "restart_every" in ALGORITHM_KEYS[name]
-                                         else 0))
+                          input_lam_scale=a.input_lam_scale if "input_lam_scale" in reads else 1.0,
+                          hidden_lam_scale=(a.hidden_lam_scale if "hidden_lam_scale" in reads
+                                            else 1.0),
+                          restart_every=a.restart_every if "restart_every" in reads else 0)
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .engines.reference import solve

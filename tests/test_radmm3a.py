@@ -364,6 +364,17 @@ def test_over_relaxed_activation_constraint(i):
     assert np.abs(new["V"] - plain_v).max() >= 1e-3 * np.abs(plain_v).max()
 
 
+def _small_reference_cfg(iterations: int, eval_every: int, **algorithm):
+    """RADMM-3A (``algorithm`` keys set) on the serial reference: 100 synthetic samples, a relu
+    resnet of width 6 and depth 4; the problem the chunked engine is compared on."""
+    return from_mapping({"algorithm": {"name": "radmm3a", **algorithm},
+                         "cluster": {"kind": "reference"},
+                         "data": {"name": "synthetic", "n_samples": 100},
+                         "model": {"width": 6, "depth": 4, "activation": "relu"},
+                         "run": {"iterations": iterations, "eval_every": eval_every,
+                                 "progress": False}})
+
+
 def _chunked_runs_match(cfg, ds, ref, tag: str) -> list:
     """``cfg`` on the Zarr engine with 1 and 3 chunks (of 100 samples): each run's weights
     agree with the reference run ``ref`` to 1e-8 relative. Returns the runs."""
@@ -383,10 +394,7 @@ def _chunked_runs_match(cfg, ds, ref, tag: str) -> list:
 def test_over_relaxed_chunks_match_the_reference():
     """The Zarr engine's chunk tasks apply both relaxations like the reference (1 and 3
     chunks of a 20-iteration run agree to rounding); the default (1.8) is not the plain run."""
-    cfg = from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "reference"},
-                        "data": {"name": "synthetic", "n_samples": 100},
-                        "model": {"width": 6, "depth": 4, "activation": "relu"},
-                        "run": {"iterations": 20, "eval_every": 5, "progress": False}})
+    cfg = _small_reference_cfg(20, 5)
     ds = load_dataset(cfg.data, seed=0)
     assert cfg.algorithm.relax == 1.8  # radmm3a's default
     ref = api.fit(cfg, dataset=ds)
@@ -446,12 +454,7 @@ def test_hidden_lam_scale_reaches_every_engine_and_the_objective():
 
     assert algorithm_defaults("radmm3").hidden_lam_scale == 1.0
     assert algorithm_defaults("radmm3a").hidden_lam_scale == 0.1
-    cfg = from_mapping({"algorithm": {"name": "radmm3a", "hidden_lam_scale": 0.2,
-                                      "input_lam_scale": 2.0},
-                        "cluster": {"kind": "reference"},
-                        "data": {"name": "synthetic", "n_samples": 100},
-                        "model": {"width": 6, "depth": 4, "activation": "relu"},
-                        "run": {"iterations": 12, "eval_every": 4, "progress": False}})
+    cfg = _small_reference_cfg(12, 4, hidden_lam_scale=0.2, input_lam_scale=2.0)
     ds = load_dataset(cfg.data, seed=0)
     ref = api.fit(cfg, dataset=ds)
     one = api.fit(replace_sections(cfg, algorithm={"hidden_lam_scale": 1.0,
@@ -523,11 +526,7 @@ def test_restarts_on_dask_match_the_reference(tmp_path):
     worker memory) equals the reference bit for bit, 3 chunks agree to rounding; a run
     resumed from a checkpoint taken at a restart (iteration 6 of 12, R = 3) restarts there
     as the uninterrupted run does and ends on the same bits."""
-    cfg = from_mapping({"algorithm": {"name": "radmm3a", "restart_every": 3},
-                        "cluster": {"kind": "reference"},
-                        "data": {"name": "synthetic", "n_samples": 100},
-                        "model": {"width": 6, "depth": 4, "activation": "relu"},
-                        "run": {"iterations": 10, "eval_every": 5, "progress": False}})
+    cfg = _small_reference_cfg(10, 5, restart_every=3)
     ds = load_dataset(cfg.data, seed=0)
     ref = api.fit(cfg, dataset=ds)
     plain = api.fit(replace_sections(cfg, algorithm={"restart_every": 0}), dataset=ds)

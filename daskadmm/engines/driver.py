@@ -416,9 +416,7 @@ class _Ctx:
                                                                 dict[str, str], int]:
         """Nodes and literal values that bring the store to iteration k0; returns
         (nodes, literals, prev roles, k0)."""
-        from ..graph import chunked as chunk_graph
-
-        name, rid = self.algorithm.name, self.run_id
+        rid = self.run_id
         restore = None
         cp = self.manifest
         if cp is not None:
@@ -439,13 +437,8 @@ class _Ctx:
             # restart's writes of the same slot after)
             restore, restart = None, k0
         self.restarted = -1 if restart is None else k0
-        # W_1's first statistics with iteration k0+1's rho, or each value it can take while a
-        # schedule has not decided it (as every window computes them for its next iteration:
-        # a resumed run has the same bits)
-        nodes, prev, self.init_keys = chunk_graph.start_nodes(
-            name, self.arch, self.task_url, self.slices, rid, [s["W"] for s in small], self.n,
-            restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
-            self.schedule.next_rhos(k0), restart=restart)
+        nodes, prev, self.init_keys = self._start_graph([s["W"] for s in small], k0, restore,
+                                                        restart)
         literals: dict[str, Any] = dict(self.data_literals())
         for i, sm in enumerate(small, start=1):
             literals[f"init_small-b{i}-{rid}"] = sm
@@ -456,21 +449,30 @@ class _Ctx:
         self.weights = [s["W"] for s in small]
         return nodes, literals, prev, k0
 
+    def _start_graph(self, weights: list[np.ndarray], k0: int, restore: tuple[int, str] | None,
+                     restart: int | None) -> tuple[list[Node], dict[str, str], list[str]]:
+        """:func:`~daskadmm.graph.chunked.start_nodes` of this run: fresh on ``weights``,
+        restored (``restore``) or the restart after iteration ``restart``; W_1's first
+        statistics with iteration k0+1's rho, or each value it can take while a schedule has
+        not decided it (as every window computes them for its next iteration: a resumed run
+        has the same bits)."""
+        from ..graph import chunked as chunk_graph
+
+        return chunk_graph.start_nodes(
+            self.algorithm.name, self.arch, self.task_url, self.slices, self.run_id, weights,
+            self.n, restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
+            self.schedule.next_rhos(k0), restart=restart)
+
     def restart(self, ex: _Executor, k: int, prev: dict[str, str], data: set[str]
                 ) -> dict[str, str]:
         """Start again from ``W^k`` after iteration k (done, its checkpoint committed:
         nothing reads its slot any more): the algorithm's start on every chunk, into slot
         ``k % 2`` (:func:`~daskadmm.splitting.base.restarts_after`). Returns the roles
         iteration k+1 starts from (the blocks' small states stay iteration k's)."""
-        from ..graph import chunked as chunk_graph
-
         small = {f"small-b{i}": prev[f"small-b{i}"] for i in range(1, self.N + 1)}
         weights = [ex.result(ex.future(small[f"small-b{i}"]))["W"]
                    for i in range(1, self.N + 1)]
-        nodes, roles, _ = chunk_graph.start_nodes(
-            self.algorithm.name, self.arch, self.task_url, self.slices, self.run_id, weights,
-            self.n, None, self.specs[0].options, self.schedule.at(1).rho, self.flow,
-            self.schedule.next_rhos(k), restart=k)
+        nodes, roles, _ = self._start_graph(weights, k, None, k)
         ex.submit(nodes)
         roles.update(small)
         ex.keep(set(roles.values()) | data)
