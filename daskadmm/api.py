@@ -236,7 +236,9 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                           input_lam_scale=a.input_lam_scale if "input_lam_scale" in reads else 1.0,
                           hidden_lam_scale=(a.hidden_lam_scale if "hidden_lam_scale" in reads
                                             else 1.0),
-                          restart_every=a.restart_every if "restart_every" in reads else 0)
+                          restart_every=a.restart_every if "restart_every" in reads else 0,
+                          restart_guard=(bool(a.restart_guard) and "restart_guard" in reads
+                                         and a.restart_every > 0))
         schedule = PenaltySchedule(schedule_options(a, cfg.run))
         if cfg.cluster.kind == "reference":
             from .engines.reference import solve

@@ -131,6 +131,10 @@ class AlgorithmConfig:
     # RADMM-3A: every this many iterations start again from the current weights (the
     # auxiliaries from a forward pass, the multipliers from one backward pass); 0: never.
     restart_every: int = 0
+    # RADMM-3A with restart_every > 0: a restart whose objective (training loss plus weight
+    # decay at the restart's weights) is above that of the last accepted one is rejected: the
+    # run starts again from the accepted weights with rho and beta times adapt_factor.
+    restart_guard: bool = True
     # Backprop baseline (algorithm=adam|sgd).
     lr: float = 1e-3
     momentum: float = 0.9
@@ -164,7 +168,7 @@ ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
     "radmm3": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
                "input_lam_scale", "hidden_lam_scale"),
     "radmm3a": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter", "relax",
-                "input_lam_scale", "hidden_lam_scale", "restart_every"),
+                "input_lam_scale", "hidden_lam_scale", "restart_every", "restart_guard"),
     "radmm3l": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "newton_max_iter",
                 "input_lam_scale", "hidden_lam_scale"),
     "radmm2": ("rho", "beta", "tau", "lam", *_SCHEDULE_KEYS, "step", "backtrack_max",
@@ -508,6 +512,12 @@ def validate(cfg: Config) -> Config:
                f"algorithm.{key} must be a positive number, got {value!r}")
     _check(a.restart_every >= 0,
            f"algorithm.restart_every must be >= 0 (0: never), got {a.restart_every}")
+    _check(isinstance(a.restart_guard, bool),
+           f"algorithm.restart_guard must be true or false, got {a.restart_guard!r}")
+    _check(not (a.restart_every and a.restart_guard and a.schedule == "grow"),
+           "algorithm.restart_guard raises rho and beta when it rejects a restart, which "
+           "algorithm.schedule=grow would override: use another schedule or "
+           "algorithm.restart_guard=false")
     if a.backtrack_start is not None:
         _finite_pos("algorithm.backtrack_start", a.backtrack_start)
         _check(a.step == "backtracking", "algorithm.backtrack_start is where the backtracking "

@@ -122,6 +122,7 @@ class _ADMMEstimator(BaseEstimator):
         input_lam_scale: float | None = None,
         hidden_lam_scale: float | None = None,
         restart_every: int | None = None,
+        restart_guard: bool = _A.restart_guard,
         schedule: str = _A.schedule,
         growth: float = _A.growth,
         step: str = _A.step,
@@ -157,6 +158,7 @@ class _ADMMEstimator(BaseEstimator):
         self.input_lam_scale = input_lam_scale
         self.hidden_lam_scale = hidden_lam_scale
         self.restart_every = restart_every
+        self.restart_guard = restart_guard
         self.schedule = schedule
         self.growth = growth
         self.step = step
@@ -202,6 +204,7 @@ class _ADMMEstimator(BaseEstimator):
         a.rho_max = max(a.rho_max, a.rho)
         a.beta_max = max(a.beta_max, a.beta)
         a.nu, a.schedule, a.growth, a.step = self.nu, self.schedule, self.growth, self.step
+        a.restart_guard = self.restart_guard
         a.batch_size = self.batch_size
         m = cfg.model
         m.kind, m.depth, m.width, m.activation = self.network, self.depth, self.width, \
@@ -408,6 +411,9 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
     restart_every : RADMM-3A starts again from the current weights every this many
         iterations (a forward pass for its auxiliaries, a backward pass for its multipliers;
         None: its default; 0: never).
+    restart_guard : with restarts, reject a restart whose objective (training loss plus weight
+        decay) rose: start again from the last accepted weights with rho and beta doubled
+        (``adapt_factor``).
     schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
     step : linearized steps, ``backtracking`` or ``lipschitz``.
     lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).

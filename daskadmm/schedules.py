@@ -26,12 +26,15 @@ when judging progress under a schedule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .splitting.base import Penalties
 
-__all__ = ["PenaltySchedule", "ScheduleOptions"]
+__all__ = ["PenaltySchedule", "RestartGuard", "ScheduleOptions"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,13 @@ class PenaltySchedule:
         if self._rises >= self.options.rise_count:
             self._raise(k)
 
+    def raise_penalties(self, k: int) -> None:
+        """Multiply rho and beta by ``adapt_factor`` (capped) from iteration k+1 on, whatever
+        the schedule (what :class:`RestartGuard` does when it rejects a restart; under
+        ``grow`` the schedule's own values stay in force, so the configuration refuses that
+        pair)."""
+        self._raise(k)
+
     def _raise(self, k: int) -> None:
         """Multiply rho, beta (capped) and the backtracking start (uncapped) by the factor,
         from iteration k+1 on; a change is logged as ``(k + 1, rho, beta)``."""
@@ -167,3 +177,89 @@ class PenaltySchedule:
         self._rho, self._beta = self.options.rho, self.options.beta
         self._start = self.options.backtrack_start
         self._primal, self._last_loss, self._rises, self.changes = {}, None, 0, []
+
+
+class RestartGuard:
+    """The guard on RADMM-3A's restarts (``algorithm.restart_guard``, with
+    ``algorithm.restart_every = R``): a restart only starts from weights that lowered the
+    objective.
+
+    A restart after iteration k (a multiple of R) is the algorithm's start on ``W^k``: its
+    auxiliaries come from the forward pass and its multipliers from one backward pass, so every
+    constraint holds and its ``L`` is the training loss plus the weight decay, ``F(W^k)``, the
+    network's own regularised objective. The guard compares that with ``F`` of the weights the
+    last restart was accepted on (iteration 0's start at first):
+
+    - not higher: the restart is accepted and goes ahead on ``W^k``;
+    - higher, or not finite: it is rejected. The run starts again from the accepted weights
+      instead, with rho and beta multiplied by ``adapt_factor`` (capped by ``rho_max`` and
+      ``beta_max``) from iteration k+1 on (:meth:`PenaltySchedule.raise_penalties`).
+
+    So ``F`` at the restarts never rises: the R iterations between two restarts act as one
+    step of a descent method on the weights, and a step that went up is taken again, shorter
+    (a larger rho keeps the W steps closer to their start). Without it, restarts every few
+    iterations can go unstable late in a run (their ``F`` rises and falls with a growing
+    amplitude), and a small rho can make them diverge in the first iterations.
+
+    Both engines run the same decisions on the same numbers: the reference on its start's
+    ``L``, the Dask engines on their start's per-chunk shares summed in chunk order."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Nothing accepted yet (:meth:`begin` sets iteration 0's start)."""
+        self.iteration = 0
+        self.objective = math.nan
+        self.weights: list[np.ndarray] | None = None
+        self.rejected: list[tuple[int, float, int]] = []  # (k, F(W^k), restarted from)
+
+    def begin(self, objective0: float, weights0: list[np.ndarray]) -> None:
+        """Iteration 0's start, ``F(W^0) = objective0``, is the first accepted point (nothing
+        rejected yet)."""
+        self.reset()
+        self.iteration, self.objective = 0, float(objective0)
+        self.weights = [np.array(W, copy=True) for W in weights0]
+
+    def decide(self, k: int, objective: float, weights: list[np.ndarray],
+               schedule: PenaltySchedule) -> list[np.ndarray] | None:
+        """The restart after iteration k, whose start on ``weights`` (``W^k``) has ``L =
+        objective``: None when it is accepted (it goes ahead on ``W^k``), else the accepted
+        weights to start from instead (rho and beta raised from iteration k+1 on)."""
+        assert self.weights is not None, "begin() comes first"
+        if objective <= self.objective:  # (NaN compares false: rejected)
+            self.iteration, self.objective = k, float(objective)
+            self.weights = [np.array(W, copy=True) for W in weights]
+            return None
+        schedule.raise_penalties(k)
+        self.rejected.append((k, float(objective), self.iteration))
+        return self.weights
+
+    def message(self, k: int, objective: float, schedule: PenaltySchedule) -> str:
+        """The line a rejection prints (after :meth:`decide` rejected the restart after k)."""
+        pen = schedule.at(k + 1)
+        return (f"daskadmm: restart after iteration {k} rejected: its objective {objective:.6g} "
+                f"is above {self.objective:.6g} (iteration {self.iteration}); starting again "
+                f"from iteration {self.iteration}'s weights with rho {pen.rho:g}, beta "
+                f"{pen.beta:g}")
+
+    def info(self) -> dict[str, Any]:
+        """What the result reports (``info["restart_guard"]``): the last accepted restart and
+        every rejection as ``[k, objective, restarted from]``."""
+        return {"accepted": self.iteration, "objective": self.objective,
+                "rejected": [list(x) for x in self.rejected]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state (:meth:`info`); the caller stores the accepted weights beside it.
+        (A checkpoint at a restart iteration k is committed before the guard decides on that
+        restart, so the accepted weights are an earlier iteration's.)"""
+        return self.info()
+
+    def load_state_dict(self, state: dict[str, Any], weights: list[np.ndarray]) -> None:
+        """Continue from :meth:`state_dict` and the accepted weights."""
+        def num(v: Any) -> float:  # (a manifest stores a non-finite number as null)
+            return math.nan if v is None else float(v)
+
+        self.iteration, self.objective = int(state["accepted"]), num(state["objective"])
+        self.weights = [np.array(W, copy=True) for W in weights]
+        self.rejected = [(int(k), num(f), int(j)) for k, f, j in state.get("rejected", [])]

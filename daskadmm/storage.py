@@ -796,6 +796,10 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     for key, v in cfg_dict["algorithm"].items():
         if key not in _BASELINE_KEYS:
             out[f"algorithm.{key}"] = v
+    if "restart_guard" in cfg_dict["algorithm"]:
+        # the guard acts only on restarts: without them any value gives the same iterates
+        out["algorithm.restart_guard"] = bool(cfg_dict["algorithm"]["restart_guard"]) and \
+            bool(cfg_dict["algorithm"].get("restart_every"))
     for key, v in cfg_dict["model"].items():
         out[f"model.{key}"] = v
     data = cfg_dict["data"]
@@ -815,7 +819,8 @@ def determinants(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 # that value now, and is refused otherwise.
 ADDED_DETERMINANTS: dict[str, Any] = {"algorithm.relax": 1.0, "algorithm.input_lam_scale": 1.0,
                                        "algorithm.hidden_lam_scale": 1.0,
-                                       "algorithm.restart_every": 0}
+                                       "algorithm.restart_every": 0,
+                                       "algorithm.restart_guard": False}
 
 
 def changed_determinants(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -287,6 +287,8 @@ def test_mnist_subsampled():
         (["algorithm.hidden_lam_scale=.nan"], "algorithm.hidden_lam_scale"),
         (["algorithm.input_lam_scale=-1"], "algorithm.input_lam_scale"),
         (["algorithm.restart_every=-1"], "algorithm.restart_every"),
+        (["algorithm.restart_guard=sometimes"], "algorithm.restart_guard"),
+        (["algorithm.restart_every=3", "algorithm.schedule=grow"], "algorithm.restart_guard"),
         (["model.init=uniform"], "model.init"),
         (["model.init_std=0"], "model.init_std"),
     ],

@@ -140,6 +140,9 @@ def test_none_penalties_take_the_algorithms_defaults():
     assert cfg.algorithm.restart_every == algorithm_defaults("radmm3a").restart_every == 0
     cfg, _ = ADMMClassifier(restart_every=3)._config()
     assert cfg.algorithm.restart_every == 3
+    assert cfg.algorithm.restart_guard is True  # guarded unless asked otherwise
+    cfg, _ = ADMMClassifier(restart_every=3, restart_guard=False)._config()
+    assert cfg.algorithm.restart_guard is False
     cfg, _ = ADMMClassifier(algorithm="radmm3")._config()
     assert cfg.algorithm.hidden_lam_scale == 1.0
     cfg, _ = ADMMClassifier(relax=np.float64(1.5), lam=np.float32(0.01))._config()

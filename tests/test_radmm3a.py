@@ -611,3 +611,147 @@ def test_resume_at_a_restart_starts_from_the_checkpoints_weights(tmp_path, monke
     assert [r for _, r in calls[1:]] == [9]  # then the restart after 9
     for a, b in zip(full.weights, res.weights, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_restart_guard_decides_on_the_objective():
+    """:class:`RestartGuard`: a restart whose objective is not above the accepted one is
+    accepted (ties included) and becomes the new reference; a higher or non-finite one is
+    rejected: the accepted weights come back (a copy, not the caller's arrays), rho and beta
+    are raised by ``adapt_factor`` from the next iteration on (capped), and the rejection is
+    recorded. Its state survives a manifest's round trip (non-finite numbers as null)."""
+    from daskadmm.api import schedule_options
+    from daskadmm.config import AlgorithmConfig
+    from daskadmm.schedules import PenaltySchedule, RestartGuard
+
+    sched = PenaltySchedule(schedule_options(AlgorithmConfig(
+        name="radmm3a", rho=2.0, beta=1.0, adapt_factor=3.0, rho_max=10.0)))
+    w0 = [np.ones((2, 3))]
+    guard = RestartGuard()
+    guard.begin(5.0, w0)
+    w0[0][...] = 7.0  # the guard holds its own copy
+    w3 = [np.full((2, 3), 3.0)]
+    assert guard.decide(3, 5.0, w3, sched) is None  # a tie is accepted
+    assert (guard.iteration, guard.objective) == (3, 5.0) and sched.at(4).rho == 2.0
+    back = guard.decide(6, 5.5, [np.zeros((2, 3))], sched)
+    assert back is not None and np.array_equal(back[0], w3[0])
+    assert (sched.at(7).rho, sched.at(7).beta) == (6.0, 3.0)
+    assert guard.decide(9, math.nan, [np.zeros((2, 3))], sched) is not None
+    assert (sched.at(10).rho, sched.at(10).beta) == (10.0, 9.0)  # rho capped at rho_max
+    assert guard.rejected[0] == (6, 5.5, 3) and [r[0] for r in guard.rejected] == [6, 9]
+    assert "rejected" in guard.message(9, math.nan, sched)
+    state = json.loads(json.dumps(storage_jsonable(guard.state_dict())))
+    again = RestartGuard()
+    again.load_state_dict(state, guard.weights)
+    assert (again.iteration, again.objective) == (3, 5.0)
+    assert [r[:1] + r[2:] for r in again.rejected] == [(6, 3), (9, 3)]
+    assert math.isnan(again.rejected[1][1])
+    assert guard.decide(12, 4.0, [np.full((2, 3), 4.0)], sched) is None
+    assert guard.state_dict()["accepted"] == 12 and guard.weights[0][0, 0] == 4.0
+
+
+def storage_jsonable(obj):
+    from daskadmm.storage import _jsonable
+
+    return _jsonable(obj)
+
+
+def test_a_rejected_restart_starts_again_from_the_accepted_weights():
+    """With the guard on, a restart whose objective rose is replaced by the start on the last
+    accepted weights with rho and beta doubled (``adapt_factor`` 2). At rho = 0.1 the first
+    restart (after iteration 3) is rejected, so iterations 4.. go exactly as a run at rho =
+    0.2 from iteration 1 on, bit for bit, including that run's own rejections."""
+    from daskadmm.api import schedule_options
+    from daskadmm.config import AlgorithmConfig
+    from daskadmm.monitor import Monitor
+    from daskadmm.schedules import PenaltySchedule
+
+    prob = make_problem("relu", "resnet", True, "mse", depth=4, n=10)
+    splitting = get_algorithm("radmm3a").splitting
+
+    def run(rho, iterations):
+        seen, rhos = [], []
+        schedule = PenaltySchedule(schedule_options(AlgorithmConfig(
+            name="radmm3a", rho=rho, beta=rho / 2, lam=0.03)))
+        monitor = Monitor(iterations=iterations, eval_every=iterations,
+                          evaluate=lambda w: {"train_loss": 0.0, "test_loss": 0.0,
+                                              "train_metric": 0.0, "test_metric": 0.0})
+        res = reference.solve(
+            splitting, prob.arch, prob.X, prob.Y, prob.weights, schedule, monitor,
+            Options(relax=1.8, restart_every=3, restart_guard=True, hidden_lam_scale=0.1),
+            state_callback=lambda k, st: (seen.append(
+                [{v: np.array(a, copy=True) for v, a in s.items()} for s in st]),
+                rhos.append(schedule.at(k).rho)))
+        return seen, rhos, res.info["restart_guard"]
+
+    small, small_rhos, small_guard = run(0.1, 10)
+    big, big_rhos, big_guard = run(0.2, 7)
+    assert [r[0] for r in small_guard["rejected"]][:1] == [3]
+    assert all(r[2] == 0 for r in small_guard["rejected"])  # each time back to W^0
+    assert small_rhos[:3] == [0.1] * 3 and small_rhos[3:] == big_rhos
+    for a, b in zip(small[3:], big, strict=True):
+        assert all(np.array_equal(x[v], y[v]) for x, y in zip(a, b, strict=True) for v in x)
+    # the rho = 0.2 run's rejections are the rho = 0.1 run's later ones, 3 iterations on
+    assert [r[0] + 3 for r in big_guard["rejected"]] == [r[0] for r in small_guard["rejected"]][1:]
+
+
+def test_restart_guard_on_dask_matches_the_reference(tmp_path):
+    """The guard's decisions on every Dask engine: a run that rejects restarts (rho = 0.3:
+    after iterations 6 and 9) equals the reference bit for bit with one chunk (state in Zarr
+    or in worker memory) and to rounding with 3 chunks, with the same rejections."""
+    cfg = _small_reference_cfg(10, 5, restart_every=3, rho=0.3, beta=0.2)
+    ds = load_dataset(cfg.data, seed=0)
+    ref = api.fit(cfg, dataset=ds)
+    rejected = [r[0] for r in ref.info["restart_guard"]["rejected"]]
+    assert rejected == [6, 9]
+    off = api.fit(replace_sections(cfg, algorithm={"restart_guard": False}), dataset=ds)
+    assert "restart_guard" not in off.info
+    assert max(np.abs(a - b).max() for a, b in zip(ref.weights, off.weights, strict=True)) > 1e-6
+    one, three = _chunked_runs_match(cfg, ds, ref, "guard")
+    mem = api.fit(replace_sections(cfg, cluster={"kind": "threads"}, storage={"state": "memory"}),
+                  dataset=ds)
+    for run in (one, mem):
+        assert all(np.array_equal(a, b) for a, b in zip(ref.weights, run.weights, strict=True))
+        got = run.info["restart_guard"]
+        assert [r[0::2] for r in got["rejected"]] == [r[0::2] for r in
+                                                       ref.info["restart_guard"]["rejected"]]
+        # (the objectives to rounding: the engines sum the blocks' shares in other orders)
+        for a, b in zip(got["rejected"], ref.info["restart_guard"]["rejected"], strict=True):
+            assert a[1] == pytest.approx(b[1], rel=1e-12)
+    assert [r[0] for r in three.info["restart_guard"]["rejected"]] == rejected
+    assert [r["rho"] for r in one.history] == [r["rho"] for r in ref.history]
+
+
+@pytest.mark.parametrize("stop", [8, 10])
+def test_resume_with_the_restart_guard_is_exact(tmp_path, stop):
+    """A guarded run (rho = 0.5: the restart after 9 is rejected, back to iteration 6's
+    weights) resumed from checkpoint 6 (before the guard accepts that restart) or 9 (the
+    rejected restart: it goes back to the accepted weights the manifest holds) ends on the
+    uninterrupted run's bits, with the same decisions; from 9 on a distributed cluster in this
+    process."""
+    from distributed import Client, LocalCluster
+
+    zcfg = replace_sections(_zarr_cfg(), algorithm={"restart_every": 3, "rho": 0.5, "beta": 0.3})
+    ds = load_dataset(zcfg.data, seed=0)
+    full = api.fit(replace_sections(zcfg, storage={"url": str(tmp_path / "full.zarr")}),
+                   dataset=ds)
+    assert [r[:1] + r[2:] for r in full.info["restart_guard"]["rejected"]] == [[9, 6]]
+    url = str(tmp_path / "part.zarr")
+    api.fit(replace_sections(zcfg, storage={"url": url}, run={"iterations": stop}), dataset=ds)
+    cp = json.loads((tmp_path / "part.zarr" / "checkpoint.json").read_text())
+    assert cp["iteration"] == stop - stop % 3
+    # (committed before the guard decides on that iteration's restart)
+    assert cp["restart_guard"]["accepted"] == cp["iteration"] - 3
+    lcfg = replace_sections(zcfg, cluster={"kind": "local"}) if stop == 10 else zcfg
+    if stop == 10:
+        with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
+                          dashboard_address=None) as lc, Client(lc) as client:
+            res = api.fit(replace_sections(lcfg, storage={"url": url}, run={"resume": True}),
+                          dataset=ds, client=client)
+    else:
+        res = api.fit(replace_sections(lcfg, storage={"url": url}, run={"resume": True}),
+                      dataset=ds)
+    assert res.info["resumed_from"] == stop - stop % 3 and res.iterations == 12
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+    assert res.info["restart_guard"]["rejected"] == full.info["restart_guard"]["rejected"]
+    assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]

@@ -737,6 +737,19 @@ def test_a_store_older_than_a_setting_resumes_only_at_the_old_behaviour():
         "algorithm.hidden_lam_scale (1.0 -> 0.1)"]
     cfg.algorithm.hidden_lam_scale = 1.0
     assert changed_determinants(older, determinants(cfg.to_dict())) == []
+    # one from before the restart guard: without restarts (its only kind then) the guard's
+    # default changes nothing; with them it resumes unguarded only
+    assert cfg.algorithm.restart_guard is True
+    guardless = {k: v for k, v in determinants(cfg.to_dict()).items()
+                 if k != "algorithm.restart_guard"}
+    assert changed_determinants(guardless, determinants(cfg.to_dict())) == []
+    cfg.algorithm.restart_every = 3
+    restarted = {k: v for k, v in determinants(cfg.to_dict()).items()
+                 if k != "algorithm.restart_guard"}
+    assert changed_determinants(restarted, determinants(cfg.to_dict())) == [
+        "algorithm.restart_guard (False -> True)"]
+    cfg.algorithm.restart_guard = False
+    assert changed_determinants(restarted, determinants(cfg.to_dict())) == []
 
 
 def test_a_store_made_under_other_arithmetic_is_refused(tmp_path):

@@ -50,10 +50,10 @@ from ..graph import Node, default_window
 from ..model import Architecture
 from ..monitor import Monitor
 from ..result import Result
-from ..schedules import PenaltySchedule
+from ..schedules import PenaltySchedule, RestartGuard
 from ..splitting import BlockSpec, Options
 from ..splitting.base import block_lam, restarts_after
-from ..storage import StoreRef
+from ..storage import StoreError, StoreRef
 
 if TYPE_CHECKING:
     from ..algorithms import Algorithm
@@ -191,6 +191,8 @@ class _Ctx:
         self.n = ds.X_train.shape[1]
         self.tasks_run = 0
         self.recoveries = 0
+        # RADMM-3A's restart guard (None: off): its accepted point, restored on resume
+        self.guard = RestartGuard() if specs[0].options.restart_guard else None
         self.client = None  # the caller's distributed client, if the run uses one
         self._replayed = False  # the restored history was reported to the callback
 
@@ -221,7 +223,9 @@ class _Ctx:
                 "run_id": self.run_id, "objective_increases": len(self.monitor.increases),
                 "steady_seconds_per_iteration": self.monitor.steady_seconds_per_iteration(),
                 "inner_solver_caps_hit": self.monitor.capped_total,
-                "schedule_changes": self.schedule.changes, **info}
+                "schedule_changes": self.schedule.changes,
+                **({"restart_guard": self.guard.info()} if self.guard is not None else {}),
+                **info}
         return Result(status=status, message=self.monitor.message(status, k), iterations=k,
                       weights=self.weights, arch=self.arch, metric=self.metric,
                       history=self.monitor.history, wall_time=self.monitor.elapsed(), info=info)
@@ -427,6 +431,7 @@ class _Ctx:
             small = [{**sc, "W": st["W"]} for sc, st in zip(scalars, states, strict=True)]
             self._restore_monitor()
             self._restore_last_good(k0, [st["W"] for st in states])
+            self._restore_guard()
             restore = (k0, cp["slot"])
         else:
             k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
@@ -450,7 +455,8 @@ class _Ctx:
         return nodes, literals, prev, k0
 
     def _start_graph(self, weights: list[np.ndarray], k0: int, restore: tuple[int, str] | None,
-                     restart: int | None) -> tuple[list[Node], dict[str, str], list[str]]:
+                     restart: int | None, tag: str = ""
+                     ) -> tuple[list[Node], dict[str, str], list[str]]:
         """:func:`~daskadmm.graph.chunked.start_nodes` of this run: fresh on ``weights``,
         restored (``restore``) or the restart after iteration ``restart``; W_1's first
         statistics with iteration k0+1's rho, or each value it can take while a schedule has
@@ -461,7 +467,7 @@ class _Ctx:
         return chunk_graph.start_nodes(
             self.algorithm.name, self.arch, self.task_url, self.slices, self.run_id, weights,
             self.n, restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
-            self.schedule.next_rhos(k0), restart=restart)
+            self.schedule.next_rhos(k0), restart=restart, tag=tag)
 
     def restart(self, ex: _Executor, k: int, prev: dict[str, str], data: set[str]
                 ) -> dict[str, str]:
@@ -472,11 +478,52 @@ class _Ctx:
         small = {f"small-b{i}": prev[f"small-b{i}"] for i in range(1, self.N + 1)}
         weights = [ex.result(ex.future(small[f"small-b{i}"]))["W"]
                    for i in range(1, self.N + 1)]
-        nodes, roles, _ = self._start_graph(weights, k, None, k)
+        nodes, roles, outs = self._start_graph(weights, k, None, k)
         ex.submit(nodes)
         roles.update(small)
-        ex.keep(set(roles.values()) | data)
+        ex.keep(set(roles.values()) | data | (set(outs) if self.guard is not None else set()))
+        if self.guard is not None:
+            roles = self.guard_restart(ex, k, weights, roles, outs)
+            ex.keep(set(roles.values()) | data)
         return roles
+
+    def guard_restart(self, ex: _Executor, k: int, weights: list[np.ndarray],
+                      roles: dict[str, str], outs: list[str]) -> dict[str, str]:
+        """The restart guard's decision on the restart after iteration k, submitted on
+        ``weights`` (``W^k``) with ``roles`` and its start's results ``outs``: the roles
+        unchanged when it is accepted (or there is no guard), else those of a second start on
+        the accepted weights, with their small states, once the first start is done with
+        slot ``k % 2`` (rho and beta are raised for iteration k+1 on, as in the reference).
+        The caller keeps ``roles`` and ``outs`` (:meth:`_Executor.keep`) before, and what this
+        returns after."""
+        if self.guard is None:
+            return roles
+        futures = [ex.future(o) for o in outs]  # (all asked for before the first result)
+        objective = self._start_objective([ex.result(f) for f in futures], weights)
+        back = self.guard.decide(k, objective, weights, self.schedule)
+        if back is None:
+            return roles
+        say(self.guard.message(k, objective, self.schedule))
+        # every task of the first start has read the slot before the second one writes it
+        for f in [ex.future(roles[role]) for role in ("gram", "first") if role in roles]:
+            ex.result(f)
+        nodes, new, _ = self._start_graph(back, k, None, k, tag="g")
+        literals = {}
+        for i, sm in enumerate(self.algorithm.plan.init_small(self.arch, back), start=1):
+            literals[f"init_small-b{i}-g{k}-{self.run_id}"] = sm
+            new[f"small-b{i}"] = f"init_small-b{i}-g{k}-{self.run_id}"
+        ex.put(literals)
+        ex.submit(nodes)
+        return new
+
+    def _start_objective(self, init_outs: list[dict], weights: list[np.ndarray]) -> float:
+        """L of a start: its chunks' shares (in chunk order) plus every block's weight decay
+        (the reference's :func:`~daskadmm.engines.reference.initial_objective`)."""
+        lam = self.schedule.at(1).lam
+        obj = sum(o["objective"] for o in init_outs)
+        obj += sum(0.5 * block_lam(spec, lam) * float(np.sum(W * W))
+                   for spec, W in zip(self.specs, weights, strict=True))
+        return obj
 
     def data_literals(self) -> dict[str, np.ndarray]:
         """The dataflow backend's data chunks, by key (none with a store)."""
@@ -524,6 +571,17 @@ class _Ctx:
             self.monitor.last_good = (int(good["iteration"]),
                                       [_decode_array(w) for w in good["weights"]])
 
+    def _restore_guard(self) -> None:
+        """The restart guard as recorded in the manifest, its accepted weights with it."""
+        if self.guard is None:
+            return
+        assert self.manifest is not None  # only called when resuming from a checkpoint
+        state = self.manifest.get("restart_guard")
+        if not state:  # (determinants keep a store made without the guard from resuming)
+            raise StoreError(f"state store {self._store.url if self._store else ''}: its "
+                             "checkpoint has no restart guard state to resume with")
+        self.guard.load_state_dict(state, [_decode_array(w) for w in state["weights"]])
+
     def _manifest(self, k: int, slot: str, small: list[dict] | None,
                   checksums: dict[str, list[int]]) -> dict[str, Any]:
         mon = self.monitor
@@ -534,9 +592,14 @@ class _Ctx:
                     "weights": None if kg == k else [_encode_array(W) for W in wg]}
         # the monitor's state_dict keys (history, increases, capped_total, last_objective,
         # last_params) at the top level, as manifests have always held them
+        guard = None
+        if self.guard is not None:
+            assert self.guard.weights is not None  # begun at the start
+            guard = {**self.guard.state_dict(),
+                     "weights": [_encode_array(W) for W in self.guard.weights]}
         return {"iteration": k, "slot": slot, **mon.state_dict(),
                 "schedule": self.schedule.state_dict(), "small": small,
-                "last_good": good,
+                "last_good": good, "restart_guard": guard,
                 "determinants": self.store.attrs.get("determinants"),
                 "checksums": checksums}
 
@@ -595,9 +658,9 @@ class _Ctx:
         if self.manifest is not None:
             return
         pen = self.schedule.at(1)
-        obj = sum(o["objective"] for o in init_outs)
-        obj += sum(0.5 * block_lam(spec, pen.lam) * float(np.sum(W * W))
-                   for spec, W in zip(self.specs, self.weights, strict=True))
+        obj = self._start_objective(init_outs, self.weights)
+        if self.guard is not None:
+            self.guard.begin(obj, self.weights)
         mon = self.monitor
         # after a recovery from iteration 0 the row was reported already
         callback, mon.callback = mon.callback, (None if self.recoveries else mon.callback)
@@ -696,8 +759,12 @@ class _Ctx:
             ex.put(literals)
             ex.submit(nodes)
             init = [ex.future(x) for x in self.init_keys]
-            ex.keep(set(prev.values()) | data)
+            # (the start's results stay for the restart guard of a run resumed at a restart)
+            ex.keep(set(prev.values()) | data | set(self.init_keys))
             self.initial_record([ex.result(f) for f in init])
+            if self.restarted == k0 and k0 > 0:  # resumed at a restart: the guard decides
+                prev = self.guard_restart(ex, k0, self.weights, prev, self.init_keys)
+                ex.keep(set(prev.values()) | data)
             submitted, k_done, status = k0, k0, "max_iter"
             restarted = self.restarted  # k0 when the start was the restart after it
             while k_done < self.K:

@@ -18,7 +18,7 @@ import numpy as np
 from ..model import Architecture
 from ..monitor import IterationStats, Monitor
 from ..result import Result
-from ..schedules import PenaltySchedule
+from ..schedules import PenaltySchedule, RestartGuard
 from ..splitting import BlockSpec, Input, Options, Splitting, select
 from ..splitting.base import restarts_after
 
@@ -103,12 +103,24 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
     states = splitting.init_state(arch, weights0, X, Y, options)
     outputs = initial_outputs(splitting, states)
     pen = schedule.at(1)
-    monitor.start(initial_objective(splitting, specs, pen, states, X, Y),
-                  [s["W"] for s in states], pen.rho, pen.beta)
+    objective0 = initial_objective(splitting, specs, pen, states, X, Y)
+    monitor.start(objective0, [s["W"] for s in states], pen.rho, pen.beta)
+    guard = RestartGuard() if options.restart_guard else None
+    if guard is not None:
+        guard.begin(objective0, weights0)
     status, k = "max_iter", 0
     for k in range(1, monitor.iterations + 1):
         if restarts_after(options, k - 1):  # start again from W^{k-1}
-            states = splitting.init_state(arch, [s["W"] for s in states], X, Y, options)
+            weights = [s["W"] for s in states]
+            states = splitting.init_state(arch, weights, X, Y, options)
+            if guard is not None:
+                objective = initial_objective(splitting, specs, pen, states, X, Y)
+                back = guard.decide(k - 1, objective, weights, schedule)
+                if back is not None:  # rejected: from the accepted weights, rho raised
+                    from .cluster import say  # (distributed's import only when needed)
+
+                    say(guard.message(k - 1, objective, schedule))
+                    states = splitting.init_state(arch, back, X, Y, options)
             outputs = initial_outputs(splitting, states)
         pen = schedule.at(k)
         outputs, stats = sweep(splitting, specs, pen, outputs, X, Y)
@@ -140,5 +152,6 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
             "objective_increases": len(monitor.increases),
             "inner_solver_caps_hit": monitor.capped_total,
             "schedule_changes": schedule.changes,
+            **({"restart_guard": guard.info()} if guard is not None else {}),
         },
     )

@@ -360,7 +360,7 @@ class ChunkWindow:
 def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: list[slice],
                 run_id: str, weights: list[Array], n: int, restore: tuple[int, str] | None,
                 options: Options, rho: float, flow: bool = False,
-                rho_first: tuple[float, ...] = (), restart: int | None = None
+                rho_first: tuple[float, ...] = (), restart: int | None = None, tag: str = ""
                 ) -> tuple[list[Node], dict[str, str], list[str]]:
     """Tasks that bring the store to iteration k0: the algorithm's start of each chunk (fresh;
     ``ChunkAlgorithm.init``, given ``options`` and iteration 1's ``rho``) or a copy of the
@@ -375,7 +375,9 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     (:func:`~daskadmm.splitting.base.restarts_after`): the fresh start on ``weights``
     (``W^k``) into slot ``k % 2``, its keys tagged ``r<k>`` before the run id (so they still
     end with it, as every task of the run does); the caller submits it once nothing reads or
-    writes that slot any more (nothing orders it after earlier tasks).
+    writes that slot any more (nothing orders it after earlier tasks). ``tag``: more of the
+    restart's key tag (``r<k><tag>``), for a second start after the same iteration (the
+    restart guard's, on other weights).
     """
     from ..chunks.common import StartContext, restore_chunk
 
@@ -388,7 +390,7 @@ def start_nodes(name: str, arch: Architecture, url: StoreRef | None, slices: lis
     hz = Hazards({}, flow)
     fl = _Flow(hz, N, run_id, nodes)  # (the data chunks' keys: the run's)
     if restart is not None:
-        run_id = f"r{restart}-{run_id}"
+        run_id = f"r{restart}{tag}-{run_id}"
     init_keys: list[str] = []
     block_vars = tuple(eng.state_vars(arch, i) for i in range(1, N + 1))
     cts = tuple(ChunkTask(url, sl, c) for c, sl in enumerate(slices))

@@ -85,7 +85,8 @@ class Options:
     2..N-1 as multiples of ``lam`` (``input_lam_scale``, ``hidden_lam_scale``, RADMM-3/3L/3A;
     1: every block ``lam``, see :func:`block_lam`); RADMM-3A's restarts (``restart_every``:
     iteration k+1 starts again from ``W^k`` when k is a multiple of it, see
-    :func:`restarts_after`; 0: never)."""
+    :func:`restarts_after`; 0: never) and whether a restart whose objective rose is rejected
+    (``restart_guard``, see :class:`daskadmm.schedules.RestartGuard`)."""
 
     step: str = "backtracking"  # "lipschitz" | "backtracking"
     backtrack_max: int = 30
@@ -95,6 +96,7 @@ class Options:
     input_lam_scale: float = 1.0
     hidden_lam_scale: float = 1.0
     restart_every: int = 0
+    restart_guard: bool = False
 
 
 def restarts_after(options: Options, k: int) -> bool:
