@@ -514,10 +514,16 @@ def validate(cfg: Config) -> Config:
            f"algorithm.restart_every must be >= 0 (0: never), got {a.restart_every}")
     _check(isinstance(a.restart_guard, bool),
            f"algorithm.restart_guard must be true or false, got {a.restart_guard!r}")
-    _check(not (a.restart_every and a.restart_guard and a.schedule == "grow"),
-           "algorithm.restart_guard raises rho and beta when it rejects a restart, which "
-           "algorithm.schedule=grow would override: use another schedule or "
-           "algorithm.restart_guard=false")
+    if a.restart_every and a.restart_guard is True and \
+            "restart_guard" in ALGORITHM_KEYS.get(a.name, ()):
+        _check(a.schedule != "grow",
+               "algorithm.restart_guard raises rho and beta when it rejects a restart, which "
+               "algorithm.schedule=grow would override: use another schedule or "
+               "algorithm.restart_guard=false")
+        _check(a.adapt_factor > 1.0,
+               "algorithm.restart_guard raises rho and beta by algorithm.adapt_factor when it "
+               f"rejects a restart: it must be > 1, got {a.adapt_factor} (or set "
+               "algorithm.restart_guard=false)")
     if a.backtrack_start is not None:
         _finite_pos("algorithm.backtrack_start", a.backtrack_start)
         _check(a.step == "backtracking", "algorithm.backtrack_start is where the backtracking "

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .splitting.base import Penalties
+from .splitting.base import BlockSpec, Penalties, block_lam
 
 __all__ = ["PenaltySchedule", "RestartGuard", "ScheduleOptions"]
 
@@ -128,6 +128,14 @@ class PenaltySchedule:
         if self._rises >= self.options.rise_count:
             self._raise(k)
 
+    def can_raise(self) -> bool:
+        """Whether :meth:`raise_penalties` would change anything (rho, beta or the
+        backtracking start)."""
+        c = self.options
+        beta = min(self._beta * c.adapt_factor, c.beta_max)
+        start = None if self._start is None else self._start * c.adapt_factor
+        return (self._raised_rho(), beta, start) != (self._rho, self._beta, self._start)
+
     def raise_penalties(self, k: int) -> None:
         """Multiply rho and beta by ``adapt_factor`` (capped) from iteration k+1 on, whatever
         the schedule (what :class:`RestartGuard` does when it rejects a restart; under
@@ -201,8 +209,11 @@ class RestartGuard:
     iterations can go unstable late in a run (their ``F`` rises and falls with a growing
     amplitude), and a small rho can make them diverge in the first iterations.
 
-    Both engines run the same decisions on the same numbers: the reference on its start's
-    ``L``, the Dask engines on their start's per-chunk shares summed in chunk order."""
+    Every engine computes ``F`` with :meth:`start_objective` from its start's loss shares, so the
+    same chunking takes the same decisions on the same bits. The raise comes on top of what
+    the schedule does: an ``adaptive`` or ``rises`` schedule that raises at the same iteration
+    multiplies rho by ``adapt_factor`` twice. The last R iterations of a run are not judged:
+    the run returns ``W^K``."""
 
     def __init__(self) -> None:
         self.reset()
@@ -213,6 +224,8 @@ class RestartGuard:
         self.objective = math.nan
         self.weights: list[np.ndarray] | None = None
         self.rejected: list[tuple[int, float, int]] = []  # (k, F(W^k), restarted from)
+        self.forced: list[tuple[int, float]] = []  # accepted at the caps although F rose
+        self.note: str | None = None  # what the last decide() has to say
 
     def begin(self, objective0: float, weights0: list[np.ndarray]) -> None:
         """Iteration 0's start, ``F(W^0) = objective0``, is the first accepted point (nothing
@@ -221,33 +234,55 @@ class RestartGuard:
         self.iteration, self.objective = 0, float(objective0)
         self.weights = [np.array(W, copy=True) for W in weights0]
 
+    @staticmethod
+    def start_objective(loss_shares: list[float], specs: list[BlockSpec],
+                        weights: list[np.ndarray], lam: float) -> float:
+        """``F(W)`` of a start on ``weights``: the loss shares of its chunks (``loss/n`` over
+        each chunk's samples, in chunk order) plus every block's weight decay. Every engine
+        computes it with this function, so the same chunking gives the same bits (a start's
+        constraint terms are zero, so they are left out)."""
+        total = sum(loss_shares)
+        total += sum(0.5 * block_lam(spec, lam) * float(np.sum(W * W))
+                     for spec, W in zip(specs, weights, strict=True))
+        return total
+
     def decide(self, k: int, objective: float, weights: list[np.ndarray],
                schedule: PenaltySchedule) -> list[np.ndarray] | None:
-        """The restart after iteration k, whose start on ``weights`` (``W^k``) has ``L =
+        """The restart after iteration k, whose start on ``weights`` (``W^k``) has ``F =
         objective``: None when it is accepted (it goes ahead on ``W^k``), else the accepted
-        weights to start from instead (rho and beta raised from iteration k+1 on)."""
+        weights to start from instead (rho and beta raised from iteration k+1 on). When rho
+        and beta cannot be raised any more (at ``rho_max`` and ``beta_max``) the restart is
+        accepted: a rejection would run the same iterations again. :attr:`note` is the line
+        to print, or None."""
         assert self.weights is not None, "begin() comes first"
-        if objective <= self.objective:  # (NaN compares false: rejected)
+        self.note = None
+        at_cap = not schedule.can_raise()
+        if objective <= self.objective or at_cap:  # (NaN compares false: rejected)
+            if not objective <= self.objective:
+                self.forced.append((k, float(objective)))
+                self.note = (f"daskadmm: restart after iteration {k} accepted although its "
+                             f"objective {objective:.6g} is above {self.objective:.6g} "
+                             f"(iteration {self.iteration}): rho and beta are at their caps "
+                             "(algorithm.rho_max, algorithm.beta_max)")
             self.iteration, self.objective = k, float(objective)
             self.weights = [np.array(W, copy=True) for W in weights]
             return None
         schedule.raise_penalties(k)
         self.rejected.append((k, float(objective), self.iteration))
+        pen = schedule.at(k + 1)
+        self.note = (f"daskadmm: restart after iteration {k} rejected: its objective "
+                     f"{objective:.6g} is above {self.objective:.6g} (iteration "
+                     f"{self.iteration}); starting again from iteration {self.iteration}'s "
+                     f"weights with rho {pen.rho:g}, beta {pen.beta:g}")
         return self.weights
 
-    def message(self, k: int, objective: float, schedule: PenaltySchedule) -> str:
-        """The line a rejection prints (after :meth:`decide` rejected the restart after k)."""
-        pen = schedule.at(k + 1)
-        return (f"daskadmm: restart after iteration {k} rejected: its objective {objective:.6g} "
-                f"is above {self.objective:.6g} (iteration {self.iteration}); starting again "
-                f"from iteration {self.iteration}'s weights with rho {pen.rho:g}, beta "
-                f"{pen.beta:g}")
-
     def info(self) -> dict[str, Any]:
-        """What the result reports (``info["restart_guard"]``): the last accepted restart and
-        every rejection as ``[k, objective, restarted from]``."""
+        """What the result reports (``info["restart_guard"]``): the last accepted restart,
+        every rejection as ``[k, objective, restarted from]`` and every restart accepted at
+        the caps although its objective rose (``[k, objective]``)."""
         return {"accepted": self.iteration, "objective": self.objective,
-                "rejected": [list(x) for x in self.rejected]}
+                "rejected": [list(x) for x in self.rejected],
+                "accepted_at_caps": [list(x) for x in self.forced]}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (:meth:`info`); the caller stores the accepted weights beside it.
@@ -263,3 +298,4 @@ class RestartGuard:
         self.iteration, self.objective = int(state["accepted"]), num(state["objective"])
         self.weights = [np.array(W, copy=True) for W in weights]
         self.rejected = [(int(k), num(f), int(j)) for k, f, j in state.get("rejected", [])]
+        self.forced = [(int(k), num(f)) for k, f in state.get("accepted_at_caps", [])]

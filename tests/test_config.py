@@ -289,6 +289,7 @@ def test_mnist_subsampled():
         (["algorithm.restart_every=-1"], "algorithm.restart_every"),
         (["algorithm.restart_guard=sometimes"], "algorithm.restart_guard"),
         (["algorithm.restart_every=3", "algorithm.schedule=grow"], "algorithm.restart_guard"),
+        (["algorithm.restart_every=3", "algorithm.adapt_factor=1"], "algorithm.restart_guard"),
         (["model.init=uniform"], "model.init"),
         (["model.init_std=0"], "model.init_std"),
     ],
@@ -332,3 +333,13 @@ def test_numpy_float_scalars_become_python_floats():
     for value, expected in ((cfg.algorithm.rho, 0.5), (cfg.model.residual_scale, 0.3),
                             (cfg.algorithm.relax, 1.5)):
         assert type(value) is float and value == expected
+
+
+def test_the_restart_guard_checks_only_algorithms_that_restart():
+    """The guard's checks (not with schedule=grow, adapt_factor > 1) apply where it acts: an
+    algorithm without restarts takes the same keys (as a sweep over methods passes them)."""
+    cfg = build("algorithm=dladmm", "algorithm.restart_every=3", "algorithm.schedule=grow")
+    assert cfg.algorithm.name == "dladmm"
+    cfg = build("algorithm.restart_every=3", "algorithm.restart_guard=false",
+                "algorithm.schedule=grow")
+    assert cfg.algorithm.restart_guard is False

@@ -52,7 +52,7 @@ from ..monitor import Monitor
 from ..result import Result
 from ..schedules import PenaltySchedule, RestartGuard
 from ..splitting import BlockSpec, Options
-from ..splitting.base import block_lam, restarts_after
+from ..splitting.base import restarts_after
 from ..storage import StoreError, StoreRef
 
 if TYPE_CHECKING:
@@ -436,7 +436,7 @@ class _Ctx:
         else:
             k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
         restart = None
-        if restore is not None and restarts_after(self.specs[0].options, k0):
+        if restore is not None and restarts_after(self.specs[0].options, k0) and k0 < self.K:
             # iteration k0+1 starts again from W^{k0}: the start on the checkpoint's weights
             # takes the place of copying its state back (which nothing would order the
             # restart's writes of the same slot after)
@@ -474,7 +474,8 @@ class _Ctx:
         """Start again from ``W^k`` after iteration k (done, its checkpoint committed:
         nothing reads its slot any more): the algorithm's start on every chunk, into slot
         ``k % 2`` (:func:`~daskadmm.splitting.base.restarts_after`). Returns the roles
-        iteration k+1 starts from (the blocks' small states stay iteration k's)."""
+        iteration k+1 starts from (the blocks' small states stay iteration k's, unless the
+        restart guard rejects the restart: :meth:`guard_restart`)."""
         small = {f"small-b{i}": prev[f"small-b{i}"] for i in range(1, self.N + 1)}
         weights = [ex.result(ex.future(small[f"small-b{i}"]))["W"]
                    for i in range(1, self.N + 1)]
@@ -501,9 +502,10 @@ class _Ctx:
         futures = [ex.future(o) for o in outs]  # (all asked for before the first result)
         objective = self._start_objective([ex.result(f) for f in futures], weights)
         back = self.guard.decide(k, objective, weights, self.schedule)
+        if self.guard.note is not None:
+            say(self.guard.note)
         if back is None:
             return roles
-        say(self.guard.message(k, objective, self.schedule))
         # every task of the first start has read the slot before the second one writes it
         for f in [ex.future(roles[role]) for role in ("gram", "first") if role in roles]:
             ex.result(f)
@@ -517,13 +519,10 @@ class _Ctx:
         return new
 
     def _start_objective(self, init_outs: list[dict], weights: list[np.ndarray]) -> float:
-        """L of a start: its chunks' shares (in chunk order) plus every block's weight decay
-        (the reference's :func:`~daskadmm.engines.reference.initial_objective`)."""
-        lam = self.schedule.at(1).lam
-        obj = sum(o["objective"] for o in init_outs)
-        obj += sum(0.5 * block_lam(spec, lam) * float(np.sum(W * W))
-                   for spec, W in zip(self.specs, weights, strict=True))
-        return obj
+        """L of a start: its chunks' loss shares (in chunk order) plus every block's weight
+        decay (:meth:`RestartGuard.start_objective`, as the reference computes it)."""
+        return RestartGuard.start_objective([o["objective"] for o in init_outs], self.specs,
+                                            weights, self.schedule.at(1).lam)
 
     def data_literals(self) -> dict[str, np.ndarray]:
         """The dataflow backend's data chunks, by key (none with a store)."""
@@ -762,7 +761,7 @@ class _Ctx:
             # (the start's results stay for the restart guard of a run resumed at a restart)
             ex.keep(set(prev.values()) | data | set(self.init_keys))
             self.initial_record([ex.result(f) for f in init])
-            if self.restarted == k0 and k0 > 0:  # resumed at a restart: the guard decides
+            if self.restarted == k0:  # resumed at a restart: the guard decides
                 prev = self.guard_restart(ex, k0, self.weights, prev, self.init_keys)
                 ex.keep(set(prev.values()) | data)
             submitted, k_done, status = k0, k0, "max_iter"

@@ -15,7 +15,7 @@ from typing import cast
 
 import numpy as np
 
-from ..model import Architecture
+from ..model import Architecture, loss_sum
 from ..monitor import IterationStats, Monitor
 from ..result import Result
 from ..schedules import PenaltySchedule, RestartGuard
@@ -106,20 +106,26 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
     objective0 = initial_objective(splitting, specs, pen, states, X, Y)
     monitor.start(objective0, [s["W"] for s in states], pen.rho, pen.beta)
     guard = RestartGuard() if options.restart_guard else None
+
+    def start_objective(states: list[State], weights: list[Array]) -> float:
+        # F of a start, as every engine computes it (RestartGuard.start_objective)
+        share = loss_sum(arch.loss, states[-1]["U"], Y) / n
+        return RestartGuard.start_objective([share], specs, weights, schedule.at(1).lam)
+
     if guard is not None:
-        guard.begin(objective0, weights0)
+        guard.begin(start_objective(states, weights0), weights0)
     status, k = "max_iter", 0
     for k in range(1, monitor.iterations + 1):
         if restarts_after(options, k - 1):  # start again from W^{k-1}
             weights = [s["W"] for s in states]
             states = splitting.init_state(arch, weights, X, Y, options)
             if guard is not None:
-                objective = initial_objective(splitting, specs, pen, states, X, Y)
-                back = guard.decide(k - 1, objective, weights, schedule)
-                if back is not None:  # rejected: from the accepted weights, rho raised
+                back = guard.decide(k - 1, start_objective(states, weights), weights, schedule)
+                if guard.note is not None:
                     from .cluster import say  # (distributed's import only when needed)
 
-                    say(guard.message(k - 1, objective, schedule))
+                    say(guard.note)
+                if back is not None:  # rejected: from the accepted weights, rho raised
                     states = splitting.init_state(arch, back, X, Y, options)
             outputs = initial_outputs(splitting, states)
         pen = schedule.at(k)
