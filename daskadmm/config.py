@@ -133,7 +133,8 @@ class AlgorithmConfig:
     restart_every: int = 0
     # RADMM-3A with restart_every > 0: a restart whose objective (training loss plus weight
     # decay at the restart's weights) is above that of the last accepted one is rejected: the
-    # run starts again from the accepted weights with rho and beta times adapt_factor.
+    # run starts again from the accepted weights with rho and beta times adapt_factor (at
+    # rho_max and beta_max: from the accepted weights, and no further restarts).
     restart_guard: bool = True
     # Backprop baseline (algorithm=adam|sgd).
     lr: float = 1e-3

@@ -413,8 +413,8 @@ class ADMMClassifier(ClassifierMixin, _ADMMEstimator):
         None: its default; 0: never).
     restart_guard : with restarts, reject a restart whose objective (training loss plus weight
         decay) rose: start again from the last accepted weights with rho and beta multiplied
-        by ``adapt_factor`` (2; capped by ``rho_max`` and ``beta_max``; at the caps the
-        restart is accepted, with a warning).
+        by ``adapt_factor`` (2; capped by ``rho_max`` and ``beta_max``; at the caps the run
+        goes on from the accepted weights without further restarts).
     schedule, growth : penalty schedule (``constant``, ``grow``, ``adaptive``) and its factor.
     step : linearized steps, ``backtracking`` or ``lipschitz``.
     lr, batch_size : the backprop baselines' learning rate and batch size (0: full batch).

@@ -201,7 +201,9 @@ class RestartGuard:
     - not higher: the restart is accepted and goes ahead on ``W^k``;
     - higher, or not finite: it is rejected. The run starts again from the accepted weights
       instead, with rho and beta multiplied by ``adapt_factor`` (capped by ``rho_max`` and
-      ``beta_max``) from iteration k+1 on (:meth:`PenaltySchedule.raise_penalties`).
+      ``beta_max``) from iteration k+1 on (:meth:`PenaltySchedule.raise_penalties`). If
+      they are at their caps already, it starts from the accepted weights once more and
+      restarts stop (:attr:`stopped`): the plain iteration goes on.
 
     So ``F`` at the restarts never rises: the R iterations between two restarts act as one
     step of a descent method on the weights, and a step that went up is taken again, shorter
@@ -224,7 +226,7 @@ class RestartGuard:
         self.objective = math.nan
         self.weights: list[np.ndarray] | None = None
         self.rejected: list[tuple[int, float, int]] = []  # (k, F(W^k), restarted from)
-        self.forced: list[tuple[int, float]] = []  # accepted at the caps although F rose
+        self.stopped: int | None = None  # the restart after which restarts stopped
         self.note: str | None = None  # what the last decide() has to say
 
     def begin(self, objective0: float, weights0: list[np.ndarray]) -> None:
@@ -251,38 +253,42 @@ class RestartGuard:
         """The restart after iteration k, whose start on ``weights`` (``W^k``) has ``F =
         objective``: None when it is accepted (it goes ahead on ``W^k``), else the accepted
         weights to start from instead (rho and beta raised from iteration k+1 on). When rho
-        and beta cannot be raised any more (at ``rho_max`` and ``beta_max``) the restart is
-        accepted: a rejection would run the same iterations again. :attr:`note` is the line
-        to print, or None."""
+        and beta cannot be raised any more (at ``rho_max`` and ``beta_max``; a rejection
+        would run the same iterations again) the run starts from the accepted weights once
+        more and restarts stop there (:attr:`stopped`, :meth:`allows`): the plain iteration
+        goes on, which does not need them to be stable. :attr:`note` is the line to print,
+        or None."""
         assert self.weights is not None, "begin() comes first"
         self.note = None
-        at_cap = not schedule.can_raise()
-        if objective <= self.objective or at_cap:  # (NaN compares false: rejected)
-            if not objective <= self.objective:
-                self.forced.append((k, float(objective)))
-                self.note = (f"daskadmm: restart after iteration {k} accepted although its "
-                             f"objective {objective:.6g} is above {self.objective:.6g} "
-                             f"(iteration {self.iteration}): rho and beta are at their caps "
-                             "(algorithm.rho_max, algorithm.beta_max)")
+        if objective <= self.objective:  # (NaN compares false: rejected)
             self.iteration, self.objective = k, float(objective)
             self.weights = [np.array(W, copy=True) for W in weights]
             return None
-        schedule.raise_penalties(k)
         self.rejected.append((k, float(objective), self.iteration))
+        head = (f"daskadmm: restart after iteration {k} rejected: its objective "
+                f"{objective:.6g} is above {self.objective:.6g} (iteration {self.iteration}); "
+                f"starting again from iteration {self.iteration}'s weights")
+        if not schedule.can_raise():
+            self.stopped = k
+            self.note = (f"{head}, without further restarts: rho and beta are at their caps "
+                         "(algorithm.rho_max, algorithm.beta_max)")
+            return self.weights
+        schedule.raise_penalties(k)
         pen = schedule.at(k + 1)
-        self.note = (f"daskadmm: restart after iteration {k} rejected: its objective "
-                     f"{objective:.6g} is above {self.objective:.6g} (iteration "
-                     f"{self.iteration}); starting again from iteration {self.iteration}'s "
-                     f"weights with rho {pen.rho:g}, beta {pen.beta:g}")
+        self.note = f"{head} with rho {pen.rho:g}, beta {pen.beta:g}"
         return self.weights
+
+    def allows(self, k: int) -> bool:
+        """Whether the restart after iteration k takes place (none after :attr:`stopped`)."""
+        return self.stopped is None or k <= self.stopped
 
     def info(self) -> dict[str, Any]:
         """What the result reports (``info["restart_guard"]``): the last accepted restart,
-        every rejection as ``[k, objective, restarted from]`` and every restart accepted at
-        the caps although its objective rose (``[k, objective]``)."""
+        every rejection as ``[k, objective, restarted from]`` and the restart after which
+        restarts stopped, at the caps (``stopped``; None: they did not)."""
         return {"accepted": self.iteration, "objective": self.objective,
                 "rejected": [list(x) for x in self.rejected],
-                "accepted_at_caps": [list(x) for x in self.forced]}
+                "stopped": self.stopped}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (:meth:`info`); the caller stores the accepted weights beside it.
@@ -298,4 +304,5 @@ class RestartGuard:
         self.iteration, self.objective = int(state["accepted"]), num(state["objective"])
         self.weights = [np.array(W, copy=True) for W in weights]
         self.rejected = [(int(k), num(f), int(j)) for k, f, j in state.get("rejected", [])]
-        self.forced = [(int(k), num(f)) for k, f in state.get("accepted_at_caps", [])]
+        stopped = state.get("stopped")
+        self.stopped = None if stopped is None else int(stopped)

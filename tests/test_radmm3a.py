@@ -647,14 +647,20 @@ def test_restart_guard_decides_on_the_objective():
     assert math.isnan(again.rejected[1][1])
     assert guard.decide(12, 4.0, [np.full((2, 3), 4.0)], sched) is None
     assert guard.state_dict()["accepted"] == 12 and guard.weights[0][0, 0] == 4.0
-    assert guard.note is None
-    # at the caps a rejection would run the same iterations again: accepted, with a warning
+    assert guard.note is None and guard.allows(15)
+    # at the caps a rejection would run the same iterations again: back to the accepted
+    # weights once more, and no restarts after that
     assert guard.decide(15, 4.5, [np.full((2, 3), 5.0)], sched) is not None  # beta 9 -> 10
-    assert not sched.can_raise()
-    assert guard.decide(18, 4.6, [np.full((2, 3), 6.0)], sched) is None
-    assert guard.note is not None and "caps" in guard.note
-    assert guard.forced == [(18, 4.6)] and guard.iteration == 18
-    assert guard.info()["accepted_at_caps"] == [[18, 4.6]]
+    assert not sched.can_raise() and guard.stopped is None
+    back = guard.decide(18, 4.6, [np.full((2, 3), 6.0)], sched)
+    assert back is not None and back[0][0, 0] == 4.0
+    assert guard.note is not None and "without further restarts" in guard.note
+    assert guard.stopped == 18 and guard.allows(18) and not guard.allows(21)
+    assert guard.info()["stopped"] == 18
+    again = RestartGuard()
+    again.load_state_dict(json.loads(json.dumps(storage_jsonable(guard.state_dict()))),
+                          guard.weights)
+    assert again.stopped == 18 and not again.allows(21)
 
 
 def storage_jsonable(obj):
@@ -702,6 +708,41 @@ def test_a_rejected_restart_starts_again_from_the_accepted_weights():
     assert [r[0] + 3 for r in big_guard["rejected"]] == [r[0] for r in small_guard["rejected"]][1:]
 
 
+def test_restarts_stop_when_the_penalties_are_at_their_caps():
+    """When a restart is rejected and rho and beta cannot be raised (at rho_max, beta_max),
+    the run starts from the accepted weights once more and makes no further restarts: at
+    rho = 0.1 = rho_max the restart after 3 is rejected, and iterations 4.. are, bit for bit,
+    those of a run without restarts from iteration 1."""
+    from daskadmm.api import schedule_options
+    from daskadmm.config import AlgorithmConfig
+    from daskadmm.monitor import Monitor
+    from daskadmm.schedules import PenaltySchedule
+
+    prob = make_problem("relu", "resnet", True, "mse", depth=4, n=10)
+    splitting = get_algorithm("radmm3a").splitting
+
+    def run(restart_every, iterations):
+        seen = []
+        schedule = PenaltySchedule(schedule_options(AlgorithmConfig(
+            name="radmm3a", rho=0.1, beta=0.05, lam=0.03, rho_max=0.1, beta_max=0.05)))
+        monitor = Monitor(iterations=iterations, eval_every=iterations,
+                          evaluate=lambda w: {"train_loss": 0.0, "test_loss": 0.0,
+                                              "train_metric": 0.0, "test_metric": 0.0})
+        res = reference.solve(
+            splitting, prob.arch, prob.X, prob.Y, prob.weights, schedule, monitor,
+            Options(relax=1.8, restart_every=restart_every, restart_guard=restart_every > 0,
+                    hidden_lam_scale=0.1),
+            state_callback=lambda k, st: seen.append(
+                [{v: np.array(a, copy=True) for v, a in s.items()} for s in st]))
+        return seen, res.info.get("restart_guard")
+
+    guarded, info = run(3, 10)
+    plain, _ = run(0, 7)
+    assert info["stopped"] == 3 and [r[0] for r in info["rejected"]] == [3]
+    for a, b in zip(guarded[3:], plain, strict=True):
+        assert all(np.array_equal(x[v], y[v]) for x, y in zip(a, b, strict=True) for v in x)
+
+
 def test_restart_guard_on_dask_matches_the_reference(tmp_path):
     """The guard's decisions on every Dask engine: a run that rejects restarts (rho = 0.3:
     after iterations 6 and 9) equals the reference bit for bit with one chunk (state in Zarr
@@ -721,19 +762,28 @@ def test_restart_guard_on_dask_matches_the_reference(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(ref.weights, run.weights, strict=True))
         assert run.info["restart_guard"] == ref.info["restart_guard"]
     assert [r[0] for r in three.info["restart_guard"]["rejected"]] == rejected
+    # rho and beta at their caps: restarts stop after the first rejection, on Dask as well
+    capped = replace_sections(cfg, algorithm={"rho_max": 0.3, "beta_max": 0.2})
+    ref = api.fit(capped, dataset=ds)
+    assert ref.info["restart_guard"]["stopped"] == 6
+    one, _ = _chunked_runs_match(capped, ds, ref, "guard-capped")
+    assert all(np.array_equal(a, b) for a, b in zip(ref.weights, one.weights, strict=True))
+    assert one.info["restart_guard"] == ref.info["restart_guard"]
     assert [r["rho"] for r in one.history] == [r["rho"] for r in ref.history]
 
 
-@pytest.mark.parametrize("stop", [8, 10])
-def test_resume_with_the_restart_guard_is_exact(tmp_path, stop):
+@pytest.mark.parametrize("stop, capped", [(8, False), (10, False), (10, True)])
+def test_resume_with_the_restart_guard_is_exact(tmp_path, stop, capped):
     """A guarded run (rho = 0.5: the restart after 9 is rejected, back to iteration 6's
     weights) resumed from checkpoint 6 (before the guard accepts that restart) or 9 (the
     rejected restart: it goes back to the accepted weights the manifest holds) ends on the
     uninterrupted run's bits, with the same decisions; from 9 on a distributed cluster in this
-    process."""
+    process. ``capped``: rho and beta at their caps, so restarts stop after 9."""
     from distributed import Client, LocalCluster
 
-    zcfg = replace_sections(_zarr_cfg(), algorithm={"restart_every": 3, "rho": 0.5, "beta": 0.3})
+    caps = {"rho_max": 0.5, "beta_max": 0.3} if capped else {}
+    zcfg = replace_sections(_zarr_cfg(), algorithm={"restart_every": 3, "rho": 0.5, "beta": 0.3,
+                                                    **caps})
     ds = load_dataset(zcfg.data, seed=0)
     full = api.fit(replace_sections(zcfg, storage={"url": str(tmp_path / "full.zarr")}),
                    dataset=ds)
@@ -756,7 +806,8 @@ def test_resume_with_the_restart_guard_is_exact(tmp_path, stop):
     assert res.info["resumed_from"] == stop - stop % 3 and res.iterations == 12
     for a, b in zip(full.weights, res.weights, strict=True):
         assert np.array_equal(a, b)
-    assert res.info["restart_guard"]["rejected"] == full.info["restart_guard"]["rejected"]
+    assert res.info["restart_guard"] == full.info["restart_guard"]
+    assert full.info["restart_guard"]["stopped"] == (9 if capped else None)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
 
 
