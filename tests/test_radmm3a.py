@@ -794,6 +794,9 @@ def test_resume_with_the_restart_guard_is_exact(tmp_path, stop, capped):
     assert cp["iteration"] == stop - stop % 3
     # (committed before the guard decides on that iteration's restart)
     assert cp["restart_guard"]["accepted"] == cp["iteration"] - 3
+    # its accepted weights are in the checkpoint slot (checksummed), not in the manifest
+    assert "weights" not in cp["restart_guard"] and "b1/Wacc" in cp["checksums"]
+    assert (tmp_path / "part.zarr" / "ckpt" / cp["slot"] / "b1" / "Wacc").is_dir()
     lcfg = replace_sections(zcfg, cluster={"kind": "local"}) if stop == 10 else zcfg
     if stop == 10:
         with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,

@@ -578,7 +578,8 @@ class _Ctx:
                                       [_decode_array(w) for w in good["weights"]])
 
     def _restore_guard(self) -> None:
-        """The restart guard as recorded in the manifest, its accepted weights with it."""
+        """The restart guard as recorded in the manifest, its accepted weights from the
+        checkpoint slot (``Wacc``, verified against the manifest's checksums)."""
         if self.guard is None:
             return
         assert self.manifest is not None  # only called when resuming from a checkpoint
@@ -586,7 +587,9 @@ class _Ctx:
         if not state:  # (determinants keep a store made without the guard from resuming)
             raise StoreError(f"state store {self._store.url if self._store else ''}: its "
                              "checkpoint has no restart guard state to resume with")
-        self.guard.load_state_dict(state, [_decode_array(w) for w in state["weights"]])
+        slot = self.manifest["slot"]
+        self.guard.load_state_dict(state, [self.store.read(f"ckpt/{slot}/b{i}/Wacc")
+                                           for i in range(1, self.N + 1)])
 
     def _manifest(self, k: int, slot: str, small: list[dict] | None,
                   checksums: dict[str, list[int]]) -> dict[str, Any]:
@@ -598,11 +601,7 @@ class _Ctx:
                     "weights": None if kg == k else [_encode_array(W) for W in wg]}
         # the monitor's state_dict keys (history, increases, capped_total, last_objective,
         # last_params) at the top level, as manifests have always held them
-        guard = None
-        if self.guard is not None:
-            assert self.guard.weights is not None  # begun at the start
-            guard = {**self.guard.state_dict(),
-                     "weights": [_encode_array(W) for W in self.guard.weights]}
+        guard = None if self.guard is None else self.guard.state_dict()  # (weights: Wacc)
         return {"iteration": k, "slot": slot, **mon.state_dict(),
                 "schedule": self.schedule.state_dict(), "small": small,
                 "last_good": good, "restart_guard": guard,
@@ -658,6 +657,13 @@ class _Ctx:
             scalars.append({x: float(v) for x, v in sm.items()
                             if x not in ("W", "step", "capped", "k", "lam")})
         sums = self._chunk_checksums(keys, values, [sm["W"] for sm in smalls])
+        if self.guard is not None:  # its accepted weights, beside W
+            from ..storage import checksum
+
+            assert self.guard.weights is not None  # begun at the start
+            for i, W in enumerate(self.guard.weights, start=1):
+                self.store.write(f"ckpt/{slot}/b{i}/Wacc", W)
+                sums[f"b{i}/Wacc"] = [checksum(W)]
         self.store.commit_checkpoint(self._manifest(k, slot, scalars, sums))
 
     def initial_record(self, init_outs: list[dict]) -> None:
@@ -945,9 +951,11 @@ def run_zarr(opts: EngineOptions, algorithm: Algorithm, arch: Architecture, ds: 
     slices = chunk_slices(n, chunk_size)
     test_slices = chunk_slices(ds.X_test.shape[1], chunk_size)
     lay = algorithm.plan.layout(arch)
-    # what a checkpoint holds: W and the state (not pdADMM's scratch)
+    if options.restart_guard:  # the restart guard's accepted weights, checkpointed beside W
+        lay = [{**block, "Wacc": block["W"]} for block in lay]
+    # what a checkpoint holds: W and the state (not pdADMM's scratch), and Wacc
     ck_lay = [{v: shape for v, shape in block.items()
-               if v == "W" or v in algorithm.plan.state_vars(arch, i)}
+               if v in ("W", "Wacc") or v in algorithm.plan.state_vars(arch, i)}
               for i, block in enumerate(lay, start=1)]
     scratch = None
     client = resolve_client(opts.cluster, client)
