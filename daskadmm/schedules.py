@@ -128,13 +128,16 @@ class PenaltySchedule:
         if self._rises >= self.options.rise_count:
             self._raise(k)
 
+    def _raised(self) -> tuple[float, float, float | None]:
+        """rho, beta (capped) and the backtracking start (uncapped) after a raise."""
+        c = self.options
+        start = None if self._start is None else self._start * c.adapt_factor
+        return self._raised_rho(), min(self._beta * c.adapt_factor, c.beta_max), start
+
     def can_raise(self) -> bool:
         """Whether :meth:`raise_penalties` would change anything (rho, beta or the
         backtracking start)."""
-        c = self.options
-        beta = min(self._beta * c.adapt_factor, c.beta_max)
-        start = None if self._start is None else self._start * c.adapt_factor
-        return (self._raised_rho(), beta, start) != (self._rho, self._beta, self._start)
+        return self._raised() != (self._rho, self._beta, self._start)
 
     def raise_penalties(self, k: int) -> None:
         """Multiply rho and beta by ``adapt_factor`` (capped) from iteration k+1 on, whatever
@@ -146,10 +149,7 @@ class PenaltySchedule:
     def _raise(self, k: int) -> None:
         """Multiply rho, beta (capped) and the backtracking start (uncapped) by the factor,
         from iteration k+1 on; a change is logged as ``(k + 1, rho, beta)``."""
-        c = self.options
-        rho = self._raised_rho()
-        beta = min(self._beta * c.adapt_factor, c.beta_max)
-        start = None if self._start is None else self._start * c.adapt_factor
+        rho, beta, start = self._raised()
         if (rho, beta, start) != (self._rho, self._beta, self._start):
             self._rho, self._beta, self._start = rho, beta, start
             self.changes.append((k + 1, rho, beta))
