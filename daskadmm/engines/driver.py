@@ -445,9 +445,7 @@ class _Ctx:
         nodes, prev, self.init_keys = self._start_graph([s["W"] for s in small], k0, restore,
                                                         restart)
         literals: dict[str, Any] = dict(self.data_literals())
-        for i, sm in enumerate(small, start=1):
-            literals[f"init_small-b{i}-{rid}"] = sm
-            prev[f"small-b{i}"] = f"init_small-b{i}-{rid}"
+        literals.update(self._small_literals(small, rid, prev))
         self.k0 = k0
         # the first window after the start (or the resume) arrives bunched: see Monitor.ramp
         self.monitor.k_start, self.monitor.ramp = k0, k0 + self.window
@@ -517,13 +515,20 @@ class _Ctx:
         for f in [ex.future(roles[role]) for role in ("gram", "first") if role in roles]:
             ex.result(f)
         nodes, new, _ = self._start_graph(back, k, None, k, tag="g")
-        literals = {}
-        for i, sm in enumerate(self.algorithm.plan.init_small(self.arch, back), start=1):
-            literals[f"init_small-b{i}-g{k}-{self.run_id}"] = sm
-            new[f"small-b{i}"] = f"init_small-b{i}-g{k}-{self.run_id}"
-        ex.put(literals)
+        ex.put(self._small_literals(self.algorithm.plan.init_small(self.arch, back),
+                                    f"g{k}-{self.run_id}", new))
         ex.submit(nodes)
         return new
+
+    @staticmethod
+    def _small_literals(small: list[dict], tag: str, roles: dict[str, str]) -> dict[str, Any]:
+        """The blocks' small states as literals keyed ``init_small-b<i>-<tag>`` (``tag`` ends
+        with the run id), each named in ``roles`` as ``small-b<i>``."""
+        literals = {}
+        for i, sm in enumerate(small, start=1):
+            literals[f"init_small-b{i}-{tag}"] = sm
+            roles[f"small-b{i}"] = f"init_small-b{i}-{tag}"
+        return literals
 
     def _start_objective(self, init_outs: list[dict], weights: list[np.ndarray]) -> float:
         """L of a start: its chunks' loss shares (in chunk order) plus every block's weight

@@ -103,8 +103,8 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
     states = splitting.init_state(arch, weights0, X, Y, options)
     outputs = initial_outputs(splitting, states)
     pen = schedule.at(1)
-    objective0 = initial_objective(splitting, specs, pen, states, X, Y)
-    monitor.start(objective0, [s["W"] for s in states], pen.rho, pen.beta)
+    monitor.start(initial_objective(splitting, specs, pen, states, X, Y),
+                  [s["W"] for s in states], pen.rho, pen.beta)
     guard = RestartGuard() if options.restart_guard else None
 
     def start_objective(states: list[State], weights: list[Array]) -> float:
