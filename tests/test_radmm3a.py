@@ -194,6 +194,12 @@ def test_first_iteration_moves_block_1_downhill(act):
     assert float(np.sum(grad * step)) < 0.0
 
 
+def _same_weights(full, res) -> None:
+    """A resumed run ``res`` ends on the uninterrupted run ``full``'s weights, bit for bit."""
+    for a, b in zip(full.weights, res.weights, strict=True):
+        assert np.array_equal(a, b)
+
+
 def _zarr_cfg(**run):
     return from_mapping({"algorithm": {"name": "radmm3a"}, "cluster": {"kind": "threads"},
                          "data": {"name": "synthetic", "n_samples": 100, "n_classes": 3},
@@ -239,8 +245,7 @@ def test_zarr_checkpoint_holds_gam_and_resumes_bitwise(tmp_path):
     res = api.fit(replace_sections(cfg, storage={"url": str(url)}, run={"resume": True}),
                   dataset=ds)
     assert res.info["resumed_from"] == 6 and res.iterations == 12
-    for a, b in zip(full.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _same_weights(full, res)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
 
 
@@ -549,8 +554,7 @@ def test_restarts_on_dask_match_the_reference(tmp_path):
     res = api.fit(replace_sections(zcfg, storage={"url": str(url)}, run={"resume": True}),
                   dataset=ds)
     assert res.info["resumed_from"] == 6 and res.iterations == 12
-    for a, b in zip(full.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _same_weights(full, res)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
 
 
@@ -609,8 +613,7 @@ def test_resume_at_a_restart_starts_from_the_checkpoints_weights(tmp_path, monke
     assert res.info["resumed_from"] == 6 and res.iterations == 12
     assert calls[0] == (None, 6)  # the start: the restart after 6, no copy of the state
     assert [r for _, r in calls[1:]] == [9]  # then the restart after 9
-    for a, b in zip(full.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _same_weights(full, res)
 
 
 def test_restart_guard_decides_on_the_objective():
@@ -807,8 +810,7 @@ def test_resume_with_the_restart_guard_is_exact(tmp_path, stop, capped):
         res = api.fit(replace_sections(lcfg, storage={"url": url}, run={"resume": True}),
                       dataset=ds)
     assert res.info["resumed_from"] == stop - stop % 3 and res.iterations == 12
-    for a, b in zip(full.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _same_weights(full, res)
     assert res.info["restart_guard"] == full.info["restart_guard"]
     assert full.info["restart_guard"]["stopped"] == (9 if capped else None)
     assert [r["objective"] for r in res.history] == [r["objective"] for r in full.history]
@@ -828,5 +830,4 @@ def test_a_resume_at_the_last_iteration_takes_no_restart_decision(tmp_path):
     assert res.info["resumed_from"] == 9
     assert res.info["restart_guard"]["rejected"] == full.info["restart_guard"]["rejected"] == []
     assert res.info["schedule_changes"] == full.info["schedule_changes"] == []
-    for a, b in zip(full.weights, res.weights, strict=True):
-        assert np.array_equal(a, b)
+    _same_weights(full, res)
