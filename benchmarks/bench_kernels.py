@@ -39,14 +39,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sla
-from suite_common import write_results
+from suite_common import report_header, write_results
 from suite_flops import gemm_flops, radmm3_iteration_flops
 from threadpoolctl import threadpool_limits
 
@@ -376,9 +374,7 @@ def main(argv=None) -> dict:
                     f"old {r['old']['best']:.3f} s = {r['old']['fraction']:.0%} "
                     f"({r['speedup_best']:.2f}x); prox alone {r['prox']['speedup_best']:.2f}x "
                     f"({r['prox']['ns_per_element_new']:.0f} ns/element)")
-    result = {"benchmark": "kernels", "command": " ".join(["python", *sys.argv]),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "platform": platform.platform(),
-              "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas_threads": 1,
+    result = {**report_header("kernels"), "numpy": np.__version__, "blas_threads": 1,
               "target_fraction": 0.5, "rows": rows}
     log(f"wrote {write_results(result, args.out, 'kernels')}")
     log("| activation | width | new s/it | fraction | without heap reuse | fraction | "

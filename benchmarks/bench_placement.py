@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from suite_common import write_results
+from suite_common import report_header, write_results
 
 from daskadmm import api
 from daskadmm.config import Config
@@ -91,9 +89,7 @@ def main(argv=None) -> dict:
                "steady_ratio_chunks_over_blocks_per_round":
                    [c / b for b, c in zip(steady["blocks"], steady["chunks"], strict=True)]}
         rows.append(row)
-    result = {"benchmark": "placement", "command": " ".join(["python", *sys.argv]),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "platform": platform.platform(),
-              "cpu_count": os.cpu_count(), "rows": rows}
+    result = {**report_header("placement"), "rows": rows}
     print(f"wrote {write_results(result, args.out, 'placement')}")
     print("| depth | placement | steady s/it | workers busy | in the pipelined window | wall s "
           "| load |")

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 from bench_placement import config
-from suite_common import write_results
+from suite_common import report_header, write_results
 
 from daskadmm import api
 
@@ -74,9 +72,7 @@ def main(argv=None) -> dict:
                       f"steady {row['steady_seconds_per_iteration']:.3f} s/it, busy "
                       f"{row['workers_busy_steady']:.2f}, test {row['test_metric']:.4f} "
                       f"(load {load:.1f})", flush=True)
-    result = {"benchmark": "restart", "command": " ".join(["python", *sys.argv]),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "platform": platform.platform(),
-              "cpu_count": os.cpu_count(), "rows": rows}
+    result = {**report_header("restart"), "rows": rows}
     print(f"wrote {write_results(result, args.out, 'restart')}")
     print("| depth | restart_every | guard | steady s/it | busy in the window | wall s | test "
           "| load |")

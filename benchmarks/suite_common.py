@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +45,14 @@ def _log(section: str, message: str) -> None:
 
 def _error_string(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def report_header(name: str) -> dict[str, Any]:
+    """The fields every benchmark's JSON report starts with: its name, the command line, the
+    time, the platform and the CPU count."""
+    return {"benchmark": name, "command": " ".join(["python", *sys.argv]),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "platform": platform.platform(),
+            "cpu_count": os.cpu_count()}
 
 
 def write_results(report: Any, out: Path | None, stem: str) -> Path:
