@@ -13,6 +13,8 @@ forward pass on the held-out split (accuracy, or MSE for regression). Methods:
 - ``radmm3``: the paper's RADMM-3 at its defaults, twice: with tanh and with relu;
 - ``radmm3a`` (the project default): RADMM-3 with multipliers on the activation constraints
   and a backward-pass start, relu, at its own defaults (lam = 0.03);
+- ``radmm3a_restarts`` (``algorithm=radmm3a_restarts``): RADMM-3A with guarded restarts every
+  3 iterations and rho = 1;
 - ``adam``: Adam, mini-batch 64, at learning rates 1e-3, 3e-3, 1e-2 (the best of the three per
   setting is what the table compares against: "tuned Adam").
 
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
 DATA = ("digits", "wine_red", "wine_white", "synthetic", "mnist_5k")
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
+METHODS = ("radmm3", "radmm3a", "radmm3a_restarts", "adam")
 
 
 def _apply(mapping: dict, overrides: list[str]) -> dict:
@@ -56,9 +59,12 @@ def _apply(mapping: dict, overrides: list[str]) -> dict:
 def run_one(method: str, data: str, depth: int, seed: int, act: str, iterations: int,
             width: int, lr: float | None = None, overrides: list[str] = ()) -> dict:
     from daskadmm import fit
-    from daskadmm.config import ALGORITHM_OVERRIDES, from_mapping
+    from daskadmm.config import ALGORITHM_OVERRIDES, ALGORITHM_VARIANTS, from_mapping
 
-    algorithm: dict = {"name": method, **ALGORITHM_OVERRIDES.get(method, {})}  # its defaults
+    if method in ALGORITHM_VARIANTS:  # a named preset (its file's algorithm keys)
+        algorithm: dict = dict(ALGORITHM_VARIANTS[method]["algorithm"])
+    else:
+        algorithm = {"name": method, **ALGORITHM_OVERRIDES.get(method, {})}  # its defaults
     if method == "adam":
         algorithm |= {"lr": lr, "batch_size": 64}
     data_cfg: dict = {"name": data}
@@ -255,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     depths = [int(d) for d in args.depths.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"quality.py: error: unknown method(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(METHODS)})")
     iterations, epochs = args.iterations, args.adam_epochs
     if args.quick:
         data, depths, seeds, iterations, epochs = ["digits"], [4], [0], 3, 2
@@ -265,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 plan = []
                 if "radmm3" in methods:
                     plan += [("radmm3", "tanh", None), ("radmm3", "relu", None)]
-                if "radmm3a" in methods:
-                    plan.append(("radmm3a", "relu", None))
+                plan += [(m, "relu", None) for m in ("radmm3a", "radmm3a_restarts")
+                         if m in methods]
                 if "adam" in methods:
                     plan += [("adam", "relu", lr) for lr in ADAM_LRS]
                 for method, act, lr in plan:

@@ -344,6 +344,27 @@ def test_quality_benchmark_quick_plan(tmp_path, capsys):
     assert "| digits | 4 |" in table and "radmm3a (relu)" in table
 
 
+def test_quality_runs_a_named_variant_and_refuses_unknown_methods(tmp_path, monkeypatch):
+    quality = load_benchmark("quality")
+    import daskadmm
+
+    seen = []
+    real_fit = daskadmm.fit
+
+    def fit(cfg):
+        seen.append(cfg.algorithm)
+        return real_fit(cfg)
+
+    monkeypatch.setattr(daskadmm, "fit", fit)
+    out = tmp_path / "q.json"
+    assert quality.main(["--quick", "--methods", "radmm3a_restarts", "--out", str(out)]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())] == ["radmm3a_restarts"]
+    a = seen[0]  # the variant's keys, radmm3a's own included
+    assert (a.name, a.rho, a.restart_every, a.lam, a.relax) == ("radmm3a", 1.0, 3, 0.03, 1.8)
+    with pytest.raises(SystemExit, match="unknown method.*radmm4"):
+        quality.main(["--quick", "--methods", "radmm3a,radmm4", "--out", str(out)])
+
+
 def _qrow(method, data, depth, seed, test, curve, lr=None, act="relu", metric="accuracy",
           seconds=1.0):
     return {"method": method, "lr": lr, "data": data, "depth": depth, "seed": seed,

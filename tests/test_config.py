@@ -151,6 +151,9 @@ def test_variant_option_is_its_preset(name):
     assert raw == ALGORITHM_VARIANTS[name]
     assert raw["algorithm"]["name"] in ADMM_ALGORITHMS
     schema = Config().to_dict()
+    # variant_config starts from the schema's own AlgorithmConfig(), not from the default
+    # algorithm's overrides (a radmm3a variant must list radmm3a's)
+    schema["algorithm"] = dataclasses.asdict(AlgorithmConfig())
     repeated = {f"{sec}.{k}" for sec, values in raw.items() for k, v in values.items()
                 if k != "name" and v == schema[sec][k]}
     assert not repeated, f"algorithm/{name}.yaml repeats the schema's defaults of {repeated}"
@@ -176,6 +179,15 @@ def test_dladmm_published_is_the_authors_settings():
     exp = build("experiment=dladmm_mnist_published")
     assert exp.algorithm == a and (exp.model.init, exp.model.init_std) == ("normal", 0.1)
     assert exp.run.eval_every == 1
+
+
+def test_radmm3a_restarts_is_radmm3a_with_restarts():
+    # the variant's file replaces radmm3a's: every other key must stay radmm3a's
+    assert build("algorithm=radmm3a_restarts") == build(
+        "algorithm=radmm3a", "algorithm.rho=1", "algorithm.restart_every=3")
+    a = variant_config("radmm3a_restarts").algorithm
+    assert (a.name, a.rho, a.beta, a.restart_every, a.restart_guard) == (
+        "radmm3a", 1.0, 1.0, 3, True)
 
 
 def test_unknown_variant():
