@@ -197,6 +197,16 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
 
     check_resources(cfg, ds.n_train, ds.n_test, ds.d_in, ds.d_out,
                     default_store="memory://" if run_dir is None else Path(run_dir) / "state.zarr")
+    name = cfg.algorithm.name
+    model_url = None
+    if run_dir is not None and not (cfg.cluster.kind != "reference" and
+                                    cfg.storage.state == "zarr" and name in ADMM_ALGORITHMS):
+        # the state stays in memory; the final model goes into run_dir/model.zarr: refuse an
+        # existing one now, not after the run (StoreError, nothing written)
+        from .storage import StateStore
+
+        model_url = str(Path(run_dir) / "model.zarr")
+        StateStore.check_new(model_url, overwrite=cfg.storage.overwrite)
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)
     m = cfg.model
@@ -216,7 +226,6 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         chance=(float(ds.Y_train.mean(axis=1).max()) if ds.task == "classification" and
                 ds.n_train else None),
     )
-    name = cfg.algorithm.name
     if name not in ADMM_ALGORITHMS:
         from . import baseline  # optional extra (PyTorch)
 
@@ -263,15 +272,15 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
         result.info["chunking"] = chunk_note
     result.metric = metric_name(ds)
     monitor.keep_good(result)
-    if run_dir is not None and "store" not in result.info:
+    if model_url is not None and "store" not in result.info:
         from .storage import save_model_store
 
-        url = str(Path(run_dir) / "model.zarr")
         meta: dict[str, Any] = {"config": asked.to_dict(), "algorithm": name}
         if engine_note:
             meta["engine_note"] = engine_note
-        save_model_store(url, arch, result.weights, ds, result.metric, meta)
-        result.info["store"] = url
+        save_model_store(model_url, arch, result.weights, ds, result.metric, meta,
+                         overwrite=cfg.storage.overwrite)
+        result.info["store"] = model_url
     result.info.setdefault("data", {"name": ds.name, "source": ds.source,
                                     "n_train": ds.n_train, "n_test": ds.n_test,
                                     "d_in": ds.d_in, "d_out": ds.d_out, "task": ds.task})

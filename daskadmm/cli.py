@@ -281,6 +281,7 @@ def _preflight(args: Any) -> list[Config]:
         with warnings.catch_warnings(), _hydra_context(args):
             warnings.simplefilter("ignore")
             jobs = _job_overrides(args, config_name)
+            run_dirs = _run_dirs(args, config_name, jobs)
             for job in jobs:
                 try:
                     configs.append((job, _compose_config(config_name, job)))
@@ -314,7 +315,49 @@ def _preflight(args: Any) -> list[Config]:
             check_resources(cfg, *_SHAPES[key])
         except ConfigError as exc:
             raise UsageError(one_line(exc) + where) from None
+    for (_, cfg), (run_dir, key) in zip(configs, run_dirs, strict=False):
+        _check_run_dir(cfg, run_dir, key)
     return [cfg for _, cfg in configs]
+
+
+def _run_dirs(args: Any, config_name: str, jobs: list[list[str]]) -> list[tuple[Path, str]]:
+    """Each job's run directory as Hydra will make it (absolute), with the key that sets it:
+    a single run's ``hydra.run.dir``; a sweep's ``hydra.sweep.dir/<job number>`` when its
+    ``subdir`` is the default. Empty where they cannot be known here (another ``subdir``);
+    each job checks its own directory again when it starts."""
+    from hydra import compose
+
+    base = compose(config_name, jobs[0], return_hydra_config=True)
+    multirun = bool(args.multirun) or str(OmegaConf.select(base, "hydra.mode")).endswith(
+        "MULTIRUN")
+    if not multirun:
+        where = OmegaConf.select(base, "hydra.run.dir")
+        return [] if where is None else [(Path(str(where)).absolute(), "hydra.run.dir")]
+    sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
+    where = OmegaConf.select(base, "hydra.sweep.dir")
+    if not isinstance(sweep, dict) or sweep.get("subdir") != "${hydra.job.num}" or where is None:
+        return []
+    root = Path(str(where)).absolute()
+    return [(root / str(num), "hydra.sweep.dir") for num in range(len(jobs))]
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """Refuse a run directory that already holds a run's outputs (``hydra.run.dir`` given
+    twice, or two runs started in the same second): this run would replace them. Allowed with
+    ``storage.overwrite=true``, and for a resumed run whose store lies in that directory (its
+    outputs start with the stored history). Raises :class:`UsageError`."""
+    from .outputs import previous_outputs
+
+    found = previous_outputs(run_dir)
+    if not found or cfg.storage.overwrite:
+        return
+    if cfg.run.resume and cfg.storage.url:
+        store = Path(str(cfg.storage.url)).absolute()
+        if store.is_relative_to(run_dir.absolute()):
+            return
+    raise UsageError(f"run directory {run_dir} already holds a run's outputs "
+                     f"({', '.join(found)}): choose another {key}, or replace them "
+                     "with storage.overwrite=true (nothing was changed)")
 
 
 def _check_stores(configs: list[Config]) -> None:
@@ -499,6 +542,11 @@ def _task(dcfg: DictConfig) -> None:
 
         set_up_library_logging()  # distributed's loggers exist now; redirected next
     _library_logs_to_job_log()
+    try:  # (a sweep's job directory, or a single run's made since the pre-flight)
+        _check_run_dir(cfg, run_dir, "hydra.sweep.dir" if str(hc.mode).endswith("MULTIRUN")
+                       else "hydra.run.dir")
+    except UsageError as exc:
+        _fail(str(exc))
     metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
     bar, update = _progress(cfg, metric)
     writer = MetricsWriter(run_dir / METRICS_FILE)

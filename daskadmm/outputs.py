@@ -38,6 +38,7 @@ __all__ = [
     "load_weights",
     "plot_convergence",
     "plot_wavefront",
+    "previous_outputs",
     "save_weights",
     "to_json_safe",
     "write_metrics_csv",
@@ -51,6 +52,15 @@ WEIGHTS_FILE = "weights.npz"
 PLOT_FILE = "convergence.png"
 WAVEFRONT_FILE = "wavefront.png"
 STREAM_FILE = "task-stream.json"
+# Everything a run may write into its run directory (besides Hydra's .hydra/ and job log).
+RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, PLOT_FILE, WAVEFRONT_FILE, STREAM_FILE,
+               "model.zarr", "state.zarr", "dask-report.html")
+
+
+def previous_outputs(run_dir: Path) -> list[str]:
+    """The names of :data:`RUN_OUTPUTS` already in ``run_dir`` (an earlier run's outputs)."""
+    return [name for name in RUN_OUTPUTS
+            if (run_dir / name).exists() or (run_dir / name).is_symlink()]
 
 # Distributions whose versions go into summary.json (missing ones are recorded as null).
 _DISTRIBUTIONS = (

@@ -1078,8 +1078,9 @@ def committed_slot(url: StoreRef | str) -> str | None:
 
 
 def save_model_store(url: str, arch, weights: list[np.ndarray], ds, metric: str,
-                     meta: dict[str, Any]) -> None:
-    """A store holding only the final model (for engines that keep their state in memory)."""
-    store = StateStore.create(url, meta=meta, owner="model")
+                     meta: dict[str, Any], *, overwrite: bool = False) -> None:
+    """A store holding only the final model (for engines that keep their state in memory);
+    ``overwrite``: replace a daskadmm store already there (:meth:`StateStore.check_new`)."""
+    store = StateStore.create(url, meta=meta, owner="model", overwrite=overwrite)
     store.save_model(arch, weights, task=ds.task, metric=metric, **dataset_meta(ds))
     store.release("complete")

@@ -136,6 +136,82 @@ def test_cli_refuses_a_sweep_whose_jobs_share_one_store(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _cli(cwd: Path, *args: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "daskadmm.cli", *flags, "data=synthetic", "data.n_samples=60",
+         "model.width=4", "run.iterations=2", "run.progress=false", "run.plot=false", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("state", ["memory", "zarr"])
+def test_cli_refuses_a_run_directory_holding_a_run_before_writing_anything(tmp_path, state):
+    # hydra.run.dir given twice: the second run would have replaced the first's metrics.csv
+    # (its writer opened first) and, with the state in memory, trained and then failed on the
+    # existing model.zarr, its result lost
+    run_dir = tmp_path / "run"
+    args = (f"hydra.run.dir={run_dir}", f"storage.state={state}", "cluster=threads")
+    first = _cli(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    (run_dir / "notes.txt").write_text("mine")
+    before = _tree(run_dir)
+    again = _cli(tmp_path, *args, "run.seed=1")
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, again.stderr
+    assert "already holds a run's outputs (metrics.csv, summary.json, weights.npz" in lines[0]
+    assert "storage.overwrite=true" in lines[0] and "Traceback" not in again.stderr
+    assert _tree(run_dir) == before  # Hydra's own .hydra/ included
+    # asked for: the run replaces them (the model store too, at the end of the run)
+    replaced = _cli(tmp_path, *args, "run.seed=1", "storage.overwrite=true")
+    assert replaced.returncode == 0, replaced.stderr
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert json.loads((run_dir / "summary.json").read_text())["config"]["run"]["seed"] == 1
+
+
+def test_a_resume_may_continue_its_own_run_directory(tmp_path):
+    from daskadmm.cli import _check_run_dir
+    from daskadmm.errors import UsageError
+
+    (tmp_path / "metrics.csv").write_text("iteration\n")
+    (tmp_path / "state.zarr").mkdir()
+    cfg = _cfg(url=str(tmp_path / "state.zarr"))
+    with pytest.raises(UsageError, match=r"already holds a run's outputs \(metrics.csv, state"):
+        _check_run_dir(cfg, tmp_path)
+    _check_run_dir(_with(cfg, run={"resume": True}), tmp_path)  # its outputs start with the
+    # stored history; a store elsewhere is another run's: refused
+    with pytest.raises(UsageError, match="choose another hydra.run.dir"):
+        _check_run_dir(_with(cfg, run={"resume": True},
+                             storage={"url": str(tmp_path.parent / "other.zarr")}), tmp_path)
+    _check_run_dir(_cfg(), tmp_path / "new")  # nothing there yet
+
+
+def test_cli_refuses_a_sweep_directory_holding_its_jobs_before_writing_anything(tmp_path):
+    sweep = ("model.width=4,5", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    first = _cli(tmp_path, *sweep, flags=("-m",))
+    assert first.returncode == 0, first.stderr
+    before = _tree(tmp_path / "sweep")
+    again = _cli(tmp_path, *sweep, flags=("-m",))
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, again.stderr
+    assert f"{tmp_path / 'sweep' / '0'} already holds" in lines[0]
+    assert "another hydra.sweep.dir" in lines[0]
+    assert _tree(tmp_path / "sweep") == before  # multirun.yaml and the jobs' .hydra/ too
+
+
+def test_in_memory_run_refuses_an_existing_model_store_before_it_trains(tmp_path):
+    cfg = _with(_cfg(iterations=3), cluster={"kind": "reference"}, run={"checkpoint_every": 0})
+    ds = load_dataset(cfg.data, seed=0)
+    api.fit(cfg, run_dir=tmp_path, dataset=ds)
+    before = _tree(tmp_path)
+    seen = []
+    with pytest.raises(StoreError, match="model.zarr already exists"):
+        api.fit(cfg, run_dir=tmp_path, dataset=ds, callback=seen.append)
+    assert seen == [] and _tree(tmp_path) == before  # refused before the first iteration
+    res = api.fit(_with(cfg, storage={"overwrite": True}), run_dir=tmp_path, dataset=ds)
+    assert res.info["store"] == str(tmp_path / "model.zarr")
+    assert all(np.array_equal(a, b) for a, b in zip(
+        load_model(str(tmp_path / "model.zarr")).weights, res.weights, strict=True))
+
+
 # -- 2, 3. a checkpoint is one atomic manifest; the committed slot is never written ----------------
 
 def test_checkpoint_commit_is_one_atomic_write(tmp_path, monkeypatch):
