@@ -203,9 +203,13 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                                     cfg.storage.state == "zarr" and name in ADMM_ALGORITHMS):
         # the state stays in memory; the final model goes into run_dir/model.zarr: refuse an
         # existing one now, not after the run (StoreError, nothing written)
-        from .storage import StateStore
+        from .storage import StateStore, StoreError
 
         model_url = str(Path(run_dir) / "model.zarr")
+        if Path(model_url).exists() and not cfg.storage.overwrite:
+            raise StoreError(f"run directory {run_dir} already holds a model store "
+                             "(model.zarr): give another run directory, or replace it with "
+                             "storage.overwrite=true (nothing was changed)")
         StateStore.check_new(model_url, overwrite=cfg.storage.overwrite)
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)

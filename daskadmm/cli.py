@@ -315,49 +315,156 @@ def _preflight(args: Any) -> list[Config]:
             check_resources(cfg, *_SHAPES[key])
         except ConfigError as exc:
             raise UsageError(one_line(exc) + where) from None
-    for (_, cfg), (run_dir, key) in zip(configs, run_dirs, strict=False):
-        _check_run_dir(cfg, run_dir, key)
+    for (_, cfg), job_dir in zip(configs, run_dirs, strict=True):
+        if job_dir is not None:
+            _check_run_dir(cfg, *job_dir)
     return [cfg for _, cfg in configs]
 
 
-def _run_dirs(args: Any, config_name: str, jobs: list[list[str]]) -> list[tuple[Path, str]]:
+def _run_dirs(args: Any, config_name: str, jobs: list[list[str]]
+              ) -> list[tuple[Path, str] | None]:
     """Each job's run directory as Hydra will make it (absolute), with the key that sets it:
-    a single run's ``hydra.run.dir``; a sweep's ``hydra.sweep.dir/<job number>`` when its
-    ``subdir`` is the default. Empty where they cannot be known here (another ``subdir``);
-    each job checks its own directory again when it starts."""
+    a single run's ``hydra.run.dir``, a sweep job's ``hydra.sweep.dir/<subdir>`` (its
+    ``hydra.job.num`` set as the launcher will). None for a job whose directory cannot be
+    resolved here (each job checks its own directory again when it starts)."""
     from hydra import compose
 
-    base = compose(config_name, jobs[0], return_hydra_config=True)
-    multirun = bool(args.multirun) or str(OmegaConf.select(base, "hydra.mode")).endswith(
-        "MULTIRUN")
-    if not multirun:
-        where = OmegaConf.select(base, "hydra.run.dir")
-        return [] if where is None else [(Path(str(where)).absolute(), "hydra.run.dir")]
-    sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
-    where = OmegaConf.select(base, "hydra.sweep.dir")
-    if not isinstance(sweep, dict) or sweep.get("subdir") != "${hydra.job.num}" or where is None:
-        return []
-    root = Path(str(where)).absolute()
-    return [(root / str(num), "hydra.sweep.dir") for num in range(len(jobs))]
+    out: list[tuple[Path, str] | None] = []
+    for num, job in enumerate(jobs):
+        try:
+            cfg = compose(config_name, job, return_hydra_config=True)
+            multirun = bool(args.multirun) or str(OmegaConf.select(cfg, "hydra.mode")).endswith(
+                "MULTIRUN")
+            if multirun:
+                OmegaConf.update(cfg, "hydra.job.num", num)
+            HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the directories
+            if multirun:
+                where = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")),
+                             str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
+            else:
+                where = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+        except Exception:  # noqa: BLE001 (the job checks its directory when it starts)
+            out.append(None)
+            continue
+        finally:
+            HydraConfig.instance().cfg = None
+        out.append((Path(os.path.abspath(where)),
+                    "hydra.sweep.dir" if multirun else "hydra.run.dir"))
+    return out
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir") -> None:
+def _lock_run_dir(run_dir: Path, *, hold: bool) -> int | None:
+    """An exclusive ``flock`` on the run directory itself (no file is created), so that two
+    runs never share one: ``hold``: take it and return the descriptor, which the run keeps
+    open until it ends; otherwise only test that no run holds it (None). Raises
+    :class:`UsageError` while another daskadmm run holds it."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None  # not there (yet), or not a directory: the other checks say so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"run directory {run_dir} is in use by another daskadmm run: choose "
+                         "another run directory (nothing was changed)") from None
+    if hold:
+        return fd
+    os.close(fd)  # (closing the descriptor releases the lock)
+    return None
+
+
+def _own_store(cfg: Config, run_dir: Path) -> Path | None:
+    """The local path of the run's ``storage.url`` if it lies inside ``run_dir``."""
+    from .storage import local_path
+
+    path = local_path(str(cfg.storage.url)) if cfg.storage.url else None
+    if path is None:
+        return None
+    path = Path(os.path.realpath(path))
+    return path if path.is_relative_to(os.path.realpath(run_dir)) else None
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir",
+                   started: bool = False) -> list[str]:
     """Refuse a run directory that already holds a run's outputs (``hydra.run.dir`` given
     twice, or two runs started in the same second): this run would replace them. Allowed with
-    ``storage.overwrite=true``, and for a resumed run whose store lies in that directory (its
-    outputs start with the stored history). Raises :class:`UsageError`."""
+    ``storage.overwrite=true`` (the run then replaces them: :func:`_clear_outputs`), and for a
+    resumed run whose store lies in that directory (its outputs start with the stored
+    history). ``started``: Hydra has already written its ``.hydra/`` there. Returns the outputs
+    found; raises :class:`UsageError`."""
     from .outputs import previous_outputs
 
+    for where in (run_dir, *run_dir.parents):
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                what = "is a file" if where == run_dir else f"is below a file, {where}"
+                raise UsageError(f"run directory {run_dir} {what}: choose another {key}")
+            break
+    if not started:
+        _lock_run_dir(run_dir, hold=False)  # (a running job holds its own)
     found = previous_outputs(run_dir)
-    if not found or cfg.storage.overwrite:
-        return
-    if cfg.run.resume and cfg.storage.url:
-        store = Path(str(cfg.storage.url)).absolute()
-        if store.is_relative_to(run_dir.absolute()):
-            return
+    if not found:
+        return found
+    if cfg.storage.overwrite:
+        _check_replaceable(run_dir, found)
+        return found
+    if cfg.run.resume and _own_store(cfg, run_dir) is not None:
+        links = [name for name in found if (run_dir / name).is_symlink()]
+        if links:
+            raise UsageError(f"run directory {run_dir}: {', '.join(links)} is a symbolic link, "
+                             "which the resumed run would write through: remove it first")
+        return found
+    advice = (f"choose another {key} (a resumed run writes its outputs into a run directory "
+              "of its own)" if cfg.run.resume else
+              f"choose another {key}, or replace them with storage.overwrite=true")
+    written = ("Hydra has written its .hydra/ there, nothing else was changed" if started
+               else "nothing was changed")
     raise UsageError(f"run directory {run_dir} already holds a run's outputs "
-                     f"({', '.join(found)}): choose another {key}, or replace them "
-                     "with storage.overwrite=true (nothing was changed)")
+                     f"({', '.join(found)}): {advice} ({written})")
+
+
+def _check_replaceable(run_dir: Path, found: list[str]) -> None:
+    """What ``storage.overwrite=true`` may remove of ``found``: a store must be a daskadmm
+    store that holds no file daskadmm did not write and that no live run holds
+    (:meth:`~daskadmm.storage.StateStore.check_new`); a file's name must be a file (or a
+    symbolic link, removed as such). Raises :class:`UsageError` naming the output."""
+    from .outputs import RUN_STORES
+    from .storage import StateStore
+
+    for name in found:
+        path = run_dir / name
+        if path.is_symlink():
+            continue
+        if name in RUN_STORES:
+            try:
+                StateStore.check_new(str(path), overwrite=True)
+            except StoreError as exc:
+                raise UsageError(f"storage.overwrite=true cannot replace {name} in run "
+                                 f"directory {run_dir}: {one_line(exc)}") from None
+        elif not path.is_file():
+            raise UsageError(f"storage.overwrite=true cannot replace {name} in run directory "
+                             f"{run_dir}: it is not a file (nothing was changed)")
+
+
+def _clear_outputs(cfg: Config, run_dir: Path, found: list[str]) -> None:
+    """``storage.overwrite=true`` on a run directory holding an earlier run's outputs: remove
+    them, so that none of them (a plot this run does not draw, a model store it does not
+    write) is left beside this run's; symbolic links are removed as links. Checked first as
+    :func:`_check_replaceable` (raises :class:`UsageError` before removing anything); the
+    run's own store is left to the run, which replaces it."""
+    _check_replaceable(run_dir, found)
+    own = _own_store(cfg, run_dir)
+    paths = [run_dir / name for name in found]
+    stores = [p for p in paths if p.is_dir() and not p.is_symlink()]
+    for p in paths:
+        if p in stores:
+            if own is None or Path(os.path.realpath(p)) != own:
+                shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_stores(configs: list[Config]) -> None:
@@ -426,6 +533,7 @@ def _remove_if_pristine(run_dir: Path, started: float) -> None:
 
 
 _STARTED = time.time()
+_RUN_DIR_LOCKS: list[int | None] = []  # the run directories' locks this process holds
 
 
 def _format(value: Any) -> str:
@@ -527,6 +635,11 @@ def _task(dcfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    try:  # held until the process ends: no other run may use this directory meanwhile
+        _RUN_DIR_LOCKS.append(_lock_run_dir(run_dir, hold=True))
+    except UsageError as exc:
+        _fail(str(exc).replace("(nothing was changed)", "(Hydra has written its .hydra/ there, "
+                               "nothing else was changed)"))
     try:
         cfg = from_mapping(_plain(dcfg))
         dataset = _take_dataset(cfg)
@@ -542,14 +655,16 @@ def _task(dcfg: DictConfig) -> None:
 
         set_up_library_logging()  # distributed's loggers exist now; redirected next
     _library_logs_to_job_log()
-    try:  # (a sweep's job directory, or a single run's made since the pre-flight)
-        _check_run_dir(cfg, run_dir, "hydra.sweep.dir" if str(hc.mode).endswith("MULTIRUN")
-                       else "hydra.run.dir")
+    try:  # again: a directory the pre-flight could not resolve, or made since
+        found = _check_run_dir(cfg, run_dir, "hydra.sweep.dir" if str(hc.mode).endswith(
+            "MULTIRUN") else "hydra.run.dir", started=True)
+        if found and cfg.storage.overwrite:
+            _clear_outputs(cfg, run_dir, found)
     except UsageError as exc:
         _fail(str(exc))
     metric = "accuracy" if getattr(dataset, "task", None) == "classification" else "mse"
     bar, update = _progress(cfg, metric)
-    writer = MetricsWriter(run_dir / METRICS_FILE)
+    writer = MetricsWriter(run_dir / METRICS_FILE, lazy=True)  # created with its first row
 
     def callback(record: dict[str, Any]) -> None:
         writer.write(record)
@@ -570,8 +685,7 @@ def _task(dcfg: DictConfig) -> None:
         ran = writer.rows > 0
         writer.close()
         bar.close()
-        if not ran:
-            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        if not ran:  # (the writer created nothing: a metrics.csv there is not this run's)
             _remove_if_pristine(run_dir, _STARTED)
         _fail(one_line(exc, with_type=isinstance(exc, OSError)
                        and not isinstance(exc, ConnectionError)))

@@ -53,8 +53,9 @@ PLOT_FILE = "convergence.png"
 WAVEFRONT_FILE = "wavefront.png"
 STREAM_FILE = "task-stream.json"
 # Everything a run may write into its run directory (besides Hydra's .hydra/ and job log).
+RUN_STORES = ("model.zarr", "state.zarr")  # (directories: daskadmm stores)
 RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, WEIGHTS_FILE, PLOT_FILE, WAVEFRONT_FILE, STREAM_FILE,
-               "model.zarr", "state.zarr", "dask-report.html")
+               *RUN_STORES, "dask-report.html")
 
 
 def previous_outputs(run_dir: Path) -> list[str]:
@@ -103,29 +104,43 @@ class MetricsWriter:
     """Streams ``metrics.csv``: the header on open, one flushed row per :meth:`write`.
 
     Columns are exactly ``HISTORY_COLUMNS``; keys a record lacks are left empty, extra keys are
-    ignored. Use as a context manager or call :meth:`close`.
+    ignored. Use as a context manager or call :meth:`close`. ``lazy``: open (and truncate) the
+    file only with the first row, so a run that fails before its first evaluation leaves a
+    file already there as it was.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lazy: bool = False) -> None:
         self.path = Path(path)
+        self._file: Any = None
+        self._writer: Any = None
+        self._closed = False
+        self.rows = 0
+        if not lazy:
+            self._open()
+
+    def _open(self) -> None:
         self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._writer = csv.DictWriter(self._file, fieldnames=list(HISTORY_COLUMNS))
         self._writer.writeheader()
         self._file.flush()
-        self.rows = 0
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: the metrics writer is closed")
+        if self._file is None:
+            self._open()
         self._writer.writerow(_csv_row(record))
         self._file.flush()
         self.rows += 1
 
     def close(self) -> None:
-        if not self._file.closed:
+        self._closed = True
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._closed
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -153,13 +153,19 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
+def _zarr_target(url: str) -> str:
+    """What Zarr opens for ``url``: a ``file://`` URL as its path (Zarr's fsspec route for it
+    cannot create a store), anything else as given."""
+    return str(local_path(url)) if url.startswith("file://") else url
+
+
 def _open_group(url: str, mode: Literal["r", "r+", "w", "w-"]):
     import zarr
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "checkpoint.json is not a Zarr component"
-            return zarr.open_group(url, mode=mode)
+            return zarr.open_group(_zarr_target(url), mode=mode)
     except FileNotFoundError:
         raise StoreError(f"no state store at {url}") from None
     except PermissionError:
@@ -363,7 +369,7 @@ class StateStore:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    existing_attrs = dict(zarr.open_group(url, mode="r").attrs)
+                    existing_attrs = dict(zarr.open_group(_zarr_target(url), mode="r").attrs)
             except Exception:
                 return False  # nothing readable there: "w-" below refuses anything else
             if existing_attrs.get("schema") != SCHEMA:
@@ -905,7 +911,7 @@ class StoreRef:
 def _open_rw(ref: StoreRef | str):
     import zarr
 
-    return zarr.open_group(str(ref), mode="r+")
+    return zarr.open_group(_zarr_target(str(ref)), mode="r+")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -88,6 +88,20 @@ def test_metrics_writer_streams(tmp_path):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_lazy_metrics_writer_touches_nothing_before_its_first_row(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("an earlier run's\n")
+    with MetricsWriter(path, lazy=True) as writer:
+        pass
+    assert writer.closed and path.read_text() == "an earlier run's\n"
+    with MetricsWriter(path, lazy=True) as writer:
+        writer.write({"iteration": 1})
+        assert path.read_text().splitlines()[0] == ",".join(HISTORY_COLUMNS)
+    assert len(path.read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="closed"):
+        writer.write({"iteration": 2})
+
+
 def test_summary_strict_json(tmp_path):
     result = make_result(make_history(3, nan=True))
     path = write_summary(tmp_path / "summary.json", Config().to_dict(), result,

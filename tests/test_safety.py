@@ -112,6 +112,18 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     api.fit(_cfg(url=str(tmp_path / "empty")), dataset=ds)
 
 
+def test_a_file_url_store_is_created_resumed_and_loaded(tmp_path):
+    # (Zarr's fsspec route for file:// URLs could not create a store: "no state store")
+    ds = load_dataset(_cfg().data, seed=0)
+    plain = api.fit(_cfg(url=str(tmp_path / "plain.zarr")), dataset=ds)
+    url = f"file://{tmp_path / 'f.zarr'}"
+    api.fit(_cfg(iterations=4, url=url), dataset=ds)
+    res = api.fit(_with(_cfg(url=url), run={"resume": True}), dataset=ds)
+    assert res.info["resumed_from"] == 4 and _same(plain, res)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        load_model(url).weights, plain.weights, strict=True))
+
+
 def test_cli_refuses_a_non_store_directory_before_writing_anything(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     before = _tree(tmp_path)
@@ -167,6 +179,79 @@ def test_cli_refuses_a_run_directory_holding_a_run_before_writing_anything(tmp_p
     assert json.loads((run_dir / "summary.json").read_text())["config"]["run"]["seed"] == 1
 
 
+def test_overwrite_leaves_no_earlier_output_beside_the_new_ones(tmp_path):
+    # the earlier run drew a plot and kept its model in model.zarr; the new one, asked to
+    # overwrite, keeps its store elsewhere and draws nothing: neither may be left behind
+    # (load_model(run_dir/model.zarr) would give the earlier run's model); the directory is
+    # named through Hydra's own resolver
+    args = ("hydra.run.dir=runs/${hydra:runtime.choices.model}",)
+    first = _cli(tmp_path, *args, "cluster=reference", "run.plot=true")
+    run_dir = tmp_path / "runs" / "resnet"
+    assert first.returncode == 0, first.stderr
+    assert {"convergence.png", "model.zarr"} <= {p.name for p in run_dir.iterdir()}
+    (run_dir / "notes.txt").write_text("mine")
+    again = _cli(tmp_path, *args, "cluster=threads", f"storage.url={tmp_path / 'else.zarr'}",
+                 "run.seed=5", "storage.overwrite=true")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra", "daskadmm.log", "metrics.csv", "notes.txt", "summary.json", "weights.npz"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["run"]["seed"] == 5
+    # a run directory that is a file is one line too (was Hydra's traceback)
+    (tmp_path / "afile").write_text("x")
+    proc = _cli(tmp_path, "hydra.run.dir=afile")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"daskadmm: error: run directory {tmp_path / 'afile'} is a file: choose another "
+        "hydra.run.dir"]
+
+
+def test_a_failed_resume_keeps_the_metrics_of_the_run_it_continues(tmp_path):
+    args = ("cluster=threads", "hydra.run.dir=run")
+    first = _cli(tmp_path, *args, "run.checkpoint_every=1")
+    assert first.returncode == 0, first.stderr
+    metrics = (tmp_path / "run" / "metrics.csv").read_bytes()
+    refused = _cli(tmp_path, *args, "run.resume=true", "storage.url=run/state.zarr",
+                   "data.n_samples=80")
+    assert refused.returncode == 2 and "data.n_samples (60 -> 80)" in refused.stderr
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == metrics
+
+
+def test_a_run_directory_in_use_or_not_replaceable_is_refused_before_writing(tmp_path):
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    first = _cli(tmp_path, f"hydra.run.dir={run_dir}", "cluster=reference")
+    assert first.returncode == 0, first.stderr
+    before = _tree(run_dir)
+    # a running job holds a lock on its run directory: another run may not share it, not
+    # even to replace it (that would unlink the files the running job is writing)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for extra in ((), ("storage.overwrite=true",)):
+            proc = _cli(tmp_path, f"hydra.run.dir={run_dir}", "run.seed=3", *extra)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+            assert "is in use by another daskadmm run" in lines[0]
+    finally:
+        os.close(fd)
+    assert _tree(run_dir) == before
+    # what overwrite would remove is checked before anything is written: a file daskadmm did
+    # not write inside the earlier run's model store
+    (run_dir / "model.zarr" / "notes.txt").write_text("mine")
+    before = _tree(run_dir)
+    proc = _cli(tmp_path, f"hydra.run.dir={run_dir}", "run.seed=3", "storage.overwrite=true")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot replace model.zarr in run directory" in lines[0] and "notes.txt" in lines[0]
+    assert _tree(run_dir) == before  # Hydra's .hydra/ included
+    # a run directory below a file
+    (tmp_path / "afile").write_text("x")
+    proc = _cli(tmp_path, f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
+    assert proc.returncode == 2 and "is below a file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_a_resume_may_continue_its_own_run_directory(tmp_path):
     from daskadmm.cli import _check_run_dir
     from daskadmm.errors import UsageError
@@ -182,17 +267,27 @@ def test_a_resume_may_continue_its_own_run_directory(tmp_path):
         _check_run_dir(_with(cfg, run={"resume": True},
                              storage={"url": str(tmp_path.parent / "other.zarr")}), tmp_path)
     _check_run_dir(_cfg(), tmp_path / "new")  # nothing there yet
+    # an output that is a symbolic link: the resumed run would write through it
+    (tmp_path / "metrics.csv").unlink()
+    (tmp_path / "elsewhere.csv").write_text("mine")
+    (tmp_path / "metrics.csv").symlink_to(tmp_path / "elsewhere.csv")
+    with pytest.raises(UsageError, match="metrics.csv is a symbolic link"):
+        _check_run_dir(_with(cfg, run={"resume": True}), tmp_path)
 
 
-def test_cli_refuses_a_sweep_directory_holding_its_jobs_before_writing_anything(tmp_path):
-    sweep = ("model.width=4,5", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+@pytest.mark.parametrize("subdir", [None, "w${model.width}"])
+def test_cli_refuses_a_sweep_directory_holding_its_jobs_before_writing_anything(tmp_path,
+                                                                                subdir):
+    sweep = ("model.width=4,5", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             *([f"hydra.sweep.subdir={subdir}"] if subdir else []))
     first = _cli(tmp_path, *sweep, flags=("-m",))
     assert first.returncode == 0, first.stderr
     before = _tree(tmp_path / "sweep")
-    again = _cli(tmp_path, *sweep, flags=("-m",))
+    again = _cli(tmp_path, *sweep, "run.seed=1", flags=("-m",))  # (Hydra's files would differ)
     lines = again.stderr.strip().splitlines()
     assert again.returncode == 2 and len(lines) == 1, again.stderr
-    assert f"{tmp_path / 'sweep' / '0'} already holds" in lines[0]
+    job = "0" if subdir is None else "w4"
+    assert f"{tmp_path / 'sweep' / job} already holds" in lines[0]
     assert "another hydra.sweep.dir" in lines[0]
     assert _tree(tmp_path / "sweep") == before  # multirun.yaml and the jobs' .hydra/ too
 
@@ -203,7 +298,7 @@ def test_in_memory_run_refuses_an_existing_model_store_before_it_trains(tmp_path
     api.fit(cfg, run_dir=tmp_path, dataset=ds)
     before = _tree(tmp_path)
     seen = []
-    with pytest.raises(StoreError, match="model.zarr already exists"):
+    with pytest.raises(StoreError, match=r"already holds a model store \(model.zarr\)"):
         api.fit(cfg, run_dir=tmp_path, dataset=ds, callback=seen.append)
     assert seen == [] and _tree(tmp_path) == before  # refused before the first iteration
     res = api.fit(_with(cfg, storage={"overwrite": True}), run_dir=tmp_path, dataset=ds)
