@@ -199,17 +199,25 @@ def _fit(cfg: Config, *, run_dir: Path | None, callback: Callable[[dict], None] 
                     default_store="memory://" if run_dir is None else Path(run_dir) / "state.zarr")
     name = cfg.algorithm.name
     model_url = None
+    if run_dir is not None:
+        # an earlier run's outputs there are refused now, not replaced as this run writes
+        # its own (the CLI has said so already, naming hydra.run.dir)
+        from .outputs import outputs_in_the_way
+        from .storage import StoreError
+
+        found = outputs_in_the_way(Path(run_dir), resume=cfg.run.resume, url=cfg.storage.url,
+                                   overwrite=cfg.storage.overwrite)
+        if found:
+            raise StoreError(f"run directory {run_dir} already holds a run's outputs "
+                             f"({', '.join(found)}): give another run directory, or replace "
+                             "them with storage.overwrite=true (nothing was changed)")
     if run_dir is not None and not (cfg.cluster.kind != "reference" and
                                     cfg.storage.state == "zarr" and name in ADMM_ALGORITHMS):
-        # the state stays in memory; the final model goes into run_dir/model.zarr: refuse an
-        # existing one now, not after the run (StoreError, nothing written)
-        from .storage import StateStore, StoreError
+        # the state stays in memory; the final model goes into run_dir/model.zarr: a store
+        # there to replace (storage.overwrite) is checked now, not after the run
+        from .storage import StateStore
 
         model_url = str(Path(run_dir) / "model.zarr")
-        if Path(model_url).exists() and not cfg.storage.overwrite:
-            raise StoreError(f"run directory {run_dir} already holds a model store "
-                             "(model.zarr): give another run directory, or replace it with "
-                             "storage.overwrite=true (nothing was changed)")
         StateStore.check_new(model_url, overwrite=cfg.storage.overwrite)
     arch = build_architecture(cfg, ds)
     rng = np.random.default_rng(cfg.run.seed)

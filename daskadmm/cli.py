@@ -378,13 +378,9 @@ def _lock_run_dir(run_dir: Path, *, hold: bool) -> int | None:
 
 def _own_store(cfg: Config, run_dir: Path) -> Path | None:
     """The local path of the run's ``storage.url`` if it lies inside ``run_dir``."""
-    from .storage import local_path
+    from .outputs import store_inside
 
-    path = local_path(str(cfg.storage.url)) if cfg.storage.url else None
-    if path is None:
-        return None
-    path = Path(os.path.realpath(path))
-    return path if path.is_relative_to(os.path.realpath(run_dir)) else None
+    return store_inside(cfg.storage.url, run_dir)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir",

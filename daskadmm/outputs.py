@@ -38,8 +38,10 @@ __all__ = [
     "load_weights",
     "plot_convergence",
     "plot_wavefront",
+    "outputs_in_the_way",
     "previous_outputs",
     "save_weights",
+    "store_inside",
     "to_json_safe",
     "write_metrics_csv",
     "write_run_outputs",
@@ -62,6 +64,27 @@ def previous_outputs(run_dir: Path) -> list[str]:
     """The names of :data:`RUN_OUTPUTS` already in ``run_dir`` (an earlier run's outputs)."""
     return [name for name in RUN_OUTPUTS
             if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+
+
+def store_inside(url: str | None, run_dir: Path) -> Path | None:
+    """The real path of the local store ``url`` if it lies inside ``run_dir``, else None."""
+    from .storage import local_path
+
+    path = local_path(str(url)) if url else None
+    if path is None:
+        return None
+    real = Path(os.path.realpath(path))
+    return real if real.is_relative_to(os.path.realpath(run_dir)) else None
+
+
+def outputs_in_the_way(run_dir: Path, *, resume: bool, url: str | None,
+                       overwrite: bool) -> list[str]:
+    """The earlier run's outputs in ``run_dir`` that a new run may not replace: none with
+    ``overwrite``, or for a resumed run whose store (``url``) lies inside ``run_dir`` (its
+    outputs start with the stored history); else :func:`previous_outputs`."""
+    if overwrite or (resume and store_inside(url, run_dir) is not None):
+        return []
+    return previous_outputs(run_dir)
 
 # Distributions whose versions go into summary.json (missing ones are recorded as null).
 _DISTRIBUTIONS = (

@@ -298,11 +298,21 @@ def test_in_memory_run_refuses_an_existing_model_store_before_it_trains(tmp_path
     api.fit(cfg, run_dir=tmp_path, dataset=ds)
     before = _tree(tmp_path)
     seen = []
-    with pytest.raises(StoreError, match=r"already holds a model store \(model.zarr\)"):
+    with pytest.raises(StoreError, match=r"already holds a run's outputs \(model.zarr\)"):
         api.fit(cfg, run_dir=tmp_path, dataset=ds, callback=seen.append)
     assert seen == [] and _tree(tmp_path) == before  # refused before the first iteration
     res = api.fit(_with(cfg, storage={"overwrite": True}), run_dir=tmp_path, dataset=ds)
     assert res.info["store"] == str(tmp_path / "model.zarr")
+    # from Python as from the CLI: any earlier output, whatever the engine writes itself
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"already holds a run's outputs \(summary.json\)"):
+        api.fit(_with(cfg, cluster={"kind": "threads"},
+                      storage={"url": str(tmp_path / "elsewhere.zarr")}),
+                run_dir=other, dataset=ds)
+    assert sorted(p.name for p in other.iterdir()) == ["summary.json"]
+    assert not (tmp_path / "elsewhere.zarr").exists()
     assert all(np.array_equal(a, b) for a, b in zip(
         load_model(str(tmp_path / "model.zarr")).weights, res.weights, strict=True))
 
