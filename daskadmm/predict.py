@@ -5,15 +5,21 @@
 The store is a run's ``state.zarr`` (Zarr-resident engine) or ``model.zarr`` (other engines).
 The CSV needs the training features by name (extra columns, such as the target, are ignored);
 the output has one row per input row: the predicted class, or the predicted value(s) in the
-original units.
+original units. ``--out`` is written whole or not at all (a temporary file renamed over it),
+and may not be the input CSV, a directory, or a path inside the store.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -55,19 +61,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, DataError, ValueError) as exc:
         print(f"daskadmm-predict: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    if model.task == "classification":
+        w.writerow(["prediction"])
+        w.writerows([[p] for p in pred])
+    else:
+        w.writerow(model.target_names or [f"y{j}" for j in range(pred.shape[1])])
+        w.writerows([[repr(float(v)) for v in row] for row in pred])
+    if not args.out:
+        sys.stdout.write(text.getvalue())
+        return 0
     try:
-        w = csv.writer(out)
-        if model.task == "classification":
-            w.writerow(["prediction"])
-            w.writerows([[p] for p in pred])
-        else:
-            w.writerow(model.target_names or [f"y{j}" for j in range(pred.shape[1])])
-            w.writerows([[repr(float(v)) for v in row] for row in pred])
-    finally:
-        if args.out:
-            out.close()
+        _write_out(Path(args.out), text.getvalue(), Path(args.csv), args.store)
+    except (OSError, ValueError) as exc:
+        print(f"daskadmm-predict: error: --out {args.out}: {one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _write_out(out: Path, text: str, csv_path: Path, store: str) -> None:
+    """``text`` into ``out`` through a temporary file in its directory, renamed over it (an
+    existing ``out`` is replaced whole or left as it was). Refused (ValueError): the input
+    CSV itself, a directory, a path inside a local store."""
+    from .storage import local_path
+
+    if out.is_dir():
+        raise ValueError("is a directory")
+    if out.exists() and csv_path.exists() and os.path.samefile(out, csv_path):
+        raise ValueError("is the input CSV: give another path")
+    root = local_path(store)
+    if root is not None and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(root)):
+        raise ValueError("is inside the model store: give another path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial",
+                               dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":

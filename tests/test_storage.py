@@ -499,7 +499,7 @@ def test_resume_refuses_a_different_problem(tmp_path):
         api.fit(other, dataset=ds)
 
 
-def test_predict_command_on_a_reference_run(tmp_path):
+def test_predict_command_on_a_reference_run(tmp_path, capsys):
     from daskadmm.predict import main as predict_main
 
     csv_path = tmp_path / "d.csv"
@@ -522,8 +522,23 @@ def test_predict_command_on_a_reference_run(tmp_path):
     model = load_model(str(run_dir / "model.zarr"))
     expected = model.predict(X)[:, 0]
     np.testing.assert_allclose([float(v) for v in lines[1:]], expected, rtol=1e-12)
-    # bad inputs: one line, exit 2
+    # bad inputs: one line, exit 2, nothing written
     assert predict_main([str(tmp_path / "nope.zarr"), str(csv_path)]) == 2
+    data = csv_path.read_bytes()
+    store = str(run_dir / "model.zarr")
+    for target, needle in ((csv_path, "is the input CSV"), (tmp_path, "is a directory"),
+                           (run_dir / "model.zarr" / "p.csv", "inside the model store"),
+                           (tmp_path / "no" / "p.csv", "No such file")):
+        capsys.readouterr()
+        assert predict_main([store, str(csv_path), "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert csv_path.read_bytes() == data and not (run_dir / "model.zarr" / "p.csv").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    # an existing --out is replaced whole
+    out.write_text("old\n")
+    assert predict_main([store, str(csv_path), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "target"
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     assert predict_main([str(run_dir / "model.zarr"), str(tmp_path / "bad.csv")]) == 2
 
