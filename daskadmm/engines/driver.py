@@ -436,7 +436,8 @@ class _Ctx:
         else:
             k0, small = 0, self.algorithm.plan.init_small(self.arch, weights0)
         restart = None
-        if restore is not None and self.restarts_after(k0) and k0 < self.K:
+        if restore is not None and restarts_after(self.specs[0].options, k0, self.guard) \
+                and k0 < self.K:
             # iteration k0+1 starts again from W^{k0}: the start on the checkpoint's weights
             # takes the place of copying its state back (which nothing would order the
             # restart's writes of the same slot after)
@@ -466,13 +467,6 @@ class _Ctx:
             self.algorithm.name, self.arch, self.task_url, self.slices, self.run_id, weights,
             self.n, restore, self.specs[0].options, self.schedule.at(1).rho, self.flow,
             self.schedule.next_rhos(k0), restart=restart, tag=tag)
-
-    def restarts_after(self, k: int) -> bool:
-        """Whether iteration k+1 starts again from ``W^k``
-        (:func:`~daskadmm.splitting.base.restarts_after`, unless the restart guard stopped
-        restarts before k)."""
-        return restarts_after(self.specs[0].options, k) and \
-            (self.guard is None or self.guard.allows(k))
 
     def restart(self, ex: _Executor, k: int, prev: dict[str, str], data: set[str]
                 ) -> dict[str, str]:
@@ -790,7 +784,8 @@ class _Ctx:
                         break
                     if held and self._is_ckpt(submitted + 1):
                         break  # one checkpoint in flight: the committed slot stays intact
-                    if self.restarts_after(submitted) and restarted != submitted:
+                    if restarts_after(self.specs[0].options, submitted, self.guard) and \
+                            restarted != submitted:
                         if submitted > k_done:
                             break  # the restart starts from iteration `submitted`, done
                         prev = self.restart(ex, submitted, prev, data)

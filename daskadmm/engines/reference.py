@@ -116,8 +116,7 @@ def solve(splitting: Splitting, arch: Architecture, X: Array, Y: Array, weights0
         guard.begin(start_objective(states, weights0), weights0)
     status, k = "max_iter", 0
     for k in range(1, monitor.iterations + 1):
-        if restarts_after(options, k - 1) and (guard is None or guard.allows(k - 1)):
-            # start again from W^{k-1}
+        if restarts_after(options, k - 1, guard):  # start again from W^{k-1}
             weights = [s["W"] for s in states]
             states = splitting.init_state(arch, weights, X, Y, options)
             if guard is not None:

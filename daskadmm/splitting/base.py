@@ -99,14 +99,16 @@ class Options:
     restart_guard: bool = False
 
 
-def restarts_after(options: Options, k: int) -> bool:
+def restarts_after(options: Options, k: int, guard: Any = None) -> bool:
     """Whether iteration k+1 starts again from the weights of iteration k (``k >= 1`` a
-    multiple of ``options.restart_every``): the algorithm's start (its ``init_state``: for
+    multiple of ``options.restart_every``, and, with a restart guard, ``guard.allows(k)``:
+    none after the guard stopped restarts): the algorithm's start (its ``init_state``: for
     RADMM-3A a forward pass for the auxiliaries and one backward pass for the multipliers) on
     ``W^k``, in place of iteration k's auxiliaries and multipliers. It depends on ``W^k`` and
-    the data only, so a run resumed from a checkpoint at such a k restarts the same way."""
+    the data only, so a run resumed from a checkpoint at such a k restarts the same way.
+    Every engine asks this one function."""
     r = options.restart_every
-    return r > 0 and k >= 1 and k % r == 0
+    return r > 0 and k >= 1 and k % r == 0 and (guard is None or guard.allows(k))
 
 
 @dataclass(frozen=True)
