@@ -353,10 +353,16 @@ def _run_dirs(args: Any, config_name: str, jobs: list[list[str]]
     return out
 
 
+def _written(started: bool) -> str:
+    """What a refusal has changed: nothing, or (``started``: inside the job) Hydra's files."""
+    return ("Hydra has written its .hydra/ there, nothing else was changed" if started
+            else "nothing was changed")
+
+
 def _lock_run_dir(run_dir: Path, *, hold: bool) -> int | None:
     """An exclusive ``flock`` on the run directory itself (no file is created), so that two
-    runs never share one: ``hold``: take it and return the descriptor, which the run keeps
-    open until it ends; otherwise only test that no run holds it (None). Raises
+    runs never share one: ``hold`` (inside the job): take it and return the descriptor, which
+    the run keeps open until it ends; otherwise only test that no run holds it (None). Raises
     :class:`UsageError` while another daskadmm run holds it."""
     import fcntl
 
@@ -369,18 +375,11 @@ def _lock_run_dir(run_dir: Path, *, hold: bool) -> int | None:
     except OSError:
         os.close(fd)
         raise UsageError(f"run directory {run_dir} is in use by another daskadmm run: choose "
-                         "another run directory (nothing was changed)") from None
+                         f"another run directory ({_written(hold)})") from None
     if hold:
         return fd
     os.close(fd)  # (closing the descriptor releases the lock)
     return None
-
-
-def _own_store(cfg: Config, run_dir: Path) -> Path | None:
-    """The local path of the run's ``storage.url`` if it lies inside ``run_dir``."""
-    from .outputs import store_inside
-
-    return store_inside(cfg.storage.url, run_dir)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir",
@@ -389,9 +388,10 @@ def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir",
     twice, or two runs started in the same second): this run would replace them. Allowed with
     ``storage.overwrite=true`` (the run then replaces them: :func:`_clear_outputs`), and for a
     resumed run whose store lies in that directory (its outputs start with the stored
-    history). ``started``: Hydra has already written its ``.hydra/`` there. Returns the outputs
-    found; raises :class:`UsageError`."""
-    from .outputs import previous_outputs
+    history): the rule of :func:`~daskadmm.outputs.outputs_in_the_way`, which the Python API
+    applies too. ``started``: Hydra has already written its ``.hydra/`` there. Returns the
+    outputs found; raises :class:`UsageError`."""
+    from .outputs import outputs_in_the_way, previous_outputs
 
     for where in (run_dir, *run_dir.parents):
         if where.exists() or where.is_symlink():
@@ -402,24 +402,22 @@ def _check_run_dir(cfg: Config, run_dir: Path, key: str = "hydra.run.dir",
     if not started:
         _lock_run_dir(run_dir, hold=False)  # (a running job holds its own)
     found = previous_outputs(run_dir)
-    if not found:
-        return found
-    if cfg.storage.overwrite:
+    refused = outputs_in_the_way(run_dir, resume=cfg.run.resume, url=cfg.storage.url,
+                                 overwrite=cfg.storage.overwrite)
+    if refused:
+        advice = (f"choose another {key} (a resumed run writes its outputs into a run "
+                  "directory of its own)" if cfg.run.resume else
+                  f"choose another {key}, or replace them with storage.overwrite=true")
+        raise UsageError(f"run directory {run_dir} already holds a run's outputs "
+                         f"({', '.join(refused)}): {advice} ({_written(started)})")
+    if found and cfg.storage.overwrite:
         _check_replaceable(run_dir, found)
-        return found
-    if cfg.run.resume and _own_store(cfg, run_dir) is not None:
+    elif found:  # a resume of the store inside: it writes its outputs over these
         links = [name for name in found if (run_dir / name).is_symlink()]
         if links:
             raise UsageError(f"run directory {run_dir}: {', '.join(links)} is a symbolic link, "
                              "which the resumed run would write through: remove it first")
-        return found
-    advice = (f"choose another {key} (a resumed run writes its outputs into a run directory "
-              "of its own)" if cfg.run.resume else
-              f"choose another {key}, or replace them with storage.overwrite=true")
-    written = ("Hydra has written its .hydra/ there, nothing else was changed" if started
-               else "nothing was changed")
-    raise UsageError(f"run directory {run_dir} already holds a run's outputs "
-                     f"({', '.join(found)}): {advice} ({written})")
+    return found
 
 
 def _check_replaceable(run_dir: Path, found: list[str]) -> None:
@@ -451,16 +449,15 @@ def _clear_outputs(cfg: Config, run_dir: Path, found: list[str]) -> None:
     write) is left beside this run's; symbolic links are removed as links. Checked first as
     :func:`_check_replaceable` (raises :class:`UsageError` before removing anything); the
     run's own store is left to the run, which replaces it."""
+    from .outputs import store_inside
+
     _check_replaceable(run_dir, found)
-    own = _own_store(cfg, run_dir)
-    paths = [run_dir / name for name in found]
-    stores = [p for p in paths if p.is_dir() and not p.is_symlink()]
-    for p in paths:
-        if p in stores:
-            if own is None or Path(os.path.realpath(p)) != own:
-                shutil.rmtree(p)
-        else:
+    own = store_inside(cfg.storage.url, run_dir)
+    for p in (run_dir / name for name in found):
+        if p.is_symlink() or not p.is_dir():
             p.unlink()
+        elif Path(os.path.realpath(p)) != own:
+            shutil.rmtree(p)
 
 
 def _check_stores(configs: list[Config]) -> None:
@@ -634,8 +631,7 @@ def _task(dcfg: DictConfig) -> None:
     try:  # held until the process ends: no other run may use this directory meanwhile
         _RUN_DIR_LOCKS.append(_lock_run_dir(run_dir, hold=True))
     except UsageError as exc:
-        _fail(str(exc).replace("(nothing was changed)", "(Hydra has written its .hydra/ there, "
-                               "nothing else was changed)"))
+        _fail(str(exc))
     try:
         cfg = from_mapping(_plain(dcfg))
         dataset = _take_dataset(cfg)
