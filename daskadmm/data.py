@@ -31,8 +31,10 @@ import os
 import stat
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -55,6 +57,7 @@ __all__ = [
     "load_dataset",
     "ols_baseline",
     "read_csv",
+    "write_atomically",
 ]
 
 # Where the Wine Quality files come from (module level so that tests can point them elsewhere).
@@ -262,21 +265,28 @@ def _cache_dir(cfg) -> Path:
     return p if p.is_absolute() else Path.cwd() / p
 
 
+def write_atomically(path: Path, write: Callable[[BinaryIO], object],
+                     suffix: str = ".part") -> None:
+    """``write(fh)`` into a temporary file beside ``path``, renamed over it: ``path`` holds
+    the whole new content or what it held before, and a failure leaves no temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _download(url: str, dest: Path, check=None) -> None:
-    """Fetch ``url`` into ``dest`` atomically (temporary file + rename). Raises on failure."""
+    """Fetch ``url`` into ``dest`` atomically (:func:`write_atomically`). Raises on failure."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
         payload = response.read()
     if check is not None:
         check(payload)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(dest, lambda fh: fh.write(payload))
 
 
 _FILE_KINDS = (
@@ -489,14 +499,9 @@ def _save_npz(path: Path, X: np.ndarray, y: np.ndarray) -> None:
     if np.all((X >= 0) & (X <= 255) & (X == np.round(X))):
         Xs = X.astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, X=Xs, y=np.asarray([str(v) for v in y.tolist()]))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda fh: np.savez(fh, X=Xs, y=np.asarray([str(v) for v in
+                                                                       y.tolist()])),
+                     suffix=".npz")
 
 
 def _load_csv(cfg, seed: int) -> Dataset:

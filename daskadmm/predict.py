@@ -12,18 +12,16 @@ and may not be the input CSV, a directory, or a path inside the store.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, read_csv
+from .data import DataError, read_csv, write_atomically
 from .errors import one_line
 from .storage import StoreError, load_model
 
@@ -93,16 +91,7 @@ def _write_out(out: Path, text: str, csv_path: Path, store: str) -> None:
     root = local_path(store)
     if root is not None and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(root)):
         raise ValueError("is inside the model store: give another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial",
-                               dir=out.parent if str(out.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(out, lambda fh: fh.write(text.encode("utf-8")), suffix=".partial")
 
 
 if __name__ == "__main__":
